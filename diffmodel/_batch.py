@@ -1,0 +1,149 @@
+"""Sufficient statistics of a batch: what the roofline needs to know about a step."""
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+# vLLM's default KV-cache block size, tokens per block (the traces' setting).
+VLLM_BLOCK_SIZE = 16
+
+
+class BatchStats(eqx.Module):
+    """The sufficient statistics of one step (or, with a leading axis, of many).
+
+    Attributes:
+        prefill_tokens: ``P``, new prompt tokens this step, tokens.
+        decode_tokens: ``D``, decode tokens this step (one per decoding request).
+        num_prefill: ``Np``, requests with a prefill chunk this step.
+        num_decode: ``Nd``, decoding requests this step.
+        kv_decode: ``K_dec``, sum of context lengths of decoding requests: KV tokens
+            read by decode attention.
+        attn_prefill: ``A_pf``, sum over prefill chunks of ``n * (s + n/2)`` for a
+            chunk of ``n`` new tokens after ``s`` cached ones: causal attention work,
+            token pairs.
+        kv_prefill: ``K_pf``, sum of ``s`` over prefill chunks: cached KV tokens read
+            by prefill attention.
+    """
+
+    prefill_tokens: Float[Array, "*steps"]
+    decode_tokens: Float[Array, "*steps"]
+    num_prefill: Float[Array, "*steps"]
+    num_decode: Float[Array, "*steps"]
+    kv_decode: Float[Array, "*steps"]
+    attn_prefill: Float[Array, "*steps"]
+    kv_prefill: Float[Array, "*steps"]
+
+    @property
+    def tokens(self) -> Float[Array, "*steps"]:
+        """``T = P + D``, tokens processed this step."""
+        return self.prefill_tokens + self.decode_tokens
+
+    @property
+    def requests(self) -> Float[Array, "*steps"]:
+        """``Np + Nd``, requests in the batch."""
+        return self.num_prefill + self.num_decode
+
+
+def _f(x: ArrayLike) -> Array:
+    return jnp.asarray(x, dtype=jnp.result_type(float))
+
+
+def from_aggregates(
+    *,
+    prefill_tokens: ArrayLike,
+    decode_tokens: ArrayLike,
+    num_prefill: ArrayLike,
+    num_decode: ArrayLike,
+    kv_tokens: ArrayLike,
+    prefill_context_tokens: ArrayLike = 0.0,
+) -> BatchStats:
+    """Statistics from per-step aggregates (what aggregate traces record).
+
+    Args:
+        prefill_tokens: ``P``, tokens.
+        decode_tokens: ``D``, tokens.
+        num_prefill: ``Np``, requests.
+        num_decode: ``Nd``, requests.
+        kv_tokens: ``K_dec``, context tokens read by decode attention.
+        prefill_context_tokens: ``K_pf``, tokens already cached before this step's
+            prefill chunks (0 when unknown).
+
+    Approximation: the prefill chunks are taken as equal, ``n = P/Np`` new tokens after
+    ``s = K_pf/Np`` cached ones each, so ``A_pf = Np * n * (s + n/2) = P (K_pf + P/2) /
+    Np``. Unequal chunks have more causal work than this (it is convex in ``n``).
+    """
+    p, np_ = _f(prefill_tokens), _f(num_prefill)
+    k_pf = _f(prefill_context_tokens)
+    safe_np = jnp.where(np_ > 0, np_, 1.0)
+    a_pf = jnp.where(np_ > 0, p * (k_pf + 0.5 * p) / safe_np, 0.0)
+    return BatchStats(
+        prefill_tokens=p,
+        decode_tokens=_f(decode_tokens),
+        num_prefill=np_,
+        num_decode=_f(num_decode),
+        kv_decode=_f(kv_tokens),
+        attn_prefill=a_pf,
+        kv_prefill=jnp.broadcast_to(k_pf, jnp.shape(a_pf)),
+    )
+
+
+def from_requests(
+    new_tokens: Float[ArrayLike, "*steps requests"],
+    context_tokens: Float[ArrayLike, "*steps requests"],
+    mask: Bool[ArrayLike, "*steps requests"] | None = None,
+    *,
+    is_decode: Bool[ArrayLike, "*steps requests"] | None = None,
+) -> BatchStats:
+    """Statistics of a per-request batch (the exact form; reduces over the last axis).
+
+    Args:
+        new_tokens: tokens each request processes this step (1 for a decode).
+        context_tokens: tokens already in the request's KV cache before this step.
+        mask: ``True`` for real requests, ``False`` for padding (default all real).
+        is_decode: which requests decode; default ``new_tokens == 1`` with a non-empty
+            context (a one-token prompt chunk after nothing cached is a prefill).
+
+    Differentiable in ``new_tokens`` and ``context_tokens`` (the decode/prefill split is
+    a discrete choice and carries no gradient), so ``jax.grad`` gives each request's
+    marginal cost.
+    """
+    n, s = _f(new_tokens), _f(context_tokens)
+    n, s = jnp.broadcast_arrays(n, s)
+    m = jnp.ones(n.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    dec = (
+        (n == 1) & (s > 0)
+        if is_decode is None
+        else jnp.broadcast_to(jnp.asarray(is_decode, bool), n.shape)
+    )
+    dec = dec & m
+    pre = (~dec) & m & (n > 0)
+    zero = jnp.zeros_like(n)
+    return BatchStats(
+        prefill_tokens=jnp.where(pre, n, zero).sum(-1),
+        decode_tokens=jnp.where(dec, n, zero).sum(-1),
+        num_prefill=pre.sum(-1).astype(n.dtype),
+        num_decode=dec.sum(-1).astype(n.dtype),
+        kv_decode=jnp.where(dec, s, zero).sum(-1),
+        attn_prefill=jnp.where(pre, n * (s + 0.5 * n), zero).sum(-1),
+        kv_prefill=jnp.where(pre, s, zero).sum(-1),
+    )
+
+
+def kv_tokens_from_usage(
+    usage_ratio: ArrayLike,
+    blocks_total: ArrayLike,
+    block_size: int = VLLM_BLOCK_SIZE,
+) -> Array:
+    """Proxy for ``K_dec`` from vLLM's KV-cache gauge: ``usage * blocks * block_size``.
+
+    Approximations this proxy makes (tokens):
+    - it counts whole allocated blocks, so it over-counts by up to ``block_size - 1``
+      tokens per running request (about 8 on average);
+    - it includes the context of requests that are prefilling this step (their cached
+      prefix, ``K_pf``), which the traces do not separate: all of it goes to ``K_dec``;
+    - the gauge is sampled around the step, so it may include or exclude the step's own
+      new tokens;
+    - prefix-cached blocks shared by several requests are counted once, though each
+      request's decode attention reads them.
+    """
+    return _f(usage_ratio) * _f(blocks_total) * block_size

@@ -1,0 +1,83 @@
+"""A deployment: a model on a GPU type at a tensor-parallel degree, as array data."""
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ._arch import Architecture, architecture
+from ._hardware import Hardware, hardware
+
+
+class Deployment(eqx.Module):
+    """Architecture, hardware and tensor-parallel degree ``t`` (all array data).
+
+    A stack of deployments (leading axis: groups) is indexed per step with
+    :meth:`take`, so one compiled roofline serves steps of many deployments.
+    """
+
+    arch: Architecture
+    hw: Hardware
+    tp: Float[Array, "*g"]
+
+    def take(self, group: Int[Array, " steps"]) -> "Deployment":
+        """Per-step deployment from a stacked one and each step's group index."""
+        return jax.tree.map(lambda x: jnp.take(x, group, axis=0), self)
+
+
+def check_tp(arch: Architecture, tp: int) -> None:
+    """Raise ``ValueError`` unless ``tp`` splits the attention heads evenly.
+
+    Query heads must divide by ``tp``; KV heads must divide by ``tp`` or, when
+    ``tp`` exceeds them, ``tp`` must divide by the KV heads (vLLM then replicates each
+    KV head). Needs concrete (not traced) architecture values.
+    """
+    if int(tp) != tp or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    tp = int(tp)
+    heads = int(np.asarray(arch.n_heads))
+    kv = int(np.asarray(arch.n_kv_heads))
+    if heads % tp:
+        raise ValueError(f"tp={tp} does not divide the model's {heads} attention heads")
+    if kv % tp and tp % kv:
+        raise ValueError(
+            f"tp={tp} neither divides nor is a multiple of the model's {kv} KV heads"
+        )
+
+
+def deployment(
+    model: str | Architecture,
+    hardware_name: str | Hardware = "h100-sxm",
+    tp: int = 1,
+    **dtype_overrides: str,
+) -> Deployment:
+    """Build a validated :class:`Deployment`.
+
+    Args:
+        model: a catalog name or alias, or an :class:`Architecture`.
+        hardware_name: a catalog name or alias, or a :class:`Hardware`.
+        tp: tensor-parallel degree (GPUs the model is split over).
+        **dtype_overrides: ``weight_dtype``/``kv_dtype`` for a catalog model.
+    """
+    arch = (
+        model
+        if isinstance(model, Architecture)
+        else architecture(model, **dtype_overrides)
+    )
+    hw = (
+        hardware_name
+        if isinstance(hardware_name, Hardware)
+        else hardware(hardware_name)
+    )
+    check_tp(arch, tp)
+    return Deployment(arch=arch, hw=hw, tp=jnp.asarray(float(tp)))
+
+
+def stack(deployments: Sequence[Deployment]) -> Deployment:
+    """Stack deployments along a new leading (group) axis."""
+    if not deployments:
+        raise ValueError("stack needs at least one deployment")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *deployments)

@@ -1,0 +1,145 @@
+"""Operator-level physics: FLOPs, bytes and roofline times of single operators.
+
+The single source of truth for the formulas: the step model (``_roofline``) adds these
+operators up, and kernel calibration predicts measured kernels with the same functions.
+All sizes are per GPU. Work is in FLOPs and bytes; times are in microseconds.
+"""
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+# Sharpness ``p`` of the smooth maximum ``(a^p + b^p)^(1/p)``: 4 overestimates an
+# operator exactly at its ridge point by 2^(1/4) = 19% and by under 1% once one side
+# is twice the other.
+SHARPNESS = 4.0
+
+
+def smooth_max(a: ArrayLike, b: ArrayLike, sharpness: float = SHARPNESS) -> Array:
+    """``(a^p + b^p)^(1/p)`` for ``a, b >= 0``: a scale-free, smooth maximum.
+
+    Exact when either side is zero; gradients are finite everywhere, including at
+    ``a = b = 0`` (where the value is 0).
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    m = jnp.maximum(a, b)
+    pos = m > 0
+    safe_m = jnp.where(pos, m, 1.0)
+    s = (a / safe_m) ** sharpness + (b / safe_m) ** sharpness
+    return jnp.where(pos, safe_m * s ** (1.0 / sharpness), 0.0)
+
+
+def roofline_us(
+    flops: ArrayLike,
+    bytes_: ArrayLike,
+    peak_flops: ArrayLike,
+    bandwidth: ArrayLike,
+    eta_flops: ArrayLike,
+    eta_bw: ArrayLike,
+    sharpness: float = SHARPNESS,
+) -> Array:
+    """Time of one operator, us: ``smooth_max(f / (peak eta_f), b / (bw eta_b))``.
+
+    Args:
+        flops: floating-point operations.
+        bytes_: bytes moved to or from device memory.
+        peak_flops: FLOP/s; bandwidth: bytes/s; eta_*: efficiencies in (0, 1].
+    """
+    compute = flops / (peak_flops * eta_flops) * 1e6
+    memory = bytes_ / (bandwidth * eta_bw) * 1e6
+    return smooth_max(compute, memory, sharpness)
+
+
+def gemm_work(
+    m: ArrayLike,
+    n: ArrayLike,
+    k: ArrayLike,
+    weight_bytes: ArrayLike = 2.0,
+    act_bytes: ArrayLike = 2.0,
+) -> tuple[Array, Array]:
+    """FLOPs and bytes of ``[m, k] @ [k, n]`` with an ``[k, n]`` weight.
+
+    ``f = 2 m n k``; ``b = k n weight_bytes + (m k + m n) act_bytes``.
+    """
+    m, n, k = jnp.asarray(m), jnp.asarray(n), jnp.asarray(k)
+    return 2.0 * m * n * k, k * n * weight_bytes + (m * k + m * n) * act_bytes
+
+
+def expected_experts(
+    tokens: ArrayLike, n_experts: ArrayLike, top_k: ArrayLike
+) -> Array:
+    """Expected distinct experts touched by ``tokens`` tokens routed top-``k`` of ``E``.
+
+    ``E (1 - (1 - k/E)^T)`` under uniform independent routing; 0 for a dense model
+    (``E = 0``). Each token touches exactly ``k`` experts, so 1 token gives ``k`` and
+    many tokens give ``E``.
+    """
+    t, e, k = jnp.asarray(tokens), jnp.asarray(n_experts), jnp.asarray(top_k)
+    moe = e > 0
+    base = 1.0 - k / jnp.where(moe, e, 1.0)
+    pos = base > 0
+    miss = jnp.where(pos, jnp.where(pos, base, 1.0) ** t, jnp.where(t > 0, 0.0, 1.0))
+    return jnp.where(moe, e * (1.0 - miss), 0.0)
+
+
+def moe_work(
+    tokens: ArrayLike,
+    hidden: ArrayLike,
+    expert_ffn: ArrayLike,
+    n_experts: ArrayLike,
+    top_k: ArrayLike,
+    weight_bytes: ArrayLike = 2.0,
+    act_bytes: ArrayLike = 2.0,
+) -> tuple[Array, Array]:
+    """FLOPs and bytes of a fused gated-MLP MoE layer (per GPU: pass ``F_e / t``).
+
+    FLOPs count the ``k`` experts of each token; weight bytes count the expected
+    distinct experts touched (:func:`expected_experts`); activations are read once per
+    (token, expert) pair and the gated intermediate written and read back.
+    """
+    t = jnp.asarray(tokens)
+    per_expert = 3.0 * hidden * expert_ffn
+    flops = 2.0 * t * top_k * per_expert
+    touched = expected_experts(t, n_experts, top_k)
+    acts = t * top_k * (2.0 * hidden + 3.0 * expert_ffn) + t * hidden
+    return flops, touched * per_expert * weight_bytes + acts * act_bytes
+
+
+def attention_work(
+    pairs: ArrayLike,
+    kv_read: ArrayLike,
+    new_tokens: ArrayLike,
+    q_heads: ArrayLike,
+    kv_heads: ArrayLike,
+    head_dim: ArrayLike,
+    kv_bytes: ArrayLike = 2.0,
+    act_bytes: ArrayLike = 2.0,
+) -> tuple[Array, Array]:
+    """FLOPs and bytes of one layer's attention (per GPU heads).
+
+    Args:
+        pairs: query-key pairs (``A_pf`` for prefill, ``K_dec`` for decode).
+        kv_read: KV tokens read from the cache (``K_pf + P`` or ``K_dec``).
+        new_tokens: query tokens (``P`` or ``D``): Q read and output written.
+
+    ``f = 4 H dh pairs`` (QK^T and PV); ``b = 2 Hkv dh kv_bytes kv_read + 2 H dh
+    act_bytes new_tokens``.
+    """
+    flops = 4.0 * q_heads * head_dim * pairs
+    bytes_ = 2.0 * kv_heads * head_dim * kv_bytes * kv_read
+    return flops, bytes_ + 2.0 * q_heads * head_dim * act_bytes * new_tokens
+
+
+def allreduce_us(
+    bytes_: ArrayLike,
+    n_gpus: ArrayLike,
+    link_bw: ArrayLike,
+    eta: ArrayLike,
+    latency_us: ArrayLike,
+) -> Array:
+    """Time of one ring all-reduce of ``bytes_`` over ``n_gpus``, us.
+
+    ``latency + 2 (t-1)/t bytes / (link_bw eta)``; zero on one GPU.
+    """
+    t = jnp.asarray(n_gpus)
+    ring = 2.0 * (t - 1.0) / t * bytes_ / (link_bw * eta) * 1e6
+    return jnp.where(t > 1, latency_us + ring, 0.0)
