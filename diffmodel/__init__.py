@@ -16,7 +16,7 @@ from ._batch import (
 from ._deployment import (
     Deployment as Deployment,
     deployment as deployment,
-    stack as stack_deployments,
+    stack_deployments as stack_deployments,
 )
 from ._factors import (
     FACTOR_NAMES as FACTOR_NAMES,

@@ -1,7 +1,8 @@
 """The bundled model catalog.
 
 Numbers taken from the Hugging Face ``config.json`` files in inference-sim's
-``model_configs/`` (Apache-2.0; copies in ``shared/data/model_configs/``), reduced to the
+``model_configs/`` (Apache-2.0; copies in ``shared/data/model_configs/``), reduced to
+the
 keys the roofline reads. ``tests/test_arch.py`` checks them against those files.
 """
 

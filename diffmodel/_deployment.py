@@ -76,7 +76,7 @@ def deployment(
     return Deployment(arch=arch, hw=hw, tp=jnp.asarray(float(tp)))
 
 
-def stack(deployments: Sequence[Deployment]) -> Deployment:
+def stack_deployments(deployments: Sequence[Deployment]) -> Deployment:
     """Stack deployments along a new leading (group) axis."""
     if not deployments:
         raise ValueError("stack needs at least one deployment")

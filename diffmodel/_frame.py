@@ -8,7 +8,7 @@ import pandas as pd
 
 from ._arch import canonical_model
 from ._batch import VLLM_BLOCK_SIZE, BatchStats, from_aggregates, kv_tokens_from_usage
-from ._deployment import Deployment, deployment, stack
+from ._deployment import Deployment, deployment, stack_deployments
 from ._hardware import canonical_hardware
 
 # Canonical column -> accepted trace spellings.
@@ -152,5 +152,7 @@ def groups_from_frame(
         m, h, t = label.split("/")
         deps.append(deployment(m, h, int(t[2:]), **(overrides or {})))
     return Groups(
-        deployments=stack(deps), labels=tuple(labels), index=index.astype(np.int32)
+        deployments=stack_deployments(deps),
+        labels=tuple(labels),
+        index=index.astype(np.int32),
     )

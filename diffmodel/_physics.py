@@ -6,7 +6,7 @@ All sizes are per GPU. Work is in FLOPs and bytes; times are in microseconds.
 """
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike
 
 # Sharpness ``p`` of the smooth maximum ``(a^p + b^p)^(1/p)``: 4 overestimates an
 # operator exactly at its ridge point by 2^(1/4) = 19% and by under 1% once one side

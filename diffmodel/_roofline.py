@@ -60,7 +60,7 @@ class Breakdown(eqx.Module):
 
 
 def check_stats(stats: BatchStats) -> BatchStats:
-    """Raise (also under ``jit``, via ``eqx.error_if``) on negative or NaN statistics."""
+    """Raise (also under ``jit``, by ``eqx.error_if``) on negative or NaN statistics."""
     checked = {}
     for name in BatchStats.__dataclass_fields__:
         x = getattr(stats, name)
