@@ -72,6 +72,8 @@ def minimise(
     rtol: float = 1e-12,
     valid_fn: Callable[[Any], Array] | None = None,
     patience: int = 100,
+    callback: Callable[[int, float], None] | None = None,
+    callback_every: int = 100,
 ) -> OptimResult:
     """Minimise ``fn(params)`` with optax inside one ``lax.while_loop``.
 
@@ -87,6 +89,8 @@ def minimise(
             (checked for L-BFGS, whose steps are line-searched; Adam's are not).
         valid_fn: optional validation loss; the best parameters on it are kept and
             the loop stops after ``patience`` steps without improvement.
+        callback: called on the host as ``callback(step, loss)`` every
+            ``callback_every`` steps (progress reporting).
 
     The loop is compiled once per (shapes of) inputs; histories have length
     ``max_steps``.
@@ -141,6 +145,12 @@ def minimise(
                 value, grad = value_and_grad(c["dyn"])
                 updates, state = opt.update(grad, c["state"], c["dyn"])
             new = optax.apply_updates(c["dyn"], updates)
+            if callback is not None:
+                jax.lax.cond(
+                    c["i"] % callback_every == 0,
+                    lambda: jax.debug.callback(callback, c["i"], value),
+                    lambda: None,
+                )
             gnorm = optax.tree.norm(grad)
             done = gnorm < gtol
             if lbfgs:

@@ -25,7 +25,8 @@ def smooth_max(a: ArrayLike, b: ArrayLike, sharpness: float = SHARPNESS) -> Arra
     pos = m > 0
     safe_m = jnp.where(pos, m, 1.0)
     s = (a / safe_m) ** sharpness + (b / safe_m) ** sharpness
-    return jnp.where(pos, safe_m * s ** (1.0 / sharpness), 0.0)
+    safe_s = jnp.where(pos, s, 1.0)  # s >= 1 where m > 0
+    return jnp.where(pos, safe_m * safe_s ** (1.0 / sharpness), 0.0)
 
 
 def roofline_us(

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._arch import Architecture
 from ._batch import BatchStats
 from ._deployment import Deployment
 from ._factors import Factors
@@ -57,6 +58,35 @@ class Breakdown(eqx.Module):
     def as_dict(self) -> dict[str, Array]:
         """Components by name, us."""
         return {c: getattr(self, c) for c in COMPONENTS}
+
+
+def linear_work(tokens, a: Architecture, t) -> tuple[Array, Array]:
+    """FLOPs and bytes of all linear layers of a step of ``tokens`` tokens, per GPU.
+
+    Per layer: the QKV, O, dense gate/up and down GEMMs, shared experts, the router
+    and the routed experts (:func:`~diffmodel._physics.moe_work`), plus norms,
+    residual adds, RoPE and the gated activation as activation traffic; times ``L``.
+    """
+    qh = a.n_heads / t
+    kvh = jnp.maximum(a.n_kv_heads / t, 1.0)
+    d, dh, wb, ab = a.hidden, a.head_dim, a.weight_bytes, a.act_bytes
+    gemms = [
+        gemm_work(tokens, (qh + 2 * kvh) * dh, d, wb, ab),  # QKV projection
+        gemm_work(tokens, d, qh * dh, wb, ab),  # output projection
+        gemm_work(tokens, 2 * a.ffn / t, d, wb, ab),  # dense gate and up
+        gemm_work(tokens, d, a.ffn / t, wb, ab),  # dense down
+        gemm_work(tokens, 2 * a.shared_ffn / t, d, wb, ab),  # shared experts
+        gemm_work(tokens, d, a.shared_ffn / t, wb, ab),
+        gemm_work(tokens, a.n_experts, d, wb, ab),  # router (0 when dense)
+        moe_work(tokens, d, a.expert_ffn / t, a.n_experts, a.top_k, wb, ab),
+    ]
+    flops = sum(g[0] for g in gemms)
+    bytes_ = sum(g[1] for g in gemms)
+    # Norms (read+write d, twice), residual adds (3 d, twice), RoPE on Q and K,
+    # and the gated activation (read 2 F', write F').
+    ffn_act = (a.ffn + a.shared_ffn + a.top_k * a.expert_ffn) / t
+    bytes_ = bytes_ + tokens * ab * (10 * d + 2 * (qh + kvh) * dh + 3 * ffn_act)
+    return a.n_layers * flops, a.n_layers * bytes_
 
 
 def check_stats(stats: BatchStats) -> BatchStats:
@@ -113,25 +143,9 @@ def step_time(
     wb, ab, kb = a.weight_bytes, a.act_bytes, a.kv_bytes
     gemm_peak = jnp.where(wb <= 1.0, hw.flops_8, hw.flops_16)
 
-    # Linear layers of one layer, summed, then times L.
-    gemms = [
-        gemm_work(tokens, (qh + 2 * kvh) * dh, d, wb, ab),  # QKV projection
-        gemm_work(tokens, d, qh * dh, wb, ab),  # output projection
-        gemm_work(tokens, 2 * a.ffn / t, d, wb, ab),  # dense gate and up
-        gemm_work(tokens, d, a.ffn / t, wb, ab),  # dense down
-        gemm_work(tokens, 2 * a.shared_ffn / t, d, wb, ab),  # shared experts
-        gemm_work(tokens, d, a.shared_ffn / t, wb, ab),
-        gemm_work(tokens, a.n_experts, d, wb, ab),  # router (0 when dense)
-        moe_work(tokens, d, a.expert_ffn / t, a.n_experts, a.top_k, wb, ab),
-    ]
-    lin_f = sum(g[0] for g in gemms)
-    lin_b = sum(g[1] for g in gemms)
-    # Norms (read+write d, twice), residual adds (3 d, twice), RoPE on Q and K,
-    # and the gated activation (read 2 F', write F').
-    ffn_act = (a.ffn + a.shared_ffn + a.top_k * a.expert_ffn) / t
-    lin_b = lin_b + tokens * ab * (10 * d + 2 * (qh + kvh) * dh + 3 * ffn_act)
+    lin_f, lin_b = linear_work(tokens, a, t)
     linear = roofline_us(
-        L * lin_f, L * lin_b, gemm_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
+        lin_f, lin_b, gemm_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
     )
 
     pf_f, pf_b = attention_work(

@@ -1,0 +1,120 @@
+"""The seed study's 9-parameter (global) and 36-parameter (per-model) step model.
+
+Kept to reproduce the study exactly, not to be used: its backbone is compute-only (no
+memory term, so decode steps cost almost nothing) and its decode attention is zero.
+
+Components (us, per GPU), FLOPs at the dense 16-bit peak:
+``prefill_gemm = 2 P W / (t peak)``, ``decode_gemm = 2 D W / (t peak)`` with ``W`` the
+active linear weights (all layers), ``prefill_attention = 4 L (H/t) dh A_pf / peak``,
+``decode_attention = 0``. Prediction: ``sum_i factor_i component_i / mfu_i +
+overhead`` with factors in [0.01, 100], overhead in [0, 1e6] us and MFU discounts in
+[0.01, 1], each mapped from an unconstrained parameter (log-sigmoid for the factors
+and MFUs, sigmoid for the overhead).
+"""
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ._factorsets import StepData, _label_index
+from ._roofline import linear_work
+
+SEED_COMPONENTS = (
+    "prefill_gemm",
+    "decode_gemm",
+    "prefill_attention",
+    "decode_attention",
+)
+SEED_PARAM_NAMES = (
+    *(f"factor_{c}" for c in SEED_COMPONENTS),
+    "overhead_us",
+    *(f"mfu_{c}" for c in SEED_COMPONENTS),
+)
+# (low, high, log-scaled) bounds of the study's parameters.
+SEED_BOUNDS = np.array([[0.01, 100.0]] * 4 + [[0.0, 1e6]] + [[0.01, 1.0]] * 4)
+_LOG = np.array([True] * 4 + [False] + [True] * 4)
+# Start: factors 1, overhead 100 us, MFU 0.5.
+SEED_START = np.array([1.0] * 4 + [100.0] + [0.5] * 4)
+
+
+def seed_components(data: StepData) -> Float[Array, "steps 4"]:
+    """The four compute-only components of every step, us."""
+    dep = data.deployments.take(data.group)
+    a, t, peak = dep.arch, dep.tp, dep.hw.flops_16
+    s = data.stats
+    pre_f, _ = linear_work(s.prefill_tokens, a, t)
+    dec_f, _ = linear_work(s.decode_tokens, a, t)
+    attn_f = 4.0 * a.n_layers * (a.n_heads / t) * a.head_dim * s.attn_prefill
+    comps = [pre_f, dec_f, attn_f, jnp.zeros_like(attn_f)]
+    return jnp.stack([c / peak * 1e6 for c in comps], axis=-1)
+
+
+def seed_to_values(raw: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
+    """Map unconstrained parameters to the study's bounded values."""
+    lo, hi = jnp.asarray(SEED_BOUNDS[:, 0]), jnp.asarray(SEED_BOUNDS[:, 1])
+    s = jax.nn.sigmoid(raw)
+    log_lo = jnp.log(jnp.where(_LOG, lo, 1.0))
+    log_hi = jnp.log(jnp.where(_LOG, hi, 1.0))
+    return jnp.where(_LOG, jnp.exp(log_lo + (log_hi - log_lo) * s), lo + (hi - lo) * s)
+
+
+def seed_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
+    """Inverse of :func:`seed_to_values` (values strictly inside the bounds)."""
+    v = jnp.asarray(values)
+    lo, hi = jnp.asarray(SEED_BOUNDS[:, 0]), jnp.asarray(SEED_BOUNDS[:, 1])
+    safe_lo = jnp.where(_LOG, lo, 1.0)
+    frac = jnp.where(
+        _LOG,
+        jnp.log(v / safe_lo) / jnp.log(hi / safe_lo),
+        (v - lo) / (hi - lo),
+    )
+    return jnp.log(frac) - jnp.log1p(-frac)
+
+
+def seed_predict(values: Float[Array, "*steps 9"], comps: Float[Array, "steps 4"]):
+    """``sum_i factor_i component_i / mfu_i + overhead``, us."""
+    return (values[..., 0:4] * comps / values[..., 5:9]).sum(-1) + values[..., 4]
+
+
+class SeedFactors(eqx.Module):
+    """The study's parameters: one set (9) or one per group (9 per group)."""
+
+    raw: Float[Array, "*g 9"]
+    labels: tuple[str, ...] = eqx.field(static=True)
+    per_group: bool = eqx.field(static=True)
+
+    def values(self) -> Float[Array, "*g 9"]:
+        """Bounded parameter values in ``SEED_PARAM_NAMES`` order."""
+        return seed_to_values(self.raw)
+
+    def predict(self, data: StepData) -> Float[Array, " steps"]:
+        """Predicted step times, us."""
+        v = self.values()
+        if self.per_group:
+            v = v[data.group]
+        return seed_predict(v, seed_components(data))
+
+    def penalty(self, n_rows: int) -> Array:
+        """No prior."""
+        return jnp.asarray(0.0)
+
+    def values_for(self, labels: Sequence[str]) -> Float[Array, "g 9"]:
+        """Parameter values for groups ``labels`` (per-group sets need every group)."""
+        if not self.per_group:
+            return jnp.broadcast_to(self.values(), (len(labels), 9))
+        idx = _label_index(self.labels, labels)
+        if (idx < 0).any():
+            raise ValueError(f"seed factors have no group for some of {list(labels)}")
+        return self.values()[idx]
+
+
+def init_seed(labels: Sequence[str], *, per_group: bool) -> SeedFactors:
+    """The study's model at its start values: 9 parameters, or 9 per group."""
+    raw = seed_to_raw(jnp.asarray(SEED_START, jnp.result_type(float)))
+    if per_group:
+        raw = jnp.tile(raw, (len(labels), 1))
+    return SeedFactors(raw=raw, labels=tuple(labels), per_group=per_group)
