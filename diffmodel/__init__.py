@@ -7,6 +7,13 @@ from ._arch import (
     from_hf_config as from_hf_config,
     known_models as known_models,
 )
+from ._baselines import (
+    SEED_FEATURES as SEED_FEATURES,
+    BlackBox as BlackBox,
+    XGBoostBaseline as XGBoostBaseline,
+    load_seed_xgboost as load_seed_xgboost,
+    seed_features as seed_features,
+)
 from ._batch import (
     BatchStats as BatchStats,
     from_aggregates as from_aggregates,
@@ -24,6 +31,20 @@ from ._factors import (
     Factors as Factors,
     default_factors as default_factors,
 )
+from ._factorsets import (
+    GlobalFactors as GlobalFactors,
+    HierarchicalFactors as HierarchicalFactors,
+    PerGroupFactors as PerGroupFactors,
+    StepData as StepData,
+    init_factor_set as init_factor_set,
+)
+from ._fit import (
+    FitResult as FitResult,
+    fit as fit,
+    fit_arrays as fit_arrays,
+    log_ratio_loss as log_ratio_loss,
+    step_data as step_data,
+)
 from ._frame import (
     group_label as group_label,
     groups_from_frame as groups_from_frame,
@@ -35,6 +56,16 @@ from ._hardware import (
     hardware as hardware,
     known_hardware as known_hardware,
 )
+from ._io import load_factors as load_factors, save_factors as save_factors
+from ._metrics import (
+    count_under as count_under,
+    mape as mape,
+    metrics_table as metrics_table,
+    mspe as mspe,
+    p99_ape as p99_ape,
+    pearson_r as pearson_r,
+)
+from ._optimise import OptimResult as OptimResult, minimise as minimise
 from ._paths import default_data_dir as default_data_dir
 from ._predict import predict as predict
 from ._roofline import (
@@ -42,4 +73,19 @@ from ._roofline import (
     Breakdown as Breakdown,
     step_time as step_time,
     step_time_batch as step_time_batch,
+)
+from ._seed import SeedFactors as SeedFactors, init_seed as init_seed
+from ._splits import (
+    canonical_model_name as canonical_model_name,
+    leave_one_out as leave_one_out,
+    split_sizes as split_sizes,
+    temporal_split as temporal_split,
+)
+from ._traces import (
+    STEP_COLUMNS as STEP_COLUMNS,
+    add_targets as add_targets,
+    iteration_time as iteration_time,
+    load_otel as load_otel,
+    load_steps as load_steps,
+    validate_steps as validate_steps,
 )
