@@ -1,0 +1,89 @@
+"""The pandas-level predict: columns, deployments from rows, errors."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel as dm
+
+
+def frame(**extra):
+    base = {
+        "prefill_tokens": [0, 512, 0],
+        "decode_tokens": [32, 4, 0],
+        "num_prefill_reqs": [0, 1, 0],
+        "num_decode_reqs": [32, 4, 0],
+        "kv_tokens": [32_000, 4_000, 0],
+    }
+    return pd.DataFrame({**base, **extra})
+
+
+def test_predict_columns_and_total():
+    out = dm.predict(frame(), model="llama-2-70b", tp=4)
+    comps = [f"{c}_us" for c in dm.COMPONENTS]
+    assert list(out.columns[-8:]) == ["predicted_us", *comps]
+    np.testing.assert_allclose(out[comps].sum(axis=1), out.predicted_us, rtol=1e-12)
+    assert out.predicted_us.iloc[0] > 10_000  # weight-read floor of 70B at TP4
+
+
+def test_trace_columns_and_kv_proxy(data_dir):
+    steps = dm.load_steps(data_dir / "stepml" / "steps.parquet").head(50)
+    out = dm.predict(steps)  # model and tp from the rows, hardware defaults to H100
+    assert "predicted_us" in out and out.predicted_us.gt(0).all()
+    kv = steps["kv.usage_gpu_ratio"] * steps["kv.blocks_total_gpu"] * 16
+    by_hand = dm.predict(
+        pd.DataFrame(
+            {
+                "prefill_tokens": steps["batch.prefill_tokens"],
+                "decode_tokens": steps["batch.decode_tokens"],
+                "num_prefill_reqs": steps["batch.num_prefill_reqs"],
+                "num_decode_reqs": steps["batch.num_decode_reqs"],
+                "kv_tokens": kv,
+                "model": steps["model"],
+                "tp": steps["tp"],
+            }
+        )
+    )
+    np.testing.assert_allclose(out.predicted_us, by_hand.predicted_us, rtol=1e-12)
+
+
+def test_row_columns_override_keywords():
+    f = frame(model=["llama-2-7b", "llama-2-70b", "llama-2-7b"], tp=[1, 4, 1])
+    out = dm.predict(f, model="mixtral-8x7b", tp=2)
+    ref = dm.predict(frame().iloc[[1]], model="llama-2-70b", tp=4)
+    assert out.predicted_us.iloc[1] == pytest.approx(ref.predicted_us.iloc[0])
+    a100 = dm.predict(frame(), model="llama-2-7b", tp=1, hardware="a100")
+    h100 = dm.predict(frame(), model="llama-2-7b", tp=1)
+    assert (a100.predicted_us.iloc[:2] > h100.predicted_us.iloc[:2]).all()
+
+
+OK = {"model": "llama-2-7b", "tp": 1}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "match"),
+    [
+        (
+            lambda f: f.drop(columns="decode_tokens"),
+            OK,
+            "missing column 'decode_tokens'",
+        ),
+        (lambda f: f.drop(columns="kv_tokens"), OK, "missing column 'kv_tokens'"),
+        (lambda f: f.assign(prefill_tokens=[0, -5, 0]), OK, "'prefill_tokens'.*>= 0"),
+        (lambda f: f.assign(kv_tokens=[0, np.nan, 0]), OK, "'kv_tokens'.*finite"),
+        (lambda f: f.assign(decode_tokens=["a", "b", "c"]), OK, "must be numeric"),
+        (lambda f: f, {"model": "gpt-5", "tp": 1}, "unknown model 'gpt-5'"),
+        (lambda f: f, OK | {"hardware": "tpu"}, "unknown hardware 'tpu'"),
+        (lambda f: f, {"model": "llama-2-70b", "tp": 3}, "tp=3 does not divide"),
+        (lambda f: f, {"tp": 1}, "model: pass model="),
+        (lambda f: f, {"model": "llama-2-7b"}, "tensor-parallel degree: pass tp="),
+    ],
+)
+def test_bad_input_errors(mutate, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dm.predict(mutate(frame()), **kwargs)
+
+
+def test_not_a_frame():
+    with pytest.raises(ValueError, match="DataFrame"):
+        dm.predict({"prefill_tokens": [1]}, model="llama-2-7b", tp=1)

@@ -1,0 +1,239 @@
+"""The step model: hand-computed values, monotonicity, gradients, transforms, errors."""
+
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import diffmodel as dm
+from diffmodel._physics import expected_experts, smooth_max
+from diffmodel._roofline import linear_work
+
+H100 = dict(flops_16=989.5e12, hbm_bw=3.35e12)
+UNIT = dm.Factors(gemm_flops=1.0, mem_bw=1.0, attn_flops=1.0, attn_bw=1.0, comm_bw=1.0)
+
+
+def agg(p=0.0, d=0.0, np_=0.0, nd=0.0, kv=0.0, kpf=0.0):
+    return dm.from_aggregates(
+        prefill_tokens=p,
+        decode_tokens=d,
+        num_prefill=np_,
+        num_decode=nd,
+        kv_tokens=kv,
+        prefill_context_tokens=kpf,
+    )
+
+
+def test_llama70b_tp4_weight_read_floor():
+    # 80 layers x (QKVO 150,994,944 + MLP 704,643,072) weights x 2 bytes / 4 GPUs.
+    dep = dm.deployment("llama-2-70b", "h100-sxm", 4)
+    weight_bytes = 80 * (150_994_944 + 704_643_072) * 2 / 4
+    assert weight_bytes == pytest.approx(34.2e9, rel=1e-3)
+    _, b = linear_work(jnp.asarray(1.0), dep.arch, dep.tp)
+    assert float(b) == pytest.approx(weight_bytes, rel=1e-3)  # + activations
+    out = dm.step_time(agg(d=1, nd=1, kv=100), dep, UNIT)
+    floor_us = weight_bytes / 3.35e12 * 1e6  # ~10.2 ms
+    assert float(out.linear) == pytest.approx(floor_us, rel=5e-3)
+    # With the LM head and embeddings the whole model is ~34.5 GB per GPU.
+    total = float(dep.arch.total_params()) * 2 / 4
+    assert total == pytest.approx(34.5e9, rel=1e-2)
+    assert float(out.total) > 10_000
+
+
+def test_mixtral_expected_experts():
+    assert float(expected_experts(1.0, 8.0, 2.0)) == pytest.approx(2.0)
+    assert float(expected_experts(1000.0, 8.0, 2.0)) == pytest.approx(8.0, rel=1e-9)
+    assert float(expected_experts(0.0, 8.0, 2.0)) == 0.0
+    assert float(expected_experts(5.0, 0.0, 0.0)) == 0.0  # dense model
+    # Weight bytes only (no activation traffic): 1 token reads 2 experts, 1000 all 8.
+    arch = eqx.tree_at(lambda a: a.act_bytes, dm.architecture("mixtral-8x7b"), 0.0)
+    tp = jnp.asarray(1.0)
+    _, b1 = linear_work(jnp.asarray(1.0), arch, tp)
+    _, b1000 = linear_work(jnp.asarray(1000.0), arch, tp)
+    expert_bytes = 32 * 3 * 4096 * 14336 * 2
+    assert float(b1000 - b1) == pytest.approx(6 * expert_bytes, rel=1e-6)
+
+
+def test_decode_attention_hand_computed():
+    dep = dm.deployment("llama-2-7b", "h100", 1)
+    kv = 10_000.0
+    out = dm.step_time(agg(d=10, nd=10, kv=kv), dep, UNIT)
+    kv_bytes = 2 * 32 * 32 * 128 * 2 * kv  # 2 (K,V) L Hkv dh bytes tokens
+    q_bytes = 2 * 32 * 32 * 128 * 2 * 10  # Q read and O written
+    flops = 4 * 32 * 32 * 128 * kv
+    mem_us = (kv_bytes + q_bytes) / 3.35e12 * 1e6
+    comp_us = flops / 989.5e12 * 1e6
+    expect = (mem_us**4 + comp_us**4) ** 0.25
+    assert float(out.attention_decode) == pytest.approx(expect, rel=1e-9)
+
+
+def test_allreduce_and_overhead_hand_computed():
+    dep = dm.deployment("llama-2-7b", "h100", 2)
+    f = dm.Factors(comm_bw=0.5, comm_latency_us=10.0)
+    out = dm.step_time(agg(d=4, nd=4, kv=40), dep, f)
+    ring = 2 * (2 - 1) / 2 * 4 * 4096 * 2 / (450e9 * 0.5) * 1e6
+    assert float(out.allreduce) == pytest.approx(2 * 32 * (10 + ring), rel=1e-9)
+    assert float(out.overhead) == pytest.approx(1000 + 32 * 5 + 4 * 10)
+    tp1 = dm.step_time(agg(d=4, nd=4, kv=40), dm.deployment("llama-2-7b"), f)
+    assert float(tp1.allreduce) == 0.0
+
+
+def test_empty_step_is_host_overhead_only():
+    dep = dm.deployment("llama-2-7b")
+    out = dm.step_time(agg(), dep, dm.Factors())
+    assert float(out.total) == pytest.approx(1000.0)
+    assert float(out.linear) == 0.0
+
+
+def test_smooth_max_properties():
+    assert float(smooth_max(3.0, 0.0)) == 3.0
+    assert float(smooth_max(0.0, 0.0)) == 0.0
+    assert float(smooth_max(2.0, 2.0)) == pytest.approx(2 * 2**0.25)
+    g = jax.grad(lambda a: smooth_max(a, 0.0))(0.0)
+    assert np.isfinite(g)
+
+
+STAT_FIELDS = st.fixed_dictionaries(
+    {
+        "p": st.floats(0, 4096),
+        "d": st.floats(0, 256),
+        "np_": st.floats(1, 8),
+        "nd": st.floats(0, 256),
+        "kv": st.floats(0, 5e5),
+        "kpf": st.floats(0, 5e4),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=STAT_FIELDS,
+    field=st.sampled_from(["p", "d", "kv", "kpf", "nd"]),
+    extra=st.floats(0.5, 1e4),
+    model=st.sampled_from(["llama-2-70b", "mixtral-8x7b", "qwen3-30b-a3b"]),
+)
+def test_more_work_never_faster(base, field, extra, model):
+    dep = dm.deployment(model, "h100", 2)
+    more = dict(base, **{field: base[field] + extra})
+    t0 = float(dm.step_time(agg(**base), dep, dm.Factors()).total)
+    t1 = float(dm.step_time(agg(**more), dep, dm.Factors()).total)
+    assert t1 >= t0 * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("model", ["llama-2-70b", "mixtral-8x7b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("tokens", [1.0, 64.0, 2048.0])
+def test_larger_tp_never_more_weight_bytes_per_gpu(model, tokens):
+    arch = dm.architecture(model)
+    sizes = [
+        float(linear_work(jnp.asarray(tokens), arch, jnp.asarray(float(t)))[1])
+        for t in (1, 2, 4, 8)
+    ]
+    assert all(b <= a for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+def _loss(stats, factors, dep):
+    return jnp.log(dm.step_time(stats, dep, factors).total)
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        agg(),
+        agg(d=1, nd=1, kv=0),
+        agg(p=100, np_=1),
+        agg(p=500, d=30, np_=2, nd=30, kv=3e4, kpf=200),
+    ],
+    ids=["empty", "decode-no-context", "prefill-only", "mixed"],
+)
+def test_gradients_finite_and_match_finite_differences(stats):
+    dep = dm.deployment("mixtral-8x7b", "h100", 2)
+    f = dm.Factors()
+    g_f, g_s = jax.grad(_loss, argnums=(1, 0))(stats, f, dep)
+    for leaf in jax.tree.leaves((g_f, g_s)):
+        assert np.all(np.isfinite(leaf))
+    # Central differences in float64 with respect to every factor.
+    for name in dm.FACTOR_NAMES:
+        x0 = float(getattr(f, name))
+        h = 1e-6 * max(abs(x0), 1.0)
+
+        def at(x, name=name):
+            return float(
+                _loss(stats, eqx.tree_at(lambda q: getattr(q, name), f, x), dep)
+            )
+
+        x_up, x_dn = jnp.asarray(x0 + h), jnp.asarray(x0 - h)
+        fd = (at(x_up) - at(x_dn)) / (2 * h)
+        assert float(getattr(g_f, name)) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    # ... and every continuous batch statistic (away from the kinks at 0).
+    if float(stats.tokens) > 0:
+        for name in ("prefill_tokens", "kv_decode", "kv_prefill", "attn_prefill"):
+            x0 = float(getattr(stats, name))
+            h = 1e-4 * max(abs(x0), 1.0)
+
+            def at_s(x, name=name):
+                s = eqx.tree_at(lambda q: getattr(q, name), stats, jnp.asarray(x))
+                return float(_loss(s, f, dep))
+
+            if x0 - h < 0:
+                continue
+            fd = (at_s(x0 + h) - at_s(x0 - h)) / (2 * h)
+            assert float(getattr(g_s, name)) == pytest.approx(fd, rel=1e-4, abs=1e-12)
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.choice([0, 0, 0, 17, 512, 2048], n).astype(float)
+    np_ = (p > 0).astype(float) * rng.integers(1, 4, n)
+    nd = rng.integers(0, 128, n).astype(float)
+    return agg(p=p, d=nd, np_=np_, nd=nd, kv=nd * rng.uniform(50, 3000, n), kpf=p / 3)
+
+
+def test_jit_equals_eager_and_vmap_equals_loop():
+    dep = dm.deployment("codellama-34b", "h100", 2)
+    stats = _batch(16)
+    f = dm.Factors()
+    eager = dm.step_time(stats, dep, f)
+    jitted = jax.jit(dm.step_time)(stats, dep, f)
+    vmapped = jax.vmap(dm.step_time, in_axes=(0, None, None))(stats, dep, f)
+    loop = [
+        dm.step_time(jax.tree.map(lambda x, i=i: x[i], stats), dep, f).total
+        for i in range(16)
+    ]
+    np.testing.assert_allclose(jitted.total, eager.total, rtol=1e-12)
+    np.testing.assert_allclose(vmapped.total, eager.total, rtol=1e-12)
+    np.testing.assert_allclose(np.array(loop), eager.total, rtol=1e-12)
+
+
+def test_mixed_batch_of_two_models_equals_each_alone():
+    deps = [
+        dm.deployment("llama-2-70b", "h100", 4),
+        dm.deployment("mixtral-8x7b", "a100", 2),
+    ]
+    stacked = dm.stack_deployments(deps)
+    stats = _batch(20, seed=1)
+    group = jnp.asarray(np.arange(20) % 2)
+    both = jax.jit(dm.step_time_batch)(stats, stacked, group, dm.Factors()).total
+    for g, dep in enumerate(deps):
+        alone = dm.step_time(stats, dep, dm.Factors()).total
+        np.testing.assert_allclose(both[g::2], alone[g::2], rtol=1e-12)
+
+
+def test_fp8_weights_halve_the_weight_floor():
+    bf16 = dm.deployment("llama-2-70b", "h100", 4)
+    fp8 = dm.deployment("llama-2-70b", "h100", 4, weight_dtype="fp8")
+    s = agg(d=1, nd=1, kv=10)
+    t16 = float(dm.step_time(s, bf16, UNIT).linear)
+    t8 = float(dm.step_time(s, fp8, UNIT).linear)
+    assert t8 == pytest.approx(t16 / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("field", ["p", "d", "kv", "kpf"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_bad_statistics_raise_inside_jit(field, bad):
+    dep = dm.deployment("llama-2-7b")
+    stats = agg(**{"p": 10.0, "np_": 1.0, field: bad})
+    with pytest.raises(Exception, match="must be finite and >= 0"):
+        jax.jit(dm.step_time)(stats, dep, dm.Factors()).total.block_until_ready()
