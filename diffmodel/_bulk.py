@@ -1,0 +1,675 @@
+"""Prediction at scale: millions of steps, chunked, validated once, on many devices.
+
+:func:`predict_steps` evaluates :func:`diffmodel.step_time` over arrays of steps from
+several deployments with one compiled function of a fixed chunk shape; the inputs are
+validated once, in NumPy, and the hot loop runs unchecked (``check=False``).
+:func:`predict_requests` does the same from padded per-request batches, and
+:func:`predict_frame_fast` from a pandas frame.
+
+Two rewrites make the compiled function fast on CPU without changing its value:
+
+- per-step deployment values are picked from the (few) groups with a chain of
+  ``where`` rather than a gather, so XLA fuses the whole step into one loop;
+- ``pow`` is rewritten as multiplications and square roots for the constant
+  exponents of the smooth maximum (``a^4``, ``s^(1/4)``) and as ``exp(y log x)``
+  otherwise (the MoE expert count): XLA:CPU evaluates ``pow`` ~10x slower than ``exp``.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import ArrayLike
+
+from ._batch import BatchStats, from_requests
+from ._deployment import Deployment, stack_deployments
+from ._factors import FACTOR_NAMES, Factors, default_factors
+from ._frame import groups_from_frame, stats_from_frame
+from ._roofline import COMPONENTS, step_time
+
+STAT_FIELDS: tuple[str, ...] = tuple(BatchStats.__dataclass_fields__)
+
+# Up to this many groups, per-step deployment values are chosen by a ``where`` chain
+# (fuses into the elementwise loop); beyond it, by a gather.
+_SELECT_MAX_GROUPS = 8
+# Host buffers handed to XLA:CPU without a copy must be 64-byte aligned; chunk lengths
+# are multiples of this many elements so that chunk starts stay aligned.
+_ALIGN_BYTES = 64
+_ALIGN_ELEMS = 16
+
+
+# pow rewrite
+
+
+def _pow(x, y):
+    """``x ** y`` without XLA's ``pow``: the same value up to rounding.
+
+    Constant exponents 1, 2, 4, 1/2, 1/4 become multiplications and square roots;
+    others ``exp(y log|x|)`` with the signs and zeros of ``pow`` restored for finite
+    inputs (``x^0 = 1``; a negative base needs an integer exponent, else NaN).
+    """
+    if not isinstance(y, jax.core.Tracer) and np.size(y) == 1:
+        c = float(np.asarray(y))
+        if c == 1.0:
+            return x * jnp.ones_like(jnp.asarray(y))
+        if c == 2.0:
+            return x * x
+        if c == 4.0:
+            x2 = x * x
+            return x2 * x2
+        if c == 0.5:
+            return jnp.sqrt(x)
+        if c == 0.25:
+            return jnp.sqrt(jnp.sqrt(x))
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    r = jnp.exp(y * jnp.log(jnp.abs(x)))
+    r = jnp.where(y == 0, jnp.ones_like(r), r)
+    y_int = y == jnp.round(y)
+    odd = y_int & (jnp.fmod(y, 2.0) != 0)
+    neg = jnp.where(y_int, jnp.where(odd, -r, r), jnp.full_like(r, jnp.nan))
+    return jnp.where(x < 0, neg, r)
+
+
+class _PerGroup:
+    """A value that depends on the deployment group only: one entry per group."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table):
+        self.table = table
+
+
+# Elementwise primitives: applied to per-group tables when no input varies per step.
+_ELEMENTWISE = frozenset(
+    "abs add and ceil convert_element_type div eq exp exp2 expm1 floor ge gt "
+    "integer_pow is_finite le log log1p lt max min mul ne neg not or pow rem round "
+    "rsqrt select_n sign sqrt square sub".split()
+)
+
+
+class _Evaluator:
+    """Evaluates a jaxpr of per-step arrays with two rewrites that keep its value.
+
+    - Hoisting: inputs given as :class:`_PerGroup` (deployment values and per-group
+      factors) stay ``[groups]`` tables through every elementwise operation that sees
+      no per-step value, so the arithmetic on architecture and hardware numbers runs
+      once per group, not once per step; a table meets the steps (``where`` chain, or
+      a gather beyond a few groups) only where it is combined with them.
+    - ``pow`` on per-step values goes through :func:`_pow`, and a per-step value
+      divided by a per-group one is multiplied by the reciprocal (one rounding more).
+    """
+
+    def __init__(self, group, n_groups: int, tables=None):
+        self.group, self.n_groups = group, n_groups
+        self.expanded: dict[int, object] = {}
+        # The tables that meet the steps, in order of first use: collected, or (in a
+        # second evaluation of the same jaxpr) supplied precomputed.
+        self.collected: list = []
+        self.supplied = tables
+
+    def per_step(self, value, aval):
+        if not isinstance(value, _PerGroup):
+            return value
+        key = id(value)
+        if key not in self.expanded:
+            if self.supplied is None:
+                t = value.table
+            else:
+                t = self.supplied[len(self.collected)]
+            self.collected.append(t)
+            if self.n_groups == 1:
+                out = t[0]
+            elif self.n_groups <= _SELECT_MAX_GROUPS:
+                out = t[0]
+                for g in range(1, self.n_groups):
+                    out = jnp.where(self.group == g, t[g], out)
+            else:  # the range of group is checked at the boundary
+                out = jnp.take(t, self.group, axis=0, mode="clip")
+            self.expanded[key] = (value, jnp.broadcast_to(out, aval.shape))
+        return self.expanded[key][1]
+
+    def table(self, value, aval):
+        if isinstance(value, _PerGroup):
+            return value.table
+        return jnp.full((self.n_groups,), value, dtype=aval.dtype)
+
+    def eval(self, jaxpr: jex.Jaxpr, consts, args) -> list:
+        env = {}
+
+        def read(v):
+            return v.val if isinstance(v, jex.Literal) else env[v]
+
+        def write(v, val):
+            if not isinstance(v, jex.DropVar):
+                env[v] = val
+
+        for v, val in zip(jaxpr.constvars, consts, strict=True):
+            write(v, val)
+        for v, val in zip(jaxpr.invars, args, strict=True):
+            write(v, val)
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            avals = [v.aval for v in eqn.invars]
+            name = eqn.primitive.name
+            grouped = [isinstance(x, _PerGroup) for x in invals]
+            if name in ("pjit", "jit") and "jaxpr" in eqn.params:
+                sub = eqn.params["jaxpr"]
+                outvals = self.eval(sub.jaxpr, sub.consts, invals)
+            elif (
+                any(grouped)
+                and name in _ELEMENTWISE
+                and all(g or not a.shape for g, a in zip(grouped, avals, strict=True))
+            ):
+                tables = [self.table(x, a) for x, a in zip(invals, avals, strict=True)]
+                outvals = [_PerGroup(self.bind(eqn, tables)[0])]
+            elif name == "div" and grouped[1] and not grouped[0]:
+                # x / c with c per group: one division per group, not per step.
+                inv = _PerGroup(1.0 / invals[1].table)
+                outvals = [invals[0] * self.per_step(inv, avals[1])]
+            else:
+                invals = [
+                    self.per_step(x, a) for x, a in zip(invals, avals, strict=True)
+                ]
+                if name == "pow":
+                    outvals = [_pow(*invals)]
+                else:
+                    outvals = self.bind(eqn, invals)
+            for v, val in zip(eqn.outvars, outvals, strict=True):
+                write(v, val)
+        return [self.per_step(read(v), v.aval) for v in jaxpr.outvars]
+
+    @staticmethod
+    def bind(eqn, invals) -> list:
+        bind = eqn.primitive.get_bind_params(eqn.params)
+        # Older JAX returns (subfuns, params); newer returns params only.
+        subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+        return out if eqn.primitive.multiple_results else [out]
+
+
+def _total_and_parts(stats, dep, fac, components):
+    b = step_time(stats, dep, fac, check=False)  # inputs validated at the boundary
+    total = b.total.astype(stats.prefill_tokens.dtype)
+    if components:
+        return total, {c: getattr(b, c).astype(total.dtype) for c in COMPONENTS}
+    return total
+
+
+def _evaluate(stats, deployments, group, factors, components, tables=None):
+    """Evaluate the step model with :class:`_Evaluator`: (outputs, tables used)."""
+    n_groups = int(jnp.shape(deployments.tp)[0])
+    shape = jnp.shape(stats.prefill_tokens)
+
+    def step_shaped(x):
+        if jnp.ndim(x) == 0:
+            return x
+        return jax.ShapeDtypeStruct(shape, jnp.result_type(x))
+
+    closed, out_shape = jax.make_jaxpr(
+        functools.partial(_total_and_parts, components=components), return_shape=True
+    )(stats, jax.tree.map(step_shaped, deployments), jax.tree.map(step_shaped, factors))
+
+    def wrap(x):
+        return x if jnp.ndim(x) == 0 else _PerGroup(jnp.asarray(x))
+
+    args = [
+        *jax.tree.leaves(stats),
+        *map(wrap, jax.tree.leaves(deployments)),
+        *map(wrap, jax.tree.leaves(factors)),
+    ]
+    ev = _Evaluator(group, n_groups, tables)
+    out = ev.eval(closed.jaxpr, closed.consts, args)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), out), ev.collected
+
+
+def step_time_fast(
+    stats: BatchStats,
+    deployments: Deployment,
+    group,
+    factors: Factors,
+    *,
+    components: bool = False,
+):
+    """Total step time of many steps, us: :func:`diffmodel.step_time_batch`, faster.
+
+    The value of ``step_time_batch(stats, deployments, group, factors,
+    check=False).total`` (to rounding), traceable and differentiable, for use inside
+    ``jit``/``grad`` on validated inputs (it does not check them: see
+    :func:`predict_steps`). Deployment arithmetic runs per group and ``pow`` is
+    avoided (see :class:`_Evaluator`).
+
+    Args:
+        stats: 1-D statistics of ``steps`` entries; ``deployments`` stacked over
+            groups; ``group`` each step's group (int, in range); ``factors`` shared
+            (scalar fields) or per group (leading axis = groups).
+        components: also return the components, as a dict.
+    """
+    return _evaluate(stats, deployments, group, factors, components)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("components", "dtype"))
+def _group_tables(deployments, factors, *, components, dtype):
+    """The per-group tables the step loop reads, each ``[groups]``.
+
+    Computed once per call, outside the step loop: inside one XLA computation the
+    compiler fuses this tiny arithmetic into the loop and redoes it for every step.
+    """
+    dummy = jnp.zeros(_ALIGN_ELEMS, dtype)
+    stats = BatchStats(*[dummy] * len(STAT_FIELDS))
+    group = jnp.zeros(_ALIGN_ELEMS, jnp.int32)
+    _, tables = _evaluate(stats, deployments, group, factors, components)
+    return tuple(tables)
+
+
+@functools.partial(jax.jit, static_argnames=("components",))
+def _chunk_stats(cols, group, tables, deployments, factors, *, components):
+    stats = BatchStats(*cols)
+    return _evaluate(stats, deployments, group, factors, components, tables)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("components",))
+def _chunk_requests(cols, group, tables, deployments, factors, *, components):
+    new, ctx, mask = cols
+    stats = from_requests(new, ctx, mask)
+    stats = jax.tree.map(lambda x: x.astype(new.dtype), stats)
+    return _evaluate(stats, deployments, group, factors, components, tables)[0]
+
+
+# boundary validation
+
+
+def _float_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    if dt == np.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "dtype=float64 needs 64-bit JAX: call "
+            "jax.config.update('jax_enable_x64', True) before using diffmodel"
+        )
+    return dt
+
+
+def _check_values(name: str, x: np.ndarray, unit: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if a value is negative or NaN."""
+    if x.size == 0:
+        return
+    # NaN propagates through min: one pass catches NaN and negative values alike.
+    if not (x.min() >= 0):
+        bad = np.flatnonzero(~(x >= 0))
+        where = tuple(int(i) for i in np.unravel_index(int(bad[0]), x.shape))
+        at = where[0] if len(where) == 1 else where
+        raise ValueError(
+            f"{name} must be >= 0 and not NaN ({unit}); index {at} has {x[where]}"
+        )
+
+
+def _as_array(name: str, x, ndim: int, kind: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if kind == "f" and a.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if kind == "i" and a.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if kind == "b" and a.dtype.kind != "b":
+        raise ValueError(f"{name} must be a boolean array, got dtype {a.dtype}")
+    return a
+
+
+def _check_group(group, n: int, n_groups: int) -> np.ndarray:
+    g = _as_array("group", group, 1, "i")
+    if g.shape[0] != n:
+        raise ValueError(f"group must have one entry per step ({n}), got {g.shape[0]}")
+    g = np.ascontiguousarray(g, dtype=np.int32) if g.dtype != np.int32 else g
+    # Negative int32 values become huge as uint32: one pass checks both bounds.
+    if n and int(g.view(np.uint32).max()) >= n_groups:
+        i = int(np.flatnonzero((g < 0) | (g >= n_groups))[0])
+        raise ValueError(
+            f"group must index the {n_groups} deployment(s), in [0, {n_groups}); "
+            f"step {i} has {int(g[i])}"
+        )
+    return g
+
+
+def _resolve(deployments, factors, dtype) -> tuple[Deployment, Factors, int]:
+    if not isinstance(deployments, Deployment):
+        raise ValueError(
+            "deployments must be a diffmodel.Deployment (see diffmodel.deployment and "
+            f"diffmodel.stack_deployments), got {type(deployments).__name__}"
+        )
+    if jnp.ndim(deployments.tp) == 0:
+        deployments = stack_deployments([deployments])
+    if jnp.ndim(deployments.tp) != 1:
+        raise ValueError(
+            "deployments must be stacked along one leading (group) axis, got tp shape "
+            f"{jnp.shape(deployments.tp)}"
+        )
+    n_groups = int(jnp.shape(deployments.tp)[0])
+    factors = default_factors() if factors is None else factors
+    if not isinstance(factors, Factors):
+        raise ValueError(
+            f"factors must be None or a diffmodel.Factors, got {type(factors).__name__}"
+        )
+    for name in FACTOR_NAMES:
+        shape = jnp.shape(getattr(factors, name))
+        if shape not in ((), (n_groups,)):
+            raise ValueError(
+                f"factors.{name} must be a scalar (shared) or one value per group "
+                f"(shape ({n_groups},)), got shape {shape}"
+            )
+    cast = functools.partial(jax.tree.map, lambda x: np.asarray(x, dtype))
+    return cast(deployments), cast(factors), n_groups
+
+
+# chunked engine
+
+
+def _resolve_devices(devices) -> list:
+    if devices is None:
+        return list(jax.devices())
+    devices = list(devices) if isinstance(devices, Sequence) else [devices]
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    return devices
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _chunk_len(n: int, chunk_size: int | None, multiple: int) -> int:
+    """Fixed chunk length: ``chunk_size`` (or ``n``), never far above ``n``."""
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None: {chunk_size}")
+    want = max(n, 1) if chunk_size is None else min(int(chunk_size), max(n, 1))
+    if chunk_size is not None and want < chunk_size:
+        # Short inputs: the next power of two, so few shapes are ever compiled.
+        want = 1 << (want - 1).bit_length()
+    return _round_up(want, multiple)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN_BYTES, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN_BYTES
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+class _Feeder:
+    """Hands chunks of host arrays to devices, without a copy where possible.
+
+    A chunk of a contiguous, 64-byte-aligned array of the right dtype goes to XLA:CPU
+    as is (``jax.device_put`` aliases it); anything else (a misaligned or strided
+    array, another dtype, the padded last chunk) is copied into one of two reused
+    aligned staging buffers. Two suffice: chunk ``i + 1`` is staged only after chunk
+    ``i - 1`` has been collected.
+    """
+
+    def __init__(self, arrays, dtypes, chunk: int, sharding, pad_values):
+        self.arrays, self.dtypes, self.chunk = arrays, dtypes, chunk
+        self.sharding, self.pad_values = sharding, pad_values
+        self.staging = [
+            [
+                _aligned_empty((chunk, *a.shape[1:]), dt)
+                for a, dt in zip(arrays, dtypes, strict=True)
+            ]
+            for _ in range(2)
+        ]
+
+    def __call__(self, i: int, start: int) -> list:
+        stop = start + self.chunk
+        out = []
+        for k, (a, dt) in enumerate(zip(self.arrays, self.dtypes, strict=True)):
+            part = a[start:stop]
+            direct = (
+                part.shape[0] == self.chunk
+                and part.dtype == dt
+                and part.flags.c_contiguous
+                and part.ctypes.data % _ALIGN_BYTES == 0
+            )
+            if not direct:
+                buf = self.staging[i % 2][k]
+                m = part.shape[0]
+                buf[:m] = part
+                buf[m:] = self.pad_values[k]
+                part = buf
+            out.append(jax.device_put(part, self.sharding))
+        return out
+
+
+def _run_chunks(
+    fn,
+    arrays,
+    dtypes,
+    pad_values,
+    group,
+    n: int,
+    steps_per_chunk: int | None,
+    *,
+    out_dtype,
+    deployments,
+    factors,
+    components: bool,
+    devices,
+):
+    devices = _resolve_devices(devices)
+    if len(devices) > 1:
+        mesh = Mesh(np.asarray(devices), ("steps",))
+        sharding = NamedSharding(mesh, PartitionSpec("steps"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+    else:
+        sharding = replicated = devices[0]
+    chunk = _chunk_len(n, steps_per_chunk, _ALIGN_ELEMS * len(devices))
+    deployments = jax.device_put(deployments, replicated)
+    factors = jax.device_put(factors, replicated)
+    tables = _group_tables(
+        deployments, factors, components=components, dtype=np.dtype(out_dtype)
+    )
+    feeder = _Feeder(
+        [*arrays, group], [*dtypes, np.int32], chunk, sharding, [*pad_values, 0]
+    )
+    names = ("total", *COMPONENTS) if components else ("total",)
+    outs = {k: np.empty(n, out_dtype) for k in names}
+
+    def collect(start, result):
+        stop = min(start + chunk, n)
+        parts = {"total": result[0], **result[1]} if components else {"total": result}
+        for k in names:
+            outs[k][start:stop] = np.asarray(parts[k])[: stop - start]
+
+    pending = None
+    for i, start in enumerate(range(0, n, chunk)):
+        *cols, g = feeder(i, start)
+        result = fn(
+            tuple(cols),
+            g,
+            tables,
+            deployments,
+            factors,
+            components=components,
+        )
+        if pending is not None:
+            collect(*pending)  # overlaps with the chunk just dispatched
+        pending = (start, result)
+    if pending is not None:
+        collect(*pending)
+    return outs if components else outs["total"]
+
+
+# entries
+
+
+def predict_steps(
+    stats: BatchStats,
+    deployments: Deployment,
+    group: ArrayLike,
+    factors: Factors | None = None,
+    *,
+    chunk_size: int | None = 2**20,
+    dtype=jnp.float32,
+    components: bool = False,
+    devices=None,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """Step time of many steps, microseconds per GPU, as NumPy arrays.
+
+    The values of :func:`diffmodel.step_time_batch`, for inputs too large to evaluate
+    in one piece: the steps are cut into chunks of ``chunk_size`` (the last one padded
+    with empty steps), so one compiled function serves every chunk and the device
+    memory in use stays near one chunk's worth; results go into one preallocated
+    output array.
+
+    Args:
+        stats: :class:`diffmodel.BatchStats` with 1-D fields of ``steps`` entries
+            (tokens, requests, token pairs), finite and ``>= 0``.
+        deployments: stacked deployments (:func:`diffmodel.stack_deployments`, or one
+            unstacked :class:`diffmodel.Deployment`).
+        group: each step's deployment, integers in ``[0, groups)``.
+        factors: ``None`` (physical priors) or :class:`diffmodel.Factors`, shared
+            (scalar fields) or per group (fields of shape ``(groups,)``).
+        chunk_size: steps per compiled call (rounded up to a multiple of 16 times the
+            number of devices); ``None`` evaluates all steps in one call.
+        dtype: ``float32`` (default) or ``float64`` (needs ``jax_enable_x64``).
+        components: also return each :data:`diffmodel.COMPONENTS` term.
+        devices: devices to split each chunk's steps over (default ``jax.devices()``;
+            with more than one, chunks are sharded over a 1-D mesh).
+
+    Returns:
+        The total step time per step, us, of ``dtype``; with ``components=True`` a
+        dict of ``"total"`` and one array per component, us.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, a negative or NaN statistic, or a group
+            index out of range, naming the argument. Inputs are checked here, once,
+            and the compiled loop runs without ``step_time``'s in-graph checks.
+    """
+    dt = _float_dtype(dtype)
+    if not isinstance(stats, BatchStats):
+        raise ValueError(f"stats must be a diffmodel.BatchStats, got {type(stats)}")
+    cols = [_as_array(f"stats.{f}", getattr(stats, f), 1, "f") for f in STAT_FIELDS]
+    n = cols[0].shape[0]
+    for f, c in zip(STAT_FIELDS, cols, strict=True):
+        if c.shape[0] != n:
+            raise ValueError(
+                f"stats.{f} has {c.shape[0]} steps, stats.{STAT_FIELDS[0]} has {n}"
+            )
+        _check_values(f"stats.{f}", c, "tokens, requests or token pairs")
+    deps, fac, n_groups = _resolve(deployments, factors, dt)
+    g = _check_group(group, n, n_groups)
+    return _run_chunks(
+        _chunk_stats,
+        cols,
+        [dt] * len(cols),
+        [0] * len(cols),
+        g,
+        n,
+        chunk_size,
+        out_dtype=dt,
+        deployments=deps,
+        factors=fac,
+        components=components,
+        devices=devices,
+    )
+
+
+def predict_requests(
+    new_tokens: ArrayLike,
+    context_tokens: ArrayLike,
+    mask: ArrayLike,
+    deployments: Deployment,
+    group: ArrayLike,
+    factors: Factors | None = None,
+    *,
+    chunk_size: int | None = 2**22,
+    dtype=jnp.float32,
+    components: bool = False,
+    devices=None,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """Step time of many steps given as padded per-request batches, us per GPU.
+
+    Each step's statistics come from :func:`diffmodel.from_requests` (the exact
+    form), inside the same compiled, chunked loop as :func:`predict_steps`.
+
+    Args:
+        new_tokens: ``[steps, R]`` tokens each request processes this step.
+        context_tokens: ``[steps, R]`` tokens already cached for each request.
+        mask: ``[steps, R]`` booleans, ``True`` for real requests. Padding entries
+            must still be finite and ``>= 0`` (e.g. 0).
+        deployments, group, factors, dtype, components, devices: as in
+            :func:`predict_steps`.
+        chunk_size: request slots (``steps * R``) per compiled call; ``None``: all.
+
+    Returns:
+        As :func:`predict_steps`.
+    """
+    dt = _float_dtype(dtype)
+    new = _as_array("new_tokens", new_tokens, 2, "f")
+    ctx = _as_array("context_tokens", context_tokens, 2, "f")
+    m = _as_array("mask", mask, 2, "b")
+    for name, a in (("context_tokens", ctx), ("mask", m)):
+        if a.shape != new.shape:
+            raise ValueError(
+                f"{name} has shape {a.shape}, new_tokens has shape {new.shape}"
+            )
+    _check_values("new_tokens", new, "tokens")
+    _check_values("context_tokens", ctx, "tokens")
+    n, width = new.shape
+    deps, fac, n_groups = _resolve(deployments, factors, dt)
+    g = _check_group(group, n, n_groups)
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None: {chunk_size}")
+    steps_per_chunk = (
+        None if chunk_size is None else max(1, chunk_size // max(width, 1))
+    )
+    return _run_chunks(
+        _chunk_requests,
+        [new, ctx, m],
+        [dt, dt, np.bool_],
+        [0, 0, False],
+        g,
+        n,
+        steps_per_chunk,
+        out_dtype=dt,
+        deployments=deps,
+        factors=fac,
+        components=components,
+        devices=devices,
+    )
+
+
+def predict_frame_fast(
+    frame,
+    *,
+    model: str | None = None,
+    hardware: str | None = None,
+    tp: int | None = None,
+    factors=None,
+    chunk_size: int | None = 2**20,
+    dtype=jnp.float32,
+    components: bool = False,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """:func:`predict_steps` for a pandas frame of steps, us per GPU.
+
+    Columns and deployments are read as in :func:`diffmodel.predict` (by
+    :func:`diffmodel.stats_from_frame` and :func:`diffmodel.groups_from_frame`);
+    ``factors`` as there. Returns NumPy arrays (one entry per row), not a frame.
+    """
+    from ._predict import resolve_factors  # the frame path's factor resolution
+
+    stats = stats_from_frame(frame)
+    groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)
+    fac = resolve_factors(factors, groups.labels)
+    return predict_steps(
+        stats,
+        groups.deployments,
+        groups.index,
+        fac,
+        chunk_size=chunk_size,
+        dtype=dtype,
+        components=components,
+    )
