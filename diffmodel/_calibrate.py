@@ -1,0 +1,257 @@
+"""Calibrate efficiency curves on measured kernels, and map them to step-level factors.
+
+Every fit minimises the log-ratio loss ``mean((ln pred - ln actual)^2)`` with
+:func:`diffmodel._optimise.minimise` (Adam, then L-BFGS from Adam's end point).
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jaxtyping import Array, ArrayLike
+
+from ._arch import architecture
+from ._curves import (
+    KERNEL_FAMILIES,
+    LATENCY_FAMILIES,
+    AllReduceCurve,
+    KernelCurves,
+    RooflineCurves,
+    default_allreduce_curve,
+    default_roofline_curves,
+)
+from ._factors import FACTOR_SPECS, Factors
+from ._hardware import Hardware, hardware
+from ._kernels import (
+    KernelWork,
+    allreduce_kernel_us,
+    decode_attention_work,
+    gemm_kernel_work,
+    prefill_attention_work,
+    table_work,
+)
+from ._optimise import minimise
+
+
+def log_ratio_loss(pred: ArrayLike, actual: ArrayLike) -> Array:
+    """``mean((ln pred - ln actual)^2)``: symmetric in over- and under-prediction."""
+    return jnp.mean((jnp.log(pred) - jnp.log(actual)) ** 2)
+
+
+def mape(pred: ArrayLike, actual: ArrayLike) -> float:
+    """Mean absolute percentage error, percent."""
+    pred, actual = np.asarray(pred, float), np.asarray(actual, float)
+    return float(np.mean(np.abs(pred / actual - 1.0)) * 100.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """Step budgets of a curve fit: ``adam_steps`` at ``learning_rate``, then
+    ``lbfgs_steps`` of L-BFGS."""
+
+    adam_steps: int = 800
+    lbfgs_steps: int = 100
+    learning_rate: float = 0.1
+
+
+def _two_stage(loss, init, options: FitOptions):
+    res = minimise(
+        loss,
+        init,
+        solver="adam",
+        learning_rate=options.learning_rate,
+        max_steps=options.adam_steps,
+    )
+    if options.lbfgs_steps:
+        res = minimise(loss, res.params, solver="lbfgs", max_steps=options.lbfgs_steps)
+    return res.params
+
+
+def fit_roofline_curves(
+    work: KernelWork,
+    latency_us: ArrayLike,
+    init: RooflineCurves | None = None,
+    *,
+    options: FitOptions = FitOptions(),
+) -> RooflineCurves:
+    """Fit :class:`RooflineCurves` to measured times (us) of kernels of known work."""
+    actual = jnp.asarray(latency_us, float)
+    if actual.shape != work.flops.shape:
+        raise ValueError(
+            f"latency_us has shape {actual.shape}; expected one time per kernel "
+            f"{work.flops.shape}"
+        )
+    init = default_roofline_curves() if init is None else init
+    return _two_stage(lambda c: log_ratio_loss(work.time_us(c), actual), init, options)
+
+
+def fit_allreduce_curve(
+    bytes_: ArrayLike,
+    n_gpus: ArrayLike,
+    latency_us: ArrayLike,
+    hw: Hardware,
+    init: AllReduceCurve | None = None,
+    *,
+    options: FitOptions = FitOptions(),
+) -> AllReduceCurve:
+    """Fit an :class:`AllReduceCurve` to measured all-reduce times (us)."""
+    b, n = jnp.asarray(bytes_, float), jnp.asarray(n_gpus, float)
+    actual = jnp.asarray(latency_us, float)
+    init = default_allreduce_curve() if init is None else init
+    return _two_stage(
+        lambda c: log_ratio_loss(allreduce_kernel_us(b, n, c, hw), actual),
+        init,
+        options,
+    )
+
+
+# Which rows of aiconfigurator's tables each family is calibrated on: the dtypes and
+# kernels a bf16 vLLM deployment runs (the traces': bf16 weights and KV, CUDA graphs).
+def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
+    """The rows of the loaded tables (:func:`load_kernel_tables`) of one family."""
+    if family in ("gemm_bf16", "gemm_fp8"):
+        g = tables["gemm"]
+        return g[g["gemm_dtype"] == ("bfloat16" if family == "gemm_bf16" else "fp8")]
+    if family in ("prefill_attention", "decode_attention"):
+        a = tables[family]
+        return a[a["kv_cache_dtype"] == "bfloat16"]
+    if family == "moe":
+        m = tables["moe"]
+        keep = (
+            (m["moe_dtype"] == "bfloat16")
+            & (m["distribution"] == "balanced")
+            & (m["kernel_source"] == "vllm_fused_moe")
+        )
+        return m[keep]
+    if family == "allreduce":
+        a = tables["allreduce"]
+        return a[a["kernel_source"] == "vLLM_custom_graph"]
+    raise ValueError(
+        f"unknown family {family!r}; expected one of "
+        f"{list(KERNEL_FAMILIES) + ['allreduce']}"
+    )
+
+
+def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
+    """:func:`table_work` of a family's rows (GEMM dtypes share the GEMM table)."""
+    return table_work("gemm" if family.startswith("gemm") else family, rows, hw)
+
+
+def init_curves(family: str) -> RooflineCurves:
+    """Starting curves of a family: a kernel floor where one is physical."""
+    return default_roofline_curves(latency=family in LATENCY_FAMILIES)
+
+
+def calibrate_kernels(
+    tables: dict[str, pd.DataFrame],
+    *,
+    hardware_name: str = "h100-sxm",
+    options: FitOptions = FitOptions(),
+    progress=None,
+) -> KernelCurves:
+    """Fit every family's curves on all its rows of ``tables``.
+
+    ``progress``: optional callable receiving one line of text per fitted family.
+    """
+    hw = hardware(hardware_name)
+    fitted = {}
+    for fam in KERNEL_FAMILIES:
+        rows = family_rows(tables, fam)
+        fitted[fam] = fit_roofline_curves(
+            family_work(fam, rows, hw),
+            rows["latency_us"].to_numpy(float),
+            init_curves(fam),
+            options=options,
+        )
+        if progress:
+            progress(f"calibrated {fam} on {len(rows)} kernels")
+    ar = family_rows(tables, "allreduce")
+    fitted["allreduce"] = fit_allreduce_curve(
+        ar["bytes"].to_numpy(float),
+        ar["num_gpus"].to_numpy(float),
+        ar["latency_us"].to_numpy(float),
+        hw,
+        options=options,
+    )
+    return KernelCurves(**fitted, hardware=hardware_name)
+
+
+def kernel_prior_factors(
+    curves: KernelCurves,
+    *,
+    model: str = "llama-2-70b",
+    tp: int = 4,
+    prefill_tokens: float = 2048.0,
+    decode_tokens: float = 64.0,
+    decode_context: float = 1024.0,
+) -> Factors:
+    """Step-level :class:`~diffmodel.Factors` implied by kernel-calibrated curves.
+
+    Each efficiency is the ideal time over the calibrated time of representative
+    kernels of ``model`` at TP ``tp`` (so it is in (0, 1]):
+
+    - ``gemm_flops``: the layer's four GEMMs (QKV, O, gate+up, down) at
+      ``prefill_tokens`` tokens, FLOPs / (peak x time);
+    - ``mem_bw``: the same GEMMs at ``decode_tokens`` tokens, bytes / (HBM bw x time);
+    - ``attn_flops``: causal prefill attention of one ``prefill_tokens`` chunk;
+    - ``attn_bw``: decode attention of ``decode_tokens`` sequences of
+      ``decode_context`` tokens, KV bytes / (HBM bw x time);
+    - ``comm_bw``, ``comm_latency_us``: the all-reduce curve's efficiency at the
+      prefill activation size (``prefill_tokens d`` 16-bit values) and its latency.
+
+    Host overheads (per step, layer, request) cannot be seen in kernel timings and
+    keep their priors of :data:`~diffmodel.FACTOR_SPECS`.
+    """
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    a = architecture(model)
+    hw = hardware(curves.hardware)
+    d, dh, t = a.hidden, a.head_dim, float(tp)
+    qh, kvh = a.n_heads / t, jnp.maximum(a.n_kv_heads / t, 1.0)
+    ffn = (a.ffn + a.shared_ffn + a.top_k * a.expert_ffn) / t
+    shapes = [((qh + 2 * kvh) * dh, d), (d, qh * dh), (2 * ffn, d), (d, ffn)]
+
+    def layer(tokens):
+        works = [gemm_kernel_work(tokens, n, k, hw) for n, k in shapes]
+        time = sum(w.time_us(curves.gemm_bf16) for w in works)
+        return sum(w.flops for w in works), sum(w.bytes for w in works), time
+
+    f_pf, _, t_pf = layer(prefill_tokens)
+    _, b_dec, t_dec = layer(decode_tokens)
+    pf = prefill_attention_work(1.0, prefill_tokens, qh, kvh, dh, hw)
+    dec = decode_attention_work(decode_tokens, decode_context, qh, kvh, dh, hw)
+    ar = curves.allreduce
+    return Factors(
+        gemm_flops=f_pf / (hw.flops_16 * t_pf) * 1e6,
+        mem_bw=b_dec / (hw.hbm_bw * t_dec) * 1e6,
+        attn_flops=pf.flops
+        / (hw.flops_16 * pf.time_us(curves.prefill_attention))
+        * 1e6,
+        attn_bw=dec.bytes / (hw.hbm_bw * dec.time_us(curves.decode_attention)) * 1e6,
+        comm_bw=ar.bandwidth(prefill_tokens * d * a.act_bytes),
+        comm_latency_us=ar.latency_us,
+        **{
+            n: FACTOR_SPECS[n][0]
+            for n in ("step_overhead_us", "layer_overhead_us", "request_overhead_us")
+        },
+    )
+
+
+def held_out_split(
+    rows: pd.DataFrame, keys: list[str], *, frac: float = 0.25, seed: int = 0
+) -> np.ndarray:
+    """Boolean mask of held-out rows: a random ``frac`` of the unique ``keys`` shapes.
+
+    Whole shapes are held out (every row of a held-out shape), never rows of a shape
+    that is also trained on.
+    """
+    missing = [k for k in keys if k not in rows.columns]
+    if missing:
+        raise ValueError(f"split keys {missing} are not columns of the table")
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"frac must be in (0, 1), got {frac}")
+    shapes = rows[keys].drop_duplicates()
+    test = shapes.sample(frac=frac, random_state=seed).assign(_held_out=True)
+    merged = rows[keys].merge(test, on=keys, how="left")
+    return merged["_held_out"].eq(True).to_numpy()

@@ -1,0 +1,423 @@
+"""Learnable efficiency curves: efficiency as a smooth, monotone function of work.
+
+A measured kernel reaches a fraction of the hardware peak that grows with its size: a
+tiny GEMM is bound by launch and tile latency, a large one saturates near (but never
+above) peak. :class:`SaturationCurve` writes that as a sigmoid in log problem size,
+
+    eta(x) = eta_max * sigmoid(slope * (ln x - ln x_half)),
+
+with ``eta_max`` in (0, 1) and ``slope`` in (0, 1) by reparameterisation (sigmoid of an
+unconstrained value) and ``x_half`` (the size at which ``eta = eta_max / 2``) stored by
+its log. ``slope <= 1`` keeps the time ``x / eta(x)`` non-decreasing in the work: below
+``x_half`` it tends to ``x^(1 - slope)``, a latency floor when ``slope -> 1``.
+
+:class:`RooflineCurves` pairs one curve on FLOPs (compute efficiency) with one on bytes
+(bandwidth efficiency); :class:`AllReduceCurve` is a fixed latency plus a bandwidth
+efficiency curve on message bytes. :class:`KernelCurves` holds one of each per operator
+family. All save to and load from human-readable JSON with an exact round trip.
+"""
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+FORMAT_VERSION = 1
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _softplus_inv(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class SaturationCurve(eqx.Module):
+    """``eta(x) = eta_max sigmoid(slope (ln x - log_half))``: efficiency vs work size.
+
+    Attributes:
+        raw_eta_max: logit of the saturated efficiency ``eta_max`` (fraction of peak).
+        raw_slope: logit of ``slope`` in (0, 1), per unit of ``ln x``.
+        log_half: ``ln x_half``, with ``x`` in the curve's unit (FLOPs or bytes).
+        unit: what ``x`` counts (static metadata, e.g. ``"FLOP"``, ``"byte"``).
+    """
+
+    raw_eta_max: Float[Array, ""]
+    raw_slope: Float[Array, ""]
+    log_half: Float[Array, ""]
+    unit: str = eqx.field(static=True, default="FLOP")
+
+    @classmethod
+    def from_physical(
+        cls, *, eta_max: float, slope: float, x_half: float, unit: str
+    ) -> "SaturationCurve":
+        """A curve from its physical parameters (``0 < eta_max, slope < 1``)."""
+        for name, v in (("eta_max", eta_max), ("slope", slope)):
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {v}")
+        if not x_half > 0:
+            raise ValueError(f"x_half must be > 0 ({unit}), got {x_half}")
+        f = jnp.result_type(float)
+        return cls(
+            raw_eta_max=jnp.asarray(_logit(eta_max), f),
+            raw_slope=jnp.asarray(_logit(slope), f),
+            log_half=jnp.asarray(math.log(x_half), f),
+            unit=unit,
+        )
+
+    @property
+    def eta_max(self) -> Array:
+        """Saturated efficiency, fraction of peak, in (0, 1)."""
+        return jax.nn.sigmoid(self.raw_eta_max)
+
+    @property
+    def slope(self) -> Array:
+        """Slope of ``logit(eta / eta_max)`` per unit of ``ln x``, in (0, 1)."""
+        return jax.nn.sigmoid(self.raw_slope)
+
+    def __call__(self, x: ArrayLike) -> Array:
+        """Efficiency at work ``x`` (FLOPs or bytes, ``x > 0``), in (0, eta_max)."""
+        # log of a non-positive size is undefined; 1 unit is the smallest real work.
+        lx = jnp.log(jnp.maximum(jnp.asarray(x), 1.0))
+        return self.eta_max * jax.nn.sigmoid(self.slope * (lx - self.log_half))
+
+    def to_json(self) -> dict[str, Any]:
+        """Raw (exact) and physical (readable) parameters as a JSON-able dict."""
+        return {
+            "unit": self.unit,
+            "raw": {
+                "raw_eta_max": float(self.raw_eta_max),
+                "raw_slope": float(self.raw_slope),
+                "log_half": float(self.log_half),
+            },
+            "physical": {
+                "eta_max": float(self.eta_max),
+                "slope": float(self.slope),
+                "x_half": float(jnp.exp(self.log_half)),
+                "x_half_unit": self.unit,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "SaturationCurve":
+        """Inverse of :meth:`to_json` (reads the exact raw values)."""
+        raw = _need(obj, "raw", "SaturationCurve")
+        f = jnp.result_type(float)
+        return cls(
+            **{
+                k: jnp.asarray(float(_need(raw, k, "SaturationCurve.raw")), f)
+                for k in ("raw_eta_max", "raw_slope", "log_half")
+            },
+            unit=str(_need(obj, "unit", "SaturationCurve")),
+        )
+
+
+class Occupancy(eqx.Module):
+    """``o(u) = sigmoid(slope (ln u - log_half))``: the fraction of the GPU kept busy.
+
+    ``u`` counts independent units of parallel work (thread blocks: sequences times
+    KV heads for decode attention, query tiles for prefill, output tiles for a GEMM).
+
+    Attributes:
+        raw_slope: logit of ``slope`` in (0, 1), per unit of ``ln u``.
+        log_half: ``ln u_half``, the work units at which half the GPU is busy.
+    """
+
+    raw_slope: Float[Array, ""]
+    log_half: Float[Array, ""]
+
+    def __call__(self, units: ArrayLike) -> Array:
+        """Occupancy in (0, 1) at ``units`` parallel work units."""
+        lu = jnp.log(jnp.maximum(jnp.asarray(units), 1.0))
+        return jax.nn.sigmoid(jax.nn.sigmoid(self.raw_slope) * (lu - self.log_half))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "unit": "parallel work units",
+            "raw": {
+                "raw_slope": float(self.raw_slope),
+                "log_half": float(self.log_half),
+            },
+            "physical": {
+                "slope": float(jax.nn.sigmoid(self.raw_slope)),
+                "u_half": float(jnp.exp(self.log_half)),
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Occupancy":
+        raw = _need(obj, "raw", "Occupancy")
+        f = jnp.result_type(float)
+        return cls(
+            **{
+                k: jnp.asarray(float(_need(raw, k, "Occupancy.raw")), f)
+                for k in ("raw_slope", "log_half")
+            }
+        )
+
+
+class RooflineCurves(eqx.Module):
+    """Efficiency curves and launch floor of one operator family (6-9 params).
+
+    ``t = latency_us + u unit_ns / 1000 + smooth_max(f / (peak eta_f o),
+    b / (bw eta_b o))`` with ``eta_f = flops(f)``, ``eta_b = bandwidth(b)``,
+    occupancy ``o = occupancy(u)`` at ``u`` parallel work units (``o = 1`` without
+    ``occupancy``; ``latency_us``, ``unit_ns`` are 0 when their raw value is ``None``).
+
+    Attributes:
+        flops: compute efficiency (fraction of peak FLOP/s) vs the operator's FLOPs.
+        bandwidth: bandwidth efficiency (fraction of HBM bandwidth) vs its bytes.
+        occupancy: optional fraction of the GPU busy vs parallel work units.
+        raw_latency: optional softplus-inverse of the fixed time of one kernel
+            (launch, prologue and epilogue), us.
+        raw_unit_ns: optional softplus-inverse of the time per parallel work unit
+            (per-block setup, e.g. a sequence's block table in decode attention),
+            amortised over the GPU, ns.
+    """
+
+    flops: SaturationCurve
+    bandwidth: SaturationCurve
+    occupancy: Occupancy | None = None
+    raw_latency: Float[Array, ""] | None = None
+    raw_unit_ns: Float[Array, ""] | None = None
+
+    @property
+    def unit_ns(self) -> Array:
+        """Time per parallel work unit, ns (>= 0)."""
+        if self.raw_unit_ns is None:
+            return jnp.zeros((), jnp.result_type(float))
+        return jax.nn.softplus(self.raw_unit_ns)
+
+    @property
+    def latency_us(self) -> Array:
+        """Fixed time of one kernel, us (>= 0)."""
+        if self.raw_latency is None:
+            return jnp.zeros((), jnp.result_type(float))
+        return jax.nn.softplus(self.raw_latency)
+
+    def efficiencies(
+        self, flops: ArrayLike, bytes_: ArrayLike, units: ArrayLike = 1.0
+    ) -> tuple[Array, Array]:
+        """``(eta_flops, eta_bw)`` in (0, 1) at the given work (FLOPs, bytes, units)."""
+        occ = 1.0 if self.occupancy is None else self.occupancy(units)
+        return self.flops(flops) * occ, self.bandwidth(bytes_) * occ
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "flops": self.flops.to_json(),
+            "bandwidth": self.bandwidth.to_json(),
+        }
+        raw, phys = {}, {}
+        if self.raw_latency is not None:
+            raw["raw_latency"] = float(self.raw_latency)
+            phys["latency_us"] = float(self.latency_us)
+        if self.raw_unit_ns is not None:
+            raw["raw_unit_ns"] = float(self.raw_unit_ns)
+            phys["unit_ns"] = float(self.unit_ns)
+        if raw:
+            out["raw"], out["physical"] = raw, phys
+        if self.occupancy is not None:
+            out["occupancy"] = self.occupancy.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "RooflineCurves":
+        occ = obj.get("occupancy") if isinstance(obj, dict) else None
+        raw = (obj.get("raw") if isinstance(obj, dict) else None) or {}
+        f = jnp.result_type(float)
+
+        def opt(key):
+            return jnp.asarray(float(raw[key]), f) if key in raw else None
+
+        return cls(
+            flops=SaturationCurve.from_json(_need(obj, "flops", "RooflineCurves")),
+            bandwidth=SaturationCurve.from_json(
+                _need(obj, "bandwidth", "RooflineCurves")
+            ),
+            occupancy=None if occ is None else Occupancy.from_json(occ),
+            raw_latency=opt("raw_latency"),
+            raw_unit_ns=opt("raw_unit_ns"),
+        )
+
+
+class AllReduceCurve(eqx.Module):
+    """All-reduce: a fixed latency plus a ring transfer at a size-dependent efficiency.
+
+    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(bytes))``.
+
+    Attributes:
+        raw_latency: softplus-inverse of the fixed latency of one all-reduce, us.
+        bandwidth: efficiency of the link bandwidth vs message bytes.
+    """
+
+    raw_latency: Float[Array, ""]
+    bandwidth: SaturationCurve
+
+    @property
+    def latency_us(self) -> Array:
+        """Fixed latency of one all-reduce, us (> 0)."""
+        return jax.nn.softplus(self.raw_latency)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "raw": {"raw_latency": float(self.raw_latency)},
+            "physical": {"latency_us": float(self.latency_us)},
+            "bandwidth": self.bandwidth.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "AllReduceCurve":
+        raw = _need(obj, "raw", "AllReduceCurve")
+        return cls(
+            raw_latency=jnp.asarray(
+                float(_need(raw, "raw_latency", "AllReduceCurve.raw")),
+                jnp.result_type(float),
+            ),
+            bandwidth=SaturationCurve.from_json(
+                _need(obj, "bandwidth", "AllReduceCurve")
+            ),
+        )
+
+
+KERNEL_FAMILIES: tuple[str, ...] = (
+    "gemm_bf16",
+    "gemm_fp8",
+    "prefill_attention",
+    "decode_attention",
+    "moe",
+)
+
+# Families with a fixed kernel floor; a GEMM's floor is already its occupancy at one
+# tile (fitting one gives ~0), so GEMMs keep 8 parameters.
+LATENCY_FAMILIES: tuple[str, ...] = ("prefill_attention", "decode_attention", "moe")
+
+
+class KernelCurves(eqx.Module):
+    """Calibrated curves of every kernel family of one GPU.
+
+    Attributes:
+        gemm_bf16, gemm_fp8: dense GEMMs (FP8 against the FP8 peak).
+        prefill_attention: causal FlashAttention over new tokens.
+        decode_attention: paged attention of one query token over its KV cache.
+        moe: fused MoE (gated MLP of the routed experts).
+        allreduce: tensor-parallel all-reduce.
+        hardware: the GPU the curves were measured on (static, a catalog name).
+    """
+
+    gemm_bf16: RooflineCurves
+    gemm_fp8: RooflineCurves
+    prefill_attention: RooflineCurves
+    decode_attention: RooflineCurves
+    moe: RooflineCurves
+    allreduce: AllReduceCurve
+    hardware: str = eqx.field(static=True, default="h100-sxm")
+
+    def n_params(self, family: str) -> int:
+        """Learnable scalars of one family's curves."""
+        return sum(jnp.size(x) for x in jax.tree.leaves(getattr(self, family)))
+
+
+def default_roofline_curves(
+    *, occupancy: bool = True, latency: bool = True
+) -> RooflineCurves:
+    """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
+    optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
+    work unit."""
+    f = jnp.result_type(float)
+    occ = Occupancy(
+        raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(math.log(64.0), f)
+    )
+    return RooflineCurves(
+        occupancy=occ if occupancy else None,
+        raw_latency=jnp.asarray(_softplus_inv(2.0), f) if latency else None,
+        raw_unit_ns=jnp.asarray(_softplus_inv(1.0), f) if latency else None,
+        flops=SaturationCurve.from_physical(
+            eta_max=0.8, slope=0.8, x_half=1e9, unit="FLOP"
+        ),
+        bandwidth=SaturationCurve.from_physical(
+            eta_max=0.8, slope=0.8, x_half=4e6, unit="byte"
+        ),
+    )
+
+
+def default_allreduce_curve() -> AllReduceCurve:
+    """Starting all-reduce curve: 8 us latency, 0.7 of the link at large messages."""
+    return AllReduceCurve(
+        raw_latency=jnp.asarray(_softplus_inv(8.0), jnp.result_type(float)),
+        bandwidth=SaturationCurve.from_physical(
+            eta_max=0.7, slope=0.8, x_half=1e6, unit="byte"
+        ),
+    )
+
+
+def default_kernel_curves(hardware: str = "h100-sxm") -> KernelCurves:
+    """Uncalibrated starting point for :func:`diffmodel.calibrate_kernels`."""
+    return KernelCurves(
+        **{
+            f: default_roofline_curves(latency=f in LATENCY_FAMILIES)
+            for f in KERNEL_FAMILIES
+        },
+        allreduce=default_allreduce_curve(),
+        hardware=hardware,
+    )
+
+
+def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
+    """A JSON-able dict of all families (raw values exact, physical ones readable)."""
+    out: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "hardware": curves.hardware,
+        "description": (
+            "eta(x) = eta_max * sigmoid(slope * (ln x - ln x_half)); x in FLOP for "
+            "'flops' curves, bytes for 'bandwidth' curves; all-reduce time, us = "
+            "latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes))"
+        ),
+    }
+    for f in KERNEL_FAMILIES:
+        out[f] = getattr(curves, f).to_json()
+    out["allreduce"] = curves.allreduce.to_json()
+    return out
+
+
+def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
+    """Inverse of :func:`curves_to_json`."""
+    version = _need(obj, "format_version", "KernelCurves")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"unsupported curves format_version {version!r}; expected {FORMAT_VERSION}"
+        )
+    return KernelCurves(
+        **{
+            f: RooflineCurves.from_json(_need(obj, f, "KernelCurves"))
+            for f in KERNEL_FAMILIES
+        },
+        allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),
+        hardware=str(_need(obj, "hardware", "KernelCurves")),
+    )
+
+
+def save_curves(curves: KernelCurves, path: str | pathlib.Path) -> pathlib.Path:
+    """Write ``curves`` as indented JSON to ``path``; returns the path."""
+    path = pathlib.Path(path)
+    path.write_text(json.dumps(curves_to_json(curves), indent=2) + "\n")
+    return path
+
+
+def load_curves(path: str | pathlib.Path) -> KernelCurves:
+    """Read curves written by :func:`save_curves`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"curves file not found: {path}")
+    return curves_from_json(json.loads(path.read_text()))
+
+
+def _need(obj: Any, key: str, what: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{what} JSON is missing key {key!r}")
+    return obj[key]

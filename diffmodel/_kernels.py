@@ -1,0 +1,508 @@
+"""Measured kernel latencies: loaders, and operator-level roofline predictions.
+
+Two sources (see ``data/README.md``): aiconfigurator's H100 SXM kernel tables
+(``kernels/h100_sxm/*.parquet``) and Vidur's per-operator profiles
+(``vidur/h100/*.csv``). Both report milliseconds; every loader returns the measured time
+as ``latency_us`` in microseconds.
+
+What the aiconfigurator columns mean (from its collector): every kernel runs on one GPU,
+so ``num_heads``/``num_key_value_heads`` are the heads *on that GPU* (a model's heads
+divided by its TP degree); prefill attention is causal self-attention of ``isl`` new
+tokens per sequence; decode attention reads a KV cache of ``step`` tokens per sequence;
+fused MoE holds ``num_experts / moe_ep_size`` experts of ``inter_size / moe_tp_size``
+each, with ``num_tokens`` tokens routed top-``topk`` over all ``num_experts``;
+all-reduce ``message_size`` counts elements of ``allreduce_dtype``. Vidur gives the
+model's total heads and sizes, with ``num_tensor_parallel_workers`` (``t``) splitting
+heads and FFN; its all-reduce ``size`` is in bytes.
+
+Every prediction composes the operator formulas of :mod:`diffmodel._physics`: work
+(FLOPs, bytes) from ``gemm_work``/``attention_work``/``moe_work``, time from
+``roofline_us``/``allreduce_us``, with efficiencies either constants or curves of the
+work (:mod:`diffmodel._curves`).
+"""
+
+import pathlib
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jaxtyping import Array, ArrayLike, Float
+
+from ._curves import AllReduceCurve, RooflineCurves
+from ._hardware import Hardware
+from ._physics import (
+    allreduce_us,
+    attention_work,
+    expected_experts,
+    gemm_work,
+    moe_work,
+    roofline_us,
+)
+
+MS_TO_US = 1e3
+
+_DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "fp8_block": 1.0}
+
+GEMM_COLUMNS = ("m", "n", "k", "gemm_dtype", "latency")
+ATTENTION_COLUMNS = (
+    "batch_size",
+    "isl",
+    "num_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "kv_cache_dtype",
+    "step",
+    "latency",
+)
+MOE_COLUMNS = (
+    "num_tokens",
+    "hidden_size",
+    "inter_size",
+    "topk",
+    "num_experts",
+    "moe_tp_size",
+    "moe_ep_size",
+    "distribution",
+    "moe_dtype",
+    "latency",
+)
+ALLREDUCE_COLUMNS = (
+    "num_gpus",
+    "message_size",
+    "allreduce_dtype",
+    "kernel_source",
+    "latency",
+)
+VIDUR_SHAPE_COLUMNS = (
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "n_expanded_embd",
+    "num_tokens",
+    "num_tensor_parallel_workers",
+)
+VIDUR_OPERATORS: tuple[str, ...] = (
+    "emb",
+    "input_layernorm",
+    "attn_pre_proj",
+    "attn_rope",
+    "attn_post_proj",
+    "post_attention_layernorm",
+    "mlp_up_proj",
+    "mlp_act",
+    "mlp_down_proj",
+    "add",
+)
+VIDUR_ALLREDUCE_COLUMNS = ("num_workers", "size", "time_stats.all_reduce.median")
+
+AIC_FILES = {
+    "gemm": "gemm_perf.parquet",
+    "prefill_attention": "context_attention_perf.parquet",
+    "decode_attention": "generation_attention_perf.parquet",
+    "moe": "moe_perf.parquet",
+    "allreduce": "custom_allreduce_perf.parquet",
+}
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _read(
+    path: str | pathlib.Path, required: tuple[str, ...], what: str
+) -> pd.DataFrame:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{what} file {path.name} is missing column(s) {missing}; "
+            f"expected at least {list(required)}"
+        )
+    return frame
+
+
+def _with_us(frame: pd.DataFrame, column: str, what: str) -> pd.DataFrame:
+    ms = pd.to_numeric(frame[column], errors="coerce")
+    if not (ms > 0).all():
+        raise ValueError(f"{what}: column {column!r} must hold positive times (ms)")
+    out = frame.copy()
+    out["latency_us"] = ms.to_numpy(float) * MS_TO_US
+    return out.reset_index(drop=True)
+
+
+def _dtype_bytes(values: pd.Series, column: str) -> np.ndarray:
+    unknown = sorted(set(values) - set(_DTYPE_BYTES))
+    if unknown:
+        raise ValueError(
+            f"column {column!r} has unknown dtype(s) {unknown}; "
+            f"expected {sorted(_DTYPE_BYTES)}"
+        )
+    return values.map(_DTYPE_BYTES).to_numpy(float)
+
+
+def load_gemm(path: str | pathlib.Path) -> pd.DataFrame:
+    """aiconfigurator GEMMs ``[m, k] @ [k, n]``: adds ``latency_us`` (us)."""
+    return _with_us(_read(path, GEMM_COLUMNS, "GEMM"), "latency", "GEMM")
+
+
+def load_attention(path: str | pathlib.Path) -> pd.DataFrame:
+    """aiconfigurator prefill (``context_*``) or decode (``generation_*``) attention.
+
+    Adds ``latency_us`` (us) and ``kv_bytes`` (bytes per KV element).
+    """
+    frame = _with_us(_read(path, ATTENTION_COLUMNS, "attention"), "latency", "attn")
+    frame["kv_bytes"] = _dtype_bytes(frame["kv_cache_dtype"], "kv_cache_dtype")
+    return frame
+
+
+def load_moe(path: str | pathlib.Path) -> pd.DataFrame:
+    """aiconfigurator fused MoE: adds ``latency_us`` (us)."""
+    return _with_us(_read(path, MOE_COLUMNS, "MoE"), "latency", "MoE")
+
+
+def load_allreduce(path: str | pathlib.Path) -> pd.DataFrame:
+    """aiconfigurator custom all-reduce: adds ``latency_us`` (us) and ``bytes``."""
+    frame = _with_us(_read(path, ALLREDUCE_COLUMNS, "all-reduce"), "latency", "AR")
+    frame["bytes"] = frame["message_size"] * _dtype_bytes(
+        frame["allreduce_dtype"], "allreduce_dtype"
+    )
+    return frame
+
+
+def load_vidur_operators(path: str | pathlib.Path, model: str) -> pd.DataFrame:
+    """One Vidur ``<model>_mlp.csv`` in long form: one row per (operator, shape).
+
+    Columns: ``model``, ``operator``, the shape columns, ``latency_us`` (the median
+    over Vidur's repetitions, us).
+    """
+    required = VIDUR_SHAPE_COLUMNS + tuple(
+        f"time_stats.{op}.median" for op in VIDUR_OPERATORS
+    )
+    frame = _read(path, required, "Vidur operator profile")
+    parts = []
+    for op in VIDUR_OPERATORS:
+        part = frame[list(VIDUR_SHAPE_COLUMNS)].copy()
+        part["operator"] = op
+        part["latency"] = frame[f"time_stats.{op}.median"]
+        parts.append(part)
+    long = pd.concat(parts, ignore_index=True)
+    long.insert(0, "model", model)
+    return _with_us(long, "latency", f"Vidur {model}").drop(columns="latency")
+
+
+def load_vidur_allreduce(path: str | pathlib.Path) -> pd.DataFrame:
+    """Vidur NCCL all-reduce: ``num_gpus``, ``bytes``, ``latency_us`` (median, us)."""
+    frame = _read(path, VIDUR_ALLREDUCE_COLUMNS, "Vidur all-reduce")
+    frame = _with_us(frame, "time_stats.all_reduce.median", "Vidur all-reduce")
+    return pd.DataFrame(
+        {
+            "num_gpus": frame["num_workers"].to_numpy(float),
+            "bytes": frame["size"].to_numpy(float),
+            "latency_us": frame["latency_us"].to_numpy(float),
+        }
+    )
+
+
+def load_kernel_tables(data_dir: str | pathlib.Path) -> dict[str, pd.DataFrame]:
+    """All aiconfigurator tables under ``data_dir/kernels/h100_sxm``, by family."""
+    root = pathlib.Path(data_dir) / "kernels" / "h100_sxm"
+    return {
+        "gemm": load_gemm(root / AIC_FILES["gemm"]),
+        "prefill_attention": load_attention(root / AIC_FILES["prefill_attention"]),
+        "decode_attention": load_attention(root / AIC_FILES["decode_attention"]),
+        "moe": load_moe(root / AIC_FILES["moe"]),
+        "allreduce": load_allreduce(root / AIC_FILES["allreduce"]),
+    }
+
+
+VIDUR_MODELS: dict[str, str] = {
+    "llama-2-7b": "llama-2-7b-hf_mlp.csv",
+    "llama-2-70b": "llama-2-70b-hf_mlp.csv",
+    "codellama-34b": "codellama-34b-instruct-hf_mlp.csv",
+}
+
+
+def load_vidur(data_dir: str | pathlib.Path) -> pd.DataFrame:
+    """Vidur operator profiles of all three models in long form."""
+    root = pathlib.Path(data_dir) / "vidur" / "h100"
+    return pd.concat(
+        [load_vidur_operators(root / f, m) for m, f in VIDUR_MODELS.items()],
+        ignore_index=True,
+    )
+
+
+# --------------------------------------------------------------- operator work and time
+
+
+Efficiency = RooflineCurves | tuple[ArrayLike, ArrayLike]
+
+
+class KernelWork(eqx.Module):
+    """Work of a set of kernels, and the peaks it runs against (arrays, one per kernel).
+
+    Attributes:
+        flops: floating-point operations.
+        bytes: bytes moved to or from HBM.
+        peak_flops: FLOP/s of the tensor cores used (16-bit or FP8).
+        bandwidth: HBM bandwidth, bytes/s.
+        units: independent units of parallel work (thread blocks), for occupancy.
+    """
+
+    flops: Float[Array, " n"]
+    bytes: Float[Array, " n"]
+    peak_flops: Float[Array, " n"]
+    bandwidth: Float[Array, " n"]
+    units: Float[Array, " n"]
+
+    def time_us(self, eff: Efficiency) -> Float[Array, " n"]:
+        """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
+        :class:`RooflineCurves` (efficiencies of the work plus the kernel floor)."""
+        if isinstance(eff, RooflineCurves):
+            eta_f, eta_b = eff.efficiencies(self.flops, self.bytes, self.units)
+            floor = eff.latency_us + self.units * eff.unit_ns * 1e-3
+        else:
+            eta_f, eta_b = (jnp.asarray(e) for e in eff)
+            floor = 0.0
+        return floor + roofline_us(
+            self.flops, self.bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
+        )
+
+
+def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
+    return jnp.where(jnp.asarray(dtype_bytes) <= 1.0, hw.flops_8, hw.flops_16)
+
+
+def gemm_kernel_work(
+    m: ArrayLike, n: ArrayLike, k: ArrayLike, hw: Hardware, dtype_bytes: ArrayLike = 2.0
+) -> KernelWork:
+    """A GEMM ``[m, k] @ [k, n]`` in ``dtype_bytes`` (1: FP8 peak) on ``hw``.
+
+    ``f = 2 m n k``; ``b = (k n + m k + m n) dtype_bytes`` (``gemm_work``).
+    """
+    f, b = gemm_work(m, n, k, dtype_bytes, dtype_bytes)
+    tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
+    return _work(f, b, _peak(hw, dtype_bytes), hw.hbm_bw, tiles)
+
+
+def prefill_attention_work(
+    batch: ArrayLike,
+    isl: ArrayLike,
+    heads: ArrayLike,
+    kv_heads: ArrayLike,
+    head_dim: ArrayLike,
+    hw: Hardware,
+    kv_bytes: ArrayLike = 2.0,
+) -> KernelWork:
+    """Causal attention of ``batch`` sequences of ``isl`` new tokens (per-GPU heads).
+
+    Query-key pairs ``A = batch isl^2 / 2`` (``n (s + n/2)`` with ``s = 0``); KV read
+    ``batch isl``; queries ``batch isl`` (``attention_work``).
+    """
+    batch, isl = jnp.asarray(batch), jnp.asarray(isl)
+    tokens = batch * isl
+    f, b = attention_work(
+        tokens * isl / 2.0, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
+    )
+    blocks = batch * jnp.asarray(heads) * jnp.ceil(isl / 128.0)
+    return _work(f, b, hw.flops_16, hw.hbm_bw, blocks)
+
+
+def decode_attention_work(
+    batch: ArrayLike,
+    kv_len: ArrayLike,
+    heads: ArrayLike,
+    kv_heads: ArrayLike,
+    head_dim: ArrayLike,
+    hw: Hardware,
+    kv_bytes: ArrayLike = 2.0,
+) -> KernelWork:
+    """One query token for each of ``batch`` sequences over ``kv_len`` cached tokens.
+
+    Pairs and KV read ``batch kv_len``; queries ``batch`` (``attention_work``).
+    """
+    k_dec = jnp.asarray(batch) * jnp.asarray(kv_len)
+    f, b = attention_work(k_dec, k_dec, batch, heads, kv_heads, head_dim, kv_bytes)
+    return _work(f, b, hw.flops_16, hw.hbm_bw, jnp.asarray(batch) * kv_heads)
+
+
+def moe_kernel_work(
+    tokens: ArrayLike,
+    hidden: ArrayLike,
+    inter: ArrayLike,
+    top_k: ArrayLike,
+    n_experts: ArrayLike,
+    hw: Hardware,
+    *,
+    tp: ArrayLike = 1.0,
+    ep: ArrayLike = 1.0,
+    weight_bytes: ArrayLike = 2.0,
+) -> KernelWork:
+    """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
+
+    Tokens are routed top-``k`` over all ``E`` experts, so this GPU sees ``k/ep``
+    expert slots per token among ``E/ep`` experts (``moe_work`` with a fractional
+    top-k: ``expected_experts`` depends on ``k/E`` only). FP8 weights use the FP8 peak.
+    """
+    ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
+    e_local, k_local = jnp.asarray(n_experts) / ep, jnp.asarray(top_k) / ep
+    f_local = jnp.asarray(inter) / tp
+    f, b = moe_work(tokens, hidden, f_local, e_local, k_local, weight_bytes)
+    # Thread blocks: (touched expert, 64-token tile, 128-column tile of gate+up).
+    touched = expected_experts(tokens, e_local, k_local)
+    per_expert = tokens * k_local / jnp.maximum(touched, 1e-9)
+    blocks = touched * jnp.ceil(per_expert / 64.0) * jnp.ceil(2.0 * f_local / 128.0)
+    return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, blocks)
+
+
+def _work(f, b, peak, bw, units=1.0) -> KernelWork:
+    arrays = jnp.broadcast_arrays(
+        *(jnp.asarray(x, float) for x in (f, b, peak, bw, units))
+    )
+    return KernelWork(*arrays)
+
+
+def gemm_us(m, n, k, eff: Efficiency, hw: Hardware, dtype_bytes=2.0) -> Array:
+    """Predicted GEMM time, us (see :func:`gemm_kernel_work`)."""
+    return gemm_kernel_work(m, n, k, hw, dtype_bytes).time_us(eff)
+
+
+def prefill_attention_us(
+    batch, isl, heads, kv_heads, head_dim, eff: Efficiency, hw: Hardware, kv_bytes=2.0
+) -> Array:
+    """Predicted prefill attention time, us (see :func:`prefill_attention_work`)."""
+    work = prefill_attention_work(batch, isl, heads, kv_heads, head_dim, hw, kv_bytes)
+    return work.time_us(eff)
+
+
+def decode_attention_us(
+    batch,
+    kv_len,
+    heads,
+    kv_heads,
+    head_dim,
+    eff: Efficiency,
+    hw: Hardware,
+    kv_bytes=2.0,
+) -> Array:
+    """Predicted decode attention time, us (see :func:`decode_attention_work`)."""
+    work = decode_attention_work(batch, kv_len, heads, kv_heads, head_dim, hw, kv_bytes)
+    return work.time_us(eff)
+
+
+def moe_us(
+    tokens, hidden, inter, top_k, n_experts, eff: Efficiency, hw: Hardware, **kwargs
+) -> Array:
+    """Predicted fused MoE time, us (see :func:`moe_kernel_work`)."""
+    work = moe_kernel_work(tokens, hidden, inter, top_k, n_experts, hw, **kwargs)
+    return work.time_us(eff)
+
+
+def allreduce_kernel_us(
+    bytes_: ArrayLike,
+    n_gpus: ArrayLike,
+    eff: AllReduceCurve | tuple[ArrayLike, ArrayLike],
+    hw: Hardware,
+) -> Array:
+    """Predicted all-reduce time, us: ``allreduce_us`` with a curve or ``(eta, lat)``.
+
+    ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us).
+    """
+    if isinstance(eff, AllReduceCurve):
+        eta, latency = eff.bandwidth(bytes_), eff.latency_us
+    else:
+        eta, latency = eff
+    return allreduce_us(bytes_, n_gpus, hw.link_bw, eta, latency)
+
+
+# ---------------------------------------------------------------- tables to KernelWork
+
+
+def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
+    """The :class:`KernelWork` of every row of a loaded table of one family.
+
+    ``family``: ``gemm`` (any dtype), ``prefill_attention``, ``decode_attention``,
+    ``moe``, or ``vidur`` (a long Vidur table; see :func:`vidur_work`).
+    """
+
+    def col(name):
+        return jnp.asarray(table[name].to_numpy(float))
+
+    if family == "gemm":
+        nbytes = jnp.asarray(_dtype_bytes(table["gemm_dtype"], "gemm_dtype"))
+        return gemm_kernel_work(col("m"), col("n"), col("k"), hw, nbytes)
+    if family in ("prefill_attention", "decode_attention"):
+        heads = (col("num_heads"), col("num_key_value_heads"), col("head_dim"))
+        if family == "prefill_attention":
+            length, fn = col("isl"), prefill_attention_work
+        else:
+            length, fn = col("step"), decode_attention_work
+        return fn(col("batch_size"), length, *heads, hw, col("kv_bytes"))
+    if family == "moe":
+        return moe_kernel_work(
+            col("num_tokens"),
+            col("hidden_size"),
+            col("inter_size"),
+            col("topk"),
+            col("num_experts"),
+            hw,
+            tp=col("moe_tp_size"),
+            ep=col("moe_ep_size"),
+            weight_bytes=jnp.asarray(_dtype_bytes(table["moe_dtype"], "moe_dtype")),
+        )
+    if family == "vidur":
+        return vidur_work(table, hw)
+    raise ValueError(
+        f"unknown kernel family {family!r}; expected gemm, prefill_attention, "
+        "decode_attention, moe or vidur"
+    )
+
+
+def vidur_work(table: pd.DataFrame, hw: Hardware, act_bytes: float = 2.0) -> KernelWork:
+    """Work of Vidur operators, per GPU at TP ``t`` (16-bit weights and activations).
+
+    GEMMs by ``gemm_work``: QKV ``[T, d] @ [d, (H/t + 2 max(Hkv/t, 1)) dh]``, output
+    ``[T, (H/t) dh] @ [., d]``, gate+up ``[T, d] @ [d, 2F/t]``, down ``[T, F/t] @
+    [., d]``. Memory-only operators (no FLOPs), bytes per token: layer norm ``2 d``,
+    residual add ``3 d``, RoPE on Q and K ``2 (H/t + Hkv/t) dh``, gated activation
+    ``3 F/t``, embedding gather ``2 d``; times ``act_bytes``.
+    """
+    unknown = sorted(set(table["operator"]) - set(VIDUR_OPERATORS))
+    if unknown:
+        raise ValueError(f"unknown Vidur operator(s) {unknown}")
+
+    def col(name):
+        return jnp.asarray(table[name].to_numpy(float))
+
+    T, t = col("num_tokens"), col("num_tensor_parallel_workers")
+    d, H, F = col("n_embd"), col("n_head"), col("n_expanded_embd")
+    dh = d / H
+    qh, kvh = H / t, jnp.maximum(col("n_kv_head") / t, 1.0)
+    ab = act_bytes
+    op = table["operator"].to_numpy()
+    gemms = {
+        "attn_pre_proj": gemm_work(T, (qh + 2 * kvh) * dh, d, ab, ab),
+        "attn_post_proj": gemm_work(T, d, qh * dh, ab, ab),
+        "mlp_up_proj": gemm_work(T, 2 * F / t, d, ab, ab),
+        "mlp_down_proj": gemm_work(T, d, F / t, ab, ab),
+    }
+    per_token = {
+        "emb": 2 * d,
+        "input_layernorm": 2 * d,
+        "post_attention_layernorm": 2 * d,
+        "add": 3 * d,
+        "attn_rope": 2 * (qh + kvh) * dh,
+        "mlp_act": 3 * F / t,
+    }
+    flops = jnp.zeros_like(T)
+    bytes_ = jnp.zeros_like(T)
+    for name, (f, b) in gemms.items():
+        sel = jnp.asarray(op == name)
+        flops = jnp.where(sel, f, flops)
+        bytes_ = jnp.where(sel, b, bytes_)
+    for name, per in per_token.items():
+        bytes_ = jnp.where(jnp.asarray(op == name), T * per * ab, bytes_)
+    tiles = jnp.ceil(T / 64.0) * jnp.ceil(jnp.where(flops > 0, d, bytes_ / T) / 128.0)
+    return _work(flops, bytes_, hw.flops_16, hw.hbm_bw, tiles)

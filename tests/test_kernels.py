@@ -1,0 +1,285 @@
+"""Kernel loaders, operator predictions, efficiency curves and a small calibration."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmodel._calibrate import (
+    FitOptions,
+    family_rows,
+    family_work,
+    fit_roofline_curves,
+    held_out_split,
+    init_curves,
+    kernel_prior_factors,
+    mape,
+)
+from diffmodel._curves import (
+    KernelCurves,
+    SaturationCurve,
+    curves_from_json,
+    curves_to_json,
+    default_kernel_curves,
+    load_curves,
+    save_curves,
+)
+from diffmodel._factors import FACTOR_NAMES, Factors
+from diffmodel._hardware import hardware
+from diffmodel._kernels import (
+    allreduce_kernel_us,
+    decode_attention_us,
+    gemm_us,
+    load_allreduce,
+    load_attention,
+    load_gemm,
+    load_kernel_tables,
+    load_vidur_allreduce,
+    load_vidur_operators,
+    moe_us,
+    prefill_attention_us,
+    vidur_work,
+)
+
+H100 = hardware("h100-sxm")
+
+
+@pytest.fixture(scope="module")
+def tables(data_dir):
+    return load_kernel_tables(data_dir)
+
+
+# ------------------------------------------------------------------------- loaders
+
+
+def test_gemm_loader_converts_ms_to_us(data_dir):
+    g = load_gemm(data_dir / "kernels/h100_sxm/gemm_perf.parquet")
+    np.testing.assert_allclose(g["latency_us"], g["latency"] * 1e3)
+    big = g[
+        (g.m == 8192) & (g.n == 16384) & (g.k == 16384) & (g.gemm_dtype == "bfloat16")
+    ]
+    # 4.4 TFLOP at 0.3-1.0 of the 989.5 TFLOP/s peak: 4.4-15 ms (a unit check).
+    assert 4400 < float(big["latency_us"].iloc[0]) < 15000
+
+
+def test_allreduce_loader_counts_bytes(data_dir):
+    a = load_allreduce(data_dir / "kernels/h100_sxm/custom_allreduce_perf.parquet")
+    np.testing.assert_array_equal(a["bytes"], 2 * a["message_size"])  # bf16 elements
+    v = load_vidur_allreduce(data_dir / "vidur/h100/all_reduce_dgx.csv")
+    assert set(v["num_gpus"]) == {2.0, 4.0, 8.0} and (v["latency_us"] > 0).all()
+
+
+def test_vidur_loader_long_form(data_dir):
+    v = load_vidur_operators(data_dir / "vidur/h100/llama-2-7b-hf_mlp.csv", "7b")
+    assert v["operator"].nunique() == 10 and (v["model"] == "7b").all()
+    assert (v["latency_us"] > 0).all()
+
+
+def test_loader_names_missing_columns(tmp_path):
+    path = tmp_path / "gemm.parquet"
+    pd.DataFrame({"m": [1], "n": [2], "latency": [0.1]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['k', 'gemm_dtype'\]"):
+        load_gemm(path)
+    with pytest.raises(ValueError, match="not found"):
+        load_attention(tmp_path / "nope.parquet")
+
+
+def test_loader_rejects_bad_values(tmp_path):
+    path = tmp_path / "gemm.csv"
+    pd.DataFrame(
+        {"m": [1], "n": [2], "k": [3], "gemm_dtype": ["bfloat16"], "latency": [-1.0]}
+    ).to_csv(path)
+    with pytest.raises(ValueError, match="positive times"):
+        load_gemm(path)
+
+
+# --------------------------------------------------------------- operator predictions
+
+
+def test_gemm_prediction_by_hand():
+    m, n, k = 4096, 4096, 4096
+    got = gemm_us(m, n, k, (0.5, 1e-3), H100)
+    compute = 2 * m * n * k / (989.5e12 * 0.5) * 1e6
+    memory = (k * n + m * k + m * n) * 2 / (3.35e12 * 1e-3) * 1e6
+    np.testing.assert_allclose(got, (compute**4 + memory**4) ** 0.25, rtol=1e-12)
+    # FP8 uses the FP8 peak and one byte per element.
+    fp8 = gemm_us(m, n, k, (0.5, 1.0), H100, dtype_bytes=1.0)
+    mem8 = (k * n + m * k + m * n) / 3.35e12 * 1e6
+    c8 = 2 * m * n * k / (1979e12 * 0.5) * 1e6
+    np.testing.assert_allclose(fp8, (c8**4 + mem8**4) ** 0.25, rtol=1e-12)
+
+
+def test_attention_predictions_by_hand():
+    b, s, h, kvh, dh = 2, 1024, 16, 2, 128
+    pf = prefill_attention_us(b, s, h, kvh, dh, (1.0, 1.0), H100)
+    flops = 4 * h * dh * b * s * s / 2
+    bytes_ = 2 * kvh * dh * 2 * b * s + 2 * h * dh * 2 * b * s
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(pf, want, rtol=1e-12)
+    dec = decode_attention_us(b, s, h, kvh, dh, (1.0, 1.0), H100)
+    flops = 4 * h * dh * b * s
+    bytes_ = 2 * kvh * dh * 2 * b * s + 2 * h * dh * 2 * b
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(dec, want, rtol=1e-12)
+
+
+def test_moe_prediction_by_hand():
+    # Mixtral: one token, 8 experts top-2, EP 2: 1 expert slot per GPU on average.
+    d, f = 4096, 14336
+    got = moe_us(1, d, f, 2, 8, (1.0, 1.0), H100, ep=2.0)
+    flops = 2 * 1 * 1 * 3 * d * f
+    touched = 4 * (1 - (1 - 2 / 8) ** 1)
+    bytes_ = touched * 3 * d * f * 2 + (1 * (2 * d + 3 * f) + d) * 2
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_allreduce_prediction_by_hand():
+    got = allreduce_kernel_us(1e6, 4, (0.5, 7.0), H100)
+    np.testing.assert_allclose(got, 7.0 + 2 * 3 / 4 * 1e6 / (450e9 * 0.5) * 1e6)
+    assert float(allreduce_kernel_us(1e6, 1, (0.5, 7.0), H100)) == 0.0
+
+
+def test_vidur_work_shapes():
+    table = pd.DataFrame(
+        {
+            "operator": ["attn_pre_proj", "add", "mlp_act"],
+            "n_head": 64,
+            "n_kv_head": 8,
+            "n_embd": 8192,
+            "n_expanded_embd": 28672,
+            "num_tokens": 16,
+            "num_tensor_parallel_workers": 8,
+        }
+    )
+    w = vidur_work(table, H100)
+    # QKV at TP8: 8 query heads + 2 x 1 KV head of 128 -> n = 1280.
+    np.testing.assert_allclose(w.flops[0], 2 * 16 * 1280 * 8192)
+    np.testing.assert_allclose(w.bytes[1:], [16 * 3 * 8192 * 2, 16 * 3 * 3584 * 2])
+    assert float(w.flops[1]) == 0.0
+
+
+# -------------------------------------------------------------------------- curves
+
+
+def test_curves_monotone_and_below_one():
+    curves = default_kernel_curves()
+    x = jnp.logspace(0, 16, 200)
+    for fam in ("gemm_bf16", "decode_attention"):
+        c = getattr(curves, fam)
+        for curve in (c.flops, c.bandwidth):
+            eta = curve(x)
+            assert jnp.all(eta > 0) and jnp.all(eta <= 1)
+            assert jnp.all(jnp.diff(eta) >= 0)
+    # Even extreme raw values stay in (0, 1].
+    wild = SaturationCurve(jnp.asarray(50.0), jnp.asarray(50.0), jnp.asarray(-50.0))
+    assert float(wild(1e20)) <= 1.0
+    # Time x / eta(x) never decreases with the work (slope <= 1).
+    t = x / curves.gemm_bf16.flops(x)
+    assert jnp.all(jnp.diff(t) >= 0)
+
+
+def test_gradient_matches_finite_differences():
+    work = family_work_small()
+    actual = jnp.asarray([3.0, 10.0, 50.0, 400.0])
+    curves = init_curves("decode_attention")
+
+    def loss(c):
+        return jnp.mean((jnp.log(work.time_us(c)) - jnp.log(actual)) ** 2)
+
+    grads = jax.grad(loss)(curves)
+    for path in (
+        lambda c: c.flops.log_half,
+        lambda c: c.bandwidth.raw_eta_max,
+        lambda c: c.occupancy.raw_slope,
+        lambda c: c.raw_latency,
+        lambda c: c.raw_unit_ns,
+    ):
+        import equinox as eqx
+
+        h = 1e-6
+        x0 = path(curves)
+        up = loss(eqx.tree_at(path, curves, x0 + h))
+        down = loss(eqx.tree_at(path, curves, x0 - h))
+        np.testing.assert_allclose(path(grads), (up - down) / (2 * h), rtol=1e-5)
+
+
+def family_work_small():
+    from diffmodel._kernels import decode_attention_work
+
+    return decode_attention_work(
+        jnp.asarray([1.0, 8.0, 64.0, 256.0]),
+        jnp.asarray([16.0, 1024.0, 4096.0, 32768.0]),
+        8.0,
+        1.0,
+        128.0,
+        H100,
+    )
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    curves = default_kernel_curves()
+    curves = jax.tree.map(lambda x: x + 0.1234567890123, curves)
+    path = save_curves(curves, tmp_path / "curves.json")
+    back = load_curves(path)
+    assert isinstance(back, KernelCurves) and back.hardware == curves.hardware
+    for a, b in zip(jax.tree.leaves(curves), jax.tree.leaves(back), strict=True):
+        assert float(a) == float(b)
+    assert jax.tree.structure(curves) == jax.tree.structure(back)
+    obj = curves_to_json(curves)
+    assert obj["gemm_bf16"]["flops"]["physical"]["x_half_unit"] == "FLOP"
+    assert "latency_us" in obj["decode_attention"]["physical"]
+    del obj["moe"]
+    with pytest.raises(ValueError, match="missing key 'moe'"):
+        curves_from_json(obj)
+
+
+def test_physical_constructor_checks():
+    with pytest.raises(ValueError, match="eta_max"):
+        SaturationCurve.from_physical(eta_max=1.5, slope=0.5, x_half=1.0, unit="B")
+    c = SaturationCurve.from_physical(eta_max=0.8, slope=0.5, x_half=1e6, unit="B")
+    np.testing.assert_allclose(c(1e6), 0.4)
+
+
+# ---------------------------------------------------------------------- calibration
+
+
+def test_held_out_split_keeps_shapes_whole():
+    rows = pd.DataFrame({"n": [1, 1, 2, 2, 3, 3, 4, 4], "k": [1] * 8, "m": range(8)})
+    test = held_out_split(rows, ["n", "k"], frac=0.5)
+    for _, g in rows.assign(t=test).groupby("n"):
+        assert g["t"].nunique() == 1
+    assert test.sum() == 4
+    with pytest.raises(ValueError, match="not columns"):
+        held_out_split(rows, ["q"])
+
+
+def test_small_calibration_improves_gemm(tables):
+    rows = family_rows(tables, "gemm_bf16")
+    rows = rows[rows["n"].isin([1024, 4096]) & rows["k"].isin([1024, 4096, 8192])]
+    work = family_work("gemm_bf16", rows, H100)
+    y = rows["latency_us"].to_numpy(float)
+    before = mape(work.time_us((0.7, 0.8)), y)
+    curves = fit_roofline_curves(
+        work,
+        y,
+        init_curves("gemm_bf16"),
+        options=FitOptions(adam_steps=150, lbfgs_steps=20),
+    )
+    after = mape(work.time_us(curves), y)
+    assert after < 0.5 * before
+    assert after < 15.0
+    assert float(curves.flops.eta_max) <= 1.0 and float(curves.bandwidth.eta_max) <= 1.0
+
+
+def test_kernel_prior_factors_are_physical():
+    prior = kernel_prior_factors(default_kernel_curves())
+    assert isinstance(prior, Factors)
+    values = prior.as_dict()
+    assert set(values) == set(FACTOR_NAMES)
+    for name in ("gemm_flops", "mem_bw", "attn_flops", "attn_bw", "comm_bw"):
+        assert 0.0 < float(values[name]) <= 1.0, name
+    assert float(values["comm_latency_us"]) > 0
+    with pytest.raises(ValueError, match="tp"):
+        kernel_prior_factors(default_kernel_curves(), tp=0)
