@@ -32,6 +32,7 @@ class FitResult(eqx.Module):
         n_steps: optimiser steps taken.
         converged: whether a convergence test stopped the fit (not the budget).
         wall_seconds: compile plus run time of the optimisation, s.
+        compile_seconds: of which tracing and compiling, s.
         target: name of the fitted target (e.g. ``iteration_time_us``).
     """
 
@@ -41,6 +42,7 @@ class FitResult(eqx.Module):
     n_steps: int = eqx.field(static=True)
     converged: bool = eqx.field(static=True)
     wall_seconds: float = eqx.field(static=True)
+    compile_seconds: float = eqx.field(static=True, default=0.0)
     target: str = eqx.field(static=True, default="")
 
     @property
@@ -191,6 +193,7 @@ def fit_arrays(
         n_steps=int(res.n_steps),
         converged=bool(res.converged),
         wall_seconds=res.compile_seconds + res.run_seconds,
+        compile_seconds=res.compile_seconds,
         target=target_name,
     )
 

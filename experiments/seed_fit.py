@@ -1,0 +1,97 @@
+"""Our optax fitter against the seed study's own fitter, on its 9-parameter model.
+
+The study fitted ``sum(factor_i component_i / mfu_i) + overhead`` (compute-only
+backbone, see ``diffmodel._seed``) with ``scipy.optimize.least_squares`` (method
+``trf``, box bounds) on log-ratio residuals. This script fits the same model, to the
+same rows, from the same start, with both, and prints the loss
+``mean((log pred - log actual)^2)`` and the wall time of each (ours: L-BFGS and
+Adam, compile time shown separately).
+
+    python experiments/seed_fit.py [--data DIR] [--target step_duration|iteration_time]
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import least_squares
+
+import diffmodel as dm
+from diffmodel._seed import SEED_BOUNDS, SEED_START, seed_components, seed_predict
+
+TARGETS = {"step_duration": "step_duration_us", "iteration_time": "iteration_time_us"}
+
+
+def scipy_fit(comps: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The study's fitter: trf with bounds on log residuals. (values, loss, seconds)"""
+    lo, hi = SEED_BOUNDS[:, 0], SEED_BOUNDS[:, 1]
+    # A start strictly inside the bounds (trf requires it).
+    x0 = np.clip(SEED_START, lo + 1e-9, hi - 1e-9)
+
+    def residuals(x):
+        pred = (x[0:4] * comps / x[5:9]).sum(-1) + x[4]
+        return np.log(np.maximum(pred, 1e-300)) - np.log(y)
+
+    t0 = time.perf_counter()
+    sol = least_squares(residuals, x0, bounds=(lo, hi), method="trf")
+    seconds = time.perf_counter() - t0
+    return sol.x, float(np.mean(residuals(sol.x) ** 2)), seconds
+
+
+def main(
+    *,
+    data: pathlib.Path | None = None,
+    target: str = "step_duration",
+    max_steps: int = 2000,
+) -> dict:
+    """Fit the seed model both ways on the three public experiments; print and
+    return the losses and times."""
+    data = pathlib.Path(data or dm.default_data_dir())
+    col = TARGETS[target]
+    frame = dm.add_targets(dm.load_steps(data / "stepml" / "steps.parquet"))
+    frame = frame[frame[col].notna() & (frame[col] > 0)]
+    print(f"{len(frame)} rows, target {col}", file=sys.stderr)
+    steps, labels = dm.step_data(frame)
+    y = frame[col].to_numpy(float)
+    comps = np.asarray(seed_components(steps))
+
+    values, scipy_loss, scipy_s = scipy_fit(comps, y)
+    rows = {"scipy-trf": (scipy_loss, scipy_s, float("nan"))}
+    for solver in ("lbfgs", "adam"):
+        res = dm.fit_arrays(
+            dm.init_seed(labels, per_group=False),
+            steps,
+            y,
+            solver=solver,
+            max_steps=max_steps,
+            learning_rate=0.1,
+        )
+        v = res.factor_set.values()
+        loss = float(jnp.mean((jnp.log(seed_predict(v, comps)) - jnp.log(y)) ** 2))
+        rows[f"diffmodel-{solver}"] = (loss, res.wall_seconds, res.compile_seconds)
+    print(
+        "\n| fitter | loss | wall s | compile s | run s | wall / scipy | run / scipy |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, (loss, secs, comp) in rows.items():
+        run = secs - (comp if np.isfinite(comp) else 0.0)
+        print(
+            f"| {name} | {loss:.8f} | {secs:.2f} | {comp:.2f} | {run:.3f} "
+            f"| {secs / scipy_s:.2f} | {run / scipy_s:.3f} |"
+        )
+    print(f"\nscipy's values: {np.array2string(values, precision=4)}")
+    return {k: {"loss": v[0], "seconds": v[1]} for k, v in rows.items()}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=pathlib.Path, default=None, help="data folder")
+    p.add_argument("--target", choices=sorted(TARGETS), default="step_duration")
+    p.add_argument("--max-steps", type=int, default=2000)
+    a = p.parse_args()
+    jax.config.update("jax_enable_x64", True)  # same precision as scipy
+    main(data=a.data, target=a.target, max_steps=a.max_steps)
