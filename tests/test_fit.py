@@ -343,3 +343,34 @@ def test_group_without_rows_is_an_error():
     fs = dm.init_factor_set("per-model", LABELS)
     with pytest.raises(ValueError, match="have no rows"):
         dm.fit_arrays(fs, data, np.ones(10))
+
+
+def test_seed9_loss_at_most_the_studys_scipy_fitter(data_dir):
+    from scipy.optimize import least_squares
+
+    from diffmodel._seed import SEED_BOUNDS, SEED_START, seed_components, seed_predict
+
+    frame = dm.add_targets(dm.load_steps(data_dir / "stepml" / "steps.parquet"))
+    frame = frame.dropna(subset=["iteration_time_us"])
+    steps, labels = dm.step_data(frame)
+    y = frame["iteration_time_us"].to_numpy(float)
+    comps = np.asarray(seed_components(steps))
+    lo, hi = SEED_BOUNDS[:, 0], SEED_BOUNDS[:, 1]
+
+    def residuals(x):
+        return np.log((x[0:4] * comps / x[5:9]).sum(-1) + x[4]) - np.log(y)
+
+    sol = least_squares(
+        residuals,
+        np.clip(SEED_START, lo + 1e-9, hi - 1e-9),
+        bounds=(lo, hi),
+        method="trf",
+    )
+    scipy_loss = np.mean(residuals(sol.x) ** 2)
+    res = dm.fit_arrays(dm.init_seed(labels, per_group=False), steps, y)
+    ours = float(
+        jnp.mean(
+            (jnp.log(seed_predict(res.factor_set.values(), comps)) - np.log(y)) ** 2
+        )
+    )
+    assert ours <= scipy_loss * (1 + 1e-6)
