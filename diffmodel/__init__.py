@@ -20,6 +20,12 @@ from ._batch import (
     from_requests as from_requests,
     kv_tokens_from_usage as kv_tokens_from_usage,
 )
+from ._bulk import (
+    predict_frame_fast as predict_frame_fast,
+    predict_requests as predict_requests,
+    predict_steps as predict_steps,
+    step_time_fast as step_time_fast,
+)
 from ._deployment import (
     Deployment as Deployment,
     deployment as deployment,
@@ -73,6 +79,17 @@ from ._roofline import (
     Breakdown as Breakdown,
     step_time as step_time,
     step_time_batch as step_time_batch,
+)
+from ._scheduler import (
+    Knobs as Knobs,
+    MarginalCost as MarginalCost,
+    SimResult as SimResult,
+    StepTrace as StepTrace,
+    Workload as Workload,
+    make_workload as make_workload,
+    marginal_cost as marginal_cost,
+    serving_objective as serving_objective,
+    simulate as simulate,
 )
 from ._seed import SeedFactors as SeedFactors, init_seed as init_seed
 from ._splits import (
