@@ -16,6 +16,9 @@ import pathlib
 import sys
 import time
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -41,6 +44,7 @@ from diffmodel._kernels import (
     load_vidur,
     vidur_work,
 )
+from diffmodel._optimise import minimise
 from diffmodel._paths import default_data_dir
 
 SHAPE_KEYS = {
@@ -64,9 +68,6 @@ def _log(msg: str) -> None:
 
 
 def _n_params(tree) -> int:
-    import equinox as eqx
-    import jax
-
     return sum(int(np.size(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
 
 
@@ -123,6 +124,31 @@ def kernel_rows(tables, options: FitOptions) -> list[dict]:
     return out
 
 
+def fit_lomo_folds(work, rows, folds, init, options: FitOptions):
+    """Fit one curve set per fold (trained where the fold's mask is False) in a single
+    :func:`minimise` call: the curves are stacked and the fold losses summed, which
+    leaves the folds independent (one compilation instead of one per fold)."""
+    train = jnp.asarray(~np.stack(folds), float)
+    log_y = jnp.log(jnp.asarray(rows["latency_us"].to_numpy(float)))
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * len(folds)), init)
+
+    def loss(curves):
+        pred = jax.vmap(work.time_us)(curves)
+        err = (jnp.log(pred) - log_y) ** 2
+        return jnp.sum(jnp.sum(err * train, axis=1) / jnp.sum(train, axis=1))
+
+    res = minimise(
+        loss,
+        stacked,
+        solver="adam",
+        learning_rate=options.learning_rate,
+        max_steps=options.adam_steps,
+    )
+    if options.lbfgs_steps:
+        res = minimise(loss, res.params, solver="lbfgs", max_steps=options.lbfgs_steps)
+    return res.params
+
+
 def vidur_rows(vidur: pd.DataFrame, options: FitOptions) -> list[dict]:
     """Leave-one-model-out MAPE of every Vidur operator, both variants."""
     hw = hardware("h100-sxm")
@@ -132,24 +158,21 @@ def vidur_rows(vidur: pd.DataFrame, options: FitOptions) -> list[dict]:
         t0 = time.perf_counter()
         rows = vidur[vidur["operator"] == op].reset_index(drop=True)
         gemm = op in VIDUR_GEMMS
+        init = default_roofline_curves(occupancy=gemm, latency=not gemm)
+        folds = [rows["model"].to_numpy() == held for held in models]
+        curves = fit_lomo_folds(vidur_work(rows, hw), rows, folds, init, options)
+        w_all = vidur_work(rows, hw)
         pred_unc, pred_cal, actual = [], [], []
-        for held in models:
-            tr, te = rows[rows["model"] != held], rows[rows["model"] == held]
-            init = default_roofline_curves(occupancy=gemm, latency=not gemm)
-            curve = fit_roofline_curves(
-                vidur_work(tr, hw),
-                tr["latency_us"].to_numpy(float),
-                init,
-                options=options,
-            )
-            w_te = vidur_work(te, hw)
+        for i, test in enumerate(folds):
+            w_te = jax.tree.map(lambda x, t=test: x[t], w_all)
+            curve = jax.tree.map(lambda x, i=i: x[i], curves)
             pred_unc.append(np.asarray(w_te.time_us(UNCALIBRATED["compute"])))
             pred_cal.append(np.asarray(w_te.time_us(curve)))
-            actual.append(te["latency_us"].to_numpy(float))
+            actual.append(rows["latency_us"].to_numpy(float)[test])
         actual = np.concatenate(actual)
         for variant, pred, n in (
             ("uncalibrated", pred_unc, 0),
-            ("calibrated", pred_cal, _n_params(curve)),
+            ("calibrated", pred_cal, _n_params(init)),
         ):
             out.append(
                 dict(
@@ -196,8 +219,6 @@ def main(
 ) -> pd.DataFrame:
     """Run the validation, write the outputs to ``out``, print and return the table."""
     options = FitOptions() if options is None else options
-    import jax
-
     jax.config.update("jax_enable_x64", True)
     data = pathlib.Path(data) if data is not None else default_data_dir()
     out = pathlib.Path(out)
