@@ -375,8 +375,11 @@ def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
         "hardware": curves.hardware,
         "description": (
             "eta(x) = eta_max * sigmoid(slope * (ln x - ln x_half)); x in FLOP for "
-            "'flops' curves, bytes for 'bandwidth' curves; all-reduce time, us = "
-            "latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes))"
+            "'flops' curves, bytes for 'bandwidth' curves; occupancy o(u) = "
+            "sigmoid(slope * (ln u - ln u_half)) at u parallel work units; kernel "
+            "time, us = latency_us + u * unit_ns / 1000 + smooth_max(FLOP / (peak * "
+            "eta_flops * o), bytes / (hbm_bw * eta_bw * o)) * 1e6; all-reduce time, "
+            "us = latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes)) * 1e6"
         ),
     }
     for f in KERNEL_FAMILIES:
