@@ -11,13 +11,22 @@ Three parts, written to ``<out>/scheduler.json``:
    :func:`trace_workload_spec`) under the trace's vLLM settings
    (``max_num_batched_tokens`` 2048, ``max_num_seqs`` 128): median and p90 of the
    simulated iteration time and running depth against the measured ones.
-3. **Tuning.** For a synthetic Poisson workload on the same deployment, Adam on
-   ``(log max_num_batched_tokens, log max_num_seqs)`` through the relaxed simulator
-   (temperature annealed), against a grid search of the exact simulator; both are
-   scored by the exact simulator's objective ``mean TTFT + itl_weight * mean ITL``.
+3. **Tuning.** For a synthetic Poisson workload on the same deployment, three ways to
+   pick ``(max_num_batched_tokens, max_num_seqs)``, all scored by the exact
+   simulator's objective ``mean TTFT + itl_weight * mean ITL``:
 
-Run: ``python experiments/scheduler.py --out results/scheduler`` (about 2-3 minutes
-on 2 CPU cores).
+   - ``grad``: :func:`diffmodel._scheduler.tune_knobs`, gradient descent on the log
+     objective of the exact simulator smoothed over log knobs (antithetic pairs along
+     random orthogonal directions; every simulation is counted in ``grad_evals``);
+   - ``grid``: a 6 x 6 grid of the exact simulator;
+   - ``relaxed``: Adam on the log knobs through the relaxed simulator (temperature
+     annealed), kept as the negative result it is: its pathwise gradient in
+     ``max_num_batched_tokens`` has the wrong sign (``budget_gradient_check`` in the
+     output compares it with the exact simulator's slope; the module docstring of
+     ``diffmodel._scheduler`` says why).
+
+Run: ``python experiments/scheduler.py --out results/scheduler`` (about 1 minute on
+2 CPU cores).
 """
 
 import argparse
@@ -44,6 +53,7 @@ from diffmodel._scheduler import (  # noqa: E402
     make_workload,
     serving_objective,
     simulate,
+    tune_knobs,
 )
 from diffmodel._traces import add_targets, load_steps  # noqa: E402
 
@@ -286,8 +296,11 @@ def tune(
     temperatures: tuple[float, float],
     grid_tokens: tuple[float, ...],
     grid_seqs: tuple[float, ...],
+    smooth_iters: int,
+    seed: int,
 ) -> dict[str, Any]:
-    """Adam through the relaxed simulator vs a grid of the exact one."""
+    """Smoothed exact gradient, a grid of the exact simulator, and Adam through the
+    relaxed simulator."""
     dep = diffmodel.deployment(MODEL, HARDWARE, TP)
 
     @jax.jit
@@ -315,6 +328,39 @@ def tune(
     best_grid = min(grid, key=lambda g: g["objective_us"])
 
     t = time.perf_counter()
+    smoothed = tune_knobs(
+        w,
+        dep,
+        factors,
+        Knobs(*init),
+        num_steps=num_steps,
+        itl_weight=itl_weight,
+        iterations=smooth_iters,
+        seed=seed,
+    )
+    smooth_seconds = time.perf_counter() - t
+    smooth_path = np.exp(np.asarray(smoothed.log_knobs))
+
+    # The relaxed gradient in the budget against the exact simulator's slope, at
+    # the start budget with seats to spare: a central difference of +-0.15 in log.
+    b0, s_free = init[0], 128.0
+    h = 0.15
+    exact_slope = (
+        np.log(exact_objective(b0 * np.exp(h), s_free))
+        - np.log(exact_objective(b0 * np.exp(-h), s_free))
+    ) / (2 * h)
+    budget_check = {
+        "knobs": [b0, s_free],
+        "exact_dlog_objective_dlog_budget": float(exact_slope),
+        "relaxed": [],
+    }
+    for tau in (0.2, 1.0):
+        v, (g, _) = value_and_grad(jnp.log(jnp.asarray([b0, s_free])), tau, factors)
+        budget_check["relaxed"].append(
+            {"temperature": tau, "dlog_objective_dlog_budget": float(g[0] / v)}
+        )
+
+    t = time.perf_counter()
     theta = jnp.log(jnp.asarray(init, dtype=jnp.float64))
     opt = optax.adam(learning_rate)
     state = opt.init(theta)
@@ -338,19 +384,34 @@ def tune(
         updates, state = opt.update(g, state)
         theta = optax.apply_updates(theta, updates)
     b, s = (float(np.round(x)) for x in np.exp(np.asarray(theta)))
-    grad_objective = exact_objective(b, s)
-    grad_seconds = time.perf_counter() - t
+    relaxed_objective = exact_objective(b, s)
+    relaxed_seconds = time.perf_counter() - t
     start_objective = exact_objective(*init)
     default_objective = exact_objective(*TRACE_KNOBS)
     return {
         "itl_weight": itl_weight,
-        "grad_objective": grad_objective,
+        "grad_objective": float(smoothed.objective_us),
         "grid_objective": best_grid["objective_us"],
-        "grad_evals": grad_iters + 1,
-        "grad_evals_note": "relaxed value+gradient evaluations, plus one exact "
-        "evaluation at the final (rounded) knobs",
+        "grad_evals": smoothed.evaluations,
+        "grad_evals_note": "exact simulations: 4 per gradient step (two antithetic "
+        "pairs), plus one at the final knobs",
         "grid_evals": len(grid),
-        "grad_knobs": {"max_num_batched_tokens": b, "max_num_seqs": s},
+        "grad_knobs": {
+            "max_num_batched_tokens": float(smoothed.knobs.max_num_batched_tokens),
+            "max_num_seqs": float(smoothed.knobs.max_num_seqs),
+        },
+        "grad_path": [[float(x) for x in k] for k in smooth_path],
+        "grad_smoothed_gradients": [
+            [float(x) for x in g] for g in np.asarray(smoothed.gradients)
+        ],
+        "grad_seconds": smooth_seconds,
+        "relaxed_objective": relaxed_objective,
+        "relaxed_evals": grad_iters + 1,
+        "relaxed_evals_note": "relaxed value+gradient evaluations, plus one exact "
+        "evaluation at the final (rounded) knobs",
+        "relaxed_knobs": {"max_num_batched_tokens": b, "max_num_seqs": s},
+        "relaxed_seconds": relaxed_seconds,
+        "budget_gradient_check": budget_check,
         "grid_knobs": {
             "max_num_batched_tokens": best_grid["max_num_batched_tokens"],
             "max_num_seqs": best_grid["max_num_seqs"],
@@ -358,7 +419,6 @@ def tune(
         "start_knobs": list(init),
         "start_objective": start_objective,
         "vllm_default_objective": default_objective,
-        "grad_seconds": grad_seconds,
         "grid_seconds": grid_seconds,
         "objective_grad_wrt_factors_at_start": factor_grad,
         "history": history,
@@ -381,6 +441,7 @@ def main(
     rate_per_s: float = 12.0,
     num_steps: int = 2600,
     itl_weight: float = 10.0,
+    smooth_iters: int = 3,
     grad_iters: int = 30,
     learning_rate: float = 0.15,
     temperatures: tuple[float, float] = (1.0, 0.2),
@@ -398,10 +459,12 @@ def main(
         n_requests, rate_per_s, num_steps: the tuning workload (Poisson arrivals,
             requests/s) and the scan length.
         itl_weight: weight of mean ITL against mean TTFT in the objective.
-        grad_iters, learning_rate, temperatures: Adam steps on the log knobs, its
-            step size, and the temperature annealed geometrically from the first to
-            the second value (tokens).
-        init: starting ``(max_num_batched_tokens, max_num_seqs)`` of the descent.
+        smooth_iters: gradient steps of :func:`tune_knobs` (4 simulations each);
+            ``seed`` also seeds its directions.
+        grad_iters, learning_rate, temperatures: the relaxed comparison: Adam steps
+            on the log knobs, its step size, and the temperature annealed
+            geometrically from the first to the second value (tokens).
+        init: starting ``(max_num_batched_tokens, max_num_seqs)`` of both descents.
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,6 +520,8 @@ def main(
         temperatures=temperatures,
         grid_tokens=(256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0),
         grid_seqs=(8.0, 16.0, 32.0, 64.0, 128.0, 256.0),
+        smooth_iters=smooth_iters,
+        seed=seed,
     )
     print(
         f"\ntuning ({n_requests} requests at {rate_per_s} req/s, objective mean "
@@ -488,12 +553,28 @@ def main(
             tuned["grid_evals"],
             tuned["grid_seconds"],
         ),
+        (
+            "relaxed",
+            tuned["relaxed_knobs"],
+            tuned["relaxed_objective"],
+            tuned["relaxed_evals"],
+            tuned["relaxed_seconds"],
+        ),
     ):
         print(
             f"  {name:10s} {k['max_num_batched_tokens']:8.0f} "
             f"{k['max_num_seqs']:6.0f} {o / 1e3:10.1f} {n:6d} {sec:7.1f}"
         )
     print(f"  vLLM default (2048, 128): {tuned['vllm_default_objective'] / 1e3:.1f}")
+    bc = tuned["budget_gradient_check"]
+    print(
+        f"  d log objective / d log budget at {bc['knobs']}: exact "
+        f"{bc['exact_dlog_objective_dlog_budget']:+.3f}, relaxed "
+        + ", ".join(
+            f"{r['dlog_objective_dlog_budget']:+.3f} (T={r['temperature']})"
+            for r in bc["relaxed"]
+        )
+    )
 
     result = {
         "deployment": {"model": MODEL, "hardware": HARDWARE, "tp": TP},
@@ -520,6 +601,7 @@ if __name__ == "__main__":
     parser.add_argument("--n-requests", type=int, default=400)
     parser.add_argument("--rate", type=float, default=12.0, help="requests/s")
     parser.add_argument("--itl-weight", type=float, default=10.0)
+    parser.add_argument("--smooth-iters", type=int, default=3)
     parser.add_argument("--grad-iters", type=int, default=30)
     args = parser.parse_args()
     main(
@@ -530,5 +612,6 @@ if __name__ == "__main__":
         n_requests=args.n_requests,
         rate_per_s=args.rate,
         itl_weight=args.itl_weight,
+        smooth_iters=args.smooth_iters,
         grad_iters=args.grad_iters,
     )

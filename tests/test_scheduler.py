@@ -18,6 +18,7 @@ from diffmodel._scheduler import (
     marginal_cost,
     serving_objective,
     simulate,
+    tune_knobs,
 )
 
 STEPS = 120
@@ -114,6 +115,45 @@ def test_relaxed_gradients(run):
     down = Factors(**{**base, "step_overhead_us": base["step_overhead_us"] - h})
     fd = (float(objective(knobs0, up)) - float(objective(knobs0, down))) / (2 * h)
     np.testing.assert_allclose(grads["step_overhead_us"], fd, rtol=1e-4)
+
+
+def test_tune_knobs_reaches_grid_optimum(workload, dep, run):
+    # A 7 x 5 grid of the exact simulator (35 runs) against 13 runs of the smoothed
+    # gradient from a seat-starved, budget-starved start.
+    grid = [
+        float(serving_objective(run(Knobs(b, s))))
+        for b in (16, 32, 64, 128, 256, 512, 1024)
+        for s in (1, 2, 4, 8, 16)
+    ]
+    res = tune_knobs(workload, dep, default_factors(), Knobs(32, 2), num_steps=STEPS)
+    assert res.evaluations == 13
+    assert res.log_knobs.shape == (4, 2) and res.gradients.shape == (3, 2)
+    assert np.all(np.isfinite(np.asarray(res.gradients)))
+    # The first step leaves the starved corner: both knobs want to grow.
+    assert np.all(np.asarray(res.gradients[0]) < 0)
+    obj = float(res.objective_us)
+    assert obj < 0.5 * float(res.start_objective_us)
+    assert obj <= 1.05 * min(grid)
+    # The reported objective is the exact simulator's at the returned knobs.
+    np.testing.assert_allclose(obj, float(serving_objective(run(res.knobs))))
+    for k in (res.knobs.max_num_batched_tokens, res.knobs.max_num_seqs):
+        assert float(k) == round(float(k)) and float(k) >= 1
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("iterations", dict(iterations=0)),
+        ("sigma", dict(sigma=0.0)),
+        ("learning_rate", dict(learning_rate=-1.0)),
+        ("max_step", dict(max_step=np.inf)),
+    ],
+)
+def test_bad_tune_arguments(workload, dep, field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        tune_knobs(
+            workload, dep, default_factors(), Knobs(32, 2), num_steps=4, **kwargs
+        )
 
 
 def test_marginal_cost_matches_finite_differences(dep):
