@@ -47,6 +47,7 @@ def main(
     data: pathlib.Path | None = None,
     target: str = "step_duration",
     max_steps: int = 2000,
+    out: pathlib.Path | None = None,
 ) -> dict:
     """Fit the seed model both ways on the three public experiments; print and
     return the losses and times."""
@@ -92,6 +93,7 @@ if __name__ == "__main__":
     p.add_argument("--data", type=pathlib.Path, default=None, help="data folder")
     p.add_argument("--target", choices=sorted(TARGETS), default="step_duration")
     p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--out", type=pathlib.Path, default=None, help="write seed_fit.md")
     a = p.parse_args()
     jax.config.update("jax_enable_x64", True)  # same precision as scipy
-    main(data=a.data, target=a.target, max_steps=a.max_steps)
+    main(data=a.data, target=a.target, max_steps=a.max_steps, out=a.out)
