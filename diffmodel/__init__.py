@@ -119,11 +119,13 @@ from ._scheduler import (
     MarginalCost as MarginalCost,
     SimResult as SimResult,
     StepTrace as StepTrace,
+    TuneResult as TuneResult,
     Workload as Workload,
     make_workload as make_workload,
     marginal_cost as marginal_cost,
     serving_objective as serving_objective,
     simulate as simulate,
+    tune_knobs as tune_knobs,
 )
 from ._seed import SeedFactors as SeedFactors, init_seed as init_seed
 from ._splits import (
