@@ -87,11 +87,27 @@ def _label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     return np.array([pos.get(lab, -1) for lab in labels], dtype=np.int32)
 
 
+def _anchor(raw: Array, scale: float | None, noise_scale: float, n_rows: int) -> Array:
+    """Gaussian prior (sd ``scale``, raw units) pulling raw parameters to the prior
+    values, scaled like the hierarchical prior; none when ``scale`` is None."""
+    if scale is None:
+        return jnp.asarray(0.0)
+    return noise_scale**2 / n_rows * jnp.sum(raw**2) / scale**2
+
+
 class GlobalFactors(eqx.Module):
-    """One set of factors shared by every step."""
+    """One set of factors shared by every step.
+
+    With ``global_prior_scale`` the objective adds ``noise_scale^2 / N *
+    sum((raw / global_prior_scale)^2)``: a Gaussian prior centred on the prior
+    factors (e.g. kernel-calibrated ones), which keeps directions the data cannot
+    pin down (say, per-step against per-layer overhead) at physical values.
+    """
 
     raw: Float[Array, " n"]
     prior: tuple[float, ...] = eqx.field(static=True)
+    global_prior_scale: float | None = eqx.field(static=True, default=None)
+    noise_scale: float = eqx.field(static=True, default=0.1)
 
     def physical(self) -> Factors:
         """The physical :class:`Factors`."""
@@ -106,8 +122,8 @@ class GlobalFactors(eqx.Module):
         return data.breakdown(self.physical()).total
 
     def penalty(self, n_rows: int) -> Array:
-        """Prior term of the objective (none)."""
-        return jnp.asarray(0.0)
+        """Prior term of the objective (see the class doc)."""
+        return _anchor(self.raw, self.global_prior_scale, self.noise_scale, n_rows)
 
 
 class PerGroupFactors(eqx.Module):
@@ -148,7 +164,9 @@ class HierarchicalFactors(eqx.Module):
     ``noise_scale^2 / N * sum((offsets / prior_scale)^2)``: with the data term
     ``mean(r^2)`` over ``N`` rows this is ``2 noise_scale^2 / N`` times the negative
     log posterior of a Gaussian log-residual (sd ``noise_scale``) and Gaussian offsets
-    (sd ``prior_scale``). A group with few rows stays near the global values, one with
+    (sd ``prior_scale``); ``global_prior_scale`` adds the same kind of prior on the
+    global level (see :class:`GlobalFactors`). A group with few rows stays near the
+    global values, one with
     many rows moves to its own. With ``learn_prior_scale`` the scale is fitted too
     (its ``log`` is a parameter, with the Gaussian normaliser in the objective). A group
     never seen in training predicts with the global values.
@@ -161,6 +179,7 @@ class HierarchicalFactors(eqx.Module):
     noise_scale: float = eqx.field(static=True)
     learn_prior_scale: bool = eqx.field(static=True)
     labels: tuple[str, ...] = eqx.field(static=True)
+    global_prior_scale: float | None = eqx.field(static=True, default=None)
 
     def physical(self) -> Factors:
         """Physical :class:`Factors`, leading axis = groups."""
@@ -189,7 +208,10 @@ class HierarchicalFactors(eqx.Module):
             log_s = jax.lax.stop_gradient(log_s)
         quad = jnp.sum(self.offsets**2) * jnp.exp(-2 * log_s)
         norm = self.offsets.size * 2 * log_s if self.learn_prior_scale else 0.0
-        return self.noise_scale**2 / n_rows * (quad + norm)
+        anchor = _anchor(
+            self.global_raw, self.global_prior_scale, self.noise_scale, n_rows
+        )
+        return self.noise_scale**2 / n_rows * (quad + norm) + anchor
 
 
 def init_factor_set(
@@ -200,6 +222,7 @@ def init_factor_set(
     prior_scale: float = 0.1,
     noise_scale: float = 0.1,
     learn_prior_scale: bool = False,
+    global_prior_scale: float | None = None,
 ):
     """A factor set at its prior: ``kind`` in ``global``, ``per-model``,
     ``hierarchical``.
@@ -210,20 +233,30 @@ def init_factor_set(
             e.g. kernel-calibrated factors).
         prior_scale: sd of hierarchical log-offsets (raw units, ~ relative change).
         noise_scale: assumed sd of the log-ratio residual (for the prior's weight).
+        global_prior_scale: sd of a Gaussian prior on the global raw parameters
+            around ``prior`` (global and hierarchical sets; None: no such prior).
     """
     p = _prior_tuple(prior)
     n = len(FACTOR_NAMES)
     g = len(labels)
     dtype = jnp.result_type(float)
+    for name, v in (("prior_scale", prior_scale), ("noise_scale", noise_scale)):
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v!r}")
+    if global_prior_scale is not None and not global_prior_scale > 0:
+        raise ValueError(f"global_prior_scale must be > 0, got {global_prior_scale!r}")
     if kind == "global":
-        return GlobalFactors(raw=jnp.zeros(n, dtype), prior=p)
+        return GlobalFactors(
+            raw=jnp.zeros(n, dtype),
+            prior=p,
+            global_prior_scale=global_prior_scale,
+            noise_scale=float(noise_scale),
+        )
     if kind in ("per-model", "per_model", "per-group"):
         return PerGroupFactors(
             raw=jnp.zeros((g, n), dtype), prior=p, labels=tuple(labels)
         )
     if kind == "hierarchical":
-        if prior_scale <= 0 or noise_scale <= 0:
-            raise ValueError("prior_scale and noise_scale must be > 0")
         return HierarchicalFactors(
             global_raw=jnp.zeros(n, dtype),
             offsets=jnp.zeros((g, n), dtype),
@@ -232,6 +265,7 @@ def init_factor_set(
             noise_scale=float(noise_scale),
             learn_prior_scale=bool(learn_prior_scale),
             labels=tuple(labels),
+            global_prior_scale=global_prior_scale,
         )
     raise ValueError(
         f"factors must be 'global', 'per-model' or 'hierarchical', got {kind!r}"

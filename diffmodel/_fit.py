@@ -246,6 +246,7 @@ def fit(
     prior_scale: float = 0.1,
     noise_scale: float = 0.1,
     learn_prior_scale: bool = False,
+    global_prior_scale: float | None = None,
     solver: str = "lbfgs",
     max_steps: int = 500,
     learning_rate: float = 0.05,
@@ -268,6 +269,8 @@ def fit(
             neighbourhood of, e.g. kernel-calibrated ones.
         prior_scale, noise_scale, learn_prior_scale: hierarchical prior settings
             (see :class:`diffmodel.HierarchicalFactors`).
+        global_prior_scale: sd of a Gaussian prior keeping the global factors near
+            ``prior`` (global and hierarchical; see :class:`diffmodel.GlobalFactors`).
         solver, max_steps, learning_rate: optimiser settings (``"lbfgs"`` or
             ``"adam"``).
         callback: ``callback(step, loss)`` every ``callback_every`` steps.
@@ -295,6 +298,7 @@ def fit(
             prior_scale=prior_scale,
             noise_scale=noise_scale,
             learn_prior_scale=learn_prior_scale,
+            global_prior_scale=global_prior_scale,
         )
     w = None
     if weights is not None:

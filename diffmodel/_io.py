@@ -40,7 +40,13 @@ def factors_to_dict(obj) -> dict:
     out.update(factor_names=list(FACTOR_NAMES), units=units, prior=list(fs.prior))
     phys = {n: _floats(v) for n, v in fs.physical().as_dict().items()}
     if isinstance(fs, GlobalFactors):
-        out.update(kind="global", raw=_floats(fs.raw), factors=phys)
+        out.update(
+            kind="global",
+            raw=_floats(fs.raw),
+            global_prior_scale=fs.global_prior_scale,
+            noise_scale=fs.noise_scale,
+            factors=phys,
+        )
     elif isinstance(fs, PerGroupFactors):
         out.update(
             kind="per-model",
@@ -61,6 +67,7 @@ def factors_to_dict(obj) -> dict:
             log_prior_scale=float(fs.log_prior_scale),
             noise_scale=fs.noise_scale,
             learn_prior_scale=fs.learn_prior_scale,
+            global_prior_scale=fs.global_prior_scale,
             factors={
                 "global": glob,
                 **{
@@ -98,7 +105,12 @@ def factors_from_dict(d: dict):
         )
     prior = tuple(float(x) for x in d["prior"])
     if kind == "global":
-        return GlobalFactors(raw=arr("raw"), prior=prior)
+        return GlobalFactors(
+            raw=arr("raw"),
+            prior=prior,
+            global_prior_scale=d.get("global_prior_scale"),
+            noise_scale=float(d.get("noise_scale", 0.1)),
+        )
     if kind == "per-model":
         return PerGroupFactors(raw=arr("raw"), prior=prior, labels=tuple(d["labels"]))
     if kind == "hierarchical":
@@ -110,6 +122,7 @@ def factors_from_dict(d: dict):
             noise_scale=float(d["noise_scale"]),
             learn_prior_scale=bool(d["learn_prior_scale"]),
             labels=tuple(d["labels"]),
+            global_prior_scale=d.get("global_prior_scale"),
         )
     raise ValueError(f"unknown factors kind {kind!r} in factors file")
 

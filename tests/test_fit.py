@@ -217,7 +217,12 @@ def test_objective_gradient_matches_finite_differences(kind):
     data = simulate(np.arange(64) % 4)
     y = jnp.asarray(noisy(data, TRUTH, 0.1))
     # Learn the prior scale too, so every array leaf has a gradient.
-    fs = dm.init_factor_set(kind, LABELS, learn_prior_scale=True)
+    fs = dm.init_factor_set(
+        kind,
+        LABELS,
+        learn_prior_scale=True,
+        global_prior_scale=None if kind == "per-model" else 0.5,
+    )
     rng = np.random.default_rng(5)
     fs = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape), fs)
 
@@ -304,13 +309,17 @@ def test_pandas_fit_predict_round_trip(tmp_path):
 )
 def test_save_load_exact_round_trip(kind, tmp_path):
     f = _frame()
-    res = dm.fit(f, target="t_us", factors=kind, max_steps=20, solver="adam")
+    anchor = {"global_prior_scale": 0.3} if kind in ("global", "hierarchical") else {}
+    res = dm.fit(f, target="t_us", factors=kind, max_steps=20, solver="adam", **anchor)
     loaded = dm.load_factors(dm.save_factors(res, tmp_path / "f.json"))
     for a, b in zip(
         jax.tree.leaves(res.factor_set), jax.tree.leaves(loaded), strict=True
     ):
         np.testing.assert_array_equal(a, b)
     assert type(loaded) is type(res.factor_set)
+    assert getattr(loaded, "global_prior_scale", None) == anchor.get(
+        "global_prior_scale"
+    )
 
 
 def test_validation_early_stopping():
