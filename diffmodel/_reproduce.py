@@ -36,6 +36,11 @@ protocols, per experiment.
   set of 9 parameters, or 9 per deployment group, fitted with ``fit`` on the training
   rows with early stopping on the validation rows.
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
+- ``diffmodel-kernels``: the roofline with factors calibrated on the H100 kernel
+  measurements alone (:func:`diffmodel.kernel_prior_factors`), no trace fitting
+  (0 trace parameters).
+- ``diffmodel-kernels-hierarchical``: hierarchical factors whose global level starts
+  from, and is held near (``global_prior_scale`` 0.5), the kernel-calibrated ones.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
@@ -61,7 +66,7 @@ import numpy as np
 import pandas as pd
 
 from ._baselines import SEED_GRID, BlackBox, XGBoostBaseline, load_seed_xgboost
-from ._factors import default_factors
+from ._factors import Factors, default_factors
 from ._factorsets import HierarchicalFactors, PerGroupFactors, StepData
 from ._fit import fit, step_data
 from ._metrics import count_under, metrics_table
@@ -88,6 +93,8 @@ METHODS: tuple[str, ...] = (
     "diffmodel-global",
     "diffmodel-per-model",
     "diffmodel-hierarchical",
+    "diffmodel-kernels",
+    "diffmodel-kernels-hierarchical",
 )
 """Every method, in table order."""
 
@@ -127,6 +134,7 @@ _DIFFMODEL_KINDS = {
     "diffmodel-global": "global",
     "diffmodel-per-model": "per-model",
     "diffmodel-hierarchical": "hierarchical",
+    "diffmodel-kernels-hierarchical": "hierarchical",
     "seed-9": "seed-9",
     "seed-36": "seed-36",
 }
@@ -140,6 +148,7 @@ class _Settings(NamedTuple):
     solver: str
     max_steps: int
     xgboost_threads: int
+    kernel_prior: Any = None  # Factors calibrated on kernels, when a method needs them
 
 
 class _Fold(NamedTuple):
@@ -233,6 +242,8 @@ def reproduce(
     for path in (steps_path, seed_path):
         if not path.is_file():
             raise ValueError(f"data: {path} not found")
+    if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
+        settings = settings._replace(kernel_prior=_kernel_prior(data, out, say))
     frame = _load(steps_path, experiments, settings.rows_per_experiment)
     seed = load_seed_xgboost(seed_path)
     evaluator = _Evaluator(frame)
@@ -364,6 +375,28 @@ _SPLITS = ("train", "valid", "test")
 # --------------------------------------------------------------------------- methods
 
 
+def _kernel_prior(data: pathlib.Path, out: pathlib.Path, say) -> Factors:
+    """Kernel-calibrated factors: read from ``out/kernel_prior_factors.json`` when a
+    previous run left them, else calibrated on ``data/kernels`` (~1 minute) and saved.
+    """
+    import json
+
+    from ._calibrate import calibrate_kernels, kernel_prior_factors
+    from ._kernels import load_kernel_tables
+
+    cache = out / "kernel_prior_factors.json"
+    if cache.is_file():
+        say(f"reproduce: kernel-calibrated factors from {cache}")
+        return Factors(**json.loads(cache.read_text()))
+    say("reproduce: calibrating the roofline on the H100 kernel measurements")
+    curves = calibrate_kernels(load_kernel_tables(data))
+    prior = kernel_prior_factors(curves)
+    out.mkdir(parents=True, exist_ok=True)
+    values = {k: float(v) for k, v in prior.as_dict().items()}
+    cache.write_text(json.dumps(values, indent=2) + "\n")
+    return prior
+
+
 def _run_method(
     method: str,
     fold: _Fold,
@@ -378,8 +411,9 @@ def _run_method(
         return _xgboost(fold, target, settings)
     if method == "seed-xgboost":
         return _seed_xgboost(fold, seed)
-    if method == "diffmodel-roofline":
-        predicted, _ = evaluator.predict(fold.test, None)
+    if method in ("diffmodel-roofline", "diffmodel-kernels"):
+        prior = settings.kernel_prior if method == "diffmodel-kernels" else None
+        predicted, _ = evaluator.predict(fold.test, prior)
         return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))
     return _factor_set(method, fold, target, settings, evaluator)
 
@@ -491,6 +525,11 @@ def _factor_set(
             notes=_each(fold.test, _UNSEEN),
         )
     tick = time.perf_counter()
+    anchor = (
+        {"prior": settings.kernel_prior, "global_prior_scale": 0.5}
+        if method == "diffmodel-kernels-hierarchical"
+        else {}
+    )
     result = fit(
         fold.train,
         target=target,
@@ -498,6 +537,7 @@ def _factor_set(
         valid=fold.valid,
         solver=settings.solver,
         max_steps=settings.max_steps,
+        **anchor,
     )
     seconds = time.perf_counter() - tick
     predicted, known = evaluator.predict(fold.test, result.factor_set)
@@ -568,6 +608,8 @@ class _Evaluator:
         else:
             if factor_set is None:
                 factors, known = default_factors(), np.ones(n, bool)
+            elif isinstance(factor_set, Factors):
+                factors, known = factor_set, np.ones(n, bool)
             elif isinstance(factor_set, PerGroupFactors):
                 factors, known = _per_label(
                     factor_set, factor_set.physical(), self.labels
