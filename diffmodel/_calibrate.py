@@ -55,7 +55,8 @@ class FitOptions:
     learning_rate: float = 0.1
 
 
-def _two_stage(loss, init, options: FitOptions):
+def two_stage_minimise(loss, init, options: FitOptions):
+    """Adam (``options.adam_steps``), then L-BFGS polishing; the parameters."""
     res = minimise(
         loss,
         init,
@@ -83,7 +84,9 @@ def fit_roofline_curves(
             f"{work.flops.shape}"
         )
     init = default_roofline_curves() if init is None else init
-    return _two_stage(lambda c: log_ratio_loss(work.time_us(c), actual), init, options)
+    return two_stage_minimise(
+        lambda c: log_ratio_loss(work.time_us(c), actual), init, options
+    )
 
 
 def fit_allreduce_curve(
@@ -99,7 +102,7 @@ def fit_allreduce_curve(
     b, n = jnp.asarray(bytes_, float), jnp.asarray(n_gpus, float)
     actual = jnp.asarray(latency_us, float)
     init = default_allreduce_curve() if init is None else init
-    return _two_stage(
+    return two_stage_minimise(
         lambda c: log_ratio_loss(allreduce_kernel_us(b, n, c, hw), actual),
         init,
         options,

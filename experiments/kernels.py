@@ -33,6 +33,7 @@ from diffmodel._calibrate import (
     init_curves,
     kernel_prior_factors,
     mape,
+    two_stage_minimise,
 )
 from diffmodel._curves import default_roofline_curves, save_curves
 from diffmodel._factors import FACTOR_SPECS
@@ -44,7 +45,6 @@ from diffmodel._kernels import (
     load_vidur,
     vidur_work,
 )
-from diffmodel._optimise import minimise
 from diffmodel._paths import default_data_dir
 
 SHAPE_KEYS = {
@@ -137,16 +137,7 @@ def fit_lomo_folds(work, rows, folds, init, options: FitOptions):
         err = (jnp.log(pred) - log_y) ** 2
         return jnp.sum(jnp.sum(err * train, axis=1) / jnp.sum(train, axis=1))
 
-    res = minimise(
-        loss,
-        stacked,
-        solver="adam",
-        learning_rate=options.learning_rate,
-        max_steps=options.adam_steps,
-    )
-    if options.lbfgs_steps:
-        res = minimise(loss, res.params, solver="lbfgs", max_steps=options.lbfgs_steps)
-    return res.params
+    return two_stage_minimise(loss, stacked, options)
 
 
 def vidur_rows(vidur: pd.DataFrame, options: FitOptions) -> list[dict]:
