@@ -107,6 +107,23 @@ def from_requests(
     a discrete choice and carries no gradient), so ``jax.grad`` gives each request's
     marginal cost.
     """
+    terms = request_terms(new_tokens, context_tokens, mask, is_decode=is_decode)
+    return BatchStats(*(x.sum(-1) for x in terms))
+
+
+def request_terms(
+    new_tokens: Float[ArrayLike, "*steps requests"],
+    context_tokens: Float[ArrayLike, "*steps requests"],
+    mask: Bool[ArrayLike, "*steps requests"] | None = None,
+    *,
+    is_decode: Bool[ArrayLike, "*steps requests"] | None = None,
+) -> tuple[Float[Array, "*steps requests"], ...]:
+    """Each request's share of every :class:`BatchStats` field, in field order.
+
+    Arguments as :func:`from_requests`, which sums these over the last axis; the bulk
+    path reduces them in one pass instead (see ``diffmodel._bulk``). Padding and the
+    other kind of request contribute exactly 0.
+    """
     n, s = _f(new_tokens), _f(context_tokens)
     n, s = jnp.broadcast_arrays(n, s)
     m = jnp.ones(n.shape, bool) if mask is None else jnp.asarray(mask, bool)
@@ -117,15 +134,15 @@ def from_requests(
     )
     dec = dec & m
     pre = (~dec) & m & (n > 0)
-    zero = jnp.zeros_like(n)
-    return BatchStats(
-        prefill_tokens=jnp.where(pre, n, zero).sum(-1),
-        decode_tokens=jnp.where(dec, n, zero).sum(-1),
-        num_prefill=pre.sum(-1).astype(n.dtype),
-        num_decode=dec.sum(-1).astype(n.dtype),
-        kv_decode=jnp.where(dec, s, zero).sum(-1),
-        attn_prefill=jnp.where(pre, n * (s + 0.5 * n), zero).sum(-1),
-        kv_prefill=jnp.where(pre, s, zero).sum(-1),
+    zero, one = jnp.zeros_like(n), jnp.ones_like(n)
+    return (
+        jnp.where(pre, n, zero),
+        jnp.where(dec, n, zero),
+        jnp.where(pre, one, zero),
+        jnp.where(dec, one, zero),
+        jnp.where(dec, s, zero),
+        jnp.where(pre, n * (s + 0.5 * n), zero),
+        jnp.where(pre, s, zero),
     )
 
 

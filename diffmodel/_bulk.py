@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import ArrayLike
 
-from ._batch import BatchStats, from_requests
+from ._batch import BatchStats, request_terms
 from ._deployment import Deployment, stack_deployments
 from ._factors import FACTOR_NAMES, Factors, default_factors
 from ._frame import groups_from_frame, stats_from_frame
@@ -265,18 +265,54 @@ def _group_tables(deployments, factors, *, components, dtype):
     return tuple(tables)
 
 
-@functools.partial(jax.jit, static_argnames=("components",))
-def _chunk_stats(cols, group, tables, deployments, factors, *, components):
+def _stats_kernel(cols, group, tables, deployments, factors, components):
     stats = BatchStats(*cols)
     return _evaluate(stats, deployments, group, factors, components, tables)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("components",))
-def _chunk_requests(cols, group, tables, deployments, factors, *, components):
+def _requests_kernel(cols, group, tables, deployments, factors, components):
     new, ctx, mask = cols
-    stats = from_requests(new, ctx, mask)
-    stats = jax.tree.map(lambda x: x.astype(new.dtype), stats)
+    stats = _sum_requests(request_terms(new, ctx, mask))
+    stats = jax.tree.map(lambda x: x.astype(new.dtype), stats)  # float64 under x64
     return _evaluate(stats, deployments, group, factors, components, tables)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "shapes", "components"))
+def _chunk(
+    windows, offsets, tables, deployments, factors, *, kernel, shapes, components
+):
+    """One chunk: ``kernel`` on the arrays of ``shapes`` found in ``windows``.
+
+    A window is either the array itself or a flat run of its elements that starts at
+    a 64-byte boundary at or before it, the array beginning ``offsets[k]`` elements
+    in: that lets XLA:CPU read a misaligned host array without a copy (see
+    :class:`_Feeder`).
+    """
+    arrays = []
+    for k, (w, shape) in enumerate(zip(windows, shapes, strict=True)):
+        if w.shape != shape:
+            size = int(np.prod(shape))
+            w = jax.lax.dynamic_slice(w, (offsets[k],), (size,)).reshape(shape)
+        arrays.append(w)
+    *cols, group = arrays
+    return kernel(tuple(cols), group, tables, deployments, factors, components)
+
+
+def _sum_requests(terms) -> BatchStats:
+    """:func:`diffmodel.from_requests`'s sums over the request axis, in one pass.
+
+    One variadic reduction: XLA:CPU fuses the per-slot terms into a single loop over
+    the slots that keeps all seven sums in registers, where seven separate sums
+    (each a reduction over the minor axis) re-read the inputs and run ~8x slower.
+    """
+    zeros = tuple(jnp.zeros((), x.dtype) for x in terms)
+    sums = jax.lax.reduce(
+        tuple(terms),
+        zeros,
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        (terms[0].ndim - 1,),
+    )
+    return BatchStats(*sums)
 
 
 # boundary validation
@@ -393,58 +429,94 @@ def _chunk_len(n: int, chunk_size: int | None, multiple: int) -> int:
     return _round_up(want, multiple)
 
 
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]  # ~100x cheaper than ``a.ctypes.data``
+
+
 def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + _ALIGN_BYTES, np.uint8)
-    off = (-raw.ctypes.data) % _ALIGN_BYTES
+    off = (-_address(raw)) % _ALIGN_BYTES
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 class _Feeder:
     """Hands chunks of host arrays to devices, without a copy where possible.
 
-    A chunk of a contiguous, 64-byte-aligned array of the right dtype goes to XLA:CPU
-    as is (``jax.device_put`` aliases it); anything else (a misaligned or strided
-    array, another dtype, the padded last chunk) is copied into one of two reused
-    aligned staging buffers. Two suffice: chunk ``i + 1`` is staged only after chunk
-    ``i - 1`` has been collected.
+    XLA:CPU reads a host buffer in place (``jax.device_put`` aliases it) only if it
+    starts at a 64-byte boundary; NumPy's own arrays usually start 16 bytes past one.
+    On one device, chunk ``k`` of a contiguous array of the right dtype therefore goes
+    as a *window*: a flat run of its elements from the boundary at or before the
+    chunk, ``chunk + pad`` long, with the chunk's offset into it, sliced out inside
+    the compiled function. Where no such window lies inside the array (the first
+    chunk of a misaligned array, the last, padded chunk), and for strided arrays,
+    other dtypes, or several devices (a window would straddle shards), the chunk is
+    copied into one of two reused aligned staging buffers. Two suffice: chunk
+    ``i + 1`` is staged only after chunk ``i - 1`` has been collected.
     """
 
-    def __init__(self, arrays, dtypes, chunk: int, sharding, pad_values):
+    def __init__(self, arrays, dtypes, chunk: int, sharding, pad_values, windows):
         self.arrays, self.dtypes, self.chunk = arrays, dtypes, chunk
         self.sharding, self.pad_values = sharding, pad_values
+        self.windows = windows
+        self.shapes = tuple((chunk, *a.shape[1:]) for a in arrays)
+        self.flat = []
+        for a, dt in zip(arrays, dtypes, strict=True):
+            ok = a.dtype == dt and a.flags.c_contiguous
+            ok = ok and _address(a) % a.itemsize == 0
+            self.flat.append(a.reshape(-1) if ok else None)
+        self.pad = [
+            _ALIGN_BYTES // np.dtype(dt).itemsize if windows else 0 for dt in dtypes
+        ]
+        self.window_shapes = tuple(
+            (int(np.prod(s)) + p,) if windows else s
+            for s, p in zip(self.shapes, self.pad, strict=True)
+        )
         self.staging = [
             [
-                _aligned_empty((chunk, *a.shape[1:]), dt)
-                for a, dt in zip(arrays, dtypes, strict=True)
+                _aligned_empty(s, dt)
+                for s, dt in zip(self.window_shapes, dtypes, strict=True)
             ]
             for _ in range(2)
         ]
 
-    def __call__(self, i: int, start: int) -> list:
-        stop = start + self.chunk
-        out = []
-        for k, (a, dt) in enumerate(zip(self.arrays, self.dtypes, strict=True)):
-            part = a[start:stop]
-            direct = (
-                part.shape[0] == self.chunk
-                and part.dtype == dt
-                and part.flags.c_contiguous
-                and part.ctypes.data % _ALIGN_BYTES == 0
-            )
-            if not direct:
+    def __call__(self, i: int, start: int) -> tuple[list, np.ndarray]:
+        out, offsets = [], np.zeros(len(self.arrays), np.int32)
+        for k, (a, flat) in enumerate(zip(self.arrays, self.flat, strict=True)):
+            part = self._window(k, a, flat, start, offsets)
+            if part is None:
                 buf = self.staging[i % 2][k]
-                m = part.shape[0]
-                buf[:m] = part
-                buf[m:] = self.pad_values[k]
+                rows = a[start : start + self.chunk]
+                m = rows.size
+                view = buf.reshape(-1)
+                view[:m] = rows.reshape(-1)
+                view[m:] = self.pad_values[k]
                 part = buf
-            out.append(jax.device_put(part, self.sharding))
-        return out
+            # On one device the jitted call takes NumPy arrays as they are (in place
+            # when aligned): ~10x less overhead per chunk than jax.device_put.
+            out.append(part if self.windows else jax.device_put(part, self.sharding))
+        return out, offsets
+
+    def _window(self, k, a, flat, start, offsets):
+        if flat is None:
+            return None
+        if not self.windows:  # several devices: the chunk itself, if aligned
+            part = a[start : start + self.chunk]
+            whole = part.shape[0] == self.chunk
+            return part if whole and _address(part) % _ALIGN_BYTES == 0 else None
+        size = self.window_shapes[k][0] - self.pad[k]
+        lo = start * (size // self.chunk)
+        off = ((_address(flat) + lo * a.itemsize) % _ALIGN_BYTES) // a.itemsize
+        first, stop = lo - off, lo - off + size + self.pad[k]
+        if first < 0 or stop > flat.size:
+            return None
+        offsets[k] = off
+        return flat[first:stop]
 
 
 def _run_chunks(
-    fn,
+    kernel,
     arrays,
     dtypes,
     pad_values,
@@ -472,7 +544,15 @@ def _run_chunks(
         deployments, factors, components=components, dtype=np.dtype(out_dtype)
     )
     feeder = _Feeder(
-        [*arrays, group], [*dtypes, np.int32], chunk, sharding, [*pad_values, 0]
+        [*arrays, group],
+        [*dtypes, np.int32],
+        chunk,
+        sharding,
+        [*pad_values, 0],
+        windows=len(devices) == 1,
+    )
+    fn = functools.partial(
+        _chunk, kernel=kernel, shapes=feeder.shapes, components=components
     )
     names = ("total", *COMPONENTS) if components else ("total",)
     outs = {k: np.empty(n, out_dtype) for k in names}
@@ -485,15 +565,8 @@ def _run_chunks(
 
     pending = None
     for i, start in enumerate(range(0, n, chunk)):
-        *cols, g = feeder(i, start)
-        result = fn(
-            tuple(cols),
-            g,
-            tables,
-            deployments,
-            factors,
-            components=components,
-        )
+        windows, offsets = feeder(i, start)
+        result = fn(tuple(windows), offsets, tables, deployments, factors)
         if pending is not None:
             collect(*pending)  # overlaps with the chunk just dispatched
         pending = (start, result)
@@ -511,7 +584,7 @@ def predict_steps(
     group: ArrayLike,
     factors: Factors | None = None,
     *,
-    chunk_size: int | None = 2**20,
+    chunk_size: int | None = 2**18,
     dtype=jnp.float32,
     components: bool = False,
     devices=None,
@@ -562,7 +635,7 @@ def predict_steps(
     deps, fac, n_groups = _resolve(deployments, factors, dt)
     g = _check_group(group, n, n_groups)
     return _run_chunks(
-        _chunk_stats,
+        _stats_kernel,
         cols,
         [dt] * len(cols),
         [0] * len(cols),
@@ -585,7 +658,7 @@ def predict_requests(
     group: ArrayLike,
     factors: Factors | None = None,
     *,
-    chunk_size: int | None = 2**22,
+    chunk_size: int | None = 2**20,
     dtype=jnp.float32,
     components: bool = False,
     devices=None,
@@ -627,7 +700,7 @@ def predict_requests(
         None if chunk_size is None else max(1, chunk_size // max(width, 1))
     )
     return _run_chunks(
-        _chunk_requests,
+        _requests_kernel,
         [new, ctx, m],
         [dt, dt, np.bool_],
         [0, 0, False],
@@ -649,7 +722,7 @@ def predict_frame_fast(
     hardware: str | None = None,
     tp: int | None = None,
     factors=None,
-    chunk_size: int | None = 2**20,
+    chunk_size: int | None = 2**18,
     dtype=jnp.float32,
     components: bool = False,
 ) -> np.ndarray | dict[str, np.ndarray]:

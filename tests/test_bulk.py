@@ -281,3 +281,47 @@ def test_sharded_over_two_host_devices_equals_single():
     assert out.returncode == 0, out.stderr
     err = json.loads(out.stdout)
     assert err["steps"] < 1e-6 and err["requests"] < 1e-6, err
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_pass_request_sums_equal_from_requests(dtype):
+    from diffmodel._batch import request_terms
+    from diffmodel._bulk import _sum_requests
+
+    new, ctx, mask = (np.asarray(a) for a in _requests(23, 40, seed=8))
+    new, ctx = new.astype(dtype), ctx.astype(dtype)
+    ref = dm.from_requests(new, ctx, mask)
+    got = jax.jit(lambda *a: _sum_requests(request_terms(*a)))(new, ctx, mask)
+    for f in STAT_FIELDS:
+        np.testing.assert_allclose(
+            getattr(got, f), getattr(ref, f), rtol=RTOL[dtype], err_msg=f
+        )
+
+
+def _misaligned(x, shift_bytes):
+    """``x`` copied to an address ``shift_bytes`` past a 64-byte boundary."""
+    raw = np.zeros(x.nbytes + 128, np.uint8)
+    start = (-raw.__array_interface__["data"][0]) % 64 + shift_bytes
+    out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def test_misaligned_inputs_are_read_in_place_and_agree(deps):
+    from diffmodel._bulk import _Feeder
+
+    # Middle chunks of misaligned arrays go as windows into the array itself (no
+    # copy); the first and the padded last chunk are staged. Both give the same.
+    new, ctx, mask = _requests(100, 6, seed=9)
+    group = np.random.default_rng(10).integers(0, 3, 100)
+    ref = predict_requests(new, ctx, mask, deps, group, chunk_size=None)
+    moved = [_misaligned(a, s) for a, s in ((new, 8), (ctx, 24), (mask, 5))]
+    got = predict_requests(*moved, deps, group, chunk_size=16 * 6)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    feeder = _Feeder(moved, [np.float64, np.float64, np.bool_], 16, None, [0] * 3, True)
+    first, offsets0 = feeder(0, 0)
+    middle, offsets1 = feeder(1, 16)
+    for a, w0, w1 in zip(moved, first, middle, strict=True):
+        assert not np.shares_memory(w0, a) and np.shares_memory(w1, a)
+        assert w1.__array_interface__["data"][0] % 64 == 0
+    assert offsets0.tolist() == [0, 0, 0] and offsets1.tolist() == [1, 3, 37]
