@@ -32,6 +32,7 @@ from ._kernels import (
     table_work,
 )
 from ._optimise import minimise
+from ._physics import attention_work
 
 
 def log_ratio_loss(pred: ArrayLike, actual: ArrayLike) -> Array:
@@ -197,7 +198,9 @@ def kernel_prior_factors(
     - ``gemm_flops``: the layer's four GEMMs (QKV, O, gate+up, down) at
       ``prefill_tokens`` tokens, FLOPs / (peak x time);
     - ``mem_bw``: the same GEMMs at ``decode_tokens`` tokens, bytes / (HBM bw x time);
-    - ``attn_flops``: causal prefill attention of one ``prefill_tokens`` chunk;
+    - ``attn_flops``: causal prefill attention of one ``prefill_tokens`` chunk, the
+      step model's FLOPs (``prefill_tokens^2 / 2`` pairs, without the kernel's tile
+      padding) / (peak x time);
     - ``attn_bw``: decode attention of ``decode_tokens`` sequences of
       ``decode_context`` tokens, KV bytes / (HBM bw x time);
     - ``comm_bw``, ``comm_latency_us``: the all-reduce curve's efficiency at the
@@ -223,12 +226,15 @@ def kernel_prior_factors(
     f_pf, _, t_pf = layer(prefill_tokens)
     _, b_dec, t_dec = layer(decode_tokens)
     pf = prefill_attention_work(1.0, prefill_tokens, qh, kvh, dh, hw)
+    pf_flops, _ = attention_work(
+        prefill_tokens**2 / 2.0, prefill_tokens, prefill_tokens, qh, kvh, dh
+    )
     dec = decode_attention_work(decode_tokens, decode_context, qh, kvh, dh, hw)
     ar = curves.allreduce
     return Factors(
         gemm_flops=f_pf / (hw.flops_16 * t_pf) * 1e6,
         mem_bw=b_dec / (hw.hbm_bw * t_dec) * 1e6,
-        attn_flops=pf.flops
+        attn_flops=pf_flops
         / (hw.flops_16 * pf.time_us(curves.prefill_attention))
         * 1e6,
         attn_bw=dec.bytes / (hw.hbm_bw * dec.time_us(curves.decode_attention)) * 1e6,

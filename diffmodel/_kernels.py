@@ -34,7 +34,6 @@ from ._hardware import Hardware
 from ._physics import (
     allreduce_us,
     attention_work,
-    expected_experts,
     gemm_work,
     moe_work,
     roofline_us,
@@ -287,6 +286,38 @@ def gemm_kernel_work(
     return _work(f, b, _peak(hw, dtype_bytes), hw.hbm_bw, tiles)
 
 
+# FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
+# attention in 128 x 128 blocks (query rows x keys).
+ATTN_TILE = 128.0
+
+
+def causal_tile_pairs(
+    isl: ArrayLike, group: ArrayLike, tile: float = ATTN_TILE
+) -> tuple[Array, Array]:
+    """Query-key pairs a tiled causal kernel computes for one sequence and KV head.
+
+    FlashAttention packs the ``group = H / Hkv`` query heads that share a KV head into
+    its query tiles (``isl group`` rows in ``n_q = ceil(isl group / tile)`` tiles);
+    query tile ``i`` covers positions below ``(i + 1) tile / group`` and computes
+    ``ceil(min(isl / tile, (i + 1) / group))`` full ``tile x tile`` key blocks,
+    masked or not. Summed in closed form over the ``J = min(n_q, floor(isl group /
+    tile))`` full tiles (``sum_{j<=J} ceil(j / group) = g q (q + 1) / 2 + r (q + 1)``
+    with ``J = q g + r``), the rest reading all ``ceil(isl / tile)`` blocks.
+
+    Returns ``(pairs, tiles)``: computed pairs over all ``group`` heads (about
+    ``group isl (isl + tile) / 2`` for long sequences, ``tile^2`` at least), and the
+    query tiles ``n_q`` (thread blocks).
+    """
+    isl, g = jnp.asarray(isl), jnp.asarray(group)
+    n_q = jnp.ceil(isl * g / tile)
+    full = jnp.minimum(n_q, jnp.floor(isl * g / tile))
+    q = jnp.floor(full / g)
+    r = full - q * g
+    blocks = g * q * (q + 1.0) / 2.0 + r * (q + 1.0)
+    blocks = blocks + (n_q - full) * jnp.ceil(isl / tile)
+    return tile * tile * blocks, n_q
+
+
 def prefill_attention_work(
     batch: ArrayLike,
     isl: ArrayLike,
@@ -298,16 +329,20 @@ def prefill_attention_work(
 ) -> KernelWork:
     """Causal attention of ``batch`` sequences of ``isl`` new tokens (per-GPU heads).
 
-    Query-key pairs ``A = batch isl^2 / 2`` (``n (s + n/2)`` with ``s = 0``); KV read
-    ``batch isl``; queries ``batch isl`` (``attention_work``).
+    FLOPs count the pairs the tiled kernel computes (:func:`causal_tile_pairs`:
+    ``isl^2 / 2`` per head plus the masked halves of the diagonal blocks and the
+    padding of short sequences to a full tile); KV read ``batch isl``; queries
+    ``batch isl`` (``attention_work``). Thread blocks: ``batch Hkv n_q``.
     """
     batch, isl = jnp.asarray(batch), jnp.asarray(isl)
+    heads, kv_heads = jnp.asarray(heads), jnp.asarray(kv_heads)
+    group = heads / kv_heads
+    pairs, tiles = causal_tile_pairs(isl, group)
     tokens = batch * isl
     f, b = attention_work(
-        tokens * isl / 2.0, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
+        batch * pairs / group, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
     )
-    blocks = batch * jnp.asarray(heads) * jnp.ceil(isl / 128.0)
-    return _work(f, b, hw.flops_16, hw.hbm_bw, blocks)
+    return _work(f, b, hw.flops_16, hw.hbm_bw, batch * kv_heads * tiles)
 
 
 def decode_attention_work(
@@ -328,6 +363,12 @@ def decode_attention_work(
     return _work(f, b, hw.flops_16, hw.hbm_bw, jnp.asarray(batch) * kv_heads)
 
 
+# vLLM's Triton fused MoE: token tiles of 64 (its default for large batches) and
+# 128-column tiles of the gate+up output.
+MOE_TILE_M = 64.0
+MOE_TILE_N = 128.0
+
+
 def moe_kernel_work(
     tokens: ArrayLike,
     hidden: ArrayLike,
@@ -339,21 +380,36 @@ def moe_kernel_work(
     tp: ArrayLike = 1.0,
     ep: ArrayLike = 1.0,
     weight_bytes: ArrayLike = 2.0,
+    act_bytes: ArrayLike = 2.0,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
-    Tokens are routed top-``k`` over all ``E`` experts, so this GPU sees ``k/ep``
-    expert slots per token among ``E/ep`` experts (``moe_work`` with a fractional
-    top-k: ``expected_experts`` depends on ``k/E`` only). FP8 weights use the FP8 peak.
+    Tokens are routed top-``k`` over all ``E`` experts, so this GPU computes ``k/ep``
+    expert slots per token among ``E/ep`` experts: FLOPs and weight bytes are
+    ``moe_work`` with a fractional top-k (``expected_experts`` depends on ``k/E``
+    only). Activations count every routed slot, as vLLM's kernel runs over all ``T
+    k`` slots and writes zeros for those of experts on other GPUs (``moe_work``'s
+    activations at the full ``k``), plus the unfused gated intermediate: the
+    ``[T k, 2 F/tp]`` gate+up output is written, read by the activation, which
+    writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot, ``moe_work`` counts
+    ``3 F/tp``). FP8 weights use the FP8 peak.
+
+    Thread blocks: the kernel's grid over the slots padded per (global) expert,
+    ``(T k / 64 + E) ceil(2 F/tp / 128)``; most of those of an idle expert exit
+    at once, but each is scheduled.
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
-    e_local, k_local = jnp.asarray(n_experts) / ep, jnp.asarray(top_k) / ep
+    top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
+    e_local, k_local = n_experts / ep, top_k / ep
     f_local = jnp.asarray(inter) / tp
-    f, b = moe_work(tokens, hidden, f_local, e_local, k_local, weight_bytes)
-    # Thread blocks: (touched expert, 64-token tile, 128-column tile of gate+up).
-    touched = expected_experts(tokens, e_local, k_local)
-    per_expert = tokens * k_local / jnp.maximum(touched, 1e-9)
-    blocks = touched * jnp.ceil(per_expert / 64.0) * jnp.ceil(2.0 * f_local / 128.0)
+    f, b = moe_work(tokens, hidden, f_local, e_local, k_local, weight_bytes, act_bytes)
+    _, acts_local = moe_work(tokens, hidden, f_local, e_local, k_local, 0.0, act_bytes)
+    _, acts_all = moe_work(tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes)
+    unfused = tokens * top_k * 3.0 * f_local * act_bytes
+    b = b - acts_local + acts_all + unfused
+    blocks = (tokens * top_k / MOE_TILE_M + n_experts) * jnp.ceil(
+        2.0 * f_local / MOE_TILE_N
+    )
     return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, blocks)
 
 

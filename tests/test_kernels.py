@@ -29,6 +29,7 @@ from diffmodel._factors import FACTOR_NAMES, Factors
 from diffmodel._hardware import hardware
 from diffmodel._kernels import (
     allreduce_kernel_us,
+    causal_tile_pairs,
     decode_attention_us,
     gemm_us,
     load_allreduce,
@@ -113,7 +114,10 @@ def test_gemm_prediction_by_hand():
 def test_attention_predictions_by_hand():
     b, s, h, kvh, dh = 2, 1024, 16, 2, 128
     pf = prefill_attention_us(b, s, h, kvh, dh, (1.0, 1.0), H100)
-    flops = 4 * h * dh * b * s * s / 2
+    # 8 query heads per KV head packed into 64 query tiles of 128 rows; tile i
+    # computes ceil((i + 1) / 8) key blocks of 128: 288 blocks per KV head
+    # (1.125 x the 256 blocks of the ideal isl^2 / 2 per head).
+    flops = 4 * dh * kvh * b * 288 * 128 * 128
     bytes_ = 2 * kvh * dh * 2 * b * s + 2 * h * dh * 2 * b * s
     want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
     np.testing.assert_allclose(pf, want, rtol=1e-12)
@@ -130,9 +134,22 @@ def test_moe_prediction_by_hand():
     got = moe_us(1, d, f, 2, 8, (1.0, 1.0), H100, ep=2.0)
     flops = 2 * 1 * 1 * 3 * d * f
     touched = 4 * (1 - (1 - 2 / 8) ** 1)
-    bytes_ = touched * 3 * d * f * 2 + (1 * (2 * d + 3 * f) + d) * 2
+    # Activations of both routed slots (vLLM zero-fills the off-GPU one), with the
+    # unfused gate+up intermediate (6 f per slot).
+    bytes_ = touched * 3 * d * f * 2 + (2 * (2 * d + 6 * f) + d) * 2
     want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("isl", [1, 16, 100, 128, 129, 1000, 4096])
+def test_causal_tile_pairs_match_a_loop(isl, group):
+    pairs, tiles = causal_tile_pairs(float(isl), float(group))
+    n_q = -(-isl * group // 128)
+    blocks = sum(-(-min(isl, -(-128 * (i + 1) // group)) // 128) for i in range(n_q))
+    assert float(tiles) == n_q
+    assert float(pairs) == 128 * 128 * blocks
+    assert float(pairs) >= group * isl * isl / 2  # never fewer than the ideal
 
 
 def test_allreduce_prediction_by_hand():
