@@ -2,7 +2,8 @@
 
 :func:`predict_steps` evaluates :func:`diffmodel.step_time` over arrays of steps from
 several deployments with one compiled function of a fixed chunk shape; the inputs are
-validated once, in NumPy, and the hot loop runs unchecked (``check=False``).
+validated once (shapes and groups in NumPy, values inside the compiled loop, which
+reads them anyway), and the hot loop runs without ``step_time``'s checks.
 :func:`predict_requests` does the same from padded per-request batches, and
 :func:`predict_frame_fast` from a pandas frame.
 
@@ -107,9 +108,11 @@ class _Evaluator:
         self.group, self.n_groups = group, n_groups
         self.expanded: dict[int, object] = {}
         # The tables that meet the steps, in order of first use: collected, or (in a
-        # second evaluation of the same jaxpr) supplied precomputed.
+        # second evaluation of the same jaxpr) supplied precomputed, as distinct
+        # tables and a plan (see :func:`_table_plan`).
         self.collected: list = []
         self.supplied = tables
+        self.spread: dict[int, object] = {}
 
     def per_step(self, value, aval):
         if not isinstance(value, _PerGroup):
@@ -117,20 +120,30 @@ class _Evaluator:
         key = id(value)
         if key not in self.expanded:
             if self.supplied is None:
-                t = value.table
+                out = self.spread_table(value.table)
             else:
-                t = self.supplied[len(self.collected)]
-            self.collected.append(t)
-            if self.n_groups == 1:
-                out = t[0]
-            elif self.n_groups <= _SELECT_MAX_GROUPS:
-                out = t[0]
-                for g in range(1, self.n_groups):
-                    out = jnp.where(self.group == g, t[g], out)
-            else:  # the range of group is checked at the boundary
-                out = jnp.take(t, self.group, axis=0, mode="clip")
+                distinct, plan = self.supplied
+                same, j = plan[len(self.collected)]
+                if same:  # one value for all groups: no per-step choice
+                    out = distinct[j][0]
+                elif j in self.spread:  # equal to an earlier table: reuse its choice
+                    out = self.spread[j]
+                else:
+                    out = self.spread[j] = self.spread_table(distinct[j])
+            self.collected.append(value.table)
             self.expanded[key] = (value, jnp.broadcast_to(out, aval.shape))
         return self.expanded[key][1]
+
+    def spread_table(self, t):
+        """Each step's entry of the ``[groups]`` table ``t``."""
+        if self.n_groups == 1:
+            return t[0]
+        if self.n_groups <= _SELECT_MAX_GROUPS:
+            out = t[0]
+            for g in range(1, self.n_groups):
+                out = jnp.where(self.group == g, t[g], out)
+            return out
+        return jnp.take(t, self.group, axis=0, mode="clip")  # range checked before
 
     def table(self, value, aval):
         if isinstance(value, _PerGroup):
@@ -265,9 +278,35 @@ def _group_tables(deployments, factors, *, components, dtype):
     return tuple(tables)
 
 
+def _table_plan(tables) -> tuple[tuple, tuple]:
+    """Distinct tables and, per table, ``(same for all groups, index into them)``.
+
+    With the values in hand (a few numbers per group), tables equal to an earlier one
+    share its per-step choice and tables equal across groups (the same hardware,
+    shared factors, zeros of a dense model) need none: about half of the ``where``
+    selections of a typical mix go. The plan is static, so it is compiled in; it
+    changes only with the pattern of equal values, not with the values.
+    """
+    host = [np.asarray(t) for t in tables]
+    distinct, plan, seen = [], [], {}
+    for t, h in zip(tables, host, strict=True):
+        key = (h.dtype.str, h.tobytes())
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(t)
+        plan.append((bool(np.all(h == h[0])), seen[key]))
+    return tuple(distinct), tuple(plan)
+
+
 def _stats_kernel(cols, group, tables, deployments, factors, components):
     stats = BatchStats(*cols)
-    return _evaluate(stats, deployments, group, factors, components, tables)[0]
+    out = _evaluate(stats, deployments, group, factors, components, tables)[0]
+    # The value check, fused into the loop that reads the statistics anyway: a step
+    # with a negative or NaN statistic gets a NaN total (named afterwards, in NumPy).
+    low = functools.reduce(jnp.minimum, cols)
+    total = out[0] if components else out
+    total = jnp.where(low >= 0, total, jnp.full_like(total, jnp.nan))
+    return (total, out[1]) if components else total
 
 
 def _requests_kernel(cols, group, tables, deployments, factors, components):
@@ -277,9 +316,9 @@ def _requests_kernel(cols, group, tables, deployments, factors, components):
     return _evaluate(stats, deployments, group, factors, components, tables)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "shapes", "components"))
+@functools.partial(jax.jit, static_argnames=("kernel", "plan", "shapes", "components"))
 def _chunk(
-    windows, offsets, tables, deployments, factors, *, kernel, shapes, components
+    windows, offsets, tables, deployments, factors, *, kernel, plan, shapes, components
 ):
     """One chunk: ``kernel`` on the arrays of ``shapes`` found in ``windows``.
 
@@ -295,6 +334,7 @@ def _chunk(
             w = jax.lax.dynamic_slice(w, (offsets[k],), (size,)).reshape(shape)
         arrays.append(w)
     *cols, group = arrays
+    tables = (tables, plan)
     return kernel(tuple(cols), group, tables, deployments, factors, components)
 
 
@@ -529,6 +569,7 @@ def _run_chunks(
     factors,
     components: bool,
     devices,
+    on_nan=None,
 ):
     devices = _resolve_devices(devices)
     if len(devices) > 1:
@@ -551,17 +592,21 @@ def _run_chunks(
         [*pad_values, 0],
         windows=len(devices) == 1,
     )
+    tables, plan = _table_plan(tables)
     fn = functools.partial(
-        _chunk, kernel=kernel, shapes=feeder.shapes, components=components
+        _chunk, kernel=kernel, plan=plan, shapes=feeder.shapes, components=components
     )
     names = ("total", *COMPONENTS) if components else ("total",)
     outs = {k: np.empty(n, out_dtype) for k in names}
+    nan = [False]
 
     def collect(start, result):
         stop = min(start + chunk, n)
         parts = {"total": result[0], **result[1]} if components else {"total": result}
         for k in names:
             outs[k][start:stop] = np.asarray(parts[k])[: stop - start]
+        # A sum is NaN if any term is (or +inf meets -inf): one read, in cache.
+        nan[0] = nan[0] or bool(np.isnan(np.sum(outs["total"][start:stop])))
 
     pending = None
     for i, start in enumerate(range(0, n, chunk)):
@@ -572,6 +617,8 @@ def _run_chunks(
         pending = (start, result)
     if pending is not None:
         collect(*pending)
+    if nan[0] and on_nan is not None:
+        on_nan()
     return outs if components else outs["total"]
 
 
@@ -618,8 +665,10 @@ def predict_steps(
 
     Raises:
         ValueError: wrong shapes or dtypes, a negative or NaN statistic, or a group
-            index out of range, naming the argument. Inputs are checked here, once,
-            and the compiled loop runs without ``step_time``'s in-graph checks.
+            index out of range, naming the argument. Shapes, dtypes and groups are
+            checked here; the values in the compiled loop, which reads them anyway
+            (a bad step's total becomes NaN, and NumPy then names the first bad
+            entry), in place of ``step_time``'s in-graph checks.
     """
     dt = _float_dtype(dtype)
     if not isinstance(stats, BatchStats):
@@ -631,9 +680,13 @@ def predict_steps(
             raise ValueError(
                 f"stats.{f} has {c.shape[0]} steps, stats.{STAT_FIELDS[0]} has {n}"
             )
-        _check_values(f"stats.{f}", c, "tokens, requests or token pairs")
     deps, fac, n_groups = _resolve(deployments, factors, dt)
     g = _check_group(group, n, n_groups)
+
+    def name_bad_value():  # the compiled loop saw one: find and name it
+        for f, c in zip(STAT_FIELDS, cols, strict=True):
+            _check_values(f"stats.{f}", c, "tokens, requests or token pairs")
+
     return _run_chunks(
         _stats_kernel,
         cols,
@@ -647,6 +700,7 @@ def predict_steps(
         factors=fac,
         components=components,
         devices=devices,
+        on_nan=name_bad_value,
     )
 
 

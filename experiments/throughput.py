@@ -24,6 +24,7 @@ from diffmodel._bulk import (
     _chunk,
     _group_tables,
     _stats_kernel,
+    _table_plan,
     predict_requests,
     predict_steps,
     step_time_fast,
@@ -262,13 +263,15 @@ def main(
     pad = _ALIGN_BYTES // 4
     windows = (*(jnp.zeros(chunk_size + pad, dtype) for _ in cols),)
     windows += (jnp.zeros(chunk_size + pad, jnp.int32),)
+    distinct, plan = _table_plan(tables)
     _chunk.lower(
         windows,
         np.zeros(len(windows), np.int32),
-        tables,
+        distinct,
         dep32,
         fac32,
         kernel=_stats_kernel,
+        plan=plan,
         shapes=((chunk_size,),) * len(windows),
         components=False,
     ).compile()
