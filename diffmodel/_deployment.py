@@ -51,7 +51,7 @@ def check_tp(arch: Architecture, tp: int) -> None:
 def deployment(
     model: str | Architecture,
     hardware_name: str | Hardware = "h100-sxm",
-    tp: int = 1,
+    tp: int | float = 1,
     **dtype_overrides: str,
 ) -> Deployment:
     """Build a validated :class:`Deployment`.

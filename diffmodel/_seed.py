@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._factorsets import StepData, _label_index
 from ._roofline import linear_work
@@ -75,7 +75,9 @@ def seed_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     return jnp.log(frac) - jnp.log1p(-frac)
 
 
-def seed_predict(values: Float[Array, "*steps 9"], comps: Float[Array, "steps 4"]):
+def seed_predict(
+    values: Float[ArrayLike, "*b 9"], comps: Float[ArrayLike, "steps 4"]
+) -> Float[Array, " steps"]:
     """``sum_i factor_i component_i / mfu_i + overhead``, us."""
     return (values[..., 0:4] * comps / values[..., 5:9]).sum(-1) + values[..., 4]
 
