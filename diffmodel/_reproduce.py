@@ -242,9 +242,9 @@ def reproduce(
     for path in (steps_path, seed_path):
         if not path.is_file():
             raise ValueError(f"data: {path} not found")
+    frame = _load(steps_path, experiments, settings.rows_per_experiment)
     if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
         settings = settings._replace(kernel_prior=_kernel_prior(data, out, say))
-    frame = _load(steps_path, experiments, settings.rows_per_experiment)
     seed = load_seed_xgboost(seed_path)
     evaluator = _Evaluator(frame)
     say(

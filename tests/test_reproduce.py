@@ -93,12 +93,13 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
         quick=True,
         targets=("iteration_time",),
         protocols=("temporal", "lowo"),
+        methods=[m for m in METHODS if "kernels" not in m],  # see the test below
         progress=None,
     )
     assert list(results.columns) == list(RESULT_COLUMNS)
     on_disk = pd.read_csv(tmp_path / "results.csv")
     assert on_disk.shape == results.shape
-    methods = [m for m in METHODS if m != "seed-xgboost"]  # step_duration only
+    methods = [m for m in METHODS if m != "seed-xgboost" and "kernels" not in m]
     assert list(results["method"].unique()) == methods
     # One row per (protocol, method, experiment): each experiment is tested once.
     assert len(results) == 2 * len(methods) * 3
@@ -199,3 +200,36 @@ def test_bad_arguments_raise(data_dir, tmp_path, kwargs):
 def test_missing_data_raises(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         reproduce(data=tmp_path, out=tmp_path / "out", progress=None)
+
+
+def test_kernel_rows_use_the_kernel_calibrated_factors(data_dir, tmp_path):
+    # A cached calibration (what experiments/kernels.py writes) skips the ~1 minute
+    # kernel fit; the unfitted kernel row must then equal predict() with them.
+    import json
+
+    import diffmodel as dm
+
+    values = {"gemm_flops": 0.5, "mem_bw": 0.6, "attn_bw": 0.4, "comm_latency_us": 3.0}
+    (tmp_path / "kernel_prior_factors.json").write_text(json.dumps(values))
+    results = reproduce(
+        data=data_dir,
+        out=tmp_path,
+        quick=True,
+        targets=("iteration_time",),
+        protocols=("temporal",),
+        methods=("diffmodel-kernels",),
+        progress=None,
+    )
+    quick = add_targets(
+        load_steps(data_dir / "stepml" / "steps.parquet")
+        .groupby("experiment_id", sort=False)
+        .head(1500)
+        .reset_index(drop=True)
+    ).dropna(subset=["iteration_time_us"])
+    test = quick[temporal_split(quick) == "test"]
+    pred = dm.predict(test, factors=dm.Factors(**values)).predicted_us
+    ape = (pred / test["iteration_time_us"] - 1).abs().groupby(test["experiment_id"])
+    expected = ape.mean() * 100
+    got = results.set_index("experiment_id")["mape"]
+    np.testing.assert_allclose(got.loc[expected.index], expected, rtol=1e-4)
+    assert (results["n_params"] == 0).all()
