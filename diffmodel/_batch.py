@@ -25,13 +25,13 @@ class BatchStats(eqx.Module):
             by prefill attention.
     """
 
-    prefill_tokens: Float[Array, "*steps"]
-    decode_tokens: Float[Array, "*steps"]
-    num_prefill: Float[Array, "*steps"]
-    num_decode: Float[Array, "*steps"]
-    kv_decode: Float[Array, "*steps"]
-    attn_prefill: Float[Array, "*steps"]
-    kv_prefill: Float[Array, "*steps"]
+    prefill_tokens: Float[ArrayLike, "*steps"]
+    decode_tokens: Float[ArrayLike, "*steps"]
+    num_prefill: Float[ArrayLike, "*steps"]
+    num_decode: Float[ArrayLike, "*steps"]
+    kv_decode: Float[ArrayLike, "*steps"]
+    attn_prefill: Float[ArrayLike, "*steps"]
+    kv_prefill: Float[ArrayLike, "*steps"]
 
     @property
     def tokens(self) -> Float[Array, "*steps"]:

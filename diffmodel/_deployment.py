@@ -28,7 +28,7 @@ class Deployment(eqx.Module):
         return jax.tree.map(lambda x: jnp.take(x, group, axis=0), self)
 
 
-def check_tp(arch: Architecture, tp: int) -> None:
+def check_tp(arch: Architecture, tp: int | float) -> None:
     """Raise ``ValueError`` unless ``tp`` splits the attention heads evenly.
 
     Query heads must divide by ``tp``; KV heads must divide by ``tp`` or, when
