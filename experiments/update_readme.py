@@ -48,19 +48,38 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
 
 
 def scheduler_markdown(path: pathlib.Path) -> str:
-    """A table from ``scheduler.json`` (the script writes JSON only)."""
+    """Tables from ``scheduler.json`` (the script writes JSON only)."""
     r = json.loads(path.read_text())
     lines = [
-        "| | objective (exact simulator) | simulator evaluations |",
+        "Knob tuning: objective (mean TTFT + w x mean ITL, ms) of the exact simulator "
+        "at each method's knobs.",
+        "",
+        "| method | objective, ms | simulator evaluations |",
         "|---|---:|---:|",
+        f"| gradient | {r['grad_objective'] / 1e3:.1f} | {r['grad_evals']} |",
+        f"| grid search | {r['grid_objective'] / 1e3:.1f} | {r['grid_evals']} |",
     ]
-    lines.append(f"| gradient | {r['grad_objective']:.1f} | {r['grad_evals']} |")
-    lines.append(f"| grid search | {r['grid_objective']:.1f} | {r['grid_evals']} |")
-    extra = {k: v for k, v in r.items() if k.startswith("validation")}
-    out = "\n".join(lines)
-    if extra:
-        out += "\n\n```json\n" + json.dumps(extra, indent=2) + "\n```"
-    return out
+    v = r.get("validation")
+    if v:
+        lines += [
+            "",
+            "Validation against the Llama-2-70B TP4 general trace: "
+            f"{v['requests']} requests simulated with factors fitted to it.",
+            "",
+            "| quantity | measured | simulated |",
+            "|---|---:|---:|",
+        ]
+        for key, unit in (("iteration_time_us", "us"), ("running_depth", "requests")):
+            for stat in ("median", "p90"):
+                m, sim = v[key]["measured"][stat], v[key]["simulated"][stat]
+                lines.append(f"| {key} {stat} ({unit}) | {m:.1f} | {sim:.1f} |")
+        sp = v.get("steps_with_prefill")
+        if sp:
+            lines.append(
+                f"| share of steps with prefill | {sp['measured']:.3f} "
+                f"| {sp['simulated']:.3f} |"
+            )
+    return "\n".join(lines)
 
 
 def section_text(name: str, results: pathlib.Path) -> str | None:
@@ -68,7 +87,13 @@ def section_text(name: str, results: pathlib.Path) -> str | None:
     if name == "scheduler" and not md.exists():
         js = results / "scheduler" / "scheduler.json"
         return scheduler_markdown(js) if js.exists() else None
-    return md.read_text().strip() if md.exists() else None
+    if not md.exists():
+        return None
+    # Drop a script's own top heading: the README gives each section its heading.
+    lines = md.read_text().strip().splitlines()
+    if lines and lines[0].startswith("## "):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
 
 
 def main(*, run: bool = False, results: pathlib.Path = ROOT / "results") -> None:
