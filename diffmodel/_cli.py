@@ -10,7 +10,6 @@ The command line computes in float64 (it turns on ``jax_enable_x64``).
 """
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 PROG = "diffmodel"
-_EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 _FIT_KINDS = ("global", "per-model", "hierarchical")
 
 
@@ -361,20 +359,10 @@ def _cmd_reproduce(args) -> int:
 
 
 def load_benchmark():
-    """``experiments/throughput.py`` of the source checkout, as a module."""
-    path = _EXPERIMENTS / "throughput.py"
-    if not path.is_file():
-        raise ValueError(
-            f"the throughput benchmark is experiments/throughput.py of a source "
-            f"checkout; not found at {path} (run from a clone of the repository)"
-        )
-    spec = importlib.util.spec_from_file_location("_diffmodel_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as err:
-        raise ValueError(f"cannot import the benchmark {path}: {err}") from None
-    return module
+    """The throughput benchmark module (``diffmodel._throughput``)."""
+    from . import _throughput
+
+    return _throughput
 
 
 def _cmd_bench(args) -> int:
@@ -534,9 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="throughput of bulk prediction (experiments/throughput.py)",
+        help="throughput of bulk prediction (same as experiments/throughput.py)",
         description="Steps/s of bulk prediction against NumPy, XGBoost and the "
-        "memory-bandwidth bound; needs a source checkout (experiments/).",
+        "memory-bandwidth bound.",
         formatter_class=fmt,
     )
     p.add_argument("--n-steps", type=int, default=10_000_000)

@@ -1,0 +1,439 @@
+"""Throughput of bulk step-time prediction, against a NumPy reference, XGBoost and the
+memory-bandwidth limit of the machine, all measured in one run on the same inputs.
+
+Usage: ``python experiments/throughput.py [--n-steps N] [--repeats R] [--json PATH]
+[--markdown PATH]``. Progress goes to stderr; the table to stdout.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+import diffmodel as dm
+from diffmodel._baselines import _FIXED_PARAMS, seed_features
+from diffmodel._bulk import (
+    _ALIGN_BYTES,
+    _chunk,
+    _group_tables,
+    _stats_kernel,
+    _table_plan,
+    predict_requests,
+    predict_steps,
+    step_time_fast,
+)
+
+DEPLOYMENTS = (("llama-2-70b", 4), ("codellama-34b", 2), ("mixtral-8x7b", 2))
+
+
+def _log(msg: str) -> None:
+    print(f"[throughput] {msg}", file=sys.stderr, flush=True)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, page faults, caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make_steps(n: int, seed: int = 0) -> tuple[dm.BatchStats, np.ndarray]:
+    """A realistic random mix of ``n`` steps (float32 statistics, int32 groups)."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    n_dec = rng.integers(0, 257, n).astype(f32)
+    n_pf = np.where(rng.random(n) < 0.3, rng.integers(1, 5, n), 0).astype(f32)
+    p = np.where(n_pf > 0, rng.integers(1, 8193, n), 0).astype(f32)
+    k_pf = (n_pf * rng.uniform(0, 2000, n)).astype(f32)
+    safe = np.where(n_pf > 0, n_pf, 1)
+    a_pf = np.where(n_pf > 0, p * (k_pf + 0.5 * p) / safe, 0).astype(f32)
+    k_dec = (n_dec * rng.uniform(200, 4000, n)).astype(f32)
+    stats = dm.BatchStats(
+        prefill_tokens=p,
+        decode_tokens=n_dec.copy(),
+        num_prefill=n_pf,
+        num_decode=n_dec,
+        kv_decode=k_dec,
+        attn_prefill=a_pf,
+        kv_prefill=k_pf,
+    )
+    group = rng.integers(0, len(DEPLOYMENTS), n).astype(np.int32)
+    return stats, group
+
+
+def make_requests(steps: int, width: int, seed: int = 1):
+    """Padded per-request batches: ``[steps, width]`` new/context tokens and mask."""
+    rng = np.random.default_rng(seed)
+    real = rng.integers(1, width + 1, steps)
+    mask = np.arange(width)[None, :] < real[:, None]
+    decode = rng.random((steps, width)) < 0.95
+    new = np.where(decode, 1, rng.integers(1, 1024, (steps, width))).astype(np.float32)
+    ctx = rng.integers(1, 4000, (steps, width)).astype(np.float32)
+    new = np.where(mask, new, np.float32(0))
+    ctx = np.where(mask, ctx, np.float32(0))
+    return new, ctx, mask
+
+
+def baseline_features(cols, group, rows) -> np.ndarray:
+    """The XGBoost baseline's input for ``rows`` steps: ``seed_features``, float64.
+
+    The real baseline (``diffmodel.XGBoostBaseline``) reads a trace frame; the KV
+    gauge columns it also needs are derived here from the statistics (KV tokens in
+    16-token blocks of a 40,000-block cache), the queue depth is the batch size.
+    """
+    p, dtok, n_pf, n_dec, k_dec, _, k_pf = (np.asarray(c[rows], float) for c in cols)
+    g = group[rows]
+    total = np.full(p.shape, 40_000.0)
+    used = np.minimum(np.ceil((k_dec + k_pf) / 16.0), total)
+    frame = pd.DataFrame(
+        {
+            "batch.prefill_tokens": p,
+            "batch.decode_tokens": dtok,
+            "batch.scheduled_tokens": p + dtok,
+            "batch.num_prefill_reqs": n_pf,
+            "batch.num_decode_reqs": n_dec,
+            "kv.usage_gpu_ratio": used / total,
+            "kv.blocks_total_gpu": total,
+            "kv.blocks_free_gpu": total - used,
+            "queue.running_depth": n_pf + n_dec,
+            "model": np.asarray([m for m, _ in DEPLOYMENTS])[g],
+            "tp": np.asarray([t for _, t in DEPLOYMENTS], float)[g],
+        }
+    )
+    return seed_features(frame).to_numpy()
+
+
+def numpy_step_time(cols, group, dep: dict, fac: dict) -> np.ndarray:
+    """The roofline of :func:`diffmodel.step_time`, total us, in vectorised NumPy.
+
+    A reference kept here for the benchmark: the same formulas, written directly.
+    """
+    p, dtok, n_pf, n_dec, k_dec, a_pf, k_pf = cols
+    g = {k: v[group] for k, v in dep.items()}
+    L, d, dh, t = g["n_layers"], g["hidden"], g["head_dim"], g["tp"]
+    wb, ab, kb = g["weight_bytes"], g["act_bytes"], g["kv_bytes"]
+    bw = g["hbm_bw"]
+    tokens, requests = p + dtok, n_pf + n_dec
+    active = tokens > 0
+    qh = g["n_heads"] / t
+    kvh = np.maximum(g["n_kv_heads"] / t, 1.0)
+    peak = np.where(wb <= 1.0, g["flops_8"], g["flops_16"])
+
+    def smooth_max(a, b):
+        m = np.maximum(a, b)
+        safe = np.where(m > 0, m, 1.0)
+        s = (a / safe) ** 4 + (b / safe) ** 4
+        return np.where(m > 0, safe * s**0.25, 0.0)
+
+    def roof(f, b, pk, eta_f, eta_b):
+        return smooth_max(f / (pk * eta_f) * 1e6, b / (bw * eta_b) * 1e6)
+
+    def gemm(m, n, k):
+        return 2.0 * m * n * k, k * n * wb + (m * k + m * n) * ab
+
+    ffn, sffn, e, k = g["ffn"] / t, g["shared_ffn"] / t, g["n_experts"], g["top_k"]
+    fe = g["expert_ffn"] / t
+    gemms = [
+        gemm(tokens, (qh + 2 * kvh) * dh, d),
+        gemm(tokens, d, qh * dh),
+        gemm(tokens, 2 * ffn, d),
+        gemm(tokens, d, ffn),
+        gemm(tokens, 2 * sffn, d),
+        gemm(tokens, d, sffn),
+        gemm(tokens, e, d),
+    ]
+    per_expert = 3.0 * d * fe
+    base = 1.0 - k / np.where(e > 0, e, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        miss = np.where(
+            base > 0,
+            np.where(base > 0, base, 1.0) ** tokens,
+            np.where(tokens > 0, 0, 1),
+        )
+    touched = np.where(e > 0, e * (1.0 - miss), 0.0)
+    acts = tokens * k * (2.0 * d + 3.0 * fe) + tokens * d
+    lin_f = sum(x[0] for x in gemms) + 2.0 * tokens * k * per_expert
+    lin_b = sum(x[1] for x in gemms) + touched * per_expert * wb + acts * ab
+    ffn_act = ffn + sffn + k * fe
+    lin_b = lin_b + tokens * ab * (10 * d + 2 * (qh + kvh) * dh + 3 * ffn_act)
+    linear = roof(L * lin_f, L * lin_b, peak, fac["gemm_flops"], fac["mem_bw"])
+    f16 = g["flops_16"]
+    pf_f = 4.0 * qh * dh * a_pf
+    pf_b = 2.0 * kvh * dh * kb * (k_pf + p) + 2.0 * qh * dh * ab * p
+    pf = roof(L * pf_f, L * pf_b, f16, fac["attn_flops"], fac["attn_bw"])
+    dec_f = 4.0 * qh * dh * k_dec
+    dec_b = 2.0 * kvh * dh * kb * k_dec + 2.0 * qh * dh * ab * dtok
+    dec = roof(L * dec_f, L * dec_b, f16, fac["attn_flops"], fac["attn_bw"])
+    kv_write = L * 2 * kvh * dh * kb * tokens / (bw * fac["mem_bw"]) * 1e6
+    head_f, head_b = gemm(requests, g["vocab"] / t, d)
+    head_b = head_b + requests * g["vocab"] / t * 4.0
+    head = roof(head_f, head_b, peak, fac["gemm_flops"], fac["mem_bw"])
+    ring = 2.0 * (t - 1.0) / t * tokens * d * ab / (g["link_bw"] * fac["comm_bw"]) * 1e6
+    allreduce = 2 * L * np.where(t > 1, fac["comm_latency_us"] + ring, 0.0)
+    overhead = (
+        fac["step_overhead_us"]
+        + np.where(active, L * fac["layer_overhead_us"], 0.0)
+        + requests * fac["request_overhead_us"]
+    )
+    gpu = linear + pf + dec + kv_write + head + allreduce
+    return np.where(active, gpu, 0.0) + overhead
+
+
+def _numpy_tables(deps: dm.Deployment, fac: dm.Factors, dtype) -> tuple[dict, dict]:
+    dep = {k: np.asarray(v, dtype) for k, v in vars(deps.arch).items()}
+    dep |= {k: np.asarray(v, dtype) for k, v in vars(deps.hw).items()}
+    dep["tp"] = np.asarray(deps.tp, dtype)
+    return dep, {k: dtype(v) for k, v in fac.as_dict().items()}
+
+
+def stream_bound(cols, group, out, block: int = 1 << 15) -> None:
+    """Read every input array once and write one output: a sum, in cache blocks."""
+    for s in range(0, out.shape[0], block):
+        o = out[s : s + block]
+        np.add(cols[0][s : s + block], cols[1][s : s + block], out=o)
+        for c in cols[2:]:
+            np.add(o, c[s : s + block], out=o)
+        np.add(o, group[s : s + block], out=o, casting="unsafe")
+
+
+def describe_device() -> str:
+    d = jax.devices()
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{len(d)} x {d[0].device_kind} ({d[0].platform}); "
+        f"{os.cpu_count()} CPU cores, {cpu}"
+    )
+
+
+def main(
+    *,
+    n_steps: int = 10_000_000,
+    repeats: int = 5,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    request_steps: int = 200_000,
+    request_width: int = 256,
+    numpy_steps: int = 2_000_000,
+    xgb_rows: int = 1_000_000,
+    grad_steps: int = 1_000_000,
+    chunk_size: int = 2**18,
+) -> dict:
+    """Measure and print steps/s of every method; return (and optionally save) them.
+
+    Args:
+        n_steps: steps of the aggregate diffmodel run and of the bandwidth bound.
+        repeats: timed repeats (median reported) after one warm-up.
+        json_path: write the figures as JSON here.
+        markdown_path: write the proposed README section (paragraph + table) here.
+        request_steps, request_width: the per-request input, ``[steps, width]``.
+        numpy_steps: steps the NumPy reference is timed on (rate scaled).
+        xgb_rows: rows XGBoost's ``predict`` is timed on (rate scaled).
+        grad_steps: steps of the value-and-gradient evaluation.
+        chunk_size: diffmodel's steps per compiled call.
+    """
+    import xgboost  # deferred: only this benchmark needs it
+
+    dtype = np.float32
+    deps = dm.stack_deployments(
+        [dm.deployment(m, "h100-sxm", tp) for m, tp in DEPLOYMENTS]
+    )
+    fac = dm.default_factors()
+    _log(f"device: {describe_device()}")
+    _log(f"generating {n_steps:,} steps")
+    stats, group = make_steps(n_steps)
+    cols = [getattr(stats, f) for f in stats.__dataclass_fields__]
+    res: dict = {"n_steps": n_steps, "device": describe_device(), "dtype": "float32"}
+
+    # Compile time: tracing and XLA compilation of the per-chunk function.
+    dep32 = jax.tree.map(lambda x: jnp.asarray(x, dtype), deps)
+    fac32 = jax.tree.map(lambda x: jnp.asarray(x, dtype), fac)
+    t0 = time.perf_counter()
+    tables = _group_tables(dep32, fac32, components=False, dtype=np.dtype(dtype))
+    # What predict_steps compiles: 7 statistics and the group as flat windows.
+    pad = _ALIGN_BYTES // 4
+    windows = (*(jnp.zeros(chunk_size + pad, dtype) for _ in cols),)
+    windows += (jnp.zeros(chunk_size + pad, jnp.int32),)
+    distinct, plan = _table_plan(tables)
+    _chunk.lower(
+        windows,
+        np.zeros(len(windows), np.int32),
+        distinct,
+        dep32,
+        fac32,
+        kernel=_stats_kernel,
+        plan=plan,
+        shapes=((chunk_size,),) * len(windows),
+        components=False,
+    ).compile()
+    res["compile_s"] = time.perf_counter() - t0
+    _log(f"compile: {res['compile_s']:.2f} s")
+
+    _log("diffmodel aggregate")
+    out = {}
+
+    def run_diffmodel():
+        out["pred"] = predict_steps(stats, deps, group, fac, chunk_size=chunk_size)
+
+    t = _median_time(run_diffmodel, repeats)
+    res["steps_per_s"] = n_steps / t
+    pred = out["pred"]
+
+    _log("memory-bandwidth bound (NumPy: read inputs once, write one output)")
+    buf = np.empty(n_steps, dtype)
+    t = _median_time(lambda: stream_bound(cols, group, buf), repeats)
+    res["stream_steps_per_s"] = n_steps / t
+    res["stream_bytes_per_s"] = n_steps * (4 * len(cols) + 4 + 4) / t
+
+    _log("NumPy reference")
+    dep_np, fac_np = _numpy_tables(deps, fac, dtype)
+    m = min(numpy_steps, n_steps)
+    check = numpy_step_time([c[:20_000] for c in cols], group[:20_000], dep_np, fac_np)
+    np.testing.assert_allclose(check, pred[:20_000], rtol=1e-4)  # once, not timed
+    block = 1 << 16
+
+    def run_numpy():
+        o = np.empty(m, dtype)
+        for s in range(0, m, block):
+            sl = slice(s, min(s + block, m))
+            o[sl] = numpy_step_time([c[sl] for c in cols], group[sl], dep_np, fac_np)
+
+    t = _median_time(run_numpy, max(1, min(repeats, 3)))
+    res["numpy_steps_per_s"] = m / t
+    res["numpy_timed_steps"] = m
+
+    _log("XGBoost predict (the seed baseline's 30 features, float64)")
+    rng = np.random.default_rng(2)
+    train = rng.choice(n_steps, size=min(20_000, n_steps), replace=False)
+    rows = min(xgb_rows, n_steps)
+    model = xgboost.XGBRegressor(
+        **_FIXED_PARAMS,
+        max_depth=6,
+        n_estimators=300,
+        learning_rate=0.1,
+        n_jobs=2,
+        random_state=0,
+    )
+    model.fit(baseline_features(cols, group, train), np.log(pred[train]))
+    # Feature engineering is not timed: only predict on ready features.
+    x_pred = baseline_features(cols, group, slice(0, rows))
+    t = _median_time(lambda: model.predict(x_pred), max(1, min(repeats, 3)))
+    res["xgboost_steps_per_s"] = rows / t
+    res["xgboost_timed_rows"] = rows
+
+    _log(f"per-request batches: {request_steps:,} steps x {request_width} slots")
+    new, ctx, mask = make_requests(request_steps, request_width)
+    rgroup = group[:request_steps]
+    t = _median_time(
+        lambda: predict_requests(new, ctx, mask, deps, rgroup, fac), repeats
+    )
+    res["request_steps_per_s"] = request_steps / t
+    res["requests_per_s"] = float(mask.sum()) / t
+    res["request_slots_per_s"] = mask.size / t
+
+    _log(f"value and gradient over {grad_steps:,} steps")
+    gs = min(grad_steps, n_steps)
+    st = jax.tree.map(lambda x: jnp.asarray(x[:gs]), stats)
+    gg = jnp.asarray(group[:gs])
+    actual = jnp.asarray(pred[:gs] * rng.lognormal(0, 0.2, gs).astype(dtype))
+
+    @jax.jit
+    def value_and_grad(f):
+        def loss(f):
+            p_ = step_time_fast(st, dep32, gg, f)
+            return jnp.mean((jnp.log(p_) - jnp.log(actual)) ** 2)
+
+        return jax.value_and_grad(loss)(f)
+
+    t = _median_time(lambda: jax.block_until_ready(value_and_grad(fac32)), repeats)
+    res["grad_steps_per_s"] = gs / t
+
+    res["ratio_stream"] = res["steps_per_s"] / res["stream_steps_per_s"]
+    res["ratio_numpy"] = res["steps_per_s"] / res["numpy_steps_per_s"]
+    res["ratio_xgboost"] = res["steps_per_s"] / res["xgboost_steps_per_s"]
+    table = markdown_table(res)
+    print(table)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(res, fh, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as fh:
+            fh.write(readme_section(res, table))
+    return res
+
+
+def markdown_table(r: dict) -> str:
+    """The results as a markdown table (steps/s and ratios)."""
+    rows = [
+        ("diffmodel, aggregate statistics", r["steps_per_s"], "1"),
+        (
+            "memory-bandwidth bound (NumPy reads inputs once)",
+            r["stream_steps_per_s"],
+            f"diffmodel / bound = {r['ratio_stream']:.2f}",
+        ),
+        (
+            f"NumPy reference, same formula ({r['numpy_timed_steps']:,} steps)",
+            r["numpy_steps_per_s"],
+            f"diffmodel / NumPy = {r['ratio_numpy']:.1f}x",
+        ),
+        (
+            f"XGBoost predict, 300 trees depth 6, 30 features "
+            f"({r['xgboost_timed_rows']:,} rows)",
+            r["xgboost_steps_per_s"],
+            f"diffmodel / XGBoost = {r['ratio_xgboost']:.0f}x",
+        ),
+        (
+            "diffmodel, per-request batches",
+            r["request_steps_per_s"],
+            f"{r['requests_per_s']:.3g} requests/s",
+        ),
+        ("diffmodel, loss value + gradient (factors)", r["grad_steps_per_s"], ""),
+    ]
+    lines = ["| method | steps/s | ratio |", "|---|---:|---|"]
+    lines += [f"| {m} | {v:.3g} | {c} |" for m, v, c in rows]
+    lines.append(f"| compile time (one chunk shape) | {r['compile_s']:.2f} s | |")
+    return "\n".join(lines)
+
+
+def readme_section(r: dict, table: str) -> str:
+    """The proposed README section: a short paragraph and the table."""
+    return (
+        "## Throughput\n\n"
+        "`diffmodel.predict_steps` evaluates the roofline over arrays of steps from "
+        "several deployments with one compiled function over fixed-size chunks "
+        "(inputs validated once, in NumPy). Measured by "
+        f"`python experiments/throughput.py` on {r['device']}, float32, "
+        f"{r['n_steps']:,} steps mixed from llama-2-70b TP4, codellama-34b TP2 and "
+        "mixtral-8x7b TP2, median of repeats after warm-up. The bandwidth bound is "
+        "NumPy reading the same input arrays once and writing one output; XGBoost "
+        "and NumPy rates are timed on the row counts shown and scaled.\n\n"
+        f"{table}\n"
+    )
+
+
+def _cli(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-steps", type=int, default=10_000_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", dest="json_path", default=None, metavar="PATH")
+    ap.add_argument("--markdown", dest="markdown_path", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    return main(
+        n_steps=args.n_steps,
+        repeats=args.repeats,
+        json_path=args.json_path,
+        markdown_path=args.markdown_path,
+    )
+
+
+if __name__ == "__main__":
+    _cli()
