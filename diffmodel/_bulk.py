@@ -16,6 +16,7 @@ Two rewrites make the compiled function fast on CPU without changing its value:
   otherwise (the MoE expert count): XLA:CPU evaluates ``pow`` ~10x slower than ``exp``.
 """
 
+import collections
 import functools
 from collections.abc import Sequence
 
@@ -41,6 +42,8 @@ _SELECT_MAX_GROUPS = 8
 # are multiples of this many elements so that chunk starts stay aligned.
 _ALIGN_BYTES = 64
 _ALIGN_ELEMS = 16
+# Chunks dispatched ahead of the one being copied out (see _run_chunks).
+_IN_FLIGHT = 3
 
 
 # pow rewrite
@@ -670,15 +673,19 @@ def _run_chunks(
         # A sum is NaN if any term is (or +inf meets -inf): one read, in cache.
         nan[0] = nan[0] or bool(np.isnan(np.sum(outs["total"][start:stop])))
 
-    pending = None
+    # Keep ``_IN_FLIGHT`` chunks dispatched: XLA:CPU runs independent executions
+    # on its thread pool, so with two in flight both cores compute while the host
+    # copies finished results out.
+    pending: collections.deque = collections.deque()
     for i, start in enumerate(range(0, n, chunk)):
         windows, offsets = feeder(i, start)
-        result = fn(tuple(windows), offsets, tables, deployments, factors)
-        if pending is not None:
-            collect(*pending)  # overlaps with the chunk just dispatched
-        pending = (start, result)
-    if pending is not None:
-        collect(*pending)
+        pending.append(
+            (start, fn(tuple(windows), offsets, tables, deployments, factors))
+        )
+        if len(pending) > _IN_FLIGHT:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())
     if nan[0] and on_nan is not None:
         on_nan()
     return outs if components else outs["total"]
