@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._arch import architecture
 from ._metrics import mape
 from ._paths import default_data_dir
 from ._splits import canonical_model_name
@@ -61,13 +62,30 @@ class BlackBox:
 
 # --------------------------------------------------------------------------- features
 
-# Per catalog model: hidden size, layers, KV heads, head dim, FFN size, experts,
-# experts per token (from the Hugging Face config.json files in model_configs/).
+
+def _seed_arch(name: str) -> tuple[int, int, int, int, int, int, int]:
+    """Hidden size, layers, KV heads, head dim, FFN size (per expert for MoE),
+    experts and experts per token (1 and 1 when dense), from the model catalog."""
+    a = architecture(name)
+    moe = float(a.n_experts) > 0
+    return tuple(
+        int(x)
+        for x in (
+            a.hidden,
+            a.n_layers,
+            a.n_kv_heads,
+            a.head_dim,
+            a.expert_ffn if moe else a.ffn,
+            a.n_experts if moe else 1,
+            a.top_k if moe else 1,
+        )
+    )
+
+
+# The seed study's four models (its features know no others).
 _ARCH: dict[str, tuple[int, int, int, int, int, int, int]] = {
-    "codellama-34b": (8192, 48, 8, 128, 22016, 1, 1),
-    "llama-2-7b": (4096, 32, 32, 128, 11008, 1, 1),
-    "llama-2-70b": (8192, 80, 8, 128, 28672, 1, 1),
-    "mixtral-8x7b": (4096, 32, 8, 128, 14336, 8, 2),
+    name: _seed_arch(name)
+    for name in ("codellama-34b", "llama-2-7b", "llama-2-70b", "mixtral-8x7b")
 }
 _MODEL_ID: dict[str, int] = {name: i for i, name in enumerate(sorted(_ARCH))}
 _BYTES_PER_PARAM = 2.0  # fp16/bf16 weights and KV cache

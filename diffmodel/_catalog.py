@@ -133,6 +133,7 @@ MODEL_CONFIGS: dict[str, dict] = {
 MODEL_ALIASES: dict[str, str] = {
     "llama-2-7b-hf": "llama-2-7b",
     "llama-2-70b-hf": "llama-2-70b",
+    "codellama-34b-hf": "codellama-34b",
     "codellama-34b-instruct-hf": "codellama-34b",
     "codellama-34b-instruct": "codellama-34b",
     "llama-3.1-70b-instruct": "llama-3.1-70b",

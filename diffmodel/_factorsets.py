@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int
 from ._batch import BatchStats
 from ._deployment import Deployment
 from ._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
-from ._roofline import Breakdown, step_time
+from ._roofline import Breakdown, step_time_batch
 
 _KINDS = np.array([FACTOR_SPECS[n][2] == "efficiency" for n in FACTOR_NAMES])
 _PRIORS = np.array([FACTOR_SPECS[n][0] for n in FACTOR_NAMES])
@@ -76,9 +76,8 @@ class StepData(eqx.Module):
 
     def breakdown(self, factors: Factors, *, check: bool = False) -> Breakdown:
         """Roofline breakdown, us, with per-group factors indexed by ``group``."""
-        fac = jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else x[self.group], factors)
-        return step_time(
-            self.stats, self.deployments.take(self.group), fac, check=check
+        return step_time_batch(
+            self.stats, self.deployments, self.group, factors, check=check
         )
 
 

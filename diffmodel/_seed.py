@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._factorsets import StepData, _label_index
+from ._factorsets import StepData
 from ._roofline import linear_work
 
 SEED_COMPONENTS = (
@@ -103,15 +103,6 @@ class SeedFactors(eqx.Module):
     def penalty(self, n_rows: int) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
-
-    def values_for(self, labels: Sequence[str]) -> Float[Array, "g 9"]:
-        """Parameter values for groups ``labels`` (per-group sets need every group)."""
-        if not self.per_group:
-            return jnp.broadcast_to(self.values(), (len(labels), 9))
-        idx = _label_index(self.labels, labels)
-        if (idx < 0).any():
-            raise ValueError(f"seed factors have no group for some of {list(labels)}")
-        return self.values()[idx]
 
 
 def init_seed(labels: Sequence[str], *, per_group: bool) -> SeedFactors:

@@ -12,23 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-SPLIT_LABELS: tuple[str, str, str] = ("train", "valid", "test")
+from ._catalog import MODEL_ALIASES
 
-# Trace and Hugging Face spellings -> the names of the model catalog.
-_MODEL_ALIASES: dict[str, str] = {
-    "llama-2-7b-hf": "llama-2-7b",
-    "llama-2-70b-hf": "llama-2-70b",
-    "codellama-34b-hf": "codellama-34b",
-    "codellama-34b-instruct": "codellama-34b",
-    "codellama-34b-instruct-hf": "codellama-34b",
-    "mixtral-8x7b-v0-1": "mixtral-8x7b",
-    "mixtral-8x7b-v0.1": "mixtral-8x7b",
-    "llama-3.1-8b-instruct": "llama-3.1-8b",
-    "llama-3.1-70b-instruct": "llama-3.1-70b",
-    "mistral-nemo": "mistral-nemo-12b",
-    "mistral-nemo-instruct-2407": "mistral-nemo-12b",
-    "qwen2.5-7b-instruct": "qwen2.5-7b",
-}
+SPLIT_LABELS: tuple[str, str, str] = ("train", "valid", "test")
 
 
 def canonical_model_name(name: str) -> str:
@@ -42,7 +28,7 @@ def canonical_model_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     key = name.strip().lower()
-    return _MODEL_ALIASES.get(key, key)
+    return MODEL_ALIASES.get(key, key)
 
 
 def split_sizes(
