@@ -4,8 +4,7 @@ Three parts, written to ``<out>/scheduler.json``:
 
 1. **Factors.** The 9 global roofline factors fitted to the iteration time of one public
    trace (``stepml/steps.parquet``, default Llama-2-70B TP4 "general"; pairs of
-   consecutive ``step.id``), with ``diffmodel.fit`` when the package has it, else
-   with ``minimise`` on the same log-ratio loss.
+   consecutive ``step.id``), with ``diffmodel.fit`` on the log-ratio loss.
 2. **Validation.** The exact simulator driven by a workload whose arrival rates and
    lengths are read off that trace (two load phases, see
    :func:`trace_workload_spec`) under the trace's vLLM settings
@@ -45,8 +44,6 @@ import optax  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import diffmodel  # noqa: E402
-from diffmodel._factors import FACTOR_NAMES, FACTOR_SPECS  # noqa: E402
-from diffmodel._optimise import minimise  # noqa: E402
 from diffmodel._scheduler import (  # noqa: E402
     Knobs,
     Workload,
@@ -71,46 +68,9 @@ OUTPUT_SIGMA = 0.8  # log-normal spread of output lengths (no per-request data)
 def fit_factors(frame: pd.DataFrame) -> tuple[diffmodel.Factors, dict[str, Any]]:
     """9 global factors fitted to ``iteration_time_us`` of a one-deployment frame."""
     rows = frame[np.isfinite(frame["iteration_time_us"])].reset_index(drop=True)
-    fit = getattr(diffmodel, "fit", None)
-    if fit is not None:
-        try:
-            res = fit(rows, target="iteration_time_us", factors="global")
-            label = diffmodel.group_label(MODEL, HARDWARE, TP)
-            fa = res.factors_for([label])
-            fa = jax.tree.map(lambda x: jnp.reshape(x, (-1,))[0], fa)
-            return fa, {"method": "diffmodel.fit", "rows": len(rows), "loss": res.loss}
-        except Exception as err:  # the lead's fitter is still changing
-            print(f"diffmodel.fit unavailable ({err!r}); fitting with minimise")
-    stats = diffmodel.stats_from_frame(rows)
-    dep = diffmodel.deployment(MODEL, HARDWARE, TP)
-    y = jnp.asarray(rows["iteration_time_us"].to_numpy(float))
-    eff = [n for n in FACTOR_NAMES if FACTOR_SPECS[n][2] == "efficiency"]
-
-    def physical(raw):
-        return diffmodel.Factors(
-            **{
-                n: jax.nn.sigmoid(raw[n]) if n in eff else jnp.exp(raw[n])
-                for n in FACTOR_NAMES
-            }
-        )
-
-    raw0 = {
-        n: jnp.asarray(
-            np.log(v / (1 - v)) if n in eff else np.log(v), dtype=jnp.float64
-        )
-        for n, (v, _, _) in FACTOR_SPECS.items()
-    }
-
-    def loss(raw):
-        pred = diffmodel.step_time(stats, dep, physical(raw), check=False).total
-        return jnp.mean((jnp.log(pred) - jnp.log(y)) ** 2)
-
-    res = minimise(loss, raw0, solver="lbfgs", max_steps=500)
-    return physical(res.params), {
-        "method": "minimise(lbfgs)",
-        "rows": len(rows),
-        "loss": res.loss,
-    }
+    res = diffmodel.fit(rows, target="iteration_time_us", factors="global")
+    fa = res.factor_set.physical()
+    return fa, {"method": "diffmodel.fit", "rows": len(rows), "loss": res.loss}
 
 
 # ------------------------------------------------------------------------ validation
