@@ -14,6 +14,7 @@ from ._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
 from ._factorsets import (
     GlobalFactors,
     HierarchicalFactors,
+    PerGroupFactors,
     StepData,
     init_factor_set,
 )
@@ -148,10 +149,10 @@ def fit_arrays(
             f"data has {np.shape(data.group)} group indices but target has {n} rows"
         )
     labels = getattr(factor_set, "labels", ())
-    per_group = np.ndim(getattr(factor_set, "raw", np.zeros(1))) == 2 or hasattr(
-        factor_set, "offsets"
+    per_group = isinstance(factor_set, PerGroupFactors | HierarchicalFactors) or (
+        isinstance(factor_set, SeedFactors) and factor_set.per_group
     )
-    if per_group and labels:
+    if per_group:
         counts = np.bincount(np.asarray(data.group), minlength=len(labels))
         empty = [lab for lab, c in zip(labels, counts, strict=False) if c == 0]
         if empty:
