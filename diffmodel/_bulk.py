@@ -44,6 +44,9 @@ _ALIGN_BYTES = 64
 _ALIGN_ELEMS = 16
 # Chunks dispatched ahead of the one being copied out (see _run_chunks).
 _IN_FLIGHT = 3
+# Staging buffers the feeder cycles through: one per chunk that may be in flight
+# while the next is staged (see _Feeder).
+_N_STAGING = _IN_FLIGHT + 1
 
 
 # pow rewrite
@@ -557,8 +560,11 @@ class _Feeder:
     the compiled function. Where no such window lies inside the array (the first
     chunk of a misaligned array, the last, padded chunk), and for strided arrays,
     other dtypes, or several devices (a window would straddle shards), the chunk is
-    copied into one of two reused aligned staging buffers. Two suffice: chunk
-    ``i + 1`` is staged only after chunk ``i - 1`` has been collected.
+    copied into one of ``_IN_FLIGHT + 1`` reused aligned staging buffers. XLA reads
+    a staged buffer in place and asynchronously, so a buffer may be refilled only
+    once the chunk it held has been collected: chunk ``i`` is staged while chunks
+    ``i - _IN_FLIGHT .. i - 1`` may still be computing, hence one buffer more than
+    chunks in flight.
     """
 
     def __init__(self, arrays, dtypes, chunk: int, sharding, pad_values, windows):
@@ -583,7 +589,7 @@ class _Feeder:
                 _aligned_empty(s, dt)
                 for s, dt in zip(self.window_shapes, dtypes, strict=True)
             ]
-            for _ in range(2)
+            for _ in range(_N_STAGING)
         ]
 
     def __call__(self, i: int, start: int) -> tuple[list, np.ndarray]:
@@ -591,7 +597,7 @@ class _Feeder:
         for k, (a, flat) in enumerate(zip(self.arrays, self.flat, strict=True)):
             part = self._window(k, a, flat, start, offsets)
             if part is None:
-                buf = self.staging[i % 2][k]
+                buf = self.staging[i % _N_STAGING][k]
                 rows = a[start : start + self.chunk]
                 m = rows.size
                 view = buf.reshape(-1)

@@ -335,3 +335,30 @@ def test_misaligned_inputs_are_read_in_place_and_agree(deps):
         assert not np.shares_memory(w0, a) and np.shares_memory(w1, a)
         assert w1.__array_interface__["data"][0] % 64 == 0
     assert offsets0.tolist() == [0, 0, 0] and offsets1.tolist() == [1, 3, 37]
+
+
+def test_staging_buffer_not_refilled_while_its_chunk_may_be_in_flight():
+    from diffmodel._bulk import _IN_FLIGHT, _Feeder
+
+    # XLA reads staged buffers in place and asynchronously: the chunks that may be
+    # in flight together (the one being staged and the _IN_FLIGHT before it) must
+    # each have their own buffer, else a later chunk overwrites an earlier one's
+    # inputs before it is computed (CI once saw float32 totals off by 15x from this).
+    x = np.arange(16 * 10, dtype=np.float64)  # float64 -> float32: always staged
+    feeder = _Feeder([x], [np.float32], 16, None, [0], True)
+    staged = [feeder(i, 16 * i)[0][0] for i in range(2 * (_IN_FLIGHT + 1))]
+    for i, a in enumerate(staged):
+        for j in range(max(0, i - _IN_FLIGHT), i):
+            assert not np.shares_memory(a, staged[j]), (i, j)
+
+
+def test_many_staged_chunks_in_flight_agree(deps):
+    # Many short chunks that are all staged (float64 input, float32 evaluation),
+    # so staging-buffer reuse across in-flight chunks would show as wrong totals.
+    n = 4096
+    stats = _stats(n)
+    group = np.random.default_rng(3).integers(0, 3, n)
+    ref = _direct(stats, deps, group)["total"]
+    for _ in range(3):
+        got = predict_steps(stats, deps, group, chunk_size=16, dtype=np.float32)
+        np.testing.assert_allclose(got, ref, rtol=RTOL[np.float32], atol=1e-6)
