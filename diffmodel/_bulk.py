@@ -31,7 +31,7 @@ from ._batch import BatchStats, request_terms
 from ._deployment import Deployment, stack_deployments
 from ._factors import FACTOR_NAMES, Factors, default_factors
 from ._frame import groups_from_frame, stats_from_frame
-from ._roofline import COMPONENTS, step_time
+from ._roofline import COMPONENTS, step_time, step_total
 
 STAT_FIELDS: tuple[str, ...] = tuple(BatchStats.__dataclass_fields__)
 
@@ -273,11 +273,12 @@ class _Evaluator:
 
 
 def _total_and_parts(stats, dep, fac, components):
-    b = step_time(stats, dep, fac, check=False)  # inputs validated at the boundary
-    total = b.total.astype(stats.prefill_tokens.dtype)
-    if components:
-        return total, {c: getattr(b, c).astype(total.dtype) for c in COMPONENTS}
-    return total
+    dtype = stats.prefill_tokens.dtype
+    if not components:  # inputs validated at the boundary
+        return step_total(stats, dep, fac, check=False).astype(dtype)
+    b = step_time(stats, dep, fac, check=False)
+    total = b.total.astype(dtype)
+    return total, {c: getattr(b, c).astype(total.dtype) for c in COMPONENTS}
 
 
 def _evaluate(stats, deployments, group, factors, components, tables=None):
@@ -371,9 +372,11 @@ def _stats_kernel(cols, group, tables, deployments, factors, components):
     out = _evaluate(stats, deployments, group, factors, components, tables)[0]
     # The value check, fused into the loop that reads the statistics anyway: a step
     # with a negative or NaN statistic gets a NaN total (named afterwards, in NumPy).
-    low = functools.reduce(jnp.minimum, cols)
+    # Comparisons and ``and`` rather than a NaN-propagating minimum, which XLA:CPU
+    # expands into several instructions (``NaN >= 0`` is false).
+    ok = functools.reduce(jnp.logical_and, [c >= 0 for c in cols])
     total = out[0] if components else out
-    total = jnp.where(low >= 0, total, jnp.full_like(total, jnp.nan))
+    total = jnp.where(ok, total, jnp.full_like(total, jnp.nan))
     return (total, out[1]) if components else total
 
 

@@ -133,6 +133,41 @@ def step_time(
     """
     if check:
         stats = check_stats(stats)
+    parts, active = _parts(stats, dep, factors, sharpness)
+    shape = jnp.shape(parts["linear"])
+    return Breakdown(
+        **{c: jnp.where(active, parts[c], 0.0) for c in _GPU_COMPONENTS},
+        overhead=jnp.broadcast_to(parts["overhead"], shape),
+    )
+
+
+def step_total(
+    stats: BatchStats,
+    dep: Deployment,
+    factors: Factors,
+    *,
+    sharpness: float = SHARPNESS,
+    check: bool = True,
+) -> Array:
+    """``step_time(...).total``, us, with one ``where`` for the idle steps.
+
+    The same value (the same sums in the same order): the GPU components are gated
+    on ``tokens > 0`` together rather than one by one, which saves work in bulk.
+    """
+    if check:
+        stats = check_stats(stats)
+    parts, active = _parts(stats, dep, factors, sharpness)
+    gpu = sum(parts[c] for c in _GPU_COMPONENTS)
+    return jnp.where(active, gpu, 0.0) + parts["overhead"]
+
+
+# The components a step with no tokens does not run (all but the overhead).
+_GPU_COMPONENTS = COMPONENTS[:-1]
+
+
+def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
+    """The components of :func:`step_time`, GPU ones not yet zeroed for idle steps,
+    and the mask ``tokens > 0`` of steps that run a forward pass."""
     a, hw, t, fa = dep.arch, dep.hw, dep.tp, factors
     tokens = stats.tokens
     requests = stats.requests
@@ -192,18 +227,16 @@ def step_time(
         + requests * fa.request_overhead_us
     )
 
-    def gpu(x):
-        return jnp.where(active, x, 0.0)
-
-    return Breakdown(
-        linear=gpu(linear),
-        attention_prefill=gpu(attention_prefill),
-        attention_decode=gpu(attention_decode),
-        kv_write=gpu(kv_write),
-        lm_head=gpu(lm_head),
-        allreduce=gpu(allreduce),
-        overhead=jnp.broadcast_to(overhead, jnp.shape(linear)),
-    )
+    parts = {
+        "linear": linear,
+        "attention_prefill": attention_prefill,
+        "attention_decode": attention_decode,
+        "kv_write": kv_write,
+        "lm_head": lm_head,
+        "allreduce": allreduce,
+        "overhead": overhead,
+    }
+    return parts, active
 
 
 def step_time_batch(

@@ -94,6 +94,41 @@ def test_smooth_max_properties():
     assert float(smooth_max(2.0, 2.0)) == pytest.approx(2 * 2**0.25)
     g = jax.grad(lambda a: smooth_max(a, 0.0))(0.0)
     assert np.isfinite(g)
+    assert np.isnan(float(smooth_max(jnp.nan, 1.0)))
+    assert np.isnan(float(smooth_max(1.0, jnp.nan)))
+
+
+def test_smooth_max_equals_the_power_mean_and_its_gradient():
+    # Against (a^4 + b^4)^(1/4) in float64, on both sides of the tie and at it.
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.lognormal(0, 3, 200), [1.0, 5.0, 0.0]])
+    b = np.concatenate([rng.lognormal(0, 3, 200), [1.0, 0.0, 5.0]])
+    np.testing.assert_allclose(smooth_max(a, b), (a**4 + b**4) ** 0.25, rtol=1e-13)
+    grad = jax.vmap(jax.grad(smooth_max, argnums=(0, 1)))(a, b)
+    s = (a**4 + b**4) ** 0.25
+    np.testing.assert_allclose(grad[0], (a / s) ** 3, rtol=1e-12)
+    np.testing.assert_allclose(grad[1], (b / s) ** 3, rtol=1e-12)
+    # float32 without overflow where a^4 alone would overflow (a ~ 1e10 us).
+    big = smooth_max(np.float32(1e10), np.float32(1e10))
+    assert np.isfinite(big) and big == pytest.approx(1e10 * 2**0.25, rel=1e-6)
+
+
+def test_step_total_equals_step_time_total_with_idle_steps():
+    from diffmodel._roofline import step_total
+
+    dep = dm.deployment("mixtral-8x7b", tp=2)
+    stats = dm.from_aggregates(
+        prefill_tokens=jnp.array([0.0, 512.0, 0.0, 30.0]),
+        decode_tokens=jnp.array([0.0, 8.0, 64.0, 0.0]),
+        num_prefill=jnp.array([0.0, 1.0, 0.0, 1.0]),
+        num_decode=jnp.array([0.0, 8.0, 64.0, 0.0]),
+        kv_tokens=jnp.array([0.0, 4000.0, 9000.0, 100.0]),
+        prefill_context_tokens=jnp.array([0.0, 0.0, 0.0, 70.0]),
+    )
+    fac = dm.Factors()
+    want = dm.step_time(stats, dep, fac).total
+    np.testing.assert_array_equal(step_total(stats, dep, fac), want)
+    assert float(want[0]) == float(fac.step_overhead_us)  # idle: overhead only
 
 
 STAT_FIELDS = st.fixed_dictionaries(
