@@ -7,8 +7,12 @@ reads them anyway), and the hot loop runs without ``step_time``'s checks.
 :func:`predict_requests` does the same from padded per-request batches, and
 :func:`predict_frame_fast` from a pandas frame.
 
-Two rewrites make the compiled function fast on CPU without changing its value:
+Rewrites make the compiled function fast on CPU without changing its value beyond
+rounding:
 
+- arithmetic on deployment values runs once per group, and sums of statistics times
+  deployment constants are combined per group before they meet the steps (see
+  :class:`_Evaluator`, :class:`_Affine`): about half the per-step operations go;
 - per-step deployment values are picked from the (few) groups with a chain of
   ``where`` rather than a gather, so XLA fuses the whole step into one loop;
 - ``pow`` is rewritten as multiplications and square roots for the constant
@@ -90,18 +94,29 @@ class _PerGroup:
         self.table = table
 
 
-class _Scaled:
-    """A per-step value times a per-group (or constant) factor, kept apart.
+class _Affine:
+    """``const + sum(base * coef)``: per-step bases with per-group (or constant)
+    coefficients, kept apart until something else needs the value.
 
-    ``((x * a) * b) / c`` and ``x * a + x * b`` then cost one per-step multiply
-    instead of three (or two): the factors combine per group. This reassociates, so
-    results move by a few roundings.
+    The work of a step is mostly sums of per-step statistics times deployment
+    constants (the FLOPs and bytes of each GEMM, ``w + T c``); kept in this form,
+    ``(x a) b / c``, ``x a + x b`` and ``(w1 + x a1) + (w2 + x a2)`` combine their
+    coefficients per group, and only the combined tables meet the steps: a
+    ``where`` chain and a multiply per distinct base instead of one per term. This
+    reassociates, so results move by a few roundings.
+
+    Attributes:
+        const: per-group (:class:`_PerGroup`) or scalar constant term, or ``None``.
+        terms: ``(base, coef)`` pairs with distinct per-step ``base`` arrays (by
+            identity) and per-group or scalar ``coef`` (the float ``1.0`` when
+            unscaled).
+        aval: shape and dtype of the value.
     """
 
-    __slots__ = ("base", "scale", "aval")
+    __slots__ = ("const", "terms", "aval")
 
-    def __init__(self, base, scale, aval):
-        self.base, self.scale, self.aval = base, scale, aval
+    def __init__(self, const, terms, aval):
+        self.const, self.terms, self.aval = const, tuple(terms), aval
 
 
 # Elementwise primitives: applied to per-group tables when no input varies per step.
@@ -112,14 +127,26 @@ _ELEMENTWISE = frozenset(
 )
 
 
+def _is_one(c) -> bool:
+    """The unscaled coefficient marker (the Python float ``1.0``)."""
+    return isinstance(c, float) and c == 1.0
+
+
+def _is_affine(x) -> bool:
+    return isinstance(x, _Affine)
+
+
 class _Evaluator:
-    """Evaluates a jaxpr of per-step arrays with two rewrites that keep its value.
+    """Evaluates a jaxpr of per-step arrays with rewrites that keep its value.
 
     - Hoisting: inputs given as :class:`_PerGroup` (deployment values and per-group
       factors) stay ``[groups]`` tables through every elementwise operation that sees
       no per-step value, so the arithmetic on architecture and hardware numbers runs
       once per group, not once per step; a table meets the steps (``where`` chain, or
       a gather beyond a few groups) only where it is combined with them.
+    - Affine folding: multiplying or dividing by a table or constant, and adding
+      such products, builds an :class:`_Affine` (coefficients combined per group),
+      materialised once where another operation needs the per-step value.
     - ``pow`` on per-step values goes through :func:`_pow`, and a per-step value
       divided by a per-group one is multiplied by the reciprocal (one rounding more).
     """
@@ -135,11 +162,16 @@ class _Evaluator:
         self.spread: dict[int, object] = {}
 
     def per_step(self, value, aval):
-        if isinstance(value, _Scaled):
+        if isinstance(value, _Affine):
             key = id(value)
             if key not in self.expanded:
-                scale = self.per_step(value.scale, value.aval)
-                self.expanded[key] = (value, value.base * scale)
+                out = None
+                for base, coef in value.terms:
+                    term = base if _is_one(coef) else base * self.per_step(coef, aval)
+                    out = term if out is None else out + term
+                if value.const is not None:
+                    out = out + self.per_step(value.const, aval)
+                self.expanded[key] = (value, out)
             return self.expanded[key][1]
         if not isinstance(value, _PerGroup):
             return value
@@ -183,36 +215,71 @@ class _Evaluator:
         return op(jnp.asarray(a, aval.dtype), jnp.asarray(b, aval.dtype))
 
     def fold(self, name, invals, avals, out):
-        """``mul``/``div`` by a factor or ``add`` of multiples: a :class:`_Scaled`."""
+        """``mul``/``div`` by a factor, or ``add``/``sub`` of affine values: an
+        :class:`_Affine` (``None`` where the operation is not of that kind)."""
         if not out.shape or not jnp.issubdtype(out.dtype, jnp.floating):
             return None
 
-        def factor(x, a):
-            return isinstance(x, _PerGroup) or (
-                not a.shape and not isinstance(x, _Scaled)
-            )
+        def factor(x, a):  # per group, or one number for all steps
+            return isinstance(x, _PerGroup) or (not a.shape and not _is_affine(x))
 
-        def step(x, a):
-            return isinstance(x, _Scaled) or (not factor(x, a) and a.shape == out.shape)
-
-        def split(x):
-            return (x.base, x.scale) if isinstance(x, _Scaled) else (x, 1.0)
+        def affine(x, a):
+            if isinstance(x, _Affine):
+                return x
+            if factor(x, a):
+                return _Affine(x, (), out)
+            if a.shape == out.shape:
+                return _Affine(None, ((x, 1.0),), out)
+            return None
 
         (x, y), (ax, ay) = invals, avals
-        if name == "mul" and factor(x, ax) and step(y, ay):
+        if factor(x, ax) and factor(y, ay):
+            return None  # per-group arithmetic, or a scalar: not per step
+        if name == "mul" and factor(x, ax):
             x, y, ax, ay = y, x, ay, ax
-        if name in ("mul", "div") and step(x, ax) and factor(y, ay):
-            base, s = split(x)
+        if name in ("mul", "div"):
+            if not factor(y, ay) or (fx := affine(x, ax)) is None:
+                return None
             op = jnp.multiply if name == "mul" else jnp.divide
-            return _Scaled(base, self.combine(op, s, y, out), out)
-        if (
-            name == "add"
-            and isinstance(x, _Scaled)
-            and isinstance(y, _Scaled)
-            and x.base is y.base
-        ):
-            return _Scaled(x.base, self.combine(jnp.add, x.scale, y.scale, out), out)
+            return self.scale(fx, y, op, out)
+        if name in ("add", "sub"):
+            if not (_is_affine(x) or _is_affine(y) or factor(x, ax) or factor(y, ay)):
+                return None  # a sum of statistics stays one array (one base)
+            fx, fy = affine(x, ax), affine(y, ay)
+            if fx is None or fy is None:
+                return None
+            if name == "sub":
+                fy = self.scale(fy, -1.0, jnp.multiply, out)
+            return self.add(fx, fy, out)
         return None
+
+    def scale(self, f: _Affine, y, op, out) -> _Affine:
+        """``op(f, y)`` for ``op`` multiply or divide by the factor ``y``."""
+
+        def coef(c):
+            if _is_one(c) and op is jnp.multiply:
+                return y
+            return self.combine(op, 1.0 if _is_one(c) else c, y, out)
+
+        const = None if f.const is None else self.combine(op, f.const, y, out)
+        return _Affine(const, [(b, coef(c)) for b, c in f.terms], out)
+
+    def add(self, f: _Affine, g: _Affine, out) -> _Affine:
+        """``f + g``: constants added, coefficients of the same base added."""
+        if f.const is None or g.const is None:
+            const = g.const if f.const is None else f.const
+        else:
+            const = self.combine(jnp.add, f.const, g.const, out)
+        terms = dict((id(b), [b, c]) for b, c in f.terms)
+        for b, c in g.terms:
+            if id(b) in terms:
+                c0 = terms[id(b)][1]
+                terms[id(b)][1] = self.combine(
+                    jnp.add, 1.0 if _is_one(c0) else c0, 1.0 if _is_one(c) else c, out
+                )
+            else:
+                terms[id(b)] = [b, c]
+        return _Affine(const, [tuple(t) for t in terms.values()], out)
 
     def eval(self, jaxpr: jex.Jaxpr, consts, args) -> list:
         env = {}
@@ -243,7 +310,7 @@ class _Evaluator:
             ):
                 tables = [self.table(x, a) for x, a in zip(invals, avals, strict=True)]
                 outvals = [_PerGroup(self.bind(eqn, tables)[0])]
-            elif name in ("mul", "div", "add") and (
+            elif name in ("mul", "div", "add", "sub") and (
                 folded := self.fold(name, invals, avals, eqn.outvars[0].aval)
             ):
                 outvals = [folded]
@@ -340,7 +407,7 @@ def _group_tables(deployments, factors, *, components, dtype):
     Computed once per call, outside the step loop: inside one XLA computation the
     compiler fuses this tiny arithmetic into the loop and redoes it for every step.
     """
-    # Distinct arrays, as in the chunks: :class:`_Scaled` folds by identity.
+    # Distinct arrays, as in the chunks: :class:`_Affine` merges terms by identity.
     stats = BatchStats(*(jnp.full(_ALIGN_ELEMS, i, dtype) for i in range(7)))
     group = jnp.zeros(_ALIGN_ELEMS, jnp.int32)
     _, tables = _evaluate(stats, deployments, group, factors, components)

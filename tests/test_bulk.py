@@ -362,3 +362,25 @@ def test_many_staged_chunks_in_flight_agree(deps):
     for _ in range(3):
         got = predict_steps(stats, deps, group, chunk_size=16, dtype=np.float32)
         np.testing.assert_allclose(got, ref, rtol=RTOL[np.float32], atol=1e-6)
+
+
+def test_affine_folding_combines_coefficients_per_group():
+    from diffmodel._bulk import _Evaluator, _PerGroup
+
+    # (w1 + x a1) + (w2 - x a2), divided by a1, plus 2 y: the coefficients of x and
+    # the constants combine per group, so two tables meet the steps (x's
+    # coefficient and the constant) and y's constant factor needs none.
+    def f(x, y, w1, a1, w2, a2):
+        return ((w1 + x * a1) + (w2 - x * a2)) / a1 + y * 2.0
+
+    rng = np.random.default_rng(4)
+    n, groups = 64, 3
+    x, y = rng.uniform(0, 10, n), rng.uniform(0, 10, n)
+    tabs = [rng.uniform(1, 2, groups) for _ in range(4)]
+    g = rng.integers(0, groups, n)
+    closed = jax.make_jaxpr(f)(x, y, *(t[g] for t in tabs))
+    ev = _Evaluator(jnp.asarray(g), groups)
+    args = [jnp.asarray(x), jnp.asarray(y), *(_PerGroup(jnp.asarray(t)) for t in tabs)]
+    (got,) = ev.eval(closed.jaxpr, closed.consts, args)
+    np.testing.assert_allclose(got, f(x, y, *(t[g] for t in tabs)), rtol=1e-12)
+    assert len(ev.collected) == 2
