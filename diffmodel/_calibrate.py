@@ -15,6 +15,7 @@ from ._arch import architecture
 from ._curves import (
     KERNEL_FAMILIES,
     LATENCY_FAMILIES,
+    TUNED_FAMILIES,
     AllReduceCurve,
     KernelCurves,
     RooflineCurves,
@@ -143,8 +144,11 @@ def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
 
 
 def init_curves(family: str) -> RooflineCurves:
-    """Starting curves of a family: a kernel floor where one is physical."""
-    return default_roofline_curves(latency=family in LATENCY_FAMILIES)
+    """Starting curves of a family: a kernel floor where one is physical, and a
+    tuned-configuration gain where the kernels have tuned tile configurations."""
+    return default_roofline_curves(
+        latency=family in LATENCY_FAMILIES, tuned=family in TUNED_FAMILIES
+    )
 
 
 def calibrate_kernels(

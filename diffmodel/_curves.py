@@ -81,11 +81,16 @@ class SaturationCurve(eqx.Module):
         """Slope of ``logit(eta / eta_max)`` per unit of ``ln x``, in (0, 1)."""
         return jax.nn.sigmoid(self.raw_slope)
 
-    def __call__(self, x: ArrayLike) -> Array:
-        """Efficiency at work ``x`` (FLOPs or bytes, ``x > 0``), in (0, eta_max)."""
+    def __call__(self, x: ArrayLike, logit_shift: ArrayLike = 0.0) -> Array:
+        """Efficiency at work ``x`` (FLOPs or bytes, ``x > 0``), in (0, eta_max).
+
+        ``logit_shift`` moves the saturated efficiency to ``sigmoid(logit(eta_max) +
+        logit_shift)``, still below 1 (a faster variant of the same kernel).
+        """
         # log of a non-positive size is undefined; 1 unit is the smallest real work.
         lx = jnp.log(jnp.maximum(jnp.asarray(x), 1.0))
-        return self.eta_max * jax.nn.sigmoid(self.slope * (lx - self.log_half))
+        eta_max = jax.nn.sigmoid(self.raw_eta_max + logit_shift)
+        return eta_max * jax.nn.sigmoid(self.slope * (lx - self.log_half))
 
     def to_json(self) -> dict[str, Any]:
         """Raw (exact) and physical (readable) parameters as a JSON-able dict."""
@@ -163,12 +168,16 @@ class Occupancy(eqx.Module):
 
 
 class RooflineCurves(eqx.Module):
-    """Efficiency curves and launch floor of one operator family (6-9 params).
+    """Efficiency curves and launch floor of one operator family (6-10 params).
 
-    ``t = latency_us + u unit_ns / 1000 + smooth_max(f / (peak eta_f o),
+    ``t = latency_us + s unit_ns / 1000 + smooth_max(f / (peak eta_f o),
     b / (bw eta_b o))`` with ``eta_f = flops(f)``, ``eta_b = bandwidth(b)``,
-    occupancy ``o = occupancy(u)`` at ``u`` parallel work units (``o = 1`` without
-    ``occupancy``; ``latency_us``, ``unit_ns`` are 0 when their raw value is ``None``).
+    occupancy ``o = occupancy(u)`` at ``u`` parallel work units and ``s`` scheduled
+    thread blocks (``s = u`` unless the kernel says otherwise; ``o = 1`` without
+    ``occupancy``; ``latency_us``, ``unit_ns`` are 0 when their raw value is
+    ``None``). Kernels run with a tuned tile configuration (``tuned = 1``) saturate
+    at ``sigmoid(logit(eta_max) + tuned_logit)`` of the compute peak instead
+    (``tuned_logit`` 0 when ``raw_tuned`` is ``None``).
 
     Attributes:
         flops: compute efficiency (fraction of peak FLOP/s) vs the operator's FLOPs.
@@ -179,6 +188,8 @@ class RooflineCurves(eqx.Module):
         raw_unit_ns: optional softplus-inverse of the time per parallel work unit
             (per-block setup, e.g. a sequence's block table in decode attention),
             amortised over the GPU, ns.
+        raw_tuned: optional shift of the logit of the saturated compute efficiency
+            of kernels with a tuned tile configuration (dimensionless).
     """
 
     flops: SaturationCurve
@@ -186,6 +197,7 @@ class RooflineCurves(eqx.Module):
     occupancy: Occupancy | None = None
     raw_latency: Float[Array, ""] | None = None
     raw_unit_ns: Float[Array, ""] | None = None
+    raw_tuned: Float[Array, ""] | None = None
 
     @property
     def unit_ns(self) -> Array:
@@ -201,12 +213,28 @@ class RooflineCurves(eqx.Module):
             return jnp.zeros((), jnp.result_type(float))
         return jax.nn.softplus(self.raw_latency)
 
+    @property
+    def tuned_logit(self) -> Array:
+        """Logit shift of the saturated compute efficiency of tuned kernels."""
+        if self.raw_tuned is None:
+            return jnp.zeros((), jnp.result_type(float))
+        return self.raw_tuned
+
     def efficiencies(
-        self, flops: ArrayLike, bytes_: ArrayLike, units: ArrayLike = 1.0
+        self,
+        flops: ArrayLike,
+        bytes_: ArrayLike,
+        units: ArrayLike = 1.0,
+        tuned: ArrayLike | None = None,
     ) -> tuple[Array, Array]:
-        """``(eta_flops, eta_bw)`` in (0, 1) at the given work (FLOPs, bytes, units)."""
+        """``(eta_flops, eta_bw)`` in (0, 1) at the given work (FLOPs, bytes, units);
+        ``tuned`` (0 or 1 per kernel, ``None``: 0) marks tuned tile configurations."""
         occ = 1.0 if self.occupancy is None else self.occupancy(units)
-        return self.flops(flops) * occ, self.bandwidth(bytes_) * occ
+        if tuned is None or self.raw_tuned is None:
+            eta_f = self.flops(flops)
+        else:
+            eta_f = self.flops(flops, jnp.asarray(tuned) * self.raw_tuned)
+        return eta_f * occ, self.bandwidth(bytes_) * occ
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -220,6 +248,11 @@ class RooflineCurves(eqx.Module):
         if self.raw_unit_ns is not None:
             raw["raw_unit_ns"] = float(self.raw_unit_ns)
             phys["unit_ns"] = float(self.unit_ns)
+        if self.raw_tuned is not None:
+            raw["raw_tuned"] = float(self.raw_tuned)
+            phys["tuned_eta_max"] = float(
+                jax.nn.sigmoid(self.flops.raw_eta_max + self.raw_tuned)
+            )
         if raw:
             out["raw"], out["physical"] = raw, phys
         if self.occupancy is not None:
@@ -243,6 +276,7 @@ class RooflineCurves(eqx.Module):
             occupancy=None if occ is None else Occupancy.from_json(occ),
             raw_latency=opt("raw_latency"),
             raw_unit_ns=opt("raw_unit_ns"),
+            raw_tuned=opt("raw_tuned"),
         )
 
 
@@ -297,6 +331,10 @@ KERNEL_FAMILIES: tuple[str, ...] = (
 # tile (fitting one gives ~0), so GEMMs keep 8 parameters.
 LATENCY_FAMILIES: tuple[str, ...] = ("prefill_attention", "decode_attention", "moe")
 
+# Families whose kernels come with tuned tile configurations for some shapes (vLLM's
+# fused MoE), and so a compute-efficiency shift for those.
+TUNED_FAMILIES: tuple[str, ...] = ("moe",)
+
 
 class KernelCurves(eqx.Module):
     """Calibrated curves of every kernel family of one GPU.
@@ -324,11 +362,11 @@ class KernelCurves(eqx.Module):
 
 
 def default_roofline_curves(
-    *, occupancy: bool = True, latency: bool = True
+    *, occupancy: bool = True, latency: bool = True, tuned: bool = False
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
-    work unit."""
+    work unit, and a tuned-configuration shift (starting at 0: no gain)."""
     f = jnp.result_type(float)
     occ = Occupancy(
         raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(math.log(64.0), f)
@@ -337,6 +375,7 @@ def default_roofline_curves(
         occupancy=occ if occupancy else None,
         raw_latency=jnp.asarray(_softplus_inv(2.0), f) if latency else None,
         raw_unit_ns=jnp.asarray(_softplus_inv(1.0), f) if latency else None,
+        raw_tuned=jnp.zeros((), f) if tuned else None,
         flops=SaturationCurve.from_physical(
             eta_max=0.8, slope=0.8, x_half=1e9, unit="FLOP"
         ),
@@ -360,7 +399,9 @@ def default_kernel_curves(hardware: str = "h100-sxm") -> KernelCurves:
     """Uncalibrated starting point for :func:`diffmodel.calibrate_kernels`."""
     return KernelCurves(
         **{
-            f: default_roofline_curves(latency=f in LATENCY_FAMILIES)
+            f: default_roofline_curves(
+                latency=f in LATENCY_FAMILIES, tuned=f in TUNED_FAMILIES
+            )
             for f in KERNEL_FAMILIES
         },
         allreduce=default_allreduce_curve(),
@@ -377,8 +418,11 @@ def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
             "eta(x) = eta_max * sigmoid(slope * (ln x - ln x_half)); x in FLOP for "
             "'flops' curves, bytes for 'bandwidth' curves; occupancy o(u) = "
             "sigmoid(slope * (ln u - ln u_half)) at u parallel work units; kernel "
-            "time, us = latency_us + u * unit_ns / 1000 + smooth_max(FLOP / (peak * "
-            "eta_flops * o), bytes / (hbm_bw * eta_bw * o)) * 1e6; all-reduce time, "
+            "time, us = latency_us + s * unit_ns / 1000 + smooth_max(FLOP / (peak * "
+            "eta_flops * o), bytes / (hbm_bw * eta_bw * o)) * 1e6, s the thread "
+            "blocks scheduled (u unless the kernel schedules idle ones); kernels with "
+            "a tuned tile configuration saturate at tuned_eta_max = sigmoid(logit("
+            "eta_max) + raw_tuned) of the compute peak; all-reduce time, "
             "us = latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes)) * 1e6"
         ),
     }

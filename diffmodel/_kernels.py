@@ -37,6 +37,7 @@ from ._physics import (
     gemm_work,
     moe_work,
     roofline_us,
+    touched_experts,
 )
 
 MS_TO_US = 1e3
@@ -55,6 +56,7 @@ ATTENTION_COLUMNS = (
     "latency",
 )
 MOE_COLUMNS = (
+    "device",
     "num_tokens",
     "hidden_size",
     "inter_size",
@@ -248,6 +250,9 @@ class KernelWork(eqx.Module):
         peak_flops: FLOP/s of the tensor cores used (16-bit or FP8).
         bandwidth: HBM bandwidth, bytes/s.
         units: independent units of parallel work (thread blocks), for occupancy.
+        blocks: optional thread blocks scheduled, for the per-block cost, where they
+            differ from ``units`` (blocks that exit at once do no parallel work).
+        tuned: optional 1 where the kernel runs a tuned tile configuration, else 0.
     """
 
     flops: Float[Array, " n"]
@@ -255,13 +260,18 @@ class KernelWork(eqx.Module):
     peak_flops: Float[Array, " n"]
     bandwidth: Float[Array, " n"]
     units: Float[Array, " n"]
+    blocks: Float[Array, " n"] | None = None
+    tuned: Float[Array, " n"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, " n"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
         :class:`RooflineCurves` (efficiencies of the work plus the kernel floor)."""
         if isinstance(eff, RooflineCurves):
-            eta_f, eta_b = eff.efficiencies(self.flops, self.bytes, self.units)
-            floor = eff.latency_us + self.units * eff.unit_ns * 1e-3
+            eta_f, eta_b = eff.efficiencies(
+                self.flops, self.bytes, self.units, self.tuned
+            )
+            blocks = self.units if self.blocks is None else self.blocks
+            floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
         else:
             eta_f, eta_b = (jnp.asarray(e) for e in eff)
             floor = 0.0
@@ -364,9 +374,74 @@ def decode_attention_work(
 
 
 # vLLM's Triton fused MoE: token tiles of 64 (its default for large batches) and
-# 128-column tiles of the gate+up output.
+# 128-column tiles of the gate+up output, for the blocks it schedules.
 MOE_TILE_M = 64.0
 MOE_TILE_N = 128.0
+# vLLM's default tile configuration (``get_default_config``, bf16, no tuned file):
+# ``BLOCK_SIZE_M x BLOCK_SIZE_N`` = 16 x 32 while the tokens are at most the experts
+# on the GPU, 64 x 64 above.
+MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
+
+# The shapes for which vLLM 0.14.0 ships a tuned tile configuration of its Triton
+# fused MoE (``fused_moe/configs/E={E},N={N},device_name={device}.json``, E: experts
+# on the GPU, N: expert FFN width on the GPU; bf16 files carry no ``dtype=``), by
+# (device name, MoE dtype). Listed from the vllm-0.14.0 wheel (Apache-2.0).
+VLLM_TUNED_MOE: dict[tuple[str, str], frozenset[tuple[int, int]]] = {
+    ("NVIDIA H100 80GB HBM3", "bfloat16"): frozenset(
+        {
+            (1, 3072),
+            (8, 1792),
+            (8, 2048),
+            (8, 3584),
+            (8, 4096),
+            (8, 7168),
+            (16, 1344),
+            (16, 1792),
+            (16, 2688),
+            (62, 256),
+            (62, 512),
+            (64, 320),
+            (64, 640),
+            (64, 1280),
+            (72, 384),
+            (72, 768),
+            (128, 192),
+            (128, 512),
+            (128, 928),
+            (128, 1856),
+            (256, 512),
+            (512, 128),
+            (512, 256),
+            (512, 512),
+        }
+    )
+}
+
+
+def vllm_tuned_moe(table: pd.DataFrame) -> np.ndarray:
+    """1.0 for the rows of an aiconfigurator MoE table whose (device, ``moe_dtype``,
+    ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a tuned vLLM
+    configuration (:data:`VLLM_TUNED_MOE`), else 0.0.
+
+    Raises ``ValueError`` for a (device, dtype) the catalogue does not cover.
+    """
+    keys = set(zip(table["device"], table["moe_dtype"], strict=True))
+    unknown = sorted(keys - set(VLLM_TUNED_MOE))
+    if unknown:
+        raise ValueError(
+            f"columns 'device', 'moe_dtype': no catalogue of tuned vLLM MoE "
+            f"configurations for {unknown}; known: {sorted(VLLM_TUNED_MOE)}"
+        )
+    e_local = table["num_experts"].to_numpy(int) // table["moe_ep_size"].to_numpy(int)
+    n_local = table["inter_size"].to_numpy(int) // table["moe_tp_size"].to_numpy(int)
+    return np.array(
+        [
+            float((e, n) in VLLM_TUNED_MOE[(dev, dt)])
+            for dev, dt, e, n in zip(
+                table["device"], table["moe_dtype"], e_local, n_local, strict=True
+            )
+        ]
+    )
 
 
 def moe_kernel_work(
@@ -381,43 +456,70 @@ def moe_kernel_work(
     ep: ArrayLike = 1.0,
     weight_bytes: ArrayLike = 2.0,
     act_bytes: ArrayLike = 2.0,
+    routing: str = "uniform",
+    tuned: ArrayLike = 0.0,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
-    Tokens are routed top-``k`` over all ``E`` experts, so this GPU computes ``k/ep``
+    Tokens are routed top-``k`` over all ``E`` experts (``routing``: ``"uniform"``
+    random, or the benchmarks' ``"balanced"`` round-robin; see
+    :func:`~diffmodel._physics.touched_experts`), so this GPU computes ``k/ep``
     expert slots per token among ``E/ep`` experts: FLOPs and weight bytes are
-    ``moe_work`` with a fractional top-k (``expected_experts`` depends on ``k/E``
-    only). Activations count every routed slot, as vLLM's kernel runs over all ``T
-    k`` slots and writes zeros for those of experts on other GPUs (``moe_work``'s
-    activations at the full ``k``), plus the unfused gated intermediate: the
-    ``[T k, 2 F/tp]`` gate+up output is written, read by the activation, which
-    writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot, ``moe_work`` counts
-    ``3 F/tp``). FP8 weights use the FP8 peak.
+    ``moe_work`` with a fractional top-k. Activations count every routed slot, as
+    vLLM's kernel runs over all ``T k`` slots and writes zeros for those of experts
+    on other GPUs (``moe_work``'s activations at the full ``k``), plus the unfused
+    gated intermediate: the ``[T k, 2 F/tp]`` gate+up output is written, read by the
+    activation, which writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot,
+    ``moe_work`` counts ``3 F/tp``), and the ``[T, k, H]`` down output read back by
+    the sum over the ``k`` slots (``H`` per slot). FP8 weights use the FP8 peak.
 
-    Thread blocks: the kernel's grid over the slots padded per (global) expert,
-    ``(T k / 64 + E) ceil(2 F/tp / 128)``; most of those of an idle expert exit
-    at once, but each is scheduled.
+    The tiles of vLLM's default configuration (:data:`MOE_DEFAULT_TILES`, ``BM x
+    BN``; tuned kernels too, whose own tiles are not recorded here): each touched
+    expert's slots fill ``ceil(slots / BM)`` token tiles, and FLOPs count the ``BM``
+    rows of every tile computed (padding included). Units of parallel work
+    (occupancy): the gate+up tiles that compute, token tiles times
+    ``ceil(2 F/tp / BN)``. Scheduled blocks (per-block cost): the grid over the
+    slots padded per (global) expert, ``(T k / 64 + E) ceil(2 F/tp / 128)``; most
+    of those of an idle expert exit at once, but each is scheduled. ``tuned``: 1
+    where vLLM runs a tuned configuration (:func:`vllm_tuned_moe`).
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
     top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
     e_local, k_local = n_experts / ep, top_k / ep
     f_local = jnp.asarray(inter) / tp
-    f, b = moe_work(tokens, hidden, f_local, e_local, k_local, weight_bytes, act_bytes)
-    _, acts_local = moe_work(tokens, hidden, f_local, e_local, k_local, 0.0, act_bytes)
-    _, acts_all = moe_work(tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes)
-    unfused = tokens * top_k * 3.0 * f_local * act_bytes
+    work = (tokens, hidden, f_local, e_local, k_local)
+    f, b = moe_work(*work, weight_bytes, act_bytes, routing)
+    _, acts_local = moe_work(*work, 0.0, act_bytes, routing)
+    _, acts_all = moe_work(
+        tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing
+    )
+    unfused = tokens * top_k * (3.0 * f_local + hidden) * act_bytes
     b = b - acts_local + acts_all + unfused
+    small = tokens <= e_local
+    (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
+    bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
+    touched = touched_experts(tokens, e_local, k_local, routing)
+    slots = jnp.maximum(tokens * k_local, touched)
+    per_expert = slots / jnp.where(touched > 0, touched, 1.0)
+    # The tolerance keeps an exact multiple of the tile from rounding up.
+    token_tiles = touched * jnp.ceil(per_expert / bm - 1e-9)
+    f = f * token_tiles * bm / jnp.where(slots > 0, slots, 1.0)
+    units = token_tiles * jnp.ceil(2.0 * f_local / bn)
     blocks = (tokens * top_k / MOE_TILE_M + n_experts) * jnp.ceil(
         2.0 * f_local / MOE_TILE_N
     )
-    return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, blocks)
+    return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, units, blocks, tuned)
 
 
-def _work(f, b, peak, bw, units=1.0) -> KernelWork:
-    arrays = jnp.broadcast_arrays(
-        *(jnp.asarray(x, float) for x in (f, b, peak, bw, units))
+def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None) -> KernelWork:
+    given = [x for x in (f, b, peak, bw, units, blocks, tuned) if x is not None]
+    arrays = list(jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in given)))
+    opt = arrays[5:]
+    return KernelWork(
+        *arrays[:5],
+        blocks=None if blocks is None else opt.pop(0),
+        tuned=None if tuned is None else opt.pop(0),
     )
-    return KernelWork(*arrays)
 
 
 def gemm_us(m, n, k, eff: Efficiency, hw: Hardware, dtype_bytes=2.0) -> Array:
@@ -497,6 +599,12 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
             length, fn = col("step"), decode_attention_work
         return fn(col("batch_size"), length, *heads, hw, col("kv_bytes"))
     if family == "moe":
+        routings = sorted(set(table["distribution"]))
+        if routings != ["balanced"]:
+            raise ValueError(
+                f"column 'distribution' has {routings}; only 'balanced' routing "
+                "is modelled"
+            )
         return moe_kernel_work(
             col("num_tokens"),
             col("hidden_size"),
@@ -507,6 +615,8 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
             tp=col("moe_tp_size"),
             ep=col("moe_ep_size"),
             weight_bytes=jnp.asarray(_dtype_bytes(table["moe_dtype"], "moe_dtype")),
+            routing="balanced",
+            tuned=jnp.asarray(vllm_tuned_moe(table)),
         )
     if family == "vidur":
         return vidur_work(table, hw)

@@ -104,6 +104,41 @@ def expected_experts(
     return jnp.where(moe, e * (1.0 - miss), 0.0)
 
 
+def balanced_experts(
+    tokens: ArrayLike, n_experts: ArrayLike, top_k: ArrayLike
+) -> Array:
+    """Distinct experts touched by ``tokens`` tokens under balanced routing.
+
+    Balanced (round-robin) routing spreads the ``T k`` routed slots evenly over the
+    experts, starting at expert 0, so ``min(ceil(T k), E)`` experts are touched: the
+    ``T k`` slots while they are fewer than the experts, all ``E`` after. With a
+    fractional top-k (``k / ep``: the experts of one of ``ep`` GPUs, the first one
+    being the block that holds expert 0) at least one expert is touched once a token
+    is routed. 0 for a dense model (``E = 0``) or no tokens.
+    """
+    t, e, k = jnp.asarray(tokens), jnp.asarray(n_experts), jnp.asarray(top_k)
+    # The tolerance keeps an exact integer T k (e.g. 16384 * 8 / 256) from rounding up.
+    return jnp.minimum(jnp.ceil(t * k - 1e-9), e).clip(0.0)
+
+
+ROUTINGS = ("uniform", "balanced")
+
+
+def touched_experts(
+    tokens: ArrayLike,
+    n_experts: ArrayLike,
+    top_k: ArrayLike,
+    routing: str = "uniform",
+) -> Array:
+    """Distinct experts touched: :func:`expected_experts` under ``"uniform"`` random
+    routing (a served model), :func:`balanced_experts` under ``"balanced"``."""
+    if routing == "uniform":
+        return expected_experts(tokens, n_experts, top_k)
+    if routing == "balanced":
+        return balanced_experts(tokens, n_experts, top_k)
+    raise ValueError(f"routing must be one of {list(ROUTINGS)}, got {routing!r}")
+
+
 def moe_work(
     tokens: ArrayLike,
     hidden: ArrayLike,
@@ -112,17 +147,19 @@ def moe_work(
     top_k: ArrayLike,
     weight_bytes: ArrayLike = 2.0,
     act_bytes: ArrayLike = 2.0,
+    routing: str = "uniform",
 ) -> tuple[Array, Array]:
     """FLOPs and bytes of a fused gated-MLP MoE layer (per GPU: pass ``F_e / t``).
 
-    FLOPs count the ``k`` experts of each token; weight bytes count the expected
-    distinct experts touched (:func:`expected_experts`); activations are read once per
+    FLOPs count the ``k`` experts of each token (at least one slot per touched
+    expert); weight bytes count the distinct experts touched (:func:`touched_experts`
+    under ``routing``, ``"uniform"`` by default); activations are read once per
     (token, expert) pair and the gated intermediate written and read back.
     """
     t = jnp.asarray(tokens)
     per_expert = 3.0 * hidden * expert_ffn
-    flops = 2.0 * t * top_k * per_expert
-    touched = expected_experts(t, n_experts, top_k)
+    touched = touched_experts(t, n_experts, top_k, routing)
+    flops = 2.0 * jnp.maximum(t * top_k, touched) * per_expert
     acts = t * top_k * (2.0 * hidden + 3.0 * expert_ffn) + t * hidden
     return flops, touched * per_expert * weight_bytes + acts * act_bytes
 

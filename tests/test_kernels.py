@@ -1,5 +1,6 @@
 """Kernel loaders, operator predictions, efficiency curves and a small calibration."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +23,7 @@ from diffmodel._curves import (
     curves_from_json,
     curves_to_json,
     default_kernel_curves,
+    default_roofline_curves,
     load_curves,
     save_curves,
 )
@@ -38,10 +40,14 @@ from diffmodel._kernels import (
     load_kernel_tables,
     load_vidur_allreduce,
     load_vidur_operators,
+    moe_kernel_work,
     moe_us,
     prefill_attention_us,
+    table_work,
     vidur_work,
+    vllm_tuned_moe,
 )
+from diffmodel._physics import balanced_experts, touched_experts
 
 H100 = hardware("h100-sxm")
 
@@ -132,13 +138,99 @@ def test_moe_prediction_by_hand():
     # Mixtral: one token, 8 experts top-2, EP 2: 1 expert slot per GPU on average.
     d, f = 4096, 14336
     got = moe_us(1, d, f, 2, 8, (1.0, 1.0), H100, ep=2.0)
-    flops = 2 * 1 * 1 * 3 * d * f
+    # 1 token <= 4 local experts: vLLM's default 16-row token tile, all computed.
+    flops = 2 * 16 * 1 * 3 * d * f
     touched = 4 * (1 - (1 - 2 / 8) ** 1)
     # Activations of both routed slots (vLLM zero-fills the off-GPU one), with the
-    # unfused gate+up intermediate (6 f per slot).
-    bytes_ = touched * 3 * d * f * 2 + (2 * (2 * d + 6 * f) + d) * 2
+    # unfused gate+up intermediate (6 f per slot) and the down output read back by
+    # the sum over the slots (d per slot).
+    bytes_ = touched * 3 * d * f * 2 + (2 * (3 * d + 6 * f) + d) * 2
     want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_moe_balanced_work_by_hand():
+    # DeepSeek-V3-like experts (H 7168, F 2048), 256 experts top-8, EP 256: under
+    # balanced routing the first GPU's single expert always gets the first token.
+    h, f = 7168.0, 2048.0
+    w = moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, ep=256.0, routing="balanced")
+    # One slot in one 16-row tile (1 token <= 1 local expert), one expert's weights.
+    np.testing.assert_allclose(w.flops, 2 * 16 * 3 * h * f, rtol=1e-12)
+    acts = 8 * (2 * h + 3 * f) + h + 8 * (3 * f + h)
+    np.testing.assert_allclose(w.bytes, 3 * h * f * 2 + acts * 2, rtol=1e-12)
+    assert float(w.units) == 1 * (2 * f / 32)  # gate+up tiles of 32 columns
+    np.testing.assert_allclose(w.blocks, (8 / 64 + 256) * (2 * f / 128))
+    # Mixtral, 4096 tokens: 1024 slots per expert fill 16 tiles of 64 exactly.
+    d, fm = 4096.0, 14336.0
+    w = moe_kernel_work(4096.0, d, fm, 2.0, 8.0, H100, routing="balanced", tuned=1.0)
+    np.testing.assert_allclose(w.flops, 2 * 4096 * 2 * 3 * d * fm, rtol=1e-12)
+    assert float(w.units) == 8 * 16 * (2 * fm / 64) and float(w.tuned) == 1.0
+    with pytest.raises(ValueError, match="routing"):
+        moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, routing="zipf")
+
+
+def _round_robin_touched(tokens, n_experts, top_k, ep):
+    """Distinct experts of the first of ``ep`` GPUs hit by the benchmarks' balanced
+    routing: token t takes experts (t + i s) mod E, s = ceil(E / k), once the
+    tokens reach s, else floor(t s / T + i s) mod E."""
+    s = -(-n_experts // top_k)
+    hit = set()
+    for t in range(tokens):
+        for i in range(top_k):
+            e = (t + i * s if tokens >= s else int(t * s / tokens + i * s)) % n_experts
+            hit.add(e)
+    return sum(e < n_experts // ep for e in hit)
+
+
+@pytest.mark.parametrize(
+    "n_experts,top_k,ep",
+    [(8, 2, 1), (8, 2, 2), (8, 2, 8), (256, 8, 1), (256, 8, 8), (256, 8, 256)],
+)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 16, 31, 32, 100, 1000])
+def test_balanced_experts_match_round_robin(tokens, n_experts, top_k, ep):
+    got = balanced_experts(float(tokens), n_experts / ep, top_k / ep)
+    assert float(got) == _round_robin_touched(tokens, n_experts, top_k, ep)
+
+
+def test_touched_experts_by_routing():
+    assert float(balanced_experts(1.0, 256.0, 8.0)) == 8.0
+    assert float(balanced_experts(64.0, 256.0, 8.0)) == 256.0
+    assert float(balanced_experts(0.0, 8.0, 2.0)) == 0.0
+    assert float(balanced_experts(5.0, 0.0, 0.0)) == 0.0  # dense model
+    assert float(touched_experts(1.0, 8.0, 2.0)) == pytest.approx(2.0)  # uniform
+    # Uniform routing misses experts that round-robin routing touches: 4 tokens on
+    # Mixtral touch 8(1 - 0.75^4) = 5.47 experts on average, balanced all 8.
+    np.testing.assert_allclose(touched_experts(4.0, 8.0, 2.0), 8 * (1 - 0.75**4))
+    assert float(touched_experts(4.0, 8.0, 2.0, "balanced")) == 8.0
+    with pytest.raises(ValueError, match="routing"):
+        touched_experts(1.0, 8.0, 2.0, "power_law")
+
+
+def test_vllm_tuned_moe_lookup():
+    table = pd.DataFrame(
+        {
+            "device": "NVIDIA H100 80GB HBM3",
+            "moe_dtype": "bfloat16",
+            "num_experts": [8, 8, 256, 256],
+            "inter_size": [14336, 14336, 2048, 2048],
+            "moe_tp_size": [1, 2, 4, 1],
+            "moe_ep_size": [1, 1, 1, 32],
+        }
+    )
+    # Mixtral TP2 (E=8, N=7168), DeepSeek TP4 (E=256, N=512) and EP32 (E=8, N=2048)
+    # have tuned files; Mixtral TP1 (E=8, N=14336) does not.
+    np.testing.assert_array_equal(vllm_tuned_moe(table), [0.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="'device', 'moe_dtype'"):
+        vllm_tuned_moe(table.assign(moe_dtype="fp8"))
+
+
+def test_moe_table_work_needs_balanced_routing(tables):
+    rows = tables["moe"]
+    rows = rows[(rows["moe_dtype"] == "bfloat16") & (rows["num_experts"] == 8)]
+    w = table_work("moe", rows[rows["distribution"] == "balanced"], H100)
+    assert w.tuned is not None and float(w.tuned.max()) == 1.0
+    with pytest.raises(ValueError, match="'distribution'"):
+        table_work("moe", rows, H100)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
@@ -213,8 +305,6 @@ def test_gradient_matches_finite_differences():
         lambda c: c.raw_latency,
         lambda c: c.raw_unit_ns,
     ):
-        import equinox as eqx
-
         h = 1e-6
         x0 = path(curves)
         up = loss(eqx.tree_at(path, curves, x0 + h))
@@ -247,9 +337,40 @@ def test_json_round_trip_is_exact(tmp_path):
     obj = curves_to_json(curves)
     assert obj["gemm_bf16"]["flops"]["physical"]["x_half_unit"] == "FLOP"
     assert "latency_us" in obj["decode_attention"]["physical"]
+    assert "tuned_eta_max" in obj["moe"]["physical"]
+    assert "raw_tuned" not in obj["gemm_bf16"].get("raw", {})
     del obj["moe"]
     with pytest.raises(ValueError, match="missing key 'moe'"):
         curves_from_json(obj)
+
+
+def test_tuned_shift_raises_compute_efficiency_only():
+    c = default_roofline_curves(tuned=True)
+    c = eqx.tree_at(lambda c: c.raw_tuned, c, jnp.asarray(2.0))
+    f, b, u = jnp.asarray([1e9, 1e12]), jnp.asarray([4e6, 4e9]), jnp.asarray([64.0])
+    plain_f, plain_b = c.efficiencies(f, b, u)
+    fast_f, fast_b = c.efficiencies(f, b, u, jnp.asarray([1.0, 1.0]))
+    # Saturated efficiency sigmoid(logit(0.8) + 2), occupancy 1/2 at 64 units.
+    eta_max = 1 / (1 + np.exp(-(np.log(0.8 / 0.2) + 2.0)))
+    want = eta_max / (1 + np.exp(-0.8 * (np.log(f) - np.log(1e9)))) * 0.5
+    np.testing.assert_allclose(fast_f, want, rtol=1e-12)
+    assert jnp.all(fast_f > plain_f) and jnp.all(fast_f < 1.0)
+    np.testing.assert_array_equal(fast_b, plain_b)
+    # tuned = 0 or None is the plain curve, bit for bit.
+    np.testing.assert_array_equal(c.efficiencies(f, b, u, jnp.zeros(2))[0], plain_f)
+    assert default_roofline_curves().tuned_logit == 0.0
+
+
+def test_scheduled_blocks_cost_time():
+    c = eqx.tree_at(
+        lambda c: c.raw_unit_ns,
+        default_roofline_curves(occupancy=False),
+        jnp.asarray(np.log(np.expm1(2.0))),  # 2 ns per block
+    )
+    w = moe_kernel_work(64.0, 4096.0, 14336.0, 2.0, 8.0, H100)
+    no_blocks = eqx.tree_at(lambda w: w.blocks, w, replace=None)
+    extra = w.time_us(c) - no_blocks.time_us(c)
+    np.testing.assert_allclose(extra, (w.blocks - w.units) * 2e-3, rtol=1e-9)
 
 
 def test_physical_constructor_checks():
