@@ -159,7 +159,13 @@ def moe_work(
     t = jnp.asarray(tokens)
     per_expert = 3.0 * hidden * expert_ffn
     touched = touched_experts(t, n_experts, top_k, routing)
-    flops = 2.0 * jnp.maximum(t * top_k, touched) * per_expert
+    slots = t * top_k
+    if routing == "balanced":
+        # A fractional top-k can touch more experts than it routes slots (ceil);
+        # under uniform routing E (1 - (1 - k/E)^T) <= T k already, and the
+        # per-step model stays affine in T (cheaper in bulk, see diffmodel._bulk).
+        slots = jnp.maximum(slots, touched)
+    flops = 2.0 * slots * per_expert
     acts = t * top_k * (2.0 * hidden + 3.0 * expert_ffn) + t * hidden
     return flops, touched * per_expert * weight_bytes + acts * act_bytes
 
