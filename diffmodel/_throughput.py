@@ -47,6 +47,25 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def _interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, timed in ``repeats`` interleaved rounds.
+
+    Each round times every function once, so the methods whose rates are compared
+    see the same machine (a 2-core VM's speed drifts by tens of percent over a
+    minute); each is warmed up once first.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        _log(f"round {r + 1}/{repeats}")
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def make_steps(n: int, seed: int = 0) -> tuple[dm.BatchStats, np.ndarray]:
     """A realistic random mix of ``n`` steps (float32 statistics, int32 groups)."""
     rng = np.random.default_rng(seed)
@@ -278,23 +297,20 @@ def main(
     res["compile_s"] = time.perf_counter() - t0
     _log(f"compile: {res['compile_s']:.2f} s")
 
-    _log("diffmodel aggregate")
     out = {}
 
     def run_diffmodel():
         out["pred"] = predict_steps(stats, deps, group, fac, chunk_size=chunk_size)
 
-    t = _median_time(run_diffmodel, repeats)
-    res["steps_per_s"] = n_steps / t
+    _log("diffmodel aggregate (first call, for the NumPy check and XGBoost's labels)")
+    run_diffmodel()
     pred = out["pred"]
 
-    _log("memory-bandwidth bound (NumPy: read inputs once, write one output)")
     buf = np.empty(n_steps, dtype)
-    t = _median_time(lambda: stream_bound(cols, group, buf), repeats)
-    res["stream_steps_per_s"] = n_steps / t
-    res["stream_bytes_per_s"] = n_steps * (4 * len(cols) + 4 + 4) / t
 
-    _log("NumPy reference")
+    def run_stream():
+        stream_bound(cols, group, buf)
+
     dep_np, fac_np = _numpy_tables(deps, fac, dtype)
     m = min(numpy_steps, n_steps)
     check = numpy_step_time([c[:20_000] for c in cols], group[:20_000], dep_np, fac_np)
@@ -307,11 +323,7 @@ def main(
             sl = slice(s, min(s + block, m))
             o[sl] = numpy_step_time([c[sl] for c in cols], group[sl], dep_np, fac_np)
 
-    t = _median_time(run_numpy, max(1, min(repeats, 3)))
-    res["numpy_steps_per_s"] = m / t
-    res["numpy_timed_steps"] = m
-
-    _log("XGBoost predict (the seed baseline's 30 features, float64)")
+    _log("fitting XGBoost (the seed baseline's 30 features, float64)")
     rng = np.random.default_rng(2)
     train = rng.choice(n_steps, size=min(20_000, n_steps), replace=False)
     rows = min(xgb_rows, n_steps)
@@ -326,9 +338,33 @@ def main(
     model.fit(baseline_features(cols, group, train), np.log(pred[train]))
     # Feature engineering is not timed: only predict on ready features.
     x_pred = baseline_features(cols, group, slice(0, rows))
-    t = _median_time(lambda: model.predict(x_pred), max(1, min(repeats, 3)))
-    res["xgboost_steps_per_s"] = rows / t
+
+    _log(
+        "timing diffmodel, the bandwidth bound, NumPy and XGBoost in interleaved "
+        f"rounds ({repeats})"
+    )
+    times = _interleaved_times(
+        {
+            "diffmodel": run_diffmodel,
+            "stream": run_stream,
+            "numpy": run_numpy,
+            "xgboost": lambda: model.predict(x_pred),
+        },
+        repeats,
+    )
+    per_call = {"diffmodel": n_steps, "stream": n_steps, "numpy": m, "xgboost": rows}
+    rates = {k: per_call[k] / np.asarray(t) for k, t in times.items()}
+    res["steps_per_s"] = float(np.median(rates["diffmodel"]))
+    res["stream_steps_per_s"] = float(np.median(rates["stream"]))
+    res["stream_bytes_per_s"] = res["stream_steps_per_s"] * (4 * len(cols) + 4 + 4)
+    res["numpy_steps_per_s"] = float(np.median(rates["numpy"]))
+    res["numpy_timed_steps"] = m
+    res["xgboost_steps_per_s"] = float(np.median(rates["xgboost"]))
     res["xgboost_timed_rows"] = rows
+    res["repeats"] = repeats
+    for k, key in (("stream", "stream"), ("numpy", "numpy"), ("xgboost", "xgboost")):
+        per_round = rates["diffmodel"] / rates[k]
+        res[f"ratio_{key}_rounds"] = [float(x) for x in per_round]
 
     _log(f"per-request batches: {request_steps:,} steps x {request_width} slots")
     new, ctx, mask = make_requests(request_steps, request_width)
@@ -371,6 +407,14 @@ def main(
     return res
 
 
+def _spread(r: dict, key: str, fmt: str, unit: str) -> str:
+    """`` (rounds lo-hi)``: the range of a ratio over the interleaved rounds."""
+    if key not in r:
+        return ""
+    lo, hi = min(r[key]), max(r[key])
+    return f" (rounds {lo:{fmt}}{unit}-{hi:{fmt}}{unit})"
+
+
 def markdown_table(r: dict) -> str:
     """The results as a markdown table (steps/s and ratios)."""
     rows = [
@@ -378,18 +422,21 @@ def markdown_table(r: dict) -> str:
         (
             "memory-bandwidth bound (NumPy reads inputs once)",
             r["stream_steps_per_s"],
-            f"diffmodel / bound = {r['ratio_stream']:.2f}",
+            f"diffmodel / bound = {r['ratio_stream']:.2f}"
+            + _spread(r, "ratio_stream_rounds", ".2f", ""),
         ),
         (
             f"NumPy reference, same formula ({r['numpy_timed_steps']:,} steps)",
             r["numpy_steps_per_s"],
-            f"diffmodel / NumPy = {r['ratio_numpy']:.1f}x",
+            f"diffmodel / NumPy = {r['ratio_numpy']:.1f}x"
+            + _spread(r, "ratio_numpy_rounds", ".1f", "x"),
         ),
         (
             f"XGBoost predict, 300 trees depth 6, 30 features "
             f"({r['xgboost_timed_rows']:,} rows)",
             r["xgboost_steps_per_s"],
-            f"diffmodel / XGBoost = {r['ratio_xgboost']:.0f}x",
+            f"diffmodel / XGBoost = {r['ratio_xgboost']:.0f}x"
+            + _spread(r, "ratio_xgboost_rounds", ".0f", "x"),
         ),
         (
             "diffmodel, per-request batches",
@@ -413,7 +460,10 @@ def readme_section(r: dict, table: str) -> str:
         "(inputs validated once, in NumPy). Measured by "
         f"`python experiments/throughput.py` on {r['device']}, float32, "
         f"{r['n_steps']:,} steps mixed from llama-2-70b TP4, codellama-34b TP2 and "
-        "mixtral-8x7b TP2, median of repeats after warm-up. The bandwidth bound is "
+        "mixtral-8x7b TP2. Median of repeats after warm-up; diffmodel, the bound, "
+        "NumPy and XGBoost are timed in interleaved rounds (each round times each "
+        "once, so all see the same machine), and each ratio's range over the rounds "
+        "is shown. The bandwidth bound is "
         "NumPy reading the same input arrays once and writing one output; XGBoost "
         "and NumPy rates are timed on the row counts shown and scaled.\n\n"
         f"{table}\n"
