@@ -281,7 +281,9 @@ class _Evaluator:
                 terms[id(b)] = [b, c]
         return _Affine(const, [tuple(t) for t in terms.values()], out)
 
-    def eval(self, jaxpr: jex.Jaxpr, consts, args) -> list:
+    def eval(self, jaxpr: jex.Jaxpr, consts, args, *, top: bool = True) -> list:
+        """The outputs of ``jaxpr``: per-step arrays at the top level; a nested
+        jaxpr (``top=False``) returns its values as they are (tables stay tables)."""
         env = {}
 
         def read(v):
@@ -302,7 +304,18 @@ class _Evaluator:
             grouped = [isinstance(x, _PerGroup) for x in invals]
             if name in ("pjit", "jit") and "jaxpr" in eqn.params:
                 sub = eqn.params["jaxpr"]
-                outvals = self.eval(sub.jaxpr, sub.consts, invals)
+                outvals = self.eval(sub.jaxpr, sub.consts, invals, top=False)
+            elif (
+                name == "broadcast_in_dim"
+                and not avals[0].shape
+                and not _is_affine(invals[0])
+                and len(eqn.outvars[0].aval.shape) == 1
+            ):
+                # A constant spread over the steps (``jnp.where(c, x, 1.0)`` does
+                # this to its scalar): the same number for every group, so that the
+                # operations it meets stay per group.
+                x = invals[0]
+                outvals = [_PerGroup(jnp.full((self.n_groups,), x, avals[0].dtype))]
             elif (
                 any(grouped)
                 and name in _ELEMENTWISE
@@ -328,6 +341,8 @@ class _Evaluator:
                     outvals = self.bind(eqn, invals)
             for v, val in zip(eqn.outvars, outvals, strict=True):
                 write(v, val)
+        if not top:
+            return [read(v) for v in jaxpr.outvars]
         return [self.per_step(read(v), v.aval) for v in jaxpr.outvars]
 
     @staticmethod
