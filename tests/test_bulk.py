@@ -413,3 +413,31 @@ def test_nested_jit_and_spread_constants_stay_per_group():
     ).lower(jnp.asarray(x))
     logs = [ln for ln in lowered.as_text().splitlines() if "stablehlo.log" in ln]
     assert logs and all("tensor<3xf64>" in ln for ln in logs)  # per group only
+
+
+def test_out_buffer_is_filled_and_returned(deps):
+    n = 300
+    stats = _stats(n)
+    group = np.random.default_rng(6).integers(0, 3, n)
+    want = predict_steps(stats, deps, group, chunk_size=64, dtype=np.float32)
+    buf = np.full(n, -1.0, np.float32)
+    got = predict_steps(stats, deps, group, chunk_size=64, dtype=np.float32, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, want)
+
+
+@pytest.mark.parametrize(
+    "out, kwargs, match",
+    [
+        (np.zeros(10, np.float32), {}, r"shape \(300,\)"),
+        (np.zeros(300, np.float64), {}, "dtype float32"),
+        (np.zeros(600, np.float32)[::2], {}, "C-contiguous"),
+        ([0.0] * 300, {}, "NumPy array"),
+        (np.zeros(300, np.float32), {"components": True}, "components"),
+    ],
+)
+def test_bad_out_buffer_is_named(deps, out, kwargs, match):
+    stats = _stats(300)
+    group = np.zeros(300, np.int32)
+    with pytest.raises(ValueError, match=match):
+        predict_steps(stats, deps, group, dtype=np.float32, out=out, **kwargs)
