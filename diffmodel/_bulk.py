@@ -904,6 +904,7 @@ def predict_requests(
     dtype=jnp.float32,
     components: bool = False,
     devices=None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | dict[str, np.ndarray]:
     """Step time of many steps given as padded per-request batches, us per GPU.
 
@@ -915,7 +916,7 @@ def predict_requests(
         context_tokens: ``[steps, R]`` tokens already cached for each request.
         mask: ``[steps, R]`` booleans, ``True`` for real requests. Padding entries
             must still be finite and ``>= 0`` (e.g. 0).
-        deployments, group, factors, dtype, components, devices: as in
+        deployments, group, factors, dtype, components, devices, out: as in
             :func:`predict_steps`.
         chunk_size: request slots (``steps * R``) per compiled call; ``None``: all.
 
@@ -941,6 +942,7 @@ def predict_requests(
     steps_per_chunk = (
         None if chunk_size is None else max(1, chunk_size // max(width, 1))
     )
+    out = _check_out(out, n, dt, components)
     return _run_chunks(
         _requests_kernel,
         [new, ctx, m],
@@ -954,6 +956,7 @@ def predict_requests(
         factors=fac,
         components=components,
         devices=devices,
+        out=out,
     )
 
 

@@ -424,6 +424,13 @@ def test_out_buffer_is_filled_and_returned(deps):
     got = predict_steps(stats, deps, group, chunk_size=64, dtype=np.float32, out=buf)
     assert got is buf
     np.testing.assert_array_equal(buf, want)
+    new, ctx, mask = _requests(50, 4, seed=7)
+    g = np.zeros(50, np.int32)
+    want = predict_requests(new, ctx, mask, deps, g, dtype=np.float32)
+    buf = np.empty(50, np.float32)
+    got = predict_requests(new, ctx, mask, deps, g, dtype=np.float32, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, want)
 
 
 @pytest.mark.parametrize(
