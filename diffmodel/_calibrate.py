@@ -15,6 +15,7 @@ from ._arch import architecture
 from ._curves import (
     KERNEL_FAMILIES,
     LATENCY_FAMILIES,
+    PROLOGUE_FAMILIES,
     TUNED_FAMILIES,
     AllReduceCurve,
     KernelCurves,
@@ -147,7 +148,9 @@ def init_curves(family: str) -> RooflineCurves:
     """Starting curves of a family: a kernel floor where one is physical, and a
     tuned-configuration gain where the kernels have tuned tile configurations."""
     return default_roofline_curves(
-        latency=family in LATENCY_FAMILIES, tuned=family in TUNED_FAMILIES
+        latency=family in LATENCY_FAMILIES,
+        tuned=family in TUNED_FAMILIES,
+        prologue=family in PROLOGUE_FAMILIES,
     )
 
 

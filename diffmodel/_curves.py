@@ -190,6 +190,10 @@ class RooflineCurves(eqx.Module):
             amortised over the GPU, ns.
         raw_tuned: optional shift of the logit of the saturated compute efficiency
             of kernels with a tuned tile configuration (dimensionless).
+        prologue: optional bandwidth efficiency (fraction of HBM bandwidth) vs bytes
+            of the memory-bound passes an operator runs before its kernel (an
+            unfused activation quantization: ``KernelWork.pre_bytes``); without it
+            those bytes run at the ``bandwidth`` curve's efficiency.
     """
 
     flops: SaturationCurve
@@ -198,6 +202,7 @@ class RooflineCurves(eqx.Module):
     raw_latency: Float[Array, ""] | None = None
     raw_unit_ns: Float[Array, ""] | None = None
     raw_tuned: Float[Array, ""] | None = None
+    prologue: SaturationCurve | None = None
 
     @property
     def unit_ns(self) -> Array:
@@ -257,11 +262,14 @@ class RooflineCurves(eqx.Module):
             out["raw"], out["physical"] = raw, phys
         if self.occupancy is not None:
             out["occupancy"] = self.occupancy.to_json()
+        if self.prologue is not None:
+            out["prologue"] = self.prologue.to_json()
         return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "RooflineCurves":
         occ = obj.get("occupancy") if isinstance(obj, dict) else None
+        pro = obj.get("prologue") if isinstance(obj, dict) else None
         raw = (obj.get("raw") if isinstance(obj, dict) else None) or {}
         f = jnp.result_type(float)
 
@@ -277,6 +285,7 @@ class RooflineCurves(eqx.Module):
             raw_latency=opt("raw_latency"),
             raw_unit_ns=opt("raw_unit_ns"),
             raw_tuned=opt("raw_tuned"),
+            prologue=None if pro is None else SaturationCurve.from_json(pro),
         )
 
 
@@ -335,6 +344,11 @@ LATENCY_FAMILIES: tuple[str, ...] = ("prefill_attention", "decode_attention", "m
 # fused MoE), and so a compute-efficiency shift for those.
 TUNED_FAMILIES: tuple[str, ...] = ("moe",)
 
+# Families whose measured operator quantizes its activation in separate memory-bound
+# passes before the kernel (vLLM's dynamic per-tensor FP8 linear), and so an
+# efficiency curve of those passes of their own.
+PROLOGUE_FAMILIES: tuple[str, ...] = ("gemm_fp8",)
+
 
 class KernelCurves(eqx.Module):
     """Calibrated curves of every kernel family of one GPU.
@@ -362,11 +376,16 @@ class KernelCurves(eqx.Module):
 
 
 def default_roofline_curves(
-    *, occupancy: bool = True, latency: bool = True, tuned: bool = False
+    *,
+    occupancy: bool = True,
+    latency: bool = True,
+    tuned: bool = False,
+    prologue: bool = False,
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
-    work unit, and a tuned-configuration shift (starting at 0: no gain)."""
+    work unit, a tuned-configuration shift (starting at 0: no gain), and a prologue
+    bandwidth curve (0.5 of HBM bandwidth at large sizes, half of it at 4 MB)."""
     f = jnp.result_type(float)
     occ = Occupancy(
         raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(math.log(64.0), f)
@@ -376,6 +395,11 @@ def default_roofline_curves(
         raw_latency=jnp.asarray(_softplus_inv(2.0), f) if latency else None,
         raw_unit_ns=jnp.asarray(_softplus_inv(1.0), f) if latency else None,
         raw_tuned=jnp.zeros((), f) if tuned else None,
+        prologue=SaturationCurve.from_physical(
+            eta_max=0.5, slope=0.8, x_half=4e6, unit="byte"
+        )
+        if prologue
+        else None,
         flops=SaturationCurve.from_physical(
             eta_max=0.8, slope=0.8, x_half=1e9, unit="FLOP"
         ),
@@ -400,7 +424,9 @@ def default_kernel_curves(hardware: str = "h100-sxm") -> KernelCurves:
     return KernelCurves(
         **{
             f: default_roofline_curves(
-                latency=f in LATENCY_FAMILIES, tuned=f in TUNED_FAMILIES
+                latency=f in LATENCY_FAMILIES,
+                tuned=f in TUNED_FAMILIES,
+                prologue=f in PROLOGUE_FAMILIES,
             )
             for f in KERNEL_FAMILIES
         },

@@ -32,6 +32,7 @@ from jaxtyping import Array, ArrayLike, Float
 from ._curves import AllReduceCurve, RooflineCurves
 from ._hardware import Hardware
 from ._physics import (
+    act_quant_bytes,
     allreduce_us,
     attention_work,
     gemm_work,
@@ -253,6 +254,8 @@ class KernelWork(eqx.Module):
         blocks: optional thread blocks scheduled, for the per-block cost, where they
             differ from ``units`` (blocks that exit at once do no parallel work).
         tuned: optional 1 where the kernel runs a tuned tile configuration, else 0.
+        pre_bytes: optional HBM bytes of memory-bound passes the operator runs before
+            its kernel, serially (an unfused quantization of its activation), bytes.
     """
 
     flops: Float[Array, " n"]
@@ -262,19 +265,30 @@ class KernelWork(eqx.Module):
     units: Float[Array, " n"]
     blocks: Float[Array, " n"] | None = None
     tuned: Float[Array, " n"] | None = None
+    pre_bytes: Float[Array, " n"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, " n"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
-        :class:`RooflineCurves` (efficiencies of the work plus the kernel floor)."""
+        :class:`RooflineCurves` (efficiencies of the work plus the kernel floor).
+
+        ``pre_bytes`` add ``pre_bytes / (bw eta_pre)``: ``eta_pre`` is the curves'
+        ``prologue`` efficiency at ``pre_bytes`` (their ``bandwidth`` curve without
+        one), or the constant ``eta_bw``."""
         if isinstance(eff, RooflineCurves):
             eta_f, eta_b = eff.efficiencies(
                 self.flops, self.bytes, self.units, self.tuned
             )
             blocks = self.units if self.blocks is None else self.blocks
             floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
+            if self.pre_bytes is not None:
+                pre = eff.bandwidth if eff.prologue is None else eff.prologue
+                eta_pre = pre(self.pre_bytes)
         else:
             eta_f, eta_b = (jnp.asarray(e) for e in eff)
             floor = 0.0
+            eta_pre = eta_b
+        if self.pre_bytes is not None:
+            floor = floor + self.pre_bytes / (self.bandwidth * eta_pre) * 1e6
         return floor + roofline_us(
             self.flops, self.bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
         )
@@ -285,15 +299,35 @@ def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
 
 
 def gemm_kernel_work(
-    m: ArrayLike, n: ArrayLike, k: ArrayLike, hw: Hardware, dtype_bytes: ArrayLike = 2.0
+    m: ArrayLike,
+    n: ArrayLike,
+    k: ArrayLike,
+    hw: Hardware,
+    dtype_bytes: ArrayLike = 2.0,
+    out_bytes: ArrayLike | None = None,
+    act_quant: ArrayLike | None = None,
 ) -> KernelWork:
     """A GEMM ``[m, k] @ [k, n]`` in ``dtype_bytes`` (1: FP8 peak) on ``hw``.
 
-    ``f = 2 m n k``; ``b = (k n + m k + m n) dtype_bytes`` (``gemm_work``).
+    ``f = 2 m n k``; ``b = (k n + m k) dtype_bytes + m n out_bytes`` (``gemm_work``;
+    ``out_bytes`` defaults to ``dtype_bytes``). ``act_quant`` (1 or 0 per GEMM,
+    ``None``: none) marks GEMMs that first quantize their bf16 activation to FP8 in
+    separate passes (dynamic per-tensor FP8): ``pre_bytes = act_quant m k (2 2 + 1)``
+    (``act_quant_bytes``).
+
+    Raises ``ValueError`` naming ``act_quant`` if it holds a value other than 0 or 1.
     """
-    f, b = gemm_work(m, n, k, dtype_bytes, dtype_bytes)
+    f, b = gemm_work(m, n, k, dtype_bytes, dtype_bytes, out_bytes)
     tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
-    return _work(f, b, _peak(hw, dtype_bytes), hw.hbm_bw, tiles)
+    pre = None
+    if act_quant is not None:
+        q = np.asarray(act_quant, float)
+        if not np.isin(q, (0.0, 1.0)).all():
+            raise ValueError(
+                f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
+            )
+        pre = jnp.asarray(q) * act_quant_bytes(m, k)
+    return _work(f, b, _peak(hw, dtype_bytes), hw.hbm_bw, tiles, pre=pre)
 
 
 # FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
@@ -511,14 +545,15 @@ def moe_kernel_work(
     return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, units, blocks, tuned)
 
 
-def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None) -> KernelWork:
-    given = [x for x in (f, b, peak, bw, units, blocks, tuned) if x is not None]
+def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
+    given = [x for x in (f, b, peak, bw, units, blocks, tuned, pre) if x is not None]
     arrays = list(jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in given)))
     opt = arrays[5:]
     return KernelWork(
         *arrays[:5],
         blocks=None if blocks is None else opt.pop(0),
         tuned=None if tuned is None else opt.pop(0),
+        pre_bytes=None if pre is None else opt.pop(0),
     )
 
 
@@ -590,7 +625,19 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
 
     if family == "gemm":
         nbytes = jnp.asarray(_dtype_bytes(table["gemm_dtype"], "gemm_dtype"))
-        return gemm_kernel_work(col("m"), col("n"), col("k"), hw, nbytes)
+        # vLLM's FP8 linears write bf16; per-tensor FP8 ("fp8") rows time the
+        # dynamic quantization of the bf16 activation too (a ~10 us floor and a
+        # cost in m k whatever n: see act_quant_bytes).
+        quant = (table["gemm_dtype"] == "fp8").to_numpy(float)
+        return gemm_kernel_work(
+            col("m"),
+            col("n"),
+            col("k"),
+            hw,
+            nbytes,
+            out_bytes=2.0,
+            act_quant=quant if quant.any() else None,
+        )
     if family in ("prefill_attention", "decode_attention"):
         heads = (col("num_heads"), col("num_key_value_heads"), col("head_dim"))
         if family == "prefill_attention":

@@ -75,13 +75,30 @@ def gemm_work(
     k: ArrayLike,
     weight_bytes: ArrayLike = 2.0,
     act_bytes: ArrayLike = 2.0,
+    out_bytes: ArrayLike | None = None,
 ) -> tuple[Array, Array]:
     """FLOPs and bytes of ``[m, k] @ [k, n]`` with an ``[k, n]`` weight.
 
-    ``f = 2 m n k``; ``b = k n weight_bytes + (m k + m n) act_bytes``.
+    ``f = 2 m n k``; ``b = k n weight_bytes + m k act_bytes + m n out_bytes`` (bytes
+    per element; ``out_bytes`` defaults to ``act_bytes``: an FP8 GEMM reads 1-byte
+    operands but writes a 16-bit output, ``out_bytes = 2``).
     """
     m, n, k = jnp.asarray(m), jnp.asarray(n), jnp.asarray(k)
-    return 2.0 * m * n * k, k * n * weight_bytes + (m * k + m * n) * act_bytes
+    ob = act_bytes if out_bytes is None else out_bytes
+    return 2.0 * m * n * k, k * n * weight_bytes + m * k * act_bytes + m * n * ob
+
+
+def act_quant_bytes(
+    m: ArrayLike, k: ArrayLike, act_bytes: ArrayLike = 2.0, quant_bytes: ArrayLike = 1.0
+) -> Array:
+    """HBM bytes of dynamically quantizing an ``[m, k]`` activation, unfused.
+
+    ``m k (2 act_bytes + quant_bytes)``: one pass reads the activation for its
+    absolute maximum (the per-tensor scale), a second reads it again and writes the
+    quantized copy (``act_bytes``: 2 for bf16; ``quant_bytes``: 1 for FP8).
+    """
+    m, k = jnp.asarray(m), jnp.asarray(k)
+    return m * k * (2.0 * act_bytes + quant_bytes)
 
 
 def expected_experts(

@@ -33,6 +33,7 @@ from diffmodel._kernels import (
     allreduce_kernel_us,
     causal_tile_pairs,
     decode_attention_us,
+    gemm_kernel_work,
     gemm_us,
     load_allreduce,
     load_attention,
@@ -339,6 +340,8 @@ def test_json_round_trip_is_exact(tmp_path):
     assert "latency_us" in obj["decode_attention"]["physical"]
     assert "tuned_eta_max" in obj["moe"]["physical"]
     assert "raw_tuned" not in obj["gemm_bf16"].get("raw", {})
+    assert obj["gemm_fp8"]["prologue"]["physical"]["x_half_unit"] == "byte"
+    assert "prologue" not in obj["gemm_bf16"]
     del obj["moe"]
     with pytest.raises(ValueError, match="missing key 'moe'"):
         curves_from_json(obj)
@@ -421,3 +424,54 @@ def test_kernel_prior_factors_are_physical():
     assert float(values["comm_latency_us"]) > 0
     with pytest.raises(ValueError, match="tp"):
         kernel_prior_factors(default_kernel_curves(), tp=0)
+
+
+# ------------------------------------------------------- FP8 activation quantization
+
+
+def test_fp8_gemm_work_counts_bf16_output_and_quantization_pass():
+    # m=4, n=8, k=16 FP8 GEMM, bf16 output, dynamic activation quantization:
+    # bytes = 16*8*1 + 4*16*1 + 4*8*2 = 128 + 64 + 64 = 256;
+    # pre_bytes = 4*16*(2*2 + 1) = 320 (absmax read, re-read, FP8 write);
+    # the same GEMM in bf16: 256 + 128 + 64 = 448 bytes.
+    w = gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, out_bytes=2.0, act_quant=1.0)
+    assert float(w.flops) == 2 * 4 * 8 * 16
+    assert float(w.bytes) == 256.0
+    assert float(w.pre_bytes) == 320.0
+    assert float(w.peak_flops) == H100.flops_8
+    # constant efficiencies: the pass runs at eta_bw, serially, before the GEMM
+    plain = gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, out_bytes=2.0)
+    assert plain.pre_bytes is None
+    extra = float(w.time_us((0.5, 0.25)) - plain.time_us((0.5, 0.25)))
+    assert extra == pytest.approx(320.0 / (float(H100.hbm_bw) * 0.25) * 1e6, rel=1e-6)
+
+
+def test_fp8_gemm_act_quant_must_be_0_or_1():
+    with pytest.raises(ValueError, match="act_quant"):
+        gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, act_quant=2.0)
+
+
+def test_prologue_curve_sets_the_quantization_pass_efficiency():
+    curves = default_roofline_curves(prologue=True)
+    w = gemm_kernel_work(
+        jnp.array([1.0, 1024.0]), 64.0, 65536.0, H100, 1.0, 2.0, act_quant=1.0
+    )
+    base = gemm_kernel_work(jnp.array([1.0, 1024.0]), 64.0, 65536.0, H100, 1.0, 2.0)
+    eta = curves.prologue(w.pre_bytes)
+    assert bool(jnp.all((eta > 0) & (eta < 1)))
+    want = w.pre_bytes / (H100.hbm_bw * eta) * 1e6
+    got = w.time_us(curves) - base.time_us(curves)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9)
+    # more bytes: a higher efficiency but a longer pass (monotone time)
+    assert float(eta[1]) > float(eta[0]) and float(got[1]) > float(got[0])
+
+
+def test_table_work_quantizes_only_per_tensor_fp8_rows():
+    t = pd.DataFrame(
+        dict(m=[4, 4, 4], n=[8, 8, 8], k=[16, 16, 16]),
+    ).assign(gemm_dtype=["bfloat16", "fp8", "fp8_block"])
+    w = table_work("gemm", t, H100)
+    np.testing.assert_array_equal(np.asarray(w.pre_bytes), [0.0, 320.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(w.bytes), [448.0, 256.0, 256.0])
+    bf = table_work("gemm", t.iloc[:1], H100)
+    assert bf.pre_bytes is None
