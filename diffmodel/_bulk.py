@@ -147,8 +147,9 @@ class _Evaluator:
     - Affine folding: multiplying or dividing by a table or constant, and adding
       such products, builds an :class:`_Affine` (coefficients combined per group),
       materialised once where another operation needs the per-step value.
-    - ``pow`` on per-step values goes through :func:`_pow`, and a per-step value
-      divided by a per-group one is multiplied by the reciprocal (one rounding more).
+      A per-step value divided by a per-group one is thereby multiplied by the
+      reciprocal (one rounding more).
+    - ``pow`` on per-step values goes through :func:`_pow`.
     """
 
     def __init__(self, group, n_groups: int, tables=None):
@@ -259,7 +260,7 @@ class _Evaluator:
         def coef(c):
             if _is_one(c) and op is jnp.multiply:
                 return y
-            return self.combine(op, 1.0 if _is_one(c) else c, y, out)
+            return self.combine(op, c, y, out)
 
         const = None if f.const is None else self.combine(op, f.const, y, out)
         return _Affine(const, [(b, coef(c)) for b, c in f.terms], out)
@@ -273,10 +274,7 @@ class _Evaluator:
         terms = dict((id(b), [b, c]) for b, c in f.terms)
         for b, c in g.terms:
             if id(b) in terms:
-                c0 = terms[id(b)][1]
-                terms[id(b)][1] = self.combine(
-                    jnp.add, 1.0 if _is_one(c0) else c0, 1.0 if _is_one(c) else c, out
-                )
+                terms[id(b)][1] = self.combine(jnp.add, terms[id(b)][1], c, out)
             else:
                 terms[id(b)] = [b, c]
         return _Affine(const, [tuple(t) for t in terms.values()], out)
@@ -327,10 +325,6 @@ class _Evaluator:
                 folded := self.fold(name, invals, avals, eqn.outvars[0].aval)
             ):
                 outvals = [folded]
-            elif name == "div" and grouped[1] and not grouped[0]:
-                # x / c with c per group: one division per group, not per step.
-                inv = _PerGroup(1.0 / invals[1].table)
-                outvals = [invals[0] * self.per_step(inv, avals[1])]
             else:
                 invals = [
                     self.per_step(x, a) for x, a in zip(invals, avals, strict=True)
