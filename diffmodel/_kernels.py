@@ -38,6 +38,7 @@ from ._physics import (
     gemm_work,
     moe_work,
     roofline_us,
+    routed_slots,
     touched_experts,
 )
 
@@ -533,7 +534,7 @@ def moe_kernel_work(
     (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
     bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
     touched = touched_experts(tokens, e_local, k_local, routing)
-    slots = jnp.maximum(tokens * k_local, touched)
+    slots = routed_slots(tokens, k_local, touched, routing)
     per_expert = slots / jnp.where(touched > 0, touched, 1.0)
     # The tolerance keeps an exact multiple of the tile from rounding up.
     token_tiles = touched * jnp.ceil(per_expert / bm - 1e-9)

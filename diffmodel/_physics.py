@@ -156,6 +156,21 @@ def touched_experts(
     raise ValueError(f"routing must be one of {list(ROUTINGS)}, got {routing!r}")
 
 
+def routed_slots(
+    tokens: ArrayLike, top_k: ArrayLike, touched: ArrayLike, routing: str = "uniform"
+) -> Array:
+    """(token, expert) slots an MoE layer computes: ``T k``, and under balanced
+    routing at least one per touched expert (a fractional top-k can touch more
+    experts than it routes slots, by the ceiling of :func:`balanced_experts`).
+
+    Under uniform routing ``E (1 - (1 - k/E)^T) <= T k`` already, so no floor is
+    taken and the per-step model stays affine in ``T`` (cheaper in bulk, see
+    ``diffmodel._bulk``).
+    """
+    slots = jnp.asarray(tokens) * top_k
+    return jnp.maximum(slots, touched) if routing == "balanced" else slots
+
+
 def moe_work(
     tokens: ArrayLike,
     hidden: ArrayLike,
@@ -176,13 +191,7 @@ def moe_work(
     t = jnp.asarray(tokens)
     per_expert = 3.0 * hidden * expert_ffn
     touched = touched_experts(t, n_experts, top_k, routing)
-    slots = t * top_k
-    if routing == "balanced":
-        # A fractional top-k can touch more experts than it routes slots (ceil);
-        # under uniform routing E (1 - (1 - k/E)^T) <= T k already, and the
-        # per-step model stays affine in T (cheaper in bulk, see diffmodel._bulk).
-        slots = jnp.maximum(slots, touched)
-    flops = 2.0 * slots * per_expert
+    flops = 2.0 * routed_slots(t, top_k, touched, routing) * per_expert
     acts = t * top_k * (2.0 * hidden + 3.0 * expert_ffn) + t * hidden
     return flops, touched * per_expert * weight_bytes + acts * act_bytes
 
