@@ -547,15 +547,18 @@ def moe_kernel_work(
 
 
 def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
-    given = [x for x in (f, b, peak, bw, units, blocks, tuned, pre) if x is not None]
-    arrays = list(jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in given)))
-    opt = arrays[5:]
-    return KernelWork(
-        *arrays[:5],
-        blocks=None if blocks is None else opt.pop(0),
-        tuned=None if tuned is None else opt.pop(0),
-        pre_bytes=None if pre is None else opt.pop(0),
+    core = jnp.broadcast_arrays(
+        *(jnp.asarray(x, float) for x in (f, b, peak, bw, units))
     )
+
+    def opt(x):  # an optional per-kernel field, on the kernels' shape
+        return (
+            None
+            if x is None
+            else jnp.broadcast_to(jnp.asarray(x, float), core[0].shape)
+        )
+
+    return KernelWork(*core, blocks=opt(blocks), tuned=opt(tuned), pre_bytes=opt(pre))
 
 
 def gemm_us(m, n, k, eff: Efficiency, hw: Hardware, dtype_bytes=2.0) -> Array:
