@@ -369,9 +369,9 @@ def main(
     res["xgboost_steps_per_s"] = float(np.median(rates["xgboost"]))
     res["xgboost_timed_rows"] = rows
     res["repeats"] = repeats
-    for k, key in (("stream", "stream"), ("numpy", "numpy"), ("xgboost", "xgboost")):
+    for k in ("stream", "numpy", "xgboost"):
         per_round = rates["diffmodel"] / rates[k]
-        res[f"ratio_{key}_rounds"] = [float(x) for x in per_round]
+        res[f"ratio_{k}_rounds"] = [float(x) for x in per_round]
 
     _log(f"per-request batches: {request_steps:,} steps x {request_width} slots")
     new, ctx, mask = make_requests(request_steps, request_width)
