@@ -6,10 +6,15 @@ import equinox as eqx
 import numpy as np
 import pandas as pd
 
-from ._arch import canonical_model
-from ._batch import VLLM_BLOCK_SIZE, BatchStats, from_aggregates, kv_tokens_from_usage
-from ._deployment import Deployment, deployment, stack_deployments
-from ._hardware import canonical_hardware
+from ._model._arch import canonical_model
+from ._model._batch import (
+    VLLM_BLOCK_SIZE,
+    BatchStats,
+    from_aggregates,
+    kv_tokens_from_usage,
+)
+from ._model._deployment import Deployment, deployment, stack_deployments
+from ._model._hardware import canonical_hardware
 
 # Canonical column -> accepted trace spellings.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {

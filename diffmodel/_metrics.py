@@ -14,11 +14,24 @@ is a ``ValueError``, never a NaN.
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
 ArrayLike = npt.ArrayLike
+
+
+def log_ratio_loss(predicted, actual, weights=None):
+    """``mean(w (ln predicted - ln actual)^2) / mean(w)``, unitless, differentiable.
+
+    The one loss every fit in the package minimises: symmetric in over- and
+    under-prediction, scale-free. ``weights`` (default: all ones) are per-row.
+    """
+    r2 = (jnp.log(predicted) - jnp.log(actual)) ** 2
+    if weights is None:
+        return jnp.mean(r2)
+    return jnp.sum(weights * r2) / jnp.sum(weights)
 
 
 def _pair(

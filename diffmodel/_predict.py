@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._factors import Factors, default_factors
 from ._frame import groups_from_frame, stats_from_frame
-from ._roofline import COMPONENTS, step_time_batch
+from ._model._factors import Factors, default_factors
+from ._model._roofline import COMPONENTS, step_time_batch
 
 
 @functools.partial(jax.jit, static_argnames=("check",))
@@ -31,7 +31,9 @@ def resolve_factors(factors, labels: tuple[str, ...]) -> Factors:
     if isinstance(factors, Factors):
         return factors
     if isinstance(factors, str) or hasattr(factors, "__fspath__"):
-        from ._io import load_factors  # deferred: _io builds on this module's users
+        from ._fitting._io import (
+            load_factors,  # deferred: _io builds on this module's users
+        )
 
         factors = load_factors(factors)
     if hasattr(factors, "factors_for"):

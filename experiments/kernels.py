@@ -22,7 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from diffmodel._calibrate import (
+from diffmodel import mape
+from diffmodel._model._factors import FACTOR_SPECS
+from diffmodel._model._hardware import hardware
+from diffmodel._paths import default_data_dir
+from diffmodel.kernels._calibrate import (
     FitOptions,
     calibrate_kernels,
     family_rows,
@@ -32,20 +36,16 @@ from diffmodel._calibrate import (
     held_out_split,
     init_curves,
     kernel_prior_factors,
-    mape,
     two_stage_minimise,
 )
-from diffmodel._curves import default_roofline_curves, save_curves
-from diffmodel._factors import FACTOR_SPECS
-from diffmodel._hardware import hardware
-from diffmodel._kernels import (
+from diffmodel.kernels._curves import default_roofline_curves, save_curves
+from diffmodel.kernels._tables import (
     VIDUR_OPERATORS,
     allreduce_kernel_us,
     load_kernel_tables,
     load_vidur,
     vidur_work,
 )
-from diffmodel._paths import default_data_dir
 
 SHAPE_KEYS = {
     "gemm_bf16": ["n", "k"],
@@ -110,7 +110,7 @@ def kernel_rows(tables, options: FitOptions) -> list[dict]:
                     family=fam,
                     variant=variant,
                     protocol="held_out_shapes",
-                    mape=mape(pred, y_te),
+                    mape=mape(y_te, pred),
                     n_params=_n_params(curve) if n is None else n,
                     n_test=len(te),
                     n_test_shapes=n_test_shapes,
@@ -170,7 +170,7 @@ def vidur_rows(vidur: pd.DataFrame, options: FitOptions) -> list[dict]:
                     family=f"vidur_{op}",
                     variant=variant,
                     protocol="lomo",
-                    mape=mape(np.concatenate(pred), actual),
+                    mape=mape(actual, np.concatenate(pred)),
                     n_params=n,
                     n_test=len(actual),
                     n_test_shapes=len(models),

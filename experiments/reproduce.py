@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Sequence
 
 import diffmodel
-from diffmodel._reproduce import reproduce, results_markdown
+from diffmodel._app._reproduce import reproduce, results_markdown
 
 
 def main(

@@ -14,7 +14,7 @@ Three parts, written to ``<out>/scheduler.json``:
    pick ``(max_num_batched_tokens, max_num_seqs)``, all scored by the exact
    simulator's objective ``mean TTFT + itl_weight * mean ITL``:
 
-   - ``grad``: :func:`diffmodel._scheduler.tune_knobs`, gradient descent on the log
+   - ``grad``: :func:`diffmodel.scheduler.tune_knobs`, gradient descent on the log
      objective of the exact simulator smoothed over log knobs (antithetic pairs along
      random orthogonal directions; every simulation is counted in ``grad_evals``);
    - ``grid``: a 6 x 6 grid of the exact simulator;
@@ -22,7 +22,7 @@ Three parts, written to ``<out>/scheduler.json``:
      annealed), kept as the negative result it is: its pathwise gradient in
      ``max_num_batched_tokens`` has the wrong sign (``budget_gradient_check`` in the
      output compares it with the exact simulator's slope; the module docstring of
-     ``diffmodel._scheduler`` says why).
+     ``diffmodel.scheduler._scheduler`` says why).
 
 Run: ``python experiments/scheduler.py --out results/scheduler`` (about 1 minute on
 2 CPU cores).
@@ -44,7 +44,8 @@ import optax  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import diffmodel  # noqa: E402
-from diffmodel._scheduler import (  # noqa: E402
+from diffmodel.data._traces import add_targets, load_steps  # noqa: E402
+from diffmodel.scheduler._scheduler import (  # noqa: E402
     Knobs,
     Workload,
     make_workload,
@@ -52,7 +53,6 @@ from diffmodel._scheduler import (  # noqa: E402
     simulate,
     tune_knobs,
 )
-from diffmodel._traces import add_targets, load_steps  # noqa: E402
 
 EXPERIMENT = "20260217-202857-llama-2-70b-tp4-general"
 MODEL, HARDWARE, TP = "llama-2-70b", "h100-sxm", 4

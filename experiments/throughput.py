@@ -1,13 +1,13 @@
 """Throughput of bulk prediction against NumPy, XGBoost and the memory-bandwidth bound.
 
-The benchmark lives in the package (``diffmodel._throughput``) so that an installed
+The benchmark lives in the package (``diffmodel._app._bench``) so that an installed
 ``diffmodel bench`` runs it too; this script is its command line:
 
     python experiments/throughput.py [--n-steps N] [--repeats R] [--json PATH]
         [--markdown PATH]
 """
 
-from diffmodel._throughput import _cli, main
+from diffmodel._app._bench import _cli, main
 
 __all__ = ["main"]
 

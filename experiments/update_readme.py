@@ -22,9 +22,9 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/reproduce.py", "--out", "{r}/reproduce"],
         "reproduce/results.md",
     ),
-    "seed_fit": (
-        ["experiments/seed_fit.py", "--out", "{r}/seed_fit"],
-        "seed_fit/seed_fit.md",
+    "study_fit": (
+        ["experiments/study_fit.py", "--out", "{r}/study_fit"],
+        "study_fit/study_fit.md",
     ),
     "kernels": (
         ["experiments/kernels.py", "--out", "{r}/kernels"],

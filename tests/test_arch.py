@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import diffmodel as dm
-from diffmodel._catalog import CONFIG_FILES, MODEL_CONFIGS
+from diffmodel._model._catalog import CONFIG_FILES, MODEL_CONFIGS
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -15,7 +15,7 @@ def test_catalog_matches_shared_configs(name, data_dir):
     for key, value in MODEL_CONFIGS[name].items():
         assert cfg[key] == value, key
     a = dm.architecture(name)
-    b = dm.from_hf_config(data_dir / "model_configs" / CONFIG_FILES[name])
+    b = dm.Architecture.from_hf_config(data_dir / "model_configs" / CONFIG_FILES[name])
     for x, y in zip(a.__dict__.values(), b.__dict__.values(), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -55,16 +55,18 @@ def test_missing_and_unsupported_config_keys():
     cfg = dict(MODEL_CONFIGS["llama-2-7b"])
     del cfg["num_hidden_layers"]
     with pytest.raises(ValueError, match="missing required key 'num_hidden_layers'"):
-        dm.from_hf_config(cfg)
+        dm.Architecture.from_hf_config(cfg)
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
-        dm.from_hf_config(dict(MODEL_CONFIGS["llama-2-7b"], model_type="gpt2"))
+        dm.Architecture.from_hf_config(
+            dict(MODEL_CONFIGS["llama-2-7b"], model_type="gpt2")
+        )
     with pytest.raises(ValueError, match="not found"):
-        dm.from_hf_config("/nonexistent/config.json")
+        dm.Architecture.from_hf_config("/nonexistent/config.json")
 
 
 def test_shared_experts_counted():
     cfg = dict(MODEL_CONFIGS["qwen3-30b-a3b"], shared_expert_intermediate_size=2048)
-    a = dm.from_hf_config(cfg)
+    a = dm.Architecture.from_hf_config(cfg)
     assert float(a.shared_ffn) == 2048
 
 

@@ -4,17 +4,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel._baselines import (
+from diffmodel._metrics import mape, metrics_table
+from diffmodel.baselines._baselines import (
     _ARCH,
-    SEED_FEATURES,
+    STUDY_FEATURES,
     BlackBox,
     XGBoostBaseline,
-    load_seed_xgboost,
-    seed_features,
+    load_study_xgboost,
+    study_features,
 )
-from diffmodel._metrics import mape, metrics_table
-from diffmodel._splits import temporal_split
-from diffmodel._traces import add_targets, load_steps
+from diffmodel.data._splits import temporal_split
+from diffmodel.data._traces import add_targets, load_steps
 
 SMALL_GRID = {"max_depth": (2, 3), "n_estimators": (10,), "learning_rate": (0.3,)}
 
@@ -94,22 +94,22 @@ def test_blackbox_errors():
 # --------------------------------------------------------------------------- features
 
 
-def test_seed_features_has_30_columns():
-    features = seed_features(_steps())
-    assert len(SEED_FEATURES) == 30 == len(set(SEED_FEATURES))
-    assert list(features.columns) == list(SEED_FEATURES)
+def test_study_features_has_30_columns():
+    features = study_features(_steps())
+    assert len(STUDY_FEATURES) == 30 == len(set(STUDY_FEATURES))
+    assert list(features.columns) == list(STUDY_FEATURES)
     assert (features.dtypes == np.float64).all()
     assert np.isfinite(features.to_numpy()).all()
 
 
-def test_seed_features_hand_computed():
+def test_study_features_hand_computed():
     frame = _steps().iloc[:1].copy()
     frame[["batch.prefill_tokens", "batch.decode_tokens", "batch.scheduled_tokens"]] = [
         [2046, 2, 2048]
     ]
     frame[["batch.num_prefill_reqs", "batch.num_decode_reqs"]] = [[8, 2]]
     frame[["kv.blocks_total_gpu", "kv.blocks_free_gpu"]] = [[1000, 750]]
-    row = seed_features(frame).iloc[0]
+    row = study_features(frame).iloc[0]
     # Llama-2-70B at TP4: d 8192, 80 layers, d_kv 1024, d_ff 28672.
     per_layer = 8192 * (8192 + 2 * 1024) + 8192 * 8192 + 3 * 8192 * 28672
     assert row["gemm_flops"] == pytest.approx(2 * 2048 * 80 * per_layer / 4)
@@ -127,26 +127,26 @@ def test_seed_features_hand_computed():
     assert row["model_id"] == 1 and row["tp"] == 4
 
 
-def test_seed_features_moe_and_empty_batch():
+def test_study_features_moe_and_empty_batch():
     frame = _steps().iloc[:1].copy()
     frame["model"] = "mixtral-8x7b-v0-1"
     frame[["batch.prefill_tokens", "batch.decode_tokens", "batch.scheduled_tokens"]] = 0
-    row = seed_features(frame).iloc[0]
+    row = study_features(frame).iloc[0]
     assert (row["is_moe"], row["active_param_ratio"]) == (1.0, 0.25)
     assert row["prefill_fraction"] == 0.0 and row["gemm_flops"] == 0.0
 
 
-def test_seed_features_aliases_agree():
+def test_study_features_aliases_agree():
     frame = _steps()
     other = frame.assign(model=frame["model"].replace("llama-2-70b-hf", "llama-2-70b"))
-    pd.testing.assert_frame_equal(seed_features(frame), seed_features(other))
+    pd.testing.assert_frame_equal(study_features(frame), study_features(other))
 
 
-def test_seed_features_errors():
+def test_study_features_errors():
     with pytest.raises(ValueError, match=r"unknown models \['gpt-9'\]"):
-        seed_features(_steps().assign(model="gpt-9"))
+        study_features(_steps().assign(model="gpt-9"))
     with pytest.raises(ValueError, match=r"missing columns \['tp'\]"):
-        seed_features(_steps().drop(columns="tp"))
+        study_features(_steps().drop(columns="tp"))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_xgboost_fits_per_experiment():
         valid = frame[
             (temporal_split(frame) == "valid") & (frame.experiment_id == group)
         ]
-        prediction = model.models[group].predict(seed_features(valid).to_numpy())
+        prediction = model.models[group].predict(study_features(valid).to_numpy())
         assert model.valid_mape[group] == pytest.approx(mape(valid["t_us"], prediction))
     prediction = model.predict(frame)
     assert prediction.shape == (200,) and np.isfinite(prediction).all()
@@ -272,8 +272,8 @@ def test_xgboost_on_real_subset(data_dir):
 # --------------------------------------------------------------------------- seed
 
 
-def test_load_seed_xgboost(data_dir):
-    seed = load_seed_xgboost(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
+def test_load_study_xgboost(data_dir):
+    seed = load_study_xgboost(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
     assert seed["experiment_id"].nunique() == 16
     assert seed["predicted_us"].dtype == np.float64
     assert seed["step.id"].dtype == np.int64
@@ -281,12 +281,14 @@ def test_load_seed_xgboost(data_dir):
     assert table["mape"].mean() == pytest.approx(34.0, abs=0.05)
 
 
-def test_load_seed_xgboost_default_path(data_dir, monkeypatch):
-    monkeypatch.setattr("diffmodel._baselines.default_data_dir", lambda: data_dir)
-    assert len(load_seed_xgboost()) == 24_550
+def test_load_study_xgboost_default_path(data_dir, monkeypatch):
+    monkeypatch.setattr(
+        "diffmodel.baselines._baselines.default_data_dir", lambda: data_dir
+    )
+    assert len(load_study_xgboost()) == 24_550
 
 
-def test_load_seed_xgboost_errors(tmp_path):
+def test_load_study_xgboost_errors(tmp_path):
     frame = pd.DataFrame(
         {
             "experiment_id": ["e", "e"],
@@ -299,10 +301,10 @@ def test_load_seed_xgboost_errors(tmp_path):
         }
     )
     frame.to_csv(tmp_path / "ok.csv", index=False)
-    assert list(load_seed_xgboost(tmp_path / "ok.csv")["step.id"]) == [1, 2]
+    assert list(load_study_xgboost(tmp_path / "ok.csv")["step.id"]) == [1, 2]
     frame.drop(columns="predicted_us").to_csv(tmp_path / "short.csv", index=False)
     with pytest.raises(ValueError, match=r"missing columns \['predicted_us'\]"):
-        load_seed_xgboost(tmp_path / "short.csv")
+        load_study_xgboost(tmp_path / "short.csv")
     frame.assign(predicted_us=[1.0, None]).to_csv(tmp_path / "nan.csv", index=False)
     with pytest.raises(ValueError, match="'predicted_us' has a missing value at row 1"):
-        load_seed_xgboost(tmp_path / "nan.csv")
+        load_study_xgboost(tmp_path / "nan.csv")

@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 
 import diffmodel as dm
-from diffmodel._bulk import (
+from diffmodel._bulk._bulk import (
     STAT_FIELDS,
     predict_frame_fast,
     predict_requests,
     predict_steps,
     step_time_fast,
 )
-from diffmodel._roofline import COMPONENTS
+from diffmodel._model._roofline import COMPONENTS, step_time_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
@@ -57,7 +57,7 @@ def _stats(n: int, seed: int = 0) -> dm.BatchStats:
 
 def _direct(stats, deps, group, factors=None):
     factors = dm.default_factors() if factors is None else factors
-    b = dm.step_time_batch(
+    b = step_time_batch(
         jax.tree.map(jnp.asarray, stats), deps, jnp.asarray(group), factors
     )
     return {c: np.asarray(getattr(b, c)) for c in COMPONENTS} | {
@@ -131,7 +131,7 @@ def test_step_time_fast_value_and_grad(deps):
         if fast:
             pred = step_time_fast(stats, deps, group, f)
         else:
-            pred = dm.step_time_batch(stats, deps, group, f, check=False).total
+            pred = step_time_batch(stats, deps, group, f, check=False).total
         return jnp.mean((jnp.log(pred) - jnp.log(actual)) ** 2)
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
@@ -253,7 +253,7 @@ _SHARDED = """
 import json, sys
 import jax, numpy as np
 import diffmodel as dm
-from diffmodel._bulk import predict_steps, predict_requests
+from diffmodel._bulk._bulk import predict_steps, predict_requests
 assert len(jax.devices()) == 2, jax.devices()
 deps = dm.stack_deployments([dm.deployment("llama-2-70b", "h100", 4),
                              dm.deployment("mixtral-8x7b", "h100", 2)])
@@ -295,8 +295,8 @@ def test_sharded_over_two_host_devices_equals_single():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_request_sums_equal_from_requests(dtype):
-    from diffmodel._batch import request_terms
-    from diffmodel._bulk import _sum_requests
+    from diffmodel._bulk._bulk import _sum_requests
+    from diffmodel._model._batch import request_terms
 
     new, ctx, mask = (np.asarray(a) for a in _requests(23, 40, seed=8))
     new, ctx = new.astype(dtype), ctx.astype(dtype)
@@ -318,7 +318,7 @@ def _misaligned(x, shift_bytes):
 
 
 def test_misaligned_inputs_are_read_in_place_and_agree(deps):
-    from diffmodel._bulk import _Feeder
+    from diffmodel._bulk._bulk import _Feeder
 
     # Middle chunks of misaligned arrays go as windows into the array itself (no
     # copy); the first and the padded last chunk are staged. Both give the same.
@@ -338,7 +338,7 @@ def test_misaligned_inputs_are_read_in_place_and_agree(deps):
 
 
 def test_staging_buffer_not_refilled_while_its_chunk_may_be_in_flight():
-    from diffmodel._bulk import _IN_FLIGHT, _Feeder
+    from diffmodel._bulk._bulk import _IN_FLIGHT, _Feeder
 
     # XLA reads staged buffers in place and asynchronously: the chunks that may be
     # in flight together (the one being staged and the _IN_FLIGHT before it) must
@@ -365,7 +365,7 @@ def test_many_staged_chunks_in_flight_agree(deps):
 
 
 def test_affine_folding_combines_coefficients_per_group():
-    from diffmodel._bulk import _Evaluator, _PerGroup
+    from diffmodel._bulk._bulk import _Evaluator, _PerGroup
 
     # (w1 + x a1) + (w2 - x a2), divided by a1, plus 2 y: the coefficients of x and
     # the constants combine per group, so two tables meet the steps (x's
@@ -387,7 +387,7 @@ def test_affine_folding_combines_coefficients_per_group():
 
 
 def test_nested_jit_and_spread_constants_stay_per_group():
-    from diffmodel._bulk import _Evaluator, _PerGroup
+    from diffmodel._bulk._bulk import _Evaluator, _PerGroup
 
     # jnp.where is a nested jit that broadcasts its scalar: with per-group inputs its
     # result, and the log of it, are still computed once per group, so one table

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 import diffmodel as dm
-from diffmodel import _cli
-from diffmodel._cli import main
-from diffmodel._demo import synthetic_trace
+from diffmodel._app import _cli
+from diffmodel._app._cli import main
+from diffmodel._app._demo import synthetic_trace
 
 SUBCOMMANDS = ("demo", "predict", "fit", "evaluate", "reproduce", "bench")
 
@@ -148,7 +148,7 @@ def test_nan_target_refused_then_dropped(steps_csv, tmp_path, capsys):
 
 def test_real_trace_targets(data_dir, tmp_path, capsys):
     """A trace table gets its targets; iteration_time_us is undefined on most rows."""
-    steps = dm.load_steps(data_dir / "stepml" / "steps.parquet")
+    steps = dm.data.load_steps(data_dir / "stepml" / "steps.parquet")
     path = tmp_path / "steps.parquet"
     steps.groupby("experiment_id").head(100).to_parquet(path, index=False)
     argv = ["fit", "--data", str(path), "--out", str(tmp_path / "f.json")]

@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 
 import diffmodel as dm
-from diffmodel._factorsets import to_physical, to_raw
+from diffmodel._fitting._factorsets import (
+    StepData,
+    init_factor_set,
+    to_physical,
+    to_raw,
+)
+from diffmodel._fitting._fit import fit_arrays, step_data
+from diffmodel._fitting._study import init_study
 
 LABELS = (
     "llama-2-7b/h100-sxm/tp1",
@@ -47,7 +54,7 @@ def simulate(groups, seed=0):
         kv_tokens=nd * rng.uniform(10, 3000, n),
         prefill_context_tokens=p * rng.uniform(0, 2, n),
     )
-    return dm.StepData(stats=stats, deployments=DEPS, group=jnp.asarray(groups))
+    return StepData(stats=stats, deployments=DEPS, group=jnp.asarray(groups))
 
 
 def noisy(data, factors, sd, seed=1):
@@ -102,8 +109,8 @@ def check_recovered(fitted: dm.Factors, truth: dm.Factors, *, single=None):
 def test_global_recovery():
     data = simulate(np.arange(3000) % 4)
     y = noisy(data, TRUTH, 0.02)
-    res = dm.fit_arrays(
-        dm.init_factor_set("global", LABELS), data, y, solver="adam", max_steps=1500
+    res = fit_arrays(
+        init_factor_set("global", LABELS), data, y, solver="adam", max_steps=1500
     )
     assert res.loss == pytest.approx(0.02**2, rel=0.2)  # reaches the noise floor
     check_recovered(res.factor_set.physical(), TRUTH)
@@ -144,8 +151,8 @@ def test_per_model_recovery():
     truth = to_physical(jnp.asarray(raw), _prior())
     data = simulate(np.arange(3000) % 4)
     y = noisy(data, truth, 0.02)
-    res = dm.fit_arrays(
-        dm.init_factor_set("per-model", LABELS), data, y, solver="adam", max_steps=2000
+    res = fit_arrays(
+        init_factor_set("per-model", LABELS), data, y, solver="adam", max_steps=2000
     )
     check_groups(res.factor_set.physical(), truth)
 
@@ -155,8 +162,8 @@ def test_hierarchical_recovery_and_unseen_group():
     truth = to_physical(jnp.asarray(raw), _prior())
     data = simulate(np.arange(3000) % 4)
     y = noisy(data, truth, 0.02)
-    fs = dm.init_factor_set("hierarchical", LABELS, prior_scale=1.0, noise_scale=0.02)
-    res = dm.fit_arrays(fs, data, y, solver="adam", max_steps=2000)
+    fs = init_factor_set("hierarchical", LABELS, prior_scale=1.0, noise_scale=0.02)
+    res = fit_arrays(fs, data, y, solver="adam", max_steps=2000)
     check_groups(res.factor_set.physical(), truth)
     unseen = res.factor_set.factors_for(["yi-34b/h100-sxm/tp2"])
     glob = res.factor_set.global_physical()
@@ -181,8 +188,8 @@ def test_hierarchical_shrinkage_small_group_stays_global_large_moves():
     raw[3, 1] -= 1.0
     truth = to_physical(jnp.asarray(raw), _prior())
     y = noisy(data, truth, 0.2, seed=4)
-    fs = dm.init_factor_set("hierarchical", LABELS, prior_scale=0.05, noise_scale=0.2)
-    res = dm.fit_arrays(fs, data, y, solver="adam", max_steps=1500, learning_rate=0.05)
+    fs = init_factor_set("hierarchical", LABELS, prior_scale=0.05, noise_scale=0.2)
+    res = fit_arrays(fs, data, y, solver="adam", max_steps=1500, learning_rate=0.05)
     step = np.asarray(res.factor_set.physical().mem_bw)
     glob = float(res.factor_set.global_physical().mem_bw)
     own = np.asarray(truth.mem_bw)
@@ -201,7 +208,7 @@ def test_fit_traces_once():
         calls.append(1)
         return dm.log_ratio_loss(fs.predict(data), jnp.asarray(y))
 
-    fs = dm.init_factor_set("global", LABELS)
+    fs = init_factor_set("global", LABELS)
     for steps in (5, 60):
         calls.clear()
         res = dm.minimise(counting_predict, fs, solver="adam", max_steps=steps)
@@ -217,7 +224,7 @@ def test_objective_gradient_matches_finite_differences(kind):
     data = simulate(np.arange(64) % 4)
     y = jnp.asarray(noisy(data, TRUTH, 0.1))
     # Learn the prior scale too, so every array leaf has a gradient.
-    fs = dm.init_factor_set(
+    fs = init_factor_set(
         kind,
         LABELS,
         learn_prior_scale=True,
@@ -251,7 +258,7 @@ def test_objective_gradient_matches_finite_differences(kind):
 
 
 def test_physical_factors_never_exceed_peak():
-    fs = dm.init_factor_set("global", LABELS)
+    fs = init_factor_set("global", LABELS)
     huge = eqx.tree_at(lambda f: f.raw, fs, jnp.full(len(dm.FACTOR_NAMES), 50.0))
     phys = huge.physical()
     for name in ("gemm_flops", "mem_bw", "attn_flops", "attn_bw", "comm_bw"):
@@ -262,7 +269,7 @@ def test_physical_factors_never_exceed_peak():
 
 
 def test_raw_zero_is_the_prior_and_to_raw_inverts():
-    phys = dm.init_factor_set("global", LABELS).physical()
+    phys = init_factor_set("global", LABELS).physical()
     for name, (value, _, _) in dm.FACTOR_SPECS.items():
         assert float(getattr(phys, name)) == pytest.approx(value)
     np.testing.assert_allclose(
@@ -305,7 +312,7 @@ def test_pandas_fit_predict_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind", ["global", "per-model", "hierarchical", "seed-9", "seed-36"]
+    "kind", ["global", "per-model", "hierarchical", "study-9", "study-36"]
 )
 def test_save_load_exact_round_trip(kind, tmp_path):
     f = _frame()
@@ -349,37 +356,44 @@ def test_fit_errors_before_compiling(mutate, kwargs, match):
 
 def test_group_without_rows_is_an_error():
     data = simulate(np.zeros(10, int))
-    fs = dm.init_factor_set("per-model", LABELS)
+    fs = init_factor_set("per-model", LABELS)
     with pytest.raises(ValueError, match="have no rows"):
-        dm.fit_arrays(fs, data, np.ones(10))
+        fit_arrays(fs, data, np.ones(10))
 
 
-def test_seed9_loss_at_most_the_studys_scipy_fitter(data_dir):
+def test_study9_loss_at_most_the_studys_scipy_fitter(data_dir):
     from scipy.optimize import least_squares
 
-    from diffmodel._seed import SEED_BOUNDS, SEED_START, seed_components, seed_predict
+    from diffmodel._fitting._study import (
+        STUDY_BOUNDS,
+        STUDY_START,
+        study_components,
+        study_predict,
+    )
 
-    frame = dm.add_targets(dm.load_steps(data_dir / "stepml" / "steps.parquet"))
+    frame = dm.data.add_targets(
+        dm.data.load_steps(data_dir / "stepml" / "steps.parquet")
+    )
     frame = frame.dropna(subset=["iteration_time_us"])
-    steps, labels = dm.step_data(frame)
+    steps, labels = step_data(frame)
     y = frame["iteration_time_us"].to_numpy(float)
-    comps = np.asarray(seed_components(steps))
-    lo, hi = SEED_BOUNDS[:, 0], SEED_BOUNDS[:, 1]
+    comps = np.asarray(study_components(steps))
+    lo, hi = STUDY_BOUNDS[:, 0], STUDY_BOUNDS[:, 1]
 
     def residuals(x):
         return np.log((x[0:4] * comps / x[5:9]).sum(-1) + x[4]) - np.log(y)
 
     sol = least_squares(
         residuals,
-        np.clip(SEED_START, lo + 1e-9, hi - 1e-9),
+        np.clip(STUDY_START, lo + 1e-9, hi - 1e-9),
         bounds=(lo, hi),
         method="trf",
     )
     scipy_loss = np.mean(residuals(sol.x) ** 2)
-    res = dm.fit_arrays(dm.init_seed(labels, per_group=False), steps, y)
+    res = fit_arrays(init_study(labels, per_group=False), steps, y)
     ours = float(
         jnp.mean(
-            (jnp.log(seed_predict(res.factor_set.values(), comps)) - np.log(y)) ** 2
+            (jnp.log(study_predict(res.factor_set.values(), comps)) - np.log(y)) ** 2
         )
     )
     assert ours <= scipy_loss * (1 + 1e-6)

@@ -7,7 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel._calibrate import (
+from diffmodel import mape
+from diffmodel._model._factors import FACTOR_NAMES, Factors
+from diffmodel._model._hardware import hardware
+from diffmodel._model._physics import balanced_experts, touched_experts
+from diffmodel.kernels._calibrate import (
     FitOptions,
     family_rows,
     family_work,
@@ -15,9 +19,8 @@ from diffmodel._calibrate import (
     held_out_split,
     init_curves,
     kernel_prior_factors,
-    mape,
 )
-from diffmodel._curves import (
+from diffmodel.kernels._curves import (
     KernelCurves,
     SaturationCurve,
     curves_from_json,
@@ -27,9 +30,7 @@ from diffmodel._curves import (
     load_curves,
     save_curves,
 )
-from diffmodel._factors import FACTOR_NAMES, Factors
-from diffmodel._hardware import hardware
-from diffmodel._kernels import (
+from diffmodel.kernels._tables import (
     allreduce_kernel_us,
     causal_tile_pairs,
     decode_attention_us,
@@ -48,7 +49,6 @@ from diffmodel._kernels import (
     vidur_work,
     vllm_tuned_moe,
 )
-from diffmodel._physics import balanced_experts, touched_experts
 
 H100 = hardware("h100-sxm")
 
@@ -314,7 +314,7 @@ def test_gradient_matches_finite_differences():
 
 
 def family_work_small():
-    from diffmodel._kernels import decode_attention_work
+    from diffmodel.kernels._tables import decode_attention_work
 
     return decode_attention_work(
         jnp.asarray([1.0, 8.0, 64.0, 256.0]),
@@ -401,14 +401,14 @@ def test_small_calibration_improves_gemm(tables):
     rows = rows[rows["n"].isin([1024, 4096]) & rows["k"].isin([1024, 4096, 8192])]
     work = family_work("gemm_bf16", rows, H100)
     y = rows["latency_us"].to_numpy(float)
-    before = mape(work.time_us((0.7, 0.8)), y)
+    before = mape(y, work.time_us((0.7, 0.8)))
     curves = fit_roofline_curves(
         work,
         y,
         init_curves("gemm_bf16"),
         options=FitOptions(adam_steps=150, lbfgs_steps=20),
     )
-    after = mape(work.time_us(curves), y)
+    after = mape(y, work.time_us(curves))
     assert after < 0.5 * before
     assert after < 15.0
     assert float(curves.flops.eta_max) <= 1.0 and float(curves.bandwidth.eta_max) <= 1.0

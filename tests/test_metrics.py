@@ -156,7 +156,7 @@ def test_count_under_errors():
         count_under([1.0], np.nan)
 
 
-def test_seed_xgboost_mape_is_34_percent(data_dir):
+def test_study_xgboost_mape_is_34_percent(data_dir):
     seed = pd.read_csv(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
     table = metrics_table(seed, actual="step.duration_us", predicted="predicted_us")
     assert len(table) == 16

@@ -27,7 +27,7 @@ def test_predict_columns_and_total():
 
 
 def test_trace_columns_and_kv_proxy(data_dir):
-    steps = dm.load_steps(data_dir / "stepml" / "steps.parquet").head(50)
+    steps = dm.data.load_steps(data_dir / "stepml" / "steps.parquet").head(50)
     out = dm.predict(steps)  # model and tp from the rows, hardware defaults to H100
     assert "predicted_us" in out and out.predicted_us.gt(0).all()
     kv = steps["kv.usage_gpu_ratio"] * steps["kv.blocks_total_gpu"] * 16

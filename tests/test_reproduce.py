@@ -2,20 +2,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel._baselines import load_seed_xgboost
-from diffmodel._metrics import mape
-from diffmodel._reproduce import (
+from diffmodel._app._reproduce import (
     METHODS,
     RESULT_COLUMNS,
     _blackbox,
     _folds,
-    _seed_xgboost,
+    _study_xgboost,
     reproduce,
     results_markdown,
     short_name,
 )
-from diffmodel._splits import temporal_split
-from diffmodel._traces import add_targets, load_steps
+from diffmodel._metrics import mape
+from diffmodel.baselines._baselines import load_study_xgboost
+from diffmodel.data._splits import temporal_split
+from diffmodel.data._traces import add_targets, load_steps
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,10 @@ def test_blackbox_is_least_squares_per_experiment(steps):
         assert outcome.n_params[exp] == 3
 
 
-def test_seed_xgboost_matches_the_temporal_test_split(steps, data_dir):
-    seed = load_seed_xgboost(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
+def test_study_xgboost_matches_the_temporal_test_split(steps, data_dir):
+    seed = load_study_xgboost(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
     (fold,) = _folds(steps, "temporal")
-    outcome = _seed_xgboost(fold, seed)
+    outcome = _study_xgboost(fold, seed)
     assert np.isfinite(outcome.predicted).all()
     test = fold.test.assign(p=outcome.predicted)
     for exp, rows in seed.groupby("experiment_id"):
@@ -99,20 +99,20 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert list(results.columns) == list(RESULT_COLUMNS)
     on_disk = pd.read_csv(tmp_path / "results.csv")
     assert on_disk.shape == results.shape
-    methods = [m for m in METHODS if m != "seed-xgboost" and "kernels" not in m]
+    methods = [m for m in METHODS if m != "study-xgboost" and "kernels" not in m]
     assert list(results["method"].unique()) == methods
     # One row per (protocol, method, experiment): each experiment is tested once.
     assert len(results) == 2 * len(methods) * 3
     assert not results.duplicated(["protocol", "method", "experiment_id"]).any()
 
-    per_model = results[results["method"].isin(["diffmodel-per-model", "seed-36"])]
+    per_model = results[results["method"].isin(["diffmodel-per-model", "study-36"])]
     unseen = (per_model["protocol"] == "lowo") & per_model[
         "experiment_id"
     ].str.contains("codellama")
     assert per_model.loc[unseen, "mape"].isna().all()
     assert per_model.loc[unseen, "note"].str.startswith("not applicable").all()
     assert per_model.loc[~unseen, "mape"].notna().all()
-    others = results[~results["method"].isin(["diffmodel-per-model", "seed-36"])]
+    others = results[~results["method"].isin(["diffmodel-per-model", "study-36"])]
     assert others["mape"].notna().all() and (others["mape"] > 0).all()
     assert (
         results.loc[results["method"] == "diffmodel-roofline", "n_params"] == 0

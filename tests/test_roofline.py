@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 
 import diffmodel as dm
-from diffmodel._physics import expected_experts, smooth_max
-from diffmodel._roofline import linear_work
+from diffmodel._model._physics import expected_experts, smooth_max
+from diffmodel._model._roofline import linear_work, step_time_batch
 
 H100 = dict(flops_16=989.5e12, hbm_bw=3.35e12)
 UNIT = dm.Factors(gemm_flops=1.0, mem_bw=1.0, attn_flops=1.0, attn_bw=1.0, comm_bw=1.0)
@@ -114,7 +114,7 @@ def test_smooth_max_equals_the_power_mean_and_its_gradient():
 
 
 def test_step_total_equals_step_time_total_with_idle_steps():
-    from diffmodel._roofline import step_total
+    from diffmodel._model._roofline import step_total
 
     dep = dm.deployment("mixtral-8x7b", tp=2)
     stats = dm.from_aggregates(
@@ -250,7 +250,7 @@ def test_mixed_batch_of_two_models_equals_each_alone():
     stacked = dm.stack_deployments(deps)
     stats = _batch(20, seed=1)
     group = jnp.asarray(np.arange(20) % 2)
-    both = jax.jit(dm.step_time_batch)(stats, stacked, group, dm.Factors()).total
+    both = jax.jit(step_time_batch)(stats, stacked, group, dm.Factors()).total
     for g, dep in enumerate(deps):
         alone = dm.step_time(stats, dep, dm.Factors()).total
         np.testing.assert_allclose(both[g::2], alone[g::2], rtol=1e-12)

@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel._splits import (
+from diffmodel.data._splits import (
     canonical_model_name,
     leave_one_out,
     split_sizes,
     temporal_split,
 )
-from diffmodel._traces import load_steps
+from diffmodel.data._traces import load_steps
 
 
 def _frame() -> pd.DataFrame:
@@ -89,7 +89,7 @@ def test_temporal_split_reproduces_seed_sizes(data_dir):
         assert counts.loc[experiment, "test"] == row["n_test"]
 
 
-def test_seed_test_rows_are_the_last_split(data_dir):
+def test_study_test_rows_are_the_last_split(data_dir):
     frame = load_steps(data_dir / "stepml" / "steps.parquet")
     seed = pd.read_csv(data_dir / "stepml" / "seed_xgboost_test_predictions.csv")
     test = frame[temporal_split(frame) == "test"]
@@ -98,7 +98,7 @@ def test_seed_test_rows_are_the_last_split(data_dir):
     assert ours == set(zip(theirs["experiment_id"], theirs["step.id"], strict=True))
 
 
-def test_seed_sizes_consistent_for_all_experiments(data_dir):
+def test_study_sizes_consistent_for_all_experiments(data_dir):
     """Every row of the CSV, private experiments included, fits the rounding rule."""
     seed = pd.read_csv(data_dir / "stepml" / "seed_split_sizes.csv")
     for row in seed.itertuples():

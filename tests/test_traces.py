@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel._traces import (
+from diffmodel.data._traces import (
     STEP_COLUMNS,
     add_targets,
     iteration_time,

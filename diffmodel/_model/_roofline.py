@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._arch import Architecture
-from ._batch import BatchStats
-from ._deployment import Deployment
-from ._factors import Factors
-from ._physics import (
+from .._model._arch import Architecture
+from .._model._batch import BatchStats
+from .._model._deployment import Deployment
+from .._model._factors import Factors
+from .._model._physics import (
     SHARPNESS,
     allreduce_us,
     attention_work,

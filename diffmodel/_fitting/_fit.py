@@ -10,17 +10,18 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float
 
-from ._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
-from ._factorsets import (
+from .._fitting._factorsets import (
     GlobalFactors,
     HierarchicalFactors,
     PerGroupFactors,
     StepData,
     init_factor_set,
 )
-from ._frame import groups_from_frame, stats_from_frame
-from ._optimise import minimise
-from ._seed import SEED_PARAM_NAMES, SeedFactors, init_seed
+from .._fitting._optimise import minimise
+from .._fitting._study import STUDY_PARAM_NAMES, StudyFactors, init_study
+from .._frame import groups_from_frame, stats_from_frame
+from .._metrics import log_ratio_loss
+from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
 
 
 class FitResult(eqx.Module):
@@ -56,19 +57,19 @@ class FitResult(eqx.Module):
         """Physical factors for groups ``labels`` (see the factor set's method)."""
         if not hasattr(self.factor_set, "factors_for"):
             raise ValueError(
-                "the seed study's factors are not roofline factors; evaluate them "
+                "the study's factors are not roofline factors; evaluate them "
                 "with their own predict(StepData)"
             )
         return self.factor_set.factors_for(labels)
 
     def table(self) -> pd.DataFrame:
         """Fitted values: one row per group (and ``global``); physical factors with
-        their units in the column names, or the seed study's parameters."""
+        their units in the column names, or the study's parameters."""
         fs = self.factor_set
-        if isinstance(fs, SeedFactors):
+        if isinstance(fs, StudyFactors):
             v = np.atleast_2d(np.asarray(fs.values()))
             names = fs.labels if fs.per_group else ("global",)
-            return pd.DataFrame(v, index=list(names), columns=list(SEED_PARAM_NAMES))
+            return pd.DataFrame(v, index=list(names), columns=list(STUDY_PARAM_NAMES))
         rows: dict[str, Factors] = {}
         if isinstance(fs, HierarchicalFactors):
             rows["global"] = fs.global_physical()
@@ -87,19 +88,6 @@ class FitResult(eqx.Module):
             },
             index=list(rows),
         )
-
-
-def log_ratio_loss(
-    pred: Float[Array, " steps"],
-    actual: Float[Array, " steps"],
-    weights: Float[Array, " steps"] | None = None,
-) -> Array:
-    """``mean(w (log pred - log actual)^2) / mean(w)``: symmetric in over- and
-    under-prediction."""
-    r2 = (jnp.log(pred) - jnp.log(actual)) ** 2
-    if weights is None:
-        return jnp.mean(r2)
-    return jnp.sum(weights * r2) / jnp.sum(weights)
 
 
 def _check_target(y, name: str) -> np.ndarray:
@@ -150,7 +138,7 @@ def fit_arrays(
         )
     labels = getattr(factor_set, "labels", ())
     per_group = isinstance(factor_set, PerGroupFactors | HierarchicalFactors) or (
-        isinstance(factor_set, SeedFactors) and factor_set.per_group
+        isinstance(factor_set, StudyFactors) and factor_set.per_group
     )
     if per_group:
         counts = np.bincount(np.asarray(data.group), minlength=len(labels))
@@ -230,7 +218,7 @@ def step_data(
     return StepData(stats=stats, deployments=deps, group=jnp.asarray(index)), own
 
 
-_KINDS = ("global", "per-model", "hierarchical", "seed-9", "seed-36")
+_KINDS = ("global", "per-model", "hierarchical", "study-9", "study-36")
 
 
 def fit(
@@ -261,8 +249,8 @@ def fit(
             ``target`` column in microseconds (every row finite and > 0).
         target: the column to fit, e.g. ``iteration_time_us``.
         factors: ``"global"`` (9 factors), ``"per-model"`` (9 per deployment group),
-            ``"hierarchical"`` (global + shrunk per-group offsets), or the seed
-            study's ``"seed-9"`` / ``"seed-36"`` (compute-only backbone).
+            ``"hierarchical"`` (global + shrunk per-group offsets), or the study
+            study's ``"study-9"`` / ``"study-36"`` (compute-only backbone).
         model, hardware, tp: the deployment when the frame has no such columns.
         valid: optional validation frame for early stopping.
         weights: optional column of non-negative sample weights.
@@ -289,8 +277,8 @@ def fit(
         raise ValueError(f"missing target column {target!r}")
     y = _check_target(frame[target].to_numpy(dtype=float, na_value=np.nan), target)
     data, labels = step_data(frame, model=model, hardware=hardware, tp=tp)
-    if factors.startswith("seed"):
-        fs = init_seed(labels, per_group=factors == "seed-36")
+    if factors.startswith("study"):
+        fs = init_study(labels, per_group=factors == "study-36")
     else:
         fs = init_factor_set(
             factors,

@@ -3,7 +3,7 @@ protocols, per experiment.
 
 **Targets** (microseconds per step):
 
-- ``step_duration``: ``step.duration_us``, the trace's host-side timer: what the seed
+- ``step_duration``: ``step.duration_us``, the trace's host-side timer: what the study
   study fitted, and mostly far below the physical floor of a step.
 - ``iteration_time``: ``iteration_time_us``, the start-to-start wall time of a step
   whose successor was sampled (1,967 rows of the public traces). Only the rows that
@@ -11,7 +11,7 @@ protocols, per experiment.
 
 **Protocols** (the split of one target's rows):
 
-- ``temporal``: the seed study's split, per experiment in ``step.id`` order: 60% train,
+- ``temporal``: the study's split, per experiment in ``step.id`` order: 60% train,
   20% validation, 20% test (``temporal_split``; matches ``seed_split_sizes.csv``).
 - ``lomo``: leave one model out. Train on every row of the other models' experiments
   (cut per experiment in step order into 80% train, 20% validation), test on every row
@@ -23,16 +23,16 @@ protocols, per experiment.
 
 - ``blackbox``: ``t = b0 + b1 P + b2 D`` by least squares on the training rows;
   temporal: one fit per experiment; lomo/lowo: one fit on the pooled training rows.
-- ``xgboost``: ``XGBoostBaseline`` on the 30 ``seed_features``, grid chosen by
-  validation MAPE; temporal: one model per experiment (the seed's 12-combination
+- ``xgboost``: ``XGBoostBaseline`` on the 30 ``study_features``, grid chosen by
+  validation MAPE; temporal: one model per experiment (the study's 12-combination
   grid); lomo/lowo: one model on the pooled training rows, whose ``model_id`` and
   ``tp`` features are what tells deployments apart (its grid is ``TRANSFER_GRID``,
-  the 100-tree half of the seed grid, to keep the run short).
-- ``seed-xgboost``: the seed study's own XGBoost test predictions, matched to the
+  the 100-tree half of the study grid, to keep the run short).
+- ``study-xgboost``: the study's own XGBoost test predictions, matched to the
   test rows by ``(experiment_id, step.id)``; temporal ``step_duration`` only (no other
   predictions exist). A test split that does not match the study's gives NaN and a
   note.
-- ``seed-9`` / ``seed-36``: the seed study's compute-only model (``SeedFactors``), one
+- ``study-9`` / ``study-36``: the study's compute-only model (``StudyFactors``), one
   set of 9 parameters, or 9 per deployment group, fitted with ``fit`` on the training
   rows with early stopping on the validation rows.
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
@@ -45,7 +45,7 @@ protocols, per experiment.
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
 
-A per-group set (``seed-36``, ``diffmodel-per-model``) cannot predict a deployment
+A per-group set (``study-36``, ``diffmodel-per-model``) cannot predict a deployment
 group it never saw (every lomo fold; the CodeLlama experiment in the lowo fold that
 holds out ``general``): those rows are NaN with a note. ``diffmodel-hierarchical``
 predicts an unseen group with its global factors, by design.
@@ -65,14 +65,19 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._baselines import SEED_GRID, BlackBox, XGBoostBaseline, load_seed_xgboost
-from ._factors import Factors, default_factors
-from ._factorsets import HierarchicalFactors, PerGroupFactors, StepData
-from ._fit import fit, step_data
-from ._metrics import count_under, metrics_table
-from ._seed import SeedFactors, seed_components, seed_predict
-from ._splits import leave_one_out, temporal_split
-from ._traces import add_targets, load_steps
+from .._fitting._factorsets import HierarchicalFactors, PerGroupFactors, StepData
+from .._fitting._fit import fit, step_data
+from .._fitting._study import StudyFactors, study_components, study_predict
+from .._metrics import count_under, metrics_table
+from .._model._factors import Factors, default_factors
+from ..baselines._baselines import (
+    STUDY_GRID,
+    BlackBox,
+    XGBoostBaseline,
+    load_study_xgboost,
+)
+from ..data._splits import leave_one_out, temporal_split
+from ..data._traces import add_targets, load_steps
 
 TARGETS: dict[str, str] = {
     "step_duration": "step_duration_us",
@@ -81,14 +86,14 @@ TARGETS: dict[str, str] = {
 """Target name -> column of ``add_targets`` (microseconds)."""
 
 PROTOCOLS: tuple[str, ...] = ("temporal", "lomo", "lowo")
-"""The splits: the seed study's temporal one, leave-one-model/workload-out."""
+"""The splits: the study's temporal one, leave-one-model/workload-out."""
 
 METHODS: tuple[str, ...] = (
     "blackbox",
     "xgboost",
-    "seed-xgboost",
-    "seed-9",
-    "seed-36",
+    "study-xgboost",
+    "study-9",
+    "study-36",
     "diffmodel-roofline",
     "diffmodel-global",
     "diffmodel-per-model",
@@ -118,9 +123,9 @@ RESULT_COLUMNS: tuple[str, ...] = (
 ``fit_seconds``."""
 
 TRANSFER_GRID: dict[str, tuple] = {
-    "max_depth": SEED_GRID["max_depth"],
+    "max_depth": STUDY_GRID["max_depth"],
     "n_estimators": (100,),
-    "learning_rate": SEED_GRID["learning_rate"],
+    "learning_rate": STUDY_GRID["learning_rate"],
 }
 """XGBoost grid of the lomo/lowo protocols (6 combinations)."""
 
@@ -135,8 +140,8 @@ _DIFFMODEL_KINDS = {
     "diffmodel-per-model": "per-model",
     "diffmodel-hierarchical": "hierarchical",
     "diffmodel-kernels-hierarchical": "hierarchical",
-    "seed-9": "seed-9",
-    "seed-36": "seed-36",
+    "study-9": "study-9",
+    "study-36": "study-36",
 }
 _UNSEEN = "not applicable: deployment group not in training"
 
@@ -231,21 +236,21 @@ def reproduce(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     settings = _Settings(
         rows_per_experiment=1500 if quick else None,
-        temporal_grid=_QUICK_GRID if quick else dict(SEED_GRID),
+        temporal_grid=_QUICK_GRID if quick else dict(STUDY_GRID),
         transfer_grid=_QUICK_GRID if quick else TRANSFER_GRID,
         solver="adam" if quick else "lbfgs",
         max_steps=30 if quick else 500,
         xgboost_threads=max(1, 2 // workers),
     )
     steps_path = data / "stepml" / "steps.parquet"
-    seed_path = data / "stepml" / "seed_xgboost_test_predictions.csv"
-    for path in (steps_path, seed_path):
+    study_path = data / "stepml" / "seed_xgboost_test_predictions.csv"
+    for path in (steps_path, study_path):
         if not path.is_file():
             raise ValueError(f"data: {path} not found")
     frame = _load(steps_path, experiments, settings.rows_per_experiment)
     if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
         settings = settings._replace(kernel_prior=_kernel_prior(data, out, say))
-    seed = load_seed_xgboost(seed_path)
+    study = load_study_xgboost(study_path)
     evaluator = _Evaluator(frame)
     say(
         f"reproduce: {len(frame)} steps of {frame['experiment_id'].nunique()} "
@@ -260,7 +265,7 @@ def reproduce(
                 tasks += [
                     (target, fold, method)
                     for method in methods
-                    if method != "seed-xgboost"
+                    if method != "study-xgboost"
                     or (protocol == "temporal" and target == "step_duration")
                 ]
 
@@ -268,7 +273,7 @@ def reproduce(
         target, fold, method = task
         tick = time.perf_counter()
         column = TARGETS[target]
-        outcome = _run_method(method, fold, column, settings, seed, evaluator)
+        outcome = _run_method(method, fold, column, settings, study, evaluator)
         rows = _score(fold, column, target, method, outcome)
         say(
             f"[{target}/{fold.protocol}/{fold.name}] {method}: mean MAPE "
@@ -299,7 +304,7 @@ def _expected_seconds(fold: _Fold, method: str, settings: _Settings) -> float:
         )
         combos = int(np.prod([len(v) for v in grid.values()]))
         return 2e-3 * len(fold.train) * combos
-    return {"diffmodel-hierarchical": 8.0, "seed-9": 3.0, "seed-36": 3.0}.get(
+    return {"diffmodel-hierarchical": 8.0, "study-9": 3.0, "study-36": 3.0}.get(
         method, 5.0 if method in _DIFFMODEL_KINDS else 0.0
     )
 
@@ -381,8 +386,8 @@ def _kernel_prior(data: pathlib.Path, out: pathlib.Path, say) -> Factors:
     """
     import json
 
-    from ._calibrate import calibrate_kernels, kernel_prior_factors
-    from ._kernels import load_kernel_tables
+    from ..kernels._calibrate import calibrate_kernels, kernel_prior_factors
+    from ..kernels._tables import load_kernel_tables
 
     cache = out / "kernel_prior_factors.json"
     if cache.is_file():
@@ -402,15 +407,15 @@ def _run_method(
     fold: _Fold,
     target: str,
     settings: _Settings,
-    seed: pd.DataFrame,
+    study: pd.DataFrame,
     evaluator: "_Evaluator",
 ) -> _Outcome:
     if method == "blackbox":
         return _blackbox(fold, target)
     if method == "xgboost":
         return _xgboost(fold, target, settings)
-    if method == "seed-xgboost":
-        return _seed_xgboost(fold, seed)
+    if method == "study-xgboost":
+        return _study_xgboost(fold, study)
     if method in ("diffmodel-roofline", "diffmodel-kernels"):
         prior = settings.kernel_prior if method == "diffmodel-kernels" else None
         predicted, _ = evaluator.predict(fold.test, prior)
@@ -479,12 +484,12 @@ def _xgboost(fold: _Fold, target: str, settings: _Settings) -> _Outcome:
     return _Outcome(predicted.to_numpy(), params, seconds)
 
 
-def _seed_xgboost(fold: _Fold, seed: pd.DataFrame) -> _Outcome:
+def _study_xgboost(fold: _Fold, study: pd.DataFrame) -> _Outcome:
     """The study's own predictions, where its test rows are exactly this fold's."""
     predicted = pd.Series(np.nan, index=fold.test.index)
     notes = {}
     for exp, _, _, test in _per_experiment(fold):
-        rows = seed[seed["experiment_id"] == exp]
+        rows = study[study["experiment_id"] == exp]
         ours = test["step.id"].to_numpy()
         theirs = rows["step.id"].to_numpy()
         if len(ours) != len(theirs) or set(ours) != set(theirs):
@@ -493,7 +498,7 @@ def _seed_xgboost(fold: _Fold, seed: pd.DataFrame) -> _Outcome:
                 f"split's {len(ours)}"
             )
             continue
-        notes[exp] = "the seed study's own predictions"
+        notes[exp] = "the study's own predictions"
         by_step = rows.set_index("step.id")["predicted_us"]
         predicted[test.index] = by_step.loc[ours].to_numpy()
     return _Outcome(
@@ -513,7 +518,7 @@ def _factor_set(
 ) -> _Outcome:
     """A factor set fitted on all training rows, early stopping on validation."""
     kind = _DIFFMODEL_KINDS[method]
-    per_group = kind in ("per-model", "seed-36")
+    per_group = kind in ("per-model", "study-36")
     if per_group and not evaluator.labels_of(fold.train) & evaluator.labels_of(
         fold.test
     ):
@@ -577,8 +582,8 @@ def _roofline_total(data: StepData, factors) -> jax.Array:
 
 
 @eqx.filter_jit
-def _seed_total(data: StepData, values: jax.Array) -> jax.Array:
-    return seed_predict(values[data.group], seed_components(data))
+def _study_total(data: StepData, values: jax.Array) -> jax.Array:
+    return study_predict(values[data.group], study_components(data))
 
 
 class _Evaluator:
@@ -602,9 +607,9 @@ class _Evaluator:
         """Predicted us per row of `frame` (NaN for a group `factor_set` lacks), and
         per row whether its group was known."""
         n = len(self.labels)
-        if isinstance(factor_set, SeedFactors):
+        if isinstance(factor_set, StudyFactors):
             values, known = _per_label(factor_set, factor_set.values(), self.labels)
-            total = _seed_total(self.data, values)
+            total = _study_total(self.data, values)
         else:
             if factor_set is None:
                 factors, known = default_factors(), np.ones(n, bool)

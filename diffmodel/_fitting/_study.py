@@ -1,4 +1,4 @@
-"""The seed study's 9-parameter (global) and 36-parameter (per-model) step model.
+"""The study's 9-parameter (global) and 36-parameter (per-model) step model.
 
 Kept to reproduce the study exactly, not to be used: its backbone is compute-only (no
 memory term, so decode steps cost almost nothing) and its decode attention is zero.
@@ -20,28 +20,28 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._factorsets import StepData
-from ._roofline import linear_work
+from .._fitting._factorsets import StepData
+from .._model._roofline import linear_work
 
-SEED_COMPONENTS = (
+STUDY_COMPONENTS = (
     "prefill_gemm",
     "decode_gemm",
     "prefill_attention",
     "decode_attention",
 )
-SEED_PARAM_NAMES = (
-    *(f"factor_{c}" for c in SEED_COMPONENTS),
+STUDY_PARAM_NAMES = (
+    *(f"factor_{c}" for c in STUDY_COMPONENTS),
     "overhead_us",
-    *(f"mfu_{c}" for c in SEED_COMPONENTS),
+    *(f"mfu_{c}" for c in STUDY_COMPONENTS),
 )
 # (low, high, log-scaled) bounds of the study's parameters.
-SEED_BOUNDS = np.array([[0.01, 100.0]] * 4 + [[0.0, 1e6]] + [[0.01, 1.0]] * 4)
+STUDY_BOUNDS = np.array([[0.01, 100.0]] * 4 + [[0.0, 1e6]] + [[0.01, 1.0]] * 4)
 _LOG = np.array([True] * 4 + [False] + [True] * 4)
 # Start: factors 1, overhead 100 us, MFU 0.5.
-SEED_START = np.array([1.0] * 4 + [100.0] + [0.5] * 4)
+STUDY_START = np.array([1.0] * 4 + [100.0] + [0.5] * 4)
 
 
-def seed_components(data: StepData) -> Float[Array, "steps 4"]:
+def study_components(data: StepData) -> Float[Array, "steps 4"]:
     """The four compute-only components of every step, us."""
     dep = data.deployments.take(data.group)
     a, t, peak = dep.arch, dep.tp, dep.hw.flops_16
@@ -53,19 +53,19 @@ def seed_components(data: StepData) -> Float[Array, "steps 4"]:
     return jnp.stack([c / peak * 1e6 for c in comps], axis=-1)
 
 
-def seed_to_values(raw: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
+def study_to_values(raw: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     """Map unconstrained parameters to the study's bounded values."""
-    lo, hi = jnp.asarray(SEED_BOUNDS[:, 0]), jnp.asarray(SEED_BOUNDS[:, 1])
+    lo, hi = jnp.asarray(STUDY_BOUNDS[:, 0]), jnp.asarray(STUDY_BOUNDS[:, 1])
     s = jax.nn.sigmoid(raw)
     log_lo = jnp.log(jnp.where(_LOG, lo, 1.0))
     log_hi = jnp.log(jnp.where(_LOG, hi, 1.0))
     return jnp.where(_LOG, jnp.exp(log_lo + (log_hi - log_lo) * s), lo + (hi - lo) * s)
 
 
-def seed_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
-    """Inverse of :func:`seed_to_values` (values strictly inside the bounds)."""
+def study_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
+    """Inverse of :func:`study_to_values` (values strictly inside the bounds)."""
     v = jnp.asarray(values)
-    lo, hi = jnp.asarray(SEED_BOUNDS[:, 0]), jnp.asarray(SEED_BOUNDS[:, 1])
+    lo, hi = jnp.asarray(STUDY_BOUNDS[:, 0]), jnp.asarray(STUDY_BOUNDS[:, 1])
     safe_lo = jnp.where(_LOG, lo, 1.0)
     frac = jnp.where(
         _LOG,
@@ -75,14 +75,14 @@ def seed_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     return jnp.log(frac) - jnp.log1p(-frac)
 
 
-def seed_predict(
+def study_predict(
     values: Float[ArrayLike, "*b 9"], comps: Float[ArrayLike, "steps 4"]
 ) -> Float[Array, " steps"]:
     """``sum_i factor_i component_i / mfu_i + overhead``, us."""
     return (values[..., 0:4] * comps / values[..., 5:9]).sum(-1) + values[..., 4]
 
 
-class SeedFactors(eqx.Module):
+class StudyFactors(eqx.Module):
     """The study's parameters: one set (9) or one per group (9 per group)."""
 
     raw: Float[Array, "*g 9"]
@@ -90,24 +90,24 @@ class SeedFactors(eqx.Module):
     per_group: bool = eqx.field(static=True)
 
     def values(self) -> Float[Array, "*g 9"]:
-        """Bounded parameter values in ``SEED_PARAM_NAMES`` order."""
-        return seed_to_values(self.raw)
+        """Bounded parameter values in ``STUDY_PARAM_NAMES`` order."""
+        return study_to_values(self.raw)
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us."""
         v = self.values()
         if self.per_group:
             v = v[data.group]
-        return seed_predict(v, seed_components(data))
+        return study_predict(v, study_components(data))
 
     def penalty(self, n_rows: int) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
 
 
-def init_seed(labels: Sequence[str], *, per_group: bool) -> SeedFactors:
+def init_study(labels: Sequence[str], *, per_group: bool) -> StudyFactors:
     """The study's model at its start values: 9 parameters, or 9 per group."""
-    raw = seed_to_raw(jnp.asarray(SEED_START, jnp.result_type(float)))
+    raw = study_to_raw(jnp.asarray(STUDY_START, jnp.result_type(float)))
     if per_group:
         raw = jnp.tile(raw, (len(labels), 1))
-    return SeedFactors(raw=raw, labels=tuple(labels), per_group=per_group)
+    return StudyFactors(raw=raw, labels=tuple(labels), per_group=per_group)

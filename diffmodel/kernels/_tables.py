@@ -29,9 +29,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, ArrayLike, Float
 
-from ._curves import AllReduceCurve, RooflineCurves
-from ._hardware import Hardware
-from ._physics import (
+from .._model._hardware import Hardware
+from .._model._physics import (
     act_quant_bytes,
     allreduce_us,
     attention_work,
@@ -41,6 +40,7 @@ from ._physics import (
     routed_slots,
     touched_experts,
 )
+from ..kernels._curves import AllReduceCurve, RooflineCurves
 
 MS_TO_US = 1e3
 

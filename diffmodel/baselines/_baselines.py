@@ -1,10 +1,10 @@
-"""The seed study's baselines: the linear blackbox and per-experiment XGBoost.
+"""The study's baselines: the linear blackbox and per-experiment XGBoost.
 
 - ``BlackBox``: ``t = b0 + b1 * prefill_tokens + b2 * decode_tokens``, by least
   squares; the model the roofline is meant to replace.
 - ``XGBoostBaseline``: one gradient-boosted tree ensemble per experiment on the 30
-  features of ``seed_features``, hyperparameters chosen on the validation split.
-- ``load_seed_xgboost``: the seed study's own XGBoost test predictions.
+  features of ``study_features``, hyperparameters chosen on the validation split.
+- ``load_study_xgboost``: the study's own XGBoost test predictions.
 
 Targets are in microseconds (``step_duration_us`` or ``iteration_time_us``), and so
 are predictions.
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._arch import architecture
-from ._metrics import mape
-from ._paths import default_data_dir
-from ._splits import canonical_model_name
+from .._metrics import mape
+from .._model._arch import architecture
+from .._paths import default_data_dir
+from ..data._splits import canonical_model_name
 
 # --------------------------------------------------------------------------- blackbox
 
@@ -31,7 +31,7 @@ class BlackBox:
 
     ``t`` is in the target's unit (microseconds); ``b0`` in microseconds, ``b1`` and
     ``b2`` in microseconds per token. One fit for all rows given: fit per experiment
-    for the seed study's per-experiment blackbox.
+    for the study's per-experiment blackbox.
     """
 
     n_params: int = 3
@@ -63,7 +63,7 @@ class BlackBox:
 # --------------------------------------------------------------------------- features
 
 
-def _seed_arch(name: str) -> tuple[int, int, int, int, int, int, int]:
+def _study_arch(name: str) -> tuple[int, int, int, int, int, int, int]:
     """Hidden size, layers, KV heads, head dim, FFN size (per expert for MoE),
     experts and experts per token (1 and 1 when dense), from the model catalog."""
     a = architecture(name)
@@ -82,9 +82,9 @@ def _seed_arch(name: str) -> tuple[int, int, int, int, int, int, int]:
     )
 
 
-# The seed study's four models (its features know no others).
+# The study's four models (its features know no others).
 _ARCH: dict[str, tuple[int, int, int, int, int, int, int]] = {
-    name: _seed_arch(name)
+    name: _study_arch(name)
     for name in ("codellama-34b", "llama-2-7b", "llama-2-70b", "mixtral-8x7b")
 }
 _MODEL_ID: dict[str, int] = {name: i for i, name in enumerate(sorted(_ARCH))}
@@ -92,7 +92,7 @@ _BYTES_PER_PARAM = 2.0  # fp16/bf16 weights and KV cache
 _BLOCK_TOKENS = 16  # vLLM KV block size
 _MACHINE_BALANCE = 989.5e12 / 3.35e12  # H100 SXM dense bf16 FLOP/s per byte/s
 
-SEED_FEATURES: tuple[str, ...] = (
+STUDY_FEATURES: tuple[str, ...] = (
     # batch (5)
     "prefill_tokens",
     "decode_tokens",
@@ -132,10 +132,10 @@ SEED_FEATURES: tuple[str, ...] = (
 )
 
 
-def seed_features(frame: pd.DataFrame) -> pd.DataFrame:
-    """The seed study's 30 engineered features, one row per step.
+def study_features(frame: pd.DataFrame) -> pd.DataFrame:
+    """The study's 30 engineered features, one row per step.
 
-    A re-implementation with the seed study's themes (its feature code is not part of
+    A re-implementation with the study's themes (its feature code is not part of
     the public data); all per GPU where that matters, i.e. divided by ``tp``.
 
     - Batch (5): ``prefill_tokens``, ``decode_tokens``, ``scheduled_tokens`` (tokens),
@@ -160,9 +160,9 @@ def seed_features(frame: pd.DataFrame) -> pd.DataFrame:
       ``intensity_x_moe``, ``prefill_x_kv_usage``, ``batch_size_x_kv_pressure``
       (requests x pressure).
 
-    **Returns:** a float64 frame with the columns of ``SEED_FEATURES``, on `frame`'s
+    **Returns:** a float64 frame with the columns of ``STUDY_FEATURES``, on `frame`'s
     index. **Raises:** ``ValueError`` for missing columns or a model outside the
-    seed study's four (Llama-2-7B/70B, CodeLlama-34B, Mixtral-8x7B).
+    study's four (Llama-2-7B/70B, CodeLlama-34B, Mixtral-8x7B).
     """
     needed = [
         "batch.prefill_tokens",
@@ -179,7 +179,7 @@ def seed_features(frame: pd.DataFrame) -> pd.DataFrame:
     ]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
-        raise ValueError(f"seed_features: frame is missing columns {missing}")
+        raise ValueError(f"study_features: frame is missing columns {missing}")
     col = {c: frame[c].to_numpy(dtype=np.float64) for c in needed if c != "model"}
     arch = _arch_columns(frame["model"])
     f: dict[str, np.ndarray] = {}
@@ -231,7 +231,7 @@ def seed_features(frame: pd.DataFrame) -> pd.DataFrame:
     f["intensity_x_moe"] = f["arithmetic_intensity"] * f["is_moe"]
     f["prefill_x_kv_usage"] = p * f["kv_usage"]
     f["batch_size_x_kv_pressure"] = (n_p + n_d) * f["kv_pressure"]
-    return pd.DataFrame(f, index=frame.index, columns=list(SEED_FEATURES))
+    return pd.DataFrame(f, index=frame.index, columns=list(STUDY_FEATURES))
 
 
 def _arch_columns(models: pd.Series) -> dict[str, np.ndarray]:
@@ -240,7 +240,7 @@ def _arch_columns(models: pd.Series) -> dict[str, np.ndarray]:
     unknown = sorted(set(names) - set(_ARCH))
     if unknown:
         raise ValueError(
-            f"seed_features: unknown models {unknown}; known: {sorted(_ARCH)}"
+            f"study_features: unknown models {unknown}; known: {sorted(_ARCH)}"
         )
     table = np.array([_ARCH[n] for n in names], dtype=np.float64).reshape(-1, 7)
     hidden, layers, kv_heads, head_dim, ffn, experts, active = table.T
@@ -257,12 +257,12 @@ def _arch_columns(models: pd.Series) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- XGBoost
 
-SEED_GRID: Mapping[str, tuple] = {
+STUDY_GRID: Mapping[str, tuple] = {
     "max_depth": (4, 6, 8),
     "n_estimators": (100, 300),
     "learning_rate": (0.05, 0.1),
 }
-"""The seed study's hyperparameter grid (12 combinations)."""
+"""The study's hyperparameter grid (12 combinations)."""
 
 _FIXED_PARAMS: Mapping[str, Any] = {
     "min_child_weight": 5,
@@ -274,17 +274,17 @@ _FIXED_PARAMS: Mapping[str, Any] = {
 
 
 class XGBoostBaseline:
-    """Per-experiment ``xgboost.XGBRegressor`` on ``seed_features``.
+    """Per-experiment ``xgboost.XGBRegressor`` on ``study_features``.
 
     For each group of `by` (one experiment by default), every combination of `grid`
     is fitted on the training rows and the one with the lowest MAPE on that group's
     validation rows is kept (first in grid order on ties). Fixed settings follow the
-    seed study: ``min_child_weight=5``, ``subsample=0.8``, ``colsample_bytree=0.8``;
+    study: ``min_child_weight=5``, ``subsample=0.8``, ``colsample_bytree=0.8``;
     plus ``tree_method="hist"``, `n_jobs` threads and a fixed `random_state`.
 
     **Arguments:**
 
-    - `grid`: name -> candidate values; default ``SEED_GRID``.
+    - `grid`: name -> candidate values; default ``STUDY_GRID``.
     - `by`: the grouping column, or ``None`` for one model over all rows.
     - `random_state`, `n_jobs`: passed to XGBoost.
 
@@ -301,11 +301,11 @@ class XGBoostBaseline:
         random_state: int = 42,
         n_jobs: int = 2,
     ) -> None:
-        self.grid = dict(SEED_GRID if grid is None else grid)
-        unknown = sorted(set(self.grid) - set(SEED_GRID))
+        self.grid = dict(STUDY_GRID if grid is None else grid)
+        unknown = sorted(set(self.grid) - set(STUDY_GRID))
         if unknown or not all(len(v) for v in self.grid.values()):
             raise ValueError(
-                f"grid: keys must be among {sorted(SEED_GRID)} with at least one "
+                f"grid: keys must be among {sorted(STUDY_GRID)} with at least one "
                 f"value each, got {self.grid!r}"
             )
         self.by = by
@@ -331,8 +331,8 @@ class XGBoostBaseline:
         self.models, self.best_params, self.valid_mape = {}, {}, {}
         for group, train in train_groups.items():
             valid = valid_groups[group]
-            x_train, y_train = seed_features(train).to_numpy(), _target(train, target)
-            x_valid, y_valid = seed_features(valid).to_numpy(), _target(valid, target)
+            x_train, y_train = study_features(train).to_numpy(), _target(train, target)
+            x_valid, y_valid = study_features(valid).to_numpy(), _target(valid, target)
             best = None
             for params in _combinations(self.grid):
                 model = self._regressor(params).fit(x_train, y_train)
@@ -353,7 +353,7 @@ class XGBoostBaseline:
                 raise ValueError(
                     f"XGBoostBaseline.predict: no model fitted for {group!r}"
                 )
-            x = seed_features(rows).to_numpy()
+            x = study_features(rows).to_numpy()
             out[positions.loc[rows.index].to_numpy()] = self.models[group].predict(x)
         return out
 
@@ -416,10 +416,10 @@ def _target(frame: pd.DataFrame, target: str) -> np.ndarray:
     return y
 
 
-# --------------------------------------------------------------------------- seed
+# --------------------------------------------------------------------------- study
 
 
-SEED_PREDICTION_COLUMNS: tuple[str, ...] = (
+STUDY_PREDICTION_COLUMNS: tuple[str, ...] = (
     "experiment_id",
     "model",
     "workload",
@@ -430,16 +430,16 @@ SEED_PREDICTION_COLUMNS: tuple[str, ...] = (
 )
 
 
-def load_seed_xgboost(path: str | os.PathLike | None = None) -> pd.DataFrame:
-    """The seed study's per-experiment XGBoost test predictions.
+def load_study_xgboost(path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The study's per-experiment XGBoost test predictions.
 
     **Arguments:**
 
     - `path`: ``seed_xgboost_test_predictions.csv``; default the copy under
       ``default_data_dir()/stepml``.
 
-    **Returns:** columns ``SEED_PREDICTION_COLUMNS`` (``step.duration_us`` actual,
-    ``predicted_us`` the seed's prediction, both microseconds, float64), sorted by
+    **Returns:** columns ``STUDY_PREDICTION_COLUMNS`` (``step.duration_us`` actual,
+    ``predicted_us`` the study's prediction, both microseconds, float64), sorted by
     ``(experiment_id, step.id)``.
 
     **Raises:** ``ValueError`` for missing columns or missing values.
@@ -447,14 +447,14 @@ def load_seed_xgboost(path: str | os.PathLike | None = None) -> pd.DataFrame:
     if path is None:
         path = default_data_dir() / "stepml" / "seed_xgboost_test_predictions.csv"
     frame = pd.read_csv(pathlib.Path(path))
-    missing = [c for c in SEED_PREDICTION_COLUMNS if c not in frame.columns]
+    missing = [c for c in STUDY_PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"seed predictions are missing columns {missing}")
-    for name in SEED_PREDICTION_COLUMNS:
+        raise ValueError(f"study predictions are missing columns {missing}")
+    for name in STUDY_PREDICTION_COLUMNS:
         isna = frame[name].isna().to_numpy()
         if isna.any():
             raise ValueError(
-                f"seed predictions: column {name!r} has a missing value at row "
+                f"study predictions: column {name!r} has a missing value at row "
                 f"{int(np.flatnonzero(isna)[0])}"
             )
     frame = frame.astype(

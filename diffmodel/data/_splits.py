@@ -1,4 +1,4 @@
-"""Train/validation/test splits of a step table, as in the seed study.
+"""Train/validation/test splits of a step table, as in the study.
 
 - ``temporal_split``: per experiment, in ``step.id`` order, the first 60% of rows for
   training, the next 20% for validation, the rest for testing.
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from ._catalog import MODEL_ALIASES
+from .._model._catalog import MODEL_ALIASES
 
 SPLIT_LABELS: tuple[str, str, str] = ("train", "valid", "test")
 
@@ -37,7 +37,7 @@ def split_sizes(
     """Rows for ``(train, valid, test)`` out of `n`.
 
     ``n_train = round(n * f_train)``, ``n_valid = round(n * f_valid)`` (Python's
-    ``round``), and the test split takes the rest; this reproduces the seed study's
+    ``round``), and the test split takes the rest; this reproduces the study's
     ``seed_split_sizes.csv`` (e.g. 5992 rows -> 3595, 1198, 1199).
     """
     _check_fractions(fractions)

@@ -31,11 +31,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import ArrayLike
 
-from ._batch import BatchStats, request_terms
-from ._deployment import Deployment, stack_deployments
-from ._factors import FACTOR_NAMES, Factors, default_factors
-from ._frame import groups_from_frame, stats_from_frame
-from ._roofline import COMPONENTS, step_time, step_total
+from .._frame import groups_from_frame, stats_from_frame
+from .._model._batch import BatchStats, request_terms
+from .._model._deployment import Deployment, stack_deployments
+from .._model._factors import FACTOR_NAMES, Factors, default_factors
+from .._model._roofline import COMPONENTS, step_time, step_total
 
 STAT_FIELDS: tuple[str, ...] = tuple(BatchStats.__dataclass_fields__)
 
@@ -971,7 +971,7 @@ def predict_frame_fast(
     :func:`diffmodel.stats_from_frame` and :func:`diffmodel.groups_from_frame`);
     ``factors`` as there. Returns NumPy arrays (one entry per row), not a frame.
     """
-    from ._predict import resolve_factors  # the frame path's factor resolution
+    from .._predict import resolve_factors  # the frame path's factor resolution
 
     stats = stats_from_frame(frame)
     groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)

@@ -81,10 +81,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._batch import BatchStats, from_requests
-from ._deployment import Deployment
-from ._factors import Factors
-from ._roofline import step_time
+from .._model._batch import BatchStats, from_requests
+from .._model._deployment import Deployment
+from .._model._factors import Factors
+from .._model._roofline import step_time
 
 # ---------------------------------------------------------------------------- inputs
 

@@ -12,9 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._factors import FACTOR_NAMES, FACTOR_SPECS
-from ._factorsets import GlobalFactors, HierarchicalFactors, PerGroupFactors
-from ._seed import SEED_PARAM_NAMES, SeedFactors
+from .._fitting._factorsets import GlobalFactors, HierarchicalFactors, PerGroupFactors
+from .._fitting._study import STUDY_PARAM_NAMES, StudyFactors
+from .._model._factors import FACTOR_NAMES, FACTOR_SPECS
 
 FORMAT = "diffmodel.factors/1"
 
@@ -27,10 +27,10 @@ def factors_to_dict(obj) -> dict:
     """A JSON-ready description of a factor set or fit result."""
     fs = getattr(obj, "factor_set", obj)
     out: dict[str, Any] = {"format": FORMAT}
-    if isinstance(fs, SeedFactors):
+    if isinstance(fs, StudyFactors):
         out.update(
-            kind="seed-36" if fs.per_group else "seed-9",
-            parameter_names=list(SEED_PARAM_NAMES),
+            kind="study-36" if fs.per_group else "study-9",
+            parameter_names=list(STUDY_PARAM_NAMES),
             labels=list(fs.labels),
             raw=_floats(fs.raw),
             values=_floats(fs.values()),
@@ -95,9 +95,9 @@ def factors_from_dict(d: dict):
             raise ValueError(f"factors file is missing {key!r}")
         return jnp.asarray(d[key], dtype)
 
-    if kind in ("seed-9", "seed-36"):
-        return SeedFactors(
-            raw=arr("raw"), labels=tuple(d["labels"]), per_group=kind == "seed-36"
+    if kind in ("study-9", "study-36"):
+        return StudyFactors(
+            raw=arr("raw"), labels=tuple(d["labels"]), per_group=kind == "study-36"
         )
     if list(d.get("factor_names", [])) != list(FACTOR_NAMES):
         raise ValueError(

@@ -1,13 +1,14 @@
-"""Our optax fitter against the seed study's own fitter, on its 9-parameter model.
+"""Our optax fitter against the study's own fitter, on its 9-parameter model.
 
 The study fitted ``sum(factor_i component_i / mfu_i) + overhead`` (compute-only
-backbone, see ``diffmodel._seed``) with ``scipy.optimize.least_squares`` (method
+backbone, see ``diffmodel._fitting._study``) with
+``scipy.optimize.least_squares`` (method
 ``trf``, box bounds) on log-ratio residuals. This script fits the same model, to the
 same rows, from the same start, with both, and prints the loss
 ``mean((log pred - log actual)^2)`` and the wall time of each (ours: L-BFGS and
 Adam, compile time shown separately).
 
-    python experiments/seed_fit.py [--data DIR] [--target step_duration|iteration_time]
+    python experiments/study_fit.py [--data DIR] [--target step_duration|iteration_time]
 """
 
 import argparse
@@ -21,16 +22,23 @@ import numpy as np
 from scipy.optimize import least_squares
 
 import diffmodel as dm
-from diffmodel._seed import SEED_BOUNDS, SEED_START, seed_components, seed_predict
+from diffmodel._fitting._fit import fit_arrays, step_data
+from diffmodel._fitting._study import (
+    STUDY_BOUNDS,
+    STUDY_START,
+    init_study,
+    study_components,
+    study_predict,
+)
 
 TARGETS = {"step_duration": "step_duration_us", "iteration_time": "iteration_time_us"}
 
 
 def scipy_fit(comps: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
     """The study's fitter: trf with bounds on log residuals. (values, loss, seconds)"""
-    lo, hi = SEED_BOUNDS[:, 0], SEED_BOUNDS[:, 1]
+    lo, hi = STUDY_BOUNDS[:, 0], STUDY_BOUNDS[:, 1]
     # A start strictly inside the bounds (trf requires it).
-    x0 = np.clip(SEED_START, lo + 1e-9, hi - 1e-9)
+    x0 = np.clip(STUDY_START, lo + 1e-9, hi - 1e-9)
 
     def residuals(x):
         pred = (x[0:4] * comps / x[5:9]).sum(-1) + x[4]
@@ -51,20 +59,20 @@ def main(
 ) -> dict:
     """Fit the seed model both ways on the three public experiments; print and
     return the losses and times."""
-    data = pathlib.Path(data or dm.default_data_dir())
+    data = pathlib.Path(data or dm.data.default_data_dir())
     col = TARGETS[target]
-    frame = dm.add_targets(dm.load_steps(data / "stepml" / "steps.parquet"))
+    frame = dm.data.add_targets(dm.data.load_steps(data / "stepml" / "steps.parquet"))
     frame = frame[frame[col].notna() & (frame[col] > 0)]
     print(f"{len(frame)} rows, target {col}", file=sys.stderr)
-    steps, labels = dm.step_data(frame)
+    steps, labels = step_data(frame)
     y = frame[col].to_numpy(float)
-    comps = np.asarray(seed_components(steps))
+    comps = np.asarray(study_components(steps))
 
     values, scipy_loss, scipy_s = scipy_fit(comps, y)
     rows = {"scipy-trf": (scipy_loss, scipy_s, float("nan"))}
     for solver in ("lbfgs", "adam"):
-        res = dm.fit_arrays(
-            dm.init_seed(labels, per_group=False),
+        res = fit_arrays(
+            init_study(labels, per_group=False),
             steps,
             y,
             solver=solver,
@@ -72,7 +80,7 @@ def main(
             learning_rate=0.1,
         )
         v = res.factor_set.values()
-        loss = float(jnp.mean((jnp.log(seed_predict(v, comps)) - jnp.log(y)) ** 2))
+        loss = float(jnp.mean((jnp.log(study_predict(v, comps)) - jnp.log(y)) ** 2))
         rows[f"diffmodel-{solver}"] = (loss, res.wall_seconds, res.compile_seconds)
     lines = [
         f"Target `{col}`, {len(frame)} rows of the three public experiments; "
@@ -92,7 +100,7 @@ def main(
     if out is not None:
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "seed_fit.md").write_text(table + "\n")
+        (out / "study_fit.md").write_text(table + "\n")
     print(f"\nscipy's values: {np.array2string(values, precision=4)}")
     return {k: {"loss": v[0], "seconds": v[1]} for k, v in rows.items()}
 
@@ -102,7 +110,7 @@ if __name__ == "__main__":
     p.add_argument("--data", type=pathlib.Path, default=None, help="data folder")
     p.add_argument("--target", choices=sorted(TARGETS), default="step_duration")
     p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--out", type=pathlib.Path, default=None, help="write seed_fit.md")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="write study_fit.md")
     a = p.parse_args()
     jax.config.update("jax_enable_x64", True)  # same precision as scipy
     main(data=a.data, target=a.target, max_steps=a.max_steps, out=a.out)

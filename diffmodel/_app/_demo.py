@@ -14,14 +14,14 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from ._arch import architecture
-from ._factors import FACTOR_NAMES, FACTOR_SPECS, Factors, default_factors
-from ._fit import FitResult, fit
-from ._io import save_factors
-from ._metrics import mape
-from ._plots import diagnostic_figure, parity_plot, save_figure
-from ._predict import predict
-from ._roofline import COMPONENTS
+from .._app._plots import diagnostic_figure, parity_plot, save_figure
+from .._fitting._fit import FitResult, fit
+from .._fitting._io import save_factors
+from .._metrics import mape
+from .._model._arch import architecture
+from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors, default_factors
+from .._model._roofline import COMPONENTS
+from .._predict import predict
 
 DEMO_DEPLOYMENTS: tuple[tuple[str, str, int], ...] = (
     ("llama-2-70b", "h100-sxm", 4),

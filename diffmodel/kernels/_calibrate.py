@@ -9,10 +9,15 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jaxtyping import Array, ArrayLike
+from jaxtyping import ArrayLike
 
-from ._arch import architecture
-from ._curves import (
+from .._fitting._optimise import minimise
+from .._metrics import log_ratio_loss
+from .._model._arch import architecture
+from .._model._factors import FACTOR_SPECS, Factors
+from .._model._hardware import Hardware, hardware
+from .._model._physics import attention_work
+from ..kernels._curves import (
     KERNEL_FAMILIES,
     LATENCY_FAMILIES,
     PROLOGUE_FAMILIES,
@@ -23,9 +28,7 @@ from ._curves import (
     default_allreduce_curve,
     default_roofline_curves,
 )
-from ._factors import FACTOR_SPECS, Factors
-from ._hardware import Hardware, hardware
-from ._kernels import (
+from ..kernels._tables import (
     KernelWork,
     allreduce_kernel_us,
     decode_attention_work,
@@ -33,19 +36,6 @@ from ._kernels import (
     prefill_attention_work,
     table_work,
 )
-from ._optimise import minimise
-from ._physics import attention_work
-
-
-def log_ratio_loss(pred: ArrayLike, actual: ArrayLike) -> Array:
-    """``mean((ln pred - ln actual)^2)``: symmetric in over- and under-prediction."""
-    return jnp.mean((jnp.log(pred) - jnp.log(actual)) ** 2)
-
-
-def mape(pred: ArrayLike, actual: ArrayLike) -> float:
-    """Mean absolute percentage error, percent."""
-    pred, actual = np.asarray(pred, float), np.asarray(actual, float)
-    return float(np.mean(np.abs(pred / actual - 1.0)) * 100.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,7 @@ def load_data(path: str | pathlib.Path) -> pd.DataFrame:
     ``STEP_COLUMNS``) is validated as by :func:`diffmodel.load_steps`; targets
     ``step_duration_us`` and ``iteration_time_us`` (us) are added when the columns
     they come from are there."""
-    from ._traces import STEP_COLUMNS, add_targets, validate_steps
+    from ..data._traces import STEP_COLUMNS, add_targets, validate_steps
 
     frame = read_table(path)
     if set(STEP_COLUMNS) <= set(frame.columns):
@@ -113,7 +113,7 @@ def defined_target(frame: pd.DataFrame, target: str, *, dropna: bool) -> pd.Data
 
 def load_factor_file(path: str | pathlib.Path | None):
     """A saved factors file, or ``None`` (the physical priors) for no path."""
-    from ._io import load_factors
+    from .._fitting._io import load_factors
 
     if path is None:
         return None
@@ -140,7 +140,7 @@ def _deployment_flags(frame: pd.DataFrame, args) -> dict:
 
 
 def _groups(frame: pd.DataFrame, flags: dict) -> np.ndarray:
-    from ._frame import groups_from_frame
+    from .._frame import groups_from_frame
 
     g = groups_from_frame(frame, **flags)
     return np.asarray(g.labels, dtype=object)[np.asarray(g.index)]
@@ -152,7 +152,7 @@ def _groups(frame: pd.DataFrame, flags: dict) -> np.ndarray:
 def factor_table(result) -> str:
     """Fitted factors as text: one row per factor with its unit, one column per
     group (``global`` first)."""
-    from ._factors import FACTOR_NAMES, FACTOR_SPECS
+    from .._model._factors import FACTOR_NAMES, FACTOR_SPECS
 
     table = result.table()
     table.columns = list(FACTOR_NAMES)
@@ -166,7 +166,7 @@ def metrics_text(
     frame: pd.DataFrame, target: str, by: str | None, *, predicted="predicted_us"
 ) -> str:
     """The metrics table per ``by`` value plus an ``all`` row, as text."""
-    from ._metrics import metrics_table
+    from .._metrics import metrics_table
 
     overall = metrics_table(frame, actual=target, predicted=predicted, by=None)
     if by is None:
@@ -189,7 +189,7 @@ def metrics_text(
 
 
 def _plot(frame, path, *, actual, groups, title=None) -> None:
-    from ._plots import diagnostic_figure, save_figure
+    from .._app._plots import diagnostic_figure, save_figure
 
     frame = frame.assign(deployment=groups)
     fig = diagnostic_figure(frame, actual=actual, by="deployment", title=title)
@@ -207,7 +207,7 @@ def _write_table(frame: pd.DataFrame, path: pathlib.Path) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from ._demo import run_demo
+    from .._app._demo import run_demo
 
     run_demo(
         out=args.out,
@@ -221,7 +221,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from ._predict import predict
+    from .._predict import predict
 
     output = _check_output(args.output)
     plot = _check_plot(args.plot)
@@ -242,10 +242,10 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from ._fit import fit
-    from ._io import save_factors
-    from ._predict import predict
-    from ._splits import temporal_split
+    from .._fitting._fit import fit
+    from .._fitting._io import save_factors
+    from .._predict import predict
+    from ..data._splits import temporal_split
 
     out_path = pathlib.Path(args.out)
     if not out_path.parent.is_dir():
@@ -313,7 +313,7 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from ._predict import predict
+    from .._predict import predict
 
     plot = _check_plot(args.plot)
     frame = defined_target(load_data(args.data), args.target, dropna=args.dropna_target)
@@ -334,8 +334,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from ._paths import default_data_dir
-    from ._reproduce import reproduce  # deferred: the whole benchmark
+    from .._app._reproduce import reproduce  # deferred: the whole benchmark
+    from .._paths import default_data_dir
 
     def names(text):
         return None if text is None else [s for s in text.split(",") if s]
@@ -359,8 +359,8 @@ def _cmd_reproduce(args) -> int:
 
 
 def load_benchmark():
-    """The throughput benchmark module (``diffmodel._throughput``)."""
-    from . import _throughput
+    """The throughput benchmark module (``diffmodel._app._bench``)."""
+    from . import _bench as _throughput
 
     return _throughput
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._arch import Architecture, architecture
-from ._hardware import Hardware, hardware
+from .._model._arch import Architecture, architecture
+from .._model._hardware import Hardware, hardware
 
 
 class Deployment(eqx.Module):

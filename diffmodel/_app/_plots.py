@@ -14,8 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from ._frame import stats_from_frame
-from ._roofline import COMPONENTS
+from .._frame import stats_from_frame
+from .._model._roofline import COMPONENTS
 
 _COLOURS = {
     "linear": "#4e79a7",

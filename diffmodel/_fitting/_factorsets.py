@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._batch import BatchStats
-from ._deployment import Deployment
-from ._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
-from ._roofline import Breakdown, step_time_batch
+from .._model._batch import BatchStats
+from .._model._deployment import Deployment
+from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
+from .._model._roofline import Breakdown, step_time_batch
 
 _KINDS = np.array([FACTOR_SPECS[n][2] == "efficiency" for n in FACTOR_NAMES])
 _PRIORS = np.array([FACTOR_SPECS[n][0] for n in FACTOR_NAMES])

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._catalog import MODEL_ALIASES, MODEL_CONFIGS
+from .._model._catalog import MODEL_ALIASES, MODEL_CONFIGS
 
 _SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
 
@@ -97,6 +97,14 @@ class Architecture(eqx.Module):
         self.weight_bytes = jnp.asarray(weight_bytes, float)
         self.kv_bytes = jnp.asarray(kv_bytes, float)
         self.act_bytes = jnp.asarray(act_bytes, float)
+
+    @staticmethod
+    def from_hf_config(
+        config: "Mapping[str, Any] | str | pathlib.Path", **overrides: str
+    ) -> "Architecture":
+        """An architecture from a Hugging Face ``config.json`` (a path, a dict, or a
+        catalog name); ``weight_dtype`` / ``kv_dtype`` override the file's dtype."""
+        return from_hf_config(config, **overrides)
 
     def attention_params(self) -> Float[Array, "..."]:
         """Weights of one layer's attention projections (Q, K, V, O), elements."""

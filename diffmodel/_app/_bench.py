@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 import diffmodel as dm
-from diffmodel._baselines import _FIXED_PARAMS, seed_features
-from diffmodel._bulk import (
+from diffmodel._bulk._bulk import (
     _ALIGN_BYTES,
     _chunk,
     _group_tables,
@@ -29,6 +28,7 @@ from diffmodel._bulk import (
     predict_steps,
     step_time_fast,
 )
+from diffmodel.baselines._baselines import _FIXED_PARAMS, study_features
 
 DEPLOYMENTS = (("llama-2-70b", 4), ("codellama-34b", 2), ("mixtral-8x7b", 2))
 
@@ -104,7 +104,7 @@ def make_requests(steps: int, width: int, seed: int = 1):
 
 
 def baseline_features(cols, group, rows) -> np.ndarray:
-    """The XGBoost baseline's input for ``rows`` steps: ``seed_features``, float64.
+    """The XGBoost baseline's input for ``rows`` steps: ``study_features``, float64.
 
     The real baseline (``diffmodel.XGBoostBaseline``) reads a trace frame; the KV
     gauge columns it also needs are derived here from the statistics (KV tokens in
@@ -129,7 +129,7 @@ def baseline_features(cols, group, rows) -> np.ndarray:
             "tp": np.asarray([t for _, t in DEPLOYMENTS], float)[g],
         }
     )
-    return seed_features(frame).to_numpy()
+    return study_features(frame).to_numpy()
 
 
 def numpy_step_time(cols, group, dep: dict, fac: dict) -> np.ndarray:
@@ -327,7 +327,7 @@ def main(
             sl = slice(s, min(s + block, m))
             o[sl] = numpy_step_time([c[sl] for c in cols], group[sl], dep_np, fac_np)
 
-    _log("fitting XGBoost (the seed baseline's 30 features, float64)")
+    _log("fitting XGBoost (the study baseline's 30 features, float64)")
     rng = np.random.default_rng(2)
     train = rng.choice(n_steps, size=min(20_000, n_steps), replace=False)
     rows = min(xgb_rows, n_steps)

@@ -1,0 +1,1 @@
+"""Bulk evaluation: the rewritten evaluator, the chunk feeder and its entry points."""

@@ -1,0 +1,1 @@
+"""Fitting: factor sets, the study's forms, the optimiser, ``fit`` and JSON."""

@@ -1,0 +1,39 @@
+"""Kernels: measured kernel tables, the work each kernel does (from the step model's own
+physics), efficiency curves, and their calibration against the tables."""
+
+from ._calibrate import (
+    FitOptions as FitOptions,
+    calibrate_kernels as calibrate_kernels,
+    fit_allreduce_curve as fit_allreduce_curve,
+    fit_roofline_curves as fit_roofline_curves,
+    held_out_split as held_out_split,
+    kernel_prior_factors as kernel_prior_factors,
+)
+from ._curves import (
+    AllReduceCurve as AllReduceCurve,
+    KernelCurves as KernelCurves,
+    Occupancy as Occupancy,
+    RooflineCurves as RooflineCurves,
+    SaturationCurve as SaturationCurve,
+    default_kernel_curves as default_kernel_curves,
+    load_curves as load_curves,
+    save_curves as save_curves,
+)
+from ._tables import (
+    KernelWork as KernelWork,
+    allreduce_kernel_us as allreduce_kernel_us,
+    decode_attention_us as decode_attention_us,
+    gemm_us as gemm_us,
+    load_allreduce as load_allreduce,
+    load_attention as load_attention,
+    load_gemm as load_gemm,
+    load_kernel_tables as load_kernel_tables,
+    load_moe as load_moe,
+    load_vidur as load_vidur,
+    load_vidur_allreduce as load_vidur_allreduce,
+    load_vidur_operators as load_vidur_operators,
+    moe_us as moe_us,
+    prefill_attention_us as prefill_attention_us,
+    table_work as table_work,
+    vidur_work as vidur_work,
+)
