@@ -22,7 +22,7 @@ Three parts, written to ``<out>/scheduler.json``:
      annealed), kept as the negative result it is: its pathwise gradient in
      ``max_num_batched_tokens`` has the wrong sign (``budget_gradient_check`` in the
      output compares it with the exact simulator's slope; the module docstring of
-     ``diffmodel.scheduler._scheduler`` says why).
+     ``diffmodel.scheduler._simulate`` says why).
 
 Run: ``python experiments/scheduler.py --out results/scheduler`` (about 1 minute on
 2 CPU cores).
@@ -44,8 +44,8 @@ import optax  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import diffmodel  # noqa: E402
-from diffmodel.data._traces import add_targets, load_steps  # noqa: E402
-from diffmodel.scheduler._scheduler import (  # noqa: E402
+from diffmodel.data import add_targets, load_steps  # noqa: E402
+from diffmodel.scheduler import (  # noqa: E402
     Knobs,
     Workload,
     make_workload,
