@@ -411,7 +411,7 @@ def main(
 
     Args:
         out: output folder.
-        data_dir: the shared data folder (default: :func:`diffmodel.default_data_dir`).
+        data_dir: the shared data folder (default: :func:`diffmodel.data.default_data_dir`).
         experiment: the trace to fit and validate on.
         seed: workload seed.
         validation_seconds, warmup_seconds: simulated time of the trace's workload,
@@ -428,7 +428,7 @@ def main(
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = pathlib.Path(data_dir) if data_dir else diffmodel.default_data_dir()
+    data = pathlib.Path(data_dir) if data_dir else diffmodel.data.default_data_dir()
     frame = add_targets(load_steps(data / "stepml" / "steps.parquet"))
     exp = frame[frame["experiment_id"] == experiment].reset_index(drop=True)
     if exp.empty:
