@@ -19,6 +19,7 @@ from . import (
     scheduler as scheduler,
 )
 from ._bulk._bulk import predict_steps as predict_steps
+from ._fitting._base import AbstractFactorSet as AbstractFactorSet
 from ._fitting._factorsets import (
     GlobalFactors as GlobalFactors,
     HierarchicalFactors as HierarchicalFactors,

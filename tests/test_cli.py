@@ -212,9 +212,9 @@ ERRORS = {
     "no model": (["--model", None], "--model"),
     "factors missing": (["--factors", "{tmp}/none.json"], "not found"),
     "factors not json": (["--factors", "{tmp}/steps.csv"], "not valid JSON"),
-    "factors list": (["--factors", "{tmp}/list.json"], "not a valid diffmodel"),
+    "factors list": (["--factors", "{tmp}/list.json"], "expected a JSON object"),
     "factors format": (["--factors", "{tmp}/other.json"], "not a diffmodel"),
-    "factors keys": (["--factors", "{tmp}/partial.json"], "not a valid diffmodel"),
+    "factors keys": (["--factors", "{tmp}/partial.json"], "field 'raw' is missing"),
 }
 
 

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from .._fitting._kinds import ROOFLINE_KINDS
+
 PROG = "diffmodel"
-_FIT_KINDS = ("global", "per-model", "hierarchical")
+_FIT_KINDS = ROOFLINE_KINDS
 
 
 class _Parser(argparse.ArgumentParser):

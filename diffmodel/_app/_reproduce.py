@@ -65,9 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .._fitting._factorsets import HierarchicalFactors, PerGroupFactors, StepData
+from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._fit import fit, step_data
-from .._fitting._study import StudyFactors, study_components, study_predict
+from .._fitting._kinds import PER_GROUP_KINDS
 from .._metrics import count_under, metrics_table
 from .._model._factors import Factors, default_factors
 from ..baselines._baselines import (
@@ -518,7 +518,7 @@ def _factor_set(
 ) -> _Outcome:
     """A factor set fitted on all training rows, early stopping on validation."""
     kind = _DIFFMODEL_KINDS[method]
-    per_group = kind in ("per-model", "study-36")
+    per_group = kind in PER_GROUP_KINDS
     if per_group and not evaluator.labels_of(fold.train) & evaluator.labels_of(
         fold.test
     ):
@@ -565,12 +565,9 @@ def _factor_set(
     )
 
 
-def _count_params(factor_set: Any) -> int:
+def _count_params(factor_set: AbstractFactorSet) -> int:
     """Fitted parameters of a factor set (array elements the optimiser moves)."""
-    if isinstance(factor_set, HierarchicalFactors):
-        extra = 1 if factor_set.learn_prior_scale else 0
-        return int(factor_set.global_raw.size + factor_set.offsets.size + extra)
-    return int(factor_set.raw.size)
+    return factor_set.n_params()
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -582,8 +579,8 @@ def _roofline_total(data: StepData, factors) -> jax.Array:
 
 
 @eqx.filter_jit
-def _study_total(data: StepData, values: jax.Array) -> jax.Array:
-    return study_predict(values[data.group], study_components(data))
+def _set_total(data: StepData, factor_set: AbstractFactorSet) -> jax.Array:
+    return factor_set.predict(data)
 
 
 class _Evaluator:
@@ -607,40 +604,17 @@ class _Evaluator:
         """Predicted us per row of `frame` (NaN for a group `factor_set` lacks), and
         per row whether its group was known."""
         n = len(self.labels)
-        if isinstance(factor_set, StudyFactors):
-            values, known = _per_label(factor_set, factor_set.values(), self.labels)
-            total = _study_total(self.data, values)
-        else:
-            if factor_set is None:
-                factors, known = default_factors(), np.ones(n, bool)
-            elif isinstance(factor_set, Factors):
-                factors, known = factor_set, np.ones(n, bool)
-            elif isinstance(factor_set, PerGroupFactors):
-                factors, known = _per_label(
-                    factor_set, factor_set.physical(), self.labels
-                )
-            else:  # Global, or hierarchical with unseen groups at the global values.
-                factors, known = factor_set.factors_for(self.labels), np.ones(n, bool)
-            factors = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,)), factors)
-            total = _roofline_total(self.data, factors)
+        if factor_set is None:
+            factor_set = default_factors()
+        if isinstance(factor_set, Factors):  # physical factors: known everywhere
+            factors = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,)), factor_set)
+            total, known = _roofline_total(self.data, factors), np.ones(n, bool)
+        else:  # a factor set, re-indexed to this table's groups
+            factor_set, known = factor_set.reindex(self.labels)
+            total = _set_total(self.data, factor_set)
         rows = self.position.loc[frame.index].to_numpy()
         row_known = known[self.group[rows]]
         return np.where(row_known, np.asarray(total)[rows], np.nan), row_known
-
-
-def _per_label(factor_set, values, labels: Sequence[str]):
-    """Per-group `values` (leading axis = the set's groups) re-indexed to `labels`;
-    a set with one shared set of values is broadcast."""
-    own = getattr(factor_set, "labels", ())
-    per_group = isinstance(factor_set, PerGroupFactors) or getattr(
-        factor_set, "per_group", False
-    )
-    if not per_group:
-        shape = (len(labels), *jnp.shape(values))
-        return jnp.broadcast_to(values, shape), np.ones(len(labels), bool)
-    known = np.array([lab in own for lab in labels])
-    idx = np.array([own.index(lab) if lab in own else 0 for lab in labels])
-    return jax.tree.map(lambda x: x[idx], values), known
 
 
 # --------------------------------------------------------------------------- score
