@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {self.prog}: {message} (see --help)\n")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
+class _Formatter(argparse.HelpFormatter):
     """Help with ``(default: X)`` appended once, only where there is a default."""
 
     def _get_help_string(self, action):
@@ -114,8 +114,9 @@ def _add_data_file(p: argparse.ArgumentParser) -> None:
 
 def _add_deployment(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "deployment (needed unless the table has model/hardware/tp columns; given "
-        "with a column of the same name, a flag must agree with it on every row)"
+        "deployment",
+        "Flags, or the table's model/hardware/tp columns; a flag given beside a "
+        "column of the same name must agree with it on every row.",
     )
     g.add_argument(
         "--model", help="model name, e.g. llama-2-70b (list: 'diffmodel models')"
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--learning-rate",
         type=POSITIVE,
+        metavar="RATE",
         help="step size of Adam, --solver adam only (default: 0.05)",
     )
     _add_plot(p, "parity, residual and breakdown plots")
