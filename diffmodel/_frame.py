@@ -206,7 +206,10 @@ def _per_row(frame: pd.DataFrame, col: str, value, spell) -> np.ndarray:
     """Each row's ``col``: the keyword ``value`` (checked: an unknown name is an
     error) or the frame's column; both only when they agree on every row."""
     if value is not None:
-        value = _CANONICAL[col](value)
+        try:
+            value = _CANONICAL[col](value)
+        except ValueError as err:
+            raise ValueError(f"{spell(col)}{value}: {err}") from None
     if col not in frame.columns:
         if value is None:
             raise ValueError(
@@ -217,8 +220,14 @@ def _per_row(frame: pd.DataFrame, col: str, value, spell) -> np.ndarray:
     if values.isna().any():
         i = int(np.flatnonzero(values.isna().to_numpy())[0])
         raise ValueError(f"column {col!r} has a missing value at row {i}")
+    names = {}
+    for v in pd.unique(values):
+        try:
+            names[v] = str(_CANONICAL[col](v))
+        except ValueError as err:
+            raise ValueError(f"column {col!r}: {err}") from None
     if value is not None:
-        seen = sorted({str(_CANONICAL[col](v)) for v in pd.unique(values)})
+        seen = sorted(set(names.values()))
         if seen != [str(value)]:
             raise ValueError(
                 f"{spell(col)}{value} contradicts the table's {col!r} column "

@@ -263,7 +263,7 @@ CASES = {
     # item 3: explicit flags are checked, and win or are an error
     "unknown --model beside a model column": (
         [*PREDICT, "--model", "gpt-5", "--tp", "4"],
-        "unknown model 'gpt-5'",
+        "--model gpt-5: unknown model 'gpt-5'",
     ),
     "--model contradicting the column": (
         [*PREDICT, "--model", "codellama-34b"],

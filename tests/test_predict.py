@@ -51,7 +51,7 @@ def test_keywords_beside_columns_must_agree():
     f = frame(model=["llama-2-7b", "llama-2-70b", "llama-2-7b"], tp=[1, 4, 1])
     with pytest.raises(ValueError, match=r"^model=mixtral-8x7b contradicts the "):
         dm.predict(f, model="mixtral-8x7b")
-    with pytest.raises(ValueError, match=r"unknown model 'gpt-5'"):
+    with pytest.raises(ValueError, match=r"^model=gpt-5: unknown model 'gpt-5'"):
         dm.predict(f, model="gpt-5")
     g = frame(model="Llama-2-70b-hf", tp=4)
     out = dm.predict(g, model="llama-2-70b", tp=4)  # the same, in other spellings
