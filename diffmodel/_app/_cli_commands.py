@@ -222,8 +222,9 @@ def cmd_reproduce(args) -> int:
             f"--data {where}: no stepml/steps.parquet; pass the reference data "
             "folder or its stepml/ folder"
         )
-    need("xgboost", "reproduce")
-    need("sklearn", "reproduce")
+    if args.methods is None or "xgboost" in names(args.methods):
+        need("xgboost", "reproduce (its xgboost method)")
+        need("sklearn", "reproduce (its xgboost method)")
     reproduce(
         data=data,
         out=folder,
