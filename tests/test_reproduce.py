@@ -5,13 +5,13 @@ import pytest
 from diffmodel._app._reproduce import (
     METHODS,
     RESULT_COLUMNS,
-    _blackbox,
     _folds,
-    _study_xgboost,
+    data_root,
     reproduce,
     results_markdown,
     short_name,
 )
+from diffmodel._app._reproduce_methods import _blackbox, _study_xgboost
 from diffmodel._metrics import mape
 from diffmodel.baselines._baselines import load_study_xgboost
 from diffmodel.data._splits import temporal_split
@@ -87,8 +87,9 @@ def test_study_xgboost_matches_the_temporal_test_split(steps, data_dir):
 
 
 def test_quick_end_to_end(data_dir, tmp_path, steps):
+    assert data_root(data_dir / "stepml") == data_dir
     results = reproduce(
-        data=data_dir,
+        data=data_dir / "stepml",  # the traces' folder stands for the data root
         out=tmp_path,
         quick=True,
         targets=("iteration_time",),
