@@ -411,7 +411,8 @@ def main(
 
     Args:
         out: output folder.
-        data_dir: the shared data folder (default: :func:`diffmodel.data.default_data_dir`).
+        data_dir: the shared data folder (default:
+            :func:`diffmodel.data.default_data_dir`).
         experiment: the trace to fit and validate on.
         seed: workload seed.
         validation_seconds, warmup_seconds: simulated time of the trace's workload,
