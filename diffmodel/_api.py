@@ -18,6 +18,7 @@ from ._fitting._factorsets import (
 )
 from ._fitting._fit import FitResult as FitResult, fit as fit
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
+from ._fitting._laplace import IdentifiabilityWarning as IdentifiabilityWarning
 from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
 from ._fitting._study import StudyFactors as StudyFactors
 from ._metrics import (
@@ -74,6 +75,7 @@ __all__ = [
     "GlobalFactors",
     "Hardware",
     "HierarchicalFactors",
+    "IdentifiabilityWarning",
     "OptimResult",
     "PerGroupFactors",
     "StudyFactors",

@@ -196,3 +196,41 @@ def test_interval_errors():
         regime_noise_sd(np.zeros(3), np.zeros(2, bool))
     with pytest.raises(ValueError, match="finite"):
         regime_noise_sd(np.array([np.nan]), np.array([True]))
+
+
+# ------------------------------------------------------------------ on factor sets
+
+
+def _synthetic(n=120, noise=0.03, seed=0):
+    from diffmodel._app._demo import synthetic_trace
+
+    return synthetic_trace(steps_per_deployment=n, noise=noise, seed=seed)
+
+
+def test_fit_reports_sds_that_cover_the_true_factors():
+    import diffmodel as dm
+    from diffmodel._app._demo import TRUE_FACTORS
+
+    frame = _synthetic()
+    res = dm.fit(frame, target="step_time_us", factors="global")
+    lap = res.laplace
+    assert lap is not None and lap.noise_sd == pytest.approx(0.03, rel=0.3)
+    summary = lap.summary()
+    for name, true in TRUE_FACTORS.items():
+        value, sd = summary[f"global.{name}"]
+        if np.isfinite(sd) and sd > 0:
+            assert abs(value - true) < 4 * sd + 1e-6 * abs(true), name
+    table = res.table()
+    assert any(c.endswith(" sd") for c in table.columns)
+
+
+def test_one_deployment_cannot_split_step_from_layer_overhead():
+    import diffmodel as dm
+
+    frame = _synthetic()
+    one = frame[frame["experiment_id"] == frame["experiment_id"].iloc[0]]
+    with pytest.warns(dm.IdentifiabilityWarning) as record:
+        res = dm.fit(one, target="step_time_us", factors="global")
+    text = " ".join(str(w.message) for w in record)
+    assert "step_overhead_us" in text and "layer_overhead_us" in text
+    assert "step_overhead_us" in res.identifiability()

@@ -1,5 +1,6 @@
 """Fitting factor sets to measured step times on the log-ratio loss."""
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from jaxtyping import Array, Float
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._factorsets import init_factor_set
 from .._fitting._kinds import FactorKind, check_kind
+from .._fitting._laplace import IdentifiabilityWarning, Laplace, factor_set_laplace
 from .._fitting._optimise import Result, minimise
 from .._frame import groups_from_frame, stats_from_frame
 from .._metrics import log_ratio_loss
@@ -33,6 +35,9 @@ class FitResult(eqx.Module):
         wall_seconds: compile plus run time of the optimisation, s.
         compile_seconds: of which tracing and compiling, s (0 when reused).
         target: name of the fitted target (e.g. ``iteration_time_us``).
+        laplace: the posterior at the optimum (:class:`Laplace`: per-factor sds in
+            physical units, covariance, unpinned directions, factors at a bound), or
+            None when the fit was run with ``uncertainty=False``.
     """
 
     factor_set: AbstractFactorSet
@@ -43,6 +48,7 @@ class FitResult(eqx.Module):
     wall_seconds: float = eqx.field(static=True)
     compile_seconds: float = eqx.field(static=True, default=0.0)
     target: str = eqx.field(static=True, default="")
+    laplace: Laplace | None = None
 
     @property
     def converged(self) -> bool:
@@ -61,8 +67,32 @@ class FitResult(eqx.Module):
 
     def table(self) -> pd.DataFrame:
         """Fitted values: one row per group (and ``global``); physical factors with
-        their units in the column names, or the study's parameters."""
-        return self.factor_set.table()
+        their units in the column names, or the study's parameters. With a
+        :attr:`laplace` summary, each factor column ``c`` is followed by ``c sd``
+        (posterior standard deviation, same unit; ``inf`` where the data leave the
+        factor undetermined); :meth:`identifiability` says why."""
+        table = self.factor_set.table()
+        if self.laplace is None:
+            return table
+        lap = self.laplace
+        sds = {n: float(v) for n, v in zip(lap.names, lap.sd, strict=True)}
+        out = {}
+        for col in table.columns:
+            out[col] = table[col]
+            factor = col.split(" [")[0]
+            vals = [sds.get(f"{row}.{factor}", np.nan) for row in table.index]
+            if not np.all(np.isnan(vals)):
+                out[f"{col} sd"] = vals
+        return pd.DataFrame(out, index=table.index)
+
+    def identifiability(self) -> str:
+        """What the data leave open: unpinned directions and factors at a bound, one
+        per line ("" when everything is determined or no summary was computed)."""
+        if self.laplace is None:
+            return ""
+        lines = [f"unpinned: {u}" for u in self.laplace.unpinned]
+        lines += [f"at a bound: {b}" for b in self.laplace.at_bound]
+        return "\n".join(lines)
 
 
 def _check_target(y, name: str) -> np.ndarray:
@@ -109,6 +139,7 @@ def fit_arrays(
     callback_every: int = 50,
     target_name: str = "target",
     throw: bool = True,
+    uncertainty: bool = True,
 ) -> FitResult:
     """Fit ``factor_set`` to ``target`` (us per step) on the log-ratio loss.
 
@@ -118,6 +149,11 @@ def fit_arrays(
     early stopping (best parameters on the validation loss are kept). ``solver`` and
     ``throw`` as in :func:`diffmodel.minimise`; the data are the compiled loop's
     arguments, so a refit on data of the same shapes compiles nothing.
+
+    With ``uncertainty`` (default) the result carries the Laplace approximation at
+    the optimum (:attr:`FitResult.laplace`), and an :class:`IdentifiabilityWarning`
+    is issued for each direction the data leave undetermined and each factor at a
+    bound of its range.
     """
     if not isinstance(factor_set, AbstractFactorSet):
         raise ValueError(
@@ -162,7 +198,13 @@ def fit_arrays(
         callback_every=callback_every,
         throw=throw,
     )
+    lap = None
+    if uncertainty and np.isfinite(float(res.loss_history[res.n_steps - 1])):
+        lap = factor_set_laplace(res.params, data, y, w)
+        for line in (*lap.unpinned, *(f"{b} is at a bound" for b in lap.at_bound)):
+            warnings.warn(f"fit: {line}", IdentifiabilityWarning, stacklevel=2)
     return FitResult(
+        laplace=lap,
         factor_set=res.params,
         result=res.result,
         loss_history=res.loss_history,
@@ -226,6 +268,7 @@ def fit(
     callback: Callable[[int, float], None] | None = None,
     callback_every: int = 50,
     throw: bool = True,
+    uncertainty: bool = True,
 ) -> FitResult:
     """Fit factors to a frame of steps; the pandas-level entry point.
 
@@ -249,6 +292,8 @@ def fit(
             ``"adam"`` or any optax transformation (see :func:`diffmodel.minimise`).
         callback: ``callback(step, loss)`` every ``callback_every`` steps.
         throw: raise when the loss becomes non-finite (else the result says so).
+        uncertainty: compute the Laplace summary and warn about undetermined
+            directions and factors at a bound (see :func:`fit_arrays`).
 
     Returns:
         A :class:`FitResult`, accepted by :func:`diffmodel.predict` as ``factors``.
@@ -297,4 +342,5 @@ def fit(
         callback_every=callback_every,
         target_name=target,
         throw=throw,
+        uncertainty=uncertainty,
     )

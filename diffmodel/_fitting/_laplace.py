@@ -172,3 +172,108 @@ def flat(tree) -> tuple[Array, Callable]:
     params, static = eqx.partition(tree, eqx.is_inexact_array)
     vec, unravel = ravel_pytree(params)
     return vec, lambda v: eqx.combine(unravel(v), static)
+
+
+class IdentifiabilityWarning(UserWarning):
+    """A fit left a direction of its factors undetermined, or put a factor at a bound
+    of its physical range (see :attr:`diffmodel.FitResult.laplace`)."""
+
+
+_BOUND_EFF = 0.01  # an efficiency within this of 0 or 1
+_BOUND_OVH = 1e-3  # an overhead below this fraction of its prior
+
+
+def _leaf_names(fs, vec_size: int) -> tuple[str, ...]:
+    """A name per raw parameter of a factor set, in :func:`flat` order: factor names
+    on arrays whose last axis runs over the factors, group labels on their leading
+    axis; ``field[i]`` otherwise."""
+    from .._model._factors import FACTOR_NAMES
+
+    params, _ = eqx.partition(fs, eqx.is_inexact_array)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    groups = fs.fitted_groups()
+    names: list[str] = []
+    for path, leaf in leaves:
+        field = ".".join(
+            str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+            for k in path
+        )
+        shape = np.shape(leaf)
+        if shape and shape[-1] == len(FACTOR_NAMES):
+            rows = groups if len(shape) == 2 and len(groups) == shape[0] else None
+            for idx in np.ndindex(shape):
+                head = rows[idx[0]] if rows is not None else field
+                factor = FACTOR_NAMES[idx[-1]]
+                names.append(factor if head == "raw" else f"{head}.{factor}")
+        else:
+            names += [
+                field if not shape else f"{field}{list(i)}" for i in np.ndindex(shape)
+            ]
+    if len(names) != vec_size:  # pragma: no cover - a leaf layout flat() did not see
+        names = [f"raw[{i}]" for i in range(vec_size)]
+    return tuple(names)
+
+
+def _physical_named(fs):
+    """``(names, values, bound mask)`` of a factor set's physical factors, or None for
+    a set that has none (the study's)."""
+    from .._model._factors import FACTOR_NAMES, FACTOR_SPECS
+
+    try:
+        f = fs.physical()
+    except ValueError:
+        return None
+    values = jnp.stack([jnp.atleast_1d(getattr(f, n)) for n in FACTOR_NAMES], -1)
+    groups = fs.fitted_groups()
+    heads = groups if values.shape[0] == len(groups) and groups else ("global",)
+    names = tuple(f"{h}.{n}" for h in heads for n in FACTOR_NAMES)
+    eff = np.array([FACTOR_SPECS[n][2] == "efficiency" for n in FACTOR_NAMES])
+    prior = np.array([FACTOR_SPECS[n][0] for n in FACTOR_NAMES])
+    v = values.reshape(-1)
+    eff_all = np.tile(eff, values.shape[0])
+    prior_all = np.tile(prior, values.shape[0])
+    at_bound = jnp.where(
+        eff_all,
+        (v > 1.0 - _BOUND_EFF) | (v < _BOUND_EFF),
+        v < _BOUND_OVH * prior_all,
+    )
+    return names, v, at_bound
+
+
+def factor_set_laplace(fs, data, target, weights=None) -> Laplace:
+    """:func:`laplace` of a fitted :class:`~diffmodel.AbstractFactorSet` on the rows it
+    was fitted to (``data``: :class:`StepData`; ``target`` in microseconds)."""
+    from .._metrics import log_ratio_loss
+
+    y = jnp.asarray(target)
+    n = int(y.shape[0])
+    w = None if weights is None else jnp.asarray(weights)
+    vec, unflat = flat(fs)
+    raw_names = _leaf_names(fs, int(vec.shape[0]))
+
+    def objective(v):
+        s = unflat(v)
+        return log_ratio_loss(s.predict(data), y, w) + s.penalty(n)
+
+    def physical(v):
+        named = _physical_named(unflat(v))
+        if named is None:
+            return raw_names, v
+        return named[0], named[1]
+
+    def bounds(v):
+        named = _physical_named(unflat(v))
+        return np.zeros(len(raw_names), bool) if named is None else named[2]
+
+    # The noise sd is the data term's, not the penalty's.
+    s = unflat(vec)
+    noise = float(jnp.sqrt(log_ratio_loss(s.predict(data), y, w)))
+    return laplace(
+        objective,
+        vec,
+        n,
+        raw_names=raw_names,
+        physical=physical,
+        bounds=bounds,
+        noise_sd=max(noise, 1e-12),
+    )
