@@ -51,6 +51,7 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_fit_save_predict_evaluate(trace, tmp_path, capsys):
     factors = tmp_path / "factors.json"
     plot = tmp_path / "fit.png"
@@ -163,6 +164,7 @@ def test_real_trace_targets(data_dir, tmp_path, capsys):
     assert "300" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path / "demo"), "--steps", "20", "--seed", "1"]
     assert main([*argv, "--max-steps", "30"]) == 0
@@ -309,6 +311,7 @@ def test_bench_is_part_of_the_package():
     assert callable(_cli.load_benchmark().main)
 
 
+@pytest.mark.slow
 def test_console_script():
     script = pathlib.Path(sys.executable).parent / "diffmodel"
     if not script.is_file():

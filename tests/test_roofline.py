@@ -12,6 +12,8 @@ import diffmodel as dm
 from diffmodel._model._physics import expected_experts, smooth_max
 from diffmodel._model._roofline import linear_work, step_time_batch
 
+from helpers import FLOAT_DTYPES, cast_floats, tols
+
 H100 = dict(flops_16=989.5e12, hbm_bw=3.35e12)
 UNIT = dm.Factors(gemm_flops=1.0, mem_bw=1.0, attn_flops=1.0, attn_bw=1.0, comm_bw=1.0)
 
@@ -98,6 +100,7 @@ def test_smooth_max_properties():
     assert np.isnan(float(smooth_max(1.0, jnp.nan)))
 
 
+@pytest.mark.slow
 def test_smooth_max_equals_the_power_mean_and_its_gradient():
     # Against (a^4 + b^4)^(1/4) in float64, on both sides of the tie and at it.
     rng = np.random.default_rng(0)
@@ -143,6 +146,7 @@ STAT_FIELDS = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(
     base=STAT_FIELDS,
@@ -226,6 +230,7 @@ def _batch(n, seed=0):
     return agg(p=p, d=nd, np_=np_, nd=nd, kv=nd * rng.uniform(50, 3000, n), kpf=p / 3)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_vmap_equals_loop():
     dep = dm.deployment("codellama-34b", "h100", 2)
     stats = _batch(16)
@@ -242,6 +247,24 @@ def test_jit_equals_eager_and_vmap_equals_loop():
     np.testing.assert_allclose(np.array(loop), eager.total, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_jit_equals_eager_and_vmap_in_each_dtype(dtype):
+    # The fast companion of the test above: every input in `dtype`, which the
+    # result keeps; float32 agrees with float64 to float32's tolerance.
+    rtol, atol = tols(dtype)
+    inputs = (_batch(4), dm.deployment("codellama-34b", "h100", 2), dm.Factors())
+    stats, dep, f = cast_floats(inputs, dtype)
+    eager = dm.step_time(stats, dep, f).total
+    jitted = jax.jit(dm.step_time)(stats, dep, f).total
+    vmapped = jax.jit(jax.vmap(dm.step_time, in_axes=(0, None, None)))(stats, dep, f)
+    assert eager.dtype == jitted.dtype == vmapped.total.dtype == dtype
+    np.testing.assert_allclose(jitted, eager, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(vmapped.total, eager, rtol=rtol, atol=atol)
+    reference = dm.step_time(*cast_floats(inputs, jnp.float64)).total
+    np.testing.assert_allclose(eager, reference, rtol=max(rtol, tols(jnp.float32)[0]))
+
+
+@pytest.mark.slow
 def test_mixed_batch_of_two_models_equals_each_alone():
     deps = [
         dm.deployment("llama-2-70b", "h100", 4),

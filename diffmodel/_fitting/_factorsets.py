@@ -30,8 +30,9 @@ def to_physical(raw: Float[Array, "*g n"], prior) -> Factors:
     Efficiency ``i``: ``sigmoid(raw_i + logit(prior_i))``; overhead ``i``:
     ``prior_i softplus(raw_i) / log 2``. So ``raw = 0`` gives ``prior``.
     """
-    kinds = jnp.asarray(_KINDS)
-    prior = jnp.asarray(prior, raw.dtype)
+    # Broadcast explicitly to raw's shape (no implicit rank promotion over groups).
+    kinds = jnp.broadcast_to(jnp.asarray(_KINDS), raw.shape)
+    prior = jnp.broadcast_to(jnp.asarray(prior, raw.dtype), raw.shape)
     # Logit of the prior on efficiencies only (log1p(-1000) would poison gradients).
     eff_prior = jnp.where(kinds, prior, 0.5)
     eff = jax.nn.sigmoid(raw + jnp.log(eff_prior) - jnp.log1p(-eff_prior))
@@ -182,7 +183,7 @@ class HierarchicalFactors(eqx.Module):
 
     def physical(self) -> Factors:
         """Physical :class:`Factors`, leading axis = groups."""
-        return to_physical(self.global_raw + self.offsets, self.prior)
+        return to_physical(self.global_raw[None, :] + self.offsets, self.prior)
 
     def global_physical(self) -> Factors:
         """The global (pooled) physical :class:`Factors`."""
@@ -194,7 +195,7 @@ class HierarchicalFactors(eqx.Module):
         off = jnp.where(
             jnp.asarray(idx >= 0)[:, None], self.offsets[np.maximum(idx, 0)], 0.0
         )
-        return to_physical(self.global_raw + off, self.prior)
+        return to_physical(self.global_raw[None, :] + off, self.prior)
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""

@@ -79,6 +79,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from .._model._batch import BatchStats, from_requests
@@ -115,7 +116,7 @@ class Workload(eqx.Module):
         return int(self.arrival_us.shape[0])
 
 
-def _vector(name: str, x: ArrayLike, n: int | None) -> np.ndarray:
+def _vector(name: str, x: npt.ArrayLike, n: int | None) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
@@ -135,11 +136,11 @@ def _at_least(name: str, a: np.ndarray, low: float, unit: str) -> None:
 
 
 def make_workload(
-    arrival_us: ArrayLike,
-    prompt_tokens: ArrayLike,
-    output_tokens: ArrayLike,
+    arrival_us: npt.ArrayLike,
+    prompt_tokens: npt.ArrayLike,
+    output_tokens: npt.ArrayLike,
     *,
-    cached_tokens: ArrayLike | None = None,
+    cached_tokens: npt.ArrayLike | None = None,
     pad_to: int | None = None,
 ) -> Workload:
     """Validate, sort by arrival and pad a workload.
@@ -236,12 +237,12 @@ class StepTrace(eqx.Module):
         active: whether the step ran (``False`` after the last request finished).
     """
 
-    start_us: Float[Array, " steps"]
-    duration_us: Float[Array, " steps"]
+    start_us: Float[Array, "*steps"]
+    duration_us: Float[Array, "*steps"]
     stats: BatchStats
-    running: Float[Array, " steps"]
-    waiting: Float[Array, " steps"]
-    active: Bool[Array, " steps"]
+    running: Float[Array, "*steps"]
+    waiting: Float[Array, "*steps"]
+    active: Bool[Array, "*steps"]
 
 
 class SimResult(eqx.Module):
@@ -600,19 +601,21 @@ class MarginalCost(eqx.Module):
 
 
 def marginal_cost(
-    new_tokens: Float[ArrayLike, " requests"],
-    context_tokens: Float[ArrayLike, " requests"],
-    mask: Bool[ArrayLike, " requests"] | None,
+    new_tokens: npt.ArrayLike,
+    context_tokens: npt.ArrayLike,
+    mask: npt.ArrayLike | None,
     dep: Deployment,
     factors: Factors,
     *,
-    is_decode: Bool[ArrayLike, " requests"] | None = None,
+    is_decode: npt.ArrayLike | None = None,
 ) -> MarginalCost:
     """Marginal cost of each request in a batch, by ``jax.grad`` of the step time.
 
     Args:
-        new_tokens: tokens each request processes this step (1 for a decode), tokens.
-        context_tokens: tokens already in each request's KV cache, tokens.
+        new_tokens: tokens each request processes this step (1 for a decode), tokens;
+            1-D, shape ``(requests,)`` (any array-like: lists too).
+        context_tokens: tokens already in each request's KV cache, tokens; shape
+            ``(requests,)``.
         mask: real requests (``None``: all); padding gets zero gradient.
         dep, factors: the deployment and roofline factors.
         is_decode: which requests decode (default as :func:`diffmodel.from_requests`);
@@ -663,8 +666,10 @@ class TuneResult(eqx.Module):
     objective_us: Float[Array, ""]
     start_objective_us: Float[Array, ""]
     evaluations: int = eqx.field(static=True)
-    log_knobs: Float[Array, "iterations+1 2"]
+    # gradients first: the runtime shape check binds `iterations` before it reads
+    # the symbolic `iterations+1`.
     gradients: Float[Array, "iterations 2"]
+    log_knobs: Float[Array, "iterations+1 2"]
 
 
 def tune_knobs(
