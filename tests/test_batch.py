@@ -7,7 +7,7 @@ import pytest
 
 import diffmodel as dm
 
-from helpers import assert_grad_matches_fd
+from helpers import assert_grad_matches_fd, cast_floats, tols
 
 
 def test_from_requests_hand_computed():
@@ -83,6 +83,28 @@ def test_step_time_gradient_in_request_contexts_matches_finite_differences():
         return dm.step_time(stats, dep, dm.Factors()).total
 
     assert_grad_matches_fd(total, [500.0, 2000.0, 30.0], rtol=1e-5, eps=1e-4)
+
+
+def test_float32_gradient_agrees_with_float64():
+    # The same gradient computed in float32 (inputs, deployment and factors) is the
+    # float64 one to float32's tolerance, and stays float32.
+    dep, fac = dm.deployment("llama-2-7b"), dm.Factors()
+    new = jnp.array([1.0, 1.0, 200.0])
+    dec = jnp.array([True, True, False])
+
+    def grad_in(dtype):
+        d, f, n = cast_floats((dep, fac, new), dtype)
+
+        def total(ctx):
+            stats = dm.from_requests(n, ctx, is_decode=dec)
+            return dm.step_time(stats, d, f).total
+
+        return jax.jit(jax.grad(total))(jnp.array([500.0, 2000.0, 30.0], dtype))
+
+    g32, g64 = grad_in(jnp.float32), grad_in(jnp.float64)
+    assert g32.dtype == jnp.float32
+    rtol, atol = tols(jnp.float32)
+    np.testing.assert_allclose(g32, g64, rtol=rtol, atol=atol)
 
 
 def test_kv_proxy():
