@@ -1,4 +1,8 @@
-"""Test configuration: float64 for numerics, runtime shape checks, shared data path."""
+"""Test configuration: float64 for numerics, strict rank promotion, shared data path.
+
+Runtime shape checks (jaxtyping + beartype on the whole ``diffmodel`` package) are
+switched on by ``--jaxtyping-packages`` in pyproject.toml's pytest options.
+"""
 
 import os
 import pathlib
@@ -6,6 +10,9 @@ import pathlib
 import jax
 
 jax.config.update("jax_enable_x64", True)
+# Implicit broadcasting between arrays of different ranks is an error: a (n,) + (n, 1)
+# that silently makes an (n, n) matrix is a classic bug.
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 import pytest  # noqa: E402
 
@@ -15,11 +22,19 @@ DATA_DIR = pathlib.Path(
         pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data",
     )
 )
+# CI sets this so that a missing data folder fails the run instead of skipping tests.
+REQUIRE_DATA = os.environ.get("DIFFMODEL_REQUIRE_DATA", "") not in ("", "0")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     """The shared reference data folder (``$DIFFMODEL_DATA`` overrides)."""
     if not DATA_DIR.is_dir():
-        pytest.skip(f"shared data not found at {DATA_DIR}")
+        message = (
+            f"shared data not found at {DATA_DIR} (clone it beside the project as "
+            "../shared/data or set DIFFMODEL_DATA)"
+        )
+        if REQUIRE_DATA:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
     return DATA_DIR

@@ -182,6 +182,7 @@ def _fitted(frame: pd.DataFrame) -> XGBoostBaseline:
     )
 
 
+@pytest.mark.slow
 def test_xgboost_fits_per_experiment():
     frame = _steps(200)
     model = _fitted(frame)

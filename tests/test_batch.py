@@ -7,6 +7,8 @@ import pytest
 
 import diffmodel as dm
 
+from helpers import assert_grad_matches_fd, cast_floats, tols
+
 
 def test_from_requests_hand_computed():
     # Two decodes (contexts 100, 50), one prefill chunk of 30 after 10 cached,
@@ -54,6 +56,7 @@ def test_explicit_is_decode_and_batched_axes():
     assert s.num_prefill.shape == (3,) and float(s.num_decode[0]) == 0
 
 
+@pytest.mark.slow
 def test_marginal_cost_gradient_per_request():
     dep = dm.deployment("llama-2-7b")
 
@@ -65,6 +68,43 @@ def test_marginal_cost_gradient_per_request():
     )
     assert np.all(np.isfinite(g_new)) and np.all(np.isfinite(g_ctx))
     assert np.all(np.asarray(g_ctx[:2]) > 0)  # longer contexts cost more
+
+
+def test_step_time_gradient_in_request_contexts_matches_finite_differences():
+    # Fast central-difference check of d total / d context per request (the decode
+    # flags are fixed so that the perturbation does not change the batch's kind).
+    dep = dm.deployment("llama-2-7b")
+    new = jnp.array([1.0, 1.0, 200.0])
+    dec = jnp.array([True, True, False])
+
+    @jax.jit
+    def total(ctx):
+        stats = dm.from_requests(new, ctx, is_decode=dec)
+        return dm.step_time(stats, dep, dm.Factors()).total
+
+    assert_grad_matches_fd(total, [500.0, 2000.0, 30.0], rtol=1e-5, eps=1e-4)
+
+
+def test_float32_gradient_agrees_with_float64():
+    # The same gradient computed in float32 (inputs, deployment and factors) is the
+    # float64 one to float32's tolerance, and stays float32.
+    dep, fac = dm.deployment("llama-2-7b"), dm.Factors()
+    new = jnp.array([1.0, 1.0, 200.0])
+    dec = jnp.array([True, True, False])
+
+    def grad_in(dtype):
+        d, f, n = cast_floats((dep, fac, new), dtype)
+
+        def total(ctx):
+            stats = dm.from_requests(n, ctx, is_decode=dec)
+            return dm.step_time(stats, d, f).total
+
+        return jax.jit(jax.grad(total))(jnp.array([500.0, 2000.0, 30.0], dtype))
+
+    g32, g64 = grad_in(jnp.float32), grad_in(jnp.float64)
+    assert g32.dtype == jnp.float32
+    rtol, atol = tols(jnp.float32)
+    np.testing.assert_allclose(g32, g64, rtol=rtol, atol=atol)
 
 
 def test_kv_proxy():

@@ -23,6 +23,8 @@ from diffmodel._bulk._bulk import (
 )
 from diffmodel._model._roofline import COMPONENTS, step_time_batch
 
+from helpers import unchecked
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = {np.float32: 2e-5, np.float64: 1e-11}
 
@@ -65,7 +67,9 @@ def _direct(stats, deps, group, factors=None):
     }
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(np.float32, marks=pytest.mark.slow), np.float64]
+)
 def test_chunked_equals_unchunked_equals_step_time(deps, dtype):
     n = 1000  # not a multiple of the chunk: the last chunk is padded
     stats = _stats(n)
@@ -121,6 +125,7 @@ def test_unaligned_and_strided_inputs(deps):
         np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=view.__name__)
 
 
+@pytest.mark.slow
 def test_step_time_fast_value_and_grad(deps):
     stats = jax.tree.map(jnp.asarray, _stats(200, seed=6))
     group = jnp.asarray(np.random.default_rng(7).integers(0, 3, 200))
@@ -274,6 +279,7 @@ json.dump({"steps": float(np.max(np.abs(sharded / single - 1))),
 """
 
 
+@pytest.mark.slow
 def test_sharded_over_two_host_devices_equals_single():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
@@ -352,6 +358,7 @@ def test_staging_buffer_not_refilled_while_its_chunk_may_be_in_flight():
             assert not np.shares_memory(a, staged[j]), (i, j)
 
 
+@pytest.mark.slow
 def test_many_staged_chunks_in_flight_agree(deps):
     # Many short chunks that are all staged (float64 input, float32 evaluation),
     # so staging-buffer reuse across in-flight chunks would show as wrong totals.
@@ -446,5 +453,5 @@ def test_out_buffer_is_filled_and_returned(deps):
 def test_bad_out_buffer_is_named(deps, out, kwargs, match):
     stats = _stats(300)
     group = np.zeros(300, np.int32)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match), unchecked():
         predict_steps(stats, deps, group, dtype=np.float32, out=out, **kwargs)

@@ -106,6 +106,7 @@ def check_recovered(fitted: dm.Factors, truth: dm.Factors, *, single=None):
     assert _rel(fixed(fitted), fixed(truth)) < (0.03 if single is None else 0.2)
 
 
+@pytest.mark.slow
 def test_global_recovery():
     data = simulate(np.arange(3000) % 4)
     y = noisy(data, TRUTH, 0.02)
@@ -122,7 +123,7 @@ def _per_group_truth():
     offsets[1, 1] = -0.8  # group 1: lower HBM efficiency
     offsets[2, 6] = 0.7  # group 2: more step overhead
     offsets[3, 3] = 0.6  # group 3: better KV reads
-    return raw + offsets
+    return raw[None, :] + offsets
 
 
 def _prior():
@@ -146,6 +147,7 @@ def check_groups(fitted, truth):
         )
 
 
+@pytest.mark.slow
 def test_per_model_recovery():
     raw = _per_group_truth()
     truth = to_physical(jnp.asarray(raw), _prior())
@@ -157,6 +159,7 @@ def test_per_model_recovery():
     check_groups(res.factor_set.physical(), truth)
 
 
+@pytest.mark.slow
 def test_hierarchical_recovery_and_unseen_group():
     raw = _per_group_truth()
     truth = to_physical(jnp.asarray(raw), _prior())
@@ -173,6 +176,7 @@ def test_hierarchical_recovery_and_unseen_group():
         )
 
 
+@pytest.mark.slow
 def test_hierarchical_shrinkage_small_group_stays_global_large_moves():
     # Groups 0 and 2 share the global truth; groups 1 (20,000 rows) and 3 (20 rows)
     # read HBM less efficiently (raw offset -1: 0.8 -> 0.6). With a tight prior (sd
@@ -199,6 +203,7 @@ def test_hierarchical_shrinkage_small_group_stays_global_large_moves():
     assert _rel(step[1], own[1]) < 0.05
 
 
+@pytest.mark.slow
 def test_fit_traces_once():
     data = simulate(np.arange(200) % 4)
     y = noisy(data, TRUTH, 0.05)
@@ -222,7 +227,14 @@ def test_fit_traces_once():
     assert len(calls) <= 3  # loss, plus the line search's value function
 
 
-@pytest.mark.parametrize("kind", ["global", "per-model", "hierarchical"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("global", marks=pytest.mark.slow),
+        pytest.param("per-model", marks=pytest.mark.slow),
+        "hierarchical",
+    ],
+)
 def test_objective_gradient_matches_finite_differences(kind):
     data = simulate(np.arange(64) % 4)
     y = jnp.asarray(noisy(data, TRUTH, 0.1))
@@ -301,6 +313,7 @@ def _frame(n=40):
     return f
 
 
+@pytest.mark.slow
 def test_pandas_fit_predict_round_trip(tmp_path):
     f = _frame()
     res = dm.fit(f, target="t_us", factors="per-model", max_steps=300, solver="adam")
@@ -332,6 +345,7 @@ def test_save_load_exact_round_trip(kind, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_validation_early_stopping():
     f = _frame()
     res = dm.fit(f, target="t_us", valid=f.iloc[:10], max_steps=300, solver="adam")
@@ -364,6 +378,7 @@ def test_group_without_rows_is_an_error():
         fit_arrays(fs, data, np.ones(10))
 
 
+@pytest.mark.slow
 def test_study9_loss_at_most_the_studys_scipy_fitter(data_dir):
     from scipy.optimize import least_squares
 

@@ -290,6 +290,7 @@ def test_curves_monotone_and_below_one():
     assert jnp.all(jnp.diff(t) >= 0)
 
 
+@pytest.mark.slow
 def test_gradient_matches_finite_differences():
     work = family_work_small()
     actual = jnp.asarray([3.0, 10.0, 50.0, 400.0])
@@ -396,6 +397,7 @@ def test_held_out_split_keeps_shapes_whole():
         held_out_split(rows, ["q"])
 
 
+@pytest.mark.slow
 def test_small_calibration_improves_gemm(tables):
     rows = family_rows(tables, "gemm_bf16")
     rows = rows[rows["n"].isin([1024, 4096]) & rows["k"].isin([1024, 4096, 8192])]

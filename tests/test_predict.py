@@ -6,6 +6,8 @@ import pytest
 
 import diffmodel as dm
 
+from helpers import unchecked
+
 
 def frame(**extra):
     base = {
@@ -107,5 +109,5 @@ def test_bad_input_errors(mutate, kwargs, match):
 
 
 def test_not_a_frame():
-    with pytest.raises(ValueError, match="DataFrame"):
+    with pytest.raises(ValueError, match="DataFrame"), unchecked():
         dm.predict({"prefill_tokens": [1]}, model="llama-2-7b", tp=1)

@@ -86,6 +86,7 @@ def test_study_xgboost_matches_the_temporal_test_split(steps, data_dir):
             )
 
 
+@pytest.mark.slow
 def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert data_root(data_dir / "stepml") == data_dir
     results = reproduce(
@@ -203,6 +204,7 @@ def test_missing_data_raises(tmp_path):
         reproduce(data=tmp_path, out=tmp_path / "out", progress=None)
 
 
+@pytest.mark.slow
 def test_kernel_rows_use_the_kernel_calibrated_factors(data_dir, tmp_path):
     # A cached calibration (what experiments/kernels.py writes) skips the ~1 minute
     # kernel fit; the unfitted kernel row must then equal predict() with them.

@@ -12,6 +12,8 @@ import diffmodel as dm
 from diffmodel._model._physics import expected_experts, smooth_max
 from diffmodel._model._roofline import linear_work, step_time_batch
 
+from helpers import cast_floats, tols, tree_allclose
+
 H100 = dict(flops_16=989.5e12, hbm_bw=3.35e12)
 UNIT = dm.Factors(gemm_flops=1.0, mem_bw=1.0, attn_flops=1.0, attn_bw=1.0, comm_bw=1.0)
 
@@ -98,6 +100,7 @@ def test_smooth_max_properties():
     assert np.isnan(float(smooth_max(1.0, jnp.nan)))
 
 
+@pytest.mark.slow
 def test_smooth_max_equals_the_power_mean_and_its_gradient():
     # Against (a^4 + b^4)^(1/4) in float64, on both sides of the tie and at it.
     rng = np.random.default_rng(0)
@@ -143,6 +146,7 @@ STAT_FIELDS = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(
     base=STAT_FIELDS,
@@ -226,6 +230,7 @@ def _batch(n, seed=0):
     return agg(p=p, d=nd, np_=np_, nd=nd, kv=nd * rng.uniform(50, 3000, n), kpf=p / 3)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_vmap_equals_loop():
     dep = dm.deployment("codellama-34b", "h100", 2)
     stats = _batch(16)
@@ -242,6 +247,20 @@ def test_jit_equals_eager_and_vmap_equals_loop():
     np.testing.assert_allclose(np.array(loop), eager.total, rtol=1e-12)
 
 
+def test_float32_step_time_agrees_with_float64():
+    # Every input in float32 (batch, deployment, factors): the result stays float32
+    # and equals the float64 one to float32's tolerance.
+    inputs = (_batch(4), dm.deployment("codellama-34b", "h100", 2), dm.Factors())
+    step_time = jax.jit(dm.step_time)
+    got = step_time(*cast_floats(inputs, jnp.float32))
+    want = step_time(*cast_floats(inputs, jnp.float64))
+    for name in dm.Breakdown.__dataclass_fields__:
+        assert getattr(got, name).dtype == jnp.float32, name
+    rtol, atol = tols(jnp.float32)
+    assert tree_allclose(got, cast_floats(want, jnp.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.slow
 def test_mixed_batch_of_two_models_equals_each_alone():
     deps = [
         dm.deployment("llama-2-70b", "h100", 4),

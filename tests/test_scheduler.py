@@ -53,6 +53,7 @@ def run(workload, dep):
     return go
 
 
+@pytest.mark.slow
 def test_exact_serves_everything(workload, run):
     # A tight budget and seat limit force chunking and queueing.
     res = run(Knobs(64, 3))
@@ -78,6 +79,7 @@ def test_exact_serves_everything(workload, run):
     assert np.all(np.asarray(res.ttft_us)[~m] == 0)
 
 
+@pytest.mark.slow
 def test_relaxed_tends_to_exact(run):
     knobs = Knobs(128, 4)
     exact = run(knobs)
@@ -91,6 +93,7 @@ def test_relaxed_tends_to_exact(run):
     )
 
 
+@pytest.mark.slow
 def test_relaxed_gradients(run):
     knobs0 = jnp.log(jnp.array([96.0, 3.0]))
     tau = jnp.asarray(0.5)
@@ -156,6 +159,7 @@ def test_bad_tune_arguments(workload, dep, field, kwargs):
         )
 
 
+@pytest.mark.slow
 def test_marginal_cost_matches_finite_differences(dep):
     fa = default_factors()
     new = np.array([1.0, 1.0, 300.0, 57.0, 0.0])

@@ -40,8 +40,9 @@ def to_physical(raw: Float[Array, "*g n"], prior) -> Factors:
     Efficiency ``i``: ``sigmoid(raw_i + logit(prior_i))``; overhead ``i``:
     ``prior_i softplus(raw_i) / log 2``. So ``raw = 0`` gives ``prior``.
     """
-    kinds = jnp.asarray(_IS_EFFICIENCY)
-    prior = jnp.asarray(prior, raw.dtype)
+    # Broadcast explicitly to raw's shape (no implicit rank promotion over groups).
+    kinds = jnp.broadcast_to(jnp.asarray(_IS_EFFICIENCY), raw.shape)
+    prior = jnp.broadcast_to(jnp.asarray(prior, raw.dtype), raw.shape)
     # Logit of the prior on efficiencies only (log1p(-1000) would poison gradients).
     eff_prior = jnp.where(kinds, prior, 0.5)
     eff = jax.nn.sigmoid(raw + jnp.log(eff_prior) - jnp.log1p(-eff_prior))
@@ -293,7 +294,7 @@ class HierarchicalFactors(AbstractFactorSet):
 
     def physical(self) -> Factors:
         """Physical :class:`Factors`, leading axis = groups."""
-        return to_physical(self.global_raw + self.offsets, self.prior)
+        return to_physical(self.global_raw[None, :] + self.offsets, self.prior)
 
     def global_physical(self) -> Factors:
         """The global (pooled) physical :class:`Factors`."""

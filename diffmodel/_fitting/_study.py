@@ -65,20 +65,27 @@ def study_components(data: StepData) -> Float[Array, "steps 4"]:
 
 def study_to_values(raw: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     """Map unconstrained parameters to the study's bounded values."""
-    lo, hi = jnp.asarray(STUDY_BOUNDS[:, 0]), jnp.asarray(STUDY_BOUNDS[:, 1])
+    # Bounds broadcast explicitly to raw's shape (no implicit rank promotion).
+    lo = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 0]), raw.shape)
+    hi = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 1]), raw.shape)
+    is_log = jnp.broadcast_to(jnp.asarray(_LOG), raw.shape)
     s = jax.nn.sigmoid(raw)
-    log_lo = jnp.log(jnp.where(_LOG, lo, 1.0))
-    log_hi = jnp.log(jnp.where(_LOG, hi, 1.0))
-    return jnp.where(_LOG, jnp.exp(log_lo + (log_hi - log_lo) * s), lo + (hi - lo) * s)
+    log_lo = jnp.log(jnp.where(is_log, lo, 1.0))
+    log_hi = jnp.log(jnp.where(is_log, hi, 1.0))
+    return jnp.where(
+        is_log, jnp.exp(log_lo + (log_hi - log_lo) * s), lo + (hi - lo) * s
+    )
 
 
 def study_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     """Inverse of :func:`study_to_values` (values strictly inside the bounds)."""
     v = jnp.asarray(values)
-    lo, hi = jnp.asarray(STUDY_BOUNDS[:, 0]), jnp.asarray(STUDY_BOUNDS[:, 1])
-    safe_lo = jnp.where(_LOG, lo, 1.0)
+    lo = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 0]), v.shape)
+    hi = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 1]), v.shape)
+    is_log = jnp.broadcast_to(jnp.asarray(_LOG), v.shape)
+    safe_lo = jnp.where(is_log, lo, 1.0)
     frac = jnp.where(
-        _LOG,
+        is_log,
         jnp.log(v / safe_lo) / jnp.log(hi / safe_lo),
         (v - lo) / (hi - lo),
     )
@@ -89,6 +96,8 @@ def study_predict(
     values: Float[ArrayLike, "*b 9"], comps: Float[ArrayLike, "steps 4"]
 ) -> Float[Array, " steps"]:
     """``sum_i factor_i component_i / mfu_i + overhead``, us."""
+    values = jnp.asarray(values)
+    values = jnp.broadcast_to(values, (*jnp.shape(comps)[:-1], values.shape[-1]))
     return (values[..., 0:4] * comps / values[..., 5:9]).sum(-1) + values[..., 4]
 
 

@@ -259,16 +259,16 @@ class KernelWork(eqx.Module):
             its kernel, serially (an unfused quantization of its activation), bytes.
     """
 
-    flops: Float[Array, " n"]
-    bytes: Float[Array, " n"]
-    peak_flops: Float[Array, " n"]
-    bandwidth: Float[Array, " n"]
-    units: Float[Array, " n"]
-    blocks: Float[Array, " n"] | None = None
-    tuned: Float[Array, " n"] | None = None
-    pre_bytes: Float[Array, " n"] | None = None
+    flops: Float[Array, "*kernels"]
+    bytes: Float[Array, "*kernels"]
+    peak_flops: Float[Array, "*kernels"]
+    bandwidth: Float[Array, "*kernels"]
+    units: Float[Array, "*kernels"]
+    blocks: Float[Array, "*kernels"] | None = None
+    tuned: Float[Array, "*kernels"] | None = None
+    pre_bytes: Float[Array, "*kernels"] | None = None
 
-    def time_us(self, eff: Efficiency) -> Float[Array, " n"]:
+    def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
         :class:`RooflineCurves` (efficiencies of the work plus the kernel floor).
 

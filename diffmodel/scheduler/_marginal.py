@@ -5,7 +5,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float
+import numpy.typing as npt
+from jaxtyping import Array, Float
 
 from .._model._batch import from_requests
 from .._model._deployment import Deployment
@@ -41,19 +42,21 @@ class MarginalCost(eqx.Module):
 
 
 def marginal_cost(
-    new_tokens: Float[ArrayLike, " requests"],
-    context_tokens: Float[ArrayLike, " requests"],
-    mask: Bool[ArrayLike, " requests"] | None,
+    new_tokens: npt.ArrayLike,
+    context_tokens: npt.ArrayLike,
+    mask: npt.ArrayLike | None,
     dep: Deployment,
     factors: Factors,
     *,
-    is_decode: Bool[ArrayLike, " requests"] | None = None,
+    is_decode: npt.ArrayLike | None = None,
 ) -> MarginalCost:
     """Marginal cost of each request in a batch, by ``jax.grad`` of the step time.
 
     Args:
-        new_tokens: tokens each request processes this step (1 for a decode), tokens.
-        context_tokens: tokens already in each request's KV cache, tokens.
+        new_tokens: tokens each request processes this step (1 for a decode), tokens;
+            1-D, shape ``(requests,)`` (any array-like: lists too).
+        context_tokens: tokens already in each request's KV cache, tokens; shape
+            ``(requests,)``.
         mask: real requests (``None``: all); padding gets zero gradient.
         dep, factors: the deployment and roofline factors.
         is_decode: which requests decode (default as :func:`diffmodel.from_requests`);

@@ -34,8 +34,10 @@ class TuneResult(eqx.Module):
     objective_us: Float[Array, ""]
     start_objective_us: Float[Array, ""]
     evaluations: int = eqx.field(static=True)
-    log_knobs: Float[Array, "iterations+1 2"]
+    # gradients first: the runtime shape check binds `iterations` before it reads
+    # the symbolic `iterations+1`.
     gradients: Float[Array, "iterations 2"]
+    log_knobs: Float[Array, "iterations+1 2"]
 
 
 def tune_knobs(

@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from .._model._batch import BatchStats
@@ -38,7 +39,7 @@ class Workload(eqx.Module):
         return int(self.arrival_us.shape[0])
 
 
-def _vector(name: str, x: ArrayLike, n: int | None) -> np.ndarray:
+def _vector(name: str, x: npt.ArrayLike, n: int | None) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array, got shape {a.shape}")
@@ -58,11 +59,11 @@ def _at_least(name: str, a: np.ndarray, low: float, unit: str) -> None:
 
 
 def make_workload(
-    arrival_us: ArrayLike,
-    prompt_tokens: ArrayLike,
-    output_tokens: ArrayLike,
+    arrival_us: npt.ArrayLike,
+    prompt_tokens: npt.ArrayLike,
+    output_tokens: npt.ArrayLike,
     *,
-    cached_tokens: ArrayLike | None = None,
+    cached_tokens: npt.ArrayLike | None = None,
     pad_to: int | None = None,
 ) -> Workload:
     """Validate, sort by arrival and pad a workload.
@@ -159,12 +160,12 @@ class StepTrace(eqx.Module):
         active: whether the step ran (``False`` after the last request finished).
     """
 
-    start_us: Float[Array, " steps"]
-    duration_us: Float[Array, " steps"]
+    start_us: Float[Array, "*steps"]
+    duration_us: Float[Array, "*steps"]
     stats: BatchStats
-    running: Float[Array, " steps"]
-    waiting: Float[Array, " steps"]
-    active: Bool[Array, " steps"]
+    running: Float[Array, "*steps"]
+    waiting: Float[Array, "*steps"]
+    active: Bool[Array, "*steps"]
 
 
 class SimResult(eqx.Module):
