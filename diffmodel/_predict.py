@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._fitting._base import AbstractFactorSet
+from ._fitting._base import AbstractFactorSet, StepData
 from ._fitting._fit import FitResult
-from ._fitting._io import load_factors
+from ._fitting._intervals import set_interval
+from ._fitting._io import load_factors, load_uncertainty
 from ._frame import groups_from_frame, stats_from_frame
 from ._model._factors import Factors, default_factors
 from ._model._roofline import COMPONENTS, step_time_batch
@@ -53,6 +54,7 @@ def predict(
     hardware: str | None = None,
     tp: int | None = None,
     factors=None,
+    interval: float | None = None,
 ) -> pd.DataFrame:
     """Predict the step time of every row of ``frame``, microseconds per GPU.
 
@@ -70,11 +72,23 @@ def predict(
             only when neither gives one.
         factors: ``None`` (physical priors), :class:`Factors`, a fitted factor set or
             fit result, or a path to a saved factors JSON file.
+        interval: with a probability in (0, 1), e.g. 0.9, add ``predicted_lo_us`` and
+            ``predicted_hi_us``: the central interval from the fit's posterior
+            (Laplace approximation) and its residual noise, which differs between
+            prefill-carrying and decode-only steps (log scale; see
+            :mod:`diffmodel._fitting._intervals`). Needs ``factors`` from a fit: a
+            :class:`FitResult` or a file saved from one.
 
     Returns:
         A copy of ``frame`` with ``predicted_us`` and one ``<component>_us`` column per
-        component (see :class:`diffmodel.Breakdown`).
+        component (see :class:`diffmodel.Breakdown`), and the interval columns when
+        asked for.
     """
+    if interval is not None and not (
+        isinstance(interval, float | int) and 0.0 < interval < 1.0
+    ):
+        raise ValueError(f"interval must be a probability in (0, 1), got {interval!r}")
+    posterior = _posterior(factors) if interval is not None else None
     stats = stats_from_frame(frame)
     groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)
     fac = resolve_factors(factors, groups.labels)
@@ -83,4 +97,30 @@ def predict(
     out["predicted_us"] = np.asarray(total)
     for c in COMPONENTS:
         out[f"{c}_us"] = np.asarray(parts[c])
+    if posterior is not None:
+        fs, cov, noise = posterior
+        data = StepData(
+            stats=stats, deployments=groups.deployments, group=jnp.asarray(groups.index)
+        )
+        _, lo, hi = set_interval(fs, cov, noise, data, groups.labels, level=interval)
+        out["predicted_lo_us"] = lo
+        out["predicted_hi_us"] = hi
     return out
+
+
+def _posterior(factors):
+    """``(factor set, raw covariance, regime noise)`` of a fit, for intervals."""
+    if isinstance(factors, str | os.PathLike):
+        return (load_factors(factors), *load_uncertainty(factors))
+    if isinstance(factors, FitResult):
+        lap = factors.laplace
+        if lap is None or lap.regime_noise_sd is None:
+            raise ValueError(
+                "interval needs the fit's posterior: this FitResult was fitted with "
+                "uncertainty=False"
+            )
+        return factors.factor_set, lap.cov_raw, lap.regime_noise_sd
+    raise ValueError(
+        "interval needs factors from a fit (a FitResult or a factors file saved from "
+        f"one), got {type(factors).__name__}"
+    )

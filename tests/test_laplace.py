@@ -8,6 +8,8 @@ import pytest
 
 from diffmodel._fitting._laplace import flat, laplace
 
+from helpers import unchecked
+
 
 def _ols_problem(x: np.ndarray, y: np.ndarray):
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -105,7 +107,7 @@ def test_a_weak_prior_turns_infinite_into_large_and_named():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(ValueError, match="one entry per raw name"):
+    with unchecked(), pytest.raises(ValueError, match="one entry per raw name"):
         laplace(
             lambda r: jnp.sum(r**2),
             jnp.zeros(3),
@@ -192,7 +194,7 @@ def test_interval_errors():
 
     with pytest.raises(ValueError, match="level"):
         interval(lambda r: r, jnp.zeros(1), jnp.zeros((1, 1)), jnp.zeros(1), level=1.5)
-    with pytest.raises(ValueError, match="1-D of one length"):
+    with unchecked(), pytest.raises(ValueError, match="1-D of one length"):
         regime_noise_sd(np.zeros(3), np.zeros(2, bool))
     with pytest.raises(ValueError, match="finite"):
         regime_noise_sd(np.array([np.nan]), np.array([True]))
@@ -234,3 +236,42 @@ def test_one_deployment_cannot_split_step_from_layer_overhead():
     text = " ".join(str(w.message) for w in record)
     assert "step_overhead_us" in text and "layer_overhead_us" in text
     assert "step_overhead_us" in res.identifiability()
+
+
+def test_predict_interval_from_a_fit_and_from_its_file(tmp_path):
+    import diffmodel as dm
+
+    frame = _synthetic(n=80, noise=0.05)
+    res = dm.fit(frame, target="step_time_us", factors="global")
+    out = dm.predict(frame, factors=res, interval=0.9)
+    lo, mid, hi = (
+        out[c].to_numpy()
+        for c in ("predicted_lo_us", "predicted_us", "predicted_hi_us")
+    )
+    assert np.all(lo < mid) and np.all(mid < hi)
+    y = frame["step_time_us"].to_numpy()
+    cover = np.mean((y >= lo) & (y <= hi))
+    assert 0.8 < cover < 0.98  # in-sample, 320 rows, nominal 0.9
+    path = dm.save_factors(res, tmp_path / "f.json")
+    again = dm.predict(frame, factors=path, interval=0.9)
+    np.testing.assert_allclose(
+        again["predicted_hi_us"], out["predicted_hi_us"], rtol=1e-9
+    )
+    narrow = dm.predict(frame, factors=res, interval=0.5)
+    assert np.all(narrow["predicted_hi_us"] < out["predicted_hi_us"])
+
+
+def test_predict_interval_errors(tmp_path):
+    import diffmodel as dm
+
+    frame = _synthetic(n=40)
+    with pytest.raises(ValueError, match="interval must be a probability"):
+        dm.predict(frame, interval=1.2)
+    with pytest.raises(ValueError, match="needs factors from a fit"):
+        dm.predict(frame, interval=0.9)
+    res = dm.fit(frame, target="step_time_us", factors="global", uncertainty=False)
+    with pytest.raises(ValueError, match="uncertainty=False"):
+        dm.predict(frame, factors=res, interval=0.9)
+    path = dm.save_factors(res, tmp_path / "f.json")
+    with pytest.raises(ValueError, match="'uncertainty' is missing"):
+        dm.predict(frame, factors=path, interval=0.9)

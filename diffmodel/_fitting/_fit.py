@@ -202,7 +202,9 @@ def fit_arrays(
     if uncertainty and np.isfinite(float(res.loss_history[res.n_steps - 1])):
         lap = factor_set_laplace(res.params, data, y, w)
         for line in (*lap.unpinned, *(f"{b} is at a bound" for b in lap.at_bound)):
-            warnings.warn(f"fit: {line}", IdentifiabilityWarning, stacklevel=2)
+            warnings.warn(
+                f"identifiability: {line}", IdentifiabilityWarning, stacklevel=2
+            )
     return FitResult(
         laplace=lap,
         factor_set=res.params,

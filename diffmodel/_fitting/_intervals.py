@@ -19,7 +19,7 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 REGIMES: tuple[str, str] = ("prefill", "decode_only")
 """Residual-noise regimes: steps that carry prefill tokens, and decode-only steps."""
@@ -52,8 +52,8 @@ def regime_noise_sd(
 def interval(
     log_predict: Callable[[Array], Float[Array, " steps"]],
     raw: Float[Array, " p"],
-    cov_raw: Float[Array, "p p"],
-    noise_sd: Float[Array, " steps"],
+    cov_raw: Float[ArrayLike, "p p"],
+    noise_sd: Float[ArrayLike, " steps"],
     *,
     level: float = 0.9,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,3 +91,33 @@ def _value_and_jacobian(f, raw):
 
     values, cols = jax.vmap(column)(basis)
     return values[0], cols.T
+
+
+def set_interval(
+    factor_set,
+    cov_raw: Float[ArrayLike, "p p"],
+    regime_noise: tuple[float, float],
+    data,
+    labels,
+    *,
+    level: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`interval` of a fitted factor set's predictions on ``data`` (whose group
+    index refers to ``labels``): the Jacobian runs through the set's own parameters
+    (those the covariance describes), re-indexed to ``labels`` inside the map."""
+    from ._laplace import flat
+
+    vec, unflat = flat(factor_set)
+    if np.shape(cov_raw) != (vec.shape[0], vec.shape[0]):
+        raise ValueError(
+            f"the covariance has shape {np.shape(cov_raw)}, expected "
+            f"{(vec.shape[0], vec.shape[0])} for this factor set's parameters"
+        )
+
+    def log_predict(v):
+        fs, _ = unflat(v).reindex(labels)
+        return jnp.log(fs.predict(data))
+
+    prefill = np.asarray(data.stats.prefill_tokens) > 0
+    noise = np.where(prefill, regime_noise[0], regime_noise[1])
+    return interval(log_predict, vec, cov_raw, noise, level=level)

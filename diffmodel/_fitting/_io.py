@@ -12,7 +12,9 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-from .._fitting._base import AbstractFactorSet
+import numpy as np
+
+from .._fitting._base import AbstractFactorSet, json_array, json_float
 from .._fitting._factorsets import FACTOR_SET_CLASSES
 from .._fitting._fit import FitResult
 from .._fitting._kinds import FACTOR_KINDS
@@ -30,7 +32,44 @@ def factors_to_dict(obj: AbstractFactorSet | FitResult) -> dict:
     out: dict[str, Any] = {"format": FORMAT, **fs.to_dict()}
     if isinstance(obj, FitResult) and obj.target:
         out["target"] = obj.target
+    lap = obj.laplace if isinstance(obj, FitResult) else None
+    if lap is not None and lap.regime_noise_sd is not None:
+        out["uncertainty"] = {
+            "cov_raw": np.asarray(lap.cov_raw, np.float64).tolist(),
+            "noise_sd_prefill": lap.regime_noise_sd[0],
+            "noise_sd_decode_only": lap.regime_noise_sd[1],
+            "unpinned": list(lap.unpinned),
+            "at_bound": list(lap.at_bound),
+        }
     return out
+
+
+def uncertainty_from_dict(d: Mapping[str, Any], n_params: int):
+    """``(cov_raw, (noise_prefill, noise_decode_only))`` of a factors file's
+    ``uncertainty`` block (written for fit results), for predictive intervals."""
+    block = d.get("uncertainty")
+    if not isinstance(block, Mapping):
+        raise ValueError(
+            "field 'uncertainty' is missing: the file holds a factor set without a "
+            "fit's posterior (save the FitResult of a fit run with uncertainty=True)"
+        )
+    cov = json_array(block, "cov_raw", (n_params, n_params))
+    noise = tuple(
+        json_float(block, k, positive=True)
+        for k in ("noise_sd_prefill", "noise_sd_decode_only")
+    )
+    return cov, noise
+
+
+def load_uncertainty(path: str | pathlib.Path):
+    """The posterior block of a factors file (see :func:`uncertainty_from_dict`)."""
+    path = pathlib.Path(path)
+    fs = load_factors(path)
+    d = json.loads(path.read_text())
+    try:
+        return uncertainty_from_dict(d, fs.n_params())
+    except ValueError as e:
+        raise ValueError(f"factors file {path}: {e}") from None
 
 
 def factors_from_dict(d: Any) -> AbstractFactorSet:

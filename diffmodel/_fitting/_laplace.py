@@ -20,6 +20,7 @@ A direction with zero curvature (a factor that no row's time depends on, with no
 on it) has infinite variance: it is reported as unpinned and its sd as ``inf``.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
+
+from ._intervals import regime_noise_sd
 
 UNPINNED_SD = 1.0
 """Posterior sd (raw units: log-odds for efficiencies, ~log for overheads) above which
@@ -50,6 +53,9 @@ class Laplace(eqx.Module):
         unpinned: human-readable descriptions of the directions the data leaves open.
         at_bound: names of quantities at a bound of their range (an efficiency within
             1% of 1 or 0, an overhead below 1e-3 of its prior scale).
+        regime_noise_sd: root-mean-square log-ratio residual of the fitted rows that
+            carry prefill tokens and of the decode-only ones (unitless), for
+            predictive intervals (None when not computed).
     """
 
     names: tuple[str, ...] = eqx.field(static=True)
@@ -61,6 +67,7 @@ class Laplace(eqx.Module):
     noise_sd: float = eqx.field(static=True)
     unpinned: tuple[str, ...] = eqx.field(static=True)
     at_bound: tuple[str, ...] = eqx.field(static=True)
+    regime_noise_sd: tuple[float, float] | None = eqx.field(static=True, default=None)
 
     def summary(self) -> dict[str, tuple[float, float]]:
         """``name -> (value, sd)`` in physical units."""
@@ -267,8 +274,10 @@ def factor_set_laplace(fs, data, target, weights=None) -> Laplace:
 
     # The noise sd is the data term's, not the penalty's.
     s = unflat(vec)
+    resid = np.asarray(jnp.log(s.predict(data)) - jnp.log(y))
     noise = float(jnp.sqrt(log_ratio_loss(s.predict(data), y, w)))
-    return laplace(
+    by_regime = regime_noise_sd(resid, np.asarray(data.stats.prefill_tokens) > 0)
+    lap = laplace(
         objective,
         vec,
         n,
@@ -276,4 +285,7 @@ def factor_set_laplace(fs, data, target, weights=None) -> Laplace:
         physical=physical,
         bounds=bounds,
         noise_sd=max(noise, 1e-12),
+    )
+    return dataclasses.replace(
+        lap, regime_noise_sd=(by_regime["prefill"], by_regime["decode_only"])
     )
