@@ -133,7 +133,8 @@ def test_deepseek_v3_fields(bundle):
     got = {k: float(getattr(a, k)) for k in a.__dict__}
     assert got["kv_lora_rank"] == 512 and got["qk_rope_dim"] == 64
     assert got["q_lora_rank"] == 1536 and got["head_dim"] == 192
-    assert got["v_head_dim"] == 128 and got["n_dense_layers"] == 3
+    assert got["v_head_dim"] == 128 and got["dense_layers"] == 3
+    assert got["moe_layers"] == 58
     assert (got["n_experts"], got["top_k"], got["expert_ffn"]) == (256, 8, 2048)
     assert got["shared_ffn"] == 2048 and got["ffn"] == 18432
     # FP8 with 128x128 fp32 block scales, per-token-group activation quantization.

@@ -41,10 +41,11 @@ class Architecture(eqx.Module):
             with 128x128 fp32 block scales, 0.5625 NVFP4: 0.5 + one FP8 scale per 16).
         kv_bytes: bytes per KV-cache element.
         act_bytes: bytes per activation element (2: activations stay in 16 bits).
-        n_dense_layers: layers whose MLP is the dense ``F`` one; the other
-            ``L - n_dense_layers`` are MoE layers (shared + routed experts).
-            Default ``L`` for a dense model, 0 for an MoE one (DeepSeek's
+        dense_layers: layers with the dense ``F`` MLP (default ``L``; DeepSeek's
             ``first_k_dense_replace``: 3).
+        moe_layers: layers with the MoE block, shared + routed experts and router
+            (default ``L``; DeepSeek: ``L - 3``). A dense model's MoE block and an
+            all-MoE model's dense MLP have zero width.
         expert_weight_bytes: bytes per routed-expert weight (default
             ``weight_bytes``; gpt-oss: 0.53125, MXFP4 experts with bf16 attention).
         head_weight_bytes: bytes per LM-head weight (default ``weight_bytes``;
@@ -83,7 +84,8 @@ class Architecture(eqx.Module):
     weight_bytes: Float[Array, ""]
     kv_bytes: Float[Array, ""]
     act_bytes: Float[Array, ""]
-    n_dense_layers: Float[Array, ""]
+    dense_layers: Float[Array, ""]
+    moe_layers: Float[Array, ""]
     expert_weight_bytes: Float[Array, ""]
     head_weight_bytes: Float[Array, ""]
     compute_bytes: Float[Array, ""]
@@ -114,7 +116,8 @@ class Architecture(eqx.Module):
         weight_bytes=2.0,
         kv_bytes=2.0,
         act_bytes=2.0,
-        n_dense_layers=None,
+        dense_layers=None,
+        moe_layers=None,
         expert_weight_bytes=None,
         head_weight_bytes=None,
         compute_bytes=None,
@@ -145,11 +148,8 @@ class Architecture(eqx.Module):
         self.weight_bytes = f(weight_bytes)
         self.kv_bytes = f(kv_bytes)
         self.act_bytes = f(act_bytes)
-        self.n_dense_layers = (
-            jnp.where(self.n_experts > 0, 0.0, self.n_layers)
-            if n_dense_layers is None
-            else f(n_dense_layers)
-        )
+        self.dense_layers = f(n_layers if dense_layers is None else dense_layers)
+        self.moe_layers = f(n_layers if moe_layers is None else moe_layers)
         self.expert_weight_bytes = f(
             weight_bytes if expert_weight_bytes is None else expert_weight_bytes
         )
@@ -218,8 +218,8 @@ class Architecture(eqx.Module):
         ) + 3 * self.hidden * (self.shared_ffn)
         return (
             self.n_layers * self.attention_params()
-            + self.n_dense_layers * self.mlp_params()
-            + (self.n_layers - self.n_dense_layers) * moe_layer
+            + self.dense_layers * self.mlp_params()
+            + self.moe_layers * moe_layer
             + 2 * self.vocab * self.hidden
         )
 

@@ -271,6 +271,7 @@ def parse_hf_config(
         ffn = 0
     elif model_type in MLA_TYPES:
         expert_ffn = int(_require(config, "moe_intermediate_size", source))
+        first_dense = int(config.get("first_k_dense_replace") or 0)
         nope = int(_require(config, "qk_nope_head_dim", source))
         rope = int(_require(config, "qk_rope_head_dim", source))
         moe = dict(
@@ -278,7 +279,8 @@ def parse_hf_config(
             top_k=int(_require(config, "num_experts_per_tok", source)),
             expert_ffn=expert_ffn,
             shared_ffn=int(config.get("n_shared_experts") or 0) * expert_ffn,
-            n_dense_layers=int(config.get("first_k_dense_replace") or 0),
+            dense_layers=first_dense,
+            moe_layers=n_layers - first_dense,
             q_lora_rank=int(config.get("q_lora_rank") or 0),
             kv_lora_rank=int(_require(config, "kv_lora_rank", source)),
             qk_rope_dim=rope,
