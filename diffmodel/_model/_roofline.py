@@ -77,9 +77,7 @@ def linear_work(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array]:
     return flops, bytes_
 
 
-def linear_work_split(
-    tokens, a: Architecture, t, ep=1.0
-) -> tuple[Array, Array, Array]:
+def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array, Array]:
     """FLOPs and bytes of all linear layers of a step of ``tokens`` tokens, per GPU.
 
     Attention projections in every layer (GQA or MLA:
@@ -322,9 +320,7 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     qh, kvw = dims.q_heads, dims.kv_width
     n_win = a.window_layers
     n_full = L - n_win
-    w_pf, w_pf_read, _, _ = windowed_attention(
-        stats, a.window, a.sink_tokens
-    )
+    w_pf, w_pf_read, _, _ = windowed_attention(stats, a.window, a.sink_tokens)
     pf = (dims.prefill_qk, dims.prefill_v, kvw, kb, ab)
     pf_f, pf_b = attention_work_dims(
         stats.attn_prefill,
