@@ -375,3 +375,42 @@ def bundle_deepseek():
 def bundle_gpt_oss():
     pytest.importorskip("aiconfigurator_core")
     return dm.architecture("openai/gpt-oss-120b")
+
+
+def test_dsa_indexer_and_top_k_by_hand():
+    # DeepSeek sparse attention: each query attends min(ctx, 2048) tokens, and the
+    # indexer (64 heads of 128, FP8 keys) scores the whole context, in every layer.
+    ds = _tiny(
+        kv_lora_rank=16,
+        qk_rope_dim=4,
+        head_dim=8,
+        v_head_dim=8,
+        n_kv_heads=2,
+        window=100,
+        window_layers=3,
+        index_heads=2,
+        index_dim=4,
+        index_layers=3,
+    )
+    dep = dm.deployment(ds, "h100", 1)
+    s = _one(decode_tokens=1, num_decode=1, kv_decode=1000)
+    got = float(dm.step_time(s, dep, dm.default_factors()).attention_decode)
+    # Absorbed MLA on 100 selected tokens: 2 H (c + r + c) pairs, (c + r) bf16 read;
+    # indexer: 2 Hi di FLOPs per context token, di FP8 bytes per token, Hi di query.
+    f = 3 * (2 * 2 * (20 + 16) * 100 + 2 * 2 * 4 * 1000)
+    b = 3 * (20 * 2 * 100 + 2 * 36 * 2 + 4 * 1000 + 2 * 4 * 2)
+    want = _smooth(f / (989.5e12 * 0.5) * 1e6, b / (3.35e12 * 0.7) * 1e6)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_dsa_configs(bundle_deepseek):
+    v32 = dm.architecture("deepseek-ai/DeepSeek-V3.2")
+    assert (float(v32.window), float(v32.index_heads), float(v32.index_dim)) == (
+        2048,
+        64,
+        128,
+    )
+    assert float(v32.index_layers) == 61 == float(v32.window_layers)
+    glm = dm.architecture("zai-org/GLM-5.3")  # 'shared' layers reuse the top-k
+    assert float(glm.index_layers) == 21 and float(glm.dense_layers) == 3
+    assert float(glm.total_params()) / 1e9 == pytest.approx(743.4, abs=0.1)

@@ -68,6 +68,13 @@ class Architecture(eqx.Module):
         sink_tokens: tokens every query of a windowed layer also attends (attention
             sinks kept in the cache; 0 for gpt-oss, whose sinks are one learned logit
             per head and cost nothing measurable).
+        index_heads: DeepSeek sparse attention (DSA) indexer heads (0: dense
+            attention). A DSA layer attends its ``index_topk`` highest-scoring
+            tokens, costed as a window of that size (``window``, ``window_layers``:
+            the same pair and token counts), plus the indexer itself.
+        index_dim: indexer head size; its keys are cached in FP8 (1 byte).
+        index_layers: layers that run the indexer (GLM-5.3 shares one layer's
+            top-k with the next ones: ``indexer_types`` ``"shared"``).
     """
 
     n_layers: Float[Array, ""]
@@ -98,6 +105,9 @@ class Architecture(eqx.Module):
     window: Float[Array, ""]
     window_layers: Float[Array, ""]
     sink_tokens: Float[Array, ""]
+    index_heads: Float[Array, ""]
+    index_dim: Float[Array, ""]
+    index_layers: Float[Array, ""]
 
     def __init__(
         self,
@@ -130,6 +140,9 @@ class Architecture(eqx.Module):
         window=0.0,
         window_layers=0.0,
         sink_tokens=0.0,
+        index_heads=0.0,
+        index_dim=0.0,
+        index_layers=0.0,
     ):
         def f(x):
             return jnp.asarray(x, float)
@@ -174,6 +187,9 @@ class Architecture(eqx.Module):
         self.window = f(window)
         self.window_layers = f(window_layers)
         self.sink_tokens = f(sink_tokens)
+        self.index_heads = f(index_heads)
+        self.index_dim = f(index_dim)
+        self.index_layers = f(index_layers)
 
     @staticmethod
     def from_hf_config(
@@ -188,7 +204,8 @@ class Architecture(eqx.Module):
 
         GQA: Q, K, V, O. MLA: ``q_a`` (``d x q_lora``), ``q_b`` (``q_lora x H dh``,
         or ``d x H dh`` without ``q_lora``), ``kv_a`` (``d x (c + r)``), ``kv_b``
-        (``c x H (dh - r + v)``) and O (``H v x d``).
+        (``c x H (dh - r + v)``) and O (``H v x d``); a DSA indexer adds ``q_lora x
+        Hi di`` and ``d x (di + Hi)`` in the layers that run it (averaged here).
         """
         d, h, dh, v = self.hidden, self.n_heads, self.head_dim, self.v_head_dim
         c, qr = self.kv_lora_rank, self.q_lora_rank
@@ -201,7 +218,14 @@ class Architecture(eqx.Module):
             + c * h * (dh - self.qk_rope_dim + v)
             + h * v * d
         )
-        return jnp.where(c > 0, mla, gqa)
+        index = jnp.where(
+            self.index_heads > 0,
+            qr * self.index_heads * self.index_dim
+            + d * (self.index_dim + self.index_heads),
+            0.0,
+        )
+        per_layer = jnp.where(c > 0, mla, gqa)
+        return per_layer + index * self.index_layers / self.n_layers
 
     def mlp_params(self) -> Float[Array, "..."]:
         """Weights of one layer's dense gated MLP (gate, up, down), elements."""
@@ -247,9 +271,10 @@ def from_hf_config(
     Families: llama, mistral, qwen2, qwen3, mimo (dense GQA); mixtral, qwen3_moe,
     minimax_m2, gpt_oss (MoE; gpt-oss with its sliding-window layers and MXFP4
     experts); deepseek_v3 and kimi_k2 (MLA, shared + routed experts, first-k dense
-    layers, FP8 blocks); wrappers whose ``text_config`` is one of these. Keys the
-    physics cannot use yet (sparse-attention indexers, linear-attention or Mamba
-    layers, interleaved MoE, ...) raise a ``ValueError`` naming them.
+    layers, FP8 blocks); deepseek_v32 and glm_moe_dsa (the same with DeepSeek sparse
+    attention); wrappers whose ``text_config`` is one of these. Keys the physics
+    cannot use yet (linear-attention or Mamba layers, interleaved MoE, chunked
+    attention, ...) raise a ``ValueError`` naming them.
     """
     from .._model._hfconfig import parse_hf_config
 

@@ -29,7 +29,8 @@ _DTYPE_BYTES = {
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mimo")
 MOE_TYPES = ("mixtral", "qwen3_moe", "minimax_m2", "gpt_oss")
-MLA_TYPES = ("deepseek_v3", "kimi_k2")
+MLA_TYPES = ("deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa")
+DSA_TYPES = ("deepseek_v32", "glm_moe_dsa")
 SUPPORTED_TYPES = DENSE_TYPES + MOE_TYPES + MLA_TYPES
 # Language models of multimodal wrappers, costed as their text family (M-RoPE costs
 # what RoPE does).
@@ -56,8 +57,7 @@ def _is_one(value: Any) -> bool:
 # Keys that change a step's cost in ways the physics does not model yet, each with
 # the values that mean "feature off" (then the key is harmless).
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "index_topk": (_never, "DeepSeek sparse-attention indexer"),
-    "index_n_heads": (_never, "DeepSeek sparse-attention indexer"),
+    "index_topk_pattern": (_falsy, "a per-layer indexer pattern"),
     "linear_num_value_heads": (_never, "linear-attention (Gated DeltaNet) layers"),
     "full_attention_interval": (_never, "hybrid linear/full attention"),
     "linear_attn_config": (_never, "linear-attention layers"),
@@ -70,7 +70,6 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decoder_sparse_step": (_is_one, "MoE only every n-th layer"),
     "moe_layer_freq": (_is_one, "MoE only every n-th layer"),
     "use_sliding_window": (_falsy, "Qwen-style sliding window above max_window_layers"),
-    "mlp_layer_types": (_never, "per-layer MLP types"),
     "block_configs": (_never, "per-layer pruned blocks (Nemotron NAS)"),
     "vision_config": (_never, "a vision encoder (pass text_only=True)"),
     "audio_config": (_never, "an audio encoder (pass text_only=True)"),
@@ -215,6 +214,43 @@ def _quantization(config: Mapping[str, Any], source: str) -> dict[str, float]:
     )
 
 
+def _dsa(config: Mapping[str, Any], source: str, n_layers: int) -> dict[str, Any]:
+    """DeepSeek sparse attention: every layer attends its ``index_topk`` best tokens
+    (a window of that size), the indexer runs in the ``"full"`` ``indexer_types``
+    layers (all layers when the key is absent)."""
+    types = config.get("indexer_types")
+    if types is None:
+        extra = [
+            k for k in ("index_topk_freq", "index_skip_topk_offset") if k in config
+        ]
+        if extra:
+            raise ValueError(
+                f"model config {source!r} uses fields the step model cannot cost "
+                f"yet: {', '.join(extra)} (indexer sharing without indexer_types)"
+            )
+        index_layers = n_layers
+    else:
+        if sorted(set(types) - {"full", "shared"}) or len(types) != n_layers:
+            raise ValueError(
+                f"model config {source!r}: indexer_types must list 'full' or "
+                f"'shared' for each of the {n_layers} layers"
+            )
+        index_layers = types.count("full")
+    layer_types = config.get("layer_types")
+    if layer_types is not None and set(layer_types) != {"deepseek_sparse_attention"}:
+        raise ValueError(
+            f"model config {source!r} uses fields the step model cannot cost yet: "
+            f"layer_types {sorted(set(layer_types))}"
+        )
+    return dict(
+        window=int(_require(config, "index_topk", source)),
+        window_layers=n_layers,
+        index_heads=int(_require(config, "index_n_heads", source)),
+        index_dim=int(_require(config, "index_head_dim", source)),
+        index_layers=index_layers,
+    )
+
+
 def parse_hf_config(
     config: Mapping[str, Any] | str | pathlib.Path,
     *,
@@ -288,7 +324,28 @@ def parse_hf_config(
         )
         head_dim = nope + rope
         n_kv = n_heads
-    for key in ("q_lora_rank", "kv_lora_rank", "first_k_dense_replace"):
+        mlp_types = config.get("mlp_layer_types")
+        if mlp_types is not None and (
+            mlp_types != ["dense"] * first_dense + ["sparse"] * (n_layers - first_dense)
+        ):
+            raise ValueError(
+                f"model config {source!r} uses fields the step model cannot cost "
+                "yet: mlp_layer_types (other than first_k_dense_replace dense layers)"
+            )
+        if model_type in DSA_TYPES:
+            moe.update(_dsa(config, source, n_layers))
+    for key in ("index_topk", "index_n_heads"):
+        if model_type not in DSA_TYPES and config.get(key):
+            raise ValueError(
+                f"model config {source!r} uses fields the step model cannot cost yet "
+                f"for model_type {model_type!r}: {key} (sparse-attention indexer)"
+            )
+    for key in (
+        "q_lora_rank",
+        "kv_lora_rank",
+        "first_k_dense_replace",
+        "mlp_layer_types",
+    ):
         if model_type not in MLA_TYPES and config.get(key):
             raise ValueError(
                 f"model config {source!r} uses fields the step model cannot cost yet "
@@ -296,7 +353,7 @@ def parse_hf_config(
             )
     window = config.get("sliding_window")
     layer_types = config.get("layer_types")
-    if layer_types is not None:
+    if layer_types is not None and model_type not in DSA_TYPES:
         other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if other:
             raise ValueError(

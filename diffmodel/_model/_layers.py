@@ -98,6 +98,27 @@ def projection_work(tokens: ArrayLike, a: Architecture, t: ArrayLike):
     return jnp.where(mla, m_f, g_f), jnp.where(mla, m_b, g_b)
 
 
+def indexer_projection_work(tokens: ArrayLike, a: Architecture):
+    """FLOPs and bytes of one DSA indexer's projections (replicated on every GPU):
+    its queries from the compressed query ``[T, q_lora] @ [q_lora, Hi di]``, its key
+    and head weights ``[T, d] @ [d, di + Hi]``. Zero without an indexer."""
+    on = a.index_heads > 0
+    wb, ab, ib = a.weight_bytes, a.act_bytes, gemm_input_bytes(a)
+    q = gemm_work(tokens, a.index_heads * a.index_dim, a.q_lora_rank, wb, ib, ab)
+    k = gemm_work(tokens, a.index_dim + a.index_heads, a.hidden, wb, ib, ab)
+    return _scale(_add(q, k), on)
+
+
+def indexer_work(pairs: ArrayLike, kv_read: ArrayLike, new_tokens: ArrayLike, a):
+    """FLOPs and bytes of one DSA indexer scoring ``pairs`` query-key pairs: ``2 Hi
+    di`` FLOPs a pair, FP8 keys (``di`` bytes a token) read once, queries read at
+    ``act_bytes``. Zero without an indexer (``Hi = 0``)."""
+    hi, di = a.index_heads, a.index_dim
+    flops = 2.0 * hi * di * jnp.asarray(pairs)
+    keys = di * 1.0 * jnp.asarray(kv_read)
+    return flops, keys + hi * di * a.act_bytes * jnp.asarray(new_tokens)
+
+
 def mla_context_work(cached_tokens: ArrayLike, a: Architecture, t: ArrayLike):
     """FLOPs and bytes of up-projecting the cached latent of prefill chunks, per layer.
 

@@ -13,6 +13,8 @@ from .._model._layers import (
     attention_dims,
     expert_split,
     gemm_input_bytes,
+    indexer_projection_work,
+    indexer_work,
     mla_context_work,
     projection_work,
     quant_pass_bytes,
@@ -97,6 +99,7 @@ def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array,
     ib = gemm_input_bytes(a)
     L, n_dense, n_moe = a.n_layers, a.dense_layers, a.moe_layers
     attn_f, attn_b = projection_work(tokens, a, t)
+    idx_f, idx_b = indexer_projection_work(tokens, a)
     dense = [
         gemm_work(tokens, 2 * a.ffn / t, d, wb, ib, ab),  # dense gate and up
         gemm_work(tokens, d, a.ffn / t, wb, ib, ab),  # dense down
@@ -119,12 +122,14 @@ def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array,
     expert_flops = n_moe * moe_f
     flops = (
         L * attn_f
+        + a.index_layers * idx_f
         + n_dense * sum(g[0] for g in dense)
         + n_moe * sum(g[0] for g in moe_layer)
         + expert_flops
     )
     bytes_ = (
         L * attn_b
+        + a.index_layers * idx_b
         + n_dense * sum(g[1] for g in dense)
         + n_moe * (sum(g[1] for g in moe_layer) + moe_b)
     )
@@ -266,11 +271,12 @@ def decode_attention_us(
     fw, bw = attention_work_dims(
         q * w_dec + 0.5 * q * extra, w_read + extra, new, dims.q_heads, *dec
     )
+    ix_f, ix_b = indexer_work(q * kd + 0.5 * q * extra, kd + extra, new, a)
     n_win = a.window_layers
     n_full = a.n_layers - n_win
     return roofline_us(
-        n_full * f + n_win * fw,
-        n_full * b + n_win * bw,
+        n_full * f + n_win * fw + a.index_layers * ix_f,
+        n_full * b + n_win * bw + a.index_layers * ix_b,
         dep.hw.flops_16,
         dep.hw.hbm_bw,
         fa.attn_flops,
@@ -331,9 +337,15 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     )
     pfw_f, pfw_b = attention_work_dims(w_pf, w_pf_read, stats.prefill_tokens, qh, *pf)
     up_f, up_b = mla_context_work(stats.kv_prefill, a, t)
+    ix_f, ix_b = indexer_work(
+        stats.attn_prefill,
+        stats.kv_prefill + stats.prefill_tokens,
+        stats.prefill_tokens,
+        a,
+    )
     attention_prefill = roofline_us(
-        n_full * pf_f + n_win * pfw_f + L * up_f,
-        n_full * pf_b + n_win * pfw_b + L * up_b,
+        n_full * pf_f + n_win * pfw_f + L * up_f + a.index_layers * ix_f,
+        n_full * pf_b + n_win * pfw_b + L * up_b + a.index_layers * ix_b,
         hw.flops_16,
         hw.hbm_bw,
         fa.attn_flops,
@@ -341,7 +353,12 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
         sharpness,
     )
     attention_decode = decode_attention_us(stats, dep, fa, sharpness)
-    kv_write = L * kvw * kb * tokens / (hw.hbm_bw * fa.mem_bw) * 1e6
+    kv_write = (
+        (L * kvw * kb + a.index_layers * a.index_dim)
+        * tokens
+        / (hw.hbm_bw * fa.mem_bw)
+        * 1e6
+    )
 
     lm_head = lm_head_us(requests, dep, fa, sharpness)
 
