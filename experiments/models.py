@@ -21,6 +21,15 @@ DEPLOYMENTS = [
     ("DeepSeek-V3 FP8", "deepseek-ai/DeepSeek-V3", "h200", 8, 1, "h200_sxm", (8, 1)),
     ("DeepSeek-V3 FP8 EP", "deepseek-ai/DeepSeek-V3", "h200", 8, 8, "h200_sxm", (1, 8)),
     (
+        "DeepSeek-V3.2 (DSA)",
+        "deepseek-ai/DeepSeek-V3.2",
+        "h200",
+        8,
+        1,
+        "h200_sxm",
+        (8, 1),
+    ),
+    (
         "Llama-3.1-70B FP8",
         "nvidia/Llama-3.1-70B-Instruct-FP8",
         "h100",
@@ -36,6 +45,7 @@ DEPLOYMENTS = [
 # (label, prefill tokens in one chunk, decode requests, context per decode request)
 STEPS = [
     ("decode 64 @ 2k", 0, 64, 2000),
+    ("decode 64 @ 16k", 0, 64, 16000),
     ("prefill 2k + decode 64 @ 2k", 2048, 64, 2000),
 ]
 
