@@ -51,7 +51,8 @@ class Breakdown(eqx.Module):
         attention_decode: attention of decode tokens over their contexts.
         kv_write: writing the step's new K and V into the cache.
         lm_head: logits of the last token of each request.
-        allreduce: two tensor-parallel all-reduces per layer.
+        allreduce: two tensor-parallel all-reduces per layer (and, with expert
+            parallelism over data-parallel attention, the all-to-alls).
         overhead: host and launch overhead (per step, per layer, per request).
     """
 
@@ -191,6 +192,12 @@ def step_time(
     - LM head: a ``[Np + Nd, d] @ [d, V/t]`` GEMM and fp32 logits;
     - all-reduce: ``2 L`` ring all-reduces of ``T d`` activations (zero at ``t = 1``);
     - overhead: ``step + L layer + (Np + Nd) request``.
+
+    These are the GQA forms; the same components cover MLA (latent cache ``c + r``
+    per token, absorbed decode, :mod:`~diffmodel._model._layers`), first-k dense and
+    shared-expert layers, sliding-window and DSA layers, quantized GEMMs (tensor
+    peak of the operand width, the activation quantization pass) and expert
+    parallelism (``dep.ep``; its all-to-alls are part of ``allreduce``).
 
     A step with no tokens runs no forward pass: only the per-step and per-request
     overhead remains.
