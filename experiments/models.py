@@ -110,6 +110,54 @@ def main():
     print("\nAll times ms per step. 'ours' uses the unfitted physical priors.")
     for n in notes:
         print("-", n)
+    features()
+
+
+def features():
+    """Serving features on DeepSeek-V3 TP8 H200 and Llama-3.1-70B TP4 H100, ms."""
+    fa = dm.default_factors()
+    dec = dm.from_aggregates(
+        prefill_tokens=0.0,
+        decode_tokens=64.0,
+        num_prefill=0.0,
+        num_decode=64.0,
+        kv_tokens=64 * 2000.0,
+    )
+    ds = dm.deployment("deepseek-ai/DeepSeek-V3", "h200", 8)
+    mtp = dm.Deployment(arch=dm.serving.mtp_draft(ds.arch), hw=ds.hw, tp=ds.tp)
+    print("\nSpeculative decoding, DeepSeek-V3 + MTP draft, 64 requests @ 2k:")
+    print("| k | verify | draft | step | tokens/request (accept 0.7) | ms/token |")
+    print("|---|---|---|---|---|---|")
+    for k in range(4):
+        sp = dm.serving.speculative_step(
+            dec, ds, fa, k=float(k), draft=mtp, n_draft_steps=k
+        )
+        gained = float(dm.serving.accepted_tokens(float(k), 0.7))
+        total = float(sp.total) / 1e3
+        print(
+            f"| {k} | {float(sp.verify.total) / 1e3:.2f} | "
+            f"{float(sp.draft_us) / 1e3:.2f} | {total:.2f} | {gained:.2f} | "
+            f"{total / gained:.2f} |"
+        )
+    ll = dm.deployment("llama-3.1-70b", "h100", 4)
+    pf = dm.from_aggregates(
+        prefill_tokens=4096.0,
+        decode_tokens=0.0,
+        num_prefill=2.0,
+        num_decode=0.0,
+        kv_tokens=0.0,
+    )
+    print("\nPrefix caching, Llama-3.1-70B TP4 H100, two 2048-token prompts:")
+    for hit in (0.0, 1024.0, 3072.0):
+        t = float(dm.step_time(dm.serving.prefix_cached(pf, hit), ll, fa).total)
+        print(f"  {hit:.0f} cached tokens: {t / 1e3:.2f} ms")
+    print("\nPipeline parallelism, Llama-3.1-70B TP4 H100, the same prefill:")
+    for pp in (1, 2, 4):
+        r = dm.serving.pipeline_step(pf, ll, fa, pp=float(pp))
+        print(
+            f"  pp={pp}: stage {float(r.stage_us) / 1e3:.2f} ms, bubble "
+            f"{float(r.bubble_us) / 1e3:.2f} ms, step {float(r.total) / 1e3:.2f} ms"
+        )
 
 
 if __name__ == "__main__":
