@@ -5,7 +5,8 @@ deployment, batch statistics, ``step_time``), its factors and factor sets, ``fit
 prediction (``predict`` for pandas frames, ``predict_steps`` for arrays in bulk), JSON
 save/load and metrics. Families live in public namespaces: :mod:`diffmodel.data`
 (traces, frames, splits), :mod:`diffmodel.kernels` (kernel tables, curves,
-calibration), :mod:`diffmodel.scheduler` and :mod:`diffmodel.baselines`.
+calibration), :mod:`diffmodel.scheduler`, :mod:`diffmodel.serving` (speculative
+decoding, prefix caching, pipeline parallelism) and :mod:`diffmodel.baselines`.
 
 Units: times in microseconds per GPU, work in FLOPs and bytes, tokens as counts.
 

@@ -8,6 +8,7 @@ from . import (
     data as data,
     kernels as kernels,
     scheduler as scheduler,
+    serving as serving,
 )
 from ._bulk._bulk import predict_steps as predict_steps
 from ._fitting._base import AbstractFactorSet as AbstractFactorSet
@@ -102,6 +103,7 @@ __all__ = [
     "predict_steps",
     "save_factors",
     "scheduler",
+    "serving",
     "stack_deployments",
     "step_time",
 ]

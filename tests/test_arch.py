@@ -97,3 +97,117 @@ def test_tp_beyond_kv_heads_replicates():
     assert float(dep.tp) == 4
     with pytest.raises(ValueError, match="28 attention heads"):
         dm.deployment("qwen2.5-7b", "h100", 8)
+
+
+# --- Hugging Face configs of today's families (aiconfigurator-core's bundle) -------
+
+aic = pytest.importorskip  # the bundle is an optional extra
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    aic("aiconfigurator_core")
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [
+        ("deepseek-ai/DeepSeek-V3", 671.0),
+        ("deepseek-r1", 671.0),
+        ("moonshotai/Kimi-K2-Instruct", 1026.4),
+        ("openai/gpt-oss-120b", 116.8),
+        ("Qwen/Qwen3-235B-A22B", 235.1),
+        ("meta-llama/Meta-Llama-3.1-405B", 405.8),
+        ("mistralai/Mixtral-8x22B-v0.1", 140.6),
+    ],
+)
+def test_hf_ids_and_parameter_counts(bundle, name, billions):
+    # Published totals: DeepSeek-V3 671B (without its 14B MTP module), Kimi K2 1.04T
+    # (with embeddings), gpt-oss-120b 116.8B, Qwen3-235B, Llama 405B, Mixtral 141B.
+    a = dm.architecture(name)
+    assert float(a.total_params()) / 1e9 == pytest.approx(billions, abs=0.05)
+
+
+def test_deepseek_v3_fields(bundle):
+    a = dm.architecture("deepseek-ai/DeepSeek-V3")
+    got = {k: float(getattr(a, k)) for k in a.__dict__}
+    assert got["kv_lora_rank"] == 512 and got["qk_rope_dim"] == 64
+    assert got["q_lora_rank"] == 1536 and got["head_dim"] == 192
+    assert got["v_head_dim"] == 128 and got["dense_layers"] == 3
+    assert got["moe_layers"] == 58
+    assert (got["n_experts"], got["top_k"], got["expert_ffn"]) == (256, 8, 2048)
+    assert got["shared_ffn"] == 2048 and got["ffn"] == 18432
+    # FP8 with 128x128 fp32 block scales, per-token-group activation quantization.
+    assert got["weight_bytes"] == 1 + 4 / 128**2 and got["compute_bytes"] == 1
+    assert got["quant_passes"] == 1 and got["head_weight_bytes"] == 2
+    assert got["kv_bytes"] == 2
+
+
+def test_gpt_oss_fields(bundle):
+    a = dm.architecture("gpt-oss-120b")
+    assert float(a.window) == 128 and float(a.window_layers) == 18
+    assert float(a.expert_weight_bytes) == 0.5 + 1 / 32  # MXFP4 experts
+    assert float(a.expert_compute_bytes) == 2 and float(a.weight_bytes) == 2
+    assert (float(a.n_experts), float(a.top_k)) == (128, 4)
+
+
+def test_quantized_checkpoints(bundle, tmp_path):
+    q = dm.architecture("Qwen/Qwen3-30B-A3B-FP8")
+    assert float(q.weight_bytes) == 1 + 4 / 128**2
+    # ModelOpt FP8: the algorithm and FP8 KV in the hf_quant_config.json beside it.
+    ll = dm.architecture("nvidia/Llama-3.1-70B-Instruct-FP8")
+    assert (float(ll.weight_bytes), float(ll.kv_bytes)) == (1, 1)
+    assert float(ll.quant_passes) == 1 and float(ll.head_weight_bytes) == 2
+    nv = dm.architecture("nvidia/Qwen3-235B-A22B-NVFP4")
+    assert float(nv.weight_bytes) == 0.5625 and float(nv.compute_bytes) == 0.5
+    # A user's own folder: config.json plus hf_quant_config.json.
+    cfg = dict(dm._model._arch.model_config("llama-3.1-8b"))
+    cfg.pop("_name")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    quant = {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(quant))
+    mine = dm.Architecture.from_hf_config(tmp_path / "config.json")
+    assert (float(mine.weight_bytes), float(mine.kv_bytes)) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("nvidia/Nemotron-H-56B-Base-8K", "unsupported model_type 'nemotron_h'"),
+        ("Qwen/Qwen3-VL-8B-Instruct", "vision encoder is not modelled"),
+    ],
+)
+def test_unsupported_bundle_models_name_why(bundle, name, message):
+    with pytest.raises(ValueError, match=message):
+        dm.architecture(name)
+
+
+def test_fields_the_physics_cannot_use_are_named():
+    ds = dict(MODEL_CONFIGS["llama-2-7b"], attention_chunk_size=8192)
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        dm.Architecture.from_hf_config(ds)
+    ix = dict(MODEL_CONFIGS["llama-2-7b"], index_topk=2048)
+    with pytest.raises(ValueError, match="index_topk"):
+        dm.Architecture.from_hf_config(ix)
+    lt = dict(MODEL_CONFIGS["llama-2-7b"], layer_types=["linear_attention"] * 32)
+    with pytest.raises(ValueError, match=r"layer_types \['linear_attention'\]"):
+        dm.Architecture.from_hf_config(lt)
+    q = dict(MODEL_CONFIGS["llama-2-7b"], quantization_config={"quant_method": "awq"})
+    with pytest.raises(ValueError, match="quantization 'awq' is not modelled"):
+        dm.Architecture.from_hf_config(q)
+    # Neutral values of the same keys are harmless.
+    ok = dict(MODEL_CONFIGS["qwen3-30b-a3b"], use_sliding_window=False)
+    dm.Architecture.from_hf_config(ok)
+
+
+def test_text_only_wrappers(bundle):
+    a = dm.architecture("Qwen/Qwen3-VL-30B-A3B-Instruct", text_only=True)
+    b = dm.architecture("qwen3-30b-a3b")
+    assert float(a.total_params()) == float(b.total_params())
+
+
+def test_known_models_include_the_bundle(bundle):
+    names = dm.known_models()
+    assert {"deepseek-v3", "gpt-oss-120b", "llama-2-70b"} <= set(names)
+    with pytest.raises(ValueError, match="unknown model 'meta-llama/Llama-9-1T'"):
+        dm.canonical_model("meta-llama/Llama-9-1T")

@@ -143,7 +143,7 @@ def test_study_features_aliases_agree():
 
 
 def test_study_features_errors():
-    with pytest.raises(ValueError, match=r"unknown models \['gpt-9'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'gpt-9'"):
         study_features(_steps().assign(model="gpt-9"))
     with pytest.raises(ValueError, match=r"missing columns \['tp'\]"):
         study_features(_steps().drop(columns="tp"))

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from diffmodel import canonical_model
 from diffmodel.data._splits import (
-    canonical_model_name,
     leave_one_out,
     split_sizes,
     temporal_split,
@@ -124,16 +124,27 @@ def test_study_sizes_consistent_for_all_experiments(data_dir):
         ("codellama-34b", "codellama-34b"),
         (" CodeLlama-34B ", "codellama-34b"),
         ("qwen3-14b", "qwen3-14b"),
+        ("meta-llama/Llama-3.1-70B", "llama-3.1-70b"),
+        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"),
+        ("llama2-70b", "llama-2-70b"),
+        ("Llama_2_70b_hf", "llama-2-70b"),
+        ("codellama/CodeLlama-34b-Instruct-hf", "codellama-34b"),
     ],
 )
-def test_canonical_model_name(name, expected):
-    assert canonical_model_name(name) == expected
+def test_canonical_model(name, expected):
+    assert canonical_model(name) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "  ", None, 3])
-def test_canonical_model_name_rejects(bad):
+def test_canonical_model_rejects_non_names(bad):
     with pytest.raises(ValueError, match="non-empty string"), unchecked():
-        canonical_model_name(bad)
+        canonical_model(bad)
+
+
+def test_leave_one_model_out_rejects_names_that_are_not_models():
+    frame = _frame().assign(model=["llama-2-70b"] * 10 + ["my-finetune"] * 5)
+    with pytest.raises(ValueError, match="unknown model 'my-finetune'"):
+        leave_one_out(frame, "model")
 
 
 def test_leave_one_model_out_merges_aliases():

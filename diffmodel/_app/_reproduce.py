@@ -16,7 +16,7 @@ protocols, per experiment.
 - ``lomo``: leave one model out. Train on every row of the other models' experiments
   (cut per experiment in step order into 80% train, 20% validation), test on every row
   of the held-out model's experiments. ``llama-2-70b-hf`` is ``llama-2-70b``
-  (``canonical_model_name``), so the public traces give two folds.
+  (``diffmodel.canonical_model``), so the public traces give two folds.
 - ``lowo``: leave one workload out (``general``, ``codegen``), the same way.
 
 **Methods** (metrics are always per test experiment):

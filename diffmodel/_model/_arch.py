@@ -1,6 +1,5 @@
 """Transformer architecture as array data, read from a Hugging Face ``config.json``."""
 
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -9,45 +8,73 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._model._catalog import MODEL_ALIASES, MODEL_CONFIGS
-
-_SUPPORTED_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe")
-
-_DTYPE_BYTES = {
-    "float32": 4.0,
-    "float": 4.0,
-    "float16": 2.0,
-    "half": 2.0,
-    "bfloat16": 2.0,
-    "float8_e4m3fn": 1.0,
-    "float8_e5m2": 1.0,
-    "fp8": 1.0,
-    "int8": 1.0,
-    "int4": 0.5,
-}
+from .._model._catalog import (
+    MODEL_CONFIGS,
+    canonical_key,
+    installed_configs,
+    read_config_file,
+)
 
 
 class Architecture(eqx.Module):
     """A decoder-only transformer's sizes, all as (broadcastable) float arrays.
 
     Every field is array data, so architectures of different models can be stacked
-    (``stack``) and one compiled function serves them all.
+    (``stack``) and one compiled function serves them all. Fields beyond the dense
+    GQA transformer default to values that switch their feature off, so a Llama or
+    Mixtral step costs what it always did.
 
     Attributes:
         n_layers: decoder layers ``L``.
         hidden: hidden size ``d``.
         n_heads: attention (query) heads ``H``.
-        n_kv_heads: key/value heads ``Hkv`` (GQA when below ``H``).
-        head_dim: per-head size ``dh``.
+        n_kv_heads: key/value heads ``Hkv`` (GQA when below ``H``; ``H`` for MLA).
+        head_dim: per-head query/key size ``dh`` (MLA: ``qk_nope + qk_rope``).
         ffn: dense gated-MLP intermediate size ``F`` (0 for an all-MoE model).
         vocab: vocabulary size ``V``.
         n_experts: routed experts ``E`` (0 for a dense model).
         top_k: experts per token ``k`` (0 for a dense model).
         expert_ffn: intermediate size of one routed expert.
         shared_ffn: total intermediate size of always-on shared experts (0 if none).
-        weight_bytes: bytes per weight element (2 for bf16/fp16, 1 for fp8).
+        weight_bytes: bytes per weight element of the attention and dense/shared MLP
+            GEMMs, scales included (2 bf16, 1 FP8 per-tensor, ``1 + 4/16384`` FP8
+            with 128x128 fp32 block scales, 0.5625 NVFP4: 0.5 + one FP8 scale per 16).
         kv_bytes: bytes per KV-cache element.
         act_bytes: bytes per activation element (2: activations stay in 16 bits).
+        dense_layers: layers with the dense ``F`` MLP (default ``L``; DeepSeek's
+            ``first_k_dense_replace``: 3).
+        moe_layers: layers with the MoE block, shared + routed experts and router
+            (default ``L``; DeepSeek: ``L - 3``). A dense model's MoE block and an
+            all-MoE model's dense MLP have zero width.
+        expert_weight_bytes: bytes per routed-expert weight (default
+            ``weight_bytes``; gpt-oss: 0.53125, MXFP4 experts with bf16 attention).
+        head_weight_bytes: bytes per LM-head weight (default ``weight_bytes``;
+            quantized checkpoints keep the head in 16 bits).
+        compute_bytes: operand width the linear layers' tensor cores run at, bytes:
+            2 selects the 16-bit peak, 1 the FP8 peak, 0.5 the FP4 peak (taken as
+            twice the FP8 one, as on Blackwell). Default 1 when ``weight_bytes <= 1``
+            else 2 (a weight-only FP8 override runs on the FP8 peak, as before).
+        expert_compute_bytes: the same for routed experts (W4A16 MXFP4: 2).
+        quant_passes: activation quantization before each quantized GEMM: 0 none
+            (16-bit activations, or weight-only), 1 one fused pass (static scale or
+            per-token-group scales: read ``act_bytes``, write ``compute_bytes``), 2
+            dynamic per-tensor (one more read for the absolute maximum).
+        q_lora_rank: MLA query compression rank (0: queries projected directly).
+        kv_lora_rank: MLA latent KV rank ``c`` (0: not MLA, the GQA cache).
+        qk_rope_dim: MLA decoupled RoPE key size ``r`` (cached beside the latent).
+        v_head_dim: per-head value size (default ``head_dim``).
+        window: sliding-window size ``W``, tokens (0: no window).
+        window_layers: layers with the sliding window (gpt-oss: every other one).
+        sink_tokens: tokens every query of a windowed layer also attends (attention
+            sinks kept in the cache; 0 for gpt-oss, whose sinks are one learned logit
+            per head and cost nothing measurable).
+        index_heads: DeepSeek sparse attention (DSA) indexer heads (0: dense
+            attention). A DSA layer attends its ``index_topk`` highest-scoring
+            tokens, costed as a window of that size (``window``, ``window_layers``:
+            the same pair and token counts), plus the indexer itself.
+        index_dim: indexer head size; its keys are cached in FP8 (1 byte).
+        index_layers: layers that run the indexer (GLM-5.3 shares one layer's
+            top-k with the next ones: ``indexer_types`` ``"shared"``).
     """
 
     n_layers: Float[Array, ""]
@@ -64,6 +91,23 @@ class Architecture(eqx.Module):
     weight_bytes: Float[Array, ""]
     kv_bytes: Float[Array, ""]
     act_bytes: Float[Array, ""]
+    dense_layers: Float[Array, ""]
+    moe_layers: Float[Array, ""]
+    expert_weight_bytes: Float[Array, ""]
+    head_weight_bytes: Float[Array, ""]
+    compute_bytes: Float[Array, ""]
+    expert_compute_bytes: Float[Array, ""]
+    quant_passes: Float[Array, ""]
+    q_lora_rank: Float[Array, ""]
+    kv_lora_rank: Float[Array, ""]
+    qk_rope_dim: Float[Array, ""]
+    v_head_dim: Float[Array, ""]
+    window: Float[Array, ""]
+    window_layers: Float[Array, ""]
+    sink_tokens: Float[Array, ""]
+    index_heads: Float[Array, ""]
+    index_dim: Float[Array, ""]
+    index_layers: Float[Array, ""]
 
     def __init__(
         self,
@@ -82,35 +126,106 @@ class Architecture(eqx.Module):
         weight_bytes=2.0,
         kv_bytes=2.0,
         act_bytes=2.0,
+        dense_layers=None,
+        moe_layers=None,
+        expert_weight_bytes=None,
+        head_weight_bytes=None,
+        compute_bytes=None,
+        expert_compute_bytes=None,
+        quant_passes=0.0,
+        q_lora_rank=0.0,
+        kv_lora_rank=0.0,
+        qk_rope_dim=0.0,
+        v_head_dim=None,
+        window=0.0,
+        window_layers=0.0,
+        sink_tokens=0.0,
+        index_heads=0.0,
+        index_dim=0.0,
+        index_layers=0.0,
     ):
-        self.n_layers = jnp.asarray(n_layers, float)
-        self.hidden = jnp.asarray(hidden, float)
-        self.n_heads = jnp.asarray(n_heads, float)
-        self.n_kv_heads = jnp.asarray(n_kv_heads, float)
-        self.head_dim = jnp.asarray(head_dim, float)
-        self.ffn = jnp.asarray(ffn, float)
-        self.vocab = jnp.asarray(vocab, float)
-        self.n_experts = jnp.asarray(n_experts, float)
-        self.top_k = jnp.asarray(top_k, float)
-        self.expert_ffn = jnp.asarray(expert_ffn, float)
-        self.shared_ffn = jnp.asarray(shared_ffn, float)
-        self.weight_bytes = jnp.asarray(weight_bytes, float)
-        self.kv_bytes = jnp.asarray(kv_bytes, float)
-        self.act_bytes = jnp.asarray(act_bytes, float)
+        def f(x):
+            return jnp.asarray(x, float)
+
+        self.n_layers = f(n_layers)
+        self.hidden = f(hidden)
+        self.n_heads = f(n_heads)
+        self.n_kv_heads = f(n_kv_heads)
+        self.head_dim = f(head_dim)
+        self.ffn = f(ffn)
+        self.vocab = f(vocab)
+        self.n_experts = f(n_experts)
+        self.top_k = f(top_k)
+        self.expert_ffn = f(expert_ffn)
+        self.shared_ffn = f(shared_ffn)
+        self.weight_bytes = f(weight_bytes)
+        self.kv_bytes = f(kv_bytes)
+        self.act_bytes = f(act_bytes)
+        self.dense_layers = f(n_layers if dense_layers is None else dense_layers)
+        self.moe_layers = f(n_layers if moe_layers is None else moe_layers)
+        self.expert_weight_bytes = f(
+            weight_bytes if expert_weight_bytes is None else expert_weight_bytes
+        )
+        self.head_weight_bytes = f(
+            weight_bytes if head_weight_bytes is None else head_weight_bytes
+        )
+        self.compute_bytes = (
+            jnp.where(self.weight_bytes <= 1.0, 1.0, 2.0)
+            if compute_bytes is None
+            else f(compute_bytes)
+        )
+        self.expert_compute_bytes = (
+            jnp.where(self.expert_weight_bytes <= 1.0, 1.0, 2.0)
+            if expert_compute_bytes is None
+            else f(expert_compute_bytes)
+        )
+        self.quant_passes = f(quant_passes)
+        self.q_lora_rank = f(q_lora_rank)
+        self.kv_lora_rank = f(kv_lora_rank)
+        self.qk_rope_dim = f(qk_rope_dim)
+        self.v_head_dim = f(head_dim if v_head_dim is None else v_head_dim)
+        self.window = f(window)
+        self.window_layers = f(window_layers)
+        self.sink_tokens = f(sink_tokens)
+        self.index_heads = f(index_heads)
+        self.index_dim = f(index_dim)
+        self.index_layers = f(index_layers)
 
     @staticmethod
     def from_hf_config(
-        config: "Mapping[str, Any] | str | pathlib.Path", **overrides: str
+        config: "Mapping[str, Any] | str | pathlib.Path", **options: Any
     ) -> "Architecture":
         """An architecture from a Hugging Face ``config.json`` (a path, a dict, or a
-        catalog name); ``weight_dtype`` / ``kv_dtype`` override the file's dtype."""
-        return from_hf_config(config, **overrides)
+        model name / Hugging Face id); see :func:`from_hf_config` for the options."""
+        return from_hf_config(config, **options)
 
     def attention_params(self) -> Float[Array, "..."]:
-        """Weights of one layer's attention projections (Q, K, V, O), elements."""
-        q_and_o = 2 * self.hidden * self.n_heads * self.head_dim
-        k_and_v = 2 * self.hidden * self.n_kv_heads * self.head_dim
-        return q_and_o + k_and_v
+        """Weights of one layer's attention projections, elements.
+
+        GQA: Q, K, V, O. MLA: ``q_a`` (``d x q_lora``), ``q_b`` (``q_lora x H dh``,
+        or ``d x H dh`` without ``q_lora``), ``kv_a`` (``d x (c + r)``), ``kv_b``
+        (``c x H (dh - r + v)``) and O (``H v x d``); a DSA indexer adds ``q_lora x
+        Hi di`` and ``d x (di + Hi)`` in the layers that run it (averaged here).
+        """
+        d, h, dh, v = self.hidden, self.n_heads, self.head_dim, self.v_head_dim
+        c, qr = self.kv_lora_rank, self.q_lora_rank
+        q_in = jnp.where(qr > 0, qr, d)
+        gqa = 2 * d * h * dh + 2 * d * self.n_kv_heads * dh
+        mla = (
+            d * qr
+            + q_in * h * dh
+            + d * (c + self.qk_rope_dim)
+            + c * h * (dh - self.qk_rope_dim + v)
+            + h * v * d
+        )
+        index = jnp.where(
+            self.index_heads > 0,
+            qr * self.index_heads * self.index_dim
+            + d * (self.index_dim + self.index_heads),
+            0.0,
+        )
+        per_layer = jnp.where(c > 0, mla, gqa)
+        return per_layer + index * self.index_layers / self.n_layers
 
     def mlp_params(self) -> Float[Array, "..."]:
         """Weights of one layer's dense gated MLP (gate, up, down), elements."""
@@ -122,28 +237,15 @@ class Architecture(eqx.Module):
 
     def total_params(self) -> Float[Array, "..."]:
         """All weights: layers, embeddings and LM head, elements."""
-        per_layer = (
-            self.attention_params()
-            + self.mlp_params()
-            + self.n_experts * (self.expert_params() + self.hidden)
-            + 3 * self.hidden * self.shared_ffn
+        moe_layer = self.n_experts * (
+            self.expert_params() + self.hidden
+        ) + 3 * self.hidden * (self.shared_ffn)
+        return (
+            self.n_layers * self.attention_params()
+            + self.dense_layers * self.mlp_params()
+            + self.moe_layers * moe_layer
+            + 2 * self.vocab * self.hidden
         )
-        return self.n_layers * per_layer + 2 * self.vocab * self.hidden
-
-
-def _require(config: Mapping[str, Any], key: str, source: str) -> Any:
-    if key not in config or config[key] is None:
-        raise ValueError(f"model config {source!r} is missing required key {key!r}")
-    return config[key]
-
-
-def _dtype_bytes(name: str, what: str) -> float:
-    key = str(name).lower().removeprefix("torch.")
-    if key not in _DTYPE_BYTES:
-        raise ValueError(
-            f"unknown {what} dtype {name!r}; expected one of {sorted(_DTYPE_BYTES)}"
-        )
-    return _DTYPE_BYTES[key]
 
 
 def from_hf_config(
@@ -151,112 +253,68 @@ def from_hf_config(
     *,
     weight_dtype: str | None = None,
     kv_dtype: str | None = None,
+    text_only: bool = False,
 ) -> Architecture:
     """Build an :class:`Architecture` from a Hugging Face ``config.json``.
 
     Args:
-        config: the parsed config (a mapping), a path to ``config.json``, or a name in
-            the bundled catalog (see :func:`known_models`).
-        weight_dtype: override the weight dtype (e.g. ``"fp8"`` to model FP8 weights);
-            default ``torch_dtype`` of the config.
-        kv_dtype: override the KV-cache dtype; default the weight dtype of the config.
+        config: the parsed config (a mapping), a path to ``config.json``, or a model
+            name (catalog name, alias or Hugging Face id; see :func:`known_models`).
+        weight_dtype: override the weight dtype of every GEMM (e.g. ``"fp8"``: FP8
+            weights on the FP8 peak, no activation quantization pass); default the
+            config's ``quantization_config`` / ``hf_quant_config``, else its dtype.
+        kv_dtype: override the KV-cache dtype; default the checkpoint's KV
+            quantization, else the config's dtype.
+        text_only: accept a multimodal config (``text_config`` + ``vision_config``)
+            and model its language model only (the vision encoder is not costed).
 
-    Supported ``model_type``: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe. The
-    head dimension is ``head_dim`` when the config gives one, else ``hidden/heads``.
+    Families: llama, mistral, qwen2, qwen3, mimo (dense GQA); mixtral, qwen3_moe,
+    minimax_m2, gpt_oss (MoE; gpt-oss with its sliding-window layers and MXFP4
+    experts); deepseek_v3 and kimi_k2 (MLA, shared + routed experts, first-k dense
+    layers, FP8 blocks); deepseek_v32 and glm_moe_dsa (the same with DeepSeek sparse
+    attention); wrappers whose ``text_config`` is one of these. Keys the physics
+    cannot use yet (linear-attention or Mamba layers, interleaved MoE, chunked
+    attention, ...) raise a ``ValueError`` naming them.
     """
-    source = "<dict>"
-    if isinstance(config, pathlib.Path) or (
-        isinstance(config, str) and config.endswith(".json")
-    ):
-        source = str(config)
-        path = pathlib.Path(config)
-        if not path.is_file():
-            raise ValueError(f"model config file not found: {path}")
-        config = json.loads(path.read_text())
-    elif isinstance(config, str):
-        source = config
-        config = MODEL_CONFIGS[canonical_model(config)]
-    if not isinstance(config, Mapping):
-        raise ValueError(
-            f"config must be a mapping, a path or a model name, got {type(config)}"
-        )
+    from .._model._hfconfig import parse_hf_config
 
-    model_type = _require(config, "model_type", source)
-    if model_type not in _SUPPORTED_TYPES:
-        raise ValueError(
-            f"model config {source!r}: unsupported model_type {model_type!r}; "
-            f"expected one of {_SUPPORTED_TYPES}"
-        )
-    hidden = int(_require(config, "hidden_size", source))
-    n_heads = int(_require(config, "num_attention_heads", source))
-    n_kv = int(config.get("num_key_value_heads") or n_heads)
-    head_dim = int(config.get("head_dim") or hidden // n_heads)
-    n_layers = int(_require(config, "num_hidden_layers", source))
-    vocab = int(_require(config, "vocab_size", source))
-    w_bytes = _dtype_bytes(
-        weight_dtype or config.get("torch_dtype") or "bfloat16", "weight"
-    )
-    kv_bytes = (
-        _dtype_bytes(kv_dtype, "kv")
-        if kv_dtype
-        else _dtype_bytes(config.get("torch_dtype") or "bfloat16", "kv")
-    )
-
-    n_experts = top_k = expert_ffn = shared_ffn = 0
-    ffn = int(_require(config, "intermediate_size", source))
-    if model_type == "mixtral":
-        n_experts = int(_require(config, "num_local_experts", source))
-        top_k = int(_require(config, "num_experts_per_tok", source))
-        expert_ffn, ffn = ffn, 0
-    elif model_type == "qwen3_moe":
-        n_experts = int(_require(config, "num_experts", source))
-        top_k = int(_require(config, "num_experts_per_tok", source))
-        expert_ffn = int(_require(config, "moe_intermediate_size", source))
-        if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
-            raise ValueError(
-                f"model config {source!r}: mixed dense/MoE layers "
-                "(mlp_only_layers, decoder_sparse_step != 1) are not supported"
-            )
-        shared_ffn = int(config.get("shared_expert_intermediate_size") or 0)
-        ffn = 0
-    return Architecture(
-        n_layers=n_layers,
-        hidden=hidden,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        head_dim=head_dim,
-        ffn=ffn,
-        vocab=vocab,
-        n_experts=n_experts,
-        top_k=top_k,
-        expert_ffn=expert_ffn,
-        shared_ffn=shared_ffn,
-        weight_bytes=w_bytes,
-        kv_bytes=kv_bytes,
+    return parse_hf_config(
+        config, weight_dtype=weight_dtype, kv_dtype=kv_dtype, text_only=text_only
     )
 
 
 def known_models() -> tuple[str, ...]:
-    """Names of the bundled catalog's models (aliases such as trace names also work)."""
-    return tuple(sorted(MODEL_CONFIGS))
+    """Canonical names of the catalog: the bundled models and the configs of an
+    installed ``aiconfigurator-core`` (aliases and Hugging Face ids also work)."""
+    return tuple(sorted({*MODEL_CONFIGS, *installed_configs()}))
 
 
 def canonical_model(name: str) -> str:
-    """Map a catalog name or alias (e.g. ``llama-2-70b-hf``) to its catalog name."""
-    key = str(name).strip().lower().replace("_", "-")
-    key = MODEL_ALIASES.get(key, key)
-    if key not in MODEL_CONFIGS:
+    """THE model-name canonicaliser: a catalog name, alias, trace spelling or Hugging
+    Face id (``meta-llama/Llama-3.1-70B``, ``Llama_2_70b_hf``, ``llama2-70b``) to its
+    catalog name; a ``ValueError`` for a name that is not a known model."""
+    key = canonical_key(name)
+    if key not in MODEL_CONFIGS and key not in installed_configs():
+        bundled = ", ".join(sorted(MODEL_CONFIGS))
+        more = len(installed_configs())
         raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(known_models())} "
-            "(or pass a config.json path or dict)"
+            f"unknown model {name!r}; known models: {bundled}"
+            + (f" and {more} from aiconfigurator-core" if more else "")
+            + " (see diffmodel.known_models(); or pass a config.json path or dict)"
         )
     return key
 
 
-def architecture(name: str, **overrides: str) -> Architecture:
-    """The bundled catalog's :class:`Architecture` for ``name`` (or an alias).
+def model_config(name: str) -> dict:
+    """The Hugging Face config of a catalog model (bundled, or read in place from the
+    installed ``aiconfigurator-core``), as a dict."""
+    key = canonical_model(name)
+    if key in MODEL_CONFIGS:
+        return dict(MODEL_CONFIGS[key], _name=key)
+    return dict(read_config_file(installed_configs()[key]), _name=key)
 
-    Keyword arguments ``weight_dtype`` and ``kv_dtype`` are passed to
-    :func:`from_hf_config`.
-    """
-    return from_hf_config(MODEL_CONFIGS[canonical_model(name)], **overrides)
+
+def architecture(name: str, **options: Any) -> Architecture:
+    """The catalog's :class:`Architecture` for ``name`` (an alias or Hugging Face id
+    works too); keyword arguments as :func:`from_hf_config`."""
+    return from_hf_config(model_config(name), **options)

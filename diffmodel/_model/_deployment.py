@@ -21,11 +21,16 @@ class Deployment(eqx.Module):
 
     A stack of deployments (leading axis: groups) is indexed per step with
     :meth:`take`, so one compiled roofline serves steps of many deployments.
+
+    ``ep`` is the expert-parallel degree (1: experts tensor-parallel like the rest;
+    ``ep = t``: whole experts spread over the tensor-parallel GPUs; ``ep = m t``:
+    ``m`` data-parallel attention ranks with all-to-all expert dispatch).
     """
 
     arch: Architecture
     hw: Hardware
     tp: Float[Array, "*g"]
+    ep: Float[Array, "*g"] = eqx.field(default_factory=lambda: jnp.asarray(1.0))
 
     def take(self, group: Int[Array, " steps"]) -> "Deployment":
         """Per-step deployment from a stacked one and each step's group index."""
@@ -52,10 +57,28 @@ def check_tp(arch: Architecture, tp: int | float) -> None:
         )
 
 
+def check_ep(arch: Architecture, tp: int | float, ep: int | float) -> None:
+    """Raise ``ValueError`` unless ``ep`` is 1 or a multiple of ``tp`` that divides
+    the routed experts (needs concrete architecture values)."""
+    if int(ep) != ep or ep < 1:
+        raise ValueError(f"ep must be a positive integer, got {ep!r}")
+    if ep == 1:
+        return
+    experts = int(np.asarray(arch.n_experts))
+    if experts == 0:
+        raise ValueError(f"ep={ep} needs an MoE model; this one has no routed experts")
+    if int(ep) % int(tp) or experts % int(ep):
+        raise ValueError(
+            f"ep={ep} must be a multiple of tp={tp} and divide the {experts} experts"
+        )
+
+
 def deployment(
     model: str | Architecture,
     hardware: str | Hardware = DEFAULT_HARDWARE,
     tp: int | float = 1,
+    *,
+    ep: int | float = 1,
     **dtype_overrides: str,
 ) -> Deployment:
     """Build a validated :class:`Deployment`.
@@ -65,6 +88,7 @@ def deployment(
         hardware: a catalog name or alias (see :func:`diffmodel.known_hardware`),
             or a :class:`Hardware`; H100-SXM by default.
         tp: tensor-parallel degree (GPUs the model is split over).
+        ep: expert-parallel degree (see :class:`Deployment`).
         **dtype_overrides: ``weight_dtype``/``kv_dtype`` for a catalog model.
     """
     arch = (
@@ -74,7 +98,10 @@ def deployment(
     )
     hw = hardware if isinstance(hardware, Hardware) else hardware_spec(hardware)
     check_tp(arch, tp)
-    return Deployment(arch=arch, hw=hw, tp=jnp.asarray(float(tp)))
+    check_ep(arch, tp, ep)
+    return Deployment(
+        arch=arch, hw=hw, tp=jnp.asarray(float(tp)), ep=jnp.asarray(float(ep))
+    )
 
 
 def stack_deployments(deployments: Sequence[Deployment]) -> Deployment:

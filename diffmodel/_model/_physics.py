@@ -238,3 +238,52 @@ def allreduce_us(
     t = jnp.asarray(n_gpus)
     ring = 2.0 * (t - 1.0) / t * bytes_ / link_bw * 1e6 / eta  # see roofline_us
     return jnp.where(t > 1, latency_us + ring, 0.0)
+
+
+def attention_work_dims(
+    pairs: ArrayLike,
+    kv_read: ArrayLike,
+    new_tokens: ArrayLike,
+    q_heads: ArrayLike,
+    qk_dim: ArrayLike,
+    v_dim: ArrayLike,
+    kv_width: ArrayLike,
+    kv_bytes: ArrayLike = 2.0,
+    act_bytes: ArrayLike = 2.0,
+) -> tuple[Array, Array]:
+    """FLOPs and bytes of one layer's attention with separate query-key and value
+    sizes and a cache of ``kv_width`` elements per token (per GPU).
+
+    ``f = 2 H (qk + v) pairs``; ``b = kv_width kv_bytes kv_read + H (qk + v)
+    act_bytes new_tokens``. GQA is ``qk = v = dh``, ``kv_width = 2 Hkv dh`` (then
+    equal to :func:`attention_work`); absorbed MLA decode is ``qk = c + r``, ``v =
+    c``, ``kv_width = c + r`` (one latent shared by all heads).
+    """
+    width = jnp.asarray(q_heads) * (jnp.asarray(qk_dim) + v_dim)
+    flops = 2.0 * width * pairs
+    kv = jnp.asarray(kv_width) * kv_bytes * kv_read
+    return flops, kv + width * act_bytes * new_tokens
+
+
+def tensor_peak(compute_bytes: ArrayLike, flops_16: ArrayLike, flops_8: ArrayLike):
+    """Tensor-core peak for operands of ``compute_bytes`` bytes, FLOP/s: the 16-bit
+    peak at 2 bytes, the FP8 peak at 1, twice the FP8 peak at 0.5 (FP4, Blackwell)."""
+    cb = jnp.asarray(compute_bytes)
+    return jnp.where(cb > 1.0, flops_16, jnp.where(cb > 0.5, flops_8, 2.0 * flops_8))
+
+
+def all_to_all_us(
+    bytes_: ArrayLike,
+    n_gpus: ArrayLike,
+    link_bw: ArrayLike,
+    eta: ArrayLike,
+    latency_us: ArrayLike,
+) -> Array:
+    """Time of one all-to-all in which each GPU holds ``bytes_`` for all ``n_gpus``, us.
+
+    ``latency + (n-1)/n bytes / (link_bw eta)``: the share bound for other GPUs
+    leaves over the GPU's link; zero on one GPU.
+    """
+    n = jnp.asarray(n_gpus)
+    wire = (n - 1.0) / n * bytes_ / link_bw * 1e6 / eta  # see roofline_us
+    return jnp.where(n > 1, latency_us + wire, 0.0)

@@ -4,19 +4,32 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from .._model._arch import Architecture
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
 from .._model._factors import Factors
+from .._model._layers import (
+    attention_dims,
+    expert_split,
+    gemm_input_bytes,
+    indexer_projection_work,
+    indexer_work,
+    mla_context_work,
+    projection_work,
+    quant_pass_bytes,
+    windowed_attention,
+)
 from .._model._physics import (
     SHARPNESS,
+    all_to_all_us,
     allreduce_us,
-    attention_work,
+    attention_work_dims,
     gemm_work,
     moe_work,
     roofline_us,
+    tensor_peak,
 )
 
 COMPONENTS: tuple[str, ...] = (
@@ -39,7 +52,8 @@ class Breakdown(eqx.Module):
         attention_decode: attention of decode tokens over their contexts.
         kv_write: writing the step's new K and V into the cache.
         lm_head: logits of the last token of each request.
-        allreduce: two tensor-parallel all-reduces per layer.
+        allreduce: two tensor-parallel all-reduces per layer (and, with expert
+            parallelism over data-parallel attention, the all-to-alls).
         overhead: host and launch overhead (per step, per layer, per request).
     """
 
@@ -61,33 +75,84 @@ class Breakdown(eqx.Module):
         return {c: getattr(self, c) for c in COMPONENTS}
 
 
-def linear_work(tokens, a: Architecture, t) -> tuple[Array, Array]:
+def linear_work(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array]:
+    """FLOPs and bytes of all linear layers of a step (:func:`linear_work_split`)."""
+    flops, bytes_, _ = linear_work_split(tokens, a, t, ep)
+    return flops, bytes_
+
+
+def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array, Array]:
     """FLOPs and bytes of all linear layers of a step of ``tokens`` tokens, per GPU.
 
-    Per layer: the QKV, O, dense gate/up and down GEMMs, shared experts, the router
-    and the routed experts (:func:`~diffmodel._physics.moe_work`), plus norms,
-    residual adds, RoPE and the gated activation as activation traffic; times ``L``.
+    Attention projections in every layer (GQA or MLA:
+    :func:`~diffmodel._model._layers.projection_work`); the dense gate/up and down
+    GEMMs in ``dense_layers`` layers; shared experts, the router and the
+    routed experts (:func:`~diffmodel._physics.moe_work`, split by
+    :func:`~diffmodel._model._layers.expert_split` under expert parallelism ``ep``)
+    in ``moe_layers`` layers; plus norms, residual adds, RoPE, the gated activation
+    and the activation quantization pass as activation traffic.
+
+    Returns ``(flops, bytes, expert_flops)``: ``flops`` includes ``expert_flops``,
+    which run at the experts' own tensor peak (``expert_compute_bytes``).
     """
     qh = a.n_heads / t
     kvh = jnp.maximum(a.n_kv_heads / t, 1.0)
     d, dh, wb, ab = a.hidden, a.head_dim, a.weight_bytes, a.act_bytes
-    gemms = [
-        gemm_work(tokens, (qh + 2 * kvh) * dh, d, wb, ab),  # QKV projection
-        gemm_work(tokens, d, qh * dh, wb, ab),  # output projection
-        gemm_work(tokens, 2 * a.ffn / t, d, wb, ab),  # dense gate and up
-        gemm_work(tokens, d, a.ffn / t, wb, ab),  # dense down
-        gemm_work(tokens, 2 * a.shared_ffn / t, d, wb, ab),  # shared experts
-        gemm_work(tokens, d, a.shared_ffn / t, wb, ab),
-        gemm_work(tokens, a.n_experts, d, wb, ab),  # router (0 when dense)
-        moe_work(tokens, d, a.expert_ffn / t, a.n_experts, a.top_k, wb, ab),
+    ib = gemm_input_bytes(a)
+    L, n_dense, n_moe = a.n_layers, a.dense_layers, a.moe_layers
+    attn_f, attn_b = projection_work(tokens, a, t)
+    idx_f, idx_b = indexer_projection_work(tokens, a)
+    dense = [
+        gemm_work(tokens, 2 * a.ffn / t, d, wb, ib, ab),  # dense gate and up
+        gemm_work(tokens, d, a.ffn / t, wb, ib, ab),  # dense down
     ]
-    flops = sum(g[0] for g in gemms)
-    bytes_ = sum(g[1] for g in gemms)
+    scale, experts, top_k, expert_ffn = expert_split(a, t, ep)
+    moe_f, moe_b = moe_work(
+        tokens * scale,
+        d,
+        expert_ffn,
+        experts,
+        top_k,
+        a.expert_weight_bytes,
+        ab,
+    )
+    moe_layer = [
+        gemm_work(tokens, 2 * a.shared_ffn / t, d, wb, ib, ab),  # shared experts
+        gemm_work(tokens, d, a.shared_ffn / t, wb, ib, ab),
+        gemm_work(tokens, a.n_experts, d, wb, ab, ab),  # router (0 when dense)
+    ]
+    expert_flops = n_moe * moe_f
+    flops = (
+        L * attn_f
+        + a.index_layers * idx_f
+        + n_dense * sum(g[0] for g in dense)
+        + n_moe * sum(g[0] for g in moe_layer)
+        + expert_flops
+    )
+    bytes_ = (
+        L * attn_b
+        + a.index_layers * idx_b
+        + n_dense * sum(g[1] for g in dense)
+        + n_moe * (sum(g[1] for g in moe_layer) + moe_b)
+    )
     # Norms (read+write d, twice), residual adds (3 d, twice), RoPE on Q and K,
     # and the gated activation (read 2 F', write F').
-    ffn_act = (a.ffn + a.shared_ffn + a.top_k * a.expert_ffn) / t
-    bytes_ = bytes_ + tokens * ab * (10 * d + 2 * (qh + kvh) * dh + 3 * ffn_act)
-    return a.n_layers * flops, a.n_layers * bytes_
+    moe_act = (a.shared_ffn + a.top_k * a.expert_ffn) / t
+    acts = tokens * ab * (10 * d + 2 * (qh + kvh) * dh)
+    act_bytes = (
+        L * acts
+        + n_dense * tokens * ab * 3 * (a.ffn / t)
+        + n_moe * tokens * ab * 3 * moe_act
+    )
+    # GEMM inputs quantized: attention and MLP inputs (d each), the output
+    # projection's and the down projections' inputs.
+    q_in = 2 * d + qh * a.v_head_dim
+    quant = quant_pass_bytes(
+        tokens
+        * (L * q_in + n_dense * a.ffn / t + n_moe * (a.shared_ffn / t + moe_act)),
+        a,
+    )
+    return flops, bytes_ + act_bytes + quant, expert_flops
 
 
 def check_stats(stats: BatchStats) -> BatchStats:
@@ -143,6 +208,12 @@ def step_time(
     - all-reduce: ``2 L`` ring all-reduces of ``T d`` activations (zero at ``t = 1``);
     - overhead: ``step + L layer + (Np + Nd) request``.
 
+    These are the GQA forms; the same components cover MLA (latent cache ``c + r``
+    per token, absorbed decode, :mod:`~diffmodel._model._layers`), first-k dense and
+    shared-expert layers, sliding-window and DSA layers, quantized GEMMs (tensor
+    peak of the operand width, the activation quantization pass) and expert
+    parallelism (``dep.ep``; its all-to-alls are part of ``allreduce``).
+
     A step with no tokens runs no forward pass: only the per-step and per-request
     overhead remains. Between 0 and 1 token (a relaxed, fractional batch, as a
     scheduler tuned by gradients sees it) the forward pass is scaled by the token
@@ -189,6 +260,79 @@ def step_total(
 _GPU_COMPONENTS = COMPONENTS[:-1]
 
 
+def lm_head_us(rows, dep: Deployment, fa: Factors, sharpness: float = SHARPNESS):
+    """LM head of ``rows`` logit rows (one per request; ``K + 1`` per request when
+    verifying ``K`` speculative tokens), us: a ``[rows, d] @ [d, V/t]`` GEMM and
+    fp32 logits, on the FP8 peak when the head's weights are 1 byte."""
+    a, hw, t = dep.arch, dep.hw, dep.tp
+    head_bytes = a.head_weight_bytes
+    head_peak = jnp.where(head_bytes <= 1.0, hw.flops_8, hw.flops_16)
+    head_f, head_b = gemm_work(rows, a.vocab / t, a.hidden, head_bytes, a.act_bytes)
+    head_b = head_b + rows * a.vocab / t * 4.0  # fp32 logits
+    return roofline_us(
+        head_f, head_b, head_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
+    )
+
+
+def decode_attention_us(
+    stats: BatchStats,
+    dep: Deployment,
+    fa: Factors,
+    sharpness: float = SHARPNESS,
+    queries: ArrayLike = 1.0,
+) -> Array:
+    """Decode attention of a step, us, with ``q = queries`` query tokens per request.
+
+    Pairs ``q K_dec + Nd q (q - 1) / 2`` (query ``j`` also sees the ``j`` tokens
+    before it), KV read once per request, ``K_dec + Nd (q - 1)``; ``q = 1`` is plain
+    decoding, ``q = k + 1`` the verify of ``k`` speculative tokens. Full layers read
+    the whole context, the ``window_layers`` at most ``W`` (+ sinks) per request.
+    """
+    a, t, ab, kb = dep.arch, dep.tp, dep.arch.act_bytes, dep.arch.kv_bytes
+    dims = attention_dims(a, t)
+    q = jnp.asarray(queries)
+    nd, kd = stats.num_decode, stats.kv_decode
+    extra = nd * (q - 1.0)
+    _, _, w_dec, w_read = windowed_attention(stats, a.window, a.sink_tokens)
+    new = stats.decode_tokens * q
+    dec = (dims.decode_qk, dims.decode_v, dims.kv_width, kb, ab)
+    f, b = attention_work_dims(
+        q * kd + 0.5 * q * extra, kd + extra, new, dims.q_heads, *dec
+    )
+    fw, bw = attention_work_dims(
+        q * w_dec + 0.5 * q * extra, w_read + extra, new, dims.q_heads, *dec
+    )
+    ix_f, ix_b = indexer_work(q * kd + 0.5 * q * extra, kd + extra, new, a)
+    n_win = a.window_layers
+    n_full = a.n_layers - n_win
+    return roofline_us(
+        n_full * f + n_win * fw + a.index_layers * ix_f,
+        n_full * b + n_win * bw + a.index_layers * ix_b,
+        dep.hw.flops_16,
+        dep.hw.hbm_bw,
+        fa.attn_flops,
+        fa.attn_bw,
+        sharpness,
+    )
+
+
+def expert_all_to_all_us(tokens, a: Architecture, dep: Deployment, fa: Factors):
+    """Expert-parallel dispatch and combine of a step, us (0 unless ``ep > tp``).
+
+    With data-parallel attention (``ep > t``) each MoE layer sends every token's
+    hidden state to its ``k`` experts and back: two all-to-alls over the ``ep``
+    GPUs of ``T k d`` elements each (dispatch at the GEMM operand width, combine in
+    16 bits), at the link bandwidth and latency of the all-reduce factors.
+    """
+    ep, t = dep.ep, dep.tp
+    elems = tokens * a.top_k * a.hidden
+    n = jnp.where(ep > t, ep, 1.0)
+    bw, eta, lat = dep.hw.link_bw, fa.comm_bw, fa.comm_latency_us
+    dispatch = all_to_all_us(elems * gemm_input_bytes(a), n, bw, eta, lat)
+    combine = all_to_all_us(elems * a.act_bytes, n, bw, eta, lat)
+    return a.moe_layers * (dispatch + combine)
+
+
 def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     """The components of :func:`step_time`, GPU ones not yet gated for idle steps,
     and the idle gate ``min(T, 1)``: 0 for a step without tokens, 1 for one that runs
@@ -199,55 +343,66 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     # ``where`` rather than ``minimum``: at T = 1 the gradient is the running
     # step's (``minimum`` would split the tie and add half a forward pass).
     gate = jnp.where(tokens >= 1.0, 1.0, tokens)
-    L, d, dh = a.n_layers, a.hidden, a.head_dim
-    qh = a.n_heads / t
-    kvh = jnp.maximum(a.n_kv_heads / t, 1.0)
-    wb, ab, kb = a.weight_bytes, a.act_bytes, a.kv_bytes
-    gemm_peak = jnp.where(wb <= 1.0, hw.flops_8, hw.flops_16)
+    L, d = a.n_layers, a.hidden
+    ab, kb = a.act_bytes, a.kv_bytes
+    ep = dep.ep
+    dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8)
+    expert_peak = tensor_peak(a.expert_compute_bytes, hw.flops_16, hw.flops_8)
 
-    lin_f, lin_b = linear_work(tokens, a, t)
+    lin_f, lin_b, exp_f = linear_work_split(tokens, a, t, ep)
+    # Expert FLOPs as FLOPs at the dense peak, so one roofline serves both.
+    lin_f = lin_f + exp_f * (dense_peak / expert_peak - 1.0)
     linear = roofline_us(
-        lin_f, lin_b, gemm_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
+        lin_f, lin_b, dense_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
     )
 
-    pf_f, pf_b = attention_work(
+    dims = attention_dims(a, t)
+    qh, kvw = dims.q_heads, dims.kv_width
+    n_win = a.window_layers
+    n_full = L - n_win
+    w_pf, w_pf_read, _, _ = windowed_attention(stats, a.window, a.sink_tokens)
+    pf = (dims.prefill_qk, dims.prefill_v, kvw, kb, ab)
+    pf_f, pf_b = attention_work_dims(
         stats.attn_prefill,
         stats.kv_prefill + stats.prefill_tokens,
         stats.prefill_tokens,
         qh,
-        kvh,
-        dh,
-        kb,
-        ab,
+        *pf,
+    )
+    pfw_f, pfw_b = attention_work_dims(w_pf, w_pf_read, stats.prefill_tokens, qh, *pf)
+    up_f, up_b = mla_context_work(stats.kv_prefill, a, t)
+    ix_f, ix_b = indexer_work(
+        stats.attn_prefill,
+        stats.kv_prefill + stats.prefill_tokens,
+        stats.prefill_tokens,
+        a,
     )
     attention_prefill = roofline_us(
-        L * pf_f, L * pf_b, hw.flops_16, hw.hbm_bw, fa.attn_flops, fa.attn_bw, sharpness
-    )
-    dec_f, dec_b = attention_work(
-        stats.kv_decode, stats.kv_decode, stats.decode_tokens, qh, kvh, dh, kb, ab
-    )
-    attention_decode = roofline_us(
-        L * dec_f,
-        L * dec_b,
+        n_full * pf_f + n_win * pfw_f + L * up_f + a.index_layers * ix_f,
+        n_full * pf_b + n_win * pfw_b + L * up_b + a.index_layers * ix_b,
         hw.flops_16,
         hw.hbm_bw,
         fa.attn_flops,
         fa.attn_bw,
         sharpness,
     )
-    kv_write = L * 2 * kvh * dh * kb * tokens / hw.hbm_bw * 1e6 / fa.mem_bw
-
-    head_f, head_b = gemm_work(requests, a.vocab / t, d, wb, ab)
-    head_b = head_b + requests * a.vocab / t * 4.0  # fp32 logits
-    lm_head = roofline_us(
-        head_f, head_b, gemm_peak, hw.hbm_bw, fa.gemm_flops, fa.mem_bw, sharpness
+    attention_decode = decode_attention_us(stats, dep, fa, sharpness)
+    # Divided by the hardware rate before the efficiency (see roofline_us).
+    kv_write = (
+        (L * kvw * kb + a.index_layers * a.index_dim)
+        * tokens
+        / hw.hbm_bw
+        * 1e6
+        / fa.mem_bw
     )
+
+    lm_head = lm_head_us(requests, dep, fa, sharpness)
 
     allreduce = (
         2
         * L
         * allreduce_us(tokens * d * ab, t, hw.link_bw, fa.comm_bw, fa.comm_latency_us)
-    )
+    ) + expert_all_to_all_us(tokens, a, dep, fa)
     overhead = (
         fa.step_overhead_us
         + L * fa.layer_overhead_us * gate

@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 
 from .._metrics import mape
-from .._model._arch import architecture
+from .._model._arch import architecture, canonical_model
 from .._paths import default_data_dir
-from ..data._splits import canonical_model_name
 
 # --------------------------------------------------------------------------- blackbox
 
@@ -236,7 +235,7 @@ def study_features(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _arch_columns(models: pd.Series) -> dict[str, np.ndarray]:
     """Per-row architecture numbers for the model column."""
-    names = models.map(canonical_model_name).to_numpy(dtype=object)
+    names = models.map(canonical_model).to_numpy(dtype=object)
     unknown = sorted(set(names) - set(_ARCH))
     if unknown:
         raise ValueError(

@@ -3,7 +3,8 @@
 - ``temporal_split``: per experiment, in ``step.id`` order, the first 60% of rows for
   training, the next 20% for validation, the rest for testing.
 - ``leave_one_out``: hold out every row of one model (or one workload) and train on
-  the rest. Model names are canonicalised first (``canonical_model_name``), so that
+  the rest. Model names are canonicalised first (``diffmodel.canonical_model``,
+  strict: a name that is not a known model is an error), so that
   ``llama-2-70b`` and ``llama-2-70b-hf``, one model under two names, form one fold.
 """
 
@@ -12,23 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from .._model._catalog import MODEL_ALIASES
+from .._model._arch import canonical_model
 
 SPLIT_LABELS: tuple[str, str, str] = ("train", "valid", "test")
-
-
-def canonical_model_name(name: str) -> str:
-    """The catalog name of a model as spelled in a trace or on the hub.
-
-    Case and surrounding blanks are ignored; known aliases are mapped
-    (``'llama-2-70b-hf'`` -> ``'llama-2-70b'``, ``'mixtral-8x7b-v0-1'`` ->
-    ``'mixtral-8x7b'``); any other name, e.g. ``'codellama-34b'``, is returned
-    lower-cased.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    key = name.strip().lower()
-    return MODEL_ALIASES.get(key, key)
 
 
 def split_sizes(
@@ -84,7 +71,8 @@ def leave_one_out(
 
     - `frame`: a step table.
     - `column`: ``'model'`` (leave-one-model-out; names canonicalised by
-      ``canonical_model_name``) or any other label column, e.g. ``'workload'``.
+      ``diffmodel.canonical_model``; an unknown model name is a ``ValueError``)
+      or any other label column, e.g. ``'workload'``.
 
     **Returns:** an iterator of ``(held_out_value, train_mask, test_mask)``, one per
     distinct value in sorted order; the masks are boolean numpy arrays over `frame`'s
@@ -96,7 +84,7 @@ def leave_one_out(
     if values.isna().any():
         raise ValueError(f"leave_one_out: column {column!r} has missing values")
     if column == "model":
-        values = values.map(canonical_model_name)
+        values = values.map(canonical_model)
     values = values.astype(str).to_numpy(dtype=object)
     distinct = sorted(set(values))
     if len(distinct) < 2:
