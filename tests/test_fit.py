@@ -17,6 +17,8 @@ from diffmodel._fitting._factorsets import (
 from diffmodel._fitting._fit import fit_arrays, step_data
 from diffmodel._fitting._study import init_study
 
+from helpers import unchecked
+
 LABELS = (
     "llama-2-7b/h100-sxm/tp1",
     "llama-2-70b/h100-sxm/tp4",
@@ -367,7 +369,8 @@ def test_validation_early_stopping():
     ],
 )
 def test_fit_errors_before_compiling(mutate, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    # unchecked: a bad kind is also a type error for the suite's runtime checker.
+    with pytest.raises(ValueError, match=match), unchecked():
         dm.fit(mutate(_frame()), target="t_us", **kwargs)
 
 

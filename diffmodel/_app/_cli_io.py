@@ -215,15 +215,24 @@ def save(fig, path: pathlib.Path) -> None:
 
 def factor_table(result) -> str:
     """Fitted factors as text: one row per factor with its unit, one column per
-    group (``global`` first)."""
+    group (``global`` first) and, when the fit has a posterior, a ``<group> sd``
+    column beside each; then what the data leave undetermined, one line each."""
     from .._model._factors import FACTOR_NAMES, FACTOR_SPECS
 
     table = result.table()
-    table.columns = list(FACTOR_NAMES)
-    out = table.T
+    rows = {}
+    for name in FACTOR_NAMES:
+        col = f"{name} [{FACTOR_SPECS[name][1]}]"
+        rows[name] = {g: table.at[g, col] for g in table.index}
+        if f"{col} sd" in table.columns:
+            for g in table.index:
+                rows[name][f"{g} sd"] = table.at[g, f"{col} sd"]
+    out = pd.DataFrame(rows).T
     out.insert(0, "unit", [FACTOR_SPECS[n][1] for n in FACTOR_NAMES])
     out.index.name = "factor"
-    return out.to_string(float_format=lambda v: f"{v:.4g}")
+    text = out.to_string(float_format=lambda v: f"{v:.4g}")
+    open_ = result.identifiability()
+    return text + ("\n" + open_ if open_ else "")
 
 
 def metrics_text(
