@@ -19,6 +19,7 @@ from . import (
     scheduler as scheduler,
 )
 from ._bulk._bulk import predict_steps as predict_steps
+from ._cache import enable_compilation_cache as _enable_compilation_cache
 from ._fitting._base import AbstractFactorSet as AbstractFactorSet
 from ._fitting._factorsets import (
     GlobalFactors as GlobalFactors,
@@ -68,6 +69,8 @@ from ._model._roofline import (
     step_time as step_time,
 )
 from ._predict import predict as predict
+
+_enable_compilation_cache()
 
 try:
     __version__ = _version("diffmodel")
