@@ -35,16 +35,14 @@ from .._fitting._optimise import minimise
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
 from .._model._factors import Factors
-from ._bulk import (
-    _ALIGN_ELEMS,
-    STAT_FIELDS,
+from ._feeder import _resolve_devices
+from ._rewrite import _ALIGN_ELEMS, STAT_FIELDS, _evaluate
+from ._validate import (
     _as_array,
     _check_group,
     _check_values,
-    _evaluate,
     _float_dtype,
     _resolve,
-    _resolve_devices,
 )
 
 
