@@ -23,6 +23,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -85,7 +86,7 @@ def bulk_data(
     target: ArrayLike,
     weights: ArrayLike | None = None,
     *,
-    chunk_size: int = 2**16,
+    chunk_size: int = 2**12,
     dtype=jnp.float32,
     devices=None,
 ) -> BulkData:
@@ -177,10 +178,27 @@ def _tables(deployments: Deployment, factors: Factors, dtype) -> tuple[Array, ..
     return tuple(tables)
 
 
-def _split(tables) -> tuple[tuple, tuple]:
-    """Floating tables (differentiated) and the others (booleans, integers)."""
-    f = tuple(t for t in tables if jnp.issubdtype(t.dtype, jnp.inexact))
-    o = tuple(t for t in tables if not jnp.issubdtype(t.dtype, jnp.inexact))
+def _depends_on_factors(deployments: Deployment, factors: Factors, dtype) -> tuple:
+    """Per table, whether it depends on the factors (a forward pass over the jaxpr
+    of :func:`_tables`): only those carry gradients; the others are constants of
+    the fit (deployment arithmetic) and need no reduction over the steps."""
+    closed = jax.make_jaxpr(lambda f: _tables(deployments, f, dtype))(factors)
+    live = set(closed.jaxpr.invars)
+    for eqn in closed.jaxpr.eqns:
+        if any(not isinstance(v, jex.Literal) and v in live for v in eqn.invars):
+            live.update(eqn.outvars)
+    return tuple(
+        not isinstance(v, jex.Literal)
+        and v in live
+        and jnp.issubdtype(v.aval.dtype, jnp.inexact)
+        for v in closed.jaxpr.outvars
+    )
+
+
+def _split(tables, kinds) -> tuple[tuple, tuple]:
+    """The tables that carry the factors (differentiated) and the others."""
+    f = tuple(t for t, k in zip(tables, kinds, strict=True) if k)
+    o = tuple(t for t, k in zip(tables, kinds, strict=True) if not k)
     return f, o
 
 
@@ -264,8 +282,8 @@ def bulk_loss(fs: AbstractFactorSet, data: BulkData) -> Array:
     """
     factors = _physical(fs, data)
     tables = _tables(data.deployments, factors, data.log_target.dtype)
-    kinds = tuple(bool(jnp.issubdtype(t.dtype, jnp.inexact)) for t in tables)
-    ftables, otables = _split(tables)
+    kinds = _depends_on_factors(data.deployments, factors, data.log_target.dtype)
+    ftables, otables = _split(tables, kinds)
     total = _sum_sq(ftables, otables, kinds, factors, data)
     return total / data.total_weight + fs.penalty(data.n_rows)
 
@@ -281,8 +299,8 @@ def _plain_loss(fs: AbstractFactorSet, data: BulkData) -> Array:
         @jax.checkpoint
         def step(acc, chunk):
             tables = _tables(deps, fac, dtype)
-            kinds = tuple(bool(jnp.issubdtype(t.dtype, jnp.inexact)) for t in tables)
-            f, o = _split(tables)
+            kinds = tuple(jnp.issubdtype(t.dtype, jnp.inexact) for t in tables)
+            f, o = _split(tables, kinds)
             return acc + _chunk_sum(f, o, kinds, fac, deps, chunk), None
 
         return jax.lax.scan(step, jnp.zeros((), dtype), chunks)[0]
@@ -323,7 +341,7 @@ def fit_steps(
     learning_rate: float = 0.05,
     gtol: float | None = None,
     rtol: float | None = None,
-    chunk_size: int = 2**16,
+    chunk_size: int = 2**12,
     dtype=jnp.float32,
     devices=None,
     throw: bool = True,
