@@ -2,7 +2,8 @@
 
 The top level holds the core vocabulary: the step model (architecture, hardware,
 deployment, batch statistics, ``step_time``), its factors and factor sets, ``fit``,
-prediction (``predict`` for pandas frames, ``predict_steps`` for arrays in bulk), JSON
+prediction (``predict`` for pandas frames, ``predict_steps`` for arrays in bulk),
+``fit_steps`` (fitting arrays of millions of steps), JSON
 save/load and metrics. Families live in public namespaces: :mod:`diffmodel.data`
 (traces, frames, splits), :mod:`diffmodel.kernels` (kernel tables, curves,
 calibration), :mod:`diffmodel.scheduler`, :mod:`diffmodel.serving` (speculative

@@ -11,6 +11,7 @@ from . import (
     serving as serving,
 )
 from ._bulk._bulk import predict_steps as predict_steps
+from ._bulk._loss import fit_steps as fit_steps
 from ._fitting._base import AbstractFactorSet as AbstractFactorSet
 from ._fitting._factorsets import (
     GlobalFactors as GlobalFactors,
@@ -87,6 +88,7 @@ __all__ = [
     "default_factors",
     "deployment",
     "fit",
+    "fit_steps",
     "from_aggregates",
     "from_requests",
     "hardware",

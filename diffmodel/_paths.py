@@ -1,15 +1,33 @@
-"""Where the shared reference data lives.
+"""Where the shared reference data and the compilation cache live.
 
-The only place the package reads an environment variable: ``DIFFMODEL_DATA`` points at
-the reference data folder (the one holding ``stepml/``, ``kernels/``, ``vidur/``,
-``model_configs/``). Without it, ``../shared/data`` relative to the current directory
-and then relative to the source checkout are tried.
+The only place the package reads environment variables:
+
+- ``DIFFMODEL_DATA`` points at the reference data folder (the one holding
+  ``stepml/``, ``kernels/``, ``vidur/``, ``model_configs/``). Without it,
+  ``../shared/data`` relative to the current directory and then relative to the
+  source checkout are tried.
+- ``DIFFMODEL_COMPILATION_CACHE``: JAX's persistent compilation cache, on by default
+  in ``$XDG_CACHE_HOME/diffmodel/jax`` (``~/.cache/diffmodel/jax``) so that a second
+  process reuses the first one's compiled code. ``0`` turns it off; any other value
+  than ``1`` is taken as the folder to use.
 """
 
 import os
 import pathlib
 
 _ENV = os.environ.get("DIFFMODEL_DATA")
+_CACHE_ENV = os.environ.get("DIFFMODEL_COMPILATION_CACHE", "1").strip()
+_XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "").strip()
+
+
+def compilation_cache_dir() -> pathlib.Path | None:
+    """The persistent compilation cache folder, or ``None`` when turned off."""
+    if _CACHE_ENV.lower() in ("0", "off", "false", "no"):
+        return None
+    if _CACHE_ENV not in ("", "1"):
+        return pathlib.Path(_CACHE_ENV).expanduser()
+    base = pathlib.Path(_XDG_CACHE) if _XDG_CACHE else pathlib.Path.home() / ".cache"
+    return base / "diffmodel" / "jax"
 
 
 def default_data_dir() -> pathlib.Path:

@@ -301,7 +301,7 @@ def test_sharded_over_two_host_devices_equals_single():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_pass_request_sums_equal_from_requests(dtype):
-    from diffmodel._bulk._bulk import _sum_requests
+    from diffmodel._bulk._feeder import _sum_requests
     from diffmodel._model._batch import request_terms
 
     new, ctx, mask = (np.asarray(a) for a in _requests(23, 40, seed=8))
@@ -324,7 +324,7 @@ def _misaligned(x, shift_bytes):
 
 
 def test_misaligned_inputs_are_read_in_place_and_agree(deps):
-    from diffmodel._bulk._bulk import _Feeder
+    from diffmodel._bulk._feeder import _Feeder
 
     # Middle chunks of misaligned arrays go as windows into the array itself (no
     # copy); the first and the padded last chunk are staged. Both give the same.
@@ -344,7 +344,7 @@ def test_misaligned_inputs_are_read_in_place_and_agree(deps):
 
 
 def test_staging_buffer_not_refilled_while_its_chunk_may_be_in_flight():
-    from diffmodel._bulk._bulk import _IN_FLIGHT, _Feeder
+    from diffmodel._bulk._feeder import _IN_FLIGHT, _Feeder
 
     # XLA reads staged buffers in place and asynchronously: the chunks that may be
     # in flight together (the one being staged and the _IN_FLIGHT before it) must
@@ -372,7 +372,7 @@ def test_many_staged_chunks_in_flight_agree(deps):
 
 
 def test_affine_folding_combines_coefficients_per_group():
-    from diffmodel._bulk._bulk import _Evaluator, _PerGroup
+    from diffmodel._bulk._rewrite import _Evaluator, _PerGroup
 
     # (w1 + x a1) + (w2 - x a2), divided by a1, plus 2 y: the coefficients of x and
     # the constants combine per group, so two tables meet the steps (x's
@@ -394,7 +394,7 @@ def test_affine_folding_combines_coefficients_per_group():
 
 
 def test_nested_jit_and_spread_constants_stay_per_group():
-    from diffmodel._bulk._bulk import _Evaluator, _PerGroup
+    from diffmodel._bulk._rewrite import _Evaluator, _PerGroup
 
     # jnp.where is a nested jit that broadcasts its scalar: with per-group inputs its
     # result, and the log of it, are still computed once per group, so one table

@@ -18,17 +18,11 @@ import numpy as np
 import pandas as pd
 
 import diffmodel as dm
+from diffmodel._app import _bench_fit
 from diffmodel._app._numpy_reference import numpy_step_time, numpy_tables
-from diffmodel._bulk._bulk import (
-    _ALIGN_BYTES,
-    _chunk,
-    _group_tables,
-    _stats_kernel,
-    _table_plan,
-    predict_requests,
-    predict_steps,
-    step_time_fast,
-)
+from diffmodel._bulk._bulk import predict_requests, predict_steps
+from diffmodel._bulk._feeder import _ALIGN_BYTES, _chunk, _stats_kernel
+from diffmodel._bulk._rewrite import _group_tables, _table_plan, step_time_fast
 from diffmodel.baselines._baselines import _FIXED_PARAMS, study_features
 
 DEPLOYMENTS = (("llama-2-70b", 4), ("codellama-34b", 2), ("mixtral-8x7b", 2))
@@ -317,6 +311,9 @@ def main(
 
     t = _median_time(lambda: jax.block_until_ready(value_and_grad(fac32)), repeats)
     res["grad_steps_per_s"] = gs / t
+
+    _log("fitting: fresh-process fit times, scipy, bulk loss + gradient")
+    res.update(_bench_fit.measure(grad_steps=gs))
 
     res["ratio_stream"] = res["steps_per_s"] / res["stream_steps_per_s"]
     res["ratio_numpy"] = res["steps_per_s"] / res["numpy_steps_per_s"]

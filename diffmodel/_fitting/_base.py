@@ -68,6 +68,15 @@ class AbstractFactorSet(eqx.Module):
         """Predicted step times, us."""
 
     @abc.abstractmethod
+    def prepare(self, data: StepData) -> Any:
+        """What :meth:`predict_prepared` needs of ``data`` that no parameter changes
+        (computed once per fit, outside the optimiser's loop)."""
+
+    @abc.abstractmethod
+    def predict_prepared(self, prepared: Any) -> Float[Array, " steps"]:
+        """Predicted step times, us, from :meth:`prepare`'s output."""
+
+    @abc.abstractmethod
     def penalty(self, n_rows: Any) -> Array:
         """Prior term added to the mean log-ratio loss over ``n_rows`` rows."""
 

@@ -154,6 +154,12 @@ class GlobalFactors(AbstractFactorSet):
         """Predicted step times, us."""
         return data.breakdown(self.physical()).total
 
+    def prepare(self, data: StepData) -> StepData:
+        return data
+
+    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
+        return self.predict(prepared)
+
     def penalty(self, n_rows) -> Array:
         """Prior term of the objective (see the class doc)."""
         return _anchor(self.raw, self.global_prior_scale, self.noise_scale, n_rows)
@@ -222,6 +228,12 @@ class PerGroupFactors(AbstractFactorSet):
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
+
+    def prepare(self, data: StepData) -> StepData:
+        return data
+
+    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
+        return self.predict(prepared)
 
     def penalty(self, n_rows) -> Array:
         """Prior term of the objective (none)."""
@@ -307,6 +319,12 @@ class HierarchicalFactors(AbstractFactorSet):
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
+
+    def prepare(self, data: StepData) -> StepData:
+        return data
+
+    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
+        return self.predict(prepared)
 
     def penalty(self, n_rows) -> Array:
         """Shrinkage prior, scaled to the mean log-ratio loss (see class doc)."""

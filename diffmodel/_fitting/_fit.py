@@ -113,13 +113,18 @@ def _check_target(y, name: str) -> np.ndarray:
 
 def _objective(fs: AbstractFactorSet, args) -> Array:
     """Mean log-ratio loss plus the set's prior term; the data are arguments."""
-    data, y, w, n = args
-    return log_ratio_loss(fs.predict(data), y, w) + fs.penalty(n)
+    prepared, y, w, n = args
+    return log_ratio_loss(fs.predict_prepared(prepared), y, w) + fs.penalty(n)
 
 
 def _valid_loss(fs: AbstractFactorSet, args) -> Array:
-    data, y = args
-    return log_ratio_loss(fs.predict(data), y)
+    prepared, y = args
+    return log_ratio_loss(fs.predict_prepared(prepared), y)
+
+
+@eqx.filter_jit
+def _prepare(fs: AbstractFactorSet, data: StepData):
+    return fs.prepare(data)
 
 
 def fit_arrays(
@@ -181,11 +186,11 @@ def fit_arrays(
     valid_fn = valid_args = None
     if valid is not None:
         vy = jnp.asarray(_check_target(valid[1], "valid target"))
-        valid_fn, valid_args = _valid_loss, (valid[0], vy)
+        valid_fn, valid_args = _valid_loss, (_prepare(factor_set, valid[0]), vy)
     res = minimise(
         _objective,
         factor_set,
-        (data, y, w, jnp.asarray(float(n))),
+        (_prepare(factor_set, data), y, w, jnp.asarray(float(n))),
         solver=solver,
         learning_rate=learning_rate,
         max_steps=max_steps,

@@ -134,10 +134,18 @@ class StudyFactors(AbstractFactorSet):
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us."""
+        return self.predict_prepared(self.prepare(data))
+
+    def prepare(self, data: StepData) -> tuple[Array, Array]:
+        """The components (they do not depend on the parameters) and groups."""
+        return study_components(data), data.group
+
+    def predict_prepared(self, prepared: tuple[Array, Array]) -> Float[Array, " steps"]:
+        comps, group = prepared
         v = self.values()
         if self.per_group:
-            v = v[data.group]
-        return study_predict(v, study_components(data))
+            v = v[group]
+        return study_predict(v, comps)
 
     def penalty(self, n_rows) -> Array:
         """No prior."""

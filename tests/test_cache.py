@@ -1,0 +1,63 @@
+"""The persistent compilation cache: on by default, its folder, the switch, and a
+second process that compiles nothing."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_PROBE = r"""
+import json, sys
+import jax
+events = {"hits": 0, "misses": 0}
+def listen(event, **kw):
+    if event == "/jax/compilation_cache/cache_hits":
+        events["hits"] += 1
+    if event == "/jax/compilation_cache/cache_misses":
+        events["misses"] += 1
+jax.monitoring.register_event_listener(listen)
+import jax.numpy as jnp
+import diffmodel as dm
+def loss(p, args):
+    return jnp.sum((p - args) ** 2)
+if len(sys.argv) > 1:
+    dm.minimise(loss, jnp.zeros(3), jnp.arange(3.0), solver="lbfgs")
+json.dump({"dir": jax.config.jax_compilation_cache_dir, **events}, sys.stdout)
+"""
+
+
+def run(env_changes, *args):
+    env = {**os.environ, **env_changes}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args],
+        env={k: v for k, v in env.items() if v is not None},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_default_folder_follows_xdg_cache_home(tmp_path):
+    r = run({"XDG_CACHE_HOME": str(tmp_path), "DIFFMODEL_COMPILATION_CACHE": None})
+    assert r["dir"] == str(tmp_path / "diffmodel" / "jax")
+
+
+def test_switch_off_and_explicit_folder(tmp_path):
+    assert run({"DIFFMODEL_COMPILATION_CACHE": "0"})["dir"] is None
+    folder = tmp_path / "mine"
+    assert run({"DIFFMODEL_COMPILATION_CACHE": str(folder)})["dir"] == str(folder)
+
+
+def test_second_process_compiles_nothing(tmp_path):
+    env = {"DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache")}
+    first = run(env, "fit")
+    second = run(env, "fit")
+    assert first["misses"] > 0
+    assert second["misses"] == 0 and second["hits"] >= first["misses"]
