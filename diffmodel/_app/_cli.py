@@ -532,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a README section")
     p.set_defaults(run=_cmd_bench)
+
+    from ._kernels_cmd import add_parser as _add_kernels_parsers
+
+    _add_kernels_parsers(sub)
     return parser
 
 
