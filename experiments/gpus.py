@@ -17,7 +17,7 @@ Rows are subsampled per (GPU, family) with a fixed seed (``--rows``). Writes
 ``gpus.csv`` (``family, protocol, held_out, variant, mape, n_rows, n_params``, plus
 ``form`` and ``backend``) and prints the table.
 
-    python experiments/gpus.py [--out DIR] [--rows 600] [--families a,b]
+    python experiments/gpus.py [--out DIR] [--rows 250] [--families a,b]
 """
 
 import argparse
@@ -63,7 +63,7 @@ SYSTEMS = {
     "rtx_pro_6000_server": "rtx-pro-6000",
     "b60": "b60",
 }
-FORMS = ("absolute", "portable")
+FORMS = ("absolute", "portable", "portable_l2")
 
 
 def _log(msg: str) -> None:
@@ -142,7 +142,7 @@ def family_inputs(family, gathered):
 
 
 def init_for(family: str, form: str):
-    portable = form == "portable"
+    portable = form.startswith("portable")
     if family == "allreduce":
         return dk.default_allreduce_curve(portable=portable)
     base = dk.init_curves(family)
@@ -152,6 +152,7 @@ def init_for(family: str, form: str):
         tuned=base.raw_tuned is not None,
         prologue=base.prologue is not None,
         portable=portable,
+        cache=form == "portable_l2",
     )
 
 
@@ -162,7 +163,7 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
     for i, (_, _, rows) in enumerate(gathered):
         test[gpu == i] = dk.held_out_split(rows, SHAPE_KEYS[family], seed=seed)
     train = np.stack([(gpu == i) & ~test for i in range(n_g)])
-    init = init_for(family, "portable")
+    init = init_for(family, "portable_l2")
     curves, _ = dk.fit_folds(
         predict, y, train, gpu, init, n_gpus=n_g, offsets=False, options=options
     )
@@ -183,7 +184,9 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
                     mape=mape(y[sel], p[sel]),
                     n_rows=int(sel.sum()),
                     n_params=k,
-                    form="portable" if k else "",
+                    form="portable_l2"
+                    if k and family != "allreduce"
+                    else ("portable" if k else ""),
                     backend=backend,
                 )
             )
@@ -265,7 +268,7 @@ def table_text(table: pd.DataFrame) -> str:
 def main(
     *,
     out: str | pathlib.Path = "results/gpus",
-    rows: int = 600,
+    rows: int = 250,
     families: tuple[str, ...] = FAMILIES,
     seed: int = 0,
     options: dk.FitOptions | None = None,
@@ -274,10 +277,10 @@ def main(
     """Run both protocols on every family, write ``gpus.csv``, print the table."""
     jax.config.update("jax_enable_x64", True)
     options = (
-        dk.FitOptions(adam_steps=500, lbfgs_steps=80) if options is None else options
+        dk.FitOptions(adam_steps=400, lbfgs_steps=60) if options is None else options
     )
     inner_options = (
-        dk.FitOptions(adam_steps=300, lbfgs_steps=40)
+        dk.FitOptions(adam_steps=200, lbfgs_steps=30)
         if inner_options is None
         else inner_options
     )
@@ -315,7 +318,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("results/gpus")
     )
-    parser.add_argument("--rows", type=int, default=600, help="rows per GPU and family")
+    parser.add_argument("--rows", type=int, default=250, help="rows per GPU and family")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

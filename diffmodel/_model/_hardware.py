@@ -25,6 +25,8 @@ class Hardware(eqx.Module):
         sm_count: optional streaming multiprocessors (Intel: Xe cores), for waves of
             parallel work; ``None`` where unknown (portable curves then refuse it).
         clock_ghz: optional boost clock, GHz (recorded, not used by the physics).
+        l2_bytes: optional last-level (L2) cache size, bytes, for operands that
+            stay cached between repeated kernels; ``None`` where unknown.
     """
 
     flops_16: Float[Array, ""]
@@ -33,9 +35,18 @@ class Hardware(eqx.Module):
     link_bw: Float[Array, ""]
     sm_count: Float[Array, ""] | None
     clock_ghz: Float[Array, ""] | None
+    l2_bytes: Float[Array, ""] | None
 
     def __init__(
-        self, *, flops_16, flops_8=None, hbm_bw, link_bw, sm_count=None, clock_ghz=None
+        self,
+        *,
+        flops_16,
+        flops_8=None,
+        hbm_bw,
+        link_bw,
+        sm_count=None,
+        clock_ghz=None,
+        l2_bytes=None,
     ):
         self.flops_16 = jnp.asarray(flops_16, float)
         self.flops_8 = jnp.asarray(flops_16 if flops_8 is None else flops_8, float)
@@ -43,45 +54,67 @@ class Hardware(eqx.Module):
         self.link_bw = jnp.asarray(link_bw, float)
         self.sm_count = None if sm_count is None else jnp.asarray(sm_count, float)
         self.clock_ghz = None if clock_ghz is None else jnp.asarray(clock_ghz, float)
+        self.l2_bytes = None if l2_bytes is None else jnp.asarray(l2_bytes, float)
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
-    """What the YAMLs lack, with its source: SMs, boost clock (GHz)."""
+    """What the YAMLs lack, with its source: SMs, boost clock (GHz), L2 (MiB)."""
 
     system: str
     sm_count: int
     clock_ghz: float
     source: str
+    l2_mib: int
 
 
-# Catalog name -> database system, SM count and boost clock with the public source.
+# Catalog name -> database system, SM count, boost clock, L2 size (MiB), with the
+# public source (whitepapers, datasheets; where a number is less certain, it says).
 SPECS: dict[str, GpuSpec] = {
     "h100-sxm": GpuSpec(
-        "h100_sxm", 132, 1.98, "NVIDIA H100 Tensor Core GPU Architecture whitepaper"
+        "h100_sxm", 132, 1.98, "NVIDIA H100 Tensor Core GPU Architecture whitepaper", 50
     ),
-    "h200": GpuSpec("h200_sxm", 132, 1.98, "NVIDIA H200 datasheet (GH100, as H100)"),
+    "h200": GpuSpec("h200_sxm", 132, 1.98, "NVIDIA H200 datasheet (GH100)", 50),
     "a100-sxm-80gb": GpuSpec(
-        "a100_sxm", 108, 1.41, "NVIDIA A100 Tensor Core GPU Architecture whitepaper"
+        "a100_sxm", 108, 1.41, "NVIDIA A100 Tensor Core GPU Architecture whitepaper", 40
     ),
-    "l40s": GpuSpec("l40s", 142, 2.52, "NVIDIA L40S datasheet; Ada whitepaper"),
-    "b200": GpuSpec("b200_sxm", 148, 1.965, "TechPowerUp GPU database, B200 SXM"),
+    "l40s": GpuSpec("l40s", 142, 2.52, "NVIDIA L40S datasheet; Ada whitepaper", 96),
+    "b200": GpuSpec(
+        "b200_sxm",
+        148,
+        1.965,
+        "TechPowerUp GPU database, B200 SXM; L2 from public microbenchmark reports "
+        "(approximate)",
+        126,
+    ),
     "b300": GpuSpec(
-        "b300_sxm", 160, 2.032, "NVIDIA 'Inside Blackwell Ultra' blog (160 SMs)"
+        "b300_sxm",
+        160,
+        2.032,
+        "NVIDIA 'Inside Blackwell Ultra' blog (160 SMs); L2 as B200 (approximate)",
+        126,
     ),
-    "gb200": GpuSpec("gb200", 148, 1.965, "TechPowerUp GPU database (as B200)"),
-    "gb300": GpuSpec("gb300", 160, 2.032, "NVIDIA 'Inside Blackwell Ultra' blog"),
+    "gb200": GpuSpec("gb200", 148, 1.965, "as B200 (approximate L2)", 126),
+    "gb300": GpuSpec("gb300", 160, 2.032, "as B300 (approximate L2)", 126),
     "rtx-pro-6000": GpuSpec(
         "rtx_pro_6000_server",
         188,
         2.617,
-        "NVIDIA RTX PRO 6000 Blackwell Server Edition datasheet (24,064 cores)",
+        "NVIDIA RTX PRO 6000 Blackwell Server Edition datasheet (24,064 cores, "
+        "128 MB L2)",
+        128,
     ),
-    "b60": GpuSpec("b60", 20, 2.4, "Intel Arc Pro B60 product brief (20 Xe cores)"),
-    "h100-pcie": GpuSpec("h100_pcie", 114, 1.755, "NVIDIA H100 whitepaper (PCIe)"),
-    "a100-pcie": GpuSpec("a100_pcie", 108, 1.41, "NVIDIA A100 whitepaper (PCIe)"),
-    "l4": GpuSpec("l4", 58, 2.04, "NVIDIA L4 datasheet; Ada whitepaper"),
-    "a30": GpuSpec("a30", 56, 1.44, "NVIDIA A30 datasheet"),
+    "b60": GpuSpec(
+        "b60",
+        20,
+        2.4,
+        "Intel Arc Pro B60 product brief (20 Xe cores); L2 as Arc B580 (BMG-G21)",
+        18,
+    ),
+    "h100-pcie": GpuSpec("h100_pcie", 114, 1.755, "NVIDIA H100 whitepaper (PCIe)", 50),
+    "a100-pcie": GpuSpec("a100_pcie", 108, 1.41, "NVIDIA A100 whitepaper (PCIe)", 40),
+    "l4": GpuSpec("l4", 58, 2.04, "NVIDIA L4 datasheet; Ada whitepaper", 48),
+    "a30": GpuSpec("a30", 56, 1.44, "NVIDIA A30 datasheet", 24),
 }
 
 _T = 1e12
@@ -170,7 +203,10 @@ def hardware(name: str) -> Hardware:
     from the installed kernel database (``ValueError`` naming the extra without it).
     """
     key = canonical_hardware(name)
-    extra = dict(sm_count=SPECS[key].sm_count, clock_ghz=SPECS[key].clock_ghz)
+    sp = SPECS[key]
+    extra = dict(
+        sm_count=sp.sm_count, clock_ghz=sp.clock_ghz, l2_bytes=sp.l2_mib * 2**20
+    )
     if key in _DATASHEET:
         return Hardware(**_DATASHEET[key], **extra)
     from ..kernels._database import system_spec  # the database layer, loaded lazily
@@ -193,6 +229,7 @@ def system_info(name: str) -> dict:
         link_gb_s=float(hw.link_bw) / 1e9,
         sm_count=s.sm_count,
         clock_ghz=s.clock_ghz,
+        l2_mib=s.l2_mib,
         sm_source=s.source,
         peaks_source="vendor datasheet" if key in _DATASHEET else f"{s.system}.yaml",
     )

@@ -197,6 +197,11 @@ class RooflineCurves(eqx.Module):
             of the memory-bound passes an operator runs before its kernel (an
             unfused activation quantization: ``KernelWork.pre_bytes``); without it
             those bytes run at the ``bandwidth`` curve's efficiency.
+        cache: optional (portable curves only) fraction of the bytes that come
+            from HBM vs the bytes over the GPU's L2 size, ``m(b / L2)`` in (0, 1)
+            (an :class:`Occupancy` curve of that ratio): operands that fit in L2
+            stay cached between the benchmark's repeated kernels, so memory time
+            is ``m b / (bw eta_b o)``.
         portable: static; ``False``: the curves take FLOPs, bytes and thread blocks
             (absolute sizes, meaningful on one GPU). ``True``: they take sizes that
             mean the same on every GPU (:meth:`KernelWork.time_us` converts): the
@@ -212,6 +217,7 @@ class RooflineCurves(eqx.Module):
     raw_unit_ns: Float[Array, ""] | None = None
     raw_tuned: Float[Array, ""] | None = None
     prologue: SaturationCurve | None = None
+    cache: Occupancy | None = None
     portable: bool = eqx.field(static=True, default=False)
 
     @property
@@ -274,6 +280,8 @@ class RooflineCurves(eqx.Module):
             out["occupancy"] = self.occupancy.to_json()
         if self.prologue is not None:
             out["prologue"] = self.prologue.to_json()
+        if self.cache is not None:
+            out["cache"] = self.cache.to_json()
         if self.portable:
             out["portable"] = True
         return out
@@ -282,6 +290,7 @@ class RooflineCurves(eqx.Module):
     def from_json(cls, obj: dict[str, Any]) -> "RooflineCurves":
         occ = obj.get("occupancy") if isinstance(obj, dict) else None
         pro = obj.get("prologue") if isinstance(obj, dict) else None
+        cch = obj.get("cache") if isinstance(obj, dict) else None
         raw = (obj.get("raw") if isinstance(obj, dict) else None) or {}
         f = jnp.result_type(float)
 
@@ -298,6 +307,7 @@ class RooflineCurves(eqx.Module):
             raw_unit_ns=opt("raw_unit_ns"),
             raw_tuned=opt("raw_tuned"),
             prologue=None if pro is None else SaturationCurve.from_json(pro),
+            cache=None if cch is None else Occupancy.from_json(cch),
             portable=bool(obj.get("portable", False)),
         )
 
@@ -400,6 +410,7 @@ def default_roofline_curves(
     tuned: bool = False,
     prologue: bool = False,
     portable: bool = False,
+    cache: bool = False,
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
@@ -408,7 +419,10 @@ def default_roofline_curves(
 
     ``portable``: the same starting point in portable sizes (about H100's): half of
     the saturated efficiency at 1 us of work at peak, half the GPU busy at 0.5 waves,
-    1 ns per wave of blocks."""
+    1 ns per wave of blocks; ``cache`` (portable only): half the bytes from HBM at
+    the L2 size."""
+    if cache and not portable:
+        raise ValueError("cache=True needs portable=True (bytes relative to L2)")
     f = jnp.result_type(float)
     x_f, x_b, u_half = (1.0, 1.0, 0.5) if portable else (1e9, 4e6, 64.0)
     unit_f, unit_b = ("us at peak", "us at peak") if portable else ("FLOP", "byte")
@@ -431,6 +445,11 @@ def default_roofline_curves(
         bandwidth=SaturationCurve.from_physical(
             eta_max=0.8, slope=0.8, x_half=x_b, unit=unit_b
         ),
+        cache=Occupancy(
+            raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(0.0, f)
+        )
+        if cache
+        else None,
         portable=portable,
     )
 

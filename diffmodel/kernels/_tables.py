@@ -258,6 +258,7 @@ class KernelWork(eqx.Module):
         pre_bytes: optional HBM bytes of memory-bound passes the operator runs before
             its kernel, serially (an unfused quantization of its activation), bytes.
         sms: optional SM count of the GPU, for portable curves (waves of blocks).
+        l2: optional L2 cache size of the GPU, bytes, for curves with a ``cache``.
     """
 
     flops: Float[Array, " n"]
@@ -269,6 +270,7 @@ class KernelWork(eqx.Module):
     tuned: Float[Array, " n"] | None = None
     pre_bytes: Float[Array, " n"] | None = None
     sms: Float[Array, " n"] | None = None
+    l2: Float[Array, " n"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, " n"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -295,6 +297,14 @@ class KernelWork(eqx.Module):
                 if pre_b is not None:
                     pre_b = pre_b / self.bandwidth * 1e6
             eta_f, eta_b = eff.efficiencies(f, b, u, self.tuned)
+            mem_bytes = self.bytes
+            if eff.cache is not None:
+                if self.l2 is None or not eff.portable:
+                    raise ValueError(
+                        "curves with a cache need portable=True and the GPU's L2 "
+                        "size: Hardware(l2_bytes=...) or a catalog GPU"
+                    )
+                mem_bytes = mem_bytes * eff.cache(self.bytes / self.l2)
             floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
             if self.pre_bytes is not None:
                 pre = eff.bandwidth if eff.prologue is None else eff.prologue
@@ -303,10 +313,11 @@ class KernelWork(eqx.Module):
             eta_f, eta_b = (jnp.asarray(e) for e in eff)
             floor = 0.0
             eta_pre = eta_b
+            mem_bytes = self.bytes
         if self.pre_bytes is not None:
             floor = floor + self.pre_bytes / (self.bandwidth * eta_pre) * 1e6
         return floor + roofline_us(
-            self.flops, self.bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
+            self.flops, mem_bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
         )
 
 
@@ -522,8 +533,8 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
 
     The collector (``power_law_logits_v3``) draws each of the ``E`` experts' loads
     from a power law of exponent ``alpha`` on ``[1, 0.8 T]`` (``[0.01, 2]`` when
-    ``T k <= E``), scales them to ``T k`` slots and rounds them, then moves the
-    expert-parallel group holding the busiest expert to the measured GPU. Here the
+    ``T k <= E``), scales them to ``T k`` slots and rounds them (the shortfall to
+    the largest, one slot each), then moves the expert-parallel group holding the busiest expert to the measured GPU. Here the
     draws are replaced by the ``(j - 1/2) / E`` quantiles (their expected order
     statistics, about), and the measured GPU holds every ``ep``-th of the sorted
     loads starting with the largest (a stratified ``E / ep`` of them).
@@ -541,7 +552,12 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
         hi = max(hi, lo * (1.0 + 1e-9))
         u = (np.arange(int(ei)) + 0.5) / ei
         x = ((hi ** (1 - ai) - lo ** (1 - ai)) * u + lo ** (1 - ai)) ** (1 / (1 - ai))
-        n = np.sort(np.round(x / x.sum() * ti * ki))[::-1][:: int(pi)]
+        n = np.sort(np.round(x / x.sum() * ti * ki))[::-1]
+        # As the collector: the rounding's shortfall (or excess) goes to the largest
+        # experts, one slot each, so the loads sum to T k.
+        delta = int(round(ti * ki - n.sum()))
+        n[: abs(delta)] += np.sign(delta)
+        n = np.sort(n)[::-1][:: int(pi)]
         out[:, i] = ((n >= 1).sum(), np.ceil(n / bm_s).sum(), np.ceil(n / bm_l).sum())
     return ExpertLoads(*(jnp.asarray(o.reshape(t.shape)) for o in out))
 
@@ -644,6 +660,7 @@ def _work(f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None) -> Kerne
         tuned=opt(tuned),
         pre_bytes=opt(pre),
         sms=opt(hw.sm_count),
+        l2=opt(hw.l2_bytes),
     )
 
 
