@@ -331,5 +331,10 @@ def test_cli_kernels_list_and_calibrate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "calibrated gemm_bf16 on 9240 kernels" in err
     assert "skipped gemm_fp8" in err
-    assert dk.load_curves(path).hardware == "a100-sxm-80gb"
+    curves = dk.load_curves(path)
+    assert curves.hardware == "a100-sxm-80gb" and curves.gemm_bf16.portable
+    # The step model loads them: step-level factors from the portable curves.
+    factors = dk.kernel_prior_factors(curves, tp=8)
+    assert all(np.isfinite(float(v)) for v in factors.as_dict().values())
+    assert 0.0 < float(factors.gemm_flops) <= 1.0
     assert cli_main(["calibrate", "--system", "nope", "--out", str(path)]) == 1

@@ -534,9 +534,9 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
     The collector (``power_law_logits_v3``) draws each of the ``E`` experts' loads
     from a power law of exponent ``alpha`` on ``[1, 0.8 T]`` (``[0.01, 2]`` when
     ``T k <= E``), scales them to ``T k`` slots and rounds them (the shortfall to
-    the largest, one slot each), then moves the expert-parallel group holding the busiest expert to the measured GPU. Here the
-    draws are replaced by the ``(j - 1/2) / E`` quantiles (their expected order
-    statistics, about), and the measured GPU holds every ``ep``-th of the sorted
+    the largest, one slot each), then moves the expert-parallel group holding the
+    busiest expert to the measured GPU. Here the draws are replaced by the
+    ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the measured GPU holds every ``ep``-th of the sorted
     loads starting with the largest (a stratified ``E / ep`` of them).
     """
     t, e, k, ep, a = (
