@@ -536,8 +536,9 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
     ``T k <= E``), scales them to ``T k`` slots and rounds them (the shortfall to
     the largest, one slot each), then moves the expert-parallel group holding the
     busiest expert to the measured GPU. Here the draws are replaced by the
-    ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the measured GPU holds every ``ep``-th of the sorted
-    loads starting with the largest (a stratified ``E / ep`` of them).
+    ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the
+    measured GPU holds every ``ep``-th of the sorted loads starting with the
+    largest (a stratified ``E / ep`` of them).
     """
     t, e, k, ep, a = (
         np.broadcast_to(np.asarray(x, float), np.shape(tokens))
