@@ -8,9 +8,10 @@ For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
   shapes), MAPE on the other 25%;
 - ``leave_one_gpu_out``: curves fitted on every other GPU (partial pooling: shared
   curves plus per-GPU offsets), predicting every (sampled) row of the held-out GPU
-  from its specs alone (offset 0). The form, absolute sizes or portable ones (work
-  as time at peak, blocks as waves of the SM count), is chosen per held-out GPU by
-  an inner leave-one-GPU-out over the training GPUs only.
+  from its specs alone (offset 0). The form, absolute sizes, portable ones (work
+  as time at peak, blocks as waves of the SM count), portable with the L2 cache, or
+  the constant roofline, is chosen per held-out GPU by an inner leave-one-GPU-out
+  over the training GPUs only (never by the held-out GPU's figures).
 
 Both beside the uncalibrated roofline (the constant efficiencies of ``FACTOR_SPECS``).
 Rows are subsampled per (GPU, family) with a fixed seed (``--rows``). Writes
@@ -216,12 +217,20 @@ def leave_one_gpu_out(family, gathered, predict, unc, y, gpu, options, inner_opt
             predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
         )
         outer_pred[form] = (np.asarray(jax.vmap(predict)(curves)), _n_params(init))
+    # The constant roofline is a candidate too: where the inner folds say no curve
+    # generalises better to an unseen GPU, the held-out one gets the constants.
+    unc_by_gpu = np.array([mape(y[gpu == h], unc[gpu == h]) for h in range(n_g)])
+    inner_err["constant"] = np.array(
+        [np.delete(unc_by_gpu, g).mean() for g in range(n_g)]
+    )
+    outer_pred["constant"] = (np.stack([unc] * n_g), 0)
+    candidates = (*FORMS, "constant")
     out = []
     for g, (system, backend, _) in enumerate(gathered):
-        form = min(FORMS, key=lambda f, g=g: inner_err[f][g])
+        form = min(candidates, key=lambda f, g=g: inner_err[f][g])
         pred, k = outer_pred[form]
         sel = gpu == g
-        inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in FORMS)
+        inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
         _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
         for variant, p, kk in (("uncalibrated", unc, 0), ("calibrated", pred[g], k)):
             out.append(
@@ -233,7 +242,7 @@ def leave_one_gpu_out(family, gathered, predict, unc, y, gpu, options, inner_opt
                     mape=mape(y[sel], p[sel]),
                     n_rows=int(sel.sum()),
                     n_params=kk,
-                    form=form if kk else "",
+                    form=form if variant == "calibrated" else "",
                     backend=backend,
                 )
             )
