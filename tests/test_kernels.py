@@ -44,6 +44,7 @@ from diffmodel.kernels._tables import (
     load_vidur_operators,
     moe_kernel_work,
     moe_us,
+    power_law_loads,
     prefill_attention_us,
     table_work,
     vidur_work,
@@ -225,13 +226,37 @@ def test_vllm_tuned_moe_lookup():
         vllm_tuned_moe(table.assign(moe_dtype="fp8"))
 
 
-def test_moe_table_work_needs_balanced_routing(tables):
+def test_moe_table_work_models_power_law_routing(tables):
     rows = tables["moe"]
     rows = rows[(rows["moe_dtype"] == "bfloat16") & (rows["num_experts"] == 8)]
-    w = table_work("moe", rows[rows["distribution"] == "balanced"], H100)
+    bal = rows[rows["distribution"] == "balanced"]
+    w = table_work("moe", bal, H100)
     assert w.tuned is not None and float(w.tuned.max()) == 1.0
+    # Mixed routings in one table: the balanced rows keep their balanced work.
+    mixed = table_work("moe", rows, H100)
+    is_bal = (rows["distribution"] == "balanced").to_numpy()
+    np.testing.assert_allclose(mixed.flops[is_bal], w.flops, rtol=1e-12)
+    np.testing.assert_allclose(mixed.bytes[is_bal], w.bytes, rtol=1e-12)
     with pytest.raises(ValueError, match="'distribution'"):
-        table_work("moe", rows, H100)
+        table_work("moe", bal.assign(distribution="zipf"), H100)
+
+
+def test_power_law_loads_by_hand():
+    # 4 experts, 1 token top-1: T k = 1 <= E, draws on [0.01, 2]; the quantiles'
+    # largest takes the one slot after rounding, so one expert is touched.
+    loads = power_law_loads(1.0, 4.0, 1.0, 1.0, 1.2)
+    assert float(loads.touched) == 1.0
+    assert float(loads.tiles_small) == 1.0 and float(loads.tiles_large) == 1.0
+    # Many tokens: every expert is touched; skewed loads need more tiles than the
+    # balanced ceil(T k / E / BM) per expert.
+    t, e, k = 4096.0, 8.0, 2.0
+    loads = power_law_loads(t, e, k, 1.0, 1.01)
+    assert float(loads.touched) == e
+    assert float(loads.tiles_large) >= e * np.ceil(t * k / e / 64.0)
+    # Expert parallelism: the measured GPU holds E / ep experts, the busiest first.
+    half = power_law_loads(t, e, k, 2.0, 1.01)
+    assert float(half.touched) == e / 2
+    assert float(half.tiles_large) > float(loads.tiles_large) / 2
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])

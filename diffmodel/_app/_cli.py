@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the catalog's GPUs with their peak rates.",
     )
     p.set_defaults(run="gpus")
+
+    from ._kernels_cmd import add_parser as _add_kernels_parsers
+
+    _add_kernels_parsers(sub)
     return parser
 
 
@@ -394,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from . import _cli_commands  # deferred: JAX and the library
 
+        if callable(args.run):  # subcommands registered by their own module
+            return args.run(args)
         return getattr(_cli_commands, f"cmd_{args.run}")(args)
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in APP_MODULES:

@@ -1,4 +1,12 @@
-"""GPU specifications as array data, and the bundled hardware catalog."""
+"""GPU specifications as array data, and the hardware catalog.
+
+Peaks, HBM bandwidth and links come from the system YAMLs of the ``aiconfigurator-core``
+kernel database (``<system>.yaml``, read in place; the ``aic`` extra); four GPUs also
+have a built-in vendor-datasheet entry, so they work without it. SM counts and clocks,
+which the YAMLs lack, are written below with their public source.
+"""
+
+import dataclasses
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -14,25 +22,108 @@ class Hardware(eqx.Module):
             no FP8 tensor cores: FP8 weights are then up-cast).
         hbm_bw: HBM bandwidth, bytes/s.
         link_bw: GPU-to-GPU bandwidth per direction (NVLink, else PCIe), bytes/s.
+        sm_count: optional streaming multiprocessors (Intel: Xe cores), for waves of
+            parallel work; ``None`` where unknown (portable curves then refuse it).
+        clock_ghz: optional boost clock, GHz (recorded, not used by the physics).
+        l2_bytes: optional last-level (L2) cache size, bytes, for operands that
+            stay cached between repeated kernels; ``None`` where unknown.
     """
 
     flops_16: Float[Array, ""]
     flops_8: Float[Array, ""]
     hbm_bw: Float[Array, ""]
     link_bw: Float[Array, ""]
+    sm_count: Float[Array, ""] | None
+    clock_ghz: Float[Array, ""] | None
+    l2_bytes: Float[Array, ""] | None
 
-    def __init__(self, *, flops_16, flops_8=None, hbm_bw, link_bw):
+    def __init__(
+        self,
+        *,
+        flops_16,
+        flops_8=None,
+        hbm_bw,
+        link_bw,
+        sm_count=None,
+        clock_ghz=None,
+        l2_bytes=None,
+    ):
         self.flops_16 = jnp.asarray(flops_16, float)
         self.flops_8 = jnp.asarray(flops_16 if flops_8 is None else flops_8, float)
         self.hbm_bw = jnp.asarray(hbm_bw, float)
         self.link_bw = jnp.asarray(link_bw, float)
+        self.sm_count = None if sm_count is None else jnp.asarray(sm_count, float)
+        self.clock_ghz = None if clock_ghz is None else jnp.asarray(clock_ghz, float)
+        self.l2_bytes = None if l2_bytes is None else jnp.asarray(l2_bytes, float)
 
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """What the YAMLs lack, with its source: SMs, boost clock (GHz), L2 (MiB)."""
+
+    system: str
+    sm_count: int
+    clock_ghz: float
+    source: str
+    l2_mib: int
+
+
+# Catalog name -> database system, SM count, boost clock, L2 size (MiB), with the
+# public source (whitepapers, datasheets; where a number is less certain, it says).
+SPECS: dict[str, GpuSpec] = {
+    "h100-sxm": GpuSpec(
+        "h100_sxm", 132, 1.98, "NVIDIA H100 Tensor Core GPU Architecture whitepaper", 50
+    ),
+    "h200": GpuSpec("h200_sxm", 132, 1.98, "NVIDIA H200 datasheet (GH100)", 50),
+    "a100-sxm-80gb": GpuSpec(
+        "a100_sxm", 108, 1.41, "NVIDIA A100 Tensor Core GPU Architecture whitepaper", 40
+    ),
+    "l40s": GpuSpec("l40s", 142, 2.52, "NVIDIA L40S datasheet; Ada whitepaper", 96),
+    "b200": GpuSpec(
+        "b200_sxm",
+        148,
+        1.965,
+        "TechPowerUp GPU database, B200 SXM; L2 from public microbenchmark reports "
+        "(approximate)",
+        126,
+    ),
+    "b300": GpuSpec(
+        "b300_sxm",
+        160,
+        2.032,
+        "NVIDIA 'Inside Blackwell Ultra' blog (160 SMs); L2 as B200 (approximate)",
+        126,
+    ),
+    "gb200": GpuSpec("gb200", 148, 1.965, "as B200 (approximate L2)", 126),
+    "gb300": GpuSpec("gb300", 160, 2.032, "as B300 (approximate L2)", 126),
+    "rtx-pro-6000": GpuSpec(
+        "rtx_pro_6000_server",
+        188,
+        2.617,
+        "NVIDIA RTX PRO 6000 Blackwell Server Edition datasheet (24,064 cores, "
+        "128 MB L2)",
+        128,
+    ),
+    "b60": GpuSpec(
+        "b60",
+        20,
+        2.4,
+        "Intel Arc Pro B60 product brief (20 Xe cores); L2 as Arc B580 (BMG-G21)",
+        18,
+    ),
+    "h100-pcie": GpuSpec("h100_pcie", 114, 1.755, "NVIDIA H100 whitepaper (PCIe)", 50),
+    "a100-pcie": GpuSpec("a100_pcie", 108, 1.41, "NVIDIA A100 whitepaper (PCIe)", 40),
+    "l4": GpuSpec("l4", 58, 2.04, "NVIDIA L4 datasheet; Ada whitepaper", 48),
+    "a30": GpuSpec("a30", 56, 1.44, "NVIDIA A30 datasheet", 24),
+}
 
 _T = 1e12
 # The GPU of the reference traces, used where no hardware is named.
 DEFAULT_HARDWARE = "h100-sxm"
-# Sources: vendor datasheets (dense, i.e. without 2:4 sparsity).
-_CATALOG: dict[str, dict[str, float]] = {
+# Built-in entries (vendor datasheets, dense, i.e. without 2:4 sparsity): they work
+# without the database. Their YAMLs agree, except H100's 989 / 1978 TFLOP/s against
+# the datasheet's 989.5 / 1979 (a rounding, 0.05%); the datasheet figures are kept.
+_DATASHEET: dict[str, dict[str, float]] = {
     # NVIDIA H100 SXM5 80GB datasheet: 989.5 TFLOP/s BF16, 1979 FP8, 3.35 TB/s HBM3;
     # NVLink 4: 900 GB/s bidirectional = 450 GB/s per direction.
     "h100-sxm": dict(
@@ -58,26 +149,98 @@ _ALIASES = {
     "a100": "a100-sxm-80gb",
     "a100-80gb": "a100-sxm-80gb",
     "a100-sxm": "a100-sxm-80gb",
+    "b200-sxm": "b200",
+    "b300-sxm": "b300",
+    "rtx-pro-6000-server": "rtx-pro-6000",
 }
+# Every database system name ("h100_sxm", "rtx_pro_6000_server") is an alias too.
+_ALIASES.update({s.system.replace("_", "-"): name for name, s in SPECS.items()})
+_ALIASES = {k: v for k, v in _ALIASES.items() if k != v}
 
 
 def known_hardware() -> tuple[str, ...]:
-    """Names in the bundled hardware catalog."""
-    return tuple(_CATALOG)
+    """Names in the hardware catalog (past the built-in four: need the database)."""
+    return tuple(SPECS)
 
 
 def canonical_hardware(name: str) -> str:
     """Map a hardware name or alias (``H100``, ``h100_sxm``...) to its catalog name."""
     key = str(name).strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
-    if key not in _CATALOG:
+    if key not in SPECS:
         raise ValueError(
-            f"unknown hardware {name!r}; known hardware: {', '.join(_CATALOG)} "
+            f"unknown hardware {name!r}; known hardware: {', '.join(SPECS)} "
             "(or build your own diffmodel.Hardware)"
         )
     return key
 
 
+def hardware_system(name: str) -> str:
+    """The kernel database's system name (``h100_sxm``) of a catalog name or alias."""
+    return SPECS[canonical_hardware(name)].system
+
+
+def spec_from_yaml(spec: dict) -> dict[str, float]:
+    """``Hardware`` keyword arguments from a parsed system YAML: ``bfloat16_tc_flops``,
+    ``fp8_tc_flops`` (the 16-bit peak where absent: no FP8 tensor cores), ``mem_bw``,
+    ``intra_node_bw`` (NVLink, else PCIe, per direction)."""
+    gpu, node = spec["gpu"], spec["node"]
+    for key in ("bfloat16_tc_flops", "mem_bw"):
+        if key not in gpu:
+            raise ValueError(f"system YAML 'gpu' section lacks {key!r}")
+    if "intra_node_bw" not in node:
+        raise ValueError("system YAML 'node' section lacks 'intra_node_bw'")
+    return dict(
+        flops_16=float(gpu["bfloat16_tc_flops"]),
+        flops_8=float(gpu.get("fp8_tc_flops", gpu["bfloat16_tc_flops"])),
+        hbm_bw=float(gpu["mem_bw"]),
+        link_bw=float(node["intra_node_bw"]),
+    )
+
+
 def hardware(name: str) -> Hardware:
-    """The catalog's :class:`Hardware` for ``name``; define others with ``Hardware``."""
-    return Hardware(**_CATALOG[canonical_hardware(name)])
+    """The catalog's :class:`Hardware` for ``name``; define others with ``Hardware``.
+
+    The built-in datasheet entries need nothing; the others read their system YAML
+    from the installed kernel database (``ValueError`` naming the extra without it).
+    """
+    key = canonical_hardware(name)
+    sp = SPECS[key]
+    extra = dict(
+        sm_count=sp.sm_count, clock_ghz=sp.clock_ghz, l2_bytes=sp.l2_mib * 2**20
+    )
+    if key in _DATASHEET:
+        return Hardware(**_DATASHEET[key], **extra)
+    from ..kernels._database import system_spec  # the database layer, loaded lazily
+
+    return Hardware(**spec_from_yaml(system_spec(SPECS[key].system)), **extra)
+
+
+def system_info(name: str) -> dict:
+    """Everything the catalog knows of one GPU, for listings: peaks, bandwidths,
+    GPUs per node and memory (from the YAML where installed), SMs, clock, sources."""
+    key = canonical_hardware(name)
+    s = SPECS[key]
+    hw = hardware(key)
+    out = dict(
+        name=key,
+        system=s.system,
+        bf16_tflops=float(hw.flops_16) / _T,
+        fp8_tflops=float(hw.flops_8) / _T,
+        hbm_tb_s=float(hw.hbm_bw) / _T,
+        link_gb_s=float(hw.link_bw) / 1e9,
+        sm_count=s.sm_count,
+        clock_ghz=s.clock_ghz,
+        l2_mib=s.l2_mib,
+        sm_source=s.source,
+        peaks_source="vendor datasheet" if key in _DATASHEET else f"{s.system}.yaml",
+    )
+    try:
+        from ..kernels._database import system_spec
+
+        spec = system_spec(s.system)
+        out["gpus_per_node"] = int(spec["node"].get("num_gpus_per_node", 0))
+        out["mem_gib"] = float(spec["gpu"].get("mem_capacity", 0)) / 2**30
+    except ValueError:
+        pass
+    return out

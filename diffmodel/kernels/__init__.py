@@ -4,9 +4,12 @@ physics), efficiency curves, and their calibration against the tables."""
 from ._calibrate import (
     FitOptions as FitOptions,
     calibrate_kernels as calibrate_kernels,
+    family_rows as family_rows,
+    family_work as family_work,
     fit_allreduce_curve as fit_allreduce_curve,
     fit_roofline_curves as fit_roofline_curves,
     held_out_split as held_out_split,
+    init_curves as init_curves,
     kernel_prior_factors as kernel_prior_factors,
 )
 from ._curves import (
@@ -15,11 +18,23 @@ from ._curves import (
     Occupancy as Occupancy,
     RooflineCurves as RooflineCurves,
     SaturationCurve as SaturationCurve,
+    default_allreduce_curve as default_allreduce_curve,
     default_kernel_curves as default_kernel_curves,
+    default_roofline_curves as default_roofline_curves,
     load_curves as load_curves,
     save_curves as save_curves,
 )
+from ._database import (
+    database_available as database_available,
+    database_root as database_root,
+    find_table as find_table,
+    list_kernel_tables as list_kernel_tables,
+    load_system_tables as load_system_tables,
+    system_spec as system_spec,
+)
+from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._tables import (
+    ExpertLoads as ExpertLoads,
     KernelWork as KernelWork,
     allreduce_kernel_us as allreduce_kernel_us,
     decode_attention_us as decode_attention_us,
@@ -33,6 +48,7 @@ from ._tables import (
     load_vidur_allreduce as load_vidur_allreduce,
     load_vidur_operators as load_vidur_operators,
     moe_us as moe_us,
+    power_law_loads as power_law_loads,
     prefill_attention_us as prefill_attention_us,
     table_work as table_work,
     vidur_work as vidur_work,

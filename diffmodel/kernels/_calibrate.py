@@ -119,31 +119,48 @@ def fit_allreduce_curve(
     return two_stage_minimise(_allreduce_loss, init, options, (b, n, hw, actual))
 
 
+def _dominant(rows: pd.DataFrame, column: str = "kernel_source") -> pd.DataFrame:
+    # Where a table times several kernels for the same op (FA3 and FA4, two MoE
+    # backends), keep the one measured on most rows: the one the backend runs.
+    if column not in rows.columns or rows.empty:
+        return rows
+    return rows[rows[column] == rows[column].value_counts().index[0]]
+
+
 # Which rows of aiconfigurator's tables each family is calibrated on: the dtypes and
 # kernels a bf16 vLLM deployment runs (the traces': bf16 weights and KV, CUDA graphs).
 def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
-    """The rows of the loaded tables (:func:`load_kernel_tables`) of one family."""
+    """The rows of the loaded tables (:func:`load_kernel_tables`) of one family.
+
+    GEMMs by dtype; attention with bf16 KV and no sliding window; MoE in bf16 under
+    every routing distribution; all-reduce under CUDA graphs (eager where only that
+    was measured); each with its dominant ``kernel_source``. Raises ``ValueError``
+    naming the family when ``tables`` lacks it or none of its rows qualify (never a
+    silent zero-row family).
+    """
+    known = list(KERNEL_FAMILIES) + ["allreduce"]
+    if family not in known:
+        raise ValueError(f"unknown family {family!r}; expected one of {known}")
+    source = "gemm" if family.startswith("gemm") else family
+    if source not in tables:
+        raise ValueError(f"no {source} table loaded for family {family}")
+    t = tables[source]
     if family in ("gemm_bf16", "gemm_fp8"):
-        g = tables["gemm"]
-        return g[g["gemm_dtype"] == ("bfloat16" if family == "gemm_bf16" else "fp8")]
-    if family in ("prefill_attention", "decode_attention"):
-        a = tables[family]
-        return a[a["kv_cache_dtype"] == "bfloat16"]
-    if family == "moe":
-        m = tables["moe"]
-        keep = (
-            (m["moe_dtype"] == "bfloat16")
-            & (m["distribution"] == "balanced")
-            & (m["kernel_source"] == "vllm_fused_moe")
-        )
-        return m[keep]
-    if family == "allreduce":
-        a = tables["allreduce"]
-        return a[a["kernel_source"] == "vLLM_custom_graph"]
-    raise ValueError(
-        f"unknown family {family!r}; expected one of "
-        f"{list(KERNEL_FAMILIES) + ['allreduce']}"
-    )
+        rows = t[t["gemm_dtype"] == ("bfloat16" if family == "gemm_bf16" else "fp8")]
+    elif family in ("prefill_attention", "decode_attention"):
+        rows = t[t["kv_cache_dtype"] == "bfloat16"]
+        if "window_size" in rows.columns:
+            rows = rows[rows["window_size"].fillna(0) <= 0]
+    elif family == "moe":
+        rows = t[t["moe_dtype"] == "bfloat16"]
+    else:
+        graph = t[t["kernel_source"] == "vLLM_custom_graph"]
+        rows = graph if len(graph) else t
+    rows = _dominant(rows)
+    if rows.empty:
+        where = " ".join(f"{k}={v}" for k, v in t.attrs.items()) or "the tables"
+        raise ValueError(f"{where} has no rows for family {family}")
+    return rows
 
 
 def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
@@ -166,32 +183,56 @@ def calibrate_kernels(
     *,
     hardware_name: str = "h100-sxm",
     options: FitOptions = FitOptions(),
+    portable: bool = False,
     progress=None,
 ) -> KernelCurves:
     """Fit every family's curves on all its rows of ``tables``.
 
-    ``progress``: optional callable receiving one line of text per fitted family.
+    ``portable``: fit curves in portable sizes (:class:`RooflineCurves`), which
+    another GPU can start from. A family without rows in ``tables`` (no FP8 GEMMs
+    measured on A100) keeps its uncalibrated default curves and is reported as
+    skipped, never as "calibrated on 0 kernels". ``progress``: optional callable
+    receiving one line of text per family.
     """
     hw = hardware(hardware_name)
+    say = progress or (lambda _: None)
     fitted = {}
     for fam in KERNEL_FAMILIES:
-        rows = family_rows(tables, fam)
+        init = default_roofline_curves(
+            latency=fam in LATENCY_FAMILIES,
+            tuned=fam in TUNED_FAMILIES,
+            prologue=fam in PROLOGUE_FAMILIES,
+            portable=portable,
+        )
+        try:
+            rows = family_rows(tables, fam)
+        except ValueError as err:
+            fitted[fam] = init
+            say(f"skipped {fam}: {err} (its curves stay uncalibrated)")
+            continue
         fitted[fam] = fit_roofline_curves(
             family_work(fam, rows, hw),
             rows["latency_us"].to_numpy(float),
-            init_curves(fam),
+            init,
             options=options,
         )
-        if progress:
-            progress(f"calibrated {fam} on {len(rows)} kernels")
-    ar = family_rows(tables, "allreduce")
-    fitted["allreduce"] = fit_allreduce_curve(
-        ar["bytes"].to_numpy(float),
-        ar["num_gpus"].to_numpy(float),
-        ar["latency_us"].to_numpy(float),
-        hw,
-        options=options,
-    )
+        say(f"calibrated {fam} on {len(rows)} kernels")
+    init = default_allreduce_curve(portable=portable)
+    try:
+        ar = family_rows(tables, "allreduce")
+    except ValueError as err:
+        fitted["allreduce"] = init
+        say(f"skipped allreduce: {err} (its curve stays uncalibrated)")
+    else:
+        fitted["allreduce"] = fit_allreduce_curve(
+            ar["bytes"].to_numpy(float),
+            ar["num_gpus"].to_numpy(float),
+            ar["latency_us"].to_numpy(float),
+            hw,
+            init,
+            options=options,
+        )
+        say(f"calibrated allreduce on {len(ar)} kernels")
     return KernelCurves(**fitted, hardware=hardware_name)
 
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 FORMAT_VERSION = 1
+# The smallest size a curve takes (its unit: FLOP, byte, us at peak, waves).
+MIN_SIZE = 1e-9
 
 
 def _logit(p: float) -> float:
@@ -87,8 +89,9 @@ class SaturationCurve(eqx.Module):
         ``logit_shift`` moves the saturated efficiency to ``sigmoid(logit(eta_max) +
         logit_shift)``, still below 1 (a faster variant of the same kernel).
         """
-        # log of a non-positive size is undefined; 1 unit is the smallest real work.
-        lx = jnp.log(jnp.maximum(jnp.asarray(x), 1.0))
+        # log of a non-positive size is undefined; sizes are floored far below any
+        # real work (portable sizes, us at peak, are often below 1).
+        lx = jnp.log(jnp.maximum(jnp.asarray(x), MIN_SIZE))
         eta_max = jax.nn.sigmoid(self.raw_eta_max + logit_shift)
         return eta_max * jax.nn.sigmoid(self.slope * (lx - self.log_half))
 
@@ -139,7 +142,7 @@ class Occupancy(eqx.Module):
 
     def __call__(self, units: ArrayLike) -> Array:
         """Occupancy in (0, 1) at ``units`` parallel work units."""
-        lu = jnp.log(jnp.maximum(jnp.asarray(units), 1.0))
+        lu = jnp.log(jnp.maximum(jnp.asarray(units), MIN_SIZE))
         return jax.nn.sigmoid(jax.nn.sigmoid(self.raw_slope) * (lu - self.log_half))
 
     def to_json(self) -> dict[str, Any]:
@@ -194,6 +197,17 @@ class RooflineCurves(eqx.Module):
             of the memory-bound passes an operator runs before its kernel (an
             unfused activation quantization: ``KernelWork.pre_bytes``); without it
             those bytes run at the ``bandwidth`` curve's efficiency.
+        cache: optional (portable curves only) fraction of the bytes that come
+            from HBM vs the bytes over the GPU's L2 size, ``m(b / L2)`` in (0, 1)
+            (an :class:`Occupancy` curve of that ratio): operands that fit in L2
+            stay cached between the benchmark's repeated kernels, so memory time
+            is ``m b / (bw eta_b o)``.
+        portable: static; ``False``: the curves take FLOPs, bytes and thread blocks
+            (absolute sizes, meaningful on one GPU). ``True``: they take sizes that
+            mean the same on every GPU (:meth:`KernelWork.time_us` converts): the
+            work's time at peak in us (``f / peak``, ``b / bw``; their ratio is the
+            intensity relative to the ridge point), and waves of the SM count
+            (``u / SMs``; ``unit_ns`` is then the cost of one wave of blocks).
     """
 
     flops: SaturationCurve
@@ -203,6 +217,8 @@ class RooflineCurves(eqx.Module):
     raw_unit_ns: Float[Array, ""] | None = None
     raw_tuned: Float[Array, ""] | None = None
     prologue: SaturationCurve | None = None
+    cache: Occupancy | None = None
+    portable: bool = eqx.field(static=True, default=False)
 
     @property
     def unit_ns(self) -> Array:
@@ -264,12 +280,17 @@ class RooflineCurves(eqx.Module):
             out["occupancy"] = self.occupancy.to_json()
         if self.prologue is not None:
             out["prologue"] = self.prologue.to_json()
+        if self.cache is not None:
+            out["cache"] = self.cache.to_json()
+        if self.portable:
+            out["portable"] = True
         return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "RooflineCurves":
         occ = obj.get("occupancy") if isinstance(obj, dict) else None
         pro = obj.get("prologue") if isinstance(obj, dict) else None
+        cch = obj.get("cache") if isinstance(obj, dict) else None
         raw = (obj.get("raw") if isinstance(obj, dict) else None) or {}
         f = jnp.result_type(float)
 
@@ -286,21 +307,26 @@ class RooflineCurves(eqx.Module):
             raw_unit_ns=opt("raw_unit_ns"),
             raw_tuned=opt("raw_tuned"),
             prologue=None if pro is None else SaturationCurve.from_json(pro),
+            cache=None if cch is None else Occupancy.from_json(cch),
+            portable=bool(obj.get("portable", False)),
         )
 
 
 class AllReduceCurve(eqx.Module):
     """All-reduce: a fixed latency plus a ring transfer at a size-dependent efficiency.
 
-    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(bytes))``.
+    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(x))``, ``x`` the message bytes,
+    or (``portable``) its time on the link at full bandwidth, us (``bytes / link_bw``).
 
     Attributes:
         raw_latency: softplus-inverse of the fixed latency of one all-reduce, us.
-        bandwidth: efficiency of the link bandwidth vs message bytes.
+        bandwidth: efficiency of the link bandwidth vs message size.
+        portable: static; whether the curve takes link time (us) instead of bytes.
     """
 
     raw_latency: Float[Array, ""]
     bandwidth: SaturationCurve
+    portable: bool = eqx.field(static=True, default=False)
 
     @property
     def latency_us(self) -> Array:
@@ -312,6 +338,7 @@ class AllReduceCurve(eqx.Module):
             "raw": {"raw_latency": float(self.raw_latency)},
             "physical": {"latency_us": float(self.latency_us)},
             "bandwidth": self.bandwidth.to_json(),
+            "portable": self.portable,
         }
 
     @classmethod
@@ -325,6 +352,7 @@ class AllReduceCurve(eqx.Module):
             bandwidth=SaturationCurve.from_json(
                 _need(obj, "bandwidth", "AllReduceCurve")
             ),
+            portable=bool(obj.get("portable", False)),
         )
 
 
@@ -381,14 +409,25 @@ def default_roofline_curves(
     latency: bool = True,
     tuned: bool = False,
     prologue: bool = False,
+    portable: bool = False,
+    cache: bool = False,
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
     work unit, a tuned-configuration shift (starting at 0: no gain), and a prologue
-    bandwidth curve (0.5 of HBM bandwidth at large sizes, half of it at 4 MB)."""
+    bandwidth curve (0.5 of HBM bandwidth at large sizes, half of it at 4 MB).
+
+    ``portable``: the same starting point in portable sizes (about H100's): half of
+    the saturated efficiency at 1 us of work at peak, half the GPU busy at 0.5 waves,
+    1 ns per wave of blocks; ``cache`` (portable only): half the bytes from HBM at
+    the L2 size."""
+    if cache and not portable:
+        raise ValueError("cache=True needs portable=True (bytes relative to L2)")
     f = jnp.result_type(float)
+    x_f, x_b, u_half = (1.0, 1.0, 0.5) if portable else (1e9, 4e6, 64.0)
+    unit_f, unit_b = ("us at peak", "us at peak") if portable else ("FLOP", "byte")
     occ = Occupancy(
-        raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(math.log(64.0), f)
+        raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(math.log(u_half), f)
     )
     return RooflineCurves(
         occupancy=occ if occupancy else None,
@@ -396,30 +435,43 @@ def default_roofline_curves(
         raw_unit_ns=jnp.asarray(_softplus_inv(1.0), f) if latency else None,
         raw_tuned=jnp.zeros((), f) if tuned else None,
         prologue=SaturationCurve.from_physical(
-            eta_max=0.5, slope=0.8, x_half=4e6, unit="byte"
+            eta_max=0.5, slope=0.8, x_half=x_b, unit=unit_b
         )
         if prologue
         else None,
         flops=SaturationCurve.from_physical(
-            eta_max=0.8, slope=0.8, x_half=1e9, unit="FLOP"
+            eta_max=0.8, slope=0.8, x_half=x_f, unit=unit_f
         ),
         bandwidth=SaturationCurve.from_physical(
-            eta_max=0.8, slope=0.8, x_half=4e6, unit="byte"
+            eta_max=0.8, slope=0.8, x_half=x_b, unit=unit_b
         ),
+        cache=Occupancy(
+            raw_slope=jnp.asarray(_logit(0.8), f), log_half=jnp.asarray(0.0, f)
+        )
+        if cache
+        else None,
+        portable=portable,
     )
 
 
-def default_allreduce_curve() -> AllReduceCurve:
-    """Starting all-reduce curve: 8 us latency, 0.7 of the link at large messages."""
+def default_allreduce_curve(*, portable: bool = False) -> AllReduceCurve:
+    """Starting all-reduce curve: 8 us latency, 0.7 of the link at large messages,
+    half of it at 1 MB (``portable``: at 2 us on the link)."""
     return AllReduceCurve(
         raw_latency=jnp.asarray(_softplus_inv(8.0), jnp.result_type(float)),
         bandwidth=SaturationCurve.from_physical(
-            eta_max=0.7, slope=0.8, x_half=1e6, unit="byte"
+            eta_max=0.7,
+            slope=0.8,
+            x_half=2.0 if portable else 1e6,
+            unit="us on the link" if portable else "byte",
         ),
+        portable=portable,
     )
 
 
-def default_kernel_curves(hardware: str = "h100-sxm") -> KernelCurves:
+def default_kernel_curves(
+    hardware: str = "h100-sxm", *, portable: bool = False
+) -> KernelCurves:
     """Uncalibrated starting point for :func:`diffmodel.calibrate_kernels`."""
     return KernelCurves(
         **{
@@ -427,10 +479,11 @@ def default_kernel_curves(hardware: str = "h100-sxm") -> KernelCurves:
                 latency=f in LATENCY_FAMILIES,
                 tuned=f in TUNED_FAMILIES,
                 prologue=f in PROLOGUE_FAMILIES,
+                portable=portable,
             )
             for f in KERNEL_FAMILIES
         },
-        allreduce=default_allreduce_curve(),
+        allreduce=default_allreduce_curve(portable=portable),
         hardware=hardware,
     )
 

@@ -257,6 +257,8 @@ class KernelWork(eqx.Module):
         tuned: optional 1 where the kernel runs a tuned tile configuration, else 0.
         pre_bytes: optional HBM bytes of memory-bound passes the operator runs before
             its kernel, serially (an unfused quantization of its activation), bytes.
+        sms: optional SM count of the GPU, for portable curves (waves of blocks).
+        l2: optional L2 cache size of the GPU, bytes, for curves with a ``cache``.
     """
 
     flops: Float[Array, "*kernels"]
@@ -267,6 +269,8 @@ class KernelWork(eqx.Module):
     blocks: Float[Array, "*kernels"] | None = None
     tuned: Float[Array, "*kernels"] | None = None
     pre_bytes: Float[Array, "*kernels"] | None = None
+    sms: Float[Array, "*kernels"] | None = None
+    l2: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -274,24 +278,46 @@ class KernelWork(eqx.Module):
 
         ``pre_bytes`` add ``pre_bytes / (bw eta_pre)``: ``eta_pre`` is the curves'
         ``prologue`` efficiency at ``pre_bytes`` (their ``bandwidth`` curve without
-        one), or the constant ``eta_bw``."""
+        one), or the constant ``eta_bw``. Portable curves see the work as its time
+        at peak (us) and blocks as waves of ``sms`` (:class:`RooflineCurves`).
+
+        Raises ``ValueError`` for portable curves on work without ``sms``."""
         if isinstance(eff, RooflineCurves):
-            eta_f, eta_b = eff.efficiencies(
-                self.flops, self.bytes, self.units, self.tuned
-            )
             blocks = self.units if self.blocks is None else self.blocks
+            f, b, u, pre_b = self.flops, self.bytes, self.units, self.pre_bytes
+            if eff.portable:
+                if self.sms is None:
+                    raise ValueError(
+                        "portable curves need the GPU's SM count: "
+                        "Hardware(sm_count=...) or a catalog GPU"
+                    )
+                f = f / self.peak_flops * 1e6
+                b = b / self.bandwidth * 1e6
+                u, blocks = u / self.sms, blocks / self.sms
+                if pre_b is not None:
+                    pre_b = pre_b / self.bandwidth * 1e6
+            eta_f, eta_b = eff.efficiencies(f, b, u, self.tuned)
+            mem_bytes = self.bytes
+            if eff.cache is not None:
+                if self.l2 is None or not eff.portable:
+                    raise ValueError(
+                        "curves with a cache need portable=True and the GPU's L2 "
+                        "size: Hardware(l2_bytes=...) or a catalog GPU"
+                    )
+                mem_bytes = mem_bytes * eff.cache(self.bytes / self.l2)
             floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
             if self.pre_bytes is not None:
                 pre = eff.bandwidth if eff.prologue is None else eff.prologue
-                eta_pre = pre(self.pre_bytes)
+                eta_pre = pre(pre_b)
         else:
             eta_f, eta_b = (jnp.asarray(e) for e in eff)
             floor = 0.0
             eta_pre = eta_b
+            mem_bytes = self.bytes
         if self.pre_bytes is not None:
             floor = floor + self.pre_bytes / (self.bandwidth * eta_pre) * 1e6
         return floor + roofline_us(
-            self.flops, self.bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
+            self.flops, mem_bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
         )
 
 
@@ -328,7 +354,7 @@ def gemm_kernel_work(
                 f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
             )
         pre = jnp.asarray(q) * act_quant_bytes(m, k)
-    return _work(f, b, _peak(hw, dtype_bytes), hw.hbm_bw, tiles, pre=pre)
+    return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre)
 
 
 # FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
@@ -387,7 +413,7 @@ def prefill_attention_work(
     f, b = attention_work(
         batch * pairs / group, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
     )
-    return _work(f, b, hw.flops_16, hw.hbm_bw, batch * kv_heads * tiles)
+    return _work(f, b, hw.flops_16, hw, batch * kv_heads * tiles)
 
 
 def decode_attention_work(
@@ -405,7 +431,7 @@ def decode_attention_work(
     """
     k_dec = jnp.asarray(batch) * jnp.asarray(kv_len)
     f, b = attention_work(k_dec, k_dec, batch, heads, kv_heads, head_dim, kv_bytes)
-    return _work(f, b, hw.flops_16, hw.hbm_bw, jnp.asarray(batch) * kv_heads)
+    return _work(f, b, hw.flops_16, hw, jnp.asarray(batch) * kv_heads)
 
 
 # vLLM's Triton fused MoE: token tiles of 64 (its default for large batches) and
@@ -453,30 +479,88 @@ VLLM_TUNED_MOE: dict[tuple[str, str], frozenset[tuple[int, int]]] = {
 }
 
 
-def vllm_tuned_moe(table: pd.DataFrame) -> np.ndarray:
+def vllm_tuned_moe(table: pd.DataFrame, *, strict: bool = True) -> np.ndarray:
     """1.0 for the rows of an aiconfigurator MoE table whose (device, ``moe_dtype``,
     ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a tuned vLLM
     configuration (:data:`VLLM_TUNED_MOE`), else 0.0.
 
-    Raises ``ValueError`` for a (device, dtype) the catalogue does not cover.
+    Raises ``ValueError`` for a (device, dtype) the catalogue does not cover; with
+    ``strict=False`` those rows are 0.0 (no tuned configuration known), and so are
+    rows of kernels other than vLLM's Triton fused MoE (``kernel_source`` without
+    ``triton``/``fused_moe``), which do not read the tuned files.
     """
     keys = set(zip(table["device"], table["moe_dtype"], strict=True))
     unknown = sorted(keys - set(VLLM_TUNED_MOE))
-    if unknown:
+    if unknown and strict:
         raise ValueError(
             f"columns 'device', 'moe_dtype': no catalogue of tuned vLLM MoE "
             f"configurations for {unknown}; known: {sorted(VLLM_TUNED_MOE)}"
         )
     e_local = table["num_experts"].to_numpy(int) // table["moe_ep_size"].to_numpy(int)
     n_local = table["inter_size"].to_numpy(int) // table["moe_tp_size"].to_numpy(int)
-    return np.array(
+    tuned = np.array(
         [
-            float((e, n) in VLLM_TUNED_MOE[(dev, dt)])
+            float((e, n) in VLLM_TUNED_MOE.get((dev, dt), ()))
             for dev, dt, e, n in zip(
                 table["device"], table["moe_dtype"], e_local, n_local, strict=True
             )
         ]
     )
+    if "kernel_source" in table.columns:
+        src = table["kernel_source"].astype(str).str.lower()
+        tuned = tuned * (src.str.contains("triton") | src.str.contains("fused_moe"))
+    return tuned.to_numpy(float) if hasattr(tuned, "to_numpy") else tuned
+
+
+class ExpertLoads(eqx.Module):
+    """What a skewed routing gives the GPU measured (arrays, one per kernel).
+
+    Attributes:
+        touched: local experts that receive at least one slot.
+        tiles_small, tiles_large: token tiles ``sum_j ceil(n_j / BM)`` over the local
+            experts' slots ``n_j`` at the small and large default ``BM``
+            (:data:`MOE_DEFAULT_TILES`).
+    """
+
+    touched: Float[Array, " n"]
+    tiles_small: Float[Array, " n"]
+    tiles_large: Float[Array, " n"]
+
+
+def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
+    """Expected per-expert slots of aiconfigurator's power-law routing, on the GPU it
+    measures (NumPy, per row; table inputs, not traced).
+
+    The collector (``power_law_logits_v3``) draws each of the ``E`` experts' loads
+    from a power law of exponent ``alpha`` on ``[1, 0.8 T]`` (``[0.01, 2]`` when
+    ``T k <= E``), scales them to ``T k`` slots and rounds them (the shortfall to
+    the largest, one slot each), then moves the expert-parallel group holding the
+    busiest expert to the measured GPU. Here the draws are replaced by the
+    ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the
+    measured GPU holds every ``ep``-th of the sorted loads starting with the
+    largest (a stratified ``E / ep`` of them).
+    """
+    t, e, k, ep, a = (
+        np.broadcast_to(np.asarray(x, float), np.shape(tokens))
+        for x in (tokens, n_experts, top_k, ep, alpha)
+    )
+    out = np.zeros((3, t.size))
+    (bm_s, _), (bm_l, _) = MOE_DEFAULT_TILES
+    for i, (ti, ei, ki, pi, ai) in enumerate(
+        zip(t.ravel(), e.ravel(), k.ravel(), ep.ravel(), a.ravel(), strict=True)
+    ):
+        lo, hi = (1.0, 0.8 * ti) if ti * ki > ei else (0.01, 2.0)
+        hi = max(hi, lo * (1.0 + 1e-9))
+        u = (np.arange(int(ei)) + 0.5) / ei
+        x = ((hi ** (1 - ai) - lo ** (1 - ai)) * u + lo ** (1 - ai)) ** (1 / (1 - ai))
+        n = np.sort(np.round(x / x.sum() * ti * ki))[::-1]
+        # As the collector: the rounding's shortfall (or excess) goes to the largest
+        # experts, one slot each, so the loads sum to T k.
+        delta = int(round(ti * ki - n.sum()))
+        n[: abs(delta)] += np.sign(delta)
+        n = np.sort(n)[::-1][:: int(pi)]
+        out[:, i] = ((n >= 1).sum(), np.ceil(n / bm_s).sum(), np.ceil(n / bm_l).sum())
+    return ExpertLoads(*(jnp.asarray(o.reshape(t.shape)) for o in out))
 
 
 def moe_kernel_work(
@@ -493,6 +577,7 @@ def moe_kernel_work(
     act_bytes: ArrayLike = 2.0,
     routing: str = "uniform",
     tuned: ArrayLike = 0.0,
+    loads: "ExpertLoads | None" = None,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -517,6 +602,9 @@ def moe_kernel_work(
     slots padded per (global) expert, ``(T k / 64 + E) ceil(2 F/tp / 128)``; most
     of those of an idle expert exit at once, but each is scheduled. ``tuned``: 1
     where vLLM runs a tuned configuration (:func:`vllm_tuned_moe`).
+
+    ``loads``: the slots, touched experts and token tiles of this GPU given by a
+    skewed routing (:func:`power_law_loads`), in place of ``routing``'s.
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
     top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
@@ -533,22 +621,31 @@ def moe_kernel_work(
     small = tokens <= e_local
     (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
     bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
-    touched = touched_experts(tokens, e_local, k_local, routing)
-    slots = routed_slots(tokens, k_local, touched, routing)
-    per_expert = slots / jnp.where(touched > 0, touched, 1.0)
-    # The tolerance keeps an exact multiple of the tile from rounding up.
-    token_tiles = touched * jnp.ceil(per_expert / bm - 1e-9)
+    if loads is None:
+        touched = touched_experts(tokens, e_local, k_local, routing)
+        slots = routed_slots(tokens, k_local, touched, routing)
+        per_expert = slots / jnp.where(touched > 0, touched, 1.0)
+        # The tolerance keeps an exact multiple of the tile from rounding up.
+        token_tiles = touched * jnp.ceil(per_expert / bm - 1e-9)
+    else:
+        # The weights of the experts the skewed routing touches, not routing's.
+        touched = jnp.asarray(loads.touched)
+        token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
+        w_routing = touched_experts(tokens, e_local, k_local, routing)
+        slots = routed_slots(tokens, k_local, w_routing, routing)
+        per_w = 3.0 * jnp.asarray(hidden) * f_local * weight_bytes
+        b = b + (touched - w_routing) * per_w
     f = f * token_tiles * bm / jnp.where(slots > 0, slots, 1.0)
     units = token_tiles * jnp.ceil(2.0 * f_local / bn)
     blocks = (tokens * top_k / MOE_TILE_M + n_experts) * jnp.ceil(
         2.0 * f_local / MOE_TILE_N
     )
-    return _work(f, b, _peak(hw, weight_bytes), hw.hbm_bw, units, blocks, tuned)
+    return _work(f, b, _peak(hw, weight_bytes), hw, units, blocks, tuned)
 
 
-def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
+def _work(f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
     core = jnp.broadcast_arrays(
-        *(jnp.asarray(x, float) for x in (f, b, peak, bw, units))
+        *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
     )
 
     def opt(x):  # an optional per-kernel field, on the kernels' shape
@@ -558,7 +655,14 @@ def _work(f, b, peak, bw, units=1.0, blocks=None, tuned=None, pre=None) -> Kerne
             else jnp.broadcast_to(jnp.asarray(x, float), core[0].shape)
         )
 
-    return KernelWork(*core, blocks=opt(blocks), tuned=opt(tuned), pre_bytes=opt(pre))
+    return KernelWork(
+        *core,
+        blocks=opt(blocks),
+        tuned=opt(tuned),
+        pre_bytes=opt(pre),
+        sms=opt(hw.sm_count),
+        l2=opt(hw.l2_bytes),
+    )
 
 
 def gemm_us(m, n, k, eff: Efficiency, hw: Hardware, dtype_bytes=2.0) -> Array:
@@ -605,10 +709,12 @@ def allreduce_kernel_us(
 ) -> Array:
     """Predicted all-reduce time, us: ``allreduce_us`` with a curve or ``(eta, lat)``.
 
-    ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us).
+    ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us);
+    a portable curve takes the message's time on the link, ``bytes / link_bw`` (us).
     """
     if isinstance(eff, AllReduceCurve):
-        eta, latency = eff.bandwidth(bytes_), eff.latency_us
+        x = jnp.asarray(bytes_) / hw.link_bw * 1e6 if eff.portable else bytes_
+        eta, latency = eff.bandwidth(x), eff.latency_us
     else:
         eta, latency = eff
     return allreduce_us(bytes_, n_gpus, hw.link_bw, eta, latency)
@@ -650,30 +756,78 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
             length, fn = col("step"), decode_attention_work
         return fn(col("batch_size"), length, *heads, hw, col("kv_bytes"))
     if family == "moe":
-        routings = sorted(set(table["distribution"]))
-        if routings != ["balanced"]:
-            raise ValueError(
-                f"column 'distribution' has {routings}; only 'balanced' routing "
-                "is modelled"
-            )
-        return moe_kernel_work(
-            col("num_tokens"),
-            col("hidden_size"),
-            col("inter_size"),
-            col("topk"),
-            col("num_experts"),
-            hw,
-            tp=col("moe_tp_size"),
-            ep=col("moe_ep_size"),
-            weight_bytes=jnp.asarray(_dtype_bytes(table["moe_dtype"], "moe_dtype")),
-            routing="balanced",
-            tuned=jnp.asarray(vllm_tuned_moe(table)),
-        )
+        return _moe_table_work(table, hw)
     if family == "vidur":
         return vidur_work(table, hw)
     raise ValueError(
         f"unknown kernel family {family!r}; expected gemm, prefill_attention, "
         "decode_attention, moe or vidur"
+    )
+
+
+def routing_alpha(distribution: pd.Series) -> np.ndarray:
+    """The power-law exponent of each row's ``distribution`` (``power_law_1.2`` ->
+    1.2), NaN for ``balanced``; ``ValueError`` naming any other value."""
+    alpha = np.full(len(distribution), np.nan)
+    bad = []
+    for i, d in enumerate(distribution):
+        if d == "balanced":
+            continue
+        try:
+            assert d.startswith("power_law_")
+            alpha[i] = float(d[len("power_law_") :])
+        except (AssertionError, ValueError, AttributeError):
+            bad.append(d)
+    if bad:
+        raise ValueError(
+            f"column 'distribution' has {sorted(set(map(str, bad)))}; expected "
+            "'balanced' or 'power_law_<alpha>'"
+        )
+    return alpha
+
+
+def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
+    def col(name):
+        return table[name].to_numpy(float)
+
+    alpha = routing_alpha(table["distribution"])
+    skewed = ~np.isnan(alpha)
+    loads = None
+    if skewed.any():
+        pl = power_law_loads(
+            col("num_tokens"),
+            col("num_experts"),
+            col("topk"),
+            col("moe_ep_size"),
+            np.where(skewed, alpha, 1.2),
+        )
+        # Balanced rows: round-robin's own counts through the same fields.
+        e_loc = col("num_experts") / col("moe_ep_size")
+        k_loc = col("topk") / col("moe_ep_size")
+        t_b = np.asarray(touched_experts(col("num_tokens"), e_loc, k_loc, "balanced"))
+        s_b = np.maximum(col("num_tokens") * k_loc, t_b)
+        per = s_b / np.where(t_b > 0, t_b, 1.0)
+        (bm_s, _), (bm_l, _) = MOE_DEFAULT_TILES
+        loads = ExpertLoads(
+            touched=jnp.where(skewed, pl.touched, t_b),
+            tiles_small=jnp.where(
+                skewed, pl.tiles_small, t_b * np.ceil(per / bm_s - 1e-9)
+            ),
+            tiles_large=jnp.where(
+                skewed, pl.tiles_large, t_b * np.ceil(per / bm_l - 1e-9)
+            ),
+        )
+    return moe_kernel_work(
+        *(jnp.asarray(col(c)) for c in ("num_tokens", "hidden_size", "inter_size")),
+        jnp.asarray(col("topk")),
+        jnp.asarray(col("num_experts")),
+        hw,
+        tp=jnp.asarray(col("moe_tp_size")),
+        ep=jnp.asarray(col("moe_ep_size")),
+        weight_bytes=jnp.asarray(_dtype_bytes(table["moe_dtype"], "moe_dtype")),
+        routing="balanced",
+        tuned=jnp.asarray(vllm_tuned_moe(table, strict=False)),
+        loads=loads,
     )
 
 
@@ -722,4 +876,4 @@ def vidur_work(table: pd.DataFrame, hw: Hardware, act_bytes: float = 2.0) -> Ker
     for name, per in per_token.items():
         bytes_ = jnp.where(jnp.asarray(op == name), T * per * ab, bytes_)
     tiles = jnp.ceil(T / 64.0) * jnp.ceil(jnp.where(flops > 0, d, bytes_ / T) / 128.0)
-    return _work(flops, bytes_, hw.flops_16, hw.hbm_bw, tiles)
+    return _work(flops, bytes_, hw.flops_16, hw, tiles)

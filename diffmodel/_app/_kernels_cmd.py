@@ -1,0 +1,126 @@
+"""``diffmodel kernels list`` and ``diffmodel calibrate``: the kernel database from the
+command line (registered by :func:`add_parser`)."""
+
+import argparse
+import pathlib
+import sys
+
+
+def _cmd_kernels_list(args) -> int:
+    from ..kernels._database import list_kernel_tables
+
+    listing = list_kernel_tables()
+    if args.system:
+        listing = listing[listing["system"] == args.system]
+        if listing.empty:
+            raise ValueError(f"system {args.system!r} not in the kernel database")
+    if args.backend:
+        listing = listing[listing["backend"] == args.backend]
+    grouped = (
+        listing.groupby(["system", "backend", "family"], sort=True)["version"]
+        .apply(lambda v: ",".join(sorted(set(v))))
+        .reset_index()
+    )
+    print("system               backend  family             versions")
+    for r in grouped.itertuples(index=False):
+        print(f"{r.system:<20} {r.backend:<8} {r.family:<18} {r.version}")
+    if args.hardware:
+        from .._model._hardware import SPECS, system_info
+
+        print(
+            "\nname           system               BF16 TF  FP8 TF   HBM TB/s  "
+            "link GB/s  SMs  GHz    peaks from"
+        )
+        for name in SPECS:
+            try:
+                i = system_info(name)
+            except ValueError as err:
+                print(f"{name:<14} unavailable: {err}")
+                continue
+            print(
+                f"{name:<14} {i['system']:<20} {i['bf16_tflops']:7.1f} "
+                f"{i['fp8_tflops']:7.1f} {i['hbm_tb_s']:9.3f} {i['link_gb_s']:10.0f} "
+                f"{i['sm_count']:4d} {i['clock_ghz']:5.2f}  {i['peaks_source']}"
+            )
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from .._model._hardware import canonical_hardware, hardware_system
+    from ..kernels._calibrate import FitOptions, calibrate_kernels
+    from ..kernels._curves import save_curves
+    from ..kernels._database import load_system_tables
+
+    name = canonical_hardware(args.system)
+    system = hardware_system(name)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    tables = load_system_tables(
+        system, args.backend, args.version, skip_missing=True, progress=say
+    )
+    versions = sorted({t.attrs.get("version", "?") for t in tables.values()})
+    say(f"loaded {system} / {args.backend} {','.join(versions)}: {list(tables)}")
+    curves = calibrate_kernels(
+        tables,
+        hardware_name=name,
+        options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
+        portable=not args.absolute,
+        progress=say,
+    )
+    path = save_curves(curves, pathlib.Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = subparsers.add_parser(
+        "kernels",
+        help="the measured kernel database (aiconfigurator-core)",
+        description="List the kernel tables of the installed aiconfigurator-core "
+        "database (pip install 'diffmodel[aic]').",
+        formatter_class=fmt,
+    )
+    sub = p.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+    q = sub.add_parser(
+        "list",
+        help="systems, backends, families and versions",
+        formatter_class=fmt,
+    )
+    q.add_argument("--system", help="only this system (e.g. h100_sxm)")
+    q.add_argument("--backend", help="only this backend (vllm, sglang, trtllm)")
+    q.add_argument(
+        "--hardware", action="store_true", help="also print the hardware catalog"
+    )
+    q.set_defaults(run=_cmd_kernels_list)
+
+    p = subparsers.add_parser(
+        "calibrate",
+        help="fit kernel efficiency curves on one system's measured kernels",
+        description="Fit every family's efficiency curves on the measured kernels "
+        "of one GPU system and backend, with one progress line per family, and "
+        "write curves the step model loads (diffmodel.kernels.load_curves).",
+        formatter_class=fmt,
+    )
+    p.add_argument("--system", required=True, help="e.g. h100_sxm, l40s, b200")
+    p.add_argument("--backend", default="vllm", help="vllm, sglang or trtllm")
+    p.add_argument(
+        "--version", default=None, help="backend version (default: newest per family)"
+    )
+    p.add_argument("--out", required=True, metavar="CURVES.json")
+    p.add_argument("--adam-steps", type=int, default=800)
+    p.add_argument("--lbfgs-steps", type=int, default=100)
+    p.add_argument(
+        "--absolute",
+        action="store_true",
+        help="curves in absolute sizes (FLOPs, bytes, blocks) instead of portable",
+    )
+    p.set_defaults(run=_cmd_calibrate)
+
+
+def handle(args) -> int:
+    """Run the subcommand ``args`` was parsed for."""
+    return args.run(args)

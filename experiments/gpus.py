@@ -1,0 +1,339 @@
+"""Every GPU of the kernel database: held-out shapes per GPU, and leave one GPU out.
+
+For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
+``decode_attention``, ``moe``, ``allreduce``) and each GPU system of the installed
+``aiconfigurator-core`` database (vLLM tables where the system has them, else SGLang):
+
+- ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
+  shapes), MAPE on the other 25%;
+- ``leave_one_gpu_out``: curves fitted on every other GPU (partial pooling: shared
+  curves plus per-GPU offsets), predicting every (sampled) row of the held-out GPU
+  from its specs alone (offset 0). The form, absolute sizes, portable ones (work
+  as time at peak, blocks as waves of the SM count), portable with the L2 cache, or
+  the constant roofline, is chosen per held-out GPU by an inner leave-one-GPU-out
+  over the training GPUs only (never by the held-out GPU's figures).
+
+Both beside the uncalibrated roofline (the constant efficiencies of ``FACTOR_SPECS``).
+Rows are subsampled per (GPU, family) with a fixed seed (``--rows``). Writes
+``gpus.csv`` (``family, protocol, held_out, variant, mape, n_rows, n_params``, plus
+``form`` and ``backend``) and prints the table.
+
+    python experiments/gpus.py [--out DIR] [--rows 250] [--families a,b]
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+import diffmodel.kernels as dk
+from diffmodel import FACTOR_SPECS, hardware, mape
+
+FAMILIES = (
+    "gemm_bf16",
+    "gemm_fp8",
+    "prefill_attention",
+    "decode_attention",
+    "moe",
+    "allreduce",
+)
+SHAPE_KEYS = {
+    "gemm_bf16": ["n", "k"],
+    "gemm_fp8": ["n", "k"],
+    "prefill_attention": ["num_heads", "num_key_value_heads", "head_dim"],
+    "decode_attention": ["num_heads", "num_key_value_heads", "head_dim"],
+    "moe": ["hidden_size", "inter_size", "topk", "num_experts"],
+    "allreduce": ["message_size"],
+}
+# The catalog name of each database system.
+SYSTEMS = {
+    "a100_sxm": "a100-sxm-80gb",
+    "h100_sxm": "h100-sxm",
+    "h200_sxm": "h200",
+    "b200_sxm": "b200",
+    "b300_sxm": "b300",
+    "gb200": "gb200",
+    "gb300": "gb300",
+    "l40s": "l40s",
+    "rtx_pro_6000_server": "rtx-pro-6000",
+    "b60": "b60",
+}
+FORMS = ("absolute", "portable", "portable_l2")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _n_params(tree) -> int:
+    return sum(int(np.size(x)) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+
+def gather(family: str, rows_per_gpu: int, seed: int) -> list[tuple]:
+    """(system, backend, sampled rows) of every GPU with rows of ``family``."""
+    out = []
+    for system in SYSTEMS:
+        for backend in ("vllm", "sglang"):
+            try:
+                tables = dk.load_system_tables(
+                    system,
+                    backend,
+                    families=("gemm",) if family.startswith("gemm") else (family,),
+                )
+                rows = dk.family_rows(tables, family)
+            except ValueError as err:
+                _log(f"  {family}: skipped {system}/{backend}: {err}")
+                continue
+            if len(rows) > rows_per_gpu:
+                rows = rows.sample(rows_per_gpu, random_state=seed)
+            out.append((system, backend, rows.reset_index(drop=True)))
+            break
+    return out
+
+
+def concat_works(works):
+    """One work (or all-reduce inputs) of all GPUs' rows, fields concatenated."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *works)
+
+
+def family_inputs(family, gathered):
+    """``(predict(curves), predict_uncalibrated(), y, gpu index)`` over all rows."""
+    parts, ys, gpus = [], [], []
+    for i, (system, _, rows) in enumerate(gathered):
+        hw = hardware(SYSTEMS[system])
+        if family == "allreduce":
+            n = len(rows)
+            hw_rows = jax.tree.map(lambda x, n=n: jnp.full(n, x), hw)
+            parts.append(
+                (
+                    rows["bytes"].to_numpy(float),
+                    rows["num_gpus"].to_numpy(float),
+                    hw_rows,
+                )
+            )
+        else:
+            parts.append(dk.family_work(family, rows, hw))
+        ys.append(rows["latency_us"].to_numpy(float))
+        gpus.append(np.full(len(rows), i))
+    data = concat_works(parts)
+    if family == "allreduce":
+        b, n, hw = data
+        const = (FACTOR_SPECS["comm_bw"][0], FACTOR_SPECS["comm_latency_us"][0])
+
+        def predict(c):
+            return dk.allreduce_kernel_us(b, n, c, hw)
+
+        unc = dk.allreduce_kernel_us(b, n, const, hw)
+    else:
+        kind = "attn" if "attention" in family else None
+        const = (
+            (FACTOR_SPECS["attn_flops"][0], FACTOR_SPECS["attn_bw"][0])
+            if kind
+            else (FACTOR_SPECS["gemm_flops"][0], FACTOR_SPECS["mem_bw"][0])
+        )
+        predict = data.time_us
+        unc = data.time_us(const)
+    return predict, np.asarray(unc), np.concatenate(ys), np.concatenate(gpus)
+
+
+def init_for(family: str, form: str):
+    portable = form.startswith("portable")
+    if family == "allreduce":
+        return dk.default_allreduce_curve(portable=portable)
+    base = dk.init_curves(family)
+    return dk.default_roofline_curves(
+        occupancy=base.occupancy is not None,
+        latency=base.raw_latency is not None,
+        tuned=base.raw_tuned is not None,
+        prologue=base.prologue is not None,
+        portable=portable,
+        cache=form == "portable_l2",
+    )
+
+
+def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
+    """Per GPU: its own curves on 75% of its shapes, MAPE on the rest."""
+    n_g = len(gathered)
+    test = np.zeros(len(y), bool)
+    for i, (_, _, rows) in enumerate(gathered):
+        test[gpu == i] = dk.held_out_split(rows, SHAPE_KEYS[family], seed=seed)
+    train = np.stack([(gpu == i) & ~test for i in range(n_g)])
+    init = init_for(family, "portable_l2")
+    curves, _ = dk.fit_folds(
+        predict, y, train, gpu, init, n_gpus=n_g, offsets=False, options=options
+    )
+    pred = np.asarray(jax.vmap(predict)(curves))  # [folds, n]
+    out = []
+    for i, (system, backend, _) in enumerate(gathered):
+        sel = (gpu == i) & test
+        for variant, p, k in (
+            ("uncalibrated", unc, 0),
+            ("calibrated", pred[i], _n_params(init)),
+        ):
+            out.append(
+                dict(
+                    family=family,
+                    protocol="held_out_shapes",
+                    held_out=SYSTEMS[system],
+                    variant=variant,
+                    mape=mape(y[sel], p[sel]),
+                    n_rows=int(sel.sum()),
+                    n_params=k,
+                    form="portable_l2"
+                    if k and family != "allreduce"
+                    else ("portable" if k else ""),
+                    backend=backend,
+                )
+            )
+    return out
+
+
+def leave_one_gpu_out(family, gathered, predict, unc, y, gpu, options, inner_options):
+    """Per held-out GPU: partial pooling on the others; the form chosen by an inner
+    leave-one-GPU-out over those others."""
+    n_g = len(gathered)
+    pairs = [(g, h) for g in range(n_g) for h in range(n_g) if h != g]
+    inner_train = np.stack([(gpu != g) & (gpu != h) for g, h in pairs])
+    outer_train = np.stack([gpu != g for g in range(n_g)])
+    inner_err = {}
+    outer_pred = {}
+    for form in FORMS:
+        init = init_for(family, form)
+        curves, _ = dk.fit_folds(
+            predict, y, inner_train, gpu, init, n_gpus=n_g, options=inner_options
+        )
+        pred = np.asarray(jax.vmap(predict)(curves))
+        err = np.zeros((n_g, n_g))
+        for f, (g, h) in enumerate(pairs):
+            err[g, h] = mape(y[gpu == h], pred[f][gpu == h])
+        inner_err[form] = err.sum(axis=1) / max(n_g - 1, 1)
+        curves, _ = dk.fit_folds(
+            predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
+        )
+        outer_pred[form] = (np.asarray(jax.vmap(predict)(curves)), _n_params(init))
+    # The constant roofline is a candidate too: where the inner folds say no curve
+    # generalises better to an unseen GPU, the held-out one gets the constants.
+    unc_by_gpu = np.array([mape(y[gpu == h], unc[gpu == h]) for h in range(n_g)])
+    inner_err["constant"] = np.array(
+        [np.delete(unc_by_gpu, g).mean() for g in range(n_g)]
+    )
+    outer_pred["constant"] = (np.stack([unc] * n_g), 0)
+    candidates = (*FORMS, "constant")
+    out = []
+    for g, (system, backend, _) in enumerate(gathered):
+        form = min(candidates, key=lambda f, g=g: inner_err[f][g])
+        pred, k = outer_pred[form]
+        sel = gpu == g
+        inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
+        _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
+        for variant, p, kk in (("uncalibrated", unc, 0), ("calibrated", pred[g], k)):
+            out.append(
+                dict(
+                    family=family,
+                    protocol="leave_one_gpu_out",
+                    held_out=SYSTEMS[system],
+                    variant=variant,
+                    mape=mape(y[sel], p[sel]),
+                    n_rows=int(sel.sum()),
+                    n_params=kk,
+                    form=form if variant == "calibrated" else "",
+                    backend=backend,
+                )
+            )
+    return out
+
+
+def table_text(table: pd.DataFrame) -> str:
+    """One line per (family, protocol, GPU): uncalibrated and calibrated MAPE."""
+    wide = table.pivot_table(
+        index=["family", "protocol", "held_out"],
+        columns="variant",
+        values="mape",
+        sort=False,
+    )
+    cal = table[table["variant"] == "calibrated"].set_index(
+        ["family", "protocol", "held_out"]
+    )
+    lines = [
+        "| family | protocol | held out | uncalibrated % | calibrated % | rows | "
+        "params | form |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in wide.iterrows():
+        c = cal.loc[key]
+        lines.append(
+            f"| {' | '.join(key)} | {r['uncalibrated']:.1f} | {r['calibrated']:.1f} "
+            f"| {c['n_rows']} | {c['n_params']} | {c['form']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(
+    *,
+    out: str | pathlib.Path = "results/gpus",
+    rows: int = 250,
+    families: tuple[str, ...] = FAMILIES,
+    seed: int = 0,
+    options: dk.FitOptions | None = None,
+    inner_options: dk.FitOptions | None = None,
+) -> pd.DataFrame:
+    """Run both protocols on every family, write ``gpus.csv``, print the table."""
+    jax.config.update("jax_enable_x64", True)
+    options = (
+        dk.FitOptions(adam_steps=400, lbfgs_steps=60) if options is None else options
+    )
+    inner_options = (
+        dk.FitOptions(adam_steps=200, lbfgs_steps=30)
+        if inner_options is None
+        else inner_options
+    )
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for family in families:
+        t0 = time.perf_counter()
+        gathered = gather(family, rows, seed)
+        if len(gathered) < 2:
+            _log(f"{family}: fewer than 2 GPUs have rows; skipped")
+            continue
+        predict, unc, y, gpu = family_inputs(family, gathered)
+        results += held_out_shapes(
+            family, gathered, predict, unc, y, gpu, options, seed
+        )
+        results += leave_one_gpu_out(
+            family, gathered, predict, unc, y, gpu, options, inner_options
+        )
+        _log(
+            f"{family}: {len(gathered)} GPUs, {len(y)} rows, "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
+        pd.DataFrame(results).to_csv(out / "gpus.csv", index=False)
+    table = pd.DataFrame(results)
+    table.to_csv(out / "gpus.csv", index=False)
+    text = table_text(table)
+    (out / "gpus.md").write_text(text + "\n")
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("results/gpus")
+    )
+    parser.add_argument("--rows", type=int, default=250, help="rows per GPU and family")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    main(
+        out=args.out,
+        rows=args.rows,
+        families=tuple(args.families.split(",")),
+        seed=args.seed,
+    )
