@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from diffmodel import mape
-from diffmodel._model._factors import FACTOR_SPECS
-from diffmodel._model._hardware import hardware
-from diffmodel._paths import default_data_dir
-from diffmodel.kernels._calibrate import (
+from diffmodel import FACTOR_SPECS, hardware, mape
+from diffmodel.data import default_data_dir
+from diffmodel.kernels import (
+    VIDUR_OPERATORS,
     FitOptions,
+    allreduce_kernel_us,
     calibrate_kernels,
+    default_roofline_curves,
     family_rows,
     family_work,
     fit_allreduce_curve,
@@ -36,14 +37,10 @@ from diffmodel.kernels._calibrate import (
     held_out_split,
     init_curves,
     kernel_prior_factors,
-    two_stage_minimise,
-)
-from diffmodel.kernels._curves import default_roofline_curves, save_curves
-from diffmodel.kernels._tables import (
-    VIDUR_OPERATORS,
-    allreduce_kernel_us,
     load_kernel_tables,
     load_vidur,
+    save_curves,
+    two_stage_minimise,
     vidur_work,
 )
 

@@ -44,6 +44,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/scheduler.py", "--out", "{r}/scheduler"],
         "scheduler/scheduler.md",
     ),
+    "gpus": (
+        ["experiments/gpus.py", "--out", "{r}/gpus"],
+        "gpus/gpus.md",
+    ),
 }
 
 
@@ -96,11 +100,18 @@ def section_text(name: str, results: pathlib.Path) -> str | None:
     return "\n".join(lines).strip()
 
 
-def main(*, run: bool = False, results: pathlib.Path = ROOT / "results") -> None:
+def main(
+    *,
+    run: bool = False,
+    results: pathlib.Path = ROOT / "results",
+    only: tuple[str, ...] = (),
+) -> None:
     """Optionally rerun the scripts, then splice their tables into README.md."""
     results = pathlib.Path(results)
     if run:
         for name, (cmd, _) in SECTIONS.items():
+            if only and name not in only:
+                continue
             argv = [sys.executable, *(c.format(r=results) for c in cmd)]
             (results / name).mkdir(parents=True, exist_ok=True)
             print(f"running {name}: {' '.join(argv[1:])}", file=sys.stderr)
@@ -128,5 +139,12 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", action="store_true", help="rerun every script first")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        choices=sorted(SECTIONS),
+        help="with --run: rerun only these scripts (every section is still pasted)",
+    )
     a = p.parse_args()
-    main(run=a.run, results=a.results)
+    main(run=a.run, results=a.results, only=tuple(a.only))

@@ -11,6 +11,7 @@ from ._calibrate import (
     held_out_split as held_out_split,
     init_curves as init_curves,
     kernel_prior_factors as kernel_prior_factors,
+    two_stage_minimise as two_stage_minimise,
 )
 from ._curves import (
     AllReduceCurve as AllReduceCurve,
@@ -34,6 +35,7 @@ from ._database import (
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._tables import (
+    VIDUR_OPERATORS as VIDUR_OPERATORS,
     ExpertLoads as ExpertLoads,
     KernelWork as KernelWork,
     allreduce_kernel_us as allreduce_kernel_us,
