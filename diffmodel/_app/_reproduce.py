@@ -34,7 +34,7 @@ protocols, per experiment.
   note.
 - ``study-9`` / ``study-36``: the study's compute-only model (``StudyFactors``), one
   set of 9 parameters, or 9 per deployment group, fitted with ``fit`` on the training
-  rows with early stopping on the validation rows.
+  rows to convergence (no early stopping: see ``_factor_set``).
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
 - ``diffmodel-kernels``: the roofline with factors calibrated on the H100 kernel
   measurements alone (:func:`diffmodel.kernel_prior_factors`), no trace fitting
@@ -44,6 +44,9 @@ protocols, per experiment.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
+- ``diffmodel-host-global`` / ``-per-model`` / ``-hierarchical``: the host model
+  (host timer, and iteration time as the overlap of host and device work), see
+  ``_reproduce_host``.
 
 A per-group set (``study-36``, ``diffmodel-per-model``) cannot predict a deployment
 group it never saw (every lomo fold; the CodeLlama experiment in the lowo fold that
@@ -78,6 +81,7 @@ from ..baselines._baselines import (
 )
 from ..data._splits import leave_one_out, temporal_split
 from ..data._traces import add_targets, load_steps
+from ._reproduce_host import HOST_METHODS, run_host_method
 
 TARGETS: dict[str, str] = {
     "step_duration": "step_duration_us",
@@ -100,6 +104,7 @@ METHODS: tuple[str, ...] = (
     "diffmodel-hierarchical",
     "diffmodel-kernels",
     "diffmodel-kernels-hierarchical",
+    *HOST_METHODS,
 )
 """Every method, in table order."""
 
@@ -304,6 +309,8 @@ def _expected_seconds(fold: _Fold, method: str, settings: _Settings) -> float:
         )
         combos = int(np.prod([len(v) for v in grid.values()]))
         return 2e-3 * len(fold.train) * combos
+    if method in HOST_METHODS:
+        return 20.0
     return {"diffmodel-hierarchical": 8.0, "study-9": 3.0, "study-36": 3.0}.get(
         method, 5.0 if method in _DIFFMODEL_KINDS else 0.0
     )
@@ -416,6 +423,8 @@ def _run_method(
         return _xgboost(fold, target, settings)
     if method == "study-xgboost":
         return _study_xgboost(fold, study)
+    if method in HOST_METHODS:
+        return _Outcome(*run_host_method(method, fold, target, settings))
     if method in ("diffmodel-roofline", "diffmodel-kernels"):
         prior = settings.kernel_prior if method == "diffmodel-kernels" else None
         predicted, _ = evaluator.predict(fold.test, prior)
@@ -535,11 +544,15 @@ def _factor_set(
         if method == "diffmodel-kernels-hierarchical"
         else {}
     )
+    # The study's forms are fitted to convergence on the training rows, as the study
+    # did: on the temporal split the validation rows (later, larger batches) favour
+    # the start values, and early stopping would report the unfitted start as both
+    # "study-9" and "study-36".
     result = fit(
         fold.train,
         target=target,
         factors=kind,
-        valid=fold.valid,
+        valid=None if kind.startswith("study") else fold.valid,
         solver=settings.solver,
         max_steps=settings.max_steps,
         **anchor,

@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from .._fitting._factorsets import StepData
+from .._model._factors import Factors
 from .._model._host import (
     GATE_VARIABLES,
     HOST_NAMES,
@@ -94,6 +95,28 @@ def _label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     return np.array([pos.get(lab, -1) for lab in labels], dtype=np.int32)
 
 
+def host_target(
+    data: StepData,
+    target: str,
+    host: HostFactors,
+    *,
+    gate_on: str = "requests",
+    device: Factors | None = None,
+) -> Float[Array, " steps"]:
+    """One of :data:`HOST_TARGETS` for every step of ``data``, us, from physical
+    factors (per-group factors, leading axis = groups, are indexed by
+    ``data.group``): the host timer, or :func:`~diffmodel._model._host.iteration_us`
+    of the roofline with ``device`` factors and the host timer."""
+    if target not in HOST_TARGETS:
+        raise ValueError(f"target must be one of {list(HOST_TARGETS)}, got {target!r}")
+    timed = _timed(data, host, gate_on)
+    if target == "step_duration":
+        return timed
+    if device is None:
+        raise ValueError("target 'iteration_time' needs device factors")
+    return iteration_us(data.breakdown(device), timed)
+
+
 def _timed(data: StepData, host: HostFactors, gate_on: str) -> Array:
     """Host timer of every step of ``data``; per-group factors indexed by group."""
     dep = data.deployments.take(data.group)
@@ -124,6 +147,11 @@ class HostGlobal(eqx.Module):
     def penalty(self, n_rows: int) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
+
+    def covers(self, labels: Sequence[str]) -> np.ndarray:
+        """Whether the set can predict each group of ``labels`` (all: unseen groups
+        get the global values)."""
+        return np.ones(len(labels), bool)
 
     def n_params(self) -> int:
         """Fitted numbers."""
@@ -159,6 +187,10 @@ class HostPerGroup(eqx.Module):
     def penalty(self, n_rows: int) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
+
+    def covers(self, labels: Sequence[str]) -> np.ndarray:
+        """Whether the set can predict each group of ``labels`` (fitted groups)."""
+        return _label_index(self.labels, labels) >= 0
 
     def n_params(self) -> int:
         """Fitted numbers."""
@@ -205,6 +237,11 @@ class HostHierarchical(eqx.Module):
         """Shrinkage prior on the offsets, scaled to the mean log-ratio loss."""
         quad = jnp.sum(self.offsets**2) / self.prior_scale**2
         return self.noise_scale**2 / n_rows * quad
+
+    def covers(self, labels: Sequence[str]) -> np.ndarray:
+        """Whether the set can predict each group of ``labels`` (all: unseen groups
+        get the global values)."""
+        return np.ones(len(labels), bool)
 
     def n_params(self) -> int:
         """Fitted numbers."""
@@ -293,10 +330,10 @@ class HostStepModel(eqx.Module):
         host = self.host
         if self.freeze_host and self.target == "iteration_time":
             host = jax.lax.stop_gradient(host)
-        timed = host.timed(data)
-        if self.target == "step_duration":
-            return timed
-        return iteration_us(data.breakdown(self.device.physical()), timed)
+        device = None if self.device is None else self.device.physical()
+        return host_target(
+            data, self.target, host.physical(), gate_on=host.gate_on, device=device
+        )
 
     def penalty(self, n_rows: int) -> Array:
         """The sets' prior terms (the host's only while it is fitted)."""
