@@ -133,10 +133,9 @@ def predict_host(fitted: HostFit, frame: pd.DataFrame) -> tuple[np.ndarray, np.n
     group is one the fit can predict (per-group sets cannot predict unseen groups)."""
     data, labels = step_data(frame)
     model = fitted.model
-    known = model.host.covers(labels)
+    own, known = _own_labels(fitted, labels)
     if not known.any():
         return np.full(len(frame), np.nan), np.zeros(len(frame), bool)
-    own = [lab if k else fitted.labels[0] for lab, k in zip(labels, known, strict=True)]
     device = None if model.device is None else model.device.factors_for(own)
     total = np.asarray(
         host_target(
@@ -149,6 +148,14 @@ def predict_host(fitted: HostFit, frame: pd.DataFrame) -> tuple[np.ndarray, np.n
     )
     row_known = known[np.asarray(data.group)]
     return np.where(row_known, total, np.nan), row_known
+
+
+def _own_labels(fitted: HostFit, labels) -> tuple[list[str], np.ndarray]:
+    """``labels`` with the ones the fit cannot predict replaced by a fitted one, and
+    which ones it can predict."""
+    known = fitted.model.host.covers(labels)
+    own = [lab if k else fitted.labels[0] for lab, k in zip(labels, known, strict=True)]
+    return own, known
 
 
 def n_params(fitted: HostFit) -> int:
@@ -196,16 +203,20 @@ def run_host_method(method: str, fold, target: str, settings) -> HostOutcome:
     )
     seconds = time.perf_counter() - tick
     predicted, known = predict_host(fitted, fold.test)
+    data, labels = step_data(fold.test)
+    host = fitted.model.host.factors_for(_own_labels(fitted, labels)[0])
+    chosen = ", ".join(f"{g} {v:.1f}%" for g, v in fitted.valid_mape.items())
     notes = {}
-    for exp, rows in pd.Series(known, index=fold.test.index).groupby(
+    for exp, rows in pd.Series(np.asarray(data.group), index=fold.test.index).groupby(
         fold.test["experiment_id"]
     ):
+        g = int(rows.iloc[0])
+        if not known[fold.test.index.get_indexer(rows.index)].all():
+            notes[exp] = _UNSEEN
+            continue
         notes[exp] = (
-            f"gate on {fitted.gate_on} (validation MAPE "
-            + ", ".join(f"{g} {v:.1f}%" for g, v in fitted.valid_mape.items())
-            + ")"
-            if rows.all()
-            else _UNSEEN
+            f"gate on {fitted.gate_on} at {float(host.graph_limit[g]):.1f} "
+            f"(width {float(host.gate_width[g]):.2f}); validation MAPE {chosen}"
         )
     count = n_params(fitted)
     return HostOutcome(
