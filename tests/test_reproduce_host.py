@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 
 from diffmodel._app._reproduce import METHODS
-from diffmodel._app._reproduce_host import (
-    HOST_METHODS,
-    fit_host,
-    host_table,
-    predict_host,
-    run_host_method,
-)
+from diffmodel._app._reproduce_host import HOST_METHODS, run_host_method
 from diffmodel.data import add_targets, load_steps, temporal_split
+from diffmodel.host import fit_host, host_table, predict_host
 
 QUICK = types.SimpleNamespace(solver="adam", max_steps=15)
 

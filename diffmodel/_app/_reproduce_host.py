@@ -26,15 +26,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .._fitting._factorsets import init_factor_set
-from .._fitting._fit import fit_arrays, step_data
-from .._fitting._host_factors import (
-    HostStepModel,
-    host_target,
-    init_host_set,
-)
-from .._metrics import mape
-from .._model._host import GATE_VARIABLES, HOST_NAMES
+from .._fitting._fit import step_data
+from .._fitting._host_fit import fit_host, n_params, own_labels, predict_host
 
 HOST_METHODS: dict[str, str] = {
     "diffmodel-host-global": "global",
@@ -43,8 +36,6 @@ HOST_METHODS: dict[str, str] = {
 }
 """Method name -> kind of the host (and, for iteration time, device) factor set."""
 
-_TIMER = "step_duration_us"
-_TARGETS = {"step_duration_us": "step_duration", "iteration_time_us": "iteration_time"}
 _UNSEEN = "not applicable: deployment group not in training"
 
 
@@ -57,134 +48,6 @@ class HostOutcome(NamedTuple):
     fit_seconds: dict[str, float]
     fit_steps: float
     notes: dict[str, str]
-
-
-class HostFit(NamedTuple):
-    """A fitted host model and what was chosen on the way."""
-
-    model: HostStepModel
-    labels: tuple[str, ...]
-    gate_on: str
-    valid_mape: dict[str, float]
-    n_steps: int
-
-
-def fit_host(
-    train: pd.DataFrame,
-    valid: pd.DataFrame,
-    *,
-    kind: str,
-    target: str,
-    solver: str = "lbfgs",
-    max_steps: int = 500,
-    gates: tuple[str, ...] = tuple(GATE_VARIABLES),
-) -> HostFit:
-    """Fit the host model of ``kind`` for ``target`` (a column of ``_TARGETS``).
-
-    The gate variable is chosen among ``gates`` by the validation MAPE of the host
-    timer (``valid`` rows, never test rows); see the module doc for the stages.
-    """
-    if target not in _TARGETS:
-        raise ValueError(f"target must be one of {list(_TARGETS)}, got {target!r}")
-    dtrain, labels = step_data(train)
-    dvalid, _ = step_data(valid, labels=labels)
-    y, vy = train[_TIMER].to_numpy(float), valid[_TIMER].to_numpy(float)
-    best, scores, steps = None, {}, 0
-    for gate_on in gates:
-        model = HostStepModel(
-            host=init_host_set(kind, labels, gate_on=gate_on),
-            device=None,
-            target="step_duration",
-        )
-        res = fit_arrays(
-            model,
-            dtrain,
-            y,
-            valid=(dvalid, vy),
-            solver=solver,
-            max_steps=max_steps,
-            target_name=_TIMER,
-        )
-        scores[gate_on] = mape(vy, np.asarray(res.factor_set.predict(dvalid)))
-        if best is None or scores[gate_on] < scores[best[0]]:
-            best, steps = (gate_on, res.factor_set), res.n_steps
-    gate_on, model = best
-    if _TARGETS[target] == "iteration_time":
-        model = HostStepModel(
-            host=model.host,
-            device=init_factor_set(kind, labels),
-            target="iteration_time",
-        )
-        res = fit_arrays(
-            model,
-            dtrain,
-            train[target].to_numpy(float),
-            valid=(dvalid, valid[target].to_numpy(float)),
-            solver=solver,
-            max_steps=max_steps,
-            target_name=target,
-        )
-        model, steps = res.factor_set, res.n_steps
-    return HostFit(model, labels, gate_on, scores, steps)
-
-
-def predict_host(fitted: HostFit, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted target per row of ``frame``, us, and per row whether its deployment
-    group is one the fit can predict (per-group sets cannot predict unseen groups)."""
-    data, labels = step_data(frame)
-    model = fitted.model
-    own, known = _own_labels(fitted, labels)
-    if not known.any():
-        return np.full(len(frame), np.nan), np.zeros(len(frame), bool)
-    device = None if model.device is None else model.device.factors_for(own)
-    total = np.asarray(
-        host_target(
-            data,
-            model.target,
-            model.host.factors_for(own),
-            gate_on=model.host.gate_on,
-            device=device,
-        )
-    )
-    row_known = known[np.asarray(data.group)]
-    return np.where(row_known, total, np.nan), row_known
-
-
-def _own_labels(fitted: HostFit, labels) -> tuple[list[str], np.ndarray]:
-    """``labels`` with the ones the fit cannot predict replaced by a fitted one, and
-    which ones it can predict."""
-    known = fitted.model.host.covers(labels)
-    own = [lab if k else fitted.labels[0] for lab, k in zip(labels, known, strict=True)]
-    return own, known
-
-
-def n_params(fitted: HostFit) -> int:
-    """Fitted numbers: the host set's, plus the device set's for iteration time."""
-    count = fitted.model.host.n_params()
-    device = fitted.model.device
-    if device is not None:
-        raw = getattr(device, "raw", None)
-        count += (
-            int(raw.size)
-            if raw is not None
-            else int(device.global_raw.size + device.offsets.size)
-        )
-    return count
-
-
-def host_table(fitted: HostFit) -> pd.DataFrame:
-    """Fitted host factors, one row per group (and ``global`` where pooled)."""
-    host = fitted.model.host
-    rows = {}
-    if hasattr(host, "global_physical"):
-        rows["global"] = host.global_physical()
-    per = host.factors_for(fitted.labels)
-    for i, lab in enumerate(fitted.labels):
-        rows[lab] = type(per)(**{n: getattr(per, n)[i] for n in HOST_NAMES})
-    return pd.DataFrame(
-        {n: [float(getattr(f, n)) for f in rows.values()] for n in HOST_NAMES},
-        index=list(rows),
-    ).assign(gate_on=fitted.gate_on)
 
 
 def run_host_method(method: str, fold, target: str, settings) -> HostOutcome:
@@ -204,7 +67,7 @@ def run_host_method(method: str, fold, target: str, settings) -> HostOutcome:
     seconds = time.perf_counter() - tick
     predicted, known = predict_host(fitted, fold.test)
     data, labels = step_data(fold.test)
-    host = fitted.model.host.factors_for(_own_labels(fitted, labels)[0])
+    host = fitted.model.host.factors_for(own_labels(fitted, labels)[0])
     chosen = ", ".join(f"{g} {v:.1f}%" for g, v in fitted.valid_mape.items())
     notes = {}
     for exp, rows in pd.Series(np.asarray(data.group), index=fold.test.index).groupby(
