@@ -8,67 +8,44 @@ save/load and metrics. Families live in public namespaces: :mod:`diffmodel.data`
 calibration), :mod:`diffmodel.scheduler` and :mod:`diffmodel.baselines`.
 
 Units: times in microseconds per GPU, work in FLOPs and bytes, tokens as counts.
+
+Start with::
+
+    import diffmodel as dm
+    dep = dm.deployment("llama-2-70b", hardware="h100-sxm", tp=4)
+    stats = dm.from_aggregates(prefill_tokens=512, decode_tokens=32, num_prefill=1,
+                               num_decode=32, kv_tokens=32_000)
+    dm.step_time(stats, dep, dm.default_factors()).total  # us
+
+The names (``__all__``, listed by ``help(diffmodel)``) are imported on first use:
+``import diffmodel`` alone does not import JAX, so the command line's ``--help`` is
+instant. The list lives in ``diffmodel/_api.py``.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib import import_module as _import_module
 
-from . import (
-    baselines as baselines,
-    data as data,
-    kernels as kernels,
-    scheduler as scheduler,
-)
-from ._bulk._bulk import predict_steps as predict_steps
-from ._fitting._factorsets import (
-    GlobalFactors as GlobalFactors,
-    HierarchicalFactors as HierarchicalFactors,
-    PerGroupFactors as PerGroupFactors,
-)
-from ._fitting._fit import FitResult as FitResult, fit as fit
-from ._fitting._io import load_factors as load_factors, save_factors as save_factors
-from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
-from ._fitting._study import StudyFactors as StudyFactors
-from ._metrics import (
-    log_ratio_loss as log_ratio_loss,
-    mape as mape,
-    metrics_table as metrics_table,
-)
-from ._model._arch import (
-    Architecture as Architecture,
-    architecture as architecture,
-    canonical_model as canonical_model,
-    known_models as known_models,
-)
-from ._model._batch import (
-    BatchStats as BatchStats,
-    from_aggregates as from_aggregates,
-    from_requests as from_requests,
-    kv_tokens_from_usage as kv_tokens_from_usage,
-)
-from ._model._deployment import (
-    Deployment as Deployment,
-    deployment as deployment,
-    stack_deployments as stack_deployments,
-)
-from ._model._factors import (
-    FACTOR_NAMES as FACTOR_NAMES,
-    FACTOR_SPECS as FACTOR_SPECS,
-    Factors as Factors,
-    default_factors as default_factors,
-)
-from ._model._hardware import (
-    Hardware as Hardware,
-    hardware as hardware,
-    known_hardware as known_hardware,
-)
-from ._model._roofline import (
-    COMPONENTS as COMPONENTS,
-    Breakdown as Breakdown,
-    step_time as step_time,
-)
-from ._predict import predict as predict
 
-try:
-    __version__ = _version("diffmodel")
-except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
-    __version__ = "0+unknown"
+def __getattr__(name: str):
+    if name == "__version__":  # importlib.metadata alone takes ~0.1 s to import
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("diffmodel")
+        except PackageNotFoundError:  # pragma: no cover - a bare source tree
+            value = "0+unknown"
+        globals()[name] = value
+        return value
+    if name.startswith("_") and name != "__all__":
+        raise AttributeError(f"module 'diffmodel' has no attribute {name!r}")
+    _api = _import_module(f"{__name__}._api")  # imports JAX and the library
+    try:
+        value = getattr(_api, name)
+    except AttributeError:
+        raise AttributeError(f"module 'diffmodel' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    _api = _import_module(f"{__name__}._api")
+    return sorted(set(globals()) | set(_api.__all__) | {"__version__"})

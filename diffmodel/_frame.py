@@ -1,6 +1,6 @@
 """From a pandas frame of steps to array data: statistics, deployments, groups."""
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import equinox as eqx
 import numpy as np
@@ -14,7 +14,7 @@ from ._model._batch import (
     kv_tokens_from_usage,
 )
 from ._model._deployment import Deployment, deployment, stack_deployments
-from ._model._hardware import canonical_hardware
+from ._model._hardware import DEFAULT_HARDWARE, canonical_hardware
 
 # Canonical column -> accepted trace spellings.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -25,7 +25,6 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "kv_tokens": (),
     "prefill_context_tokens": (),
 }
-DEFAULT_HARDWARE = "h100-sxm"
 
 
 def group_label(model: str, hardware: str, tp: int) -> str:
@@ -33,33 +32,104 @@ def group_label(model: str, hardware: str, tp: int) -> str:
     return f"{model}/{hardware}/tp{int(tp)}"
 
 
-def _column(frame: pd.DataFrame, name: str) -> np.ndarray | None:
-    for col in (name, *COLUMN_ALIASES.get(name, ())):
-        if col in frame.columns:
-            return _numeric(frame[col], col)
-    return None
+# Columns that count this step's tokens or requests: whole numbers >= 0. The KV
+# columns (``kv_tokens``, ``prefill_context_tokens``) may be estimates (e.g. from the
+# KV-cache gauge): any number >= 0.
+COUNT_COLUMNS: tuple[str, ...] = (
+    "prefill_tokens",
+    "decode_tokens",
+    "num_prefill_reqs",
+    "num_decode_reqs",
+)
 
 
-def _numeric(series: pd.Series, col: str) -> np.ndarray:
-    if not pd.api.types.is_numeric_dtype(series.dtype):
-        raise ValueError(f"column {col!r} must be numeric, got dtype {series.dtype}")
-    values = series.to_numpy(dtype=float, na_value=np.nan)
-    bad = ~(values >= 0)
+def number_text(value) -> str:
+    """A number as a user reads it: ``-64``, ``1.5``, ``nan`` (no NumPy reprs)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+
+def _first_bad(col: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"column {col!r} must be finite and >= 0; row {series.index[i]!r} "
-            f"has {values[i]!r}"
+            f"column {col!r} must be {expected}; row {i} has {number_text(values[i])}"
         )
+
+
+def numeric_column(series: pd.Series, col: str) -> np.ndarray:
+    """A column as float64; a one-line error naming the column, the first bad row
+    (0-based position) and its value when it holds text or is missing."""
+    values = pd.to_numeric(series, errors="coerce").to_numpy(
+        dtype=float, na_value=np.nan
+    )
+    text = series.notna().to_numpy() & np.isnan(values)
+    if text.any():
+        i = int(np.flatnonzero(text)[0])
+        raise ValueError(
+            f"column {col!r} must be numeric; row {i} has {series.iloc[i]!r}"
+        )
+    _first_bad(col, values, np.isnan(values), "a number (no missing values)")
     return values
 
 
-def _required(frame: pd.DataFrame, name: str) -> np.ndarray:
-    values = _column(frame, name)
-    if values is None:
+def check_counts(col: str, values: np.ndarray, what: str = "tokens") -> None:
+    """Raise unless every value is a whole number >= 0 (a count of ``what``)."""
+    bad = ~(values >= 0)
+    if values.dtype.kind == "f":
+        bad |= ~np.isfinite(values) | (values != np.round(values))
+    _first_bad(col, values, bad, f"a whole number >= 0 ({what})")
+
+
+def check_ratio(col: str, values: np.ndarray) -> None:
+    """Raise unless every value lies in [0, 1] (a fraction, e.g. of the KV cache)."""
+    _first_bad(col, values, ~((values >= 0) & (values <= 1)), "a fraction in [0, 1]")
+
+
+def check_batch(names: Mapping[str, str], columns: Mapping[str, np.ndarray]) -> None:
+    """Raise where the token and request counts of a row contradict each other.
+
+    Every request of a kind brings at least one token of that kind, and tokens of a
+    kind need a request: ``tokens >= requests`` and ``tokens > 0`` only with
+    ``requests > 0``. ``names`` maps ``prefill_tokens``, ``num_prefill_reqs``,
+    ``decode_tokens``, ``num_decode_reqs`` to the frame's column names.
+    """
+    for kind in ("prefill", "decode"):
+        tok, req = f"{kind}_tokens", f"num_{kind}_reqs"
+        t, r = columns[tok], columns[req]
+        for bad, why in (
+            ((t > 0) & (r == 0), f"{kind} tokens need a {kind} request"),
+            (r > t, f"each {kind} request brings at least one token"),
+        ):
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"row {i}: {names[tok]} is {number_text(t[i])} but {names[req]} is "
+                    f"{number_text(r[i])} ({why})"
+                )
+
+
+def _column(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray] | None:
+    for col in (name, *COLUMN_ALIASES.get(name, ())):
+        if col in frame.columns:
+            values = numeric_column(frame[col], col)
+            if name in COUNT_COLUMNS:
+                check_counts(col, values, "requests" if "reqs" in name else "tokens")
+            else:
+                _first_bad(col, values, ~(values >= 0), "a number >= 0")
+            return col, values
+    return None
+
+
+def _required(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray]:
+    found = _column(frame, name)
+    if found is None:
         names = " or ".join(repr(c) for c in (name, *COLUMN_ALIASES[name]))
         raise ValueError(f"missing column {names}")
-    return values
+    return found
 
 
 def stats_from_frame(
@@ -75,8 +145,19 @@ def stats_from_frame(
     """
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
-    kv = _column(frame, "kv_tokens")
-    if kv is None:
+    if len(frame) == 0:
+        raise ValueError("the table of steps has no rows")
+    counts = {
+        name: _required(frame, name)
+        for name in ("prefill_tokens", "decode_tokens", "num_prefill_reqs")
+        + ("num_decode_reqs",)
+    }
+    check_batch(
+        {k: col for k, (col, _) in counts.items()},
+        {k: v for k, (_, v) in counts.items()},
+    )
+    found = _column(frame, "kv_tokens")
+    if found is None:
         usage = _column(frame, "kv.usage_gpu_ratio")
         blocks = _column(frame, "kv.blocks_total_gpu")
         if usage is None or blocks is None:
@@ -84,15 +165,19 @@ def stats_from_frame(
                 "missing column 'kv_tokens' (or both 'kv.usage_gpu_ratio' and "
                 "'kv.blocks_total_gpu' to derive it)"
             )
-        kv = np.asarray(kv_tokens_from_usage(usage, blocks, block_size))
+        check_ratio(*usage)
+        check_counts(*blocks, "blocks")
+        kv = np.asarray(kv_tokens_from_usage(usage[1], blocks[1], block_size))
+    else:
+        kv = found[1]
     k_pf = _column(frame, "prefill_context_tokens")
     return from_aggregates(
-        prefill_tokens=_required(frame, "prefill_tokens"),
-        decode_tokens=_required(frame, "decode_tokens"),
-        num_prefill=_required(frame, "num_prefill_reqs"),
-        num_decode=_required(frame, "num_decode_reqs"),
+        prefill_tokens=counts["prefill_tokens"][1],
+        decode_tokens=counts["decode_tokens"][1],
+        num_prefill=counts["num_prefill_reqs"][1],
+        num_decode=counts["num_decode_reqs"][1],
         kv_tokens=kv,
-        prefill_context_tokens=np.zeros(len(frame)) if k_pf is None else k_pf,
+        prefill_context_tokens=np.zeros(len(frame)) if k_pf is None else k_pf[1],
     )
 
 
@@ -104,25 +189,51 @@ class Groups(eqx.Module):
     index: np.ndarray
 
 
-def _per_row(frame: pd.DataFrame, col: str, default, what: str) -> np.ndarray:
-    if col in frame.columns:
-        values = frame[col]
-        if values.isna().any():
-            raise ValueError(f"column {col!r} has missing values")
-        return values.to_numpy()
-    if default is None:
-        raise ValueError(f"{what}: pass {col}= or give the frame a {col!r} column")
-    return np.full(len(frame), default, dtype=object)
-
-
 def _tp(value) -> int:
     try:
         t = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"tp must be a positive integer, got {value!r}") from None
     if not t.is_integer() or t < 1:
-        raise ValueError(f"tp must be a positive integer, got {value!r}")
+        raise ValueError(f"tp must be a positive integer, got {number_text(value)}")
     return int(t)
+
+
+_CANONICAL = {"model": canonical_model, "hardware": canonical_hardware, "tp": _tp}
+
+
+def _per_row(frame: pd.DataFrame, col: str, value, spell) -> np.ndarray:
+    """Each row's ``col``: the keyword ``value`` (checked: an unknown name is an
+    error) or the frame's column; both only when they agree on every row."""
+    if value is not None:
+        try:
+            value = _CANONICAL[col](value)
+        except ValueError as err:
+            raise ValueError(f"{spell(col)}{value}: {err}") from None
+    if col not in frame.columns:
+        if value is None:
+            raise ValueError(
+                f"no {col}: pass {spell(col)} or give the table a {col!r} column"
+            )
+        return np.full(len(frame), value, dtype=object)
+    values = frame[col]
+    if values.isna().any():
+        i = int(np.flatnonzero(values.isna().to_numpy())[0])
+        raise ValueError(f"column {col!r} has a missing value at row {i}")
+    names = {}
+    for v in pd.unique(values):
+        try:
+            names[v] = str(_CANONICAL[col](v))
+        except ValueError as err:
+            raise ValueError(f"column {col!r}: {err}") from None
+    if value is not None:
+        seen = sorted(set(names.values()))
+        if seen != [str(value)]:
+            raise ValueError(
+                f"{spell(col)}{value} contradicts the table's {col!r} column "
+                f"({', '.join(seen)}); drop one of them"
+            )
+    return values.to_numpy()
 
 
 def groups_from_frame(
@@ -132,15 +243,20 @@ def groups_from_frame(
     hardware: str | None = None,
     tp: int | None = None,
     overrides: Mapping[str, str] | None = None,
+    spell: Callable[[str], str] = lambda name: f"{name}=",
 ) -> Groups:
-    """Each row's deployment: per-row ``model``/``hardware``/``tp`` columns override
-    the keyword arguments; hardware defaults to H100-SXM when neither says anything.
+    """Each row's deployment, from per-row ``model``/``hardware``/``tp`` columns or
+    the keyword arguments; hardware defaults to H100-SXM when neither gives one.
+
+    A keyword and a column may both be given only when they name the same thing on
+    every row (after canonicalisation); unknown names are an error either way.
+    ``spell(name)`` is how an error names a keyword (the CLI passes ``--name``).
     """
     if "hardware" not in frame.columns and hardware is None:
         hardware = DEFAULT_HARDWARE
-    models = _per_row(frame, "model", model, "model")
-    hws = _per_row(frame, "hardware", hardware, "hardware")
-    tps = _per_row(frame, "tp", tp, "tensor-parallel degree")
+    models = _per_row(frame, "model", model, spell)
+    hws = _per_row(frame, "hardware", hardware, spell)
+    tps = _per_row(frame, "tp", tp, spell)
     raw = pd.MultiIndex.from_arrays([models, hws, np.asarray(tps)])
     codes, uniques = pd.factorize(raw)
     ulabels = np.asarray(

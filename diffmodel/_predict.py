@@ -1,12 +1,16 @@
 """The pandas-level prediction entry point."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ._fitting._base import AbstractFactorSet
+from ._fitting._fit import FitResult
+from ._fitting._io import load_factors
 from ._frame import groups_from_frame, stats_from_frame
 from ._model._factors import Factors, default_factors
 from ._model._roofline import COMPONENTS, step_time_batch
@@ -22,21 +26,19 @@ def resolve_factors(factors, labels: tuple[str, ...]) -> Factors:
     """Physical :class:`Factors` for the groups ``labels`` from what a user passed.
 
     ``None`` gives the physical priors; a :class:`Factors` is used as is (shared by
-    all groups, or one row per group in ``labels`` order). Objects with a
-    ``factors_for(labels)`` method (fitted factor sets, fit results) resolve
-    themselves; a path to a saved JSON file is loaded first.
+    all groups, or one row per group in ``labels`` order). Fitted factor sets and fit
+    results resolve themselves (``factors_for(labels)``); a path to a saved JSON
+    file is loaded first.
     """
     if factors is None:
         return default_factors()
     if isinstance(factors, Factors):
         return factors
-    if isinstance(factors, str) or hasattr(factors, "__fspath__"):
-        from ._fitting._io import (
-            load_factors,  # deferred: _io builds on this module's users
-        )
-
+    if isinstance(factors, str | os.PathLike):
         factors = load_factors(factors)
-    if hasattr(factors, "factors_for"):
+    if isinstance(factors, FitResult):
+        factors = factors.factor_set
+    if isinstance(factors, AbstractFactorSet):
         return factors.factors_for(labels)
     raise ValueError(
         "factors must be None, a diffmodel.Factors, a fitted factor set or fit result, "

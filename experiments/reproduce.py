@@ -26,7 +26,7 @@ def main(
     quick: bool = False,
 ) -> None:
     """Run the benchmark, write ``out/results.{csv,md}`` and print the tables."""
-    data = diffmodel.default_data_dir() if data is None else data
+    data = diffmodel.data.default_data_dir() if data is None else data
     results = reproduce(data=data, out=out, experiments=experiments, quick=quick)
     print(results_markdown(results))
 
@@ -36,7 +36,7 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         type=pathlib.Path,
-        default=diffmodel.default_data_dir(),
+        default=diffmodel.data.default_data_dir(),
         help="reference data folder holding stepml/ (default: %(default)s)",
     )
     parser.add_argument(

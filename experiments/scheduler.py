@@ -22,7 +22,7 @@ Three parts, written to ``<out>/scheduler.json``:
      annealed), kept as the negative result it is: its pathwise gradient in
      ``max_num_batched_tokens`` has the wrong sign (``budget_gradient_check`` in the
      output compares it with the exact simulator's slope; the module docstring of
-     ``diffmodel.scheduler._scheduler`` says why).
+     ``diffmodel.scheduler._simulate`` says why).
 
 Run: ``python experiments/scheduler.py --out results/scheduler`` (about 1 minute on
 2 CPU cores).
@@ -44,8 +44,8 @@ import optax  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import diffmodel  # noqa: E402
-from diffmodel.data._traces import add_targets, load_steps  # noqa: E402
-from diffmodel.scheduler._scheduler import (  # noqa: E402
+from diffmodel.data import add_targets, load_steps  # noqa: E402
+from diffmodel.scheduler import (  # noqa: E402
     Knobs,
     Workload,
     make_workload,
@@ -411,7 +411,8 @@ def main(
 
     Args:
         out: output folder.
-        data_dir: the shared data folder (default: :func:`diffmodel.default_data_dir`).
+        data_dir: the shared data folder (default:
+            :func:`diffmodel.data.default_data_dir`).
         experiment: the trace to fit and validate on.
         seed: workload seed.
         validation_seconds, warmup_seconds: simulated time of the trace's workload,
@@ -428,7 +429,7 @@ def main(
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = pathlib.Path(data_dir) if data_dir else diffmodel.default_data_dir()
+    data = pathlib.Path(data_dir) if data_dir else diffmodel.data.default_data_dir()
     frame = add_targets(load_steps(data / "stepml" / "steps.parquet"))
     exp = frame[frame["experiment_id"] == experiment].reset_index(drop=True)
     if exp.empty:

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 import diffmodel as dm
-from diffmodel._fitting._factorsets import StepData, init_factor_set
+from diffmodel._fitting._base import StepData
+from diffmodel._fitting._factorsets import init_factor_set
 from diffmodel._fitting._fit import fit_arrays
 from diffmodel._fitting._host_factors import (
-    HostStepModel,
     host_target,
     host_to_physical,
     host_to_raw,
     init_host_set,
 )
+from diffmodel._fitting._host_model import HostStepModel
 from diffmodel._model._deployment import stack_deployments
 from diffmodel._model._host import HOST_NAMES, HOST_SPECS, HostFactors, host_time
 
@@ -156,3 +157,44 @@ def test_per_group_fit_recovers_known_gate_locations():
     np.testing.assert_allclose(got.graph_limit, truth.graph_limit, rtol=0.05)
     np.testing.assert_allclose(got.schedule_us, truth.schedule_us, rtol=0.25)
     assert res.loss < 0.01
+
+
+def test_model_is_a_factor_set_that_round_trips_through_json():
+    import json
+
+    from diffmodel._fitting._base import AbstractFactorSet
+
+    host = init_host_set("hierarchical", LABELS, gate_on="kv_tokens")
+    host = eqx_tree_set(host, offsets=0.1 * jnp.ones_like(host.offsets))
+    model = HostStepModel(
+        host=host,
+        device=init_factor_set("hierarchical", LABELS),
+        target="iteration_time",
+    )
+    assert isinstance(model, AbstractFactorSet)
+    assert model.n_params() == 21 + 27
+    back = HostStepModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    data = _data(5)
+    np.testing.assert_allclose(back.predict(data), model.predict(data), rtol=1e-12)
+    assert back.host.gate_on == "kv_tokens"
+    table = model.table()
+    assert list(table.index[:1]) == ["global"] and set(LABELS) <= set(table.index)
+    with pytest.raises(ValueError, match="model"):
+        HostStepModel.from_dict({"kind": "global"})
+
+
+def test_reindex_marks_unseen_groups():
+    unseen = ("mixtral-8x7b/h100-sxm/tp2",)
+    per = HostStepModel(
+        host=init_host_set("per-model", LABELS), device=None, target="step_duration"
+    )
+    _, known = per.reindex((*LABELS, *unseen))
+    assert known.tolist() == [True, True, False]
+    hier = HostStepModel(
+        host=init_host_set("hierarchical", LABELS),
+        device=None,
+        target="step_duration",
+    )
+    assert hier.reindex(unseen)[1].all()
+    with pytest.raises(ValueError, match="no roofline factors"):
+        per.physical()

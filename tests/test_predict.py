@@ -47,14 +47,16 @@ def test_trace_columns_and_kv_proxy(data_dir):
     np.testing.assert_allclose(out.predicted_us, by_hand.predicted_us, rtol=1e-12)
 
 
-def test_row_columns_override_keywords():
+def test_keywords_beside_columns_must_agree():
     f = frame(model=["llama-2-7b", "llama-2-70b", "llama-2-7b"], tp=[1, 4, 1])
-    out = dm.predict(f, model="mixtral-8x7b", tp=2)
-    ref = dm.predict(frame().iloc[[1]], model="llama-2-70b", tp=4)
-    assert out.predicted_us.iloc[1] == pytest.approx(ref.predicted_us.iloc[0])
-    a100 = dm.predict(frame(), model="llama-2-7b", tp=1, hardware="a100")
-    h100 = dm.predict(frame(), model="llama-2-7b", tp=1)
-    assert (a100.predicted_us.iloc[:2] > h100.predicted_us.iloc[:2]).all()
+    with pytest.raises(ValueError, match=r"^model=mixtral-8x7b contradicts the "):
+        dm.predict(f, model="mixtral-8x7b")
+    with pytest.raises(ValueError, match=r"^model=gpt-5: unknown model 'gpt-5'"):
+        dm.predict(f, model="gpt-5")
+    g = frame(model="Llama-2-70b-hf", tp=4)
+    out = dm.predict(g, model="llama-2-70b", tp=4)  # the same, in other spellings
+    ref = dm.predict(frame(), model="llama-2-70b", tp=4)
+    np.testing.assert_allclose(out.predicted_us, ref.predicted_us, rtol=1e-12)
 
 
 OK = {"model": "llama-2-7b", "tp": 1}
@@ -70,13 +72,33 @@ OK = {"model": "llama-2-7b", "tp": 1}
         ),
         (lambda f: f.drop(columns="kv_tokens"), OK, "missing column 'kv_tokens'"),
         (lambda f: f.assign(prefill_tokens=[0, -5, 0]), OK, "'prefill_tokens'.*>= 0"),
-        (lambda f: f.assign(kv_tokens=[0, np.nan, 0]), OK, "'kv_tokens'.*finite"),
+        (
+            lambda f: f.assign(kv_tokens=[0, np.nan, 0]),
+            OK,
+            "'kv_tokens' must be a number .no missing values.; row 1 has nan$",
+        ),
+        (
+            lambda f: f.assign(kv_tokens=[0, -2.5, 0]),
+            OK,
+            "'kv_tokens' must be a number >= 0; row 1 has -2.5$",
+        ),
+        (
+            lambda f: f.assign(num_decode_reqs=[32, 4.5, 0]),
+            OK,
+            "'num_decode_reqs' must be a whole number >= 0 .requests.; row 1 has 4.5",
+        ),
+        (
+            lambda f: f.assign(decode_tokens=[32, 4, 3]),
+            OK,
+            "row 2: decode_tokens is 3 but num_decode_reqs is 0",
+        ),
+        (lambda f: f.iloc[:0], OK, "the table of steps has no rows"),
         (lambda f: f.assign(decode_tokens=["a", "b", "c"]), OK, "must be numeric"),
         (lambda f: f, {"model": "gpt-5", "tp": 1}, "unknown model 'gpt-5'"),
         (lambda f: f, OK | {"hardware": "tpu"}, "unknown hardware 'tpu'"),
         (lambda f: f, {"model": "llama-2-70b", "tp": 3}, "tp=3 does not divide"),
-        (lambda f: f, {"tp": 1}, "model: pass model="),
-        (lambda f: f, {"model": "llama-2-7b"}, "tensor-parallel degree: pass tp="),
+        (lambda f: f, {"tp": 1}, "no model: pass model= or give the table a 'model'"),
+        (lambda f: f, {"model": "llama-2-7b"}, "no tp: pass tp= or give the table"),
     ],
 )
 def test_bad_input_errors(mutate, kwargs, match):

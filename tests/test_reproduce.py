@@ -5,13 +5,13 @@ import pytest
 from diffmodel._app._reproduce import (
     METHODS,
     RESULT_COLUMNS,
-    _blackbox,
     _folds,
-    _study_xgboost,
+    data_root,
     reproduce,
     results_markdown,
     short_name,
 )
+from diffmodel._app._reproduce_methods import _blackbox, _study_xgboost
 from diffmodel._metrics import mape
 from diffmodel.baselines._baselines import load_study_xgboost
 from diffmodel.data._splits import temporal_split
@@ -87,8 +87,9 @@ def test_study_xgboost_matches_the_temporal_test_split(steps, data_dir):
 
 
 def test_quick_end_to_end(data_dir, tmp_path, steps):
+    assert data_root(data_dir / "stepml") == data_dir
     results = reproduce(
-        data=data_dir,
+        data=data_dir / "stepml",  # the traces' folder stands for the data root
         out=tmp_path,
         quick=True,
         targets=("iteration_time",),
@@ -105,14 +106,15 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert len(results) == 2 * len(methods) * 3
     assert not results.duplicated(["protocol", "method", "experiment_id"]).any()
 
-    per_model = results[results["method"].isin(["diffmodel-per-model", "study-36"])]
+    per_group = ["diffmodel-per-model", "study-36", "diffmodel-host-per-model"]
+    per_model = results[results["method"].isin(per_group)]
     unseen = (per_model["protocol"] == "lowo") & per_model[
         "experiment_id"
     ].str.contains("codellama")
     assert per_model.loc[unseen, "mape"].isna().all()
     assert per_model.loc[unseen, "note"].str.startswith("not applicable").all()
     assert per_model.loc[~unseen, "mape"].notna().all()
-    others = results[~results["method"].isin(["diffmodel-per-model", "study-36"])]
+    others = results[~results["method"].isin(per_group)]
     assert others["mape"].notna().all() and (others["mape"] > 0).all()
     assert (
         results.loc[results["method"] == "diffmodel-roofline", "n_params"] == 0

@@ -272,3 +272,94 @@ def test_bad_statistics_raise_inside_jit(field, bad):
     stats = agg(**{"p": 10.0, "np_": 1.0, field: bad})
     with pytest.raises(Exception, match="must be finite and >= 0"):
         jax.jit(dm.step_time)(stats, dep, dm.Factors()).total.block_until_ready()
+
+
+def test_bad_concrete_statistics_raise_one_line_before_tracing():
+    dep = dm.deployment("llama-2-7b")
+    with pytest.raises(ValueError) as err:
+        dm.step_time(agg(p=10.0, np_=1.0, d=-64.0), dep, dm.Factors())
+    assert str(err.value) == (
+        "BatchStats.decode_tokens must be finite and >= 0 (tokens/requests); got -64"
+    )
+    stats = dm.from_aggregates(
+        prefill_tokens=np.array([1.0, 2.0]),
+        decode_tokens=np.array([0.0, np.nan]),
+        num_prefill=np.ones(2),
+        num_decode=np.zeros(2),
+        kv_tokens=np.zeros(2),
+    )
+    with pytest.raises(ValueError, match=r"got nan at index \(1,\)$"):
+        dm.step_time(stats, dep, dm.Factors())
+    # Under eqx.filter_jit the message comes out whole (plain jax.jit wraps it).
+    with pytest.raises(eqx.EquinoxRuntimeError, match="decode_tokens must be finite"):
+        eqx.filter_jit(dm.step_time)(stats, dep, dm.Factors())
+
+
+def _with(factors: dm.Factors, name: str, value) -> dm.Factors:
+    return eqx.tree_at(lambda f: getattr(f, name), factors, value)
+
+
+@pytest.mark.parametrize("name", ["gemm_flops", "mem_bw", "attn_flops", "comm_bw"])
+def test_float32_second_derivatives_match_float64(name):
+    """(peak eta)^3 ~ 1e45 overflowed float32 in the Hessian in eta; the physics
+    divides by the hardware rate first, so float32 agrees with float64 (and with
+    central differences of the float64 value)."""
+    dep64 = dm.deployment("llama-2-70b", "h100", 4)
+    stats64 = agg(p=512.0, d=32.0, np_=1.0, nd=32.0, kv=32_000.0)
+    eta = float(getattr(dm.default_factors(), name))
+
+    def total(e, dtype):
+        cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+        fac = _with(cast(dm.default_factors()), name, e)
+        return dm.step_time(cast(stats64), cast(dep64), fac).total
+
+    h64 = float(jax.hessian(total)(jnp.float64(eta), jnp.float64))
+    h32 = float(jax.hessian(total)(jnp.float32(eta), jnp.float32))
+    step = 1e-4
+    fd = (
+        total(eta + step, jnp.float64)
+        - 2 * total(eta, jnp.float64)
+        + total(eta - step, jnp.float64)
+    ) / step**2
+    assert h64 != 0.0
+    assert h64 == pytest.approx(float(fd), rel=1e-4)
+    assert h32 == pytest.approx(h64, rel=1e-4)
+
+
+def test_float32_gradient_in_the_statistics_matches_float64():
+    dep = dm.deployment("llama-2-70b", "h100", 4)
+    stats = agg(p=512.0, d=32.0, np_=1.0, nd=32.0, kv=32_000.0)
+
+    def total(s, dtype):
+        cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)  # noqa: E731
+        return dm.step_time(cast(s), cast(dep), cast(dm.default_factors())).total
+
+    g64 = jax.grad(total)(stats, jnp.float64)
+    g32 = jax.grad(total)(jax.tree.map(jnp.float32, stats), jnp.float32)
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g64), strict=True):
+        np.testing.assert_allclose(float(a), float(b), rtol=1e-4, atol=1e-6)
+
+
+def test_idle_gate_is_continuous_and_its_gradient_is_the_cost_of_a_step():
+    """0 to 1 token: the forward pass scales with the tokens (min(T, 1)); whole
+    token counts are unchanged, and grad at 0 is the slope the values show."""
+    dep = dm.deployment("llama-2-70b", "h100", 4)
+    fac = dm.default_factors()
+
+    def total(t):
+        return dm.step_time(agg(p=t, np_=1.0), dep, fac).total
+
+    t0, t1 = float(total(0.0)), float(total(1.0))
+    assert float(total(1e-9)) == pytest.approx(t0, abs=1e-3)
+    assert float(total(0.5)) > t0 and float(total(0.5)) < t1
+    g0 = float(jax.grad(total)(0.0))
+    h = 1e-7
+    assert g0 == pytest.approx((float(total(h)) - t0) / h, rel=1e-5)
+    assert g0 > 1_000.0  # starting a forward pass reads the weights: ms per token
+    # At T = 1 the gradient is the running step's, from the right.
+    g1 = float(jax.grad(total)(1.0))
+    assert g1 == pytest.approx((float(total(1.0 + h)) - t1) / h, rel=1e-3)
+    assert g1 < 100.0
+    # A whole token count is exactly the ungated value: one token runs the pass.
+    parts = dm.step_time(agg(p=1.0, np_=1.0), dep, fac)
+    assert float(parts.linear) > 0.0 and float(parts.total) == t1

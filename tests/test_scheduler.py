@@ -12,7 +12,7 @@ from diffmodel import (
     from_requests,
     step_time,
 )
-from diffmodel.scheduler._scheduler import (
+from diffmodel.scheduler import (
     Knobs,
     make_workload,
     marginal_cost,

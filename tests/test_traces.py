@@ -99,19 +99,50 @@ def test_validate_missing_label():
 
 def test_validate_negative_count():
     frame = _table(**{"queue.waiting_depth": [0, 0, 0, -1]})
-    with pytest.raises(ValueError, match=r"'queue.waiting_depth'.*non-negative.*row 3"):
+    with pytest.raises(ValueError, match=r"'queue.waiting_depth'.*>= 0.*row 3 has -1$"):
         validate_steps(frame)
 
 
 def test_validate_fractional_count():
     frame = _table(**{"batch.prefill_tokens": [10.5, 64, 0, 32]})
-    with pytest.raises(ValueError, match=r"'batch.prefill_tokens'.*integers.*row 0"):
+    with pytest.raises(
+        ValueError, match=r"'batch.prefill_tokens'.*whole.*row 0 has 10.5"
+    ):
         validate_steps(frame)
+
+
+def test_validate_usage_ratio_above_one():
+    frame = _table(**{"kv.usage_gpu_ratio": [0.1, 1.7, 0.1, 0.1]})
+    with pytest.raises(ValueError, match=r"fraction in \[0, 1\]; row 1 has 1.7$"):
+        validate_steps(frame)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"batch.num_decode_reqs": [0, 0, 1, 2]},
+            "row 0: batch.decode_tokens is 1 but batch.num_decode_reqs is 0",
+        ),
+        (
+            {"batch.num_prefill_reqs": [1, 65, 0, 1]},
+            "row 1: batch.prefill_tokens is 64 but batch.num_prefill_reqs is 65",
+        ),
+    ],
+)
+def test_validate_counts_that_contradict_each_other(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate_steps(_table(**overrides))
+
+
+def test_validate_no_rows():
+    with pytest.raises(ValueError, match="the step table has no rows"):
+        validate_steps(_table().iloc[:0])
 
 
 def test_validate_non_numeric():
     frame = _table(**{"tp": ["1", "x", "1", "1"]})
-    with pytest.raises(ValueError, match=r"'tp' must be numeric"):
+    with pytest.raises(ValueError, match=r"'tp' must be numeric; row 1 has 'x'$"):
         validate_steps(frame)
 
 

@@ -177,10 +177,10 @@ def run_demo(
     *,
     out: str | pathlib.Path,
     seed: int = 0,
-    steps_per_deployment: int = 250,
+    rows_per_deployment: int = 250,
     noise: float = 0.05,
     solver: str = "lbfgs",
-    max_steps: int = 500,
+    max_iterations: int = 500,
     progress_every: int = 25,
     echo: Callable[[str], None] = print,
 ) -> FitResult:
@@ -196,10 +196,9 @@ def run_demo(
         The :class:`FitResult`.
     """
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     frame = synthetic_trace(
-        steps_per_deployment=steps_per_deployment, noise=noise, seed=seed
+        steps_per_deployment=rows_per_deployment, noise=noise, seed=seed
     )
     deps = ", ".join(f"{m} TP{t}" for m, _, t in DEMO_DEPLOYMENTS)
     counts = frame["kind"].value_counts()
@@ -212,22 +211,24 @@ def run_demo(
     echo(f"fitting 9 global factors from the physical priors with {solver}")
 
     def tick(step, loss):
-        print(f"fit: step {int(step):>4d}  loss {float(loss):.6g}", file=sys.stderr)
+        print(
+            f"fit: iteration {int(step):>4d}  loss {float(loss):.6g}", file=sys.stderr
+        )
 
     result = fit(
         frame,
         target=TARGET,
         factors="global",
         solver=solver,
-        max_steps=max_steps,
+        max_steps=max_iterations,
         callback=tick if progress_every > 0 else None,
         callback_every=max(progress_every, 1),
     )
     fitted = {n: float(v) for n, v in result.factors_for(("global",)).as_dict().items()}
-    status = "converged" if result.converged else "step budget reached"
+    status = "converged" if result.converged else "iteration budget reached"
     echo(
-        f"fit: {result.n_steps} steps, {result.wall_seconds:.1f} s with compilation "
-        f"({status}); loss {result.loss:.5f} vs noise floor sigma^2 = "
+        f"fit: {result.n_steps} iterations, {result.wall_seconds:.1f} s with "
+        f"compilation ({status}); loss {result.loss:.5f} vs noise floor sigma^2 = "
         f"{noise**2:.5f}"
     )
     echo("")
@@ -254,18 +255,20 @@ def run_demo(
         f" % fitted, {mape(pred[TARGET], pred.true_us):.2f} % with the true factors "
         "(the noise alone)"
     )
-    frame.to_csv(out / "demo_trace.csv", index=False)
-    save_factors(result, out / "demo_factors.json")
     parity = parity_plot(
         pred[TARGET],
         pred["predicted_us"],
         groups=pred["deployment"],
         title="demo, fitted global factors",
     )
-    save_figure(parity, out / "demo_parity.png")
     diag = diagnostic_figure(
         pred, actual=TARGET, by="deployment", title="demo, fitted global factors"
     )
+    # Written last, once everything is computed: a failed run leaves no files.
+    out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out / "demo_trace.csv", index=False)
+    save_factors(result, out / "demo_factors.json")
+    save_figure(parity, out / "demo_parity.png")
     save_figure(diag, out / "demo_diagnostics.png")
     echo(
         f"wrote {out / 'demo_trace.csv'}, {out / 'demo_factors.json'}, "

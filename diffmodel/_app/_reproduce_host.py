@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .._fitting._fit import step_data
-from .._fitting._host_fit import fit_host, n_params, own_labels, predict_host
+from .._fitting._host_fit import fit_host, predict_host
 
 HOST_METHODS: dict[str, str] = {
     "diffmodel-host-global": "global",
@@ -67,7 +67,11 @@ def run_host_method(method: str, fold, target: str, settings) -> HostOutcome:
     seconds = time.perf_counter() - tick
     predicted, known = predict_host(fitted, fold.test)
     data, labels = step_data(fold.test)
-    host = fitted.model.host.factors_for(own_labels(fitted, labels)[0])
+    host = fitted.model.reindex(labels)[0].host.physical()
+    limit, width = (
+        np.broadcast_to(np.asarray(v), (len(labels),))
+        for v in (host.graph_limit, host.gate_width)
+    )
     chosen = ", ".join(f"{g} {v:.1f}%" for g, v in fitted.valid_mape.items())
     notes = {}
     for exp, rows in pd.Series(np.asarray(data.group), index=fold.test.index).groupby(
@@ -78,10 +82,10 @@ def run_host_method(method: str, fold, target: str, settings) -> HostOutcome:
             notes[exp] = _UNSEEN
             continue
         notes[exp] = (
-            f"gate on {fitted.gate_on} at {float(host.graph_limit[g]):.1f} "
-            f"(width {float(host.gate_width[g]):.2f}); validation MAPE {chosen}"
+            f"gate on {fitted.gate_on} at {limit[g]:.1f} "
+            f"(width {width[g]:.2f}); validation MAPE {chosen}"
         )
-    count = n_params(fitted)
+    count = fitted.model.n_params()
     return HostOutcome(
         predicted,
         {e: count for e in exps},

@@ -6,20 +6,30 @@ overheads by a scaled softplus (>= 0, in microseconds). A raw value of 0 maps to
 physical prior of :data:`~diffmodel.FACTOR_SPECS`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+import pandas as pd
+from jaxtyping import Array, Float
 
-from .._model._batch import BatchStats
-from .._model._deployment import Deployment
+from .._fitting._base import (
+    AbstractFactorSet,
+    StepData,
+    json_array,
+    json_bool,
+    json_float,
+    json_labels,
+    label_index,
+)
+from .._fitting._kinds import FactorKind, check_kind
+from .._fitting._study import StudyFactors, init_study
 from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
-from .._model._roofline import Breakdown, step_time_batch
 
-_KINDS = np.array([FACTOR_SPECS[n][2] == "efficiency" for n in FACTOR_NAMES])
+_IS_EFFICIENCY = np.array([FACTOR_SPECS[n][2] == "efficiency" for n in FACTOR_NAMES])
 _PRIORS = np.array([FACTOR_SPECS[n][0] for n in FACTOR_NAMES])
 _LN2 = float(np.log(2.0))
 
@@ -30,7 +40,7 @@ def to_physical(raw: Float[Array, "*g n"], prior) -> Factors:
     Efficiency ``i``: ``sigmoid(raw_i + logit(prior_i))``; overhead ``i``:
     ``prior_i softplus(raw_i) / log 2``. So ``raw = 0`` gives ``prior``.
     """
-    kinds = jnp.asarray(_KINDS)
+    kinds = jnp.asarray(_IS_EFFICIENCY)
     prior = jnp.asarray(prior, raw.dtype)
     # Logit of the prior on efficiencies only (log1p(-1000) would poison gradients).
     eff_prior = jnp.where(kinds, prior, 0.5)
@@ -43,13 +53,13 @@ def to_physical(raw: Float[Array, "*g n"], prior) -> Factors:
 def to_raw(factors: Factors, prior) -> Float[Array, "*g n"]:
     """Inverse of :func:`to_physical`: raw parameters of physical :class:`Factors`."""
     values = jnp.stack([getattr(factors, n) for n in FACTOR_NAMES], axis=-1)
-    bad = ~((values > 0) & (jnp.where(jnp.asarray(_KINDS), values < 1, True)))
+    bad = ~((values > 0) & (jnp.where(jnp.asarray(_IS_EFFICIENCY), values < 1, True)))
     if bool(jnp.any(bad)):
         raise ValueError(
             "factors out of their physical range: efficiencies must lie in (0, 1), "
             "overheads must be > 0 (microseconds)"
         )
-    kinds = jnp.asarray(_KINDS)
+    kinds = jnp.asarray(_IS_EFFICIENCY)
     prior = jnp.asarray(prior, values.dtype)
     ev = jnp.where(kinds, values, 0.5)
     ep = jnp.where(kinds, prior, 0.5)
@@ -67,26 +77,7 @@ def _prior_tuple(prior: Factors | None) -> tuple[float, ...]:
     return values
 
 
-class StepData(eqx.Module):
-    """Array-level steps to fit or predict: statistics, deployments, group per step."""
-
-    stats: BatchStats
-    deployments: Deployment
-    group: Int[Array, " steps"]
-
-    def breakdown(self, factors: Factors, *, check: bool = False) -> Breakdown:
-        """Roofline breakdown, us, with per-group factors indexed by ``group``."""
-        return step_time_batch(
-            self.stats, self.deployments, self.group, factors, check=check
-        )
-
-
-def _label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    pos = {lab: i for i, lab in enumerate(own)}
-    return np.array([pos.get(lab, -1) for lab in labels], dtype=np.int32)
-
-
-def _anchor(raw: Array, scale: float | None, noise_scale: float, n_rows: int) -> Array:
+def _anchor(raw: Array, scale: float | None, noise_scale: float, n_rows) -> Array:
     """Gaussian prior (sd ``scale``, raw units) pulling raw parameters to the prior
     values, scaled like the hierarchical prior; none when ``scale`` is None."""
     if scale is None:
@@ -94,7 +85,43 @@ def _anchor(raw: Array, scale: float | None, noise_scale: float, n_rows: int) ->
     return noise_scale**2 / n_rows * jnp.sum(raw**2) / scale**2
 
 
-class GlobalFactors(eqx.Module):
+def _factor_table(rows: dict[str, Factors]) -> pd.DataFrame:
+    """One row per entry of ``rows`` (scalar factors), units in the column names."""
+    return pd.DataFrame(
+        {
+            f"{n} [{FACTOR_SPECS[n][1]}]": [float(getattr(f, n)) for f in rows.values()]
+            for n in FACTOR_NAMES
+        },
+        index=list(rows),
+    )
+
+
+def _group_rows(labels: Sequence[str], per: Factors) -> dict[str, Factors]:
+    return {lab: jax.tree.map(lambda v, i=i: v[i], per) for i, lab in enumerate(labels)}
+
+
+def _roofline_dict(prior: tuple[float, ...]) -> dict[str, Any]:
+    units = {n: FACTOR_SPECS[n][1] for n in FACTOR_NAMES}
+    return dict(factor_names=list(FACTOR_NAMES), units=units, prior=list(prior))
+
+
+def _read_prior(d: Mapping[str, Any]) -> tuple[float, ...]:
+    """The ``factor_names`` and ``prior`` fields of a roofline set, checked."""
+    if list(d.get("factor_names") or []) != list(FACTOR_NAMES):
+        raise ValueError(
+            f"field 'factor_names': expected {list(FACTOR_NAMES)}, "
+            f"got {d.get('factor_names')!r}"
+        )
+    prior = tuple(float(x) for x in json_array(d, "prior", (len(FACTOR_NAMES),)))
+    try:
+        _prior_tuple(Factors(**dict(zip(FACTOR_NAMES, prior, strict=True))))
+    except ValueError as e:
+        raise ValueError(f"field 'prior': {e}") from None
+    return prior
+
+
+@final
+class GlobalFactors(AbstractFactorSet):
     """One set of factors shared by every step.
 
     With ``global_prior_scale`` the objective adds ``noise_scale^2 / N *
@@ -108,29 +135,73 @@ class GlobalFactors(eqx.Module):
     global_prior_scale: float | None = eqx.field(static=True, default=None)
     noise_scale: float = eqx.field(static=True, default=0.1)
 
+    def kind(self) -> FactorKind:
+        return "global"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return ()
+
     def physical(self) -> Factors:
         """The physical :class:`Factors`."""
         return to_physical(self.raw, self.prior)
 
     def factors_for(self, labels: Sequence[str]) -> Factors:
-        """Factors for groups ``labels`` (the same for all)."""
+        """Factors for groups ``labels``: the shared set (scalar fields)."""
         return self.physical()
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us."""
         return data.breakdown(self.physical()).total
 
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows) -> Array:
         """Prior term of the objective (see the class doc)."""
         return _anchor(self.raw, self.global_prior_scale, self.noise_scale, n_rows)
 
+    def n_params(self) -> int:
+        return int(self.raw.size)
 
-class PerGroupFactors(eqx.Module):
+    def reindex(self, labels: Sequence[str]) -> tuple["GlobalFactors", np.ndarray]:
+        return self, np.ones(len(labels), bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        phys = {n: float(v) for n, v in self.physical().as_dict().items()}
+        return dict(
+            kind=self.kind(),
+            **_roofline_dict(self.prior),
+            raw=np.asarray(self.raw, np.float64).tolist(),
+            global_prior_scale=self.global_prior_scale,
+            noise_scale=self.noise_scale,
+            factors=phys,
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GlobalFactors":
+        return cls(
+            raw=json_array(d, "raw", (len(FACTOR_NAMES),)),
+            prior=_read_prior(d),
+            global_prior_scale=json_float(
+                d, "global_prior_scale", default=None, positive=True
+            ),
+            noise_scale=json_float(d, "noise_scale", default=0.1, positive=True),
+        )
+
+    def table(self) -> pd.DataFrame:
+        return _factor_table({"global": self.physical()})
+
+
+@final
+class PerGroupFactors(AbstractFactorSet):
     """One independent set of factors per group (deployment)."""
 
     raw: Float[Array, "groups n"]
     prior: tuple[float, ...] = eqx.field(static=True)
     labels: tuple[str, ...] = eqx.field(static=True)
+
+    def kind(self) -> FactorKind:
+        return "per-model"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return self.labels
 
     def physical(self) -> Factors:
         """Physical :class:`Factors`, leading axis = groups."""
@@ -138,7 +209,7 @@ class PerGroupFactors(eqx.Module):
 
     def factors_for(self, labels: Sequence[str]) -> Factors:
         """Factors for groups ``labels``; a group never fitted is an error."""
-        idx = _label_index(self.labels, labels)
+        idx = label_index(self.labels, labels)
         if (idx < 0).any():
             missing = [lab for lab, i in zip(labels, idx, strict=True) if i < 0]
             raise ValueError(
@@ -151,12 +222,46 @@ class PerGroupFactors(eqx.Module):
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
 
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows) -> Array:
         """Prior term of the objective (none)."""
         return jnp.asarray(0.0)
 
+    def n_params(self) -> int:
+        return int(self.raw.size)
 
-class HierarchicalFactors(eqx.Module):
+    def reindex(self, labels: Sequence[str]) -> tuple["PerGroupFactors", np.ndarray]:
+        idx = label_index(self.labels, labels)
+        raw = self.raw[np.maximum(idx, 0)]
+        return PerGroupFactors(raw, self.prior, tuple(labels)), idx >= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = _group_rows(self.labels, self.physical())
+        return dict(
+            kind=self.kind(),
+            **_roofline_dict(self.prior),
+            labels=list(self.labels),
+            raw=np.asarray(self.raw, np.float64).tolist(),
+            factors={
+                lab: {n: float(v) for n, v in f.as_dict().items()}
+                for lab, f in rows.items()
+            },
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PerGroupFactors":
+        labels = json_labels(d)
+        return cls(
+            raw=json_array(d, "raw", (len(labels), len(FACTOR_NAMES))),
+            prior=_read_prior(d),
+            labels=labels,
+        )
+
+    def table(self) -> pd.DataFrame:
+        return _factor_table(_group_rows(self.labels, self.physical()))
+
+
+@final
+class HierarchicalFactors(AbstractFactorSet):
     """Global factors plus per-group log-offsets with a Gaussian shrinkage prior.
 
     Group ``g`` uses ``raw = global_raw + offsets[g]``. The objective adds
@@ -180,6 +285,12 @@ class HierarchicalFactors(eqx.Module):
     labels: tuple[str, ...] = eqx.field(static=True)
     global_prior_scale: float | None = eqx.field(static=True, default=None)
 
+    def kind(self) -> FactorKind:
+        return "hierarchical"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return self.labels
+
     def physical(self) -> Factors:
         """Physical :class:`Factors`, leading axis = groups."""
         return to_physical(self.global_raw + self.offsets, self.prior)
@@ -190,17 +301,13 @@ class HierarchicalFactors(eqx.Module):
 
     def factors_for(self, labels: Sequence[str]) -> Factors:
         """Factors for groups ``labels``; unseen groups get the global values."""
-        idx = _label_index(self.labels, labels)
-        off = jnp.where(
-            jnp.asarray(idx >= 0)[:, None], self.offsets[np.maximum(idx, 0)], 0.0
-        )
-        return to_physical(self.global_raw + off, self.prior)
+        return self.reindex(labels)[0].physical()
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
 
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows) -> Array:
         """Shrinkage prior, scaled to the mean log-ratio loss (see class doc)."""
         log_s = self.log_prior_scale
         if not self.learn_prior_scale:
@@ -212,9 +319,84 @@ class HierarchicalFactors(eqx.Module):
         )
         return self.noise_scale**2 / n_rows * (quad + norm) + anchor
 
+    def n_params(self) -> int:
+        extra = 1 if self.learn_prior_scale else 0
+        return int(self.global_raw.size + self.offsets.size + extra)
+
+    def reindex(
+        self, labels: Sequence[str]
+    ) -> tuple["HierarchicalFactors", np.ndarray]:
+        """Unseen groups get zero offsets (the global values); all count as known."""
+        idx = label_index(self.labels, labels)
+        off = jnp.where(
+            jnp.asarray(idx >= 0)[:, None], self.offsets[np.maximum(idx, 0)], 0.0
+        )
+        new = HierarchicalFactors(
+            self.global_raw,
+            off,
+            self.log_prior_scale,
+            self.prior,
+            self.noise_scale,
+            self.learn_prior_scale,
+            tuple(labels),
+            self.global_prior_scale,
+        )
+        return new, np.ones(len(labels), bool)
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = {"global": self.global_physical()}
+        rows.update(_group_rows(self.labels, self.physical()))
+        return dict(
+            kind=self.kind(),
+            **_roofline_dict(self.prior),
+            labels=list(self.labels),
+            global_raw=np.asarray(self.global_raw, np.float64).tolist(),
+            offsets=np.asarray(self.offsets, np.float64).tolist(),
+            log_prior_scale=float(self.log_prior_scale),
+            noise_scale=self.noise_scale,
+            learn_prior_scale=self.learn_prior_scale,
+            global_prior_scale=self.global_prior_scale,
+            factors={
+                lab: {n: float(v) for n, v in f.as_dict().items()}
+                for lab, f in rows.items()
+            },
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HierarchicalFactors":
+        labels = json_labels(d)
+        n = len(FACTOR_NAMES)
+        return cls(
+            global_raw=json_array(d, "global_raw", (n,)),
+            offsets=json_array(d, "offsets", (len(labels), n)),
+            log_prior_scale=json_array(d, "log_prior_scale", ()),
+            prior=_read_prior(d),
+            noise_scale=json_float(d, "noise_scale", positive=True),
+            learn_prior_scale=json_bool(d, "learn_prior_scale"),
+            labels=labels,
+            global_prior_scale=json_float(
+                d, "global_prior_scale", default=None, positive=True
+            ),
+        )
+
+    def table(self) -> pd.DataFrame:
+        rows = {"global": self.global_physical()}
+        rows.update(_group_rows(self.labels, self.physical()))
+        return _factor_table(rows)
+
+
+# Each kind's class, for reading files (the only place a kind name picks a class).
+FACTOR_SET_CLASSES: dict[str, type[AbstractFactorSet]] = {
+    "global": GlobalFactors,
+    "per-model": PerGroupFactors,
+    "hierarchical": HierarchicalFactors,
+    "study-9": StudyFactors,
+    "study-36": StudyFactors,
+}
+
 
 def init_factor_set(
-    kind: str,
+    kind: FactorKind,
     labels: Sequence[str],
     *,
     prior: Factors | None = None,
@@ -222,28 +404,30 @@ def init_factor_set(
     noise_scale: float = 0.1,
     learn_prior_scale: bool = False,
     global_prior_scale: float | None = None,
-):
-    """A factor set at its prior: ``kind`` in ``global``, ``per-model``,
-    ``hierarchical``.
+) -> AbstractFactorSet:
+    """A factor set of ``kind`` (see :data:`FactorKind`) at its prior / start values.
 
     Args:
         labels: group labels (deployments), in the order of the data's group index.
         prior: physical factors that raw 0 maps to (default the physical priors;
-            e.g. kernel-calibrated factors).
+            e.g. kernel-calibrated factors). Roofline kinds only.
         prior_scale: sd of hierarchical log-offsets (raw units, ~ relative change).
         noise_scale: assumed sd of the log-ratio residual (for the prior's weight).
         global_prior_scale: sd of a Gaussian prior on the global raw parameters
             around ``prior`` (global and hierarchical sets; None: no such prior).
     """
-    p = _prior_tuple(prior)
-    n = len(FACTOR_NAMES)
-    g = len(labels)
-    dtype = jnp.result_type(float)
+    check_kind(kind)
     for name, v in (("prior_scale", prior_scale), ("noise_scale", noise_scale)):
         if not v > 0:
             raise ValueError(f"{name} must be > 0, got {v!r}")
     if global_prior_scale is not None and not global_prior_scale > 0:
         raise ValueError(f"global_prior_scale must be > 0, got {global_prior_scale!r}")
+    if kind in ("study-9", "study-36"):
+        return init_study(labels, per_group=kind == "study-36")
+    p = _prior_tuple(prior)
+    n = len(FACTOR_NAMES)
+    g = len(labels)
+    dtype = jnp.result_type(float)
     if kind == "global":
         return GlobalFactors(
             raw=jnp.zeros(n, dtype),
@@ -251,21 +435,17 @@ def init_factor_set(
             global_prior_scale=global_prior_scale,
             noise_scale=float(noise_scale),
         )
-    if kind in ("per-model", "per_model", "per-group"):
+    if kind == "per-model":
         return PerGroupFactors(
             raw=jnp.zeros((g, n), dtype), prior=p, labels=tuple(labels)
         )
-    if kind == "hierarchical":
-        return HierarchicalFactors(
-            global_raw=jnp.zeros(n, dtype),
-            offsets=jnp.zeros((g, n), dtype),
-            log_prior_scale=jnp.log(jnp.asarray(prior_scale, dtype)),
-            prior=p,
-            noise_scale=float(noise_scale),
-            learn_prior_scale=bool(learn_prior_scale),
-            labels=tuple(labels),
-            global_prior_scale=global_prior_scale,
-        )
-    raise ValueError(
-        f"factors must be 'global', 'per-model' or 'hierarchical', got {kind!r}"
+    return HierarchicalFactors(
+        global_raw=jnp.zeros(n, dtype),
+        offsets=jnp.zeros((g, n), dtype),
+        log_prior_scale=jnp.log(jnp.asarray(prior_scale, dtype)),
+        prior=p,
+        noise_scale=float(noise_scale),
+        learn_prior_scale=bool(learn_prior_scale),
+        labels=tuple(labels),
+        global_prior_scale=global_prior_scale,
     )

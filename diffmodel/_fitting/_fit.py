@@ -7,45 +7,47 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pandas as pd
 from jaxtyping import Array, Float
 
-from .._fitting._factorsets import (
-    GlobalFactors,
-    HierarchicalFactors,
-    PerGroupFactors,
-    StepData,
-    init_factor_set,
-)
-from .._fitting._optimise import minimise
-from .._fitting._study import STUDY_PARAM_NAMES, StudyFactors, init_study
+from .._fitting._base import AbstractFactorSet, StepData
+from .._fitting._factorsets import init_factor_set
+from .._fitting._kinds import FactorKind, check_kind
+from .._fitting._optimise import Result, minimise
 from .._frame import groups_from_frame, stats_from_frame
 from .._metrics import log_ratio_loss
-from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
+from .._model._factors import Factors
 
 
 class FitResult(eqx.Module):
     """Outcome of :func:`fit` / :func:`fit_arrays`.
 
     Attributes:
-        factor_set: the fitted set (global, per-group, hierarchical or seed).
+        factor_set: the fitted set (an :class:`AbstractFactorSet`).
+        result: why the optimiser stopped: ``"successful"``, ``"max_steps_reached"``
+            or ``"nonfinite"`` (only with ``throw=False``).
         loss_history: objective at each optimiser step (NaN past ``n_steps``).
         valid_history: validation log-ratio loss at each step (NaN without one).
         n_steps: optimiser steps taken.
-        converged: whether a convergence test stopped the fit (not the budget).
         wall_seconds: compile plus run time of the optimisation, s.
-        compile_seconds: of which tracing and compiling, s.
+        compile_seconds: of which tracing and compiling, s (0 when reused).
         target: name of the fitted target (e.g. ``iteration_time_us``).
     """
 
-    factor_set: Any
+    factor_set: AbstractFactorSet
+    result: Result = eqx.field(static=True)
     loss_history: Float[Array, " max_steps"]
     valid_history: Float[Array, " max_steps"]
     n_steps: int = eqx.field(static=True)
-    converged: bool = eqx.field(static=True)
     wall_seconds: float = eqx.field(static=True)
     compile_seconds: float = eqx.field(static=True, default=0.0)
     target: str = eqx.field(static=True, default="")
+
+    @property
+    def converged(self) -> bool:
+        """Whether a convergence test (or early stopping) stopped the fit."""
+        return self.result == "successful"
 
     @property
     def loss(self) -> float:
@@ -55,39 +57,12 @@ class FitResult(eqx.Module):
 
     def factors_for(self, labels: Sequence[str]) -> Factors:
         """Physical factors for groups ``labels`` (see the factor set's method)."""
-        if not hasattr(self.factor_set, "factors_for"):
-            raise ValueError(
-                "the study's factors are not roofline factors; evaluate them "
-                "with their own predict(StepData)"
-            )
         return self.factor_set.factors_for(labels)
 
     def table(self) -> pd.DataFrame:
         """Fitted values: one row per group (and ``global``); physical factors with
         their units in the column names, or the study's parameters."""
-        fs = self.factor_set
-        if isinstance(fs, StudyFactors):
-            v = np.atleast_2d(np.asarray(fs.values()))
-            names = fs.labels if fs.per_group else ("global",)
-            return pd.DataFrame(v, index=list(names), columns=list(STUDY_PARAM_NAMES))
-        rows: dict[str, Factors] = {}
-        if isinstance(fs, HierarchicalFactors):
-            rows["global"] = fs.global_physical()
-        if isinstance(fs, GlobalFactors):
-            rows["global"] = fs.physical()
-        else:
-            per = fs.physical().as_dict()
-            for i, lab in enumerate(fs.labels):
-                rows[lab] = Factors(**{n: v[i] for n, v in per.items()})
-        return pd.DataFrame(
-            {
-                f"{n} [{FACTOR_SPECS[n][1]}]": [
-                    float(getattr(f, n)) for f in rows.values()
-                ]
-                for n in FACTOR_NAMES
-            },
-            index=list(rows),
-        )
+        return self.factor_set.table()
 
 
 def _check_target(y, name: str) -> np.ndarray:
@@ -106,14 +81,25 @@ def _check_target(y, name: str) -> np.ndarray:
     return y
 
 
+def _objective(fs: AbstractFactorSet, args) -> Array:
+    """Mean log-ratio loss plus the set's prior term; the data are arguments."""
+    data, y, w, n = args
+    return log_ratio_loss(fs.predict(data), y, w) + fs.penalty(n)
+
+
+def _valid_loss(fs: AbstractFactorSet, args) -> Array:
+    data, y = args
+    return log_ratio_loss(fs.predict(data), y)
+
+
 def fit_arrays(
-    factor_set,
+    factor_set: AbstractFactorSet,
     data: StepData,
     target,
     *,
     weights=None,
     valid: tuple[StepData, Any] | None = None,
-    solver: str = "lbfgs",
+    solver: str | optax.GradientTransformation = "lbfgs",
     learning_rate: float = 0.05,
     max_steps: int = 500,
     gtol: float = 1e-7,
@@ -122,25 +108,29 @@ def fit_arrays(
     callback: Callable[[int, float], None] | None = None,
     callback_every: int = 50,
     target_name: str = "target",
+    throw: bool = True,
 ) -> FitResult:
     """Fit ``factor_set`` to ``target`` (us per step) on the log-ratio loss.
 
     The objective is :func:`log_ratio_loss` plus the set's prior term
     (``factor_set.penalty(N)``). Every group the set has must have rows: a group with
     none is an error, raised before any compilation. ``valid=(data, target)`` enables
-    early stopping (best parameters on the validation loss are kept).
+    early stopping (best parameters on the validation loss are kept). ``solver`` and
+    ``throw`` as in :func:`diffmodel.minimise`; the data are the compiled loop's
+    arguments, so a refit on data of the same shapes compiles nothing.
     """
+    if not isinstance(factor_set, AbstractFactorSet):
+        raise ValueError(
+            f"factor_set must be a diffmodel factor set, got {type(factor_set)}"
+        )
     y = jnp.asarray(_check_target(target, target_name))
     n = y.shape[0]
     if np.shape(data.group) != (n,):
         raise ValueError(
             f"data has {np.shape(data.group)} group indices but target has {n} rows"
         )
-    labels = getattr(factor_set, "labels", ())
-    per_group = isinstance(factor_set, PerGroupFactors | HierarchicalFactors) or (
-        isinstance(factor_set, StudyFactors) and factor_set.per_group
-    )
-    if per_group:
+    labels = factor_set.fitted_groups()
+    if labels:
         counts = np.bincount(np.asarray(data.group), minlength=len(labels))
         empty = [lab for lab, c in zip(labels, counts, strict=False) if c == 0]
         if empty:
@@ -152,35 +142,32 @@ def fit_arrays(
             raise ValueError("weights must be finite, >= 0, not all 0, one per row")
         w = jnp.asarray(w)
 
-    def objective(fs):
-        return log_ratio_loss(fs.predict(data), y, w) + fs.penalty(n)
-
-    valid_fn = None
+    valid_fn = valid_args = None
     if valid is not None:
-        vdata, vy = valid[0], jnp.asarray(_check_target(valid[1], "valid target"))
-
-        def valid_fn(fs):
-            return log_ratio_loss(fs.predict(vdata), vy)
-
+        vy = jnp.asarray(_check_target(valid[1], "valid target"))
+        valid_fn, valid_args = _valid_loss, (valid[0], vy)
     res = minimise(
-        objective,
+        _objective,
         factor_set,
+        (data, y, w, jnp.asarray(float(n))),
         solver=solver,
         learning_rate=learning_rate,
         max_steps=max_steps,
         gtol=gtol,
         rtol=rtol,
         valid_fn=valid_fn,
+        valid_args=valid_args,
         patience=patience,
         callback=callback,
         callback_every=callback_every,
+        throw=throw,
     )
     return FitResult(
         factor_set=res.params,
+        result=res.result,
         loss_history=res.loss_history,
         valid_history=res.valid_history,
         n_steps=int(res.n_steps),
-        converged=bool(res.converged),
         wall_seconds=res.compile_seconds + res.run_seconds,
         compile_seconds=res.compile_seconds,
         target=target_name,
@@ -218,14 +205,11 @@ def step_data(
     return StepData(stats=stats, deployments=deps, group=jnp.asarray(index)), own
 
 
-_KINDS = ("global", "per-model", "hierarchical", "study-9", "study-36")
-
-
 def fit(
     frame: pd.DataFrame,
     *,
     target: str,
-    factors: str = "global",
+    factors: FactorKind = "global",
     model: str | None = None,
     hardware: str | None = None,
     tp: int | None = None,
@@ -236,11 +220,12 @@ def fit(
     noise_scale: float = 0.1,
     learn_prior_scale: bool = False,
     global_prior_scale: float | None = None,
-    solver: str = "lbfgs",
+    solver: str | optax.GradientTransformation = "lbfgs",
     max_steps: int = 500,
     learning_rate: float = 0.05,
     callback: Callable[[int, float], None] | None = None,
     callback_every: int = 50,
+    throw: bool = True,
 ) -> FitResult:
     """Fit factors to a frame of steps; the pandas-level entry point.
 
@@ -260,9 +245,10 @@ def fit(
             (see :class:`diffmodel.HierarchicalFactors`).
         global_prior_scale: sd of a Gaussian prior keeping the global factors near
             ``prior`` (global and hierarchical; see :class:`diffmodel.GlobalFactors`).
-        solver, max_steps, learning_rate: optimiser settings (``"lbfgs"`` or
-            ``"adam"``).
+        solver, max_steps, learning_rate: optimiser settings: ``"lbfgs"``,
+            ``"adam"`` or any optax transformation (see :func:`diffmodel.minimise`).
         callback: ``callback(step, loss)`` every ``callback_every`` steps.
+        throw: raise when the loss becomes non-finite (else the result says so).
 
     Returns:
         A :class:`FitResult`, accepted by :func:`diffmodel.predict` as ``factors``.
@@ -271,24 +257,20 @@ def fit(
         raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
     if len(frame) == 0:
         raise ValueError("frame has no rows to fit")
-    if factors not in _KINDS:
-        raise ValueError(f"factors must be one of {_KINDS}, got {factors!r}")
+    check_kind(factors)
     if target not in frame.columns:
         raise ValueError(f"missing target column {target!r}")
     y = _check_target(frame[target].to_numpy(dtype=float, na_value=np.nan), target)
     data, labels = step_data(frame, model=model, hardware=hardware, tp=tp)
-    if factors.startswith("study"):
-        fs = init_study(labels, per_group=factors == "study-36")
-    else:
-        fs = init_factor_set(
-            factors,
-            labels,
-            prior=prior,
-            prior_scale=prior_scale,
-            noise_scale=noise_scale,
-            learn_prior_scale=learn_prior_scale,
-            global_prior_scale=global_prior_scale,
-        )
+    fs = init_factor_set(
+        factors,
+        labels,
+        prior=prior,
+        prior_scale=prior_scale,
+        noise_scale=noise_scale,
+        learn_prior_scale=learn_prior_scale,
+        global_prior_scale=global_prior_scale,
+    )
     w = None
     if weights is not None:
         if weights not in frame.columns:
@@ -314,4 +296,5 @@ def fit(
         callback=callback,
         callback_every=callback_every,
         target_name=target,
+        throw=throw,
     )

@@ -8,15 +8,24 @@ prior). The hierarchical set adds per-group offsets with a Gaussian shrinkage pr
 as :class:`~diffmodel.HierarchicalFactors` does for the device factors.
 """
 
-from collections.abc import Sequence
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jaxtyping import Array, Float
 
-from .._fitting._factorsets import StepData
+from .._fitting._base import (
+    StepData,
+    json_array,
+    json_float,
+    json_labels,
+    label_index,
+)
 from .._model._factors import Factors
 from .._model._host import (
     GATE_VARIABLES,
@@ -90,11 +99,6 @@ def _check_gate(gate_on: str) -> str:
     return gate_on
 
 
-def _label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    pos = {lab: i for i, lab in enumerate(own)}
-    return np.array([pos.get(lab, -1) for lab in labels], dtype=np.int32)
-
-
 def host_target(
     data: StepData,
     target: str,
@@ -124,80 +128,167 @@ def _timed(data: StepData, host: HostFactors, gate_on: str) -> Array:
     return host_time(data.stats, dep.arch, dep.tp, per_step, gate_on=gate_on).timed
 
 
-class HostGlobal(eqx.Module):
+class AbstractHostSet(eqx.Module):
+    """Learnable host factors, kept unconstrained (see the module doc).
+
+    A component of :class:`HostStepModel` (the factor set the fit sees), not a
+    factor set of its own: it predicts the host timer, not a step time.
+    """
+
+    gate_on: eqx.AbstractVar[str]
+
+    @abc.abstractmethod
+    def kind(self) -> str:
+        """``"global"``, ``"per-model"`` or ``"hierarchical"``."""
+
+    @abc.abstractmethod
+    def fitted_groups(self) -> tuple[str, ...]:
+        """Group labels with parameters of their own (``()`` for a shared set)."""
+
+    @abc.abstractmethod
+    def physical(self) -> HostFactors:
+        """Physical :class:`HostFactors` (leading axis = groups where per group)."""
+
+    @abc.abstractmethod
+    def reindex(self, labels: Sequence[str]) -> tuple["AbstractHostSet", np.ndarray]:
+        """The same set for groups ``labels`` and per label whether it is known
+        (unseen groups take the global values where there are any)."""
+
+    @abc.abstractmethod
+    def penalty(self, n_rows: Any) -> Array:
+        """Prior term added to the mean log-ratio loss over ``n_rows`` rows."""
+
+    @abc.abstractmethod
+    def n_params(self) -> int:
+        """Fitted numbers."""
+
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready description."""
+
+    def factors_for(self, labels: Sequence[str]) -> HostFactors:
+        """Host factors for groups ``labels`` (leading axis = labels); a group the
+        set cannot predict is a ``ValueError``."""
+        new, known = self.reindex(labels)
+        if not known.all():
+            missing = [lab for lab, k in zip(labels, known, strict=True) if not k]
+            raise ValueError(
+                f"per-group host factors have no group {missing}; fitted groups: "
+                f"{list(self.fitted_groups())}"
+            )
+        return jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (len(labels),)), new.physical()
+        )
+
+    def covers(self, labels: Sequence[str]) -> np.ndarray:
+        """Whether the set can predict each group of ``labels``."""
+        return self.reindex(labels)[1]
+
+    def timed(self, data: StepData) -> Float[Array, " steps"]:
+        """Host timer per step, us (``data.group`` indexes the set's groups)."""
+        return _timed(data, self.physical(), self.gate_on)
+
+    def table(self) -> pd.DataFrame:
+        """Physical host factors, one row per group (and ``global`` where pooled),
+        units in the column names."""
+        rows = {}
+        groups = self.fitted_groups()
+        pooled = host_to_physical(self._global_raw())
+        if not groups or self.kind() == "hierarchical":
+            rows["global"] = pooled
+        per = self.physical()
+        for i, lab in enumerate(groups):
+            rows[lab] = jax.tree.map(lambda v, i=i: v[i], per)
+        return pd.DataFrame(
+            {
+                f"{n} [{HOST_SPECS[n][1]}]": [
+                    float(getattr(f, n)) for f in rows.values()
+                ]
+                for n in HOST_NAMES
+            },
+            index=list(rows),
+        ).assign(gate_on=self.gate_on)
+
+    def _global_raw(self) -> Array:
+        return jnp.zeros(len(HOST_NAMES))
+
+
+@final
+class HostGlobal(AbstractHostSet):
     """One set of host factors shared by every deployment (7 numbers)."""
 
     raw: Float[Array, " n"]
     gate_on: str = eqx.field(static=True, default="requests")
 
+    def kind(self) -> str:
+        return "global"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return ()
+
     def physical(self) -> HostFactors:
-        """The physical :class:`HostFactors`."""
         return host_to_physical(self.raw)
 
-    def factors_for(self, labels: Sequence[str]) -> HostFactors:
-        """Host factors for groups ``labels``: the same for all, leading axis."""
-        return host_to_physical(
-            jnp.broadcast_to(self.raw, (len(labels), len(HOST_NAMES)))
-        )
+    def reindex(self, labels: Sequence[str]) -> tuple["HostGlobal", np.ndarray]:
+        return self, np.ones(len(labels), bool)
 
-    def timed(self, data: StepData) -> Float[Array, " steps"]:
-        """Host timer per step, us."""
-        return _timed(data, self.physical(), self.gate_on)
-
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows: Any) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
 
-    def covers(self, labels: Sequence[str]) -> np.ndarray:
-        """Whether the set can predict each group of ``labels`` (all: unseen groups
-        get the global values)."""
-        return np.ones(len(labels), bool)
-
     def n_params(self) -> int:
-        """Fitted numbers."""
         return int(self.raw.size)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(kind="global", gate_on=self.gate_on, raw=_list(self.raw))
 
-class HostPerGroup(eqx.Module):
-    """One independent set of host factors per deployment group."""
+    def _global_raw(self) -> Array:
+        return self.raw
+
+
+@final
+class HostPerGroup(AbstractHostSet):
+    """One independent set of host factors per deployment group; an unseen group
+    cannot be predicted."""
 
     raw: Float[Array, "groups n"]
     labels: tuple[str, ...] = eqx.field(static=True)
     gate_on: str = eqx.field(static=True, default="requests")
 
+    def kind(self) -> str:
+        return "per-model"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return self.labels
+
     def physical(self) -> HostFactors:
-        """Physical :class:`HostFactors`, leading axis = groups."""
         return host_to_physical(self.raw)
 
-    def factors_for(self, labels: Sequence[str]) -> HostFactors:
-        """Host factors for groups ``labels``; a group never fitted is an error."""
-        idx = _label_index(self.labels, labels)
-        if (idx < 0).any():
-            missing = [lab for lab, i in zip(labels, idx, strict=True) if i < 0]
-            raise ValueError(
-                f"per-group host factors have no group {missing}; fitted groups: "
-                f"{list(self.labels)}"
-            )
-        return host_to_physical(self.raw[idx])
+    def reindex(self, labels: Sequence[str]) -> tuple["HostPerGroup", np.ndarray]:
+        idx = label_index(self.labels, labels)
+        return (
+            HostPerGroup(self.raw[np.maximum(idx, 0)], tuple(labels), self.gate_on),
+            idx >= 0,
+        )
 
-    def timed(self, data: StepData) -> Float[Array, " steps"]:
-        """Host timer per step, us (``data.group`` indexes ``labels``)."""
-        return _timed(data, self.physical(), self.gate_on)
-
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows: Any) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
 
-    def covers(self, labels: Sequence[str]) -> np.ndarray:
-        """Whether the set can predict each group of ``labels`` (fitted groups)."""
-        return _label_index(self.labels, labels) >= 0
-
     def n_params(self) -> int:
-        """Fitted numbers."""
         return int(self.raw.size)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            kind="per-model",
+            gate_on=self.gate_on,
+            labels=list(self.labels),
+            raw=_list(self.raw),
+        )
 
-class HostHierarchical(eqx.Module):
+
+@final
+class HostHierarchical(AbstractHostSet):
     """Global host factors plus per-group raw offsets, shrunk towards zero.
 
     Group ``g`` uses ``raw = global_raw + offsets[g]``; the objective adds
@@ -213,39 +304,60 @@ class HostHierarchical(eqx.Module):
     noise_scale: float = eqx.field(static=True, default=0.5)
     gate_on: str = eqx.field(static=True, default="requests")
 
+    def kind(self) -> str:
+        return "hierarchical"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return self.labels
+
     def physical(self) -> HostFactors:
-        """Physical :class:`HostFactors`, leading axis = groups."""
         return host_to_physical(self.global_raw + self.offsets)
 
     def global_physical(self) -> HostFactors:
         """The pooled (global) :class:`HostFactors`."""
         return host_to_physical(self.global_raw)
 
-    def factors_for(self, labels: Sequence[str]) -> HostFactors:
-        """Host factors for groups ``labels``; unseen groups get the global values."""
-        idx = _label_index(self.labels, labels)
+    def reindex(self, labels: Sequence[str]) -> tuple["HostHierarchical", np.ndarray]:
+        """Unseen groups get zero offsets (the global values); all count as known."""
+        idx = label_index(self.labels, labels)
         off = jnp.where(
             jnp.asarray(idx >= 0)[:, None], self.offsets[np.maximum(idx, 0)], 0.0
         )
-        return host_to_physical(self.global_raw + off)
+        new = HostHierarchical(
+            self.global_raw,
+            off,
+            tuple(labels),
+            self.prior_scale,
+            self.noise_scale,
+            self.gate_on,
+        )
+        return new, np.ones(len(labels), bool)
 
-    def timed(self, data: StepData) -> Float[Array, " steps"]:
-        """Host timer per step, us (``data.group`` indexes ``labels``)."""
-        return _timed(data, self.physical(), self.gate_on)
-
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows: Any) -> Array:
         """Shrinkage prior on the offsets, scaled to the mean log-ratio loss."""
         quad = jnp.sum(self.offsets**2) / self.prior_scale**2
         return self.noise_scale**2 / n_rows * quad
 
-    def covers(self, labels: Sequence[str]) -> np.ndarray:
-        """Whether the set can predict each group of ``labels`` (all: unseen groups
-        get the global values)."""
-        return np.ones(len(labels), bool)
-
     def n_params(self) -> int:
-        """Fitted numbers."""
         return int(self.global_raw.size + self.offsets.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            kind="hierarchical",
+            gate_on=self.gate_on,
+            labels=list(self.labels),
+            global_raw=_list(self.global_raw),
+            offsets=_list(self.offsets),
+            prior_scale=self.prior_scale,
+            noise_scale=self.noise_scale,
+        )
+
+    def _global_raw(self) -> Array:
+        return self.global_raw
+
+
+def _list(x) -> list:
+    return np.asarray(x, np.float64).tolist()
 
 
 HOST_KINDS: tuple[str, ...] = ("global", "per-model", "hierarchical")
@@ -301,45 +413,23 @@ def init_host_set(
     raise ValueError(f"kind must be one of {list(HOST_KINDS)}, got {kind!r}")
 
 
-class HostStepModel(eqx.Module):
-    """Host and device factor sets, predicting either target (us per step).
-
-    - ``target="step_duration"``: the host timer, ``host.timed(data)``; the device
-      set takes no part (and may be None).
-    - ``target="iteration_time"``: :func:`~diffmodel._model._host.iteration_us` of the
-      device set's roofline breakdown and the host timer. With ``freeze_host`` the
-      host factors are held (no gradient): they are pinned by the host timer, the
-      device factors by the iteration time.
-    """
-
-    host: eqx.Module
-    device: eqx.Module | None
-    target: str = eqx.field(static=True)
-    freeze_host: bool = eqx.field(static=True, default=True)
-
-    def __check_init__(self):
-        if self.target not in HOST_TARGETS:
-            raise ValueError(
-                f"target must be one of {list(HOST_TARGETS)}, got {self.target!r}"
-            )
-        if self.target == "iteration_time" and self.device is None:
-            raise ValueError("target 'iteration_time' needs a device factor set")
-
-    def predict(self, data: StepData) -> Float[Array, " steps"]:
-        """Predicted target per step, us."""
-        host = self.host
-        if self.freeze_host and self.target == "iteration_time":
-            host = jax.lax.stop_gradient(host)
-        device = None if self.device is None else self.device.physical()
-        return host_target(
-            data, self.target, host.physical(), gate_on=host.gate_on, device=device
+def host_set_from_dict(d: Mapping[str, Any]) -> AbstractHostSet:
+    """Inverse of ``AbstractHostSet.to_dict``; a bad field is a ``ValueError``."""
+    kind = d.get("kind")
+    gate_on = _check_gate(d.get("gate_on"))
+    n = len(HOST_NAMES)
+    if kind == "global":
+        return HostGlobal(json_array(d, "raw", (n,)), gate_on)
+    labels = json_labels(d)
+    if kind == "per-model":
+        return HostPerGroup(json_array(d, "raw", (len(labels), n)), labels, gate_on)
+    if kind == "hierarchical":
+        return HostHierarchical(
+            json_array(d, "global_raw", (n,)),
+            json_array(d, "offsets", (len(labels), n)),
+            labels,
+            json_float(d, "prior_scale", positive=True),
+            json_float(d, "noise_scale", positive=True),
+            gate_on,
         )
-
-    def penalty(self, n_rows: int) -> Array:
-        """The sets' prior terms (the host's only while it is fitted)."""
-        total = jnp.asarray(0.0)
-        if not (self.freeze_host and self.target == "iteration_time"):
-            total = total + self.host.penalty(n_rows)
-        if self.device is not None and self.target == "iteration_time":
-            total = total + self.device.penalty(n_rows)
-        return total
+    raise ValueError(f"field 'kind': expected one of {list(HOST_KINDS)}, got {kind!r}")

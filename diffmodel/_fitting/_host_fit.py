@@ -19,9 +19,10 @@ import pandas as pd
 
 from .._fitting._factorsets import init_factor_set
 from .._fitting._fit import fit_arrays, step_data
-from .._fitting._host_factors import HostStepModel, host_target, init_host_set
+from .._fitting._host_factors import init_host_set
+from .._fitting._host_model import HostStepModel
 from .._metrics import mape
-from .._model._host import GATE_VARIABLES, HOST_NAMES
+from .._model._host import GATE_VARIABLES
 
 HOST_FIT_TARGETS: dict[str, str] = {
     "step_duration_us": "step_duration",
@@ -85,21 +86,33 @@ def fit_host(
             best, steps = (gate_on, res.factor_set), res.n_steps
     gate_on, model = best
     if HOST_FIT_TARGETS[target] == "iteration_time":
-        model = HostStepModel(
-            host=model.host,
-            device=init_factor_set(kind, labels),
-            target="iteration_time",
-        )
-        res = fit_arrays(
-            model,
+        yi, vyi = train[target].to_numpy(float), valid[target].to_numpy(float)
+        # Continuation: the device factors start from the roofline fitted without
+        # the host (the host's overlap is a small correction while the GPU is the
+        # slower side); early stopping on validation keeps that start if the
+        # overlap does not improve it.
+        start = fit_arrays(
+            init_factor_set(kind, labels),
             dtrain,
-            train[target].to_numpy(float),
-            valid=(dvalid, valid[target].to_numpy(float)),
+            yi,
+            valid=(dvalid, vyi),
             solver=solver,
             max_steps=max_steps,
             target_name=target,
         )
-        model, steps = res.factor_set, res.n_steps
+        model = HostStepModel(
+            host=model.host, device=start.factor_set, target="iteration_time"
+        )
+        res = fit_arrays(
+            model,
+            dtrain,
+            yi,
+            valid=(dvalid, vyi),
+            solver=solver,
+            max_steps=max_steps,
+            target_name=target,
+        )
+        model, steps = res.factor_set, start.n_steps + res.n_steps
     return HostFit(model, labels, gate_on, scores, steps)
 
 
@@ -107,56 +120,13 @@ def predict_host(fitted: HostFit, frame: pd.DataFrame) -> tuple[np.ndarray, np.n
     """Predicted target per row of ``frame``, us, and per row whether its deployment
     group is one the fit can predict (per-group sets cannot predict unseen groups)."""
     data, labels = step_data(frame)
-    model = fitted.model
-    own, known = own_labels(fitted, labels)
-    if not known.any():
-        return np.full(len(frame), np.nan), np.zeros(len(frame), bool)
-    device = None if model.device is None else model.device.factors_for(own)
-    total = np.asarray(
-        host_target(
-            data,
-            model.target,
-            model.host.factors_for(own),
-            gate_on=model.host.gate_on,
-            device=device,
-        )
-    )
+    model, known = fitted.model.reindex(labels)
+    total = np.asarray(model.predict(data))
     row_known = known[np.asarray(data.group)]
     return np.where(row_known, total, np.nan), row_known
 
 
-def own_labels(fitted: HostFit, labels) -> tuple[list[str], np.ndarray]:
-    """``labels`` with the ones the fit cannot predict replaced by a fitted one, and
-    which ones it can predict."""
-    known = fitted.model.host.covers(labels)
-    own = [lab if k else fitted.labels[0] for lab, k in zip(labels, known, strict=True)]
-    return own, known
-
-
-def n_params(fitted: HostFit) -> int:
-    """Fitted numbers: the host set's, plus the device set's for iteration time."""
-    count = fitted.model.host.n_params()
-    device = fitted.model.device
-    if device is not None:
-        raw = getattr(device, "raw", None)
-        count += (
-            int(raw.size)
-            if raw is not None
-            else int(device.global_raw.size + device.offsets.size)
-        )
-    return count
-
-
 def host_table(fitted: HostFit) -> pd.DataFrame:
-    """Fitted host factors, one row per group (and ``global`` where pooled)."""
-    host = fitted.model.host
-    rows = {}
-    if hasattr(host, "global_physical"):
-        rows["global"] = host.global_physical()
-    per = host.factors_for(fitted.labels)
-    for i, lab in enumerate(fitted.labels):
-        rows[lab] = type(per)(**{n: getattr(per, n)[i] for n in HOST_NAMES})
-    return pd.DataFrame(
-        {n: [float(getattr(f, n)) for f in rows.values()] for n in HOST_NAMES},
-        index=list(rows),
-    ).assign(gate_on=fitted.gate_on)
+    """Fitted host factors, one row per group (and ``global`` where pooled), units
+    in the column names, and the gate variable."""
+    return fitted.model.host.table()

@@ -12,15 +12,25 @@ overhead`` with factors in [0.01, 100], overhead in [0, 1e6] us and MFU discount
 and MFUs, sigmoid for the overhead).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jaxtyping import Array, ArrayLike, Float
 
-from .._fitting._factorsets import StepData
+from .._fitting._base import (
+    AbstractFactorSet,
+    FactorKind,
+    StepData,
+    json_array,
+    json_labels,
+    label_index,
+)
+from .._model._factors import Factors
 from .._model._roofline import linear_work
 
 STUDY_COMPONENTS = (
@@ -82,16 +92,36 @@ def study_predict(
     return (values[..., 0:4] * comps / values[..., 5:9]).sum(-1) + values[..., 4]
 
 
-class StudyFactors(eqx.Module):
-    """The study's parameters: one set (9) or one per group (9 per group)."""
+@final
+class StudyFactors(AbstractFactorSet):
+    """The study's parameters: one set (9) or one per group (9 per group).
+
+    Not a roofline: :meth:`physical` and :meth:`factors_for` raise; evaluate with
+    :meth:`predict`.
+    """
 
     raw: Float[Array, "*g 9"]
     labels: tuple[str, ...] = eqx.field(static=True)
     per_group: bool = eqx.field(static=True)
 
+    def kind(self) -> FactorKind:
+        return "study-36" if self.per_group else "study-9"
+
+    def fitted_groups(self) -> tuple[str, ...]:
+        return self.labels if self.per_group else ()
+
     def values(self) -> Float[Array, "*g 9"]:
         """Bounded parameter values in ``STUDY_PARAM_NAMES`` order."""
         return study_to_values(self.raw)
+
+    def physical(self) -> Factors:
+        raise ValueError(
+            "the study's factors are not roofline factors; evaluate them "
+            "with their own predict(StepData)"
+        )
+
+    def factors_for(self, labels: Sequence[str]) -> Factors:
+        return self.physical()
 
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us."""
@@ -100,9 +130,43 @@ class StudyFactors(eqx.Module):
             v = v[data.group]
         return study_predict(v, study_components(data))
 
-    def penalty(self, n_rows: int) -> Array:
+    def penalty(self, n_rows) -> Array:
         """No prior."""
         return jnp.asarray(0.0)
+
+    def n_params(self) -> int:
+        return int(self.raw.size)
+
+    def reindex(self, labels: Sequence[str]) -> tuple["StudyFactors", np.ndarray]:
+        if not self.per_group:
+            return StudyFactors(self.raw, tuple(labels), False), np.ones(
+                len(labels), bool
+            )
+        idx = label_index(self.labels, labels)
+        raw = self.raw[np.maximum(idx, 0)]
+        return StudyFactors(raw, tuple(labels), True), idx >= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(
+            kind=self.kind(),
+            parameter_names=list(STUDY_PARAM_NAMES),
+            labels=list(self.labels),
+            raw=np.asarray(self.raw, np.float64).tolist(),
+            values=np.asarray(self.values(), np.float64).tolist(),
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StudyFactors":
+        per_group = d.get("kind") == "study-36"
+        labels = json_labels(d)
+        n = len(STUDY_PARAM_NAMES)
+        shape = (len(labels), n) if per_group else (n,)
+        return cls(raw=json_array(d, "raw", shape), labels=labels, per_group=per_group)
+
+    def table(self) -> pd.DataFrame:
+        v = np.atleast_2d(np.asarray(self.values()))
+        names = self.labels if self.per_group else ("global",)
+        return pd.DataFrame(v, index=list(names), columns=list(STUDY_PARAM_NAMES))
 
 
 def init_study(labels: Sequence[str], *, per_group: bool) -> StudyFactors:

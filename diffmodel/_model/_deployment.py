@@ -9,7 +9,11 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._model._arch import Architecture, architecture
-from .._model._hardware import Hardware, hardware
+from .._model._hardware import (
+    DEFAULT_HARDWARE,
+    Hardware,
+    hardware as hardware_spec,
+)
 
 
 class Deployment(eqx.Module):
@@ -50,7 +54,7 @@ def check_tp(arch: Architecture, tp: int | float) -> None:
 
 def deployment(
     model: str | Architecture,
-    hardware_name: str | Hardware = "h100-sxm",
+    hardware: str | Hardware = DEFAULT_HARDWARE,
     tp: int | float = 1,
     **dtype_overrides: str,
 ) -> Deployment:
@@ -58,7 +62,8 @@ def deployment(
 
     Args:
         model: a catalog name or alias, or an :class:`Architecture`.
-        hardware_name: a catalog name or alias, or a :class:`Hardware`.
+        hardware: a catalog name or alias (see :func:`diffmodel.known_hardware`),
+            or a :class:`Hardware`; H100-SXM by default.
         tp: tensor-parallel degree (GPUs the model is split over).
         **dtype_overrides: ``weight_dtype``/``kv_dtype`` for a catalog model.
     """
@@ -67,11 +72,7 @@ def deployment(
         if isinstance(model, Architecture)
         else architecture(model, **dtype_overrides)
     )
-    hw = (
-        hardware_name
-        if isinstance(hardware_name, Hardware)
-        else hardware(hardware_name)
-    )
+    hw = hardware if isinstance(hardware, Hardware) else hardware_spec(hardware)
     check_tp(arch, tp)
     return Deployment(arch=arch, hw=hw, tp=jnp.asarray(float(tp)))
 

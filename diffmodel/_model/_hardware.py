@@ -29,6 +29,8 @@ class Hardware(eqx.Module):
 
 
 _T = 1e12
+# The GPU of the reference traces, used where no hardware is named.
+DEFAULT_HARDWARE = "h100-sxm"
 # Sources: vendor datasheets (dense, i.e. without 2:4 sparsity).
 _CATALOG: dict[str, dict[str, float]] = {
     # NVIDIA H100 SXM5 80GB datasheet: 989.5 TFLOP/s BF16, 1979 FP8, 3.35 TB/s HBM3;

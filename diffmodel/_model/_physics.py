@@ -64,8 +64,11 @@ def roofline_us(
         bytes_: bytes moved to or from device memory.
         peak_flops: FLOP/s; bandwidth: bytes/s; eta_*: efficiencies in (0, 1].
     """
-    compute = flops / (peak_flops * eta_flops) * 1e6
-    memory = bytes_ / (bandwidth * eta_bw) * 1e6
+    # Work over the hardware's rate first, then the efficiency: dividing by
+    # ``peak eta`` would put ``(peak eta)^3 ~ 1e45`` into the second derivative in
+    # ``eta`` and overflow float32 (float32 Hessians were wrong by 40%).
+    compute = flops / peak_flops * 1e6 / eta_flops
+    memory = bytes_ / bandwidth * 1e6 / eta_bw
     return smooth_max(compute, memory, sharpness)
 
 
@@ -233,5 +236,5 @@ def allreduce_us(
     ``latency + 2 (t-1)/t bytes / (link_bw eta)``; zero on one GPU.
     """
     t = jnp.asarray(n_gpus)
-    ring = 2.0 * (t - 1.0) / t * bytes_ / (link_bw * eta) * 1e6
+    ring = 2.0 * (t - 1.0) / t * bytes_ / link_bw * 1e6 / eta  # see roofline_us
     return jnp.where(t > 1, latency_us + ring, 0.0)

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._model._arch import Architecture
@@ -90,13 +91,27 @@ def linear_work(tokens, a: Architecture, t) -> tuple[Array, Array]:
 
 
 def check_stats(stats: BatchStats) -> BatchStats:
-    """Raise (also under ``jit``, by ``eqx.error_if``) on negative or NaN statistics."""
+    """Raise on negative or NaN statistics.
+
+    Concrete arrays are checked here, before any tracing: a one-line ``ValueError``
+    naming the field, the first bad index and its value. Traced arrays (under
+    ``jit``, ``grad``, ``vmap``) are checked by ``eqx.error_if`` when the computation
+    runs.
+    """
     checked = {}
     for name in BatchStats.__dataclass_fields__:
         x = getattr(stats, name)
-        checked[name] = eqx.error_if(
-            x, ~(x >= 0), f"BatchStats.{name} must be finite and >= 0 (tokens/requests)"
-        )
+        what = f"BatchStats.{name} must be finite and >= 0 (tokens/requests)"
+        if isinstance(x, jax.core.Tracer):
+            checked[name] = eqx.error_if(x, ~(x >= 0), what)
+            continue
+        values = np.asarray(x)
+        bad = ~(values >= 0)
+        if bad.any():
+            where = np.unravel_index(int(np.flatnonzero(bad)[0]), values.shape)
+            at = f" at index {tuple(int(i) for i in where)}" if values.ndim else ""
+            raise ValueError(f"{what}; got {float(values[where]):g}{at}")
+        checked[name] = x
     return BatchStats(**checked)
 
 
@@ -129,14 +144,23 @@ def step_time(
     - overhead: ``step + L layer + (Np + Nd) request``.
 
     A step with no tokens runs no forward pass: only the per-step and per-request
-    overhead remains.
+    overhead remains. Between 0 and 1 token (a relaxed, fractional batch, as a
+    scheduler tuned by gradients sees it) the forward pass is scaled by the token
+    count: every GPU component and the per-layer overhead are multiplied by the
+    *idle gate* ``min(T, 1)``. Whole token counts are unaffected (the gate is 0 or
+    1), the time is continuous in ``T``, and ``jax.grad`` at ``T = 0`` sees the cost
+    of starting a forward pass (not 0 or the slope of a step already running).
+
+    Bad statistics (negative, NaN) raise a one-line ``ValueError`` when they are
+    concrete arrays; under tracing they raise through ``eqx.error_if`` (use
+    ``eqx.filter_jit`` rather than ``jax.jit`` for a readable message).
     """
     if check:
         stats = check_stats(stats)
-    parts, active = _parts(stats, dep, factors, sharpness)
+    parts, gate = _parts(stats, dep, factors, sharpness)
     shape = jnp.shape(parts["linear"])
     return Breakdown(
-        **{c: jnp.where(active, parts[c], 0.0) for c in _GPU_COMPONENTS},
+        **{c: parts[c] * gate for c in _GPU_COMPONENTS},
         overhead=jnp.broadcast_to(parts["overhead"], shape),
     )
 
@@ -151,14 +175,14 @@ def step_total(
 ) -> Array:
     """``step_time(...).total``, us, with one ``where`` for the idle steps.
 
-    The same value (the same sums in the same order): the GPU components are gated
-    on ``tokens > 0`` together rather than one by one, which saves work in bulk.
+    The same value for whole token counts: the GPU components are multiplied by
+    the idle gate together rather than one by one, which saves work in bulk.
     """
     if check:
         stats = check_stats(stats)
-    parts, active = _parts(stats, dep, factors, sharpness)
+    parts, gate = _parts(stats, dep, factors, sharpness)
     gpu = sum(parts[c] for c in _GPU_COMPONENTS)
-    return jnp.where(active, gpu, 0.0) + parts["overhead"]
+    return gpu * gate + parts["overhead"]
 
 
 # The components a step with no tokens does not run (all but the overhead).
@@ -166,12 +190,15 @@ _GPU_COMPONENTS = COMPONENTS[:-1]
 
 
 def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
-    """The components of :func:`step_time`, GPU ones not yet zeroed for idle steps,
-    and the mask ``tokens > 0`` of steps that run a forward pass."""
+    """The components of :func:`step_time`, GPU ones not yet gated for idle steps,
+    and the idle gate ``min(T, 1)``: 0 for a step without tokens, 1 for one that runs
+    a forward pass, linear in between (a documented relaxation, see step_time)."""
     a, hw, t, fa = dep.arch, dep.hw, dep.tp, factors
     tokens = stats.tokens
     requests = stats.requests
-    active = tokens > 0
+    # ``where`` rather than ``minimum``: at T = 1 the gradient is the running
+    # step's (``minimum`` would split the tie and add half a forward pass).
+    gate = jnp.where(tokens >= 1.0, 1.0, tokens)
     L, d, dh = a.n_layers, a.hidden, a.head_dim
     qh = a.n_heads / t
     kvh = jnp.maximum(a.n_kv_heads / t, 1.0)
@@ -208,7 +235,7 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
         fa.attn_bw,
         sharpness,
     )
-    kv_write = L * 2 * kvh * dh * kb * tokens / (hw.hbm_bw * fa.mem_bw) * 1e6
+    kv_write = L * 2 * kvh * dh * kb * tokens / hw.hbm_bw * 1e6 / fa.mem_bw
 
     head_f, head_b = gemm_work(requests, a.vocab / t, d, wb, ab)
     head_b = head_b + requests * a.vocab / t * 4.0  # fp32 logits
@@ -223,7 +250,7 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     )
     overhead = (
         fa.step_overhead_us
-        + jnp.where(active, L * fa.layer_overhead_us, 0.0)
+        + L * fa.layer_overhead_us * gate
         + requests * fa.request_overhead_us
     )
 
@@ -236,7 +263,7 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
         "allreduce": allreduce,
         "overhead": overhead,
     }
-    return parts, active
+    return parts, gate
 
 
 def step_time_batch(

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._frame import check_batch, check_counts, check_ratio, numeric_column
+
 INT_COLUMNS: tuple[str, ...] = (
     "step.id",
     "step.ts_start_ns",
@@ -56,7 +58,6 @@ RUN_COLUMNS: tuple[str, ...] = ("experiment_id", "model", "workload", "tp")
 STEP_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + RUN_COLUMNS
 """Every column a step table must have."""
 
-_NONNEGATIVE: tuple[str, ...] = INT_COLUMNS + FLOAT_COLUMNS + ("tp",)
 _STRING_COLUMNS: tuple[str, ...] = ("experiment_id", "model", "workload")
 _SORT_KEY: list[str] = ["experiment_id", "step.id"]
 
@@ -105,6 +106,8 @@ def validate_steps(frame: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in STEP_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"step table is missing required columns: {missing}")
+    if len(frame) == 0:
+        raise ValueError("the step table has no rows")
     frame = frame.reset_index(drop=True)
     out = {}
     for name in frame.columns:
@@ -116,13 +119,37 @@ def validate_steps(frame: pd.DataFrame) -> pd.DataFrame:
         elif name in INT_COLUMNS or name == "tp":
             out[name] = _as_int64(name, column)
         elif name in FLOAT_COLUMNS:
-            out[name] = _as_float64(name, column)
+            out[name] = numeric_column(column, name)
+            check_ratio(name, out[name])
         else:
             out[name] = _plain(column)
+    check_batch(
+        {k: f"batch.{k}" for k in _BATCH}, {k: out[f"batch.{k}"] for k in _BATCH}
+    )
     result = pd.DataFrame(out, columns=list(frame.columns))
-    for name in _NONNEGATIVE:
-        _check_nonnegative(name, result[name].to_numpy())
     return result.sort_values(_SORT_KEY, kind="stable").reset_index(drop=True)
+
+
+_BATCH = ("prefill_tokens", "decode_tokens", "num_prefill_reqs", "num_decode_reqs")
+_UNITS = {
+    "step.ts_start_ns": "ns",
+    "step.ts_end_ns": "ns",
+    "step.duration_us": "us",
+    "kv.blocks_total_gpu": "blocks",
+    "kv.blocks_free_gpu": "blocks",
+    "tp": "GPUs",
+} | {c: "tokens" for c in INT_COLUMNS if c.endswith("_tokens")}
+
+
+def _as_int64(name: str, column: pd.Series) -> np.ndarray:
+    """A count column as int64, exactly (nanosecond times exceed float64's 2^53)."""
+    if pd.api.types.is_integer_dtype(column.dtype):
+        values = column.to_numpy(dtype=np.int64)
+        check_counts(name, values, _UNITS.get(name, "a count"))
+        return values
+    values = numeric_column(column, name)
+    check_counts(name, values, _UNITS.get(name, "a count"))
+    return values.astype(np.int64)
 
 
 def _check_present(name: str, column: pd.Series) -> None:
@@ -130,39 +157,6 @@ def _check_present(name: str, column: pd.Series) -> None:
     if isna.any():
         row = int(np.flatnonzero(isna)[0])
         raise ValueError(f"column {name!r} has a missing value (NaN) at row {row}")
-
-
-def _check_nonnegative(name: str, values: np.ndarray) -> None:
-    negative = values < 0
-    if negative.any():
-        row = int(np.flatnonzero(negative)[0])
-        raise ValueError(
-            f"column {name!r} must be non-negative; row {row} has {values[row]}"
-        )
-
-
-def _as_int64(name: str, column: pd.Series) -> np.ndarray:
-    try:
-        values = pd.to_numeric(column)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"column {name!r} must be numeric: {err}") from None
-    as_float = values.to_numpy(dtype=np.float64)
-    fractional = as_float != np.round(as_float)
-    if fractional.any():
-        row = int(np.flatnonzero(fractional)[0])
-        raise ValueError(
-            f"column {name!r} must hold integers; row {row} has {as_float[row]}"
-        )
-    if pd.api.types.is_integer_dtype(values.dtype):
-        return values.to_numpy(dtype=np.int64)
-    return np.round(as_float).astype(np.int64)
-
-
-def _as_float64(name: str, column: pd.Series) -> np.ndarray:
-    try:
-        return pd.to_numeric(column).to_numpy(dtype=np.float64)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"column {name!r} must be numeric: {err}") from None
 
 
 def _plain(column: pd.Series) -> np.ndarray:

@@ -5,10 +5,10 @@ kernel launches behind a smooth regime gate; the host timer and the iteration ti
 from .._fitting._host_factors import (
     HOST_KINDS as HOST_KINDS,
     HOST_TARGETS as HOST_TARGETS,
+    AbstractHostSet as AbstractHostSet,
     HostGlobal as HostGlobal,
     HostHierarchical as HostHierarchical,
     HostPerGroup as HostPerGroup,
-    HostStepModel as HostStepModel,
     host_target as host_target,
     init_host_set as init_host_set,
 )
@@ -18,6 +18,7 @@ from .._fitting._host_fit import (
     host_table as host_table,
     predict_host as predict_host,
 )
+from .._fitting._host_model import HostStepModel as HostStepModel
 from .._model._host import (
     GATE_VARIABLES as GATE_VARIABLES,
     HOST_NAMES as HOST_NAMES,

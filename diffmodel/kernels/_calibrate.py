@@ -1,7 +1,7 @@
 """Calibrate efficiency curves on measured kernels, and map them to step-level factors.
 
 Every fit minimises the log-ratio loss ``mean((ln pred - ln actual)^2)`` with
-:func:`diffmodel._optimise.minimise` (Adam, then L-BFGS from Adam's end point).
+:func:`diffmodel.minimise` (Adam, then L-BFGS from Adam's end point).
 """
 
 import dataclasses
@@ -48,18 +48,41 @@ class FitOptions:
     learning_rate: float = 0.1
 
 
-def two_stage_minimise(loss, init, options: FitOptions):
-    """Adam (``options.adam_steps``), then L-BFGS polishing; the parameters."""
+def _unary(params, loss):
+    return loss(params)
+
+
+def two_stage_minimise(loss, init, options: FitOptions, args=None):
+    """Adam (``options.adam_steps``), then L-BFGS polishing; the parameters.
+
+    ``loss(params, args)`` with the data in ``args`` (one compilation per loss and
+    shapes); without ``args``, ``loss(params)`` (a closure: compiles per call). A
+    non-finite loss raises (``minimise``'s ``throw``)."""
+    if args is None:
+        loss, args = _unary, loss
     res = minimise(
         loss,
         init,
+        args,
         solver="adam",
         learning_rate=options.learning_rate,
         max_steps=options.adam_steps,
     )
     if options.lbfgs_steps:
-        res = minimise(loss, res.params, solver="lbfgs", max_steps=options.lbfgs_steps)
+        res = minimise(
+            loss, res.params, args, solver="lbfgs", max_steps=options.lbfgs_steps
+        )
     return res.params
+
+
+def _roofline_loss(curves, args):
+    work, actual = args
+    return log_ratio_loss(work.time_us(curves), actual)
+
+
+def _allreduce_loss(curve, args):
+    b, n, hw, actual = args
+    return log_ratio_loss(allreduce_kernel_us(b, n, curve, hw), actual)
 
 
 def fit_roofline_curves(
@@ -77,9 +100,7 @@ def fit_roofline_curves(
             f"{work.flops.shape}"
         )
     init = default_roofline_curves() if init is None else init
-    return two_stage_minimise(
-        lambda c: log_ratio_loss(work.time_us(c), actual), init, options
-    )
+    return two_stage_minimise(_roofline_loss, init, options, (work, actual))
 
 
 def fit_allreduce_curve(
@@ -95,11 +116,7 @@ def fit_allreduce_curve(
     b, n = jnp.asarray(bytes_, float), jnp.asarray(n_gpus, float)
     actual = jnp.asarray(latency_us, float)
     init = default_allreduce_curve() if init is None else init
-    return two_stage_minimise(
-        lambda c: log_ratio_loss(allreduce_kernel_us(b, n, c, hw), actual),
-        init,
-        options,
-    )
+    return two_stage_minimise(_allreduce_loss, init, options, (b, n, hw, actual))
 
 
 # Which rows of aiconfigurator's tables each family is calibrated on: the dtypes and

@@ -1,0 +1,105 @@
+"""The public names of :mod:`diffmodel`, imported on first use (see ``__init__``).
+
+The one list of what the top level re-exports: add a public name here.
+"""
+
+from . import (
+    baselines as baselines,
+    data as data,
+    kernels as kernels,
+    scheduler as scheduler,
+)
+from ._bulk._bulk import predict_steps as predict_steps
+from ._fitting._base import AbstractFactorSet as AbstractFactorSet
+from ._fitting._factorsets import (
+    GlobalFactors as GlobalFactors,
+    HierarchicalFactors as HierarchicalFactors,
+    PerGroupFactors as PerGroupFactors,
+)
+from ._fitting._fit import FitResult as FitResult, fit as fit
+from ._fitting._io import load_factors as load_factors, save_factors as save_factors
+from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
+from ._fitting._study import StudyFactors as StudyFactors
+from ._metrics import (
+    log_ratio_loss as log_ratio_loss,
+    mape as mape,
+    metrics_table as metrics_table,
+)
+from ._model._arch import (
+    Architecture as Architecture,
+    architecture as architecture,
+    canonical_model as canonical_model,
+    known_models as known_models,
+)
+from ._model._batch import (
+    BatchStats as BatchStats,
+    from_aggregates as from_aggregates,
+    from_requests as from_requests,
+    kv_tokens_from_usage as kv_tokens_from_usage,
+)
+from ._model._deployment import (
+    Deployment as Deployment,
+    deployment as deployment,
+    stack_deployments as stack_deployments,
+)
+from ._model._factors import (
+    FACTOR_NAMES as FACTOR_NAMES,
+    FACTOR_SPECS as FACTOR_SPECS,
+    Factors as Factors,
+    default_factors as default_factors,
+)
+from ._model._hardware import (
+    Hardware as Hardware,
+    hardware as hardware,
+    known_hardware as known_hardware,
+)
+from ._model._roofline import (
+    COMPONENTS as COMPONENTS,
+    Breakdown as Breakdown,
+    step_time as step_time,
+)
+from ._predict import predict as predict
+
+__all__ = [
+    "AbstractFactorSet",
+    "Architecture",
+    "BatchStats",
+    "Breakdown",
+    "COMPONENTS",
+    "Deployment",
+    "FACTOR_NAMES",
+    "FACTOR_SPECS",
+    "Factors",
+    "FitResult",
+    "GlobalFactors",
+    "Hardware",
+    "HierarchicalFactors",
+    "OptimResult",
+    "PerGroupFactors",
+    "StudyFactors",
+    "architecture",
+    "baselines",
+    "canonical_model",
+    "data",
+    "default_factors",
+    "deployment",
+    "fit",
+    "from_aggregates",
+    "from_requests",
+    "hardware",
+    "kernels",
+    "known_hardware",
+    "known_models",
+    "kv_tokens_from_usage",
+    "load_factors",
+    "log_ratio_loss",
+    "mape",
+    "metrics_table",
+    "minimise",
+    "predict",
+    "predict_steps",
+    "save_factors",
+    "scheduler",
+    "stack_deployments",
+    "step_time",
+]

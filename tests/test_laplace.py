@@ -1,0 +1,198 @@
+"""The Laplace approximation: exact on a linear-Gaussian problem, honest when the data
+leaves a direction open."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmodel._fitting._laplace import flat, laplace
+
+
+def _ols_problem(x: np.ndarray, y: np.ndarray):
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+    def objective(b):
+        return jnp.mean((xj @ b - yj) ** 2)
+
+    b_hat = np.linalg.lstsq(x, y, rcond=None)[0]
+    return objective, jnp.asarray(b_hat)
+
+
+def test_linear_gaussian_matches_the_ols_covariance():
+    rng = np.random.default_rng(0)
+    n = 200
+    x = np.column_stack([np.ones(n), rng.normal(size=n), rng.normal(size=n)])
+    y = x @ np.array([1.0, -0.5, 2.0]) + 0.3 * rng.normal(size=n)
+    objective, b = _ols_problem(x, y)
+    s2 = float(objective(b))
+    lap = laplace(
+        objective,
+        b,
+        n,
+        raw_names=("a", "b", "c"),
+        physical=lambda r: (("a", "b", "c"), r),
+    )
+    expected = s2 * np.linalg.inv(x.T @ x)
+    np.testing.assert_allclose(np.asarray(lap.cov_raw), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lap.sd), np.sqrt(np.diag(expected)))
+    assert lap.unpinned == ()
+    assert lap.noise_sd == pytest.approx(np.sqrt(s2))
+
+
+def test_delta_method_through_the_physical_map():
+    rng = np.random.default_rng(1)
+    n = 100
+    x = np.column_stack([np.ones(n), rng.normal(size=n)])
+    y = x @ np.array([0.2, 1.0]) + 0.1 * rng.normal(size=n)
+    objective, b = _ols_problem(x, y)
+    lap = laplace(
+        objective,
+        b,
+        n,
+        raw_names=("u", "v"),
+        physical=lambda r: (("eu", "v"), jnp.stack([jnp.exp(r[0]), r[1]])),
+    )
+    cov = np.asarray(lap.cov_raw)
+    assert float(lap.sd[0]) == pytest.approx(np.exp(float(b[0])) * np.sqrt(cov[0, 0]))
+
+
+def test_collinear_columns_are_reported_as_a_trade_off():
+    rng = np.random.default_rng(2)
+    n = 50
+    z = rng.normal(size=n)
+    x = np.column_stack([np.ones(n), z, z])  # b and c enter only as b + c
+    y = 1.0 + 2.0 * z + 0.1 * rng.normal(size=n)
+    objective, b = _ols_problem(x, y)
+    lap = laplace(
+        objective,
+        b,
+        n,
+        raw_names=("a", "b", "c"),
+        physical=lambda r: (("a", "b", "c"), r),
+    )
+    assert len(lap.unpinned) == 1
+    assert "b vs c" in lap.unpinned[0] or "c vs b" in lap.unpinned[0]
+    assert "trade off" in lap.unpinned[0]
+    sd = np.asarray(lap.sd)
+    assert np.isfinite(sd[0]) and np.isinf(sd[1]) and np.isinf(sd[2])
+
+
+def test_a_weak_prior_turns_infinite_into_large_and_named():
+    rng = np.random.default_rng(3)
+    n = 50
+    z = rng.normal(size=n)
+    x = np.column_stack([z, z])
+    y = 2.0 * z + 0.1 * rng.normal(size=n)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+    def objective(b):
+        return jnp.mean((xj @ b - yj) ** 2) + 1e-6 * jnp.sum(b**2)
+
+    b = jnp.asarray([1.0, 1.0])
+    lap = laplace(
+        objective,
+        b,
+        n,
+        raw_names=("p", "q"),
+        physical=lambda r: (("p", "q"), r),
+        bounds=lambda r: r > 0.99,
+    )
+    assert np.all(np.isfinite(np.asarray(lap.sd)))
+    assert np.all(np.asarray(lap.sd) > 1.0)
+    assert len(lap.unpinned) == 1 and "trade off" in lap.unpinned[0]
+    assert lap.at_bound == ("p", "q")
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="one entry per raw name"):
+        laplace(
+            lambda r: jnp.sum(r**2),
+            jnp.zeros(3),
+            10,
+            raw_names=("a",),
+            physical=lambda r: (("a",), r),
+        )
+    with pytest.raises(ValueError, match="n_rows"):
+        laplace(
+            lambda r: jnp.sum(r**2),
+            jnp.zeros(1),
+            0,
+            raw_names=("a",),
+            physical=lambda r: (("a",), r),
+        )
+    with pytest.raises(ValueError, match="not finite"):
+        laplace(
+            lambda r: jnp.log(r[0] - 1.0),
+            jnp.zeros(1),
+            5,
+            raw_names=("a",),
+            physical=lambda r: (("a",), r),
+        )
+
+
+def test_flat_round_trips_an_equinox_module():
+    import equinox as eqx
+
+    class M(eqx.Module):
+        a: jax.Array
+        b: jax.Array
+        tag: str = eqx.field(static=True, default="x")
+
+    m = M(a=jnp.arange(3.0), b=jnp.ones((2, 2)))
+    vec, unflat = flat(m)
+    assert vec.shape == (7,)
+    back = unflat(vec + 1.0)
+    np.testing.assert_allclose(np.asarray(back.b), 2.0)
+    assert back.tag == "x"
+
+
+# ------------------------------------------------------------------------- intervals
+
+
+def test_interval_is_exact_for_a_linear_log_model():
+    from diffmodel._fitting._intervals import interval
+
+    x = jnp.asarray([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    raw = jnp.asarray([0.5, -0.2])
+    cov = jnp.asarray([[0.04, 0.01], [0.01, 0.09]])
+    noise = jnp.asarray([0.1, 0.2, 0.3])
+    t, lo, hi = interval(lambda r: x @ r, raw, cov, noise, level=0.9)
+    mu = np.asarray(x @ raw)
+    sd = np.sqrt(np.einsum("si,ij,sj->s", x, cov, x) + np.asarray(noise) ** 2)
+    z = 1.6448536269514722
+    np.testing.assert_allclose(t, np.exp(mu), rtol=1e-12)
+    np.testing.assert_allclose(lo, np.exp(mu - z * sd), rtol=1e-10)
+    np.testing.assert_allclose(hi, np.exp(mu + z * sd), rtol=1e-10)
+
+
+def test_interval_covers_its_level_on_simulated_data():
+    from diffmodel._fitting._intervals import interval, regime_noise_sd
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    prefill = rng.random(n) < 0.4
+    noise = np.where(prefill, 0.3, 0.05)
+    log_y = 1.0 + noise * rng.normal(size=n)
+    sds = regime_noise_sd(log_y - 1.0, prefill)
+    assert sds["prefill"] == pytest.approx(0.3, rel=0.05)
+    assert sds["decode_only"] == pytest.approx(0.05, rel=0.05)
+    per_row = np.where(prefill, sds["prefill"], sds["decode_only"])
+    t, lo, hi = interval(
+        lambda r: jnp.full(n, r[0]), jnp.asarray([1.0]), jnp.zeros((1, 1)), per_row
+    )
+    y = np.exp(log_y)
+    for sel in (prefill, ~prefill):
+        cover = np.mean((y[sel] >= lo[sel]) & (y[sel] <= hi[sel]))
+        assert 0.87 < cover < 0.93
+
+
+def test_interval_errors():
+    from diffmodel._fitting._intervals import interval, regime_noise_sd
+
+    with pytest.raises(ValueError, match="level"):
+        interval(lambda r: r, jnp.zeros(1), jnp.zeros((1, 1)), jnp.zeros(1), level=1.5)
+    with pytest.raises(ValueError, match="1-D of one length"):
+        regime_noise_sd(np.zeros(3), np.zeros(2, bool))
+    with pytest.raises(ValueError, match="finite"):
+        regime_noise_sd(np.array([np.nan]), np.array([True]))
