@@ -107,14 +107,15 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert len(results) == 2 * len(methods) * 3
     assert not results.duplicated(["protocol", "method", "experiment_id"]).any()
 
-    per_model = results[results["method"].isin(["diffmodel-per-model", "study-36"])]
+    per_group = ["diffmodel-per-model", "study-36", "diffmodel-host-per-model"]
+    per_model = results[results["method"].isin(per_group)]
     unseen = (per_model["protocol"] == "lowo") & per_model[
         "experiment_id"
     ].str.contains("codellama")
     assert per_model.loc[unseen, "mape"].isna().all()
     assert per_model.loc[unseen, "note"].str.startswith("not applicable").all()
     assert per_model.loc[~unseen, "mape"].notna().all()
-    others = results[~results["method"].isin(["diffmodel-per-model", "study-36"])]
+    others = results[~results["method"].isin(per_group)]
     assert others["mape"].notna().all() and (others["mape"] > 0).all()
     assert (
         results.loc[results["method"] == "diffmodel-roofline", "n_params"] == 0

@@ -34,7 +34,7 @@ protocols, per experiment.
   note.
 - ``study-9`` / ``study-36``: the study's compute-only model (``StudyFactors``), one
   set of 9 parameters, or 9 per deployment group, fitted with ``fit`` on the training
-  rows with early stopping on the validation rows.
+  rows to convergence (no early stopping: see ``_reproduce_methods._factor_set``).
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
 - ``diffmodel-kernels``: the roofline with factors calibrated on the H100 kernel
   measurements alone (:func:`diffmodel.kernel_prior_factors`), no trace fitting
@@ -44,6 +44,9 @@ protocols, per experiment.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
+- ``diffmodel-host-global`` / ``-per-model`` / ``-hierarchical``: the host model
+  (host timer, and iteration time as the overlap of host and device work), see
+  ``_reproduce_host``.
 
 A per-group set (``study-36``, ``diffmodel-per-model``) cannot predict a deployment
 group it never saw (every lomo fold; the CodeLlama experiment in the lowo fold that
@@ -65,6 +68,7 @@ from .._model._factors import Factors
 from ..baselines._baselines import STUDY_GRID, load_study_xgboost
 from ..data._splits import leave_one_out, temporal_split
 from ..data._traces import add_targets, load_steps
+from ._reproduce_host import HOST_METHODS
 from ._reproduce_methods import (
     _DIFFMODEL_KINDS,
     TRANSFER_GRID,
@@ -236,6 +240,8 @@ def _expected_seconds(fold: _Fold, method: str, settings: _Settings) -> float:
         )
         combos = int(np.prod([len(v) for v in grid.values()]))
         return 2e-3 * len(fold.train) * combos
+    if method in HOST_METHODS:
+        return 20.0
     return {"diffmodel-hierarchical": 8.0, "study-9": 3.0, "study-36": 3.0}.get(
         method, 5.0 if method in _DIFFMODEL_KINDS else 0.0
     )

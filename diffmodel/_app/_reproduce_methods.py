@@ -19,6 +19,7 @@ from .._fitting._kinds import PER_GROUP_KINDS
 from .._metrics import metrics_table
 from .._model._factors import Factors, default_factors
 from ..baselines._baselines import STUDY_GRID, BlackBox, XGBoostBaseline
+from ._reproduce_host import HOST_METHODS, run_host_method
 from ._reproduce_tables import METRICS
 
 TRANSFER_GRID: dict[str, tuple] = {
@@ -83,6 +84,8 @@ def _run_method(
         return _xgboost(fold, target, settings)
     if method == "study-xgboost":
         return _study_xgboost(fold, study)
+    if method in HOST_METHODS:
+        return _Outcome(*run_host_method(method, fold, target, settings))
     if method in ("diffmodel-roofline", "diffmodel-kernels"):
         prior = settings.kernel_prior if method == "diffmodel-kernels" else None
         predicted, _ = evaluator.predict(fold.test, prior)
@@ -202,11 +205,15 @@ def _factor_set(
         if method == "diffmodel-kernels-hierarchical"
         else {}
     )
+    # The study's forms are fitted to convergence on the training rows, as the study
+    # did: on the temporal split the validation rows (later, larger batches) favour
+    # the start values, and early stopping would report the unfitted start as both
+    # "study-9" and "study-36".
     result = fit(
         fold.train,
         target=target,
         factors=kind,
-        valid=fold.valid,
+        valid=None if kind.startswith("study") else fold.valid,
         solver=settings.solver,
         max_steps=settings.max_steps,
         **anchor,

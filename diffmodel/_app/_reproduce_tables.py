@@ -27,6 +27,9 @@ METHODS: tuple[str, ...] = (
     "diffmodel-hierarchical",
     "diffmodel-kernels",
     "diffmodel-kernels-hierarchical",
+    "diffmodel-host-global",
+    "diffmodel-host-per-model",
+    "diffmodel-host-hierarchical",
 )
 """Every method, in table order."""
 
