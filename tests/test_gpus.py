@@ -26,7 +26,7 @@ from diffmodel.kernels._curves import (
     default_kernel_curves,
 )
 from diffmodel.kernels._pooled import fold_weights
-from diffmodel.kernels._tables import gemm_kernel_work
+from diffmodel.kernels._work import gemm_kernel_work
 
 needs_db = pytest.mark.skipif(
     not dk.database_available(),

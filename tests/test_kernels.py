@@ -31,23 +31,25 @@ from diffmodel.kernels._curves import (
     save_curves,
 )
 from diffmodel.kernels._tables import (
-    allreduce_kernel_us,
-    causal_tile_pairs,
-    decode_attention_us,
-    gemm_kernel_work,
-    gemm_us,
     load_allreduce,
     load_attention,
     load_gemm,
     load_kernel_tables,
     load_vidur_allreduce,
     load_vidur_operators,
+    table_work,
+    vidur_work,
+)
+from diffmodel.kernels._work import (
+    allreduce_kernel_us,
+    causal_tile_pairs,
+    decode_attention_us,
+    gemm_kernel_work,
+    gemm_us,
     moe_kernel_work,
     moe_us,
     power_law_loads,
     prefill_attention_us,
-    table_work,
-    vidur_work,
     vllm_tuned_moe,
 )
 
@@ -340,7 +342,7 @@ def test_gradient_matches_finite_differences():
 
 
 def family_work_small():
-    from diffmodel.kernels._tables import decode_attention_work
+    from diffmodel.kernels._work import decode_attention_work
 
     return decode_attention_work(
         jnp.asarray([1.0, 8.0, 64.0, 256.0]),

@@ -36,11 +36,6 @@ from ._database import (
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._tables import (
     VIDUR_OPERATORS as VIDUR_OPERATORS,
-    ExpertLoads as ExpertLoads,
-    KernelWork as KernelWork,
-    allreduce_kernel_us as allreduce_kernel_us,
-    decode_attention_us as decode_attention_us,
-    gemm_us as gemm_us,
     load_allreduce as load_allreduce,
     load_attention as load_attention,
     load_gemm as load_gemm,
@@ -49,9 +44,16 @@ from ._tables import (
     load_vidur as load_vidur,
     load_vidur_allreduce as load_vidur_allreduce,
     load_vidur_operators as load_vidur_operators,
+    table_work as table_work,
+    vidur_work as vidur_work,
+)
+from ._work import (
+    ExpertLoads as ExpertLoads,
+    KernelWork as KernelWork,
+    allreduce_kernel_us as allreduce_kernel_us,
+    decode_attention_us as decode_attention_us,
+    gemm_us as gemm_us,
     moe_us as moe_us,
     power_law_loads as power_law_loads,
     prefill_attention_us as prefill_attention_us,
-    table_work as table_work,
-    vidur_work as vidur_work,
 )

@@ -28,13 +28,13 @@ from ..kernels._curves import (
     default_allreduce_curve,
     default_roofline_curves,
 )
-from ..kernels._tables import (
+from ..kernels._tables import table_work
+from ..kernels._work import (
     KernelWork,
     allreduce_kernel_us,
     decode_attention_work,
     gemm_kernel_work,
     prefill_attention_work,
-    table_work,
 )
 
 
