@@ -310,9 +310,9 @@ class ExpertLoads(eqx.Module):
             (:data:`MOE_DEFAULT_TILES`).
     """
 
-    touched: Float[Array, " n"]
-    tiles_small: Float[Array, " n"]
-    tiles_large: Float[Array, " n"]
+    touched: Float[Array, "*n"]
+    tiles_small: Float[Array, "*n"]
+    tiles_large: Float[Array, "*n"]
 
 
 def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
