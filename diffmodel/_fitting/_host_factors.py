@@ -61,12 +61,16 @@ def host_to_physical(raw: Float[Array, "*g n"]) -> HostFactors:
     ``raw = 0`` at the prior.
     """
     raw = jnp.asarray(raw)
-    prior = jnp.asarray(_PRIOR, raw.dtype)
-    log_lo, log_hi = jnp.log(jnp.asarray(_LO)), jnp.log(jnp.asarray(_HI))
-    s = jax.nn.sigmoid(raw + jnp.asarray(_frac_logit(), raw.dtype))
+
+    def per_factor(x):  # explicit broadcast over groups (no rank promotion)
+        return jnp.broadcast_to(jnp.asarray(x, raw.dtype), raw.shape)
+
+    prior = per_factor(_PRIOR)
+    log_lo, log_hi = per_factor(np.log(_LO)), per_factor(np.log(_HI))
+    s = jax.nn.sigmoid(raw + per_factor(_frac_logit()))
     bounded = jnp.exp(log_lo + (log_hi - log_lo) * s)
     times = prior * jax.nn.softplus(raw) / _LN2
-    values = jnp.where(jnp.asarray(_BOUNDED), bounded, times)
+    values = jnp.where(per_factor(_BOUNDED), bounded, times)
     return HostFactors(**{n: values[..., i] for i, n in enumerate(HOST_NAMES)})
 
 
@@ -74,21 +78,22 @@ def host_to_raw(host: HostFactors) -> Float[Array, "*g n"]:
     """Inverse of :func:`host_to_physical` (times > 0, bounded values strictly
     inside their bounds)."""
     v = jnp.stack([getattr(host, n) for n in HOST_NAMES], axis=-1)
-    inside = jnp.where(
-        jnp.asarray(_BOUNDED), (v > jnp.asarray(_LO)) & (v < jnp.asarray(_HI)), v > 0
-    )
+
+    def per_factor(x):  # explicit broadcast over groups (no rank promotion)
+        return jnp.broadcast_to(jnp.asarray(x, v.dtype), v.shape)
+
+    is_b = jnp.broadcast_to(jnp.asarray(_BOUNDED), v.shape)
+    inside = jnp.where(is_b, (v > per_factor(_LO)) & (v < per_factor(_HI)), v > 0)
     if not bool(jnp.all(inside)):
         ok = np.asarray(inside).reshape(-1, len(HOST_NAMES)).all(axis=0)
         bad = [n for n, good in zip(HOST_NAMES, ok, strict=True) if not good]
         raise ValueError(f"host factors {bad} out of range: see HOST_SPECS")
-    log_lo, log_hi = jnp.log(jnp.asarray(_LO)), jnp.log(jnp.asarray(_HI))
-    frac = (jnp.log(jnp.where(jnp.asarray(_BOUNDED), v, 1.5)) - log_lo) / (
-        log_hi - log_lo
-    )
-    bounded = jnp.log(frac) - jnp.log1p(-frac) - jnp.asarray(_frac_logit())
-    y = v * _LN2 / jnp.asarray(_PRIOR)
+    log_lo, log_hi = per_factor(np.log(_LO)), per_factor(np.log(_HI))
+    frac = (jnp.log(jnp.where(is_b, v, 1.5)) - log_lo) / (log_hi - log_lo)
+    bounded = jnp.log(frac) - jnp.log1p(-frac) - per_factor(_frac_logit())
+    y = v * _LN2 / per_factor(_PRIOR)
     times = y + jnp.log(-jnp.expm1(-y))
-    return jnp.where(jnp.asarray(_BOUNDED), bounded, times)
+    return jnp.where(is_b, bounded, times)
 
 
 def _check_gate(gate_on: str) -> str:
@@ -311,7 +316,7 @@ class HostHierarchical(AbstractHostSet):
         return self.labels
 
     def physical(self) -> HostFactors:
-        return host_to_physical(self.global_raw + self.offsets)
+        return host_to_physical(self.global_raw[None, :] + self.offsets)
 
     def global_physical(self) -> HostFactors:
         """The pooled (global) :class:`HostFactors`."""
