@@ -215,12 +215,19 @@ def save(fig, path: pathlib.Path) -> None:
 
 def factor_table(result) -> str:
     """Fitted factors as text: one row per factor with its unit, one column per
-    group (``global`` first)."""
+    group (``global`` first), each followed by ``<group> sd`` (posterior standard
+    deviation, same unit) when the fit carries one."""
     from .._model._factors import FACTOR_NAMES, FACTOR_SPECS
 
     table = result.table()
-    table.columns = list(FACTOR_NAMES)
-    out = table.T
+    values = table[[c for c in table.columns if not c.endswith(" sd")]]
+    values.columns = list(FACTOR_NAMES)
+    out = values.T
+    sds = table[[c for c in table.columns if c.endswith(" sd")]]
+    if sds.shape[1]:
+        sds = sds.rename(columns=lambda c: c.split(" [")[0]).T.reindex(FACTOR_NAMES)
+        for pos, group in enumerate(table.index):
+            out.insert(2 * pos + 1, f"{group} sd", sds[group].to_numpy())
     out.insert(0, "unit", [FACTOR_SPECS[n][1] for n in FACTOR_NAMES])
     out.index.name = "factor"
     return out.to_string(float_format=lambda v: f"{v:.4g}")
