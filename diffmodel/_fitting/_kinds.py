@@ -5,7 +5,9 @@ Free of JAX imports so that the command line can list them without loading JAX.
 
 from typing import Any, Literal, get_args
 
-FactorKind = Literal["global", "per-model", "hierarchical", "study-9", "study-36"]
+FactorKind = Literal[
+    "global", "per-model", "hierarchical", "study-9", "study-36", "host-device"
+]
 FACTOR_KINDS: tuple[str, ...] = get_args(FactorKind)
 # Kinds with parameters of their own per group and nothing for a group never fitted.
 PER_GROUP_KINDS: frozenset[str] = frozenset({"per-model", "study-36"})
