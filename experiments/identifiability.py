@@ -86,10 +86,21 @@ def _fit(frame, max_steps, **prior):
     return result, [str(w.message) for w in caught]
 
 
-def _where(rel_traces: float, rel_both: float) -> str:
-    if rel_traces < PINNED:
+def _pinned(name: str, lap) -> bool:
+    """sd under ``PINNED`` of the value, not at a bound, in no open direction (an
+    efficiency saturated at 1 has a vanishing delta-method sd: not a pin)."""
+    value, sd = lap.summary()[name]
+    if name in lap.at_bound:
+        return False
+    if any(name in line for line in lap.unpinned):
+        return False
+    return sd < PINNED * abs(value)
+
+
+def _where(name: str, traces, both) -> str:
+    if _pinned(name, traces):
         return "traces"
-    if rel_both < PINNED:
+    if _pinned(name, both):
         return "kernels only"
     return "nothing"
 
@@ -123,7 +134,6 @@ def main(*, data: pathlib.Path | None = None, max_steps: int = 500) -> pd.DataFr
         factor = name.rsplit(".", 1)[1]
         unit = dm.FACTOR_SPECS[factor][1]
         (va, sa), (vb, sb) = a[name], b[name]
-        ra, rb = sa / abs(va), sb / abs(vb)
         kp = getattr(kprior, factor) if factor in DEVICE_FACTORS else None
         rows.append(
             {
@@ -134,7 +144,7 @@ def main(*, data: pathlib.Path | None = None, max_steps: int = 500) -> pd.DataFr
                 if kp is None
                 else f"{float(kp):.3g} ({prior_sd[factor]:.2f})",
                 "traces+kernels: value ± sd": f"{vb:.4g} ± {sb:.2g}",
-                "pinned by": _where(ra, rb),
+                "pinned by": _where(name, plain.laplace, both.laplace),
             }
         )
     table = pd.DataFrame(rows)
