@@ -89,8 +89,9 @@ def factors_from_dict(d: Any) -> AbstractFactorSet:
             f"{FORMAT!r}, got {d.get('format')!r})"
         )
     kind = d.get("kind")
-    if kind not in FACTOR_KINDS:
-        raise ValueError(f"field 'kind': expected one of {FACTOR_KINDS}, got {kind!r}")
+    kinds = (*FACTOR_KINDS, "host-device")
+    if kind not in kinds:
+        raise ValueError(f"field 'kind': expected one of {kinds}, got {kind!r}")
     classes = {**FACTOR_SET_CLASSES, "host-device": HostDeviceFactors}
     return classes[kind].from_dict(d)
 

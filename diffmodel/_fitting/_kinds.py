@@ -5,9 +5,7 @@ Free of JAX imports so that the command line can list them without loading JAX.
 
 from typing import Any, Literal, get_args
 
-FactorKind = Literal[
-    "global", "per-model", "hierarchical", "study-9", "study-36", "host-device"
-]
+FactorKind = Literal["global", "per-model", "hierarchical", "study-9", "study-36"]
 FACTOR_KINDS: tuple[str, ...] = get_args(FactorKind)
 # Kinds with parameters of their own per group and nothing for a group never fitted.
 PER_GROUP_KINDS: frozenset[str] = frozenset({"per-model", "study-36"})

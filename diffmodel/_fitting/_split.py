@@ -48,7 +48,6 @@ from ._base import (
 )
 from ._factorsets import _prior_tuple, _read_prior, _roofline_dict, to_physical
 from ._intervals import regime_noise_sd
-from ._kinds import FactorKind
 from ._laplace import IdentifiabilityWarning, Laplace, flat, laplace
 
 DEVICE_FACTORS: tuple[str, ...] = FACTOR_NAMES[:5]
@@ -95,7 +94,8 @@ class HostDeviceFactors(AbstractFactorSet):
     device_prior_sd: tuple[float, ...] | None = eqx.field(static=True, default=None)
     noise_scale: float = eqx.field(static=True, default=0.1)
 
-    def kind(self) -> FactorKind:
+    def kind(self) -> str:
+        """``"host-device"`` (fitted by :func:`fit_host_device`, not ``fit``)."""
         return "host-device"
 
     def fitted_groups(self) -> tuple[str, ...]:
