@@ -22,6 +22,10 @@ from ._fitting._fit import FitResult as FitResult, fit as fit
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
 from ._fitting._laplace import IdentifiabilityWarning as IdentifiabilityWarning
 from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
+from ._fitting._split import (
+    HostDeviceFactors as HostDeviceFactors,
+    fit_host_device as fit_host_device,
+)
 from ._fitting._study import StudyFactors as StudyFactors
 from ._metrics import (
     log_ratio_loss as log_ratio_loss,
@@ -77,6 +81,7 @@ __all__ = [
     "GlobalFactors",
     "Hardware",
     "HierarchicalFactors",
+    "HostDeviceFactors",
     "IdentifiabilityWarning",
     "OptimResult",
     "PerGroupFactors",
@@ -88,6 +93,7 @@ __all__ = [
     "default_factors",
     "deployment",
     "fit",
+    "fit_host_device",
     "fit_steps",
     "from_aggregates",
     "from_requests",

@@ -84,6 +84,22 @@ POSITIVE = _number(float, low=0.0, strict=True, what="a number > 0")
 NONNEGATIVE = _number(float, low=0.0, strict=False, what="a number >= 0")
 
 
+def PROBABILITY(text: str) -> float:  # noqa: N802 - an argparse type, like the others
+    """An argparse type: a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a probability in (0, 1), got {text!r}"
+        )
+    return value
+
+
+PROBABILITY.__name__ = "a probability in (0, 1)"
+
+
 class _Renamed(argparse.Action):
     """A flag of the old vocabulary: a usage error naming its new spelling."""
 
@@ -233,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="saved factors JSON (from 'diffmodel fit'); the physical priors "
         "when not given",
+    )
+    p.add_argument(
+        "--interval",
+        type=PROBABILITY,
+        metavar="P",
+        help="add predicted_lo_us and predicted_hi_us, the central P interval "
+        "(e.g. 0.9) from the fit's posterior and residual noise; needs --factors "
+        "saved from a fit",
     )
     _add_deployment(p)
     _add_plot(p, "a component breakdown plot")

@@ -53,10 +53,18 @@ def cmd_predict(args) -> int:
 
     output = out_file(args.out, "--out", (".csv", ".parquet", ".pq"))
     plot = plot_file(args.plot)
+    if args.interval is not None and args.factors is None:
+        raise ValueError(
+            "--interval needs --factors: a factors file saved by 'diffmodel fit' "
+            "(the physical priors carry no posterior)"
+        )
     frame = read_table(args.data)
     flags, groups = deployment_groups(frame, args)
     factors = load_factor_file(args.factors)
-    out = predict(frame, factors=factors, **flags)
+    if args.interval is None:
+        out = predict(frame, factors=factors, **flags)
+    else:
+        out = predict(frame, factors=args.factors, interval=args.interval, **flags)
     warn_unseen(factors, groups)
     fig = None if plot is None else figure(out, row_labels(groups), actual=None)
     write_table(out, output)
@@ -66,6 +74,12 @@ def cmd_predict(args) -> int:
         f"columns; predicted step time median {t.median():,.0f} us "
         f"(min {t.min():,.0f}, max {t.max():,.0f})"
     )
+    if args.interval is not None:
+        rel = (out["predicted_hi_us"] - out["predicted_lo_us"]) / t
+        print(
+            f"{args.interval:g} interval in predicted_lo_us / predicted_hi_us; "
+            f"median width {100 * rel.median():.1f} % of the prediction"
+        )
     if fig is not None:
         save(fig, plot)
     return 0

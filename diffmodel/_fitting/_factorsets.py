@@ -441,6 +441,11 @@ def init_factor_set(
             raise ValueError(f"{name} must be > 0, got {v!r}")
     if global_prior_scale is not None and not global_prior_scale > 0:
         raise ValueError(f"global_prior_scale must be > 0, got {global_prior_scale!r}")
+    if kind == "host-device":
+        raise ValueError(
+            "factors 'host-device' groups steps by GPU and serving stack: fit it with "
+            "diffmodel._fitting._split.fit_host_device"
+        )
     if kind in ("study-9", "study-36"):
         return init_study(labels, per_group=kind == "study-36")
     p = _prior_tuple(prior)

@@ -18,6 +18,7 @@ from .._fitting._base import AbstractFactorSet, json_array, json_float
 from .._fitting._factorsets import FACTOR_SET_CLASSES
 from .._fitting._fit import FitResult
 from .._fitting._kinds import FACTOR_KINDS
+from .._fitting._split import HostDeviceFactors
 
 FORMAT = "diffmodel.factors/1"
 
@@ -88,9 +89,11 @@ def factors_from_dict(d: Any) -> AbstractFactorSet:
             f"{FORMAT!r}, got {d.get('format')!r})"
         )
     kind = d.get("kind")
-    if kind not in FACTOR_KINDS:
-        raise ValueError(f"field 'kind': expected one of {FACTOR_KINDS}, got {kind!r}")
-    return FACTOR_SET_CLASSES[kind].from_dict(d)
+    kinds = (*FACTOR_KINDS, "host-device")
+    if kind not in kinds:
+        raise ValueError(f"field 'kind': expected one of {kinds}, got {kind!r}")
+    classes = {**FACTOR_SET_CLASSES, "host-device": HostDeviceFactors}
+    return classes[kind].from_dict(d)
 
 
 def save_factors(obj, path: str | pathlib.Path) -> pathlib.Path:
