@@ -115,3 +115,9 @@ __all__ = [
     "stack_deployments",
     "step_time",
 ]
+
+# The persistent compilation cache is on from the first use of the library (the
+# first name looked up on ``diffmodel``); see diffmodel._cache.
+from ._cache import enable_compilation_cache as _enable_compilation_cache  # noqa: E402
+
+_enable_compilation_cache()

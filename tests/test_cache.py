@@ -21,6 +21,7 @@ def listen(event, **kw):
 jax.monitoring.register_event_listener(listen)
 import jax.numpy as jnp
 import diffmodel as dm
+dm.minimise  # the first use of the library turns the cache on
 def loss(p, args):
     return jnp.sum((p - args) ** 2)
 if len(sys.argv) > 1:
