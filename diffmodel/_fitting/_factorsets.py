@@ -54,14 +54,15 @@ def to_physical(raw: Float[Array, "*g n"], prior) -> Factors:
 def to_raw(factors: Factors, prior) -> Float[Array, "*g n"]:
     """Inverse of :func:`to_physical`: raw parameters of physical :class:`Factors`."""
     values = jnp.stack([getattr(factors, n) for n in FACTOR_NAMES], axis=-1)
-    bad = ~((values > 0) & (jnp.where(jnp.asarray(_IS_EFFICIENCY), values < 1, True)))
+    # Broadcast explicitly to the values' shape (no implicit rank promotion).
+    kinds = jnp.broadcast_to(jnp.asarray(_IS_EFFICIENCY), values.shape)
+    bad = ~((values > 0) & (jnp.where(kinds, values < 1, True)))
     if bool(jnp.any(bad)):
         raise ValueError(
             "factors out of their physical range: efficiencies must lie in (0, 1), "
             "overheads must be > 0 (microseconds)"
         )
-    kinds = jnp.asarray(_IS_EFFICIENCY)
-    prior = jnp.asarray(prior, values.dtype)
+    prior = jnp.broadcast_to(jnp.asarray(prior, values.dtype), values.shape)
     ev = jnp.where(kinds, values, 0.5)
     ep = jnp.where(kinds, prior, 0.5)
     eff = jnp.log(ev) - jnp.log1p(-ev) - (jnp.log(ep) - jnp.log1p(-ep))
