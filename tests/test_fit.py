@@ -325,8 +325,9 @@ def test_pandas_fit_predict_round_trip(tmp_path):
     path = dm.save_factors(res, tmp_path / "f.json")
     again = dm.predict(f, factors=str(path))
     np.testing.assert_array_equal(again.predicted_us, out.predicted_us)
-    table = res.table()
-    assert list(table.index) == sorted(set(table.index)) and table.shape == (2, 9)
+    table = res.table()  # each factor followed by its posterior sd
+    assert list(table.index) == sorted(set(table.index)) and table.shape == (2, 18)
+    assert all(c.endswith(" sd") for c in table.columns[1::2])
 
 
 @pytest.mark.parametrize(
