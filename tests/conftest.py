@@ -6,8 +6,15 @@ switched on by ``--jaxtyping-packages`` in pyproject.toml's pytest options.
 
 import os
 import pathlib
+import tempfile
 
-import jax
+# The suite compiles into a cache folder of its own (subprocesses inherit it), so that
+# an entry left half-written in the user's cache by a killed process cannot fail it.
+os.environ.setdefault(
+    "DIFFMODEL_COMPILATION_CACHE", tempfile.mkdtemp(prefix="diffmodel-test-cache-")
+)
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 # Implicit broadcasting between arrays of different ranks is an error: a (n,) + (n, 1)

@@ -67,14 +67,15 @@ class AbstractFactorSet(eqx.Module):
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us."""
 
-    @abc.abstractmethod
     def prepare(self, data: StepData) -> Any:
         """What :meth:`predict_prepared` needs of ``data`` that no parameter changes
-        (computed once per fit, outside the optimiser's loop)."""
+        (computed once per fit, outside the optimiser's loop). By default the data
+        itself; a set with parameter-free precomputation overrides both methods."""
+        return data
 
-    @abc.abstractmethod
     def predict_prepared(self, prepared: Any) -> Float[Array, " steps"]:
         """Predicted step times, us, from :meth:`prepare`'s output."""
+        return self.predict(prepared)
 
     @abc.abstractmethod
     def penalty(self, n_rows: Any) -> Array:

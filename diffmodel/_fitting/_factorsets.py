@@ -155,12 +155,6 @@ class GlobalFactors(AbstractFactorSet):
         """Predicted step times, us."""
         return data.breakdown(self.physical()).total
 
-    def prepare(self, data: StepData) -> StepData:
-        return data
-
-    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
-        return self.predict(prepared)
-
     def penalty(self, n_rows) -> Array:
         """Prior term of the objective (see the class doc)."""
         return _anchor(self.raw, self.global_prior_scale, self.noise_scale, n_rows)
@@ -229,12 +223,6 @@ class PerGroupFactors(AbstractFactorSet):
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
-
-    def prepare(self, data: StepData) -> StepData:
-        return data
-
-    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
-        return self.predict(prepared)
 
     def penalty(self, n_rows) -> Array:
         """Prior term of the objective (none)."""
@@ -320,12 +308,6 @@ class HierarchicalFactors(AbstractFactorSet):
     def predict(self, data: StepData) -> Float[Array, " steps"]:
         """Predicted step times, us (``data.group`` indexes ``labels``)."""
         return data.breakdown(self.physical()).total
-
-    def prepare(self, data: StepData) -> StepData:
-        return data
-
-    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
-        return self.predict(prepared)
 
     def penalty(self, n_rows) -> Array:
         """Shrinkage prior, scaled to the mean log-ratio loss (see class doc)."""

@@ -89,12 +89,6 @@ class HostStepModel(AbstractFactorSet):
             data, self.target, host.physical(), gate_on=host.gate_on, device=device
         )
 
-    def prepare(self, data: StepData) -> StepData:
-        return data
-
-    def predict_prepared(self, prepared: StepData) -> Float[Array, " steps"]:
-        return self.predict(prepared)
-
     def penalty(self, n_rows: Any) -> Array:
         """The sets' prior terms (the host's only while it is fitted)."""
         total = jnp.asarray(0.0)
