@@ -53,9 +53,9 @@ def test_spec_from_yaml_by_hand():
         "gpu": {"bfloat16_tc_flops": 312e12, "mem_bw": 2.039e12},
         "node": {"intra_node_bw": 300e9},
     }
-    # No FP8 tensor cores: the FP8 peak is the 16-bit one.
+    # No FP8 tensor cores: the FP8 peak is the 16-bit one, and the FP4 one with it.
     assert spec_from_yaml(spec) == dict(
-        flops_16=312e12, flops_8=312e12, hbm_bw=2.039e12, link_bw=300e9
+        flops_16=312e12, flops_8=312e12, flops_4=312e12, hbm_bw=2.039e12, link_bw=300e9
     )
     with pytest.raises(ValueError, match="'mem_bw'"):
         spec_from_yaml({"gpu": {"bfloat16_tc_flops": 1.0}, "node": {}})
@@ -74,6 +74,10 @@ def test_user_hardware_needs_no_specs():
 def test_catalog_reads_the_yamls():
     b200 = dm.hardware("b200")
     assert float(b200.flops_16) == 2.25e15 and float(b200.hbm_bw) == 7.7e12
+    # FP4 tensor cores on Blackwell (b300's 14 PFLOP/s is not twice its FP8 4.5);
+    # none on Hopper, where FP4 runs at the FP8 peak.
+    assert float(b200.flops_4) == 9e15 and float(dm.hardware("b300").flops_4) == 14e15
+    assert float(dm.hardware("h200").flops_4) == float(dm.hardware("h200").flops_8)
     a100 = dm.hardware("a100")
     yaml_a100 = spec_from_yaml(dk.system_spec("a100_sxm"))
     assert float(a100.flops_16) == yaml_a100["flops_16"]

@@ -147,10 +147,10 @@ def test_gpt_oss_half_the_layers_windowed(bundle_gpt_oss):
 
 
 def test_quantization_bytes_peaks_and_pass():
-    assert float(tensor_peak(2.0, 1.0, 3.0)) == 1.0
-    assert float(tensor_peak(1.0, 1.0, 3.0)) == 3.0
-    assert float(tensor_peak(0.5625, 1.0, 3.0)) == 3.0  # NVFP4 scales: still 4-bit
-    assert float(tensor_peak(0.5, 1.0, 3.0)) == 6.0
+    assert float(tensor_peak(2.0, 1.0, 3.0, 7.0)) == 1.0
+    assert float(tensor_peak(1.0, 1.0, 3.0, 7.0)) == 3.0
+    assert float(tensor_peak(0.5625, 1.0, 3.0, 7.0)) == 3.0
+    assert float(tensor_peak(0.5, 1.0, 3.0, 7.0)) == 7.0
     a = _tiny(weight_bytes=1.0, quant_passes=2.0)
     assert float(quant_pass_bytes(10.0, a)) == 10 * (2 * 2 + 1)
     assert float(quant_pass_bytes(10.0, _tiny())) == 0.0

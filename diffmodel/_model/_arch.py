@@ -51,8 +51,9 @@ class Architecture(eqx.Module):
         head_weight_bytes: bytes per LM-head weight (default ``weight_bytes``;
             quantized checkpoints keep the head in 16 bits).
         compute_bytes: operand width the linear layers' tensor cores run at, bytes:
-            2 selects the 16-bit peak, 1 the FP8 peak, 0.5 the FP4 peak (taken as
-            twice the FP8 one, as on Blackwell). Default 1 when ``weight_bytes <= 1``
+            2 selects the 16-bit peak, 1 the FP8 peak, 0.5 the FP4 peak
+            (``Hardware.flops_4``: the FP8 one on GPUs without FP4 tensor cores).
+            Default 1 when ``weight_bytes <= 1``
             else 2 (a weight-only FP8 override runs on the FP8 peak, as before).
         expert_compute_bytes: the same for routed experts (W4A16 MXFP4: 2).
         quant_passes: activation quantization before each quantized GEMM: 0 none

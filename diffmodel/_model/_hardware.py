@@ -20,6 +20,9 @@ class Hardware(eqx.Module):
         flops_16: dense BF16/FP16 tensor-core peak, FLOP/s.
         flops_8: dense FP8 tensor-core peak, FLOP/s (the 16-bit peak where the GPU has
             no FP8 tensor cores: FP8 weights are then up-cast).
+        flops_4: dense FP4 tensor-core peak, FLOP/s (Blackwell); the FP8 peak where
+            the GPU has no FP4 tensor cores (Hopper, Ada: FP4 weights are then
+            up-cast to FP8 for the matmul, so FP4 saves bytes, not FLOPs).
         hbm_bw: HBM bandwidth, bytes/s.
         link_bw: GPU-to-GPU bandwidth per direction (NVLink, else PCIe), bytes/s.
         sm_count: optional streaming multiprocessors (Intel: Xe cores), for waves of
@@ -31,6 +34,7 @@ class Hardware(eqx.Module):
 
     flops_16: Float[Array, ""]
     flops_8: Float[Array, ""]
+    flops_4: Float[Array, ""]
     hbm_bw: Float[Array, ""]
     link_bw: Float[Array, ""]
     sm_count: Float[Array, ""] | None
@@ -42,6 +46,7 @@ class Hardware(eqx.Module):
         *,
         flops_16,
         flops_8=None,
+        flops_4=None,
         hbm_bw,
         link_bw,
         sm_count=None,
@@ -50,6 +55,7 @@ class Hardware(eqx.Module):
     ):
         self.flops_16 = jnp.asarray(flops_16, float)
         self.flops_8 = jnp.asarray(flops_16 if flops_8 is None else flops_8, float)
+        self.flops_4 = self.flops_8 if flops_4 is None else jnp.asarray(flops_4, float)
         self.hbm_bw = jnp.asarray(hbm_bw, float)
         self.link_bw = jnp.asarray(link_bw, float)
         self.sm_count = None if sm_count is None else jnp.asarray(sm_count, float)
@@ -182,7 +188,8 @@ def hardware_system(name: str) -> str:
 
 def spec_from_yaml(spec: dict) -> dict[str, float]:
     """``Hardware`` keyword arguments from a parsed system YAML: ``bfloat16_tc_flops``,
-    ``fp8_tc_flops`` (the 16-bit peak where absent: no FP8 tensor cores), ``mem_bw``,
+    ``fp8_tc_flops`` (the 16-bit peak where absent: no FP8 tensor cores),
+    ``fp4_tc_flops`` (the FP8 peak where absent: no FP4 tensor cores), ``mem_bw``,
     ``intra_node_bw`` (NVLink, else PCIe, per direction)."""
     gpu, node = spec["gpu"], spec["node"]
     for key in ("bfloat16_tc_flops", "mem_bw"):
@@ -190,9 +197,11 @@ def spec_from_yaml(spec: dict) -> dict[str, float]:
             raise ValueError(f"system YAML 'gpu' section lacks {key!r}")
     if "intra_node_bw" not in node:
         raise ValueError("system YAML 'node' section lacks 'intra_node_bw'")
+    flops_8 = float(gpu.get("fp8_tc_flops", gpu["bfloat16_tc_flops"]))
     return dict(
         flops_16=float(gpu["bfloat16_tc_flops"]),
-        flops_8=float(gpu.get("fp8_tc_flops", gpu["bfloat16_tc_flops"])),
+        flops_8=flops_8,
+        flops_4=float(gpu.get("fp4_tc_flops", flops_8)),
         hbm_bw=float(gpu["mem_bw"]),
         link_bw=float(node["intra_node_bw"]),
     )

@@ -265,11 +265,18 @@ def attention_work_dims(
     return flops, kv + width * act_bytes * new_tokens
 
 
-def tensor_peak(compute_bytes: ArrayLike, flops_16: ArrayLike, flops_8: ArrayLike):
+def tensor_peak(
+    compute_bytes: ArrayLike,
+    flops_16: ArrayLike,
+    flops_8: ArrayLike,
+    flops_4: ArrayLike,
+):
     """Tensor-core peak for operands of ``compute_bytes`` bytes, FLOP/s: the 16-bit
-    peak at 2 bytes, the FP8 peak at 1, twice the FP8 peak at 0.5 (FP4, Blackwell)."""
+    peak above 1 byte, the FP8 peak above 0.5, else the FP4 peak (which
+    :class:`~diffmodel.Hardware` sets to the FP8 peak on GPUs without FP4 tensor
+    cores)."""
     cb = jnp.asarray(compute_bytes)
-    return jnp.where(cb > 1.0, flops_16, jnp.where(cb > 0.5, flops_8, 2.0 * flops_8))
+    return jnp.where(cb > 1.0, flops_16, jnp.where(cb > 0.5, flops_8, flops_4))
 
 
 def all_to_all_us(

@@ -346,8 +346,10 @@ def _parts(stats, dep, factors, sharpness) -> tuple[dict[str, Array], Array]:
     L, d = a.n_layers, a.hidden
     ab, kb = a.act_bytes, a.kv_bytes
     ep = dep.ep
-    dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8)
-    expert_peak = tensor_peak(a.expert_compute_bytes, hw.flops_16, hw.flops_8)
+    dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
+    expert_peak = tensor_peak(
+        a.expert_compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4
+    )
 
     lin_f, lin_b, exp_f = linear_work_split(tokens, a, t, ep)
     # Expert FLOPs as FLOPs at the dense peak, so one roofline serves both.
