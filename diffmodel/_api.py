@@ -65,7 +65,7 @@ from ._model._roofline import (
     Breakdown as Breakdown,
     step_time as step_time,
 )
-from ._predict import predict as predict
+from ._predict import UnseenGroupWarning as UnseenGroupWarning, predict as predict
 
 __all__ = [
     "AbstractFactorSet",
@@ -86,6 +86,7 @@ __all__ = [
     "OptimResult",
     "PerGroupFactors",
     "StudyFactors",
+    "UnseenGroupWarning",
     "architecture",
     "baselines",
     "canonical_model",

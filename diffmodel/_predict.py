@@ -2,6 +2,7 @@
 
 import functools
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,29 @@ def _evaluate(stats, deployments, group, factors, check=True):
     return b.total, b.as_dict()
 
 
+class UnseenGroupWarning(UserWarning):
+    """Rows of a deployment the fitted factors have no group for: they get the
+    fit's global level (hierarchical factors), not factors fitted to them."""
+
+
+def _warn_unseen(factor_set: AbstractFactorSet, labels: tuple[str, ...]) -> None:
+    for label in factor_set.unseen(labels):
+        warnings.warn(
+            f"the factors were not fitted on {label}; its rows get the global "
+            f"level (fitted groups: {', '.join(factor_set.fitted_groups())})",
+            UnseenGroupWarning,
+            stacklevel=3,
+        )
+
+
 def resolve_factors(factors, labels: tuple[str, ...]) -> Factors:
     """Physical :class:`Factors` for the groups ``labels`` from what a user passed.
 
     ``None`` gives the physical priors; a :class:`Factors` is used as is (shared by
     all groups, or one row per group in ``labels`` order). Fitted factor sets and fit
     results resolve themselves (``factors_for(labels)``); a path to a saved JSON
-    file is loaded first.
+    file is loaded first. A hierarchical set warns (:class:`UnseenGroupWarning`)
+    for each of ``labels`` it has no group for.
     """
     if factors is None:
         return default_factors()
@@ -40,7 +57,9 @@ def resolve_factors(factors, labels: tuple[str, ...]) -> Factors:
     if isinstance(factors, FitResult):
         factors = factors.factor_set
     if isinstance(factors, AbstractFactorSet):
-        return factors.factors_for(labels)
+        out = factors.factors_for(labels)  # per-model sets refuse unseen groups
+        _warn_unseen(factors, labels)
+        return out
     raise ValueError(
         "factors must be None, a diffmodel.Factors, a fitted factor set or fit result, "
         f"or a path to a saved factors JSON file; got {type(factors).__name__}"

@@ -398,7 +398,8 @@ def test_item4_hierarchical_factors_warn_on_an_unseen_deployment(trace, tmp_path
     assert code == 0 and "wrote" in out
     assert err.strip() == (
         "warning: the factors were not fitted on codellama-34b/h100-sxm/tp2; its "
-        "rows get the global level of the hierarchical factors"
+        "rows get the global level (fitted groups: llama-2-70b/h100-sxm/tp4, "
+        "llama-3.1-8b/h100-sxm/tp1, llama-3.1-8b/h100-sxm/tp2)"
     )
 
 

@@ -111,3 +111,26 @@ def test_bad_input_errors(mutate, kwargs, match):
 def test_not_a_frame():
     with pytest.raises(ValueError, match="DataFrame"), unchecked():
         dm.predict({"prefill_tokens": [1]}, model="llama-2-7b", tp=1)
+
+
+def test_hierarchical_factors_warn_once_per_unseen_deployment():
+    from diffmodel._fitting._factorsets import init_factor_set
+
+    fs = init_factor_set("hierarchical", ["llama-2-70b/h100-sxm/tp4"])
+    rows = pd.concat(
+        [frame(model="llama-2-70b", tp=4), frame(model="llama-2-7b", tp=1)]
+    )
+    with pytest.warns(dm.UnseenGroupWarning) as caught:
+        out = dm.predict(rows, factors=fs)
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        "the factors were not fitted on llama-2-7b/h100-sxm/tp1"
+    ]
+    # The unseen rows get the global level: here the priors, as nothing is fitted.
+    np.testing.assert_allclose(
+        out.predicted_us.to_numpy()[3:],
+        dm.predict(frame(model="llama-2-7b", tp=1)).predicted_us.to_numpy(),
+        rtol=1e-12,
+    )
+    # Seen groups only, or a shared set: no warning (the suite makes warnings errors).
+    dm.predict(frame(model="llama-2-70b", tp=4), factors=fs)
+    dm.predict(rows, factors=init_factor_set("global", []))

@@ -25,6 +25,7 @@ imported when one runs.
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .._fitting._kinds import ROOFLINE_KINDS
@@ -412,6 +413,10 @@ def _message(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``diffmodel`` command line; returns the exit status."""
     parser = build_parser()
@@ -422,9 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from . import _cli_commands  # deferred: JAX and the library
 
-        if callable(args.run):  # subcommands registered by their own module
-            return args.run(args)
-        return getattr(_cli_commands, f"cmd_{args.run}")(args)
+        with warnings.catch_warnings():
+            # The library's warnings (an unseen deployment, an undetermined fit
+            # direction) as one plain line each, without Python's source echo.
+            warnings.showwarning = _show_warning
+            if callable(args.run):  # subcommands registered by their own module
+                return args.run(args)
+            return getattr(_cli_commands, f"cmd_{args.run}")(args)
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in APP_MODULES:
             raise

@@ -23,7 +23,6 @@ from ._cli_io import (
     read_table,
     row_labels,
     save,
-    warn_unseen,
     write_table,
 )
 
@@ -65,7 +64,6 @@ def cmd_predict(args) -> int:
         out = predict(frame, factors=factors, **flags)
     else:
         out = predict(frame, factors=args.factors, interval=args.interval, **flags)
-    warn_unseen(factors, groups)
     fig = None if plot is None else figure(out, row_labels(groups), actual=None)
     write_table(out, output)
     t = out["predicted_us"]
@@ -208,7 +206,6 @@ def cmd_evaluate(args) -> int:
     pred = predict(frame, factors=factors, **flags)
     if dropped:
         note(dropped)
-    warn_unseen(factors, groups)
     metrics = metrics_text(pred, args.target, by)
     fig = None
     if plot is not None:

@@ -142,21 +142,6 @@ def row_labels(groups) -> np.ndarray:
     return np.asarray(groups.labels, dtype=object)[np.asarray(groups.index)]
 
 
-def warn_unseen(factors, groups) -> None:
-    """A warning naming each deployment a fitted factor set has no group for: it
-    gets the global level (hierarchical factors). Per-deployment factors refuse
-    such groups themselves."""
-    fitted = getattr(factors, "labels", None)
-    if fitted is None:
-        return
-    for label in groups.labels:
-        if label not in fitted:
-            note(
-                f"warning: the factors were not fitted on {label}; its rows get the "
-                "global level of the hierarchical factors"
-            )
-
-
 # --------------------------------------------------------------------------- output
 
 

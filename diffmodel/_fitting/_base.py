@@ -53,6 +53,13 @@ class AbstractFactorSet(eqx.Module):
     def fitted_groups(self) -> tuple[str, ...]:
         """Group labels with parameters of their own (``()`` for a shared set)."""
 
+    def unseen(self, labels: Sequence[str]) -> tuple[str, ...]:
+        """Those of ``labels`` this set predicts at a shared (global) level for want of
+        parameters of their own: by default the labels outside :meth:`fitted_groups`
+        of a set that has groups."""
+        fitted = self.fitted_groups()
+        return tuple(lab for lab in labels if fitted and lab not in fitted)
+
     @abc.abstractmethod
     def physical(self) -> Factors:
         """Physical roofline :class:`Factors` (leading axis = groups where per group).

@@ -101,6 +101,11 @@ class HostDeviceFactors(AbstractFactorSet):
     def fitted_groups(self) -> tuple[str, ...]:
         return self.labels
 
+    def unseen(self, labels: Sequence[str]) -> tuple[str, ...]:
+        """None: a new deployment of a fitted GPU and stack takes their rows (and
+        :meth:`factors_for` refuses an unknown GPU or stack)."""
+        return ()
+
     def _index(self, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         pairs = [split_label(lab) for lab in labels]
         gi = np.array([self.gpus.index(g) if g in self.gpus else -1 for g, _ in pairs])
