@@ -11,7 +11,7 @@ import pandas as pd
 
 from ._fitting._base import AbstractFactorSet, StepData
 from ._fitting._fit import FitResult
-from ._fitting._intervals import set_interval
+from ._fitting._intervals import IntervalModel, UnseenGroupWarning, set_interval
 from ._fitting._io import load_factors, load_uncertainty
 from ._frame import groups_from_frame, stats_from_frame
 from ._model._factors import Factors, default_factors
@@ -22,11 +22,6 @@ from ._model._roofline import COMPONENTS, step_time_batch
 def _evaluate(stats, deployments, group, factors, check=True):
     b = step_time_batch(stats, deployments, group, factors, check=check)
     return b.total, b.as_dict()
-
-
-class UnseenGroupWarning(UserWarning):
-    """Rows of a deployment the fitted factors have no group for: they get the
-    fit's global level (hierarchical factors), not factors fitted to them."""
 
 
 def _warn_unseen(factor_set: AbstractFactorSet, labels: tuple[str, ...]) -> None:
@@ -74,6 +69,7 @@ def predict(
     tp: int | None = None,
     factors=None,
     interval: float | None = None,
+    transfer: bool | None = None,
 ) -> pd.DataFrame:
     """Predict the step time of every row of ``frame``, microseconds per GPU.
 
@@ -97,6 +93,13 @@ def predict(
             prefill-carrying and decode-only steps (log scale; see
             :mod:`diffmodel._fitting._intervals`). Needs ``factors`` from a fit: a
             :class:`FitResult` or a file saved from one.
+        transfer: which residual noise the interval uses. ``None``: the fit's
+            transfer noise (``fit(transfer_by=...)``, the miss on data left out of
+            nested refits) for rows of deployments the fit never saw, its
+            in-sample noise for the others (with a :class:`UnseenGroupWarning`
+            where an unseen deployment has no transfer noise to use); ``True``: the
+            transfer noise for every row (a new workload on a fitted deployment);
+            ``False``: the in-sample noise for every row.
 
     Returns:
         A copy of ``frame`` with ``predicted_us`` and one ``<component>_us`` column per
@@ -107,6 +110,8 @@ def predict(
         isinstance(interval, float | int) and 0.0 < interval < 1.0
     ):
         raise ValueError(f"interval must be a probability in (0, 1), got {interval!r}")
+    if transfer is not None and interval is None:
+        raise ValueError("transfer selects the interval's noise: it needs interval")
     posterior = _posterior(factors) if interval is not None else None
     stats = stats_from_frame(frame)
     groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)
@@ -117,20 +122,28 @@ def predict(
     for c in COMPONENTS:
         out[f"{c}_us"] = np.asarray(parts[c])
     if posterior is not None:
-        fs, cov, noise = posterior
+        fs, model_ = posterior
+        noise = model_.row_noise(
+            groups.labels,
+            np.asarray(groups.index),
+            np.asarray(stats.prefill_tokens) > 0,
+            transfer,
+        )
         data = StepData(
             stats=stats, deployments=groups.deployments, group=jnp.asarray(groups.index)
         )
-        _, lo, hi = set_interval(fs, cov, noise, data, groups.labels, level=interval)
+        _, lo, hi = set_interval(
+            fs, model_.cov_raw, noise, data, groups.labels, level=interval
+        )
         out["predicted_lo_us"] = lo
         out["predicted_hi_us"] = hi
     return out
 
 
-def _posterior(factors):
-    """``(factor set, raw covariance, regime noise)`` of a fit, for intervals."""
+def _posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:
+    """``(factor set, interval model)`` of a fit, for intervals."""
     if isinstance(factors, str | os.PathLike):
-        return (load_factors(factors), *load_uncertainty(factors))
+        return load_factors(factors), load_uncertainty(factors)
     if isinstance(factors, FitResult):
         lap = factors.laplace
         if lap is None or lap.regime_noise_sd is None:
@@ -138,7 +151,13 @@ def _posterior(factors):
                 "interval needs the fit's posterior: this FitResult was fitted with "
                 "uncertainty=False"
             )
-        return factors.factor_set, lap.cov_raw, lap.regime_noise_sd
+        return factors.factor_set, IntervalModel(
+            cov_raw=np.asarray(lap.cov_raw),
+            noise_sd=lap.regime_noise_sd,
+            trained_on=lap.trained_on,
+            transfer_noise_sd=lap.transfer_noise_sd,
+            transfer_by=lap.transfer_by,
+        )
     raise ValueError(
         "interval needs factors from a fit (a FitResult or a factors file saved from "
         f"one), got {type(factors).__name__}"

@@ -1,5 +1,7 @@
 """Fitting factor sets to measured step times on the log-ratio loss."""
 
+import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +19,7 @@ from .._fitting._factorsets import init_factor_set
 from .._fitting._kinds import FactorKind, check_kind
 from .._fitting._laplace import IdentifiabilityWarning, Laplace, factor_set_laplace
 from .._fitting._optimise import Result, minimise
+from .._fitting._transfer import transfer_noise, transfer_values
 from .._frame import groups_from_frame, stats_from_frame
 from .._metrics import log_ratio_loss
 from .._model._factors import Factors
@@ -276,6 +279,7 @@ def fit(
     callback_every: int = 50,
     throw: bool = True,
     uncertainty: bool = True,
+    transfer_by: str | None = None,
 ) -> FitResult:
     """Fit factors to a frame of steps; the pandas-level entry point.
 
@@ -301,6 +305,12 @@ def fit(
         throw: raise when the loss becomes non-finite (else the result says so).
         uncertainty: compute the Laplace summary and warn about undetermined
             directions and factors at a bound (see :func:`fit_arrays`).
+        transfer_by: a column of ``frame`` (e.g. ``experiment_id``, ``model``) with
+            two or more values: refit once without each value and record the
+            residual on the left-out rows as the fit's transfer noise, which
+            predictive intervals use for deployments outside the training data
+            (see :mod:`diffmodel._fitting._transfer`). Costs one refit per value;
+            needs ``uncertainty``.
 
     Returns:
         A :class:`FitResult`, accepted by :func:`diffmodel.predict` as ``factors``.
@@ -313,6 +323,10 @@ def fit(
     if target not in frame.columns:
         raise ValueError(f"missing target column {target!r}")
     y = _check_target(frame[target].to_numpy(dtype=float, na_value=np.nan), target)
+    if transfer_by is not None:
+        if not uncertainty:
+            raise ValueError("transfer_by needs uncertainty=True (it feeds intervals)")
+        transfer_values(frame, transfer_by)  # a bad column fails before any fit
     data, labels = step_data(frame, model=model, hardware=hardware, tp=tp)
     fs = init_factor_set(
         factors,
@@ -336,7 +350,7 @@ def fit(
             valid, model=model, hardware=hardware, tp=tp, labels=labels
         )
         vpair = (vdata, valid[target].to_numpy(dtype=float, na_value=np.nan))
-    return fit_arrays(
+    result = fit_arrays(
         fs,
         data,
         y,
@@ -351,3 +365,29 @@ def fit(
         throw=throw,
         uncertainty=uncertainty,
     )
+    if result.laplace is None:
+        return result
+    lap = dataclasses.replace(result.laplace, trained_on=tuple(labels))
+    if transfer_by is not None:
+        settings = dict(
+            target=target, factors=factors, model=model, hardware=hardware, tp=tp,
+            weights=weights, prior=prior, prior_scale=prior_scale,
+            noise_scale=noise_scale, learn_prior_scale=learn_prior_scale,
+            global_prior_scale=global_prior_scale, solver=solver,
+            max_steps=max_steps, learning_rate=learning_rate, throw=throw,
+        )  # fmt: skip
+        lap = dataclasses.replace(
+            lap,
+            transfer_by=transfer_by,
+            transfer_noise_sd=transfer_noise(
+                frame,
+                valid,
+                by=transfer_by,
+                target=target,
+                refit=lambda f, v: fit(f, valid=v, uncertainty=False, **settings),
+                step_data=functools.partial(
+                    step_data, model=model, hardware=hardware, tp=tp
+                ),
+            ),
+        )
+    return eqx.tree_at(lambda r: r.laplace, result, lap)

@@ -13,7 +13,9 @@ Jacobian (one JVP per raw parameter), so the whole computation is a few passes o
 step model, in JAX, with no sampling loop.
 """
 
-from collections.abc import Callable
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
 from statistics import NormalDist
 
 import jax
@@ -23,6 +25,77 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 REGIMES: tuple[str, str] = ("prefill", "decode_only")
 """Residual-noise regimes: steps that carry prefill tokens, and decode-only steps."""
+
+
+class UnseenGroupWarning(UserWarning):
+    """Rows of a deployment a fit never saw: a grouped factor set predicts them at
+    its global level, and intervals without transfer noise are too narrow there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalModel:
+    """What predictive intervals need of a fit (from a :class:`FitResult` or the
+    ``uncertainty`` block of a factors file).
+
+    Attributes:
+        cov_raw: posterior covariance of the raw parameters.
+        noise_sd: in-sample residual sd ``(prefill, decode_only)``, log scale.
+        trained_on: deployment labels of the fitted rows (``()``: unknown, every
+            deployment counts as seen).
+        transfer_noise_sd: residual sd on left-out data (``fit(transfer_by=...)``),
+            for rows of other deployments; None when not measured.
+        transfer_by: the column the transfer noise was measured over, or None.
+    """
+
+    cov_raw: np.ndarray
+    noise_sd: tuple[float, float]
+    trained_on: tuple[str, ...] = ()
+    transfer_noise_sd: tuple[float, float] | None = None
+    transfer_by: str | None = None
+
+    def row_noise(
+        self,
+        labels: Sequence[str],
+        group: np.ndarray,
+        has_prefill: np.ndarray,
+        transfer: bool | None = None,
+    ) -> np.ndarray:
+        """Log-scale noise sd of each row (``group`` indexes ``labels``).
+
+        ``transfer=None`` uses the transfer noise for rows of deployments outside
+        :attr:`trained_on` and the in-sample noise elsewhere; ``True`` the transfer
+        noise everywhere (e.g. a new workload on a fitted deployment); ``False`` the
+        in-sample noise everywhere. Without transfer noise, ``True`` is an error and
+        ``None`` warns (:class:`UnseenGroupWarning`) for each unseen deployment.
+        """
+        if transfer is None:
+            new_label = np.array(
+                [bool(self.trained_on) and lab not in self.trained_on for lab in labels]
+            )
+        else:
+            new_label = np.full(len(labels), bool(transfer))
+        if new_label.any() and self.transfer_noise_sd is None:
+            if transfer:
+                raise ValueError(
+                    "interval transfer=True needs the fit's transfer noise: fit with "
+                    "transfer_by=<a column such as experiment_id or model>"
+                )
+            for lab in np.asarray(labels)[new_label]:
+                warnings.warn(
+                    f"the fit never saw {lab}: its intervals use the in-sample noise "
+                    "and are likely too narrow (fit with transfer_by=... to measure "
+                    "the transfer noise)",
+                    UnseenGroupWarning,
+                    stacklevel=4,
+                )
+            new_label[:] = False
+        rows_new = new_label[np.asarray(group)] if len(labels) else new_label
+        pf = np.asarray(has_prefill, bool)
+        fitted = np.where(pf, self.noise_sd[0], self.noise_sd[1])
+        if self.transfer_noise_sd is None:
+            return fitted
+        moved = np.where(pf, self.transfer_noise_sd[0], self.transfer_noise_sd[1])
+        return np.where(rows_new, moved, fitted)
 
 
 def regime_noise_sd(
@@ -96,15 +169,17 @@ def _value_and_jacobian(f, raw):
 def set_interval(
     factor_set,
     cov_raw: Float[ArrayLike, "p p"],
-    regime_noise: tuple[float, float],
+    noise_sd: Float[ArrayLike, " steps"],
     data,
     labels,
     *,
     level: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`interval` of a fitted factor set's predictions on ``data`` (whose group
-    index refers to ``labels``): the Jacobian runs through the set's own parameters
-    (those the covariance describes), re-indexed to ``labels`` inside the map."""
+    index refers to ``labels``), with a log-scale noise sd per row (see
+    :meth:`IntervalModel.row_noise`): the Jacobian runs through the set's own
+    parameters (those the covariance describes), re-indexed to ``labels`` inside the
+    map."""
     from ._laplace import flat
 
     vec, unflat = flat(factor_set)
@@ -118,6 +193,4 @@ def set_interval(
         fs, _ = unflat(v).reindex(labels)
         return jnp.log(fs.predict(data))
 
-    prefill = np.asarray(data.stats.prefill_tokens) > 0
-    noise = np.where(prefill, regime_noise[0], regime_noise[1])
-    return interval(log_predict, vec, cov_raw, noise, level=level)
+    return interval(log_predict, vec, cov_raw, noise_sd, level=level)

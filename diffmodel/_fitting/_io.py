@@ -17,6 +17,7 @@ import numpy as np
 from .._fitting._base import AbstractFactorSet, json_array, json_float
 from .._fitting._factorsets import FACTOR_SET_CLASSES
 from .._fitting._fit import FitResult
+from .._fitting._intervals import IntervalModel
 from .._fitting._kinds import FACTOR_KINDS
 from .._fitting._split import HostDeviceFactors
 
@@ -41,13 +42,20 @@ def factors_to_dict(obj: AbstractFactorSet | FitResult) -> dict:
             "noise_sd_decode_only": lap.regime_noise_sd[1],
             "unpinned": list(lap.unpinned),
             "at_bound": list(lap.at_bound),
+            "trained_on": list(lap.trained_on),
         }
+        if lap.transfer_noise_sd is not None:
+            out["uncertainty"].update(
+                transfer_by=lap.transfer_by,
+                transfer_noise_sd_prefill=lap.transfer_noise_sd[0],
+                transfer_noise_sd_decode_only=lap.transfer_noise_sd[1],
+            )
     return out
 
 
-def uncertainty_from_dict(d: Mapping[str, Any], n_params: int):
-    """``(cov_raw, (noise_prefill, noise_decode_only))`` of a factors file's
-    ``uncertainty`` block (written for fit results), for predictive intervals."""
+def uncertainty_from_dict(d: Mapping[str, Any], n_params: int) -> IntervalModel:
+    """The :class:`IntervalModel` of a factors file's ``uncertainty`` block (written
+    for fit results), for predictive intervals."""
     block = d.get("uncertainty")
     if not isinstance(block, Mapping):
         raise ValueError(
@@ -59,7 +67,25 @@ def uncertainty_from_dict(d: Mapping[str, Any], n_params: int):
         json_float(block, k, positive=True)
         for k in ("noise_sd_prefill", "noise_sd_decode_only")
     )
-    return cov, noise
+    trained = block.get("trained_on", [])
+    if not isinstance(trained, list) or not all(isinstance(t, str) for t in trained):
+        raise ValueError("field 'trained_on': expected a list of deployment labels")
+    transfer = None
+    by = block.get("transfer_by")
+    if by is not None:
+        if not isinstance(by, str):
+            raise ValueError(f"field 'transfer_by': expected a column name, got {by!r}")
+        transfer = tuple(
+            json_float(block, f"transfer_noise_sd_{k}", positive=True)
+            for k in ("prefill", "decode_only")
+        )
+    return IntervalModel(
+        cov_raw=np.asarray(cov),
+        noise_sd=noise,
+        trained_on=tuple(trained),
+        transfer_noise_sd=transfer,
+        transfer_by=by,
+    )
 
 
 def load_uncertainty(path: str | pathlib.Path):

@@ -56,6 +56,11 @@ class Laplace(eqx.Module):
         regime_noise_sd: root-mean-square log-ratio residual of the fitted rows that
             carry prefill tokens and of the decode-only ones (unitless), for
             predictive intervals (None when not computed).
+        trained_on: the deployment labels of the fitted rows (intervals for rows of
+            other deployments use ``transfer_noise_sd``).
+        transfer_noise_sd: the same two regimes' residual on rows left out of nested
+            refits (see :mod:`diffmodel._fitting._transfer`), or None.
+        transfer_by: the column those refits left out one value at a time, or None.
     """
 
     names: tuple[str, ...] = eqx.field(static=True)
@@ -68,6 +73,9 @@ class Laplace(eqx.Module):
     unpinned: tuple[str, ...] = eqx.field(static=True)
     at_bound: tuple[str, ...] = eqx.field(static=True)
     regime_noise_sd: tuple[float, float] | None = eqx.field(static=True, default=None)
+    trained_on: tuple[str, ...] = eqx.field(static=True, default=())
+    transfer_noise_sd: tuple[float, float] | None = eqx.field(static=True, default=None)
+    transfer_by: str | None = eqx.field(static=True, default=None)
 
     def summary(self) -> dict[str, tuple[float, float]]:
         """``name -> (value, sd)`` in physical units."""
