@@ -74,3 +74,32 @@ def test_interval_out_of_range_is_a_usage_error(fitted, level):
 def test_interval_needs_saved_factors(fitted):
     argv = ["predict", "--data", "trace.csv", "--out", "o.csv", "--interval", "0.9"]
     fails(fitted, argv, "--interval needs --factors")
+
+
+def test_transfer_by_and_transfer_match_the_library(fitted):
+    fit = ["fit", "--data", "trace.csv", "--target", "step_time_us"]
+    fit += ["--out", "t.json", "--max-iterations", "40"]
+    code, _, err = run_cli(*fit, "--transfer-by", "experiment_id", cwd=fitted)
+    assert code == 0, err
+    argv = ["predict", "--data", "trace.csv", "--factors", "t.json"]
+    argv += ["--interval", "0.9"]
+    frame = pd.read_csv(fitted / "trace.csv")
+    for flag, transfer in (("all", True), ("none", False)):
+        code, _, err = run_cli(
+            *argv, "--out", f"{flag}.csv", "--transfer", flag, cwd=fitted
+        )
+        assert code == 0, err
+        got = pd.read_csv(fitted / f"{flag}.csv")["predicted_hi_us"]
+        want = dm.predict(
+            frame,
+            factors=str(fitted / "t.json"),
+            interval=0.9,
+            transfer=transfer,
+        )["predicted_hi_us"]
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+    fails(fitted, [*fit, "--transfer-by", "nope"], "transfer_by 'nope': no such column")
+    fails(
+        fitted,
+        ["predict", "--data", "trace.csv", "--out", "x.csv", "--transfer", "all"],
+        "--transfer all selects --interval's noise",
+    )

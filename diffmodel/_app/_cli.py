@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 0.9) from the fit's posterior and residual noise; needs --factors "
         "saved from a fit",
     )
+    p.add_argument(
+        "--transfer",
+        choices=("auto", "all", "none"),
+        default="auto",
+        help="which residual noise --interval uses: 'auto' the fit's transfer noise "
+        "(fit --transfer-by) for deployments it never saw and its in-sample noise "
+        "for the others; 'all' the transfer noise for every row (a new workload on "
+        "a fitted deployment); 'none' the in-sample noise for every row",
+    )
     _add_deployment(p)
     _add_plot(p, "a component breakdown plot")
     _renamed(p, input="--data", output="--out")
@@ -287,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="'temporal' needs experiment_id and step.id columns; 'none' fits and "
         "scores on every row",
+    )
+    p.add_argument(
+        "--transfer-by",
+        metavar="COLUMN",
+        help="measure the transfer noise for --interval predictions on unseen "
+        "deployments: refit once without each value of COLUMN (e.g. experiment_id "
+        "or model; two or more values) and keep the miss on the left-out rows",
     )
     _add_deployment(p)
     p.add_argument(

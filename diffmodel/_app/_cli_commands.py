@@ -57,13 +57,22 @@ def cmd_predict(args) -> int:
             "--interval needs --factors: a factors file saved by 'diffmodel fit' "
             "(the physical priors carry no posterior)"
         )
+    if args.transfer != "auto" and args.interval is None:
+        raise ValueError(f"--transfer {args.transfer} selects --interval's noise")
     frame = read_table(args.data)
     flags, groups = deployment_groups(frame, args)
     factors = load_factor_file(args.factors)
     if args.interval is None:
         out = predict(frame, factors=factors, **flags)
     else:
-        out = predict(frame, factors=args.factors, interval=args.interval, **flags)
+        transfer = {"auto": None, "all": True, "none": False}[args.transfer]
+        out = predict(
+            frame,
+            factors=args.factors,
+            interval=args.interval,
+            transfer=transfer,
+            **flags,
+        )
     fig = None if plot is None else figure(out, row_labels(groups), actual=None)
     write_table(out, output)
     t = out["predicted_us"]
@@ -160,6 +169,7 @@ def cmd_fit(args) -> int:
         learning_rate=0.05 if args.learning_rate is None else args.learning_rate,
         callback=progress if args.progress_every > 0 else None,
         callback_every=max(args.progress_every, 1),
+        transfer_by=args.transfer_by,
         **flags,
     )
     scored, which = (test, "test") if test is not None else (train, "training")
