@@ -4,35 +4,29 @@ For each fold of the public traces (``temporal``, ``lomo``, ``lowo``: the folds 
 ``diffmodel reproduce``) and each factor set (``global``, ``hierarchical``): fit on the
 fold's training rows (early stopping on its validation rows), then predict the test
 rows with ``interval=0.9`` and report the share of test steps inside the interval
-(``coverage``, %) and the median interval width relative to the prediction (``width``,
-%, ``(hi - lo) / predicted``).
+(``cov``, %) and the median interval width relative to the prediction (``width``, %,
+``(hi - lo) / predicted``).
 
-Two noise models per fit:
+Two noise models per fit, both from the library:
 
-- ``in-sample``: the fit's own residual noise per regime (prefill-carrying and
-  decode-only steps), the Laplace summary's ``regime_noise_sd``. It measures the
-  scatter around the fitted deployments and is too small for transfer.
-- ``calibrated``: the residual noise measured *inside the training data* on rows the
-  calibrating fit did not see, never on test rows. Where the fold's training pool
-  holds two or more experiments, by nested leave-one-experiment-out (refit on the
-  others, predict the left-out one: a transfer within the training data); where it
-  holds one, on the validation rows (the last 20% of the pool in step order). The
-  noise sd of regime ``k`` is ``q_k / z``: ``q_k`` the ``level`` quantile of the
-  absolute log-ratio residuals of those held-out rows, ``z`` the normal quantile of
-  ``(1 + level) / 2`` (a split-conformal scale; the parameter posterior still adds
-  its own variance on top).
+- ``in-sample`` (``transfer=False``): the fit's own residual noise per regime
+  (prefill-carrying and decode-only steps). It measures the scatter around the fitted
+  deployments and is too small for transfer.
+- ``transfer``: ``fit(transfer_by="experiment_id")`` measures the miss on each
+  training experiment left out of a nested refit, inside the training data, never on
+  test rows; ``predict`` uses it for rows of deployments the fit never saw
+  (``lomo``), and for every row on ``lowo`` (``transfer=True``: a new workload on a
+  fitted deployment). A training pool of one experiment has nothing to leave out: its
+  fold keeps the in-sample noise and says so (``n/a``).
 
     python experiments/intervals.py [--data DIR] [--max-steps N]
 """
 
 import argparse
-import dataclasses
 import pathlib
 import time
 import warnings
-from statistics import NormalDist
 
-import equinox as eqx
 import numpy as np
 import pandas as pd
 
@@ -65,7 +59,13 @@ def folds(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, ...]]:
     return out
 
 
-def _fit(kind: str, train: pd.DataFrame, valid: pd.DataFrame | None, max_steps: int):
+def _fit(
+    kind: str,
+    train: pd.DataFrame,
+    valid: pd.DataFrame | None,
+    max_steps: int,
+    transfer_by: str | None,
+):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
         return dm.fit(
@@ -74,63 +74,17 @@ def _fit(kind: str, train: pd.DataFrame, valid: pd.DataFrame | None, max_steps: 
             factors=kind,
             valid=valid if valid is not None and len(valid) else None,
             max_steps=max_steps,
+            transfer_by=transfer_by,
         )
 
 
-def _log_residuals(result, frame: pd.DataFrame) -> np.ndarray:
-    pred = dm.predict(frame, factors=result)["predicted_us"].to_numpy()
-    return np.log(pred) - np.log(frame[TARGET].to_numpy())
-
-
-def calibration_residuals(
-    protocol: str,
-    kind: str,
-    result,
-    train: pd.DataFrame,
-    valid: pd.DataFrame,
-    max_steps: int,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Log-ratio residuals of training-pool rows that the calibrating fit did not
-    see, whether each row carries prefill, and how they were obtained."""
-    pool = pd.concat([train, valid])
-    experiments = list(dict.fromkeys(pool["experiment_id"]))
-    if protocol == "temporal" or len(experiments) < 2:
-        r = _log_residuals(result, valid)
-        return r, valid["batch.prefill_tokens"].to_numpy() > 0, "validation rows"
-    rs, pf = [], []
-    for exp in experiments:
-        inner_train = train[train["experiment_id"] != exp]
-        inner_valid = valid[valid["experiment_id"] != exp]
-        left_out = pool[pool["experiment_id"] == exp]
-        inner = _fit(kind, inner_train, inner_valid, max_steps)
-        rs.append(_log_residuals(inner, left_out))
-        pf.append(left_out["batch.prefill_tokens"].to_numpy() > 0)
-    how = f"nested leave-one-experiment-out ({len(experiments)} experiments)"
-    return np.concatenate(rs), np.concatenate(pf), how
-
-
-def conformal_noise(
-    residuals: np.ndarray, has_prefill: np.ndarray, level: float
+def coverage(
+    result, test: pd.DataFrame, level: float, transfer: bool | None
 ) -> tuple[float, float]:
-    """Per-regime (prefill, decode-only) log-scale noise sd ``q / z`` (see module)."""
-    z = NormalDist().inv_cdf(0.5 * (1 + level))
-    a = np.abs(residuals)
-    pooled = float(np.quantile(a, level)) / z
-    out = []
-    for sel in (has_prefill, ~has_prefill):
-        out.append(float(np.quantile(a[sel], level)) / z if sel.sum() >= 10 else pooled)
-    return out[0], out[1]
-
-
-def with_noise(result, noise: tuple[float, float]):
-    """The fit result with its regime noise replaced (intervals use it)."""
-    lap = dataclasses.replace(result.laplace, regime_noise_sd=noise)
-    return eqx.tree_at(lambda r: r.laplace, result, lap)
-
-
-def coverage(result, test: pd.DataFrame, level: float) -> tuple[float, float]:
     """Share of test steps inside the interval and median relative width, %."""
-    out = dm.predict(test, factors=result, interval=level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.UnseenGroupWarning)
+        out = dm.predict(test, factors=result, interval=level, transfer=transfer)
     y = test[TARGET].to_numpy()
     lo, hi = out["predicted_lo_us"].to_numpy(), out["predicted_hi_us"].to_numpy()
     inside = (y >= lo) & (y <= hi)
@@ -145,32 +99,37 @@ def main(*, data: pathlib.Path | None = None, level: float = 0.9, max_steps=300)
     frame = steps[steps[TARGET].notna()].copy()
     rows = []
     for protocol, held, train, valid, test in folds(frame):
+        n_exp = train["experiment_id"].nunique()
+        by = "experiment_id" if n_exp >= 2 else None
         for kind in KINDS:
             tick = time.perf_counter()
-            result = _fit(kind, train, valid, max_steps)
-            r, pf, how = calibration_residuals(
-                protocol, kind, result, train, valid, max_steps
+            result = _fit(kind, train, valid, max_steps, by)
+            lap = result.laplace
+            cov_in, w_in = coverage(result, test, level, False)
+            row = dict(
+                protocol=protocol,
+                held_out=held,
+                kind=kind,
+                test_rows=len(test),
+                in_sample_cov=cov_in,
+                in_sample_width=w_in,
+                transfer_cov="n/a",
+                transfer_width="n/a",
+                noise_in=f"{lap.regime_noise_sd[0]:.3f}/{lap.regime_noise_sd[1]:.3f}",
+                noise_transfer="n/a",
+                train_experiments=n_exp,
             )
-            noise = conformal_noise(r, pf, level)
-            cov_in, w_in = coverage(result, test, level)
-            cov_cal, w_cal = coverage(with_noise(result, noise), test, level)
-            rows.append(
-                dict(
-                    protocol=protocol,
-                    held_out=held,
-                    kind=kind,
-                    test_rows=len(test),
-                    in_sample_cov=cov_in,
-                    in_sample_width=w_in,
-                    calibrated_cov=cov_cal,
-                    calibrated_width=w_cal,
-                    noise_in=f"{result.laplace.regime_noise_sd[0]:.3f}/"
-                    f"{result.laplace.regime_noise_sd[1]:.3f}",
-                    noise_cal=f"{noise[0]:.3f}/{noise[1]:.3f}",
-                    calibration=how,
-                    seconds=time.perf_counter() - tick,
+            if by is not None:
+                transfer = True if protocol == "lowo" else None
+                cov_t, w_t = coverage(result, test, level, transfer)
+                sd = lap.transfer_noise_sd
+                row.update(
+                    transfer_cov=cov_t,
+                    transfer_width=w_t,
+                    noise_transfer=f"{sd[0]:.3f}/{sd[1]:.3f}",
                 )
-            )
+            row["seconds"] = time.perf_counter() - tick
+            rows.append(row)
             print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
     print(markdown(table))

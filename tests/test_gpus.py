@@ -21,9 +21,11 @@ from diffmodel._model._hardware import (
 from diffmodel.kernels._curves import (
     Occupancy,
     SaturationCurve,
+    default_kernel_curves,
+)
+from diffmodel.kernels._curves_io import (
     curves_from_json,
     curves_to_json,
-    default_kernel_curves,
 )
 from diffmodel.kernels._pooled import fold_weights
 from diffmodel.kernels._work import gemm_kernel_work

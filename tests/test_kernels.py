@@ -23,12 +23,20 @@ from diffmodel.kernels._calibrate import (
 from diffmodel.kernels._curves import (
     KernelCurves,
     SaturationCurve,
-    curves_from_json,
-    curves_to_json,
     default_kernel_curves,
     default_roofline_curves,
+)
+from diffmodel.kernels._curves_io import (
+    curves_from_json,
+    curves_to_json,
     load_curves,
     save_curves,
+)
+from diffmodel.kernels._moe import (
+    moe_kernel_work,
+    moe_us,
+    power_law_loads,
+    vllm_tuned_moe,
 )
 from diffmodel.kernels._tables import (
     load_allreduce,
@@ -46,11 +54,7 @@ from diffmodel.kernels._work import (
     decode_attention_us,
     gemm_kernel_work,
     gemm_us,
-    moe_kernel_work,
-    moe_us,
-    power_law_loads,
     prefill_attention_us,
-    vllm_tuned_moe,
 )
 
 H100 = hardware("h100-sxm")

@@ -48,7 +48,7 @@ def _cmd_kernels_list(args) -> int:
 def _cmd_calibrate(args) -> int:
     from .._model._hardware import canonical_hardware, hardware_system
     from ..kernels._calibrate import FitOptions, calibrate_kernels
-    from ..kernels._curves import save_curves
+    from ..kernels._curves_io import save_curves
     from ..kernels._database import load_system_tables
 
     name = canonical_hardware(args.system)

@@ -22,6 +22,8 @@ from ._curves import (
     default_allreduce_curve as default_allreduce_curve,
     default_kernel_curves as default_kernel_curves,
     default_roofline_curves as default_roofline_curves,
+)
+from ._curves_io import (
     load_curves as load_curves,
     save_curves as save_curves,
 )
@@ -32,6 +34,11 @@ from ._database import (
     list_kernel_tables as list_kernel_tables,
     load_system_tables as load_system_tables,
     system_spec as system_spec,
+)
+from ._moe import (
+    ExpertLoads as ExpertLoads,
+    moe_us as moe_us,
+    power_law_loads as power_law_loads,
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._tables import (
@@ -48,12 +55,9 @@ from ._tables import (
     vidur_work as vidur_work,
 )
 from ._work import (
-    ExpertLoads as ExpertLoads,
     KernelWork as KernelWork,
     allreduce_kernel_us as allreduce_kernel_us,
     decode_attention_us as decode_attention_us,
     gemm_us as gemm_us,
-    moe_us as moe_us,
-    power_law_loads as power_law_loads,
     prefill_attention_us as prefill_attention_us,
 )

@@ -33,17 +33,19 @@ from .._model._physics import (
     gemm_work,
     touched_experts,
 )
-from ..kernels._work import (
+from ..kernels._moe import (
     MOE_DEFAULT_TILES,
     ExpertLoads,
+    moe_kernel_work,
+    power_law_loads,
+    vllm_tuned_moe,
+)
+from ..kernels._work import (
     KernelWork,
     _work,
     decode_attention_work,
     gemm_kernel_work,
-    moe_kernel_work,
-    power_law_loads,
     prefill_attention_work,
-    vllm_tuned_moe,
 )
 
 MS_TO_US = 1e3

@@ -2,14 +2,14 @@
 time, from the step model's own operator formulas (:mod:`diffmodel._model._physics`),
 with efficiencies either constants or curves (:mod:`diffmodel.kernels._curves`).
 
-GEMMs, tiled causal prefill attention, paged decode attention, vLLM's fused MoE (its
-tiles, tuned configurations and routing distributions) and all-reduce.
+GEMMs, tiled causal prefill attention, paged decode attention and all-reduce; vLLM's
+fused MoE (its tiles, tuned configurations and routing distributions) is in
+:mod:`diffmodel.kernels._moe`.
 """
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 from jaxtyping import Array, ArrayLike, Float
 
 from .._model._hardware import Hardware
@@ -18,10 +18,7 @@ from .._model._physics import (
     allreduce_us,
     attention_work,
     gemm_work,
-    moe_work,
     roofline_us,
-    routed_slots,
-    touched_experts,
 )
 from ..kernels._curves import AllReduceCurve, RooflineCurves
 
@@ -222,215 +219,6 @@ def decode_attention_work(
     return _work(f, b, hw.flops_16, hw, jnp.asarray(batch) * kv_heads)
 
 
-# vLLM's Triton fused MoE: token tiles of 64 (its default for large batches) and
-# 128-column tiles of the gate+up output, for the blocks it schedules.
-MOE_TILE_M = 64.0
-MOE_TILE_N = 128.0
-# vLLM's default tile configuration (``get_default_config``, bf16, no tuned file):
-# ``BLOCK_SIZE_M x BLOCK_SIZE_N`` = 16 x 32 while the tokens are at most the experts
-# on the GPU, 64 x 64 above.
-MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
-
-# The shapes for which vLLM 0.14.0 ships a tuned tile configuration of its Triton
-# fused MoE (``fused_moe/configs/E={E},N={N},device_name={device}.json``, E: experts
-# on the GPU, N: expert FFN width on the GPU; bf16 files carry no ``dtype=``), by
-# (device name, MoE dtype). Listed from the vllm-0.14.0 wheel (Apache-2.0).
-VLLM_TUNED_MOE: dict[tuple[str, str], frozenset[tuple[int, int]]] = {
-    ("NVIDIA H100 80GB HBM3", "bfloat16"): frozenset(
-        {
-            (1, 3072),
-            (8, 1792),
-            (8, 2048),
-            (8, 3584),
-            (8, 4096),
-            (8, 7168),
-            (16, 1344),
-            (16, 1792),
-            (16, 2688),
-            (62, 256),
-            (62, 512),
-            (64, 320),
-            (64, 640),
-            (64, 1280),
-            (72, 384),
-            (72, 768),
-            (128, 192),
-            (128, 512),
-            (128, 928),
-            (128, 1856),
-            (256, 512),
-            (512, 128),
-            (512, 256),
-            (512, 512),
-        }
-    )
-}
-
-
-def vllm_tuned_moe(table: pd.DataFrame, *, strict: bool = True) -> np.ndarray:
-    """1.0 for the rows of an aiconfigurator MoE table whose (device, ``moe_dtype``,
-    ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a tuned vLLM
-    configuration (:data:`VLLM_TUNED_MOE`), else 0.0.
-
-    Raises ``ValueError`` for a (device, dtype) the catalogue does not cover; with
-    ``strict=False`` those rows are 0.0 (no tuned configuration known), and so are
-    rows of kernels other than vLLM's Triton fused MoE (``kernel_source`` without
-    ``triton``/``fused_moe``), which do not read the tuned files.
-    """
-    keys = set(zip(table["device"], table["moe_dtype"], strict=True))
-    unknown = sorted(keys - set(VLLM_TUNED_MOE))
-    if unknown and strict:
-        raise ValueError(
-            f"columns 'device', 'moe_dtype': no catalogue of tuned vLLM MoE "
-            f"configurations for {unknown}; known: {sorted(VLLM_TUNED_MOE)}"
-        )
-    e_local = table["num_experts"].to_numpy(int) // table["moe_ep_size"].to_numpy(int)
-    n_local = table["inter_size"].to_numpy(int) // table["moe_tp_size"].to_numpy(int)
-    tuned = np.array(
-        [
-            float((e, n) in VLLM_TUNED_MOE.get((dev, dt), ()))
-            for dev, dt, e, n in zip(
-                table["device"], table["moe_dtype"], e_local, n_local, strict=True
-            )
-        ]
-    )
-    if "kernel_source" in table.columns:
-        src = table["kernel_source"].astype(str).str.lower()
-        tuned = tuned * (src.str.contains("triton") | src.str.contains("fused_moe"))
-    return tuned.to_numpy(float) if hasattr(tuned, "to_numpy") else tuned
-
-
-class ExpertLoads(eqx.Module):
-    """What a skewed routing gives the GPU measured (arrays, one per kernel).
-
-    Attributes:
-        touched: local experts that receive at least one slot.
-        tiles_small, tiles_large: token tiles ``sum_j ceil(n_j / BM)`` over the local
-            experts' slots ``n_j`` at the small and large default ``BM``
-            (:data:`MOE_DEFAULT_TILES`).
-    """
-
-    touched: Float[Array, "*n"]
-    tiles_small: Float[Array, "*n"]
-    tiles_large: Float[Array, "*n"]
-
-
-def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
-    """Expected per-expert slots of aiconfigurator's power-law routing, on the GPU it
-    measures (NumPy, per row; table inputs, not traced).
-
-    The collector (``power_law_logits_v3``) draws each of the ``E`` experts' loads
-    from a power law of exponent ``alpha`` on ``[1, 0.8 T]`` (``[0.01, 2]`` when
-    ``T k <= E``), scales them to ``T k`` slots and rounds them (the shortfall to
-    the largest, one slot each), then moves the expert-parallel group holding the
-    busiest expert to the measured GPU. Here the draws are replaced by the
-    ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the
-    measured GPU holds every ``ep``-th of the sorted loads starting with the
-    largest (a stratified ``E / ep`` of them).
-    """
-    t, e, k, ep, a = (
-        np.broadcast_to(np.asarray(x, float), np.shape(tokens))
-        for x in (tokens, n_experts, top_k, ep, alpha)
-    )
-    out = np.zeros((3, t.size))
-    (bm_s, _), (bm_l, _) = MOE_DEFAULT_TILES
-    for i, (ti, ei, ki, pi, ai) in enumerate(
-        zip(t.ravel(), e.ravel(), k.ravel(), ep.ravel(), a.ravel(), strict=True)
-    ):
-        lo, hi = (1.0, 0.8 * ti) if ti * ki > ei else (0.01, 2.0)
-        hi = max(hi, lo * (1.0 + 1e-9))
-        u = (np.arange(int(ei)) + 0.5) / ei
-        x = ((hi ** (1 - ai) - lo ** (1 - ai)) * u + lo ** (1 - ai)) ** (1 / (1 - ai))
-        n = np.sort(np.round(x / x.sum() * ti * ki))[::-1]
-        # As the collector: the rounding's shortfall (or excess) goes to the largest
-        # experts, one slot each, so the loads sum to T k.
-        delta = int(round(ti * ki - n.sum()))
-        n[: abs(delta)] += np.sign(delta)
-        n = np.sort(n)[::-1][:: int(pi)]
-        out[:, i] = ((n >= 1).sum(), np.ceil(n / bm_s).sum(), np.ceil(n / bm_l).sum())
-    return ExpertLoads(*(jnp.asarray(o.reshape(t.shape)) for o in out))
-
-
-def moe_kernel_work(
-    tokens: ArrayLike,
-    hidden: ArrayLike,
-    inter: ArrayLike,
-    top_k: ArrayLike,
-    n_experts: ArrayLike,
-    hw: Hardware,
-    *,
-    tp: ArrayLike = 1.0,
-    ep: ArrayLike = 1.0,
-    weight_bytes: ArrayLike = 2.0,
-    act_bytes: ArrayLike = 2.0,
-    routing: str = "uniform",
-    tuned: ArrayLike = 0.0,
-    loads: "ExpertLoads | None" = None,
-) -> KernelWork:
-    """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
-
-    Tokens are routed top-``k`` over all ``E`` experts (``routing``: ``"uniform"``
-    random, or the benchmarks' ``"balanced"`` round-robin; see
-    :func:`~diffmodel._physics.touched_experts`), so this GPU computes ``k/ep``
-    expert slots per token among ``E/ep`` experts: FLOPs and weight bytes are
-    ``moe_work`` with a fractional top-k. Activations count every routed slot, as
-    vLLM's kernel runs over all ``T k`` slots and writes zeros for those of experts
-    on other GPUs (``moe_work``'s activations at the full ``k``), plus the unfused
-    gated intermediate: the ``[T k, 2 F/tp]`` gate+up output is written, read by the
-    activation, which writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot,
-    ``moe_work`` counts ``3 F/tp``), and the ``[T, k, H]`` down output read back by
-    the sum over the ``k`` slots (``H`` per slot). FP8 weights use the FP8 peak.
-
-    The tiles of vLLM's default configuration (:data:`MOE_DEFAULT_TILES`, ``BM x
-    BN``; tuned kernels too, whose own tiles are not recorded here): each touched
-    expert's slots fill ``ceil(slots / BM)`` token tiles, and FLOPs count the ``BM``
-    rows of every tile computed (padding included). Units of parallel work
-    (occupancy): the gate+up tiles that compute, token tiles times
-    ``ceil(2 F/tp / BN)``. Scheduled blocks (per-block cost): the grid over the
-    slots padded per (global) expert, ``(T k / 64 + E) ceil(2 F/tp / 128)``; most
-    of those of an idle expert exit at once, but each is scheduled. ``tuned``: 1
-    where vLLM runs a tuned configuration (:func:`vllm_tuned_moe`).
-
-    ``loads``: the slots, touched experts and token tiles of this GPU given by a
-    skewed routing (:func:`power_law_loads`), in place of ``routing``'s.
-    """
-    ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
-    top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
-    e_local, k_local = n_experts / ep, top_k / ep
-    f_local = jnp.asarray(inter) / tp
-    work = (tokens, hidden, f_local, e_local, k_local)
-    f, b = moe_work(*work, weight_bytes, act_bytes, routing)
-    _, acts_local = moe_work(*work, 0.0, act_bytes, routing)
-    _, acts_all = moe_work(
-        tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing
-    )
-    unfused = tokens * top_k * (3.0 * f_local + hidden) * act_bytes
-    b = b - acts_local + acts_all + unfused
-    small = tokens <= e_local
-    (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
-    bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
-    if loads is None:
-        touched = touched_experts(tokens, e_local, k_local, routing)
-        slots = routed_slots(tokens, k_local, touched, routing)
-        per_expert = slots / jnp.where(touched > 0, touched, 1.0)
-        # The tolerance keeps an exact multiple of the tile from rounding up.
-        token_tiles = touched * jnp.ceil(per_expert / bm - 1e-9)
-    else:
-        # The weights of the experts the skewed routing touches, not routing's.
-        touched = jnp.asarray(loads.touched)
-        token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
-        w_routing = touched_experts(tokens, e_local, k_local, routing)
-        slots = routed_slots(tokens, k_local, w_routing, routing)
-        per_w = 3.0 * jnp.asarray(hidden) * f_local * weight_bytes
-        b = b + (touched - w_routing) * per_w
-    f = f * token_tiles * bm / jnp.where(slots > 0, slots, 1.0)
-    units = token_tiles * jnp.ceil(2.0 * f_local / bn)
-    blocks = (tokens * top_k / MOE_TILE_M + n_experts) * jnp.ceil(
-        2.0 * f_local / MOE_TILE_N
-    )
-    return _work(f, b, _peak(hw, weight_bytes), hw, units, blocks, tuned)
-
-
 def _work(f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -478,14 +266,6 @@ def decode_attention_us(
 ) -> Array:
     """Predicted decode attention time, us (see :func:`decode_attention_work`)."""
     work = decode_attention_work(batch, kv_len, heads, kv_heads, head_dim, hw, kv_bytes)
-    return work.time_us(eff)
-
-
-def moe_us(
-    tokens, hidden, inter, top_k, n_experts, eff: Efficiency, hw: Hardware, **kwargs
-) -> Array:
-    """Predicted fused MoE time, us (see :func:`moe_kernel_work`)."""
-    work = moe_kernel_work(tokens, hidden, inter, top_k, n_experts, hw, **kwargs)
     return work.time_us(eff)
 
 

@@ -1,0 +1,70 @@
+"""Kernel curves as human-readable JSON files, with an exact round trip (raw values
+kept as Python floats print them; physical values beside them for people)."""
+
+import json
+import pathlib
+from typing import Any
+
+from ..kernels._curves import (
+    FORMAT_VERSION,
+    KERNEL_FAMILIES,
+    AllReduceCurve,
+    KernelCurves,
+    RooflineCurves,
+    _need,
+)
+
+
+def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
+    """A JSON-able dict of all families (raw values exact, physical ones readable)."""
+    out: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "hardware": curves.hardware,
+        "description": (
+            "eta(x) = eta_max * sigmoid(slope * (ln x - ln x_half)); x in FLOP for "
+            "'flops' curves, bytes for 'bandwidth' curves; occupancy o(u) = "
+            "sigmoid(slope * (ln u - ln u_half)) at u parallel work units; kernel "
+            "time, us = latency_us + s * unit_ns / 1000 + smooth_max(FLOP / (peak * "
+            "eta_flops * o), bytes / (hbm_bw * eta_bw * o)) * 1e6, s the thread "
+            "blocks scheduled (u unless the kernel schedules idle ones); kernels with "
+            "a tuned tile configuration saturate at tuned_eta_max = sigmoid(logit("
+            "eta_max) + raw_tuned) of the compute peak; all-reduce time, "
+            "us = latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes)) * 1e6"
+        ),
+    }
+    for f in KERNEL_FAMILIES:
+        out[f] = getattr(curves, f).to_json()
+    out["allreduce"] = curves.allreduce.to_json()
+    return out
+
+
+def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
+    """Inverse of :func:`curves_to_json`."""
+    version = _need(obj, "format_version", "KernelCurves")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"unsupported curves format_version {version!r}; expected {FORMAT_VERSION}"
+        )
+    return KernelCurves(
+        **{
+            f: RooflineCurves.from_json(_need(obj, f, "KernelCurves"))
+            for f in KERNEL_FAMILIES
+        },
+        allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),
+        hardware=str(_need(obj, "hardware", "KernelCurves")),
+    )
+
+
+def save_curves(curves: KernelCurves, path: str | pathlib.Path) -> pathlib.Path:
+    """Write ``curves`` as indented JSON to ``path``; returns the path."""
+    path = pathlib.Path(path)
+    path.write_text(json.dumps(curves_to_json(curves), indent=2) + "\n")
+    return path
+
+
+def load_curves(path: str | pathlib.Path) -> KernelCurves:
+    """Read curves written by :func:`save_curves`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"curves file not found: {path}")
+    return curves_from_json(json.loads(path.read_text()))
