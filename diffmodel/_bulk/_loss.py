@@ -402,13 +402,4 @@ def fit_steps(
         rtol=(1e-10 if f64 else 1e-6) if rtol is None else rtol,
         throw=throw,
     )
-    return FitResult(
-        factor_set=res.params,
-        result=res.result,
-        loss_history=res.loss_history,
-        valid_history=res.valid_history,
-        n_steps=int(res.n_steps),
-        wall_seconds=res.compile_seconds + res.run_seconds,
-        compile_seconds=res.compile_seconds,
-        target=target_name,
-    )
+    return FitResult.from_optimiser(res, target_name)

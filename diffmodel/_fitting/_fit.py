@@ -53,6 +53,23 @@ class FitResult(eqx.Module):
     target: str = eqx.field(static=True, default="")
     laplace: Laplace | None = None
 
+    @classmethod
+    def from_optimiser(
+        cls, res, target: str, laplace: Laplace | None = None
+    ) -> "FitResult":
+        """The result of a :func:`~diffmodel.minimise` run over a factor set."""
+        return cls(
+            laplace=laplace,
+            factor_set=res.params,
+            result=res.result,
+            loss_history=res.loss_history,
+            valid_history=res.valid_history,
+            n_steps=int(res.n_steps),
+            wall_seconds=res.compile_seconds + res.run_seconds,
+            compile_seconds=res.compile_seconds,
+            target=target,
+        )
+
     @property
     def converged(self) -> bool:
         """Whether a convergence test (or early stopping) stopped the fit."""
@@ -213,17 +230,7 @@ def fit_arrays(
             warnings.warn(
                 f"identifiability: {line}", IdentifiabilityWarning, stacklevel=2
             )
-    return FitResult(
-        laplace=lap,
-        factor_set=res.params,
-        result=res.result,
-        loss_history=res.loss_history,
-        valid_history=res.valid_history,
-        n_steps=int(res.n_steps),
-        wall_seconds=res.compile_seconds + res.run_seconds,
-        compile_seconds=res.compile_seconds,
-        target=target_name,
-    )
+    return FitResult.from_optimiser(res, target_name, lap)
 
 
 def step_data(

@@ -23,6 +23,17 @@ FACTOR_SPECS: dict[str, tuple[float, str, str]] = {
 FACTOR_NAMES: tuple[str, ...] = tuple(FACTOR_SPECS)
 
 
+def set_named_fields(obj, values: dict, specs: dict, what: str) -> None:
+    """Set each field named in ``specs`` on ``obj`` from ``values`` (default: the
+    spec's first entry, its prior) as a float array; an unknown name is an error."""
+    unknown = set(values) - set(specs)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected {list(specs)}")
+    for name, spec in specs.items():
+        value = values.get(name, spec[0])
+        setattr(obj, name, jnp.asarray(value, dtype=jnp.result_type(float)))
+
+
 class Factors(eqx.Module):
     """Physical factors of the roofline (what :func:`diffmodel.step_time` consumes).
 
@@ -54,14 +65,7 @@ class Factors(eqx.Module):
     request_overhead_us: Float[Array, "*g"]
 
     def __init__(self, **values):
-        unknown = set(values) - set(FACTOR_NAMES)
-        if unknown:
-            raise ValueError(
-                f"unknown factor(s) {sorted(unknown)}; expected {list(FACTOR_NAMES)}"
-            )
-        for name in FACTOR_NAMES:
-            value = values.get(name, FACTOR_SPECS[name][0])
-            setattr(self, name, jnp.asarray(value, dtype=jnp.result_type(float)))
+        set_named_fields(self, values, FACTOR_SPECS, "factor")
 
     def as_dict(self) -> dict[str, Array]:
         """The factors by name."""

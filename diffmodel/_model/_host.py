@@ -46,6 +46,7 @@ from jaxtyping import Array, Float
 
 from .._model._arch import Architecture
 from .._model._batch import BatchStats
+from .._model._factors import set_named_fields
 from .._model._physics import SHARPNESS, smooth_max
 from .._model._roofline import Breakdown
 
@@ -101,14 +102,7 @@ class HostFactors(eqx.Module):
     gate_width: Float[Array, "*g"]
 
     def __init__(self, **values):
-        unknown = set(values) - set(HOST_NAMES)
-        if unknown:
-            raise ValueError(
-                f"unknown host factor(s) {sorted(unknown)}; expected {list(HOST_NAMES)}"
-            )
-        for name in HOST_NAMES:
-            value = values.get(name, HOST_SPECS[name][0])
-            setattr(self, name, jnp.asarray(value, dtype=jnp.result_type(float)))
+        set_named_fields(self, values, HOST_SPECS, "host factor")
 
     def as_dict(self) -> dict[str, Array]:
         """The host factors by name."""
