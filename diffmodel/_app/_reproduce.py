@@ -35,6 +35,9 @@ protocols, per experiment.
 - ``study-9`` / ``study-36``: the study's compute-only model (``StudyFactors``), one
   set of 9 parameters, or 9 per deployment group, fitted with ``fit`` on the training
   rows to convergence (no early stopping: see ``_reproduce_methods._factor_set``).
+- ``aiconfigurator``: the field's estimator, aiconfigurator-core's per-step latency
+  from its H100 vLLM kernel tables (table lookups, nothing fitted; see
+  :mod:`diffmodel.baselines._aiconfigurator` for how each step is asked).
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
 - ``diffmodel-kernels``: the roofline with factors calibrated on the H100 kernel
   measurements alone (:func:`diffmodel.kernel_prior_factors`), no trace fitting

@@ -21,6 +21,7 @@ METHODS: tuple[str, ...] = (
     "study-xgboost",
     "study-9",
     "study-36",
+    "aiconfigurator",
     "diffmodel-roofline",
     "diffmodel-global",
     "diffmodel-per-model",

@@ -1,7 +1,9 @@
 """Black-box baselines the step model is compared with: the study's 3-coefficient
 linear model, its per-experiment XGBoost (needs the ``xgboost`` extra), its features and
-its own published predictions."""
+its own published predictions; and the field's table-lookup estimator,
+aiconfigurator-core's per-step latency (needs the ``aic`` extra)."""
 
+from ._aiconfigurator import aiconfigurator_step_us as aiconfigurator_step_us
 from ._baselines import (
     STUDY_FEATURES as STUDY_FEATURES,
     BlackBox as BlackBox,
