@@ -206,15 +206,16 @@ def test_missing_data_raises(tmp_path):
 
 
 @pytest.mark.slow
-def test_kernel_rows_use_the_kernel_calibrated_factors(data_dir, tmp_path):
-    # A cached calibration (what experiments/kernels.py writes) skips the ~1 minute
-    # kernel fit; the unfitted kernel row must then equal predict() with them.
-    import json
-
+def test_kernel_rows_use_each_deployments_kernel_factors(data_dir, tmp_path):
+    # Cached curves (what a previous run leaves) skip the ~1 minute calibration;
+    # the unfitted kernel row must then equal predict() with each deployment's own
+    # kernel-calibrated factors, at its model's shapes and TP degree.
     import diffmodel as dm
+    import diffmodel.kernels as dk
+    from diffmodel.kernels._curves_io import save_curves
 
-    values = {"gemm_flops": 0.5, "mem_bw": 0.6, "attn_bw": 0.4, "comm_latency_us": 3.0}
-    (tmp_path / "kernel_prior_factors.json").write_text(json.dumps(values))
+    curves = dk.default_kernel_curves()
+    save_curves(curves, tmp_path / "kernel_curves.json")
     results = reproduce(
         data=data_dir,
         out=tmp_path,
@@ -231,9 +232,14 @@ def test_kernel_rows_use_the_kernel_calibrated_factors(data_dir, tmp_path):
         .reset_index(drop=True)
     ).dropna(subset=["iteration_time_us"])
     test = quick[temporal_split(quick) == "test"]
-    pred = dm.predict(test, factors=dm.Factors(**values)).predicted_us
-    ape = (pred / test["iteration_time_us"] - 1).abs().groupby(test["experiment_id"])
-    expected = ape.mean() * 100
     got = results.set_index("experiment_id")["mape"]
-    np.testing.assert_allclose(got.loc[expected.index], expected, rtol=1e-4)
+    priors = {}
+    for exp, rows in test.groupby("experiment_id"):
+        model, tp = dm.canonical_model(rows["model"].iloc[0]), int(rows["tp"].iloc[0])
+        priors[model] = dk.kernel_prior_factors(curves, model=model, tp=tp)
+        pred = dm.predict(rows, factors=priors[model]).predicted_us
+        want = 100 * (pred / rows["iteration_time_us"] - 1).abs().mean()
+        np.testing.assert_allclose(got.loc[exp], want, rtol=1e-4)
+    a, b = (priors[m] for m in ("llama-2-70b", "codellama-34b"))
+    assert float(a.mem_bw) != float(b.mem_bw)  # the shapes differ, so do the priors
     assert (results["n_params"] == 0).all()

@@ -40,10 +40,11 @@ protocols, per experiment.
   :mod:`diffmodel.baselines._aiconfigurator` for how each step is asked).
 - ``diffmodel-roofline``: the roofline at its physical priors, nothing fitted.
 - ``diffmodel-kernels``: the roofline with factors calibrated on the H100 kernel
-  measurements alone (:func:`diffmodel.kernel_prior_factors`), no trace fitting
-  (0 trace parameters).
+  measurements alone, each deployment's at its own shapes (:func:`kernel_priors`),
+  no trace fitting (0 trace parameters).
 - ``diffmodel-kernels-hierarchical``: hierarchical factors whose global level starts
-  from, and is held near (``global_prior_scale`` 0.5), the kernel-calibrated ones.
+  from, and is held near (``global_prior_scale`` 0.5), the mean of the training
+  deployments' kernel-calibrated ones.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
@@ -58,7 +59,6 @@ predicts an unseen group with its global factors, by design.
 """
 
 import concurrent.futures
-import json
 import pathlib
 import sys
 import time
@@ -73,6 +73,7 @@ from .._model._factors import Factors
 from ..baselines._baselines import STUDY_GRID, load_study_xgboost
 from ..data._splits import leave_one_out, temporal_split
 from ..data._traces import add_targets, load_steps
+from ..kernels._curves_io import load_curves, save_curves
 from ._reproduce_host import HOST_METHODS
 from ._reproduce_methods import (
     _DIFFMODEL_KINDS,
@@ -184,12 +185,14 @@ def reproduce(
         if not path.is_file():
             raise ValueError(f"data: {path} not found")
     frame = _load(steps_path, experiments, settings.rows_per_experiment)
-    fresh_prior = False
-    if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
-        prior, fresh_prior = _kernel_prior(data, out, say)
-        settings = settings._replace(kernel_prior=prior)
-    study = load_study_xgboost(study_path)
     evaluator = _Evaluator(frame)
+    curves = None
+    if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
+        curves, fresh_curves = _kernel_curves(data, out, say)
+        settings = settings._replace(
+            kernel_prior=kernel_priors(curves, evaluator.labels)
+        )
+    study = load_study_xgboost(study_path)
     say(
         f"reproduce: {len(frame)} steps of {frame['experiment_id'].nunique()} "
         f"experiments{' (quick)' if quick else ''}; targets {list(targets)}, "
@@ -244,9 +247,8 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / "results.csv", index=False)
     (out / "results.md").write_text(results_markdown(results))
-    if fresh_prior:
-        values = {k: float(v) for k, v in settings.kernel_prior.as_dict().items()}
-        (out / _KERNEL_CACHE).write_text(json.dumps(values, indent=2) + "\n")
+    if curves is not None and fresh_curves:
+        save_curves(curves, out / _KERNEL_CACHE)
     say(f"reproduce: done in {time.perf_counter() - start:.0f} s; wrote {out}")
     return results
 
@@ -339,23 +341,38 @@ _SPLITS = ("train", "valid", "test")
 # ------------------------------------------------------------------- kernel prior
 
 
-def _kernel_prior(data: pathlib.Path, out: pathlib.Path, say) -> tuple[Factors, bool]:
-    """Kernel-calibrated factors, and whether they are new: read from
-    ``out/kernel_prior_factors.json`` when a previous run left them, else calibrated
-    on ``data/kernels`` (~1 minute; the caller saves them with the results).
-    """
-    from ..kernels._calibrate import calibrate_kernels, kernel_prior_factors
+def _kernel_curves(data: pathlib.Path, out: pathlib.Path, say):
+    """Kernel curves calibrated on ``data/kernels`` (~1 minute; the caller saves them
+    with the results), or read from ``out/kernel_curves.json`` that a previous run
+    left; and whether they are new."""
+    from ..kernels._calibrate import calibrate_kernels
     from ..kernels._tables import load_kernel_tables
 
     cache = out / _KERNEL_CACHE
     if cache.is_file():
-        say(f"reproduce: kernel-calibrated factors from {cache}")
-        return Factors(**json.loads(cache.read_text())), False
-    say("reproduce: calibrating the roofline on the H100 kernel measurements")
-    return kernel_prior_factors(calibrate_kernels(load_kernel_tables(data))), True
+        say(f"reproduce: kernel curves from {cache}")
+        return load_curves(cache), False
+    say("reproduce: calibrating kernel curves on the H100 kernel measurements")
+    return calibrate_kernels(load_kernel_tables(data)), True
 
 
-_KERNEL_CACHE = "kernel_prior_factors.json"
+def kernel_priors(curves, labels: Sequence[str]) -> dict[str, Factors]:
+    """Kernel-calibrated factors of each deployment ``model/gpu/tpN`` in ``labels``,
+    at that deployment's own shapes (:func:`diffmodel.kernels.kernel_prior_factors`
+    with its model and TP): a 34B model at TP 2 runs larger GEMMs, nearer the
+    bandwidth peak, than a 70B model at TP 4."""
+    from ..kernels._calibrate import kernel_prior_factors
+
+    out = {}
+    for label in labels:
+        model, _, tp = label.split("/")
+        out[label] = kernel_prior_factors(
+            curves, model=model, tp=int(tp.removeprefix("tp"))
+        )
+    return out
+
+
+_KERNEL_CACHE = "kernel_curves.json"
 
 
 def data_root(data: str | pathlib.Path) -> pathlib.Path:

@@ -48,7 +48,8 @@ class _Settings(NamedTuple):
     solver: str
     max_steps: int
     xgboost_threads: int
-    kernel_prior: Any = None  # Factors calibrated on kernels, when a method needs them
+    # Kernel-calibrated Factors per deployment label, when a method needs them.
+    kernel_prior: Any = None
 
 
 class _Fold(NamedTuple):
@@ -91,10 +92,17 @@ def _run_method(
     if method in HOST_METHODS:
         return _Outcome(*run_host_method(method, fold, target, settings))
     if method in ("diffmodel-roofline", "diffmodel-kernels"):
-        prior = settings.kernel_prior if method == "diffmodel-kernels" else None
+        prior = None
+        if method == "diffmodel-kernels":  # each deployment's own kernel prior
+            prior = _stack([settings.kernel_prior[lab] for lab in evaluator.labels])
         predicted, _ = evaluator.predict(fold.test, prior)
         return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))
     return _factor_set(method, fold, target, settings, evaluator)
+
+
+def _stack(factors: list[Factors]) -> Factors:
+    """Factors with a leading axis over ``factors``."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *factors)
 
 
 def _each(frame: pd.DataFrame, value: float) -> dict[str, float]:
@@ -204,11 +212,14 @@ def _factor_set(
             notes=_each(fold.test, _UNSEEN),
         )
     tick = time.perf_counter()
-    anchor = (
-        {"prior": settings.kernel_prior, "global_prior_scale": 0.5}
-        if method == "diffmodel-kernels-hierarchical"
-        else {}
-    )
+    anchor = {}
+    if method == "diffmodel-kernels-hierarchical":
+        trained = sorted(evaluator.labels_of(fold.train))
+        mean = jax.tree.map(
+            lambda x: jnp.mean(x, axis=0),
+            _stack([settings.kernel_prior[lab] for lab in trained]),
+        )
+        anchor = {"prior": mean, "global_prior_scale": 0.5}
     # The study's forms are fitted to convergence on the training rows, as the study
     # did: on the temporal split the validation rows (later, larger batches) favour
     # the start values, and early stopping would report the unfitted start as both
