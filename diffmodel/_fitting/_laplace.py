@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ._intervals import regime_noise_sd
 
@@ -138,11 +138,48 @@ def laplace(
         )
     if n_rows < 1:
         raise ValueError(f"n_rows must be >= 1, got {n_rows}")
-    j = float(objective(raw))
+    # Compiled, not op by op: an eager Hessian of the step model dispatches (and in a
+    # fresh process compiles) every primitive separately, seconds per fit.
+    j = jax.jit(objective)(raw)
+    hess = jax.jit(jax.hessian(objective))(raw)
+    names, values = physical(raw)
+    jac = jax.jit(jax.jacfwd(lambda r: physical(r)[1]))(raw)
+    mask = None if bounds is None else np.asarray(bounds(raw))
+    return summarise(
+        j,
+        hess,
+        names,
+        values,
+        jac,
+        n_rows,
+        raw_names=raw_names,
+        at_bound_mask=mask,
+        noise_sd=noise_sd,
+        unpinned_sd=unpinned_sd,
+    )
+
+
+def summarise(
+    objective_value: ArrayLike,
+    hessian: ArrayLike,
+    names: tuple[str, ...],
+    values: ArrayLike,
+    jacobian: ArrayLike,
+    n_rows: int,
+    *,
+    raw_names: tuple[str, ...],
+    at_bound_mask: np.ndarray | None = None,
+    noise_sd: float | None = None,
+    unpinned_sd: float = UNPINNED_SD,
+) -> Laplace:
+    """The :class:`Laplace` summary from the objective's value and Hessian at the
+    optimum and the Jacobian of the physical quantities (``names``, ``values``) in
+    the raw parameters (see :func:`laplace` for the arguments)."""
+    j = float(objective_value)
     if not np.isfinite(j):
         raise ValueError(f"the objective is not finite at the optimum ({j})")
     s2 = float(noise_sd) ** 2 if noise_sd is not None else j
-    hess = np.asarray(jax.hessian(objective)(raw), dtype=np.float64)
+    hess = np.asarray(hessian, dtype=np.float64)
     hess = 0.5 * (hess + hess.T)
     evals, evecs = np.linalg.eigh(hess)
     scale = 2.0 * s2 / n_rows
@@ -152,8 +189,7 @@ def laplace(
     var_dir = scale * inv  # posterior variance along each eigen-direction
     finite = np.isfinite(var_dir)
     cov = (evecs[:, finite] * var_dir[finite]) @ evecs[:, finite].T
-    names, values = physical(raw)
-    jac = np.asarray(jax.jacfwd(lambda r: physical(r)[1])(raw), dtype=np.float64)
+    jac = np.asarray(jacobian, dtype=np.float64)
     var_phys = np.einsum("qi,ij,qj->q", jac, cov, jac)
     # A flat direction makes every quantity that moves along it unbounded.
     flat_load = np.abs(jac @ evecs[:, ~finite]) if (~finite).any() else None
@@ -166,9 +202,8 @@ def laplace(
         if not finite[k] or np.sqrt(var_dir[k]) > unpinned_sd
     )
     at_bound: tuple[str, ...] = ()
-    if bounds is not None:
-        mask = np.asarray(bounds(raw))
-        at_bound = tuple(n for n, m in zip(names, mask, strict=True) if m)
+    if at_bound_mask is not None:
+        at_bound = tuple(n for n, m in zip(names, at_bound_mask, strict=True) if m)
     return Laplace(
         names=tuple(names),
         values=jnp.asarray(values),
@@ -257,14 +292,49 @@ def _physical_named(fs):
 
 def factor_set_laplace(fs, data, target, weights=None) -> Laplace:
     """:func:`laplace` of a fitted :class:`~diffmodel.AbstractFactorSet` on the rows it
-    was fitted to (``data``: :class:`StepData`; ``target`` in microseconds)."""
-    from .._metrics import log_ratio_loss
+    was fitted to (``data``: :class:`StepData`; ``target`` in microseconds).
 
+    The derivatives come from one compiled function of the set and the data (as
+    arguments), so a refit on data of the same shapes reuses it."""
     y = jnp.asarray(target)
     n = int(y.shape[0])
     w = None if weights is None else jnp.asarray(weights)
-    vec, unflat = flat(fs)
+    vec, _ = flat(fs)
     raw_names = _leaf_names(fs, int(vec.shape[0]))
+    named = _physical_named(fs)
+    j, hess, values, jac, pred, data_loss = _set_derivatives(
+        fs, data, y, w, jnp.asarray(float(n), y.dtype)
+    )
+    if named is None:  # no physical factors (the study's set): the raw ones
+        names, mask = raw_names, np.zeros(len(raw_names), bool)
+    else:
+        names, mask = named[0], np.asarray(named[2])
+    # The noise sd is the data term's, not the penalty's.
+    resid = np.asarray(jnp.log(pred) - jnp.log(y))
+    by_regime = regime_noise_sd(resid, np.asarray(data.stats.prefill_tokens) > 0)
+    lap = summarise(
+        j,
+        hess,
+        names,
+        values,
+        jac,
+        n,
+        raw_names=raw_names,
+        at_bound_mask=mask,
+        noise_sd=max(float(np.sqrt(data_loss)), 1e-12),
+    )
+    return dataclasses.replace(
+        lap, regime_noise_sd=(by_regime["prefill"], by_regime["decode_only"])
+    )
+
+
+@eqx.filter_jit
+def _set_derivatives(fs, data, y, w, n):
+    """Objective, its Hessian, the physical values and their Jacobian in the raw
+    parameters, the predictions and the data term, at ``fs`` (one compilation)."""
+    from .._metrics import log_ratio_loss
+
+    vec, unflat = flat(fs)
 
     def objective(v):
         s = unflat(v)
@@ -272,28 +342,14 @@ def factor_set_laplace(fs, data, target, weights=None) -> Laplace:
 
     def physical(v):
         named = _physical_named(unflat(v))
-        if named is None:
-            return raw_names, v
-        return named[0], named[1]
+        return v if named is None else named[1]
 
-    def bounds(v):
-        named = _physical_named(unflat(v))
-        return np.zeros(len(raw_names), bool) if named is None else named[2]
-
-    # The noise sd is the data term's, not the penalty's.
-    s = unflat(vec)
-    resid = np.asarray(jnp.log(s.predict(data)) - jnp.log(y))
-    noise = float(jnp.sqrt(log_ratio_loss(s.predict(data), y, w)))
-    by_regime = regime_noise_sd(resid, np.asarray(data.stats.prefill_tokens) > 0)
-    lap = laplace(
-        objective,
-        vec,
-        n,
-        raw_names=raw_names,
-        physical=physical,
-        bounds=bounds,
-        noise_sd=max(noise, 1e-12),
-    )
-    return dataclasses.replace(
-        lap, regime_noise_sd=(by_regime["prefill"], by_regime["decode_only"])
+    pred = fs.predict(data)
+    return (
+        objective(vec),
+        jax.hessian(objective)(vec),
+        physical(vec),
+        jax.jacfwd(physical)(vec),
+        pred,
+        log_ratio_loss(pred, y, w),
     )
