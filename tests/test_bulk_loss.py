@@ -79,6 +79,7 @@ def test_value_and_gradient_equal_the_fitting_objective(kind):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_weights_and_float32():
     stats, group = steps(200)
     y = target(stats, group)
@@ -91,6 +92,7 @@ def test_weights_and_float32():
     assert float(bulk_loss(fs, d32)) == pytest.approx(ref, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_matches_central_differences():
     stats, group = steps(100)
     y = target(stats, group)
@@ -106,6 +108,7 @@ def test_gradient_matches_central_differences():
         assert float(grad.raw[i]) == pytest.approx(fd, rel=1e-4, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_hessian_vector_product_equals_the_hessian():
     stats, group = steps(120)
     y = target(stats, group)
@@ -134,6 +137,7 @@ def test_new_data_in_the_same_bucket_compiles_nothing():
     assert float(v2) == pytest.approx(float(reference(fs, s2, g2, target(s2, g2))))
 
 
+@pytest.mark.slow
 def test_fit_steps_recovers_per_group_factors():
     stats, group = steps(3000, seed=6)
     truth = perturbed("per-model", seed=7)
@@ -227,6 +231,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_over_two_host_devices_equals_one():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (

@@ -96,6 +96,7 @@ def with_rows(work: pathlib.Path, **columns) -> str:
 # --------------------------------------------------------------------------- happy
 
 
+@pytest.mark.slow
 def test_fit_save_predict_evaluate(trace, tmp_path, capsys):
     factors, plot = tmp_path / "factors.json", tmp_path / "fit.png"
     argv = ["fit", "--data", trace, "--target", "step_time_us", "--kind", "per-model"]
@@ -165,6 +166,7 @@ def test_real_trace_targets(data_dir, tmp_path, capsys):
     assert "rows with an undefined iteration_time_us" in err
 
 
+@pytest.mark.slow
 def test_demo(tmp_path, capsys):
     argv = ["demo", "--out-dir", str(tmp_path / "demo"), "--seed", "1"]
     argv += ["--rows-per-deployment", "20", "--max-iterations", "30"]
@@ -386,6 +388,7 @@ def test_item4_negative_learning_rate_is_a_usage_error(work):
     fails(work, [*argv, "--learning-rate", "-1"], "expected a number > 0", rc=2)
 
 
+@pytest.mark.slow
 def test_item4_hierarchical_factors_warn_on_an_unseen_deployment(trace, tmp_path):
     frame = pd.read_csv(trace)
     seen = frame[frame["model"] != "codellama-34b"]

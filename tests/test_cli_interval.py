@@ -24,6 +24,7 @@ def fitted(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_predict_interval_adds_bounds_equal_to_the_library(fitted):
     argv = ["predict", "--data", "trace.csv", "--out", "p.csv", "--factors", "g.json"]
     code, out, err = run_cli(*argv, "--interval", "0.9", cwd=fitted)
@@ -76,6 +77,7 @@ def test_interval_needs_saved_factors(fitted):
     fails(fitted, argv, "--interval needs --factors")
 
 
+@pytest.mark.slow
 def test_transfer_by_and_transfer_match_the_library(fitted):
     fit = ["fit", "--data", "trace.csv", "--target", "step_time_us"]
     fit += ["--out", "t.json", "--max-iterations", "40"]

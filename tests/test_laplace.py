@@ -238,6 +238,7 @@ def test_one_deployment_cannot_split_step_from_layer_overhead():
     assert "step_overhead_us" in res.identifiability()
 
 
+@pytest.mark.slow
 def test_predict_interval_from_a_fit_and_from_its_file(tmp_path):
     import diffmodel as dm
 

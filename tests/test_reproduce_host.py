@@ -44,6 +44,7 @@ def test_hierarchical_step_duration_outcome(frame):
     assert all("gate on" in note for note in out.notes.values())
 
 
+@pytest.mark.slow
 def test_iteration_time_counts_host_and_device_numbers(frame):
     rows = frame.dropna(subset=["iteration_time_us"])
     fold = _fold(rows)
@@ -65,6 +66,7 @@ def test_iteration_time_counts_host_and_device_numbers(frame):
     assert table["graph_limit [gate variable units (see gate_on)]"].iloc[0] > 0
 
 
+@pytest.mark.slow
 def test_per_model_cannot_predict_an_unseen_deployment(frame):
     split = temporal_split(frame, fractions=(0.8, 0.2, 0.0))
     llama = frame["model"].str.startswith("llama").to_numpy()

@@ -41,6 +41,7 @@ def test_fit_rejects_a_bad_transfer_column_before_fitting():
         dm.fit(frame, target="step_time_us", transfer_by="model", uncertainty=False)
 
 
+@pytest.mark.slow
 def test_transfer_noise_measures_the_miss_the_in_sample_noise_hides():
     frame = _biased()
     res = dm.fit(frame, target="step_time_us", transfer_by="experiment_id")
@@ -90,6 +91,7 @@ def test_intervals_use_the_transfer_noise_for_unseen_deployments(tmp_path):
     assert seen_id in set(train["experiment_id"])
 
 
+@pytest.mark.slow
 def test_without_transfer_noise_unseen_rows_warn_and_true_is_an_error():
     frame = _biased(n=30)
     train = frame[frame["model"] != "llama-3.1-8b"]
