@@ -29,6 +29,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from identifiability import markdown  # a sibling script: the same pipe table
 
 import diffmodel as dm
 from diffmodel import data as dmd
@@ -134,18 +135,6 @@ def main(*, data: pathlib.Path | None = None, level: float = 0.9, max_steps=300)
     table = pd.DataFrame(rows)
     print(markdown(table))
     return table
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A pipe table of ``table`` (floats to one decimal), without extra packages."""
-    cells = [
-        [f"{v:.1f}" if isinstance(v, float) else str(v) for v in row]
-        for row in table.itertuples(index=False)
-    ]
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |"]
-    lines.append("|" + "---|" * table.shape[1])
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

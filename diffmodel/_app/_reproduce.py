@@ -62,13 +62,11 @@ import concurrent.futures
 import pathlib
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .._fitting._laplace import IdentifiabilityWarning
 from .._model._factors import Factors
 from ..baselines._baselines import STUDY_GRID, load_study_xgboost
 from ..data._splits import leave_one_out, temporal_split
@@ -225,24 +223,8 @@ def reproduce(
     # Longest first: the XGBoost grids, then the compilations of the fits.
     tasks.sort(key=lambda task: -_expected_seconds(task[1], task[2], settings))
     start = time.perf_counter()
-    # The fits' identifiability warnings (three deployments leave the fixed costs
-    # undetermined: expected, and the subject of experiments/identifiability.py) are
-    # counted, not printed one by one; the filter state is the process's, so the
-    # worker threads' warnings land here too.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", IdentifiabilityWarning)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            rows = [row for task_rows in pool.map(run, tasks) for row in task_rows]
-    unpinned = sum(issubclass(w.category, IdentifiabilityWarning) for w in caught)
-    for w in caught:
-        if not issubclass(w.category, IdentifiabilityWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if unpinned:
-        say(
-            f"reproduce: the fits raised {unpinned} identifiability warnings "
-            "(undetermined directions or factors at a bound; see "
-            "experiments/identifiability.py)"
-        )
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        rows = [row for task_rows in pool.map(run, tasks) for row in task_rows]
     results = order_results(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / "results.csv", index=False)

@@ -231,6 +231,7 @@ def _factor_set(
         valid=None if kind.startswith("study") else fold.valid,
         solver=settings.solver,
         max_steps=settings.max_steps,
+        uncertainty=False,  # the benchmark scores predictions only
         **anchor,
     )
     seconds = time.perf_counter() - tick

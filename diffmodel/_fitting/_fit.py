@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from jaxtyping import Array, Float
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._factorsets import init_factor_set
 from .._fitting._kinds import FactorKind, check_kind
-from .._fitting._laplace import IdentifiabilityWarning, Laplace, factor_set_laplace
+from .._fitting._laplace import Laplace, factor_set_laplace, warn_identifiability
 from .._fitting._optimise import Result, minimise
 from .._fitting._transfer import transfer_noise, transfer_values
 from .._frame import groups_from_frame, stats_from_frame
@@ -226,10 +225,7 @@ def fit_arrays(
     lap = None
     if uncertainty and np.isfinite(float(res.loss_history[res.n_steps - 1])):
         lap = factor_set_laplace(res.params, data, y, w)
-        for line in (*lap.unpinned, *(f"{b} is at a bound" for b in lap.at_bound)):
-            warnings.warn(
-                f"identifiability: {line}", IdentifiabilityWarning, stacklevel=2
-            )
+        warn_identifiability(lap)
     return FitResult.from_optimiser(res, target_name, lap)
 
 

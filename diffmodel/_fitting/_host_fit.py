@@ -80,6 +80,7 @@ def fit_host(
             solver=solver,
             max_steps=max_steps,
             target_name=_TIMER,
+            uncertainty=False,  # HostFit keeps no posterior
         )
         scores[gate_on] = mape(vy, np.asarray(res.factor_set.predict(dvalid)))
         if best is None or scores[gate_on] < scores[best[0]]:
@@ -99,6 +100,7 @@ def fit_host(
             solver=solver,
             max_steps=max_steps,
             target_name=target,
+            uncertainty=False,
         )
         model = HostStepModel(
             host=model.host, device=start.factor_set, target="iteration_time"
@@ -111,6 +113,7 @@ def fit_host(
             solver=solver,
             max_steps=max_steps,
             target_name=target,
+            uncertainty=False,
         )
         model, steps = res.factor_set, start.n_steps + res.n_steps
     return HostFit(model, labels, gate_on, scores, steps)

@@ -21,6 +21,7 @@ on it) has infinite variance: it is reported as unpinned and its sd as ``inf``.
 """
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import equinox as eqx
@@ -227,6 +228,15 @@ def flat(tree) -> tuple[Array, Callable]:
 class IdentifiabilityWarning(UserWarning):
     """A fit left a direction of its factors undetermined, or put a factor at a bound
     of its physical range (see :attr:`diffmodel.FitResult.laplace`)."""
+
+
+def warn_identifiability(lap: "Laplace", stacklevel: int = 3) -> None:
+    """One :class:`IdentifiabilityWarning` per unpinned direction and per quantity
+    at a bound of ``lap`` (``stacklevel`` 3: the caller of the fit)."""
+    for line in (*lap.unpinned, *(f"{b} is at a bound" for b in lap.at_bound)):
+        warnings.warn(
+            f"identifiability: {line}", IdentifiabilityWarning, stacklevel=stacklevel
+        )
 
 
 _BOUND_EFF = 0.01  # an efficiency within this of 0 or 1

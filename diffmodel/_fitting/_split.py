@@ -25,7 +25,6 @@ direction it leaves open.
 """
 
 import dataclasses
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
@@ -48,7 +47,7 @@ from ._base import (
 )
 from ._factorsets import _prior_tuple, _read_prior, _roofline_dict, to_physical
 from ._intervals import regime_noise_sd
-from ._laplace import IdentifiabilityWarning, Laplace, flat, laplace
+from ._laplace import Laplace, flat, laplace, warn_identifiability
 
 DEVICE_FACTORS: tuple[str, ...] = FACTOR_NAMES[:5]
 """Factors that belong to the GPU (efficiencies, fractions of a peak)."""
@@ -380,6 +379,5 @@ def fit_host_device(
     if not uncertainty:
         return result
     lap = host_device_laplace(result.factor_set, data, jnp.asarray(y))
-    for line in (*lap.unpinned, *(f"{b} is at a bound" for b in lap.at_bound)):
-        warnings.warn(f"identifiability: {line}", IdentifiabilityWarning, stacklevel=2)
+    warn_identifiability(lap)
     return eqx.tree_at(lambda r: r.laplace, result, lap, is_leaf=lambda x: x is None)
