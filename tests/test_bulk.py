@@ -67,9 +67,8 @@ def _direct(stats, deps, group, factors=None):
     }
 
 
-@pytest.mark.parametrize(
-    "dtype", [pytest.param(np.float32, marks=pytest.mark.slow), np.float64]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_chunked_equals_unchunked_equals_step_time(deps, dtype):
     n = 1000  # not a multiple of the chunk: the last chunk is padded
     stats = _stats(n)
@@ -89,6 +88,7 @@ def test_chunked_equals_unchunked_equals_step_time(deps, dtype):
     np.testing.assert_allclose(chunked["total"], whole, rtol=RTOL[dtype])
 
 
+@pytest.mark.slow
 def test_per_group_factors_and_tail_padding(deps):
     # n = 2 chunks + 1 step: the last chunk is all padding but one step.
     stats = _stats(2 * 32 + 1, seed=3)
@@ -177,6 +177,7 @@ def test_requests_equal_loop_of_from_requests(deps, dtype):
         np.testing.assert_allclose(got[i], ref, rtol=RTOL[dtype], err_msg=str(i))
 
 
+@pytest.mark.slow
 def test_frame_wrapper_matches_predict():
     frame = pd.DataFrame(
         {

@@ -65,6 +65,7 @@ def target(stats, group, seed=2):
     return t * np.exp(rng.normal(0, 0.1, t.shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["global", "per-model", "hierarchical"])
 def test_value_and_gradient_equal_the_fitting_objective(kind):
     stats, group = steps(300)
@@ -124,6 +125,7 @@ def test_hessian_vector_product_equals_the_hessian():
     np.testing.assert_allclose(hv.raw, expected, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_new_data_in_the_same_bucket_compiles_nothing():
     fs = perturbed("per-model")
     s1, g1 = steps(300, seed=4)

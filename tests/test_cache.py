@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _PROBE = r"""
@@ -50,12 +52,14 @@ def test_default_folder_follows_xdg_cache_home(tmp_path):
     assert r["dir"] == str(tmp_path / "diffmodel" / "jax")
 
 
+@pytest.mark.slow
 def test_switch_off_and_explicit_folder(tmp_path):
     assert run({"DIFFMODEL_COMPILATION_CACHE": "0"})["dir"] is None
     folder = tmp_path / "mine"
     assert run({"DIFFMODEL_COMPILATION_CACHE": str(folder)})["dir"] == str(folder)
 
 
+@pytest.mark.slow
 def test_second_process_compiles_nothing(tmp_path):
     env = {"DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache")}
     first = run(env, "fit")

@@ -24,6 +24,17 @@ def fitted(tmp_path_factory):
     return work
 
 
+@pytest.fixture(scope="module")
+def trace_only(tmp_path_factory):
+    """A folder with ``trace.csv`` only: usage errors are found before any file is
+    read, so these tests need no fit."""
+    work = tmp_path_factory.mktemp("usage")
+    synthetic_trace(steps_per_deployment=4, seed=5).to_csv(
+        work / "trace.csv", index=False
+    )
+    return work
+
+
 @pytest.mark.slow
 def test_predict_interval_adds_bounds_equal_to_the_library(fitted):
     argv = ["predict", "--data", "trace.csv", "--out", "p.csv", "--factors", "g.json"]
@@ -57,6 +68,7 @@ def test_predict_interval_adds_bounds_equal_to_the_library(fitted):
     assert np.all(wide["predicted_hi_us"] > hi) and np.all(wide["predicted_lo_us"] < lo)
 
 
+@pytest.mark.slow
 def test_predict_without_interval_has_no_bounds(fitted):
     argv = ["predict", "--data", "trace.csv", "--out", "n.csv", "--factors", "g.json"]
     code, _, err = run_cli(*argv, cwd=fitted)
@@ -65,16 +77,19 @@ def test_predict_without_interval_has_no_bounds(fitted):
 
 
 @pytest.mark.parametrize("level", ["1.5", "0", "x"])
-def test_interval_out_of_range_is_a_usage_error(fitted, level):
+def test_interval_out_of_range_is_a_usage_error(trace_only, level):
     argv = ["predict", "--data", "trace.csv", "--out", "o.csv", "--factors", "g.json"]
     fails(
-        fitted, [*argv, "--interval", level], "expected a probability in (0, 1)", rc=2
+        trace_only,
+        [*argv, "--interval", level],
+        "expected a probability in (0, 1)",
+        rc=2,
     )
 
 
-def test_interval_needs_saved_factors(fitted):
+def test_interval_needs_saved_factors(trace_only):
     argv = ["predict", "--data", "trace.csv", "--out", "o.csv", "--interval", "0.9"]
-    fails(fitted, argv, "--interval needs --factors")
+    fails(trace_only, argv, "--interval needs --factors")
 
 
 @pytest.mark.slow

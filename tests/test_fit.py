@@ -336,7 +336,15 @@ def test_pandas_fit_predict_round_trip(tmp_path):
 def test_save_load_exact_round_trip(kind, tmp_path):
     f = _frame()
     anchor = {"global_prior_scale": 0.3} if kind in ("global", "hierarchical") else {}
-    res = dm.fit(f, target="t_us", factors=kind, max_steps=20, solver="adam", **anchor)
+    res = dm.fit(
+        f,
+        target="t_us",
+        factors=kind,
+        max_steps=20,
+        solver="adam",
+        uncertainty=False,  # the posterior has its own round-trip test
+        **anchor,
+    )
     loaded = dm.load_factors(dm.save_factors(res, tmp_path / "f.json"))
     for a, b in zip(
         jax.tree.leaves(res.factor_set), jax.tree.leaves(loaded), strict=True

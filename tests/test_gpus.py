@@ -110,6 +110,7 @@ def test_listing_and_one_line_errors():
     assert dk.find_table("h100_sxm", "vllm", "allreduce").version == "0.24.0"
 
 
+@pytest.mark.slow
 @needs_db
 def test_empty_family_is_an_error_and_calibration_says_skipped():
     tables = dk.load_system_tables("a100_sxm", "vllm")
@@ -295,6 +296,7 @@ def test_shifted_moves_only_eta_max_and_latency():
     assert float(s.flops.log_half) == float(c.flops.log_half)
 
 
+@pytest.mark.slow
 def test_pooled_fit_recovers_shared_curves_from_two_gpus():
     """Times drawn from known portable curves on two GPUs (one 20% less efficient):
     leaving each out, the pooled fit on the other predicts it within the gap."""
@@ -326,6 +328,7 @@ def test_pooled_fit_recovers_shared_curves_from_two_gpus():
 # ------------------------------------------------------------------------------ CLI
 
 
+@pytest.mark.slow
 @needs_db
 def test_cli_kernels_list_and_calibrate(tmp_path, capsys):
     assert cli_main(["kernels", "list", "--system", "l40s", "--backend", "vllm"]) == 0

@@ -98,6 +98,7 @@ def eqx_tree_set(module, **fields):
     )
 
 
+@pytest.mark.slow
 def test_two_targets_from_one_model():
     data = _data(20)
     host = init_host_set("per-model", LABELS)
@@ -124,6 +125,7 @@ def test_two_targets_from_one_model():
         HostStepModel(host=host, device=None, target="ttft")
 
 
+@pytest.mark.slow
 def test_frozen_host_gets_no_gradient_for_iteration_time():
     data = _data(10)
     model = HostStepModel(
@@ -136,6 +138,7 @@ def test_frozen_host_gets_no_gradient_for_iteration_time():
     assert float(jnp.abs(grads.device.raw).max()) > 0.0
 
 
+@pytest.mark.slow
 def test_per_group_fit_recovers_known_gate_locations():
     data = _data(200, seed=3)
     truth = HostFactors(
@@ -159,6 +162,7 @@ def test_per_group_fit_recovers_known_gate_locations():
     assert res.loss < 0.01
 
 
+@pytest.mark.slow
 def test_model_is_a_factor_set_that_round_trips_through_json():
     import json
 

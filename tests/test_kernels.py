@@ -232,6 +232,7 @@ def test_vllm_tuned_moe_lookup():
         vllm_tuned_moe(table.assign(moe_dtype="fp8"))
 
 
+@pytest.mark.slow
 def test_moe_table_work_models_power_law_routing(tables):
     rows = tables["moe"]
     rows = rows[(rows["moe_dtype"] == "bfloat16") & (rows["num_experts"] == 8)]

@@ -209,6 +209,7 @@ def _synthetic(n=120, noise=0.03, seed=0):
     return synthetic_trace(steps_per_deployment=n, noise=noise, seed=seed)
 
 
+@pytest.mark.slow
 def test_fit_reports_sds_that_cover_the_true_factors():
     import diffmodel as dm
     from diffmodel._app._demo import TRUE_FACTORS
@@ -226,6 +227,7 @@ def test_fit_reports_sds_that_cover_the_true_factors():
     assert any(c.endswith(" sd") for c in table.columns)
 
 
+@pytest.mark.slow
 def test_one_deployment_cannot_split_step_from_layer_overhead():
     import diffmodel as dm
 
@@ -262,6 +264,7 @@ def test_predict_interval_from_a_fit_and_from_its_file(tmp_path):
     assert np.all(narrow["predicted_hi_us"] < out["predicted_hi_us"])
 
 
+@pytest.mark.slow
 def test_predict_interval_errors(tmp_path):
     import diffmodel as dm
 

@@ -16,6 +16,7 @@ def _columns(stats: dm.BatchStats) -> list[np.ndarray]:
     ]
 
 
+@pytest.mark.slow
 def test_hand_checkable_steps_agree():
     """An idle step, one decode token, a fractional (relaxed) step, a mixed batch
     and a big prefill, on a dense and an MoE model."""
@@ -40,6 +41,7 @@ def test_hand_checkable_steps_agree():
     assert got[0] == pytest.approx(float(fac.step_overhead_us))
 
 
+@pytest.mark.slow
 def test_random_steps_agree():
     from diffmodel._app._bench import make_steps
 

@@ -178,7 +178,14 @@ def _frame(seed):
     return f
 
 
-@pytest.mark.parametrize("kind", ["global", "per-model", "study-9"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("global", marks=pytest.mark.slow),
+        pytest.param("per-model", marks=pytest.mark.slow),
+        "study-9",
+    ],
+)
 def test_second_fit_on_same_shape_data_compiles_nothing(kind):
     first = dm.fit(_frame(0), target="t_us", factors=kind, max_steps=50)
     before = COMPILE_CLOCK.compiles()
@@ -188,6 +195,7 @@ def test_second_fit_on_same_shape_data_compiles_nothing(kind):
     assert second.loss != first.loss  # new data, same compiled loop
 
 
+@pytest.mark.slow
 def test_fit_with_nan_start_is_nonfinite():
     f = _frame(0)
     data, labels = step_data(f)

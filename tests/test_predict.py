@@ -113,6 +113,7 @@ def test_not_a_frame():
         dm.predict({"prefill_tokens": [1]}, model="llama-2-7b", tp=1)
 
 
+@pytest.mark.slow
 def test_hierarchical_factors_warn_once_per_unseen_deployment():
     from diffmodel._fitting._factorsets import init_factor_set
 

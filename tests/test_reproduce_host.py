@@ -33,6 +33,7 @@ def test_host_methods_are_registered():
     assert set(HOST_METHODS) <= set(METHODS)
 
 
+@pytest.mark.slow
 def test_hierarchical_step_duration_outcome(frame):
     fold = _fold(frame)
     out = run_host_method(

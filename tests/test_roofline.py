@@ -318,6 +318,7 @@ def _with(factors: dm.Factors, name: str, value) -> dm.Factors:
     return eqx.tree_at(lambda f: getattr(f, name), factors, value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemm_flops", "mem_bw", "attn_flops", "comm_bw"])
 def test_float32_second_derivatives_match_float64(name):
     """(peak eta)^3 ~ 1e45 overflowed float32 in the Hessian in eta; the physics
@@ -345,6 +346,7 @@ def test_float32_second_derivatives_match_float64(name):
     assert h32 == pytest.approx(h64, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_float32_gradient_in_the_statistics_matches_float64():
     dep = dm.deployment("llama-2-70b", "h100", 4)
     stats = agg(p=512.0, d=32.0, np_=1.0, nd=32.0, kv=32_000.0)

@@ -110,6 +110,7 @@ def test_labels_split_into_gpu_and_stack():
         split_label("h100@vllm")
 
 
+@pytest.mark.slow
 def test_groups_are_deployment_stack_pairs():
     frame = synthetic(["h100-sxm", "l40s"], ["vllm", "sglang"], DEPLOYMENTS[:1], 2, 0)
     data, labels = host_device_data(frame)
@@ -201,6 +202,7 @@ def _format():
     return FORMAT
 
 
+@pytest.mark.slow
 def test_objective_gradient_matches_finite_differences():
     frame = synthetic(["h100-sxm", "l40s"], ["vllm"], DEPLOYMENTS[:2], 5, 2)
     data, labels = host_device_data(frame)

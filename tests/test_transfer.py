@@ -67,6 +67,7 @@ def test_transfer_noise_measures_the_miss_the_in_sample_noise_hides():
     assert np.sqrt(np.mean(r**2)) < 3 * moved.max()
 
 
+@pytest.mark.slow
 def test_intervals_use_the_transfer_noise_for_unseen_deployments(tmp_path):
     frame = _biased(n=40)
     seen_id = frame["experiment_id"].iloc[0]
