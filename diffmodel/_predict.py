@@ -112,7 +112,7 @@ def predict(
         raise ValueError(f"interval must be a probability in (0, 1), got {interval!r}")
     if transfer is not None and interval is None:
         raise ValueError("transfer selects the interval's noise: it needs interval")
-    posterior = _posterior(factors) if interval is not None else None
+    post = posterior(factors) if interval is not None else None
     stats = stats_from_frame(frame)
     groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)
     fac = resolve_factors(factors, groups.labels)
@@ -121,8 +121,8 @@ def predict(
     out["predicted_us"] = np.asarray(total)
     for c in COMPONENTS:
         out[f"{c}_us"] = np.asarray(parts[c])
-    if posterior is not None:
-        fs, model_ = posterior
+    if post is not None:
+        fs, model_ = post
         noise = model_.row_noise(
             groups.labels,
             np.asarray(groups.index),
@@ -140,7 +140,7 @@ def predict(
     return out
 
 
-def _posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:
+def posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:
     """``(factor set, interval model)`` of a fit, for intervals."""
     if isinstance(factors, str | os.PathLike):
         return load_factors(factors), load_uncertainty(factors)

@@ -1,9 +1,9 @@
 """Our optax fitter against the study's own fitter, on its 9-parameter model.
 
 The study fitted ``sum(factor_i component_i / mfu_i) + overhead`` (compute-only
-backbone, see ``diffmodel._fitting._study``) with
-``scipy.optimize.least_squares`` (method
-``trf``, box bounds) on log-ratio residuals. This script fits the same model, to the
+backbone, see ``diffmodel.StudyFactors``) with ``scipy.optimize.least_squares``
+(method ``trf``, box bounds) on log-ratio residuals
+(``diffmodel.baselines.study_least_squares``). This script fits the same model, to the
 same rows, from the same start, with both, and prints the loss
 ``mean((log pred - log actual)^2)`` and the wall time of each (ours: L-BFGS and
 Adam, compile time shown separately).
@@ -14,40 +14,13 @@ Adam, compile time shown separately).
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import least_squares
 
 import diffmodel as dm
-from diffmodel._fitting._fit import fit_arrays, step_data
-from diffmodel._fitting._study import (
-    STUDY_BOUNDS,
-    STUDY_START,
-    init_study,
-    study_components,
-    study_predict,
-)
 
 TARGETS = {"step_duration": "step_duration_us", "iteration_time": "iteration_time_us"}
-
-
-def scipy_fit(comps: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The study's fitter: trf with bounds on log residuals. (values, loss, seconds)"""
-    lo, hi = STUDY_BOUNDS[:, 0], STUDY_BOUNDS[:, 1]
-    # A start strictly inside the bounds (trf requires it).
-    x0 = np.clip(STUDY_START, lo + 1e-9, hi - 1e-9)
-
-    def residuals(x):
-        pred = (x[0:4] * comps / x[5:9]).sum(-1) + x[4]
-        return np.log(np.maximum(pred, 1e-300)) - np.log(y)
-
-    t0 = time.perf_counter()
-    sol = least_squares(residuals, x0, bounds=(lo, hi), method="trf")
-    seconds = time.perf_counter() - t0
-    return sol.x, float(np.mean(residuals(sol.x) ** 2)), seconds
 
 
 def main(
@@ -57,31 +30,28 @@ def main(
     max_steps: int = 2000,
     out: pathlib.Path | None = None,
 ) -> dict:
-    """Fit the seed model both ways on the three public experiments; print and
+    """Fit the study's model both ways on the three public experiments; print and
     return the losses and times."""
     data = pathlib.Path(data or dm.data.default_data_dir())
     col = TARGETS[target]
     frame = dm.data.add_targets(dm.data.load_steps(data / "stepml" / "steps.parquet"))
     frame = frame[frame[col].notna() & (frame[col] > 0)]
     print(f"{len(frame)} rows, target {col}", file=sys.stderr)
-    steps, labels = step_data(frame)
-    y = frame[col].to_numpy(float)
-    comps = np.asarray(study_components(steps))
 
-    values, scipy_loss, scipy_s = scipy_fit(comps, y)
-    rows = {"scipy-trf": (scipy_loss, scipy_s, float("nan"))}
+    scipy = dm.baselines.study_least_squares(frame, col)
+    rows = {"scipy-trf": (scipy.loss, scipy.seconds, float("nan"))}
     for solver in ("lbfgs", "adam"):
-        res = fit_arrays(
-            init_study(labels, per_group=False),
-            steps,
-            y,
+        res = dm.fit(
+            frame,
+            target=col,
+            factors="study-9",
             solver=solver,
             max_steps=max_steps,
             learning_rate=0.1,
+            uncertainty=False,  # timed against scipy, which gives none
         )
-        v = res.factor_set.values()
-        loss = float(jnp.mean((jnp.log(study_predict(v, comps)) - jnp.log(y)) ** 2))
-        rows[f"diffmodel-{solver}"] = (loss, res.wall_seconds, res.compile_seconds)
+        rows[f"diffmodel-{solver}"] = (res.loss, res.wall_seconds, res.compile_seconds)
+    scipy_s = scipy.seconds
     lines = [
         f"Target `{col}`, {len(frame)} rows of the three public experiments; "
         "ours compiles once per fit (the run column is what a refit costs).",
@@ -101,7 +71,7 @@ def main(
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "study_fit.md").write_text(table + "\n")
-    print(f"\nscipy's values: {np.array2string(values, precision=4)}")
+    print(f"\nscipy's values: {scipy.values}")
     return {k: {"loss": v[0], "seconds": v[1]} for k, v in rows.items()}
 
 

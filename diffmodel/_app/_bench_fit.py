@@ -46,28 +46,15 @@ json.dump({"wall_s": wall, "loss": r.loss, "n_steps": r.n_steps,
 # scipy's trf (box bounds, log residuals: the study's own fitter) on the same rows
 # and components, float64, from the same start; timed from the call.
 _SCIPY_FIT = r"""
-import json, sys, time
+import json, sys
 import jax
 jax.config.update("jax_enable_x64", True)
-import numpy as np
-from scipy.optimize import least_squares
 import diffmodel as dm
-from diffmodel._fitting._fit import step_data
-from diffmodel._fitting._study import STUDY_BOUNDS, STUDY_START, study_components
 col = "step_duration_us"
 frame = dm.data.add_targets(dm.data.load_steps(sys.argv[1]))
 frame = frame[frame[col].notna() & (frame[col] > 0)]
-comps = np.asarray(study_components(step_data(frame)[0]))
-y = frame[col].to_numpy(float)
-lo, hi = STUDY_BOUNDS[:, 0], STUDY_BOUNDS[:, 1]
-def residuals(x):
-    pred = (x[0:4] * comps / x[5:9]).sum(-1) + x[4]
-    return np.log(np.maximum(pred, 1e-300)) - np.log(y)
-t0 = time.perf_counter()
-sol = least_squares(residuals, np.clip(STUDY_START, lo + 1e-9, hi - 1e-9),
-                    bounds=(lo, hi), method="trf")
-wall = time.perf_counter() - t0
-json.dump({"wall_s": wall, "loss": float(np.mean(residuals(sol.x) ** 2))}, sys.stdout)
+fit = dm.baselines.study_least_squares(frame, col)
+json.dump({"wall_s": fit.seconds, "loss": fit.loss}, sys.stdout)
 """
 
 _GRAD_RATE = r"""

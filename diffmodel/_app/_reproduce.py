@@ -62,11 +62,13 @@ import concurrent.futures
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from .._fitting._laplace import IdentifiabilityWarning
 from .._model._factors import Factors
 from ..baselines._baselines import STUDY_GRID, load_study_xgboost
 from ..data._splits import leave_one_out, temporal_split
@@ -223,8 +225,13 @@ def reproduce(
     # Longest first: the XGBoost grids, then the compilations of the fits.
     tasks.sort(key=lambda task: -_expected_seconds(task[1], task[2], settings))
     start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        rows = [row for task_rows in pool.map(run, tasks) for row in task_rows]
+    # The fits' identifiability warnings (hundreds over a run) are not repeated
+    # here: experiments/identifiability.py reports what each fit pins. Set once,
+    # before the threads start.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IdentifiabilityWarning)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            rows = [row for task_rows in pool.map(run, tasks) for row in task_rows]
     results = order_results(pd.DataFrame(rows, columns=list(RESULT_COLUMNS)))
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / "results.csv", index=False)

@@ -15,9 +15,11 @@ import pandas as pd
 
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._fit import fit, step_data
+from .._fitting._intervals import set_interval
 from .._fitting._kinds import PER_GROUP_KINDS
 from .._metrics import metrics_table
 from .._model._factors import Factors, default_factors
+from .._predict import posterior
 from ..baselines._aiconfigurator import aiconfigurator_step_us
 from ..baselines._baselines import STUDY_GRID, BlackBox, XGBoostBaseline
 from ._reproduce_host import HOST_METHODS, run_host_method
@@ -39,6 +41,8 @@ _DIFFMODEL_KINDS = {
     "study-36": "study-36",
 }
 _UNSEEN = "not applicable: deployment group not in training"
+INTERVAL_LEVEL = 0.9
+"""The predictive interval scored in ``coverage90`` / ``width90``."""
 
 
 class _Settings(NamedTuple):
@@ -70,6 +74,8 @@ class _Outcome(NamedTuple):
     fit_seconds: dict[str, float]
     fit_steps: float = np.nan
     notes: Mapping[str, str] = types.MappingProxyType({})
+    # The 90% predictive interval per test row (us), where the method gives one.
+    interval: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _run_method(
@@ -231,11 +237,11 @@ def _factor_set(
         valid=None if kind.startswith("study") else fold.valid,
         solver=settings.solver,
         max_steps=settings.max_steps,
-        uncertainty=False,  # the benchmark scores predictions only
         **anchor,
     )
     seconds = time.perf_counter() - tick
     predicted, known = evaluator.predict(fold.test, result.factor_set)
+    bounds = evaluator.interval(fold.test, result, INTERVAL_LEVEL)
     best = np.asarray(result.valid_history)[: result.n_steps]
     note = ""
     if best.size and np.all(np.isfinite(best)) and int(np.argmin(best)) == 0:
@@ -252,6 +258,7 @@ def _factor_set(
         _each(fold.test, seconds),
         fit_steps=float(result.n_steps),
         notes=notes,
+        interval=bounds,
     )
 
 
@@ -306,8 +313,42 @@ class _Evaluator:
         row_known = known[self.group[rows]]
         return np.where(row_known, np.asarray(total)[rows], np.nan), row_known
 
+    def interval(
+        self, frame: pd.DataFrame, result, level: float
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(lo, hi)`` per row of `frame`, us: ``result``'s central `level` interval
+        as ``predict(..., interval=level)`` gives it (its posterior and in-sample
+        residual noise per regime; no transfer noise: the fits here do not measure
+        it, so rows of unseen deployments get the in-sample noise), or None when
+        the fit has no posterior."""
+        if result.laplace is None or result.laplace.regime_noise_sd is None:
+            return None
+        factor_set, model = posterior(result)
+        has_prefill = np.asarray(self.data.stats.prefill_tokens) > 0
+        noise = model.row_noise(self.labels, self.group, has_prefill, False)
+        _, lo, hi = set_interval(
+            factor_set, model.cov_raw, noise, self.data, self.labels, level=level
+        )
+        rows = self.position.loc[frame.index].to_numpy()
+        return lo[rows], hi[rows]
+
 
 # --------------------------------------------------------------------------- score
+
+
+def _coverage(outcome: _Outcome, at: np.ndarray, actual: np.ndarray) -> dict:
+    """``coverage90`` (share of the measured `actual` inside the interval, 0-1) and
+    ``width90`` (median ``(hi - lo) / predicted``) of the outcome's interval on the
+    test rows at positions `at`; nothing without an interval."""
+    if outcome.interval is None:
+        return {}
+    lo, hi = (np.asarray(b)[at] for b in outcome.interval)
+    predicted = np.asarray(outcome.predicted)[at]
+    inside = (actual >= lo) & (actual <= hi)
+    return {
+        "coverage90": float(np.mean(inside)),
+        "width90": float(np.median((hi - lo) / predicted)),
+    }
 
 
 def _score(
@@ -327,6 +368,8 @@ def _score(
             n_params=outcome.n_params.get(exp, np.nan),
             fit_seconds=outcome.fit_seconds.get(exp, np.nan),
             fit_steps=outcome.fit_steps,
+            coverage90=np.nan,
+            width90=np.nan,
             note=outcome.notes.get(exp, ""),
         )
         if group["_predicted"].notna().all():
@@ -334,6 +377,8 @@ def _score(
                 group, actual=column, predicted="_predicted", by=None
             ).iloc[0]
             row.update({k: float(metrics[k]) for k in METRICS})
+            at = test.index.get_indexer(group.index)
+            row.update(_coverage(outcome, at, group[column].to_numpy(float)))
         else:
             row.update({k: np.nan for k in METRICS})
             row["note"] = row["note"] or "not applicable"

@@ -48,10 +48,14 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "n_params",
     "fit_seconds",
     "fit_steps",
+    "coverage90",
+    "width90",
     "note",
 )
 """Columns of ``results.csv``: percent for ``mape``/``mspe``/``p99_ape``, seconds for
-``fit_seconds``."""
+``fit_seconds``; for methods that give predictive intervals (diffmodel's fitted factor
+sets), ``coverage90``: the share of test steps inside the 90% interval (0-1), and
+``width90``: the median of ``(hi - lo) / predicted`` (empty for the others)."""
 
 METRICS = ("mape", "mspe", "p99_ape", "pearson_r")
 
@@ -123,7 +127,37 @@ def results_markdown(results: pd.DataFrame) -> str:
                 + " |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _coverage_markdown(results))
+
+
+def _coverage_markdown(results: pd.DataFrame) -> list[str]:
+    """One table per target of the methods with intervals: per protocol, the share
+    of test steps inside the 90% interval (mean over test experiments, %) and the
+    median relative width (%)."""
+    have = results[np.isfinite(results["coverage90"].astype(float))]
+    lines = []
+    for target, block in have.groupby("target", sort=False):
+        protocols = [p for p in PROTOCOLS if p in set(block["protocol"])]
+        lines += [
+            f"### {target} — 90% intervals: coverage % (median width %), mean over "
+            "test experiments",
+            "",
+            "| method | " + " | ".join(protocols) + " |",
+            "|---|" + "---:|" * len(protocols),
+        ]
+        for method, rows in block.groupby("method", sort=False):
+            cells = []
+            for protocol in protocols:
+                r = rows[rows["protocol"] == protocol]
+                cells.append(
+                    "n/a"
+                    if r.empty
+                    else f"{100 * r['coverage90'].mean():.1f} "
+                    f"({100 * r['width90'].mean():.1f})"
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _cell(value: float) -> str:
