@@ -137,6 +137,47 @@ def stream_bound(cols, group, out, block: int = 1 << 15) -> None:
         np.add(o, group[s : s + block], out=o, casting="unsafe")
 
 
+def aiconfigurator_rate(
+    stats: dm.BatchStats, group: np.ndarray, n: int, repeats: int
+) -> dict:
+    """aiconfigurator-core's per-step estimate (its SDK's ``mixed_step_latency`` /
+    ``decode_step_latency``, via :func:`diffmodel.baselines.aiconfigurator_step_us`)
+    timed on the first ``n`` steps of the dense deployments (it cannot express the
+    MoE one): steps/s, median of ``repeats`` after a warm-up call that builds its
+    engines. ``aic_steps_per_s`` is None without the ``aic`` extra."""
+    from ..baselines import aiconfigurator_step_us
+    from ..baselines._aiconfigurator import _need_aic
+
+    try:
+        _need_aic()
+    except ValueError as err:
+        _log(f"aiconfigurator: skipped ({err})")
+        return {"aic_steps_per_s": None, "aic_timed_steps": 0}
+    dense = np.flatnonzero(
+        np.isin(
+            group, [i for i, (m, _) in enumerate(DEPLOYMENTS) if m != "mixtral-8x7b"]
+        )
+    )[:n]
+    frame = pd.DataFrame(
+        {
+            "prefill_tokens": np.asarray(stats.prefill_tokens)[dense],
+            "decode_tokens": np.asarray(stats.decode_tokens)[dense],
+            "num_prefill_reqs": np.asarray(stats.num_prefill)[dense],
+            "num_decode_reqs": np.asarray(stats.num_decode)[dense],
+            "kv_tokens": np.asarray(stats.kv_decode)[dense],
+            "prefill_context_tokens": np.asarray(stats.kv_prefill)[dense],
+            "model": [DEPLOYMENTS[g][0] for g in group[dense]],
+            "tp": [DEPLOYMENTS[g][1] for g in group[dense]],
+            "hardware": "h100-sxm",
+        }
+    )
+    _log(f"aiconfigurator-core on {len(frame)} steps (engines built first)")
+    aiconfigurator_step_us(frame.head(2 * len(DEPLOYMENTS)))  # build the engines
+    # Every call asks afresh (its cache lives within one call).
+    t = _median_time(lambda: aiconfigurator_step_us(frame), repeats)
+    return {"aic_steps_per_s": len(frame) / t, "aic_timed_steps": len(frame)}
+
+
 def describe_device() -> str:
     d = jax.devices()
     cpu = platform.processor() or platform.machine()
@@ -158,6 +199,7 @@ def main(
     xgb_rows: int = 1_000_000,
     grad_steps: int = 1_000_000,
     chunk_size: int = 2**18,
+    aic_steps: int = 400,
 ) -> dict:
     """Measure and print steps/s of every method; return (and optionally save) them.
 
@@ -171,6 +213,8 @@ def main(
         xgb_rows: rows XGBoost's ``predict`` is timed on (rate scaled).
         grad_steps: steps of the value-and-gradient evaluation.
         chunk_size: diffmodel's steps per compiled call.
+        aic_steps: steps of the dense deployments aiconfigurator-core is timed on
+            (rate scaled; skipped without the ``aic`` extra).
     """
     import xgboost  # deferred: only this benchmark needs it
 
@@ -285,6 +329,10 @@ def main(
         per_round = rates["diffmodel"] / rates[k]
         res[f"ratio_{k}_rounds"] = [float(x) for x in per_round]
 
+    res.update(aiconfigurator_rate(stats, group, aic_steps, repeats=min(repeats, 3)))
+    if res["aic_steps_per_s"]:
+        res["ratio_aic"] = res["steps_per_s"] / res["aic_steps_per_s"]
+
     _log(f"per-request batches: {request_steps:,} steps x {request_width} slots")
     new, ctx, mask = make_requests(request_steps, request_width)
     rgroup = group[:request_steps]
@@ -372,6 +420,16 @@ def markdown_table(r: dict) -> str:
         ),
         ("diffmodel, loss value + gradient (factors)", r["grad_steps_per_s"], ""),
     ]
+    if r.get("aic_steps_per_s"):
+        rows.insert(
+            5,
+            (
+                "aiconfigurator-core per-step estimate, its SDK "
+                f"({r['aic_timed_steps']:,} steps of the dense deployments)",
+                r["aic_steps_per_s"],
+                f"diffmodel / aiconfigurator = {r['ratio_aic']:.2g}x",
+            ),
+        )
     lines = ["| method | steps/s | ratio |", "|---|---:|---|"]
     lines += [f"| {m} | {v:.3g} | {c} |" for m, v, c in rows]
     lines.append(f"| compile time (one chunk shape) | {r['compile_s']:.2f} s | |")
@@ -394,7 +452,10 @@ def readme_section(r: dict, table: str) -> str:
         "calls (`predict_steps(..., out=buf)`); the row below shows a new array per "
         "call. The bandwidth bound is "
         "NumPy reading the same input arrays once and writing one output; XGBoost "
-        "and NumPy rates are timed on the row counts shown and scaled.\n\n"
+        "and NumPy rates are timed on the row counts shown and scaled. "
+        "aiconfigurator-core (the field's estimator, table lookups in Python per "
+        "step) is timed in the same run after its engines are built, on the first "
+        "steps of the two dense deployments (it has no Mixtral path here).\n\n"
         f"{table}\n"
     )
 
