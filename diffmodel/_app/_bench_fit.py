@@ -23,8 +23,10 @@ from diffmodel._bulk._loss import bulk_data, bulk_value_and_grad, fit_steps
 from diffmodel._fitting._factorsets import init_factor_set, to_physical, to_raw
 
 # One fit of the study's 9-parameter model on the public traces, in float64 (as
-# scipy), timed from the call of ``fit`` (the frame already loaded); then the same
-# fit again in the same process (the compiled loop reused: the run alone).
+# scipy), timed from the call of ``fit`` (the frame already loaded): the parameters
+# only, as scipy gives (``uncertainty=False``); then the same fit again in the same
+# process (the compiled loop reused: the run alone); then with the posterior (the
+# Laplace step: Hessian, identifiability, residual noise), timed on its own.
 _STUDY_FIT = r"""
 import json, sys, time
 import jax
@@ -34,13 +36,19 @@ from diffmodel._fitting._optimise import COMPILE_CLOCK
 col = "step_duration_us"
 frame = dm.data.add_targets(dm.data.load_steps(sys.argv[1]))
 frame = frame[frame[col].notna() & (frame[col] > 0)]
+kw = dict(target=col, factors="study-9", max_steps=2000)
 t0 = time.perf_counter()
-r = dm.fit(frame, target=col, factors="study-9", max_steps=2000)
+r = dm.fit(frame, uncertainty=False, **kw)
 wall = time.perf_counter() - t0
-again = dm.fit(frame, target=col, factors="study-9", max_steps=2000)
+compile_s = COMPILE_CLOCK.seconds()
+again = dm.fit(frame, uncertainty=False, **kw)
+t0 = time.perf_counter()
+dm.fit(frame, **kw)
+posterior = time.perf_counter() - t0
 json.dump({"wall_s": wall, "loss": r.loss, "n_steps": r.n_steps,
-           "result": r.result, "compile_s": COMPILE_CLOCK.seconds(),
-           "run_s": again.wall_seconds, "rows": len(frame)}, sys.stdout)
+           "result": r.result, "compile_s": compile_s,
+           "run_s": again.wall_seconds, "with_posterior_s": posterior,
+           "rows": len(frame)}, sys.stdout)
 """
 
 # scipy's trf (box bounds, log residuals: the study's own fitter) on the same rows
@@ -85,9 +93,12 @@ def _python(code: str, *args: str, env: dict | None = None) -> dict:
 
 
 def study_fit_times(steps_path: str) -> dict:
-    """``fit_first_s`` / ``fit_second_s``: the study's 9-parameter fit in two fresh
-    processes sharing a new, empty compilation cache; ``fit_run_s``: a refit in the
-    second (nothing compiled); ``scipy_fit_s``: scipy's trf on the same problem."""
+    """``fit_first_s`` / ``fit_second_s``: the study's 9-parameter fit (parameters
+    only) in two fresh processes sharing a new, empty compilation cache;
+    ``fit_run_s``: a refit in the second (nothing compiled);
+    ``fit_with_posterior_first_s`` / ``..._second_s``: a fit with its Laplace
+    posterior after those, in each process; ``scipy_fit_s``: scipy's trf on the
+    same problem."""
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="diffmodel-cache-") as cache:
         env = {"DIFFMODEL_COMPILATION_CACHE": cache}
@@ -96,6 +107,8 @@ def study_fit_times(steps_path: str) -> dict:
     res["fit_first_s"] = first["wall_s"]
     res["fit_second_s"] = second["wall_s"]
     res["fit_run_s"] = second["run_s"]
+    res["fit_with_posterior_first_s"] = first["with_posterior_s"]
+    res["fit_with_posterior_second_s"] = second["with_posterior_s"]
     res["fit_loss"] = second["loss"]
     res["fit_optimiser_steps"] = second["n_steps"]
     res["fit_rows"] = second["rows"]
