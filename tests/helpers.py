@@ -1,9 +1,12 @@
-"""Shared test helpers: per-dtype tolerances, tree comparison, finite differences.
+"""Shared test helpers: per-dtype tolerances, tree comparison, finite differences,
+and the inputs and checks that tests of more than one module share.
 
-Import as ``from helpers import tols`` (pytest puts ``tests/`` on ``sys.path``).
+Import as ``from helpers import tols`` (pyproject.toml's pytest options put ``tests/``
+on ``sys.path``).
 """
 
 import contextlib
+import pathlib
 from collections.abc import Callable
 
 import equinox as eqx
@@ -11,6 +14,17 @@ import jax
 import jax.numpy as jnp
 import jaxtyping
 import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel as dm
+import diffmodel.kernels as dk
+from diffmodel._model._physics import SHARPNESS
+from diffmodel._model._roofline import COMPONENTS, step_time_batch
+
+# The project folder (for subprocesses' PYTHONPATH) and the tests' data files.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 # (rtol, atol) for comparing two computations of the same quantity in a dtype: a few
 # hundred ulps relative, so that a reordered sum or a fused multiply-add passes and a
@@ -106,3 +120,147 @@ def unchecked():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", before)
+
+
+# -------------------------------------------------------------- optional extras
+
+
+needs_db = pytest.mark.skipif(
+    not dk.database_available(),
+    reason="aiconfigurator-core is not installed (pip install 'diffmodel[aic]')",
+)
+
+
+# ------------------------------------------------------------ the step model
+
+
+def power_mean(a, b):
+    """The smooth maximum of two costs, written out."""
+    return (a**SHARPNESS + b**SHARPNESS) ** (1 / SHARPNESS)
+
+
+def tiny_architecture(**kw):
+    """A 3-layer toy architecture (d 8, 2 heads of 4, FFN 16), ``kw`` overriding."""
+    base = dict(n_layers=3, hidden=8, n_heads=2, n_kv_heads=2, head_dim=4, ffn=16)
+    return dm.Architecture(vocab=32, **{**base, **kw})
+
+
+def one_step(**kw):
+    """One step's statistics: zeros but for ``kw`` (scalars)."""
+    z = dict(
+        prefill_tokens=0.0,
+        decode_tokens=0.0,
+        num_prefill=0.0,
+        num_decode=0.0,
+        kv_decode=0.0,
+        attn_prefill=0.0,
+        kv_prefill=0.0,
+    )
+    return dm.BatchStats(**{k: jnp.asarray(float(v)) for k, v in {**z, **kw}.items()})
+
+
+def feature_stats(scale=1.0, kv=2.0e5, pf=700.0):
+    """A mixed step (one prefill chunk after 300 cached, ~96 decodes)."""
+    return dm.from_aggregates(
+        prefill_tokens=pf,
+        decode_tokens=96.0 * scale,
+        num_prefill=1.0,
+        num_decode=96.0 * scale,
+        kv_tokens=kv,
+        prefill_context_tokens=300.0,
+    )
+
+
+def check_scalar_grad(f, x0, rel=1e-6, rtol=2e-5):
+    """Assert ``jax.grad(f)(x0)`` of a scalar is non-zero and equals the central
+    difference."""
+    x0 = jnp.asarray(x0, float)
+    g = float(jax.grad(f)(x0))
+    h = rel * max(abs(float(x0)), 1.0)
+    fd = (float(f(x0 + h)) - float(f(x0 - h))) / (2 * h)
+    assert g == pytest.approx(fd, rel=rtol, abs=1e-9), (g, fd)
+    assert g != 0.0
+
+
+# ---------------------------------------------------------- bulk prediction
+
+
+BULK_RTOL = {np.float32: 2e-5, np.float64: 1e-11}
+
+
+def random_stats(n: int, seed: int = 0) -> dm.BatchStats:
+    """``n`` random steps of mixed prefill and decode work (NumPy leaves)."""
+    rng = np.random.default_rng(seed)
+    n_pf = rng.integers(0, 4, n).astype(float)
+    n_dec = rng.integers(0, 200, n).astype(float)
+    p = np.where(n_pf > 0, rng.integers(1, 4096, n), 0).astype(float)
+    k_pf = np.where(n_pf > 0, rng.integers(0, 2000, n), 0).astype(float)
+    stats = dm.from_aggregates(
+        prefill_tokens=p,
+        decode_tokens=n_dec,
+        num_prefill=n_pf,
+        num_decode=n_dec,
+        kv_tokens=n_dec * rng.uniform(100, 3000, n),
+        prefill_context_tokens=k_pf,
+    )
+    return jax.tree.map(np.asarray, stats)
+
+
+def direct_step_time(stats, deps, group, factors=None):
+    """Totals and components of ``step_time_batch``: the bulk paths' reference."""
+    factors = dm.default_factors() if factors is None else factors
+    b = step_time_batch(
+        jax.tree.map(jnp.asarray, stats), deps, jnp.asarray(group), factors
+    )
+    return {c: np.asarray(getattr(b, c)) for c in COMPONENTS} | {
+        "total": np.asarray(b.total)
+    }
+
+
+def random_requests(steps: int, width: int, seed: int = 0):
+    """Padded random request batches: (new tokens, contexts, mask)."""
+    rng = np.random.default_rng(seed)
+    real = rng.integers(0, width + 1, steps)
+    mask = np.arange(width)[None, :] < real[:, None]
+    decode = rng.random((steps, width)) < 0.9
+    new = np.where(decode, 1, rng.integers(1, 512, (steps, width))).astype(float)
+    ctx = rng.integers(0, 4000, (steps, width)).astype(float)
+    ctx = np.where(decode, np.maximum(ctx, 1), ctx)
+    return np.where(mask, new, 0.0), np.where(mask, ctx, 0.0), mask
+
+
+# -------------------------------------------------------------- the scheduler
+
+
+SCHEDULER_STEPS = 120  # steps of the simulated scheduler (fixtures and tune_knobs)
+
+
+# ------------------------------------------------------------------- traces
+
+
+def trace_table(**overrides) -> pd.DataFrame:
+    """Four hand-made steps of two experiments, deliberately out of order."""
+    columns = {
+        "step.id": [5, 3, 4, 1],
+        "step.ts_start_ns": [9_000_000, 1_000_000, 4_000_000, 2_000_000],
+        "step.ts_end_ns": [9_500_000, 1_300_000, 4_100_000, 2_200_000],
+        "step.duration_us": [500, 300, 100, 200],
+        "queue.running_depth": [2, 1, 1, 3],
+        "queue.waiting_depth": [0, 1, 0, 0],
+        "batch.num_prefill_reqs": [1, 1, 0, 1],
+        "batch.num_decode_reqs": [1, 0, 1, 2],
+        "batch.scheduled_tokens": [11, 64, 1, 34],
+        "batch.prefill_tokens": [10, 64, 0, 32],
+        "batch.decode_tokens": [1, 0, 1, 2],
+        "batch.num_finished": [0, 0, 0, 0],
+        "batch.num_preempted": [0, 0, 0, 0],
+        "kv.usage_gpu_ratio": [0.2, 0.1, 0.1, 0.5],
+        "kv.blocks_total_gpu": [10, 10, 10, 10],
+        "kv.blocks_free_gpu": [8, 9, 9, 5],
+        "experiment_id": ["b", "a", "a", "b"],
+        "model": ["m", "m", "m", "m"],
+        "workload": ["general"] * 4,
+        "tp": [1, 1, 1, 1],
+    }
+    columns.update(overrides)
+    return pd.DataFrame(columns)

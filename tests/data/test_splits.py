@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmodel import canonical_model
 from diffmodel.data._splits import (
     leave_one_out,
     split_sizes,
@@ -112,33 +111,6 @@ def test_study_sizes_consistent_for_all_experiments(data_dir):
             if split_sizes(n)[0] == row.n_train and split_sizes(n)[2] == row.n_test
         ]
         assert fits, row.experiment_id
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("llama-2-70b-hf", "llama-2-70b"),
-        ("llama-2-70b", "llama-2-70b"),
-        ("llama-2-7b-hf", "llama-2-7b"),
-        ("mixtral-8x7b-v0-1", "mixtral-8x7b"),
-        ("codellama-34b", "codellama-34b"),
-        (" CodeLlama-34B ", "codellama-34b"),
-        ("qwen3-14b", "qwen3-14b"),
-        ("meta-llama/Llama-3.1-70B", "llama-3.1-70b"),
-        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama-3.1-70b"),
-        ("llama2-70b", "llama-2-70b"),
-        ("Llama_2_70b_hf", "llama-2-70b"),
-        ("codellama/CodeLlama-34b-Instruct-hf", "codellama-34b"),
-    ],
-)
-def test_canonical_model(name, expected):
-    assert canonical_model(name) == expected
-
-
-@pytest.mark.parametrize("bad", ["", "  ", None, 3])
-def test_canonical_model_rejects_non_names(bad):
-    with pytest.raises(ValueError, match="non-empty string"), unchecked():
-        canonical_model(bad)
 
 
 def test_leave_one_model_out_rejects_names_that_are_not_models():

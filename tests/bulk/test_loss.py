@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -24,7 +23,8 @@ from diffmodel._fitting._base import StepData
 from diffmodel._fitting._factorsets import init_factor_set, to_physical, to_raw
 from diffmodel._fitting._optimise import COMPILE_CLOCK
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SPECS = (("llama-2-7b", 1), ("llama-2-70b", 4), ("mixtral-8x7b", 2))
 LABELS = tuple(f"{m}/h100-sxm/tp{t}" for m, t in SPECS)
 DEPS = dm.stack_deployments([dm.deployment(m, "h100-sxm", t) for m, t in SPECS])

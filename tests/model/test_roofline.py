@@ -1,5 +1,7 @@
 """The step model: hand-computed values, monotonicity, gradients, transforms, errors."""
 
+import json
+
 import equinox as eqx
 import hypothesis.strategies as st
 import jax
@@ -9,10 +11,17 @@ import pytest
 from hypothesis import given, settings
 
 import diffmodel as dm
-from diffmodel._model._physics import expected_experts, smooth_max
 from diffmodel._model._roofline import linear_work, step_time_batch
 
-from helpers import cast_floats, tols, tree_allclose
+from helpers import (
+    FIXTURES,
+    cast_floats,
+    check_scalar_grad,
+    feature_stats,
+    tiny_architecture,
+    tols,
+    tree_allclose,
+)
 
 H100 = dict(flops_16=989.5e12, hbm_bw=3.35e12)
 UNIT = dm.Factors(gemm_flops=1.0, mem_bw=1.0, attn_flops=1.0, attn_bw=1.0, comm_bw=1.0)
@@ -45,20 +54,6 @@ def test_llama70b_tp4_weight_read_floor():
     assert float(out.total) > 10_000
 
 
-def test_mixtral_expected_experts():
-    assert float(expected_experts(1.0, 8.0, 2.0)) == pytest.approx(2.0)
-    assert float(expected_experts(1000.0, 8.0, 2.0)) == pytest.approx(8.0, rel=1e-9)
-    assert float(expected_experts(0.0, 8.0, 2.0)) == 0.0
-    assert float(expected_experts(5.0, 0.0, 0.0)) == 0.0  # dense model
-    # Weight bytes only (no activation traffic): 1 token reads 2 experts, 1000 all 8.
-    arch = eqx.tree_at(lambda a: a.act_bytes, dm.architecture("mixtral-8x7b"), 0.0)
-    tp = jnp.asarray(1.0)
-    _, b1 = linear_work(jnp.asarray(1.0), arch, tp)
-    _, b1000 = linear_work(jnp.asarray(1000.0), arch, tp)
-    expert_bytes = 32 * 3 * 4096 * 14336 * 2
-    assert float(b1000 - b1) == pytest.approx(6 * expert_bytes, rel=1e-6)
-
-
 def test_decode_attention_hand_computed():
     dep = dm.deployment("llama-2-7b", "h100", 1)
     kv = 10_000.0
@@ -88,32 +83,6 @@ def test_empty_step_is_host_overhead_only():
     out = dm.step_time(agg(), dep, dm.Factors())
     assert float(out.total) == pytest.approx(1000.0)
     assert float(out.linear) == 0.0
-
-
-def test_smooth_max_properties():
-    assert float(smooth_max(3.0, 0.0)) == 3.0
-    assert float(smooth_max(0.0, 0.0)) == 0.0
-    assert float(smooth_max(2.0, 2.0)) == pytest.approx(2 * 2**0.25)
-    g = jax.grad(lambda a: smooth_max(a, 0.0))(0.0)
-    assert np.isfinite(g)
-    assert np.isnan(float(smooth_max(jnp.nan, 1.0)))
-    assert np.isnan(float(smooth_max(1.0, jnp.nan)))
-
-
-@pytest.mark.slow
-def test_smooth_max_equals_the_power_mean_and_its_gradient():
-    # Against (a^4 + b^4)^(1/4) in float64, on both sides of the tie and at it.
-    rng = np.random.default_rng(0)
-    a = np.concatenate([rng.lognormal(0, 3, 200), [1.0, 5.0, 0.0]])
-    b = np.concatenate([rng.lognormal(0, 3, 200), [1.0, 0.0, 5.0]])
-    np.testing.assert_allclose(smooth_max(a, b), (a**4 + b**4) ** 0.25, rtol=1e-13)
-    grad = jax.vmap(jax.grad(smooth_max, argnums=(0, 1)))(a, b)
-    s = (a**4 + b**4) ** 0.25
-    np.testing.assert_allclose(grad[0], (a / s) ** 3, rtol=1e-12)
-    np.testing.assert_allclose(grad[1], (b / s) ** 3, rtol=1e-12)
-    # float32 without overflow where a^4 alone would overflow (a ~ 1e10 us).
-    big = smooth_max(np.float32(1e10), np.float32(1e10))
-    assert np.isfinite(big) and big == pytest.approx(1e10 * 2**0.25, rel=1e-6)
 
 
 def test_step_total_equals_step_time_total_with_idle_steps():
@@ -384,3 +353,109 @@ def test_idle_gate_is_continuous_and_its_gradient_is_the_cost_of_a_step():
     # A whole token count is exactly the ungated value: one token runs the pass.
     parts = dm.step_time(agg(p=1.0, np_=1.0), dep, fac)
     assert float(parts.linear) > 0.0 and float(parts.total) == t1
+
+
+# --- today's architectures: yesterday's step times, gradients through their features
+
+
+def test_existing_models_give_the_same_step_times():
+    # Recorded with the step model before MLA, windows, quantization and EP were
+    # added (commit 839f5c7): Llama-2, CodeLlama, Mixtral, Qwen3-MoE, an FP8 override.
+    ref = json.loads((FIXTURES / "step_times_before_models.json").read_text())
+    stats = dm.BatchStats(**{k: jnp.asarray(v) for k, v in ref["stats"].items()})
+    for case in ref["cases"]:
+        dep = dm.deployment(
+            case["model"], case["hardware"], case["tp"], **case["overrides"]
+        )
+        got = dm.step_time(stats, dep, dm.default_factors()).as_dict()
+        for name, want in case["components"].items():
+            np.testing.assert_allclose(
+                got[name], want, rtol=1e-12, atol=0, err_msg=f"{case} {name}"
+            )
+
+
+def test_first_k_dense_shared_and_routed_flops_by_hand():
+    # 3 layers: 1 dense (F = 16), 2 MoE (shared 8, 4 experts of 8, top-1), d = 8.
+    a = tiny_architecture(
+        dense_layers=1, moe_layers=2, n_experts=4, top_k=1, expert_ffn=8, shared_ffn=8
+    )
+    f, _ = linear_work(jnp.asarray(5.0), a, 1.0)
+    # 2 T (L attn + 1 * 3 d F + 2 * (3 d shared + d E + k 3 d F_e)), attn = 256.
+    assert float(f) == 2 * 5 * (3 * 256 + 384 + 2 * (192 + 32 + 192))
+    assert float(a.total_params()) == 3 * 256 + 384 + 2 * (4 * (192 + 8) + 192) + 512
+
+
+@pytest.mark.parametrize(
+    ("feature", "field"),
+    [
+        ("mla_moe_fp8", "kv_decode"),
+        ("mla_moe_fp8", "kv_prefill"),
+        ("mla_moe_fp8", "prefill_tokens"),
+        ("window", "kv_decode"),
+        ("window", "prefill_tokens"),
+        ("expert_parallel", "decode_tokens"),
+        ("nvfp4", "prefill_tokens"),
+    ],
+)
+def test_grad_through_features_matches_finite_differences(
+    feature, field, bundle_deepseek, bundle_gpt_oss
+):
+    fa = dm.default_factors()
+    deps = {
+        "mla_moe_fp8": dm.deployment(bundle_deepseek, "h200", 8),
+        "window": dm.deployment(bundle_gpt_oss, "h100", 1),
+        "expert_parallel": dm.deployment(bundle_deepseek, "h200", 1, ep=8),
+        "nvfp4": dm.deployment(
+            eqx_replace(
+                dm.architecture("llama-3.1-70b"),
+                weight_bytes=0.5625,
+                compute_bytes=0.5,
+                quant_passes=1.0,
+            ),
+            "h200",
+            2,
+        ),
+    }
+    base = feature_stats()
+
+    def f(x):
+        s = dm.BatchStats(**{**base.__dict__, field: x})
+        return dm.step_time(s, deps[feature], fa).total
+
+    check_scalar_grad(f, getattr(base, field))
+
+
+def test_grad_through_arch_fields(bundle_deepseek, bundle_gpt_oss):
+    fa, s = dm.default_factors(), feature_stats()
+
+    def through(arch, name, hw="h200", tp=8):
+        def f(x):
+            a = eqx_replace(arch, **{name: x})
+            return dm.step_time(
+                s,
+                dm.Deployment(arch=a, hw=dm.hardware(hw), tp=jnp.asarray(float(tp))),
+                fa,
+            ).total
+
+        check_scalar_grad(f, getattr(arch, name))
+
+    through(bundle_deepseek, "kv_lora_rank")
+    through(bundle_deepseek, "expert_weight_bytes")
+    through(bundle_gpt_oss, "window", "h100", 1)
+
+
+def test_jit_equals_eager_for_new_features(bundle_deepseek):
+    dep = dm.deployment(bundle_deepseek, "h200", 1, ep=8)
+    fa, s = dm.default_factors(), feature_stats()
+    eager = dm.step_time(s, dep, fa).total
+    jitted = jax.jit(lambda s, d: dm.step_time(s, d, fa).total)(s, dep)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-12)
+
+
+def eqx_replace(module, **fields):
+    names = list(fields)
+    return eqx.tree_at(
+        lambda m: [getattr(m, n) for n in names],
+        module,
+        [jnp.asarray(fields[n], float) for n in names],
+    )

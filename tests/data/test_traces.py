@@ -14,37 +14,7 @@ from diffmodel.data._traces import (
     validate_steps,
 )
 
-from helpers import unchecked
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-
-
-def _table(**overrides) -> pd.DataFrame:
-    """Four hand-made steps of two experiments, deliberately out of order."""
-    columns = {
-        "step.id": [5, 3, 4, 1],
-        "step.ts_start_ns": [9_000_000, 1_000_000, 4_000_000, 2_000_000],
-        "step.ts_end_ns": [9_500_000, 1_300_000, 4_100_000, 2_200_000],
-        "step.duration_us": [500, 300, 100, 200],
-        "queue.running_depth": [2, 1, 1, 3],
-        "queue.waiting_depth": [0, 1, 0, 0],
-        "batch.num_prefill_reqs": [1, 1, 0, 1],
-        "batch.num_decode_reqs": [1, 0, 1, 2],
-        "batch.scheduled_tokens": [11, 64, 1, 34],
-        "batch.prefill_tokens": [10, 64, 0, 32],
-        "batch.decode_tokens": [1, 0, 1, 2],
-        "batch.num_finished": [0, 0, 0, 0],
-        "batch.num_preempted": [0, 0, 0, 0],
-        "kv.usage_gpu_ratio": [0.2, 0.1, 0.1, 0.5],
-        "kv.blocks_total_gpu": [10, 10, 10, 10],
-        "kv.blocks_free_gpu": [8, 9, 9, 5],
-        "experiment_id": ["b", "a", "a", "b"],
-        "model": ["m", "m", "m", "m"],
-        "workload": ["general"] * 4,
-        "tp": [1, 1, 1, 1],
-    }
-    columns.update(overrides)
-    return pd.DataFrame(columns)
+from helpers import FIXTURES, trace_table, unchecked
 
 
 def _otel_events(path: pathlib.Path) -> dict:
@@ -55,14 +25,14 @@ def _otel_events(path: pathlib.Path) -> dict:
 
 
 def test_validate_sorts_stably_and_keeps_rows():
-    out = validate_steps(_table())
+    out = validate_steps(trace_table())
     assert list(out["experiment_id"]) == ["a", "a", "b", "b"]
     assert list(out["step.id"]) == [3, 4, 1, 5]
     assert list(out.index) == [0, 1, 2, 3]
 
 
 def test_validate_converts_nullable_integers():
-    frame = _table()
+    frame = trace_table()
     frame["batch.prefill_tokens"] = frame["batch.prefill_tokens"].astype("Int64")
     frame["extra_complete"] = pd.array([1, 2, 3, 4], dtype="Int64")
     frame["extra_gappy"] = pd.array([1, None, 3, 4], dtype="Int64")
@@ -75,38 +45,38 @@ def test_validate_converts_nullable_integers():
 
 
 def test_validate_missing_columns():
-    frame = _table().drop(columns=["tp", "batch.decode_tokens"])
+    frame = trace_table().drop(columns=["tp", "batch.decode_tokens"])
     with pytest.raises(ValueError, match=r"missing required columns.*batch.decode"):
         validate_steps(frame)
 
 
 def test_validate_nan_names_column_and_row():
-    frame = _table()
+    frame = trace_table()
     frame["batch.decode_tokens"] = pd.array([1, 0, None, 2], dtype="Int64")
     with pytest.raises(ValueError, match=r"'batch.decode_tokens'.*row 2"):
         validate_steps(frame)
 
 
 def test_validate_nan_float_column():
-    frame = _table(**{"kv.usage_gpu_ratio": [0.1, np.nan, 0.1, 0.1]})
+    frame = trace_table(**{"kv.usage_gpu_ratio": [0.1, np.nan, 0.1, 0.1]})
     with pytest.raises(ValueError, match=r"'kv.usage_gpu_ratio'.*row 1"):
         validate_steps(frame)
 
 
 def test_validate_missing_label():
-    frame = _table(model=["m", None, "m", "m"])
+    frame = trace_table(model=["m", None, "m", "m"])
     with pytest.raises(ValueError, match=r"'model'.*row 1"):
         validate_steps(frame)
 
 
 def test_validate_negative_count():
-    frame = _table(**{"queue.waiting_depth": [0, 0, 0, -1]})
+    frame = trace_table(**{"queue.waiting_depth": [0, 0, 0, -1]})
     with pytest.raises(ValueError, match=r"'queue.waiting_depth'.*>= 0.*row 3 has -1$"):
         validate_steps(frame)
 
 
 def test_validate_fractional_count():
-    frame = _table(**{"batch.prefill_tokens": [10.5, 64, 0, 32]})
+    frame = trace_table(**{"batch.prefill_tokens": [10.5, 64, 0, 32]})
     with pytest.raises(
         ValueError, match=r"'batch.prefill_tokens'.*whole.*row 0 has 10.5"
     ):
@@ -114,7 +84,7 @@ def test_validate_fractional_count():
 
 
 def test_validate_usage_ratio_above_one():
-    frame = _table(**{"kv.usage_gpu_ratio": [0.1, 1.7, 0.1, 0.1]})
+    frame = trace_table(**{"kv.usage_gpu_ratio": [0.1, 1.7, 0.1, 0.1]})
     with pytest.raises(ValueError, match=r"fraction in \[0, 1\]; row 1 has 1.7$"):
         validate_steps(frame)
 
@@ -134,22 +104,22 @@ def test_validate_usage_ratio_above_one():
 )
 def test_validate_counts_that_contradict_each_other(overrides, message):
     with pytest.raises(ValueError, match=message):
-        validate_steps(_table(**overrides))
+        validate_steps(trace_table(**overrides))
 
 
 def test_validate_no_rows():
     with pytest.raises(ValueError, match="the step table has no rows"):
-        validate_steps(_table().iloc[:0])
+        validate_steps(trace_table().iloc[:0])
 
 
 def test_validate_non_numeric():
-    frame = _table(**{"tp": ["1", "x", "1", "1"]})
+    frame = trace_table(**{"tp": ["1", "x", "1", "1"]})
     with pytest.raises(ValueError, match=r"'tp' must be numeric; row 1 has 'x'$"):
         validate_steps(frame)
 
 
 def test_load_steps_csv_and_parquet_agree(tmp_path):
-    frame = _table()
+    frame = trace_table()
     frame.to_csv(tmp_path / "steps.csv", index=False)
     frame.to_parquet(tmp_path / "steps.parquet")
     from_csv = load_steps(tmp_path / "steps.csv")
@@ -181,7 +151,7 @@ def test_load_steps_real(data_dir):
 
 
 def test_iteration_time_hand_computed():
-    frame = _table()
+    frame = trace_table()
     result = iteration_time(frame)
     # Experiment "a": steps 3 -> 4 are consecutive, 4_000_000 - 1_000_000 ns = 3000 us.
     # Experiment "b": steps 1 and 5 are not; the last row of each has no successor.
@@ -190,23 +160,27 @@ def test_iteration_time_hand_computed():
 
 
 def test_iteration_time_does_not_cross_experiments():
-    frame = _table(**{"step.id": [5, 3, 4, 6], "experiment_id": ["b", "a", "a", "c"]})
+    frame = trace_table(
+        **{"step.id": [5, 3, 4, 6], "experiment_id": ["b", "a", "a", "c"]}
+    )
     assert iteration_time(frame).notna().sum() == 1
 
 
 def test_iteration_time_rejects_backwards_clock():
-    frame = _table(**{"step.ts_start_ns": [9_000_000, 5_000_000, 4_000_000, 2_000_000]})
+    frame = trace_table(
+        **{"step.ts_start_ns": [9_000_000, 5_000_000, 4_000_000, 2_000_000]}
+    )
     with pytest.raises(ValueError, match="does not increase after row 1"):
         iteration_time(frame)
 
 
 def test_iteration_time_missing_column():
     with pytest.raises(ValueError, match="step.ts_start_ns"):
-        iteration_time(_table().drop(columns="step.ts_start_ns"))
+        iteration_time(trace_table().drop(columns="step.ts_start_ns"))
 
 
 def test_add_targets():
-    frame = validate_steps(_table())
+    frame = validate_steps(trace_table())
     out = add_targets(frame)
     assert out["step_duration_us"].dtype == np.float64
     np.testing.assert_array_equal(out["step_duration_us"], [300.0, 100.0, 200.0, 500.0])
@@ -216,7 +190,7 @@ def test_add_targets():
 
 def test_add_targets_missing_column():
     with pytest.raises(ValueError, match="step.duration_us"):
-        add_targets(_table().drop(columns="step.duration_us"))
+        add_targets(trace_table().drop(columns="step.duration_us"))
 
 
 def test_iteration_time_real(data_dir):

@@ -1,0 +1,86 @@
+"""Kernel calibration: held-out splits, a small fit, an empty family, the step
+model's prior factors."""
+
+import pandas as pd
+import pytest
+
+import diffmodel.kernels as dk
+from diffmodel import mape
+from diffmodel._model._factors import FACTOR_NAMES, Factors
+from diffmodel._model._hardware import hardware
+from diffmodel.kernels._calibrate import (
+    FitOptions,
+    family_rows,
+    family_work,
+    fit_roofline_curves,
+    held_out_split,
+    init_curves,
+    kernel_prior_factors,
+)
+from diffmodel.kernels._curves import default_kernel_curves
+
+from helpers import needs_db
+
+H100 = hardware("h100-sxm")
+
+
+def test_held_out_split_keeps_shapes_whole():
+    rows = pd.DataFrame({"n": [1, 1, 2, 2, 3, 3, 4, 4], "k": [1] * 8, "m": range(8)})
+    test = held_out_split(rows, ["n", "k"], frac=0.5)
+    for _, g in rows.assign(t=test).groupby("n"):
+        assert g["t"].nunique() == 1
+    assert test.sum() == 4
+    with pytest.raises(ValueError, match="not columns"):
+        held_out_split(rows, ["q"])
+
+
+@pytest.mark.slow
+def test_small_calibration_improves_gemm(tables):
+    rows = family_rows(tables, "gemm_bf16")
+    rows = rows[rows["n"].isin([1024, 4096]) & rows["k"].isin([1024, 4096, 8192])]
+    work = family_work("gemm_bf16", rows, H100)
+    y = rows["latency_us"].to_numpy(float)
+    before = mape(y, work.time_us((0.7, 0.8)))
+    curves = fit_roofline_curves(
+        work,
+        y,
+        init_curves("gemm_bf16"),
+        options=FitOptions(adam_steps=150, lbfgs_steps=20),
+    )
+    after = mape(y, work.time_us(curves))
+    assert after < 0.5 * before
+    assert after < 15.0
+    assert float(curves.flops.eta_max) <= 1.0 and float(curves.bandwidth.eta_max) <= 1.0
+
+
+def test_kernel_prior_factors_are_physical():
+    prior = kernel_prior_factors(default_kernel_curves())
+    assert isinstance(prior, Factors)
+    values = prior.as_dict()
+    assert set(values) == set(FACTOR_NAMES)
+    for name in ("gemm_flops", "mem_bw", "attn_flops", "attn_bw", "comm_bw"):
+        assert 0.0 < float(values[name]) <= 1.0, name
+    assert float(values["comm_latency_us"]) > 0
+    with pytest.raises(ValueError, match="tp"):
+        kernel_prior_factors(default_kernel_curves(), tp=0)
+
+
+@pytest.mark.slow
+@needs_db
+def test_empty_family_is_an_error_and_calibration_says_skipped():
+    tables = dk.load_system_tables("a100_sxm", "vllm")
+    assert tables["gemm"].attrs["version"] == "0.14.0"
+    with pytest.raises(ValueError, match="no rows for family gemm_fp8"):
+        dk.family_rows(tables, "gemm_fp8")
+    lines = []
+    small = {k: t.sample(min(len(t), 60), random_state=0) for k, t in tables.items()}
+    curves = dk.calibrate_kernels(
+        small,
+        hardware_name="a100",
+        options=dk.FitOptions(adam_steps=3, lbfgs_steps=0),
+        portable=True,
+        progress=lines.append,
+    )
+    assert any(line.startswith("skipped gemm_fp8") for line in lines)
+    assert not any("on 0 kernels" in line for line in lines)
+    assert curves.gemm_bf16.portable and curves.hardware == "a100"

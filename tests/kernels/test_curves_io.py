@@ -1,0 +1,54 @@
+"""Curves files: exact JSON round trips, absolute and portable."""
+
+import jax
+import pytest
+
+import diffmodel.kernels as dk
+from diffmodel.kernels._curves import KernelCurves, default_kernel_curves
+from diffmodel.kernels._curves_io import (
+    curves_from_json,
+    curves_to_json,
+    load_curves,
+    save_curves,
+)
+
+
+def test_json_round_trip_is_exact(tmp_path):
+    curves = default_kernel_curves()
+    curves = jax.tree.map(lambda x: x + 0.1234567890123, curves)
+    path = save_curves(curves, tmp_path / "curves.json")
+    back = load_curves(path)
+    assert isinstance(back, KernelCurves) and back.hardware == curves.hardware
+    for a, b in zip(jax.tree.leaves(curves), jax.tree.leaves(back), strict=True):
+        assert float(a) == float(b)
+    assert jax.tree.structure(curves) == jax.tree.structure(back)
+    obj = curves_to_json(curves)
+    assert obj["gemm_bf16"]["flops"]["physical"]["x_half_unit"] == "FLOP"
+    assert "latency_us" in obj["decode_attention"]["physical"]
+    assert "tuned_eta_max" in obj["moe"]["physical"]
+    assert "raw_tuned" not in obj["gemm_bf16"].get("raw", {})
+    assert obj["gemm_fp8"]["prologue"]["physical"]["x_half_unit"] == "byte"
+    assert "prologue" not in obj["gemm_bf16"]
+    del obj["moe"]
+    with pytest.raises(ValueError, match="missing key 'moe'"):
+        curves_from_json(obj)
+
+
+def test_portable_json_round_trip_is_exact(tmp_path):
+    curves = default_kernel_curves("b200", portable=True)
+    curves = type(curves)(
+        **{
+            f: getattr(curves, f)
+            for f in ("gemm_fp8", "prefill_attention", "decode_attention", "moe")
+        },
+        gemm_bf16=dk.default_roofline_curves(portable=True, cache=True),
+        allreduce=curves.allreduce,
+        hardware="b200",
+    )
+    back = curves_from_json(curves_to_json(curves))
+    assert back.gemm_bf16.portable and back.gemm_bf16.cache is not None
+    assert back.allreduce.portable
+    for a, b in zip(jax.tree.leaves(curves), jax.tree.leaves(back), strict=True):
+        assert float(a) == float(b)
+    path = dk.save_curves(curves, tmp_path / "c.json")
+    assert dk.load_curves(path).gemm_bf16.portable

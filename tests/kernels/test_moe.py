@@ -1,0 +1,115 @@
+"""MoE kernels: predictions and work by hand, vLLM's tuned configs, power-law
+routing."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel.kernels as dk
+from diffmodel._model._hardware import hardware
+from diffmodel.kernels._moe import (
+    moe_kernel_work,
+    moe_us,
+    power_law_loads,
+    vllm_tuned_moe,
+)
+
+from helpers import needs_db
+
+H100 = hardware("h100-sxm")
+
+
+def test_moe_prediction_by_hand():
+    # Mixtral: one token, 8 experts top-2, EP 2: 1 expert slot per GPU on average.
+    d, f = 4096, 14336
+    got = moe_us(1, d, f, 2, 8, (1.0, 1.0), H100, ep=2.0)
+    # 1 token <= 4 local experts: vLLM's default 16-row token tile, all computed.
+    flops = 2 * 16 * 1 * 3 * d * f
+    touched = 4 * (1 - (1 - 2 / 8) ** 1)
+    # Activations of both routed slots (vLLM zero-fills the off-GPU one), with the
+    # unfused gate+up intermediate (6 f per slot) and the down output read back by
+    # the sum over the slots (d per slot).
+    bytes_ = touched * 3 * d * f * 2 + (2 * (3 * d + 6 * f) + d) * 2
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_moe_balanced_work_by_hand():
+    # DeepSeek-V3-like experts (H 7168, F 2048), 256 experts top-8, EP 256: under
+    # balanced routing the first GPU's single expert always gets the first token.
+    h, f = 7168.0, 2048.0
+    w = moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, ep=256.0, routing="balanced")
+    # One slot in one 16-row tile (1 token <= 1 local expert), one expert's weights.
+    np.testing.assert_allclose(w.flops, 2 * 16 * 3 * h * f, rtol=1e-12)
+    acts = 8 * (2 * h + 3 * f) + h + 8 * (3 * f + h)
+    np.testing.assert_allclose(w.bytes, 3 * h * f * 2 + acts * 2, rtol=1e-12)
+    assert float(w.units) == 1 * (2 * f / 32)  # gate+up tiles of 32 columns
+    np.testing.assert_allclose(w.blocks, (8 / 64 + 256) * (2 * f / 128))
+    # Mixtral, 4096 tokens: 1024 slots per expert fill 16 tiles of 64 exactly.
+    d, fm = 4096.0, 14336.0
+    w = moe_kernel_work(4096.0, d, fm, 2.0, 8.0, H100, routing="balanced", tuned=1.0)
+    np.testing.assert_allclose(w.flops, 2 * 4096 * 2 * 3 * d * fm, rtol=1e-12)
+    assert float(w.units) == 8 * 16 * (2 * fm / 64) and float(w.tuned) == 1.0
+    with pytest.raises(ValueError, match="routing"):
+        moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, routing="zipf")
+
+
+def test_vllm_tuned_moe_lookup():
+    table = pd.DataFrame(
+        {
+            "device": "NVIDIA H100 80GB HBM3",
+            "moe_dtype": "bfloat16",
+            "num_experts": [8, 8, 256, 256],
+            "inter_size": [14336, 14336, 2048, 2048],
+            "moe_tp_size": [1, 2, 4, 1],
+            "moe_ep_size": [1, 1, 1, 32],
+        }
+    )
+    # Mixtral TP2 (E=8, N=7168), DeepSeek TP4 (E=256, N=512) and EP32 (E=8, N=2048)
+    # have tuned files; Mixtral TP1 (E=8, N=14336) does not.
+    np.testing.assert_array_equal(vllm_tuned_moe(table), [0.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="'device', 'moe_dtype'"):
+        vllm_tuned_moe(table.assign(moe_dtype="fp8"))
+
+
+def test_power_law_loads_by_hand():
+    # 4 experts, 1 token top-1: T k = 1 <= E, draws on [0.01, 2]; the quantiles'
+    # largest takes the one slot after rounding, so one expert is touched.
+    loads = power_law_loads(1.0, 4.0, 1.0, 1.0, 1.2)
+    assert float(loads.touched) == 1.0
+    assert float(loads.tiles_small) == 1.0 and float(loads.tiles_large) == 1.0
+    # Many tokens: every expert is touched; skewed loads need more tiles than the
+    # balanced ceil(T k / E / BM) per expert.
+    t, e, k = 4096.0, 8.0, 2.0
+    loads = power_law_loads(t, e, k, 1.0, 1.01)
+    assert float(loads.touched) == e
+    assert float(loads.tiles_large) >= e * np.ceil(t * k / e / 64.0)
+    # Expert parallelism: the measured GPU holds E / ep experts, the busiest first.
+    half = power_law_loads(t, e, k, 2.0, 1.01)
+    assert float(half.touched) == e / 2
+    assert float(half.tiles_large) > float(loads.tiles_large) / 2
+
+
+@needs_db
+def test_power_law_rows_have_more_work_than_balanced():
+    tables = dk.load_system_tables("h100_sxm", "vllm", families=("moe",))
+    rows = dk.family_rows(tables, "moe")
+    assert {"balanced", "power_law_1.2"} <= set(rows["distribution"])
+    keys = ["num_tokens", "hidden_size", "inter_size", "topk", "num_experts"]
+    keys += ["moe_tp_size", "moe_ep_size"]
+    big = rows[(rows["num_tokens"] >= 4096) & (rows["moe_ep_size"] == 1)]
+    bal = big[big["distribution"] == "balanced"].drop_duplicates(keys)
+    pl = big[big["distribution"] == "power_law_1.2"].drop_duplicates(keys)
+    both = bal.merge(pl, on=keys, suffixes=("_b", "_p"))
+    assert len(both) > 0
+    w_b = dk.family_work(
+        "moe", bal.set_index(keys).loc[both.set_index(keys).index].reset_index(), H100
+    )
+    w_p = dk.family_work(
+        "moe", pl.set_index(keys).loc[both.set_index(keys).index].reset_index(), H100
+    )
+    # Skew pads more token tiles than round-robin on most shapes (not all: a
+    # balanced load that is no multiple of the tile pads too), as the measured
+    # times are longer.
+    assert np.median(np.asarray(w_p.flops / w_b.flops)) > 1.0
+    assert np.median(both["latency_us_p"] / both["latency_us_b"]) > 1.0

@@ -1,0 +1,106 @@
+"""Kernel table loaders (units, missing columns, bad values) and the work of their
+rows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmodel._model._hardware import hardware
+from diffmodel.kernels._tables import (
+    load_allreduce,
+    load_attention,
+    load_gemm,
+    load_vidur_allreduce,
+    load_vidur_operators,
+    table_work,
+    vidur_work,
+)
+
+H100 = hardware("h100-sxm")
+
+
+def test_gemm_loader_converts_ms_to_us(data_dir):
+    g = load_gemm(data_dir / "kernels/h100_sxm/gemm_perf.parquet")
+    np.testing.assert_allclose(g["latency_us"], g["latency"] * 1e3)
+    big = g[
+        (g.m == 8192) & (g.n == 16384) & (g.k == 16384) & (g.gemm_dtype == "bfloat16")
+    ]
+    # 4.4 TFLOP at 0.3-1.0 of the 989.5 TFLOP/s peak: 4.4-15 ms (a unit check).
+    assert 4400 < float(big["latency_us"].iloc[0]) < 15000
+
+
+def test_allreduce_loader_counts_bytes(data_dir):
+    a = load_allreduce(data_dir / "kernels/h100_sxm/custom_allreduce_perf.parquet")
+    np.testing.assert_array_equal(a["bytes"], 2 * a["message_size"])  # bf16 elements
+    v = load_vidur_allreduce(data_dir / "vidur/h100/all_reduce_dgx.csv")
+    assert set(v["num_gpus"]) == {2.0, 4.0, 8.0} and (v["latency_us"] > 0).all()
+
+
+def test_vidur_loader_long_form(data_dir):
+    v = load_vidur_operators(data_dir / "vidur/h100/llama-2-7b-hf_mlp.csv", "7b")
+    assert v["operator"].nunique() == 10 and (v["model"] == "7b").all()
+    assert (v["latency_us"] > 0).all()
+
+
+def test_loader_names_missing_columns(tmp_path):
+    path = tmp_path / "gemm.parquet"
+    pd.DataFrame({"m": [1], "n": [2], "latency": [0.1]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['k', 'gemm_dtype'\]"):
+        load_gemm(path)
+    with pytest.raises(ValueError, match="not found"):
+        load_attention(tmp_path / "nope.parquet")
+
+
+def test_loader_rejects_bad_values(tmp_path):
+    path = tmp_path / "gemm.csv"
+    pd.DataFrame(
+        {"m": [1], "n": [2], "k": [3], "gemm_dtype": ["bfloat16"], "latency": [-1.0]}
+    ).to_csv(path)
+    with pytest.raises(ValueError, match="positive times"):
+        load_gemm(path)
+
+
+@pytest.mark.slow
+def test_moe_table_work_models_power_law_routing(tables):
+    rows = tables["moe"]
+    rows = rows[(rows["moe_dtype"] == "bfloat16") & (rows["num_experts"] == 8)]
+    bal = rows[rows["distribution"] == "balanced"]
+    w = table_work("moe", bal, H100)
+    assert w.tuned is not None and float(w.tuned.max()) == 1.0
+    # Mixed routings in one table: the balanced rows keep their balanced work.
+    mixed = table_work("moe", rows, H100)
+    is_bal = (rows["distribution"] == "balanced").to_numpy()
+    np.testing.assert_allclose(mixed.flops[is_bal], w.flops, rtol=1e-12)
+    np.testing.assert_allclose(mixed.bytes[is_bal], w.bytes, rtol=1e-12)
+    with pytest.raises(ValueError, match="'distribution'"):
+        table_work("moe", bal.assign(distribution="zipf"), H100)
+
+
+def test_vidur_work_shapes():
+    table = pd.DataFrame(
+        {
+            "operator": ["attn_pre_proj", "add", "mlp_act"],
+            "n_head": 64,
+            "n_kv_head": 8,
+            "n_embd": 8192,
+            "n_expanded_embd": 28672,
+            "num_tokens": 16,
+            "num_tensor_parallel_workers": 8,
+        }
+    )
+    w = vidur_work(table, H100)
+    # QKV at TP8: 8 query heads + 2 x 1 KV head of 128 -> n = 1280.
+    np.testing.assert_allclose(w.flops[0], 2 * 16 * 1280 * 8192)
+    np.testing.assert_allclose(w.bytes[1:], [16 * 3 * 8192 * 2, 16 * 3 * 3584 * 2])
+    assert float(w.flops[1]) == 0.0
+
+
+def test_table_work_quantizes_only_per_tensor_fp8_rows():
+    t = pd.DataFrame(
+        dict(m=[4, 4, 4], n=[8, 8, 8], k=[16, 16, 16]),
+    ).assign(gemm_dtype=["bfloat16", "fp8", "fp8_block"])
+    w = table_work("gemm", t, H100)
+    np.testing.assert_array_equal(np.asarray(w.pre_bytes), [0.0, 320.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(w.bytes), [448.0, 256.0, 256.0])
+    bf = table_work("gemm", t.iloc[:1], H100)
+    assert bf.pre_bytes is None

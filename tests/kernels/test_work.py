@@ -1,0 +1,102 @@
+"""Kernel work and its times: GEMM, attention and all-reduce by hand, causal tiles,
+scheduled blocks, FP8 activation quantization."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffmodel._model._hardware import hardware
+from diffmodel.kernels._curves import default_roofline_curves
+from diffmodel.kernels._moe import moe_kernel_work
+from diffmodel.kernels._work import (
+    allreduce_kernel_us,
+    causal_tile_pairs,
+    decode_attention_us,
+    gemm_kernel_work,
+    gemm_us,
+    prefill_attention_us,
+)
+
+H100 = hardware("h100-sxm")
+
+
+def test_gemm_prediction_by_hand():
+    m, n, k = 4096, 4096, 4096
+    got = gemm_us(m, n, k, (0.5, 1e-3), H100)
+    compute = 2 * m * n * k / (989.5e12 * 0.5) * 1e6
+    memory = (k * n + m * k + m * n) * 2 / (3.35e12 * 1e-3) * 1e6
+    np.testing.assert_allclose(got, (compute**4 + memory**4) ** 0.25, rtol=1e-12)
+    # FP8 uses the FP8 peak and one byte per element.
+    fp8 = gemm_us(m, n, k, (0.5, 1.0), H100, dtype_bytes=1.0)
+    mem8 = (k * n + m * k + m * n) / 3.35e12 * 1e6
+    c8 = 2 * m * n * k / (1979e12 * 0.5) * 1e6
+    np.testing.assert_allclose(fp8, (c8**4 + mem8**4) ** 0.25, rtol=1e-12)
+
+
+def test_attention_predictions_by_hand():
+    b, s, h, kvh, dh = 2, 1024, 16, 2, 128
+    pf = prefill_attention_us(b, s, h, kvh, dh, (1.0, 1.0), H100)
+    # 8 query heads per KV head packed into 64 query tiles of 128 rows; tile i
+    # computes ceil((i + 1) / 8) key blocks of 128: 288 blocks per KV head
+    # (1.125 x the 256 blocks of the ideal isl^2 / 2 per head).
+    flops = 4 * dh * kvh * b * 288 * 128 * 128
+    bytes_ = 2 * kvh * dh * 2 * b * s + 2 * h * dh * 2 * b * s
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(pf, want, rtol=1e-12)
+    dec = decode_attention_us(b, s, h, kvh, dh, (1.0, 1.0), H100)
+    flops = 4 * h * dh * b * s
+    bytes_ = 2 * kvh * dh * 2 * b * s + 2 * h * dh * 2 * b
+    want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    np.testing.assert_allclose(dec, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("isl", [1, 16, 100, 128, 129, 1000, 4096])
+def test_causal_tile_pairs_match_a_loop(isl, group):
+    pairs, tiles = causal_tile_pairs(float(isl), float(group))
+    n_q = -(-isl * group // 128)
+    blocks = sum(-(-min(isl, -(-128 * (i + 1) // group)) // 128) for i in range(n_q))
+    assert float(tiles) == n_q
+    assert float(pairs) == 128 * 128 * blocks
+    assert float(pairs) >= group * isl * isl / 2  # never fewer than the ideal
+
+
+def test_allreduce_prediction_by_hand():
+    got = allreduce_kernel_us(1e6, 4, (0.5, 7.0), H100)
+    np.testing.assert_allclose(got, 7.0 + 2 * 3 / 4 * 1e6 / (450e9 * 0.5) * 1e6)
+    assert float(allreduce_kernel_us(1e6, 1, (0.5, 7.0), H100)) == 0.0
+
+
+def test_scheduled_blocks_cost_time():
+    c = eqx.tree_at(
+        lambda c: c.raw_unit_ns,
+        default_roofline_curves(occupancy=False),
+        jnp.asarray(np.log(np.expm1(2.0))),  # 2 ns per block
+    )
+    w = moe_kernel_work(64.0, 4096.0, 14336.0, 2.0, 8.0, H100)
+    no_blocks = eqx.tree_at(lambda w: w.blocks, w, replace=None)
+    extra = w.time_us(c) - no_blocks.time_us(c)
+    np.testing.assert_allclose(extra, (w.blocks - w.units) * 2e-3, rtol=1e-9)
+
+
+def test_fp8_gemm_work_counts_bf16_output_and_quantization_pass():
+    # m=4, n=8, k=16 FP8 GEMM, bf16 output, dynamic activation quantization:
+    # bytes = 16*8*1 + 4*16*1 + 4*8*2 = 128 + 64 + 64 = 256;
+    # pre_bytes = 4*16*(2*2 + 1) = 320 (absmax read, re-read, FP8 write);
+    # the same GEMM in bf16: 256 + 128 + 64 = 448 bytes.
+    w = gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, out_bytes=2.0, act_quant=1.0)
+    assert float(w.flops) == 2 * 4 * 8 * 16
+    assert float(w.bytes) == 256.0
+    assert float(w.pre_bytes) == 320.0
+    assert float(w.peak_flops) == H100.flops_8
+    # constant efficiencies: the pass runs at eta_bw, serially, before the GEMM
+    plain = gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, out_bytes=2.0)
+    assert plain.pre_bytes is None
+    extra = float(w.time_us((0.5, 0.25)) - plain.time_us((0.5, 0.25)))
+    assert extra == pytest.approx(320.0 / (float(H100.hbm_bw) * 0.25) * 1e6, rel=1e-6)
+
+
+def test_fp8_gemm_act_quant_must_be_0_or_1():
+    with pytest.raises(ValueError, match="act_quant"):
+        gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, act_quant=2.0)
