@@ -2,7 +2,7 @@
 
 The same formulas as :func:`diffmodel.step_time` written in vectorised NumPy: what a
 careful NumPy port costs per step (see ``_bench``). Kept in step with the JAX model by
-``tests/test_numpy_reference.py`` (float64, hand-checkable values).
+``tests/app/test_numpy_reference.py`` (float64, hand-checkable values).
 """
 
 import numpy as np

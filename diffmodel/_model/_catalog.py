@@ -4,7 +4,7 @@
 The bundled numbers are taken from the Hugging Face ``config.json`` files in
 inference-sim's ``model_configs/`` (Apache-2.0; copies in
 ``shared/data/model_configs/``), reduced to the keys the roofline reads.
-``tests/test_arch.py`` checks them against those
+``tests/model/test_catalog.py`` checks them against those
 files. ``aiconfigurator-core`` (PyPI, Apache-2.0; the ``aic`` extra) bundles ~100 more
 in ``aiconfigurator_core/model_configs/<org>--<name>_config.json`` (with an optional
 ``..._hf_quant_config.json`` beside a quantized checkpoint); :func:`installed_configs`

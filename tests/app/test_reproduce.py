@@ -120,6 +120,14 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert (
         results.loc[results["method"] == "diffmodel-roofline", "n_params"] == 0
     ).all()
+    # Intervals: scored for the fitted factor sets, absent for the others.
+    with_interval = results["method"].isin(
+        ["diffmodel-global", "diffmodel-per-model", "diffmodel-hierarchical"]
+        + ["study-9", "study-36"]
+    )
+    scored = results[with_interval & results["mape"].notna()]
+    assert scored["coverage90"].between(0, 1).all() and (scored["width90"] > 0).all()
+    assert results.loc[~with_interval, ["coverage90", "width90"]].isna().all().all()
 
     # The black box of the table is the hand-made one on the same quick split.
     quick = add_targets(
@@ -155,6 +163,7 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
         "### iteration_time — temporal" in text and "### iteration_time — lowo" in text
     )
     assert "llama-2-70b-tp4-general" in text and "(2/3)" in text
+    assert "### iteration_time — 90% intervals" in text
 
 
 def test_markdown_table_layout():

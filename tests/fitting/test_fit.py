@@ -229,14 +229,8 @@ def test_fit_traces_once():
     assert len(calls) <= 3  # loss, plus the line search's value function
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param("global", marks=pytest.mark.slow),
-        pytest.param("per-model", marks=pytest.mark.slow),
-        "hierarchical",
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["global", "per-model", "hierarchical"])
 def test_objective_gradient_matches_finite_differences(kind):
     data = simulate(np.arange(64) % 4)
     y = jnp.asarray(noisy(data, TRUTH, 0.1))

@@ -178,14 +178,8 @@ def _frame(seed):
     return f
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param("global", marks=pytest.mark.slow),
-        pytest.param("per-model", marks=pytest.mark.slow),
-        "study-9",
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["global", "per-model", "study-9"])
 def test_second_fit_on_same_shape_data_compiles_nothing(kind):
     first = dm.fit(_frame(0), target="t_us", factors=kind, max_steps=50)
     before = COMPILE_CLOCK.compiles()
