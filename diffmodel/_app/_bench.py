@@ -465,9 +465,9 @@ def fitting_table(r: dict) -> list[str]:
             f"scipy / run = {r['ratio_scipy_fit_run']:.1f}x",
         ),
         (
-            "fit with its posterior (Laplace), second process",
+            "then a fit with its posterior (Laplace) in that process",
             f"{r['fit_with_posterior_second_s']:.2f} s",
-            f"first process {r['fit_with_posterior_first_s']:.2f} s",
+            f"in the first process {r['fit_with_posterior_first_s']:.2f} s",
         ),
         (
             f"scipy trf, the study's fitter ({r['fit_rows']:,} steps)",
