@@ -7,8 +7,13 @@ a mixed prefill + decode batch. Our numbers are the unfitted physical priors
 (``default_factors``); aiconfigurator's come from its measured kernel database
 (``EngineHandle.decode_step_latency`` / ``mixed_step_latency``, vLLM tables).
 
-    python experiments/models.py
+    python experiments/models.py [--out DIR]
+
+With ``--out`` the same text is written to ``DIR/models.md`` (the README's section).
 """
+
+import argparse
+import pathlib
 
 import jax
 
@@ -50,6 +55,15 @@ STEPS = [
 ]
 
 
+LINES: list[str] = []
+
+
+def emit(line: str = "") -> None:
+    """Print a line of the report and keep it for ``models.md``."""
+    print(line)
+    LINES.append(line)
+
+
 def ours(model, hw, tp, ep, prefill, n_decode, context):
     """Our step time by component, ms."""
     dep = dm.deployment(model, hw, tp, ep=ep)
@@ -81,16 +95,16 @@ def aiconfigurator(model, system, tp, moe, prefill, n_decode, context):
         return None, f"{type(err).__name__}: {str(err)[:80]}"
 
 
-def main():
+def main(out: pathlib.Path | None = None) -> None:
     cols = ["linear", "attention_prefill", "attention_decode", "kv_write"]
     cols += ["lm_head", "allreduce", "overhead"]
     short = ["linear", "attn_pf", "attn_dec", "kv_wr", "lm_head", "comm", "host"]
-    print(
+    emit(
         "| deployment | step | "
         + " | ".join(short)
         + " | ours total | ours GPU | aiconfigurator | GPU / aic |"
     )
-    print("|" + "---|" * (len(short) + 6))
+    emit("|" + "---|" * (len(short) + 6))
     notes = []
     for label, model, hw, tp, ep, system, moe in DEPLOYMENTS:
         for step, prefill, n_dec, ctx in STEPS:
@@ -103,14 +117,18 @@ def main():
             aic_s = f"{aic:.2f}" if aic is not None else "n/a"
             ratio = f"{gpu / aic:.2f}" if aic else "n/a"
             row = " | ".join(f"{parts[c]:.2f}" for c in cols)
-            print(
+            emit(
                 f"| {label} TP{tp} EP{ep} {hw} | {step} | {row} | {total:.2f} | "
                 f"{gpu:.2f} | {aic_s} | {ratio} |"
             )
-    print("\nAll times ms per step. 'ours' uses the unfitted physical priors.")
+    emit()
+    emit("All times ms per step. 'ours' uses the unfitted physical priors.")
     for n in notes:
-        print("-", n)
+        emit("-", n)
     features()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "models.md").write_text("\n".join(LINES) + "\n")
 
 
 def features():
@@ -125,16 +143,17 @@ def features():
     )
     ds = dm.deployment("deepseek-ai/DeepSeek-V3", "h200", 8)
     mtp = dm.Deployment(arch=dm.serving.mtp_draft(ds.arch), hw=ds.hw, tp=ds.tp)
-    print("\nSpeculative decoding, DeepSeek-V3 + MTP draft, 64 requests @ 2k:")
-    print("| k | verify | draft | step | tokens/request (accept 0.7) | ms/token |")
-    print("|---|---|---|---|---|---|")
+    emit()
+    emit("Speculative decoding, DeepSeek-V3 + MTP draft, 64 requests @ 2k:")
+    emit("| k | verify | draft | step | tokens/request (accept 0.7) | ms/token |")
+    emit("|---|---|---|---|---|---|")
     for k in range(4):
         sp = dm.serving.speculative_step(
             dec, ds, fa, k=float(k), draft=mtp, n_draft_steps=k
         )
         gained = float(dm.serving.accepted_tokens(float(k), 0.7))
         total = float(sp.total) / 1e3
-        print(
+        emit(
             f"| {k} | {float(sp.verify.total) / 1e3:.2f} | "
             f"{float(sp.draft_us) / 1e3:.2f} | {total:.2f} | {gained:.2f} | "
             f"{total / gained:.2f} |"
@@ -147,18 +166,24 @@ def features():
         num_decode=0.0,
         kv_tokens=0.0,
     )
-    print("\nPrefix caching, Llama-3.1-70B TP4 H100, two 2048-token prompts:")
+    emit()
+    emit("Prefix caching, Llama-3.1-70B TP4 H100, two 2048-token prompts:")
     for hit in (0.0, 1024.0, 3072.0):
         t = float(dm.step_time(dm.serving.prefix_cached(pf, hit), ll, fa).total)
-        print(f"  {hit:.0f} cached tokens: {t / 1e3:.2f} ms")
-    print("\nPipeline parallelism, Llama-3.1-70B TP4 H100, the same prefill:")
+        emit(f"- {hit:.0f} cached tokens: {t / 1e3:.2f} ms")
+    emit()
+    emit("Pipeline parallelism, Llama-3.1-70B TP4 H100, the same prefill:")
     for pp in (1, 2, 4):
         r = dm.serving.pipeline_step(pf, ll, fa, pp=float(pp))
-        print(
-            f"  pp={pp}: stage {float(r.stage_us) / 1e3:.2f} ms, bubble "
+        emit(
+            f"- pp={pp}: stage {float(r.stage_us) / 1e3:.2f} ms, bubble "
             f"{float(r.bubble_us) / 1e3:.2f} ms, step {float(r.total) / 1e3:.2f} ms"
         )
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None, help="write models.md"
+    )
+    main(parser.parse_args().out)

@@ -48,6 +48,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/gpus.py", "--out", "{r}/gpus"],
         "gpus/gpus.md",
     ),
+    "models": (
+        ["experiments/models.py", "--out", "{r}/models"],
+        "models/models.md",
+    ),
 }
 
 
