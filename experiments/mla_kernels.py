@@ -1,0 +1,372 @@
+"""Validate the package's MLA attention physics on measured vLLM MLA modules.
+
+Data: aiconfigurator-core's vLLM tables ``<system>/mla/vllm/<version>/
+mla_context_module_perf.parquet`` and ``mla_generation_module_perf.parquet``
+(DeepSeek-V3, ``latency`` in ms), for every system that has them.
+
+What the module is. aiconfigurator's collector (``collector/vllm/
+collect_mla_module.py``) builds one vLLM ``DeepseekV2MLAAttention`` layer at
+``tp_size = 1`` with ``num_heads`` heads (the per-GPU heads ``128 / tp``) and times its
+whole forward: the fused ``q_a``/``kv_a`` down-projection ``[T, 7168] @ [7168, 1536 +
+512 + 64]``, the ``q_a``/``kv_a`` RMS norms, ``q_b``, RoPE, the KV-cache write, the
+attention (prefill: ``kv_b`` up-projection and multi-head attention with ``qk = 192``,
+``v = 128``; decode: absorbed ``W_UK``/``W_UV`` BMMs around latent multi-query
+attention) and ``o_proj``. In aiconfigurator it replaces the granular
+``downscale + q_b + kv_b + attention + o_proj`` ops. Context rows: ``batch_size``
+requests of ``isl`` new tokens each, empty cache (``step = 0``). Generation rows:
+``batch_size`` requests of one new token each whose sequence is ``step`` tokens
+(``step - 1`` cached before the forward; ``isl = 1``).
+
+Work counted, per module, with the package's own functions (per GPU at ``t = 128 /
+num_heads``, so ``H/t = num_heads``): the projections ``projection_work(T)`` (all
+four GEMMs; decode's absorbed BMMs have ``kv_b``'s FLOPs and weights) plus the
+activation quantization pass ``quant_pass_bytes(T (d + H/t v))`` (zero for bf16
+GEMMs), at the dense tensor peak, ``gemm_flops`` and ``mem_bw``; attention
+``attention_work_dims`` on the package's prefill dimensions with ``A_pf = b isl^2 /
+2`` pairs and ``T`` KV tokens read (context), or on its absorbed decode dimensions
+with ``b step`` pairs and tokens read (generation), at ``attn_flops`` and
+``attn_bw`` (the FP8 peak when the attention math is FP8); the latent KV write
+``(c + r) kv_bytes T`` bytes at ``mem_bw``. Norms and RoPE traffic are not counted.
+Each part is the package's ``roofline_us`` (smooth maximum of compute and memory time),
+and the module time is their sum plus a fixed latency (0 uncalibrated).
+
+Protocols, per table and dtype combination (``mla_dtype/kv_cache_dtype/gemm_type``):
+uncalibrated (the priors of ``FACTOR_SPECS``); calibrated on 75% of the whole shapes
+((num_heads, isl) for context, (num_heads, batch_size) for generation; seed 0) with
+``gemm_flops, mem_bw, attn_flops, attn_bw`` in [0.01, 1] and ``latency_us >= 0`` fitted
+by ``scipy.optimize.least_squares`` on log ratios, MAPE on the other 25%; and
+leave-one-GPU-out (one set fitted on the other systems, tested on the held-out one).
+Both MAPE columns of a line are on the same test rows.
+
+    python experiments/mla_kernels.py [--out DIR]
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+import diffmodel as dm
+from diffmodel import FACTOR_SPECS, mape
+from diffmodel._model._layers import attention_dims, projection_work, quant_pass_bytes
+from diffmodel._model._physics import attention_work_dims, roofline_us, tensor_peak
+from diffmodel.kernels import held_out_split
+
+OPS = ("context", "generation")
+SHAPE_KEYS = {
+    "context": ["num_heads", "isl"],
+    "generation": ["num_heads", "batch_size"],
+}
+DTYPE_KEYS = ["mla_dtype", "kv_cache_dtype", "gemm_type"]
+ROW_KEYS = DTYPE_KEYS + ["num_heads", "batch_size", "isl", "step"]
+MODEL = "deepseek-ai/DeepSeek-V3"
+FULL_HEADS = 128  # DeepSeek-V3's attention heads; num_heads = 128 / tp
+PARAMS = ("gemm_flops", "mem_bw", "attn_flops", "attn_bw", "latency_us")
+PRIOR = np.array([FACTOR_SPECS[n][0] for n in PARAMS[:4]] + [0.0])
+LOWER = np.array([0.01] * 4 + [0.0])
+UPPER = np.array([1.0] * 4 + [np.inf])
+# GEMM operand widths of each gemm_type from the catalog's checkpoints of the same
+# dimensions (bfloat16: 2-byte weights and operands, no quantization pass).
+GEMM_ARCH = {"fp8_block": "deepseek-v3", "nvfp4": "deepseek-v3.1-nvfp4"}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def aic_data_dir() -> pathlib.Path:
+    """aiconfigurator-core's ``systems/data`` folder."""
+    import aiconfigurator_core
+
+    return pathlib.Path(aiconfigurator_core.__file__).parent / "systems" / "data"
+
+
+def load_tables(
+    root: pathlib.Path, version: str = "0.24.0", systems=None
+) -> dict[str, dict[str, pd.DataFrame]]:
+    """``{system: {op: rows}}`` of every system with vLLM MLA module tables of
+    ``version``: DeepSeek-V3 rows with positive latency, duplicates averaged, and
+    ``latency_us`` (us) added."""
+    out = {}
+    for sys_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if systems is not None and sys_dir.name not in systems:
+            continue
+        folder = sys_dir / "mla" / "vllm" / version
+        files = {op: folder / f"mla_{op}_module_perf.parquet" for op in OPS}
+        if not all(f.is_file() for f in files.values()):
+            continue
+        out[sys_dir.name] = {}
+        for op, f in files.items():
+            d = pd.read_parquet(f)
+            d = d[(d["model"] == MODEL) & (d["latency"] > 0)]
+            d = d.groupby(ROW_KEYS, as_index=False)["latency"].mean()
+            out[sys_dir.name][op] = d.assign(latency_us=d["latency"] * 1e3)
+    return out
+
+
+def module_arch(gemm_type: str, kv_cache_dtype: str) -> dm.Architecture:
+    """DeepSeek-V3 from the catalog with the GEMM operand widths of ``gemm_type``
+    (bytes per weight and activation element, quantization passes) and 1-byte (fp8)
+    or 2-byte KV cache."""
+    a = dm.architecture("deepseek-v3")
+    if gemm_type == "bfloat16":
+        wb, cb, qp = 2.0, 2.0, 0.0
+    else:
+        src = dm.architecture(GEMM_ARCH[gemm_type])
+        wb, cb, qp = (
+            float(x) for x in (src.weight_bytes, src.compute_bytes, src.quant_passes)
+        )
+    kb = 1.0 if kv_cache_dtype == "fp8" else 2.0
+    vals = tuple(jnp.asarray(v, float) for v in (wb, cb, qp, kb))
+    return eqx.tree_at(
+        lambda x: (x.weight_bytes, x.compute_bytes, x.quant_passes, x.kv_bytes), a, vals
+    )
+
+
+def module_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.ndarray]:
+    """FLOPs, bytes and peaks of the measured module for each row (one dtype combo).
+
+    Returns arrays ``proj_f`` (FLOPs) and ``proj_b`` (bytes) of the projections and
+    the quantization pass, ``attn_f``/``attn_b`` of the attention, ``kv_b`` (bytes)
+    of the KV-cache write, and the peaks ``dense_peak``/``attn_peak`` (FLOP/s) and
+    ``bw`` (bytes/s).
+    """
+    (combo,) = rows[DTYPE_KEYS].drop_duplicates().itertuples(index=False)
+    mla_dtype, kv_dtype, gemm_type = combo
+    a = module_arch(gemm_type, kv_dtype)
+    heads = rows["num_heads"].to_numpy(float)
+    b = rows["batch_size"].to_numpy(float)
+    t = FULL_HEADS / heads
+    dims = attention_dims(a, t)
+    if op == "context":
+        s = rows["isl"].to_numpy(float)
+        tokens = b * s
+        pairs, kv_read = b * s * s / 2.0, tokens  # A_pf of b chunks, s new, 0 cached
+        shape = (dims.prefill_qk, dims.prefill_v)
+    else:
+        tokens = b
+        pairs = kv_read = b * rows["step"].to_numpy(float)
+        shape = (dims.decode_qk, dims.decode_v)
+    proj_f, proj_b = projection_work(tokens, a, t)
+    proj_b = proj_b + quant_pass_bytes(
+        tokens * (a.hidden + dims.q_heads * a.v_head_dim), a
+    )
+    attn_f, attn_b = attention_work_dims(
+        pairs,
+        kv_read,
+        tokens,
+        dims.q_heads,
+        *shape,
+        dims.kv_width,
+        a.kv_bytes,
+        a.act_bytes,
+    )
+    dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
+    attn_peak = hw.flops_8 if mla_dtype == "fp8" else hw.flops_16
+    n = len(rows)
+    full = {
+        "proj_f": proj_f,
+        "proj_b": proj_b,
+        "attn_f": attn_f,
+        "attn_b": attn_b,
+        "kv_b": dims.kv_width * a.kv_bytes * tokens,
+        "dense_peak": dense_peak,
+        "attn_peak": attn_peak,
+        "bw": hw.hbm_bw,
+    }
+    return {
+        k: np.broadcast_to(np.asarray(v, float), (n,)).copy() for k, v in full.items()
+    }
+
+
+def predict_us(params, w: dict[str, np.ndarray]) -> np.ndarray:
+    """Module time, us: projections + attention + KV write + ``latency_us``.
+
+    ``params`` is ``(gemm_flops, mem_bw, attn_flops, attn_bw, latency_us)``.
+    """
+    gf, mb, af, ab, lat = (float(p) for p in params)
+    proj = roofline_us(w["proj_f"], w["proj_b"], w["dense_peak"], w["bw"], gf, mb)
+    attn = roofline_us(w["attn_f"], w["attn_b"], w["attn_peak"], w["bw"], af, ab)
+    kv_write = w["kv_b"] / w["bw"] * 1e6 / mb
+    return np.asarray(proj + attn + kv_write) + lat
+
+
+def fit_params(w: dict[str, np.ndarray], y_us: np.ndarray) -> np.ndarray:
+    """Least squares on ``log(predicted / measured)`` from the priors (10 us latency);
+    efficiencies bounded to [0.01, 1], latency >= 0 (us)."""
+    x0 = np.clip(PRIOR + np.array([0, 0, 0, 0, 10.0]), LOWER, UPPER)
+    log_y = np.log(y_us)
+    res = least_squares(
+        lambda p: np.log(predict_us(p, w)) - log_y,
+        x0,
+        bounds=(LOWER, UPPER),
+        x_scale=np.array([0.1] * 4 + [10.0]),
+    )
+    return res.x
+
+
+def _cat(works: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([w[k] for w in works]) for k in works[0]}
+
+
+def _take(w: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in w.items()}
+
+
+def _fmt(params) -> str:
+    return " ".join(f"{n}={p:.3g}" for n, p in zip(PARAMS, params, strict=True))
+
+
+def _line(op, system, dtype, protocol, y, prior, fitted, params) -> dict:
+    return {
+        "op": op,
+        "system": system,
+        "dtype": dtype,
+        "protocol": protocol,
+        "uncalibrated_mape": mape(y, prior),
+        "calibrated_mape": mape(y, fitted),
+        "rows": len(y),
+        "params": _fmt(params),
+    }
+
+
+def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.DataFrame:
+    """Every (op, dtype combination, system) line of both protocols."""
+    lines = []
+    for op in OPS:
+        combos = sorted(
+            {
+                c
+                for s in tables
+                for c in tables[s][op][DTYPE_KEYS].itertuples(index=False)
+            }
+        )
+        for combo in combos:
+            dtype = "/".join(combo)
+            data = {}
+            for system, by_op in tables.items():
+                rows = by_op[op]
+                rows = rows[(rows[DTYPE_KEYS] == list(combo)).all(axis=1)]
+                if max_rows is not None and len(rows) > max_rows:
+                    rows = rows.sample(n=max_rows, random_state=0)
+                if len(rows) < 8:
+                    continue
+                rows = rows.reset_index(drop=True)
+                data[system] = (rows, module_work(op, rows, hardware[system]))
+            for system, (rows, w) in data.items():
+                t0 = time.perf_counter()
+                y = rows["latency_us"].to_numpy(float)
+                test = held_out_split(rows, SHAPE_KEYS[op], frac=0.25, seed=0)
+                p = fit_params(_take(w, ~test), y[~test])
+                wt = _take(w, test)
+                lines.append(
+                    _line(
+                        op,
+                        system,
+                        dtype,
+                        "held-out shapes",
+                        y[test],
+                        predict_us(PRIOR, wt),
+                        predict_us(p, wt),
+                        p,
+                    )
+                )
+                _log(
+                    f"{op} {dtype} {system}: held-out {time.perf_counter() - t0:.1f} s"
+                )
+            if len(data) < 2:
+                continue
+            for system, (rows, w) in data.items():
+                others = [s for s in data if s != system]
+                w_tr = _cat([data[s][1] for s in others])
+                y_tr = np.concatenate(
+                    [data[s][0]["latency_us"].to_numpy(float) for s in others]
+                )
+                p = fit_params(w_tr, y_tr)
+                y = rows["latency_us"].to_numpy(float)
+                lines.append(
+                    _line(
+                        op,
+                        system,
+                        dtype,
+                        "leave-one-GPU-out",
+                        y,
+                        predict_us(PRIOR, w),
+                        predict_us(p, w),
+                        p,
+                    )
+                )
+    return pd.DataFrame(lines)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The results as a markdown table, one line per op, system, dtype and protocol."""
+    head = [
+        "| op | system | dtype | protocol | uncalibrated MAPE % | calibrated MAPE % "
+        "| rows | params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    body = [
+        f"| {r.op} | {r.system} | {r.dtype} | {r.protocol} | {r.uncalibrated_mape:.1f} "
+        f"| {r.calibrated_mape:.1f} | {r.rows} | {r.params} |"
+        for r in table.itertuples(index=False)
+    ]
+    return "\n".join(head + body)
+
+
+def main(
+    *,
+    out: str | pathlib.Path = "results/mla_kernels",
+    data: str | pathlib.Path | None = None,
+    version: str = "0.24.0",
+    systems=None,
+    max_rows: int | None = None,
+) -> pd.DataFrame:
+    """Run the validation, write ``mla_kernels.csv`` and ``mla_kernels.md`` to
+    ``out``, print and return the table. ``max_rows`` subsamples each (system, op,
+    dtype) table (seed 0), for a quick run; ``systems`` restricts the systems."""
+    jax.config.update("jax_enable_x64", True)
+    t0 = time.perf_counter()
+    root = pathlib.Path(data) if data is not None else aic_data_dir()
+    tables = load_tables(root, version, systems)
+    if not tables:
+        raise SystemExit(f"no vLLM {version} MLA module tables under {root}")
+    _log(f"systems with vLLM {version} MLA module tables: {', '.join(tables)}")
+    hardware = {s: dm.hardware(s) for s in tables}
+    table = evaluate(tables, hardware, max_rows)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "mla_kernels.csv", index=False)
+    md = markdown(table)
+    (out / "mla_kernels.md").write_text(md + "\n")
+    print(md)
+    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("results/mla_kernels")
+    )
+    parser.add_argument(
+        "--data", type=pathlib.Path, default=None, help="aiconfigurator systems/data"
+    )
+    parser.add_argument("--version", default="0.24.0", help="vLLM version folder")
+    parser.add_argument("--systems", nargs="*", default=None, help="system folders")
+    parser.add_argument("--max-rows", type=int, default=None, help="rows per table")
+    args = parser.parse_args()
+    main(
+        out=args.out,
+        data=args.data,
+        version=args.version,
+        systems=args.systems,
+        max_rows=args.max_rows,
+    )

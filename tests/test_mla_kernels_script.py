@@ -1,0 +1,83 @@
+"""experiments/mla_kernels.py: its module work against hand-written FLOPs and bytes,
+and a run on a small subset of aiconfigurator's vLLM MLA module tables."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel as dm
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "mla_kernels.py"
+
+# DeepSeek-V3: hidden, q_lora, kv_lora (latent), rope, qk head (nope + rope), v head.
+D, QL, C, R, DH, V = 7168, 1536, 512, 64, 192, 128
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("mla_kernels_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(**kw) -> pd.DataFrame:
+    base = dict(mla_dtype="bfloat16", kv_cache_dtype="bfloat16", gemm_type="bfloat16")
+    return pd.DataFrame([{**base, **kw}])
+
+
+def _proj_flops(tokens: int, heads: int) -> float:
+    """2 T (d (q_lora + c + r) + q_lora H dh + c H (dh - r + v) + H v d), FLOPs."""
+    h = heads
+    per_token = D * (QL + C + R) + QL * h * DH + C * h * (DH - R + V) + h * V * D
+    return 2.0 * tokens * per_token
+
+
+def test_context_row_work_by_hand(script):
+    """One request of 2 new tokens at 128 heads (tp 1), all bf16."""
+    rows = _row(num_heads=128, batch_size=1, isl=2, step=0)
+    w = script.module_work("context", rows, dm.hardware("h100-sxm"))
+    assert w["proj_f"][0] == pytest.approx(_proj_flops(2, 128), rel=1e-12)
+    # Causal pairs b s^2 / 2 = 2; 2 H (qk + v) FLOPs a pair.
+    assert w["attn_f"][0] == pytest.approx(2 * 128 * (DH + V) * 2, rel=1e-12)
+    # Latent KV write: (c + r) elements of 2 bytes per new token.
+    assert w["kv_b"][0] == pytest.approx((C + R) * 2 * 2, rel=1e-12)
+    # Attention bytes: 2 KV tokens read (c + r, 2 bytes) + Q and O of 2 tokens.
+    assert w["attn_b"][0] == pytest.approx(
+        (C + R) * 2 * 2 + 128 * (DH + V) * 2 * 2, rel=1e-12
+    )
+
+
+def test_generation_row_work_by_hand(script):
+    """Four requests of sequence 10 at 16 heads (tp 8): absorbed latent attention."""
+    rows = _row(num_heads=16, batch_size=4, isl=1, step=10)
+    w = script.module_work("generation", rows, dm.hardware("h100-sxm"))
+    assert w["proj_f"][0] == pytest.approx(_proj_flops(4, 16), rel=1e-12)
+    # b step = 40 pairs; qk = c + r, v = c in the latent space.
+    assert w["attn_f"][0] == pytest.approx(2 * 16 * ((C + R) + C) * 40, rel=1e-12)
+
+
+def test_prior_prediction_is_the_sum_of_rooflines(script):
+    """With latency 0 the prediction is at least each part's compute time."""
+    rows = _row(num_heads=128, batch_size=8, isl=4096, step=0)
+    hw = dm.hardware("h100-sxm")
+    w = script.module_work("context", rows, hw)
+    t = script.predict_us(script.PRIOR, w)[0]
+    attn_compute = w["attn_f"][0] / float(hw.flops_16) * 1e6 / script.PRIOR[2]
+    proj_compute = w["proj_f"][0] / float(hw.flops_16) * 1e6 / script.PRIOR[0]
+    assert t >= attn_compute + proj_compute
+    assert np.isfinite(t)
+
+
+@pytest.mark.slow
+def test_main_on_a_subset(script, tmp_path):
+    pytest.importorskip("aiconfigurator_core")
+    table = script.main(out=tmp_path, systems=["h100_sxm", "h200_sxm"], max_rows=60)
+    md = (tmp_path / "mla_kernels.md").read_text()
+    assert md.startswith("| op | system | dtype | protocol |")
+    assert (tmp_path / "mla_kernels.csv").is_file()
+    assert set(table["protocol"]) == {"held-out shapes", "leave-one-GPU-out"}
+    assert np.isfinite(table[["uncalibrated_mape", "calibrated_mape"]].to_numpy()).all()
