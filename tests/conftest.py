@@ -20,6 +20,9 @@ jax.config.update("jax_enable_x64", True)
 # Implicit broadcasting between arrays of different ranks is an error: a (n,) + (n, 1)
 # that silently makes an (n, n) matrix is a classic bug.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Tests run many small computations: on CPU, handing each to a worker thread
+# (asynchronous dispatch) costs ~0.1 ms per call on a small VM, more than the work.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 import pytest  # noqa: E402
 
