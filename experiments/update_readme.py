@@ -48,6 +48,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/gpus.py", "--out", "{r}/gpus"],
         "gpus/gpus.md",
     ),
+    "mla_kernels": (
+        ["experiments/mla_kernels.py", "--out", "{r}/mla_kernels"],
+        "mla_kernels/mla_kernels_summary.md",
+    ),
     "models": (
         ["experiments/models.py", "--out", "{r}/models"],
         "models/models.md",

@@ -1,6 +1,23 @@
 """Kernels: measured kernel tables, the work each kernel does (from the step model's own
-physics), efficiency curves, and their calibration against the tables."""
+physics), efficiency curves, and their calibration against the tables.
 
+The step model's operator-level functions are here too, for validating an operator
+against measured kernels with the same arithmetic the step model uses:
+``attention_dims``, ``projection_work``, ``quant_pass_bytes`` (per-layer work of GQA
+and MLA projections), ``attention_work_dims`` (attention FLOPs and bytes),
+``tensor_peak`` (the dense peak of an operand width) and ``roofline_us``.
+"""
+
+from .._model._layers import (
+    attention_dims as attention_dims,
+    projection_work as projection_work,
+    quant_pass_bytes as quant_pass_bytes,
+)
+from .._model._physics import (
+    attention_work_dims as attention_work_dims,
+    roofline_us as roofline_us,
+    tensor_peak as tensor_peak,
+)
 from ._calibrate import (
     FitOptions as FitOptions,
     calibrate_kernels as calibrate_kernels,
