@@ -6,7 +6,10 @@ on ``sys.path``).
 """
 
 import contextlib
+import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable
 
 import equinox as eqx
@@ -24,6 +27,28 @@ from diffmodel._model._roofline import COMPONENTS, step_time_batch
 
 # The project folder (for subprocesses' PYTHONPATH) and the tests' data files.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_on_host_devices(code: str, n: int = 2, timeout: int = 120) -> str:
+    """Run Python ``code`` in a fresh CPU process that sees ``n`` forced host
+    devices (the package importable from this checkout); its standard output.
+    Fails the test, with the process's error output, if it exits non-zero."""
+    env = dict(os.environ)
+    flag = f" --xla_force_host_platform_device_count={n}"
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 # (rtol, atol) for comparing two computations of the same quantity in a dtype: a few

@@ -2,9 +2,6 @@
 chunks are in flight, request sums in one pass, sharding over devices."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,7 +10,13 @@ import pytest
 import diffmodel as dm
 from diffmodel._bulk._bulk import STAT_FIELDS, predict_requests, predict_steps
 
-from helpers import BULK_RTOL, ROOT, direct_step_time, random_requests, random_stats
+from helpers import (
+    BULK_RTOL,
+    direct_step_time,
+    random_requests,
+    random_stats,
+    run_on_host_devices,
+)
 
 
 def test_unaligned_and_strided_inputs(deps):
@@ -64,21 +67,8 @@ json.dump({"steps": float(np.max(np.abs(sharded / single - 1))),
 
 @pytest.mark.slow
 def test_sharded_over_two_host_devices_equals_single():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    err = json.loads(out.stdout)
+    stdout = run_on_host_devices(_SHARDED, timeout=120)
+    err = json.loads(stdout)
     assert err["steps"] < 1e-6 and err["requests"] < 1e-6, err
 
 

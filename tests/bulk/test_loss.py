@@ -1,9 +1,6 @@
 """The bulk loss: equal to the fitting objective, gradients, HVPs, compiles, devices."""
 
 import json
-import os
-import subprocess
-import sys
 
 import equinox as eqx
 import jax
@@ -23,7 +20,7 @@ from diffmodel._fitting._base import StepData
 from diffmodel._fitting._factorsets import init_factor_set, to_physical, to_raw
 from diffmodel._fitting._optimise import COMPILE_CLOCK
 
-from helpers import ROOT
+from helpers import run_on_host_devices
 
 SPECS = (("llama-2-7b", 1), ("llama-2-70b", 4), ("mixtral-8x7b", 2))
 LABELS = tuple(f"{m}/h100-sxm/tp{t}" for m, t in SPECS)
@@ -235,21 +232,8 @@ json.dump(out, sys.stdout)
 
 @pytest.mark.slow
 def test_data_parallel_over_two_host_devices_equals_one():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    )
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+    stdout = run_on_host_devices(_SHARDED, timeout=300)
+    r = json.loads(stdout)
     assert r["two"][3] == 2 and r["one"][3] == 1  # rows really sharded
     assert r["two"][0] == pytest.approx(r["one"][0], rel=1e-12)
     np.testing.assert_allclose(r["two"][1], r["one"][1], rtol=1e-9, atol=1e-15)
