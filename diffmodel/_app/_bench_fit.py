@@ -246,6 +246,50 @@ def measure(steps_path: str | None = None, grad_steps: int = 1_000_000) -> dict:
     return res
 
 
+def fitting_table(r: dict) -> list[str]:
+    """Markdown lines of the fitting figures (``_bench_fit.measure``)."""
+    sp = r["scipy_fit_s"]
+    rows = [
+        (
+            f"bulk loss + gradient, {r['loss_grad_rows']:,} steps (chunked, "
+            "per-model factors)",
+            f"{r['loss_grad_steps_per_s']:.3g} steps/s",
+            f"{r['ratio_loss_grad_forward']:.2f} x prediction "
+            f"({r['forward_steps_per_s']:.3g} steps/s, same rows, same rounds)",
+        ),
+        (
+            "study 9-parameter fit, first fresh process (compiles)",
+            f"{r['fit_first_s']:.2f} s",
+            f"{r['fit_first_s'] / sp:.2f} x scipy",
+        ),
+        (
+            "same, second fresh process (persistent compilation cache)",
+            f"{r['fit_second_s']:.2f} s",
+            f"{r['ratio_fit_second_scipy']:.2f} x scipy",
+        ),
+        (
+            "same, refit in that process (the run alone)",
+            f"{r['fit_run_s']:.3f} s",
+            f"scipy / run = {r['ratio_scipy_fit_run']:.1f}x",
+        ),
+        (
+            "then a fit with its posterior (Laplace) in that process",
+            f"{r['fit_with_posterior_second_s']:.2f} s",
+            f"in the first process {r['fit_with_posterior_first_s']:.2f} s",
+        ),
+        (
+            f"scipy trf, the study's fitter ({r['fit_rows']:,} steps)",
+            f"{sp:.2f} s",
+            f"loss {r['scipy_fit_loss']:.8f} vs ours {r['fit_loss']:.8f}",
+        ),
+    ]
+    return [
+        "| fitting | time or rate | ratio |",
+        "|---|---:|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+    ]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grad-steps", type=int, default=1_000_000)
