@@ -1,0 +1,448 @@
+"""Validate the package's low-precision GEMM, NCCL collective and quantization physics
+on aiconfigurator-core's measured kernel tables.
+
+Data: aiconfigurator-core's ``systems/data/<system>/...`` tables (``latency`` in
+ms), the newest version folder of each system, for every system that has them and that
+maps to a package GPU (the ``SYSTEMS`` mapping of ``experiments/gpus.py``, copied here):
+
+- GEMMs: ``gemm/vllm/<version>/gemm_perf.parquet``, ``gemm_dtype`` ``fp8_block`` and
+  ``nvfp4`` (rows ``m, n, k``; duplicates averaged). nvfp4 rows exist only on the
+  Blackwell systems (b200, b300, gb200, gb300, rtx_pro_6000); a system whose package
+  GPU has no FP4 tensor-core peak above its FP8 peak is skipped for nvfp4.
+- Collectives: ``comm/nccl/<version>/nccl_perf.parquet``, ``op_name`` ``all_gather``,
+  ``reduce_scatter``, ``alltoall``, ``all_reduce`` and ``nccl_dtype`` ``half`` (2 bytes)
+  or ``int8`` (1 byte) on ``num_gpus`` in {2, 4, 8}. ``message_size`` is an element
+  count of the full buffer (aiconfigurator's ``perf_database._factor_message_size``
+  splits it as an element count, and at equal ``message_size`` the ``half`` rows take
+  about twice the ``int8`` rows' time at large sizes); bytes = ``message_size`` x
+  element bytes.
+- Quantization: ``quantize/vllm/<version>/computescale_perf.parquet``
+  (``compute_scale``) and ``scale_matrix_perf.parquet`` (``scale_matrix``),
+  ``quant_dtype`` fp8, rows ``m, k``.
+
+Work counted per row:
+
+- GEMM: FLOPs ``2 m n k``; bytes ``(k n + m k) b + 2 m n`` (bf16 output), with
+  ``b = 1 + 4/128^2`` per weight element and ``1 + 4/128`` per activation element for
+  fp8_block (one fp32 scale per 128x128 weight block and per 1x128 activation group)
+  and ``b = 0.5 + 1/16`` for nvfp4 (one fp8 scale per 16 elements, both operands);
+  peak ``tensor_peak(cb, flops_16, flops_8, flops_4)`` with compute bytes ``cb`` 1.0
+  (fp8_block) or 0.5 (nvfp4); time ``roofline_us(flops, bytes, peak, hbm_bw,
+  gemm_flops, mem_bw) + latency_us`` (the package's smooth roofline).
+- Collectives: ring costs over the GPU's ``link_bw`` (``Hardware.link_bw``, per
+  direction): all-gather and reduce-scatter ``(n-1)/n`` of the full buffer per GPU,
+  all-to-all ``(n-1)/n`` (the package's ``all_to_all_us`` in
+  ``diffmodel/_model/_physics.py``, not public, reproduced here), all-reduce
+  ``2 (n-1)/n`` (its ``allreduce_us``); time ``latency_us + wire bytes / (link_bw
+  comm_bw)``.
+- Quantization: a memory-bound pass at ``hbm_bw``: ``compute_scale`` reads ``2 m k``
+  bytes (the bf16 input; the per-tensor scale is not counted), ``scale_matrix`` reads
+  ``2 m k`` and writes ``m k`` (fp8); time ``bytes / (hbm_bw mem_bw) + latency_us``.
+
+Protocols, per (op, dtype) and system: uncalibrated (the priors of ``FACTOR_SPECS``:
+``gemm_flops, mem_bw`` with latency 0 for GEMMs, ``comm_bw, comm_latency_us`` for
+collectives, ``mem_bw`` with latency 0 for quantization); calibrated on 75% of the
+whole shapes (``held_out_split`` seed 0 on ``(n, k)`` for GEMMs, ``(num_gpus,
+message_size)`` for collectives, ``k`` for quantization) with the efficiencies in
+[0.01, 1] and ``latency_us >= 0`` fitted by ``scipy.optimize.least_squares`` on log
+ratios, MAPE on the other 25%; and leave-one-GPU-out where at least two systems have the
+table (one set fitted on the other systems, tested on the held-out one). GEMM ops are
+named ``gemm_<dtype>`` so that the per-op summary keeps the two dtypes apart. Both MAPE
+columns of a line are on the same test rows. Each (system, op, dtype) table is
+subsampled to ``--max-rows`` rows (default 2000, seed 0).
+
+    python experiments/quant_comm_kernels.py [--out DIR] [--max-rows N]
+        [--systems S ...]
+"""
+
+import argparse
+import pathlib
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+import diffmodel as dm
+from diffmodel import FACTOR_SPECS, mape
+from diffmodel.kernels import held_out_split, roofline_us, tensor_peak
+
+# aiconfigurator system folder -> package GPU (experiments/gpus.py's SYSTEMS).
+SYSTEMS = {
+    "a100_sxm": "a100-sxm-80gb",
+    "h100_sxm": "h100-sxm",
+    "h200_sxm": "h200",
+    "b200_sxm": "b200",
+    "b300_sxm": "b300",
+    "gb200": "gb200",
+    "gb300": "gb300",
+    "l40s": "l40s",
+    "rtx_pro_6000_server": "rtx-pro-6000",
+    "b60": "b60",
+}
+GEMM_DTYPES = ("fp8_block", "nvfp4")
+COMM_OPS = ("all_gather", "reduce_scatter", "alltoall", "all_reduce")
+COMM_BYTES = {"half": 2.0, "int8": 1.0}
+QUANT_FILES = {
+    "compute_scale": "computescale_perf",
+    "scale_matrix": "scale_matrix_perf",
+}
+BLOCK = 128  # fp8_block: 128x128 weight blocks, 1x128 activation groups, fp32 scales
+FP4_GROUP = 16  # nvfp4: one fp8 scale per 16 elements
+
+
+class Family:
+    """Parameters, priors, bounds and shape keys of one kind of table."""
+
+    def __init__(self, params, prior, x0, x_scale, shape_keys):
+        self.params = params
+        self.prior = np.asarray(prior, float)
+        self.x0 = np.asarray(x0, float)
+        self.x_scale = np.asarray(x_scale, float)
+        self.lower = np.array([0.01] * (len(params) - 1) + [0.0])
+        self.upper = np.array([1.0] * (len(params) - 1) + [np.inf])
+        self.shape_keys = shape_keys
+
+
+FAMILIES = {
+    "gemm": Family(
+        ("gemm_flops", "mem_bw", "latency_us"),
+        [FACTOR_SPECS["gemm_flops"][0], FACTOR_SPECS["mem_bw"][0], 0.0],
+        [FACTOR_SPECS["gemm_flops"][0], FACTOR_SPECS["mem_bw"][0], 5.0],
+        [0.1, 0.1, 5.0],
+        ["n", "k"],
+    ),
+    "comm": Family(
+        ("comm_bw", "comm_latency_us"),
+        [FACTOR_SPECS["comm_bw"][0], FACTOR_SPECS["comm_latency_us"][0]],
+        [FACTOR_SPECS["comm_bw"][0], FACTOR_SPECS["comm_latency_us"][0]],
+        [0.1, 10.0],
+        ["num_gpus", "message_size"],
+    ),
+    "quantize": Family(
+        ("mem_bw", "latency_us"),
+        [FACTOR_SPECS["mem_bw"][0], 0.0],
+        [FACTOR_SPECS["mem_bw"][0], 5.0],
+        [0.1, 5.0],
+        ["k"],
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def aic_data_dir() -> pathlib.Path:
+    """aiconfigurator-core's ``systems/data`` folder."""
+    import aiconfigurator_core
+
+    return pathlib.Path(aiconfigurator_core.__file__).parent / "systems" / "data"
+
+
+def _version_key(name: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else -1 for x in re.findall(r"\d+|[a-z]+", name))
+
+
+def newest(folder: pathlib.Path, filename: str) -> pathlib.Path | None:
+    """``folder/<newest version>/filename``, or None if no version folder has it."""
+    if not folder.is_dir():
+        return None
+    versions = sorted(
+        (p for p in folder.iterdir() if (p / filename).is_file()),
+        key=lambda p: _version_key(p.name),
+    )
+    return versions[-1] / filename if versions else None
+
+
+def _positive_mean(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    d = d[d["latency"] > 0]
+    d = d.groupby(keys, as_index=False)["latency"].mean()
+    return d.assign(latency_us=d["latency"] * 1e3)
+
+
+def load_tables(root: pathlib.Path, systems=None) -> dict[tuple, dict[str, tuple]]:
+    """``{(family, op, dtype): {system: (rows, version)}}`` from the newest version of
+    every system's GEMM, NCCL and vLLM quantization tables."""
+    out: dict[tuple, dict[str, tuple]] = {}
+    for system in SYSTEMS:
+        if systems is not None and system not in systems:
+            continue
+        base = root / system
+        f = newest(base / "gemm" / "vllm", "gemm_perf.parquet")
+        if f is not None:
+            d = pd.read_parquet(f, columns=["gemm_dtype", "m", "n", "k", "latency"])
+            for dtype in GEMM_DTYPES:
+                rows = _positive_mean(d[d["gemm_dtype"] == dtype], ["m", "n", "k"])
+                if len(rows):
+                    key = ("gemm", f"gemm_{dtype}", dtype)
+                    out.setdefault(key, {})[system] = (rows, f.parent.name)
+        f = newest(base / "comm" / "nccl", "nccl_perf.parquet")
+        if f is not None:
+            d = pd.read_parquet(f)
+            for (op, dtype), g in d.groupby(["op_name", "nccl_dtype"]):
+                if op not in COMM_OPS or dtype not in COMM_BYTES:
+                    continue
+                rows = _positive_mean(g, ["num_gpus", "message_size"])
+                key = ("comm", op, dtype)
+                out.setdefault(key, {})[system] = (rows, f.parent.name)
+        for op, stem in QUANT_FILES.items():
+            f = newest(base / "quantize" / "vllm", f"{stem}.parquet")
+            if f is None:
+                continue
+            d = pd.read_parquet(f)
+            for dtype, g in d.groupby("quant_dtype"):
+                rows = _positive_mean(g, ["m", "k"])
+                key = ("quantize", op, dtype)
+                out.setdefault(key, {})[system] = (rows, f.parent.name)
+    return dict(sorted(out.items()))
+
+
+def gemm_work(dtype: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.ndarray]:
+    """FLOPs, bytes, peak (FLOP/s) and bandwidth (bytes/s) of each GEMM row."""
+    m, n, k = (rows[c].to_numpy(float) for c in ("m", "n", "k"))
+    if dtype == "fp8_block":
+        w_b, a_b, cb = 1.0 + 4.0 / BLOCK**2, 1.0 + 4.0 / BLOCK, 1.0
+    elif dtype == "nvfp4":
+        w_b = a_b = 0.5 + 1.0 / FP4_GROUP
+        cb = 0.5
+    else:
+        raise ValueError(f"unknown GEMM dtype {dtype}")
+    peak = float(tensor_peak(cb, hw.flops_16, hw.flops_8, hw.flops_4))
+    size = len(rows)
+    return {
+        "flops": 2.0 * m * n * k,
+        "bytes": k * n * w_b + m * k * a_b + 2.0 * m * n,
+        "peak": np.full(size, peak),
+        "bw": np.full(size, float(hw.hbm_bw)),
+    }
+
+
+def comm_work(
+    op: str, dtype: str, rows: pd.DataFrame, hw: dm.Hardware
+) -> dict[str, np.ndarray]:
+    """Wire bytes per GPU (ring cost of ``op`` on the full buffer) and link
+    bandwidth."""
+    g = rows["num_gpus"].to_numpy(float)
+    full = rows["message_size"].to_numpy(float) * COMM_BYTES[dtype]
+    share = (g - 1.0) / g
+    factor = 2.0 * share if op == "all_reduce" else share
+    return {"wire": factor * full, "bw": np.full(len(rows), float(hw.link_bw))}
+
+
+def quant_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.ndarray]:
+    """Bytes of the memory-bound quantization pass (bf16 in, fp8 out) and HBM
+    bandwidth."""
+    mk = rows["m"].to_numpy(float) * rows["k"].to_numpy(float)
+    per = 2.0 if op == "compute_scale" else 3.0
+    return {"bytes": per * mk, "bw": np.full(len(rows), float(hw.hbm_bw))}
+
+
+def work(family: str, op: str, dtype: str, rows, hw) -> dict[str, np.ndarray]:
+    if family == "gemm":
+        return gemm_work(dtype, rows, hw)
+    if family == "comm":
+        return comm_work(op, dtype, rows, hw)
+    return quant_work(op, rows, hw)
+
+
+def predict_us(family: str, params, w: dict[str, np.ndarray]) -> np.ndarray:
+    """Time of each row, us, with ``params`` in ``FAMILIES[family].params`` order."""
+    if family == "gemm":
+        gf, mb, lat = (float(p) for p in params)
+        t = roofline_us(w["flops"], w["bytes"], w["peak"], w["bw"], gf, mb)
+        return np.asarray(t) + lat
+    eta, lat = (float(p) for p in params)
+    key = "wire" if family == "comm" else "bytes"
+    return w[key] / w["bw"] * 1e6 / eta + lat
+
+
+def fit_params(family: str, w: dict[str, np.ndarray], y_us: np.ndarray) -> np.ndarray:
+    """Least squares on ``log(predicted / measured)``; efficiencies in [0.01, 1],
+    latency >= 0 (us)."""
+    fam = FAMILIES[family]
+    log_y = np.log(y_us)
+    res = least_squares(
+        lambda p: np.log(predict_us(family, p, w)) - log_y,
+        np.clip(fam.x0, fam.lower, fam.upper),
+        bounds=(fam.lower, fam.upper),
+        x_scale=fam.x_scale,
+    )
+    return res.x
+
+
+def _cat(works: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([w[k] for w in works]) for k in works[0]}
+
+
+def _take(w: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in w.items()}
+
+
+def _fmt(family: str, params) -> str:
+    names = FAMILIES[family].params
+    return " ".join(f"{n}={p:.3g}" for n, p in zip(names, params, strict=True))
+
+
+def _line(op, system, dtype, protocol, y, prior, fitted, family, params) -> dict:
+    return {
+        "op": op,
+        "system": system,
+        "dtype": dtype,
+        "protocol": protocol,
+        "uncalibrated_mape": mape(y, prior),
+        "calibrated_mape": mape(y, fitted),
+        "rows": len(y),
+        "params": _fmt(family, params),
+    }
+
+
+def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.DataFrame:
+    """Every (op, dtype, system) line of both protocols."""
+    lines = []
+    for (family, op, dtype), by_system in tables.items():
+        fam = FAMILIES[family]
+        data = {}
+        for system, (rows, _version) in by_system.items():
+            hw = hardware[system]
+            if dtype == "nvfp4" and not float(hw.flops_4) > float(hw.flops_8):
+                _log(f"{op} {dtype} {system}: skipped (no FP4 tensor-core peak)")
+                continue
+            if max_rows is not None and len(rows) > max_rows:
+                rows = rows.sample(n=max_rows, random_state=0)
+            if len(rows) < 8:
+                continue
+            rows = rows.reset_index(drop=True)
+            data[system] = (rows, work(family, op, dtype, rows, hw))
+        for system, (rows, w) in data.items():
+            t0 = time.perf_counter()
+            y = rows["latency_us"].to_numpy(float)
+            test = held_out_split(rows, fam.shape_keys, frac=0.25, seed=0)
+            p = fit_params(family, _take(w, ~test), y[~test])
+            wt = _take(w, test)
+            lines.append(
+                _line(
+                    op,
+                    system,
+                    dtype,
+                    "held-out shapes",
+                    y[test],
+                    predict_us(family, fam.prior, wt),
+                    predict_us(family, p, wt),
+                    family,
+                    p,
+                )
+            )
+            _log(f"{op} {dtype} {system}: held-out {time.perf_counter() - t0:.1f} s")
+        if len(data) < 2:
+            continue
+        for system, (rows, w) in data.items():
+            others = [s for s in data if s != system]
+            w_tr = _cat([data[s][1] for s in others])
+            y_tr = np.concatenate(
+                [data[s][0]["latency_us"].to_numpy(float) for s in others]
+            )
+            p = fit_params(family, w_tr, y_tr)
+            y = rows["latency_us"].to_numpy(float)
+            lines.append(
+                _line(
+                    op,
+                    system,
+                    dtype,
+                    "leave-one-GPU-out",
+                    y,
+                    predict_us(family, fam.prior, w),
+                    predict_us(family, p, w),
+                    family,
+                    p,
+                )
+            )
+    return pd.DataFrame(lines)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The results as a markdown table, one line per op, system, dtype and protocol."""
+    head = [
+        "| op | system | dtype | protocol | uncalibrated MAPE % | calibrated MAPE % "
+        "| rows | params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    body = [
+        f"| {r.op} | {r.system} | {r.dtype} | {r.protocol} | {r.uncalibrated_mape:.1f} "
+        f"| {r.calibrated_mape:.1f} | {r.rows} | {r.params} |"
+        for r in table.itertuples(index=False)
+    ]
+    return "\n".join(head + body)
+
+
+def summary(table: pd.DataFrame) -> str:
+    """One markdown line per op and protocol over every system and dtype: how many
+    (system, dtype) tables, the median and range of the MAPEs (%), and how many are
+    at or below 15% calibrated."""
+    lines = [
+        "| op | protocol | tables | uncalibrated MAPE %, median | calibrated MAPE %, "
+        "median (range) | calibrated <= 15% |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for (op, protocol), g in table.groupby(["op", "protocol"], sort=True):
+        c = g["calibrated_mape"]
+        lines.append(
+            f"| {op} | {protocol} | {len(g)} | {g['uncalibrated_mape'].median():.1f} "
+            f"| {c.median():.1f} ({c.min():.1f}-{c.max():.1f}) "
+            f"| {int((c <= 15.0).sum())} |"
+        )
+    return "\n".join(lines)
+
+
+def main(
+    *,
+    out: str | pathlib.Path = "results/quant_comm_kernels",
+    data: str | pathlib.Path | None = None,
+    systems=None,
+    max_rows: int | None = 2000,
+) -> pd.DataFrame:
+    """Run the validation, write ``quant_comm_kernels.csv``, ``quant_comm_kernels.md``
+    and its per-op summary ``quant_comm_kernels_summary.md`` to ``out``, print and
+    return the table. ``max_rows`` subsamples each (system, op, dtype) table (seed 0);
+    ``systems`` restricts the system folders."""
+    jax.config.update("jax_enable_x64", True)
+    t0 = time.perf_counter()
+    root = pathlib.Path(data) if data is not None else aic_data_dir()
+    tables = load_tables(root, systems)
+    if not tables:
+        raise SystemExit(f"no GEMM, NCCL or quantization tables under {root}")
+    for (_family, op, dtype), by_system in tables.items():
+        where = ", ".join(f"{s} ({v})" for s, (_, v) in by_system.items())
+        _log(f"{op} {dtype}: {where}")
+    used = sorted({s for by_system in tables.values() for s in by_system})
+    hardware = {s: dm.hardware(SYSTEMS[s]) for s in used}
+    table = evaluate(tables, hardware, max_rows)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "quant_comm_kernels.csv", index=False)
+    md = markdown(table)
+    (out / "quant_comm_kernels.md").write_text(md + "\n")
+    short = summary(table)
+    (out / "quant_comm_kernels_summary.md").write_text(short + "\n")
+    print(md + "\n\n" + short)
+    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("results/quant_comm_kernels")
+    )
+    parser.add_argument(
+        "--data", type=pathlib.Path, default=None, help="aiconfigurator systems/data"
+    )
+    parser.add_argument("--systems", nargs="*", default=None, help="system folders")
+    parser.add_argument(
+        "--max-rows", type=int, default=2000, help="rows per table (seed 0)"
+    )
+    args = parser.parse_args()
+    main(out=args.out, data=args.data, systems=args.systems, max_rows=args.max_rows)
