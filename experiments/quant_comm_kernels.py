@@ -58,31 +58,26 @@ subsampled to ``--max-rows`` rows (default 2000, seed 0).
 import argparse
 import pathlib
 import re
-import sys
 import time
 
 import jax
 import numpy as np
 import pandas as pd
+from gpus import SYSTEMS  # a sibling script: aiconfigurator system -> package GPU
+from mla_kernels import (  # a sibling script: its loaders and tables
+    _cat,
+    _log,
+    _take,
+    aic_data_dir,
+    markdown,
+    summary,
+)
 from scipy.optimize import least_squares
 
 import diffmodel as dm
 from diffmodel import FACTOR_SPECS, mape
 from diffmodel.kernels import held_out_split, roofline_us, tensor_peak
 
-# aiconfigurator system folder -> package GPU (experiments/gpus.py's SYSTEMS).
-SYSTEMS = {
-    "a100_sxm": "a100-sxm-80gb",
-    "h100_sxm": "h100-sxm",
-    "h200_sxm": "h200",
-    "b200_sxm": "b200",
-    "b300_sxm": "b300",
-    "gb200": "gb200",
-    "gb300": "gb300",
-    "l40s": "l40s",
-    "rtx_pro_6000_server": "rtx-pro-6000",
-    "b60": "b60",
-}
 GEMM_DTYPES = ("fp8_block", "nvfp4")
 COMM_OPS = ("all_gather", "reduce_scatter", "alltoall", "all_reduce")
 COMM_BYTES = {"half": 2.0, "int8": 1.0}
@@ -130,17 +125,6 @@ FAMILIES = {
         ["k"],
     ),
 }
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def aic_data_dir() -> pathlib.Path:
-    """aiconfigurator-core's ``systems/data`` folder."""
-    import aiconfigurator_core
-
-    return pathlib.Path(aiconfigurator_core.__file__).parent / "systems" / "data"
 
 
 def _version_key(name: str) -> tuple:
@@ -274,14 +258,6 @@ def fit_params(family: str, w: dict[str, np.ndarray], y_us: np.ndarray) -> np.nd
     return res.x
 
 
-def _cat(works: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([w[k] for w in works]) for k in works[0]}
-
-
-def _take(w: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[mask] for k, v in w.items()}
-
-
 def _fmt(family: str, params) -> str:
     names = FAMILIES[family].params
     return " ".join(f"{n}={p:.3g}" for n, p in zip(names, params, strict=True))
@@ -361,40 +337,6 @@ def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.Data
                 )
             )
     return pd.DataFrame(lines)
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """The results as a markdown table, one line per op, system, dtype and protocol."""
-    head = [
-        "| op | system | dtype | protocol | uncalibrated MAPE % | calibrated MAPE % "
-        "| rows | params |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    body = [
-        f"| {r.op} | {r.system} | {r.dtype} | {r.protocol} | {r.uncalibrated_mape:.1f} "
-        f"| {r.calibrated_mape:.1f} | {r.rows} | {r.params} |"
-        for r in table.itertuples(index=False)
-    ]
-    return "\n".join(head + body)
-
-
-def summary(table: pd.DataFrame) -> str:
-    """One markdown line per op and protocol over every system and dtype: how many
-    (system, dtype) tables, the median and range of the MAPEs (%), and how many are
-    at or below 15% calibrated."""
-    lines = [
-        "| op | protocol | tables | uncalibrated MAPE %, median | calibrated MAPE %, "
-        "median (range) | calibrated <= 15% |",
-        "|---|---|---:|---:|---|---:|",
-    ]
-    for (op, protocol), g in table.groupby(["op", "protocol"], sort=True):
-        c = g["calibrated_mape"]
-        lines.append(
-            f"| {op} | {protocol} | {len(g)} | {g['uncalibrated_mape'].median():.1f} "
-            f"| {c.median():.1f} ({c.min():.1f}-{c.max():.1f}) "
-            f"| {int((c <= 15.0).sum())} |"
-        )
-    return "\n".join(lines)
 
 
 def main(

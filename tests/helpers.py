@@ -29,6 +29,22 @@ from diffmodel._model._roofline import COMPONENTS, step_time_batch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def load_experiment(name: str):
+    """The script ``experiments/<name>.py`` as a module, its sibling scripts importable
+    as when it runs (Python puts the script's folder first on the path)."""
+    import importlib.util
+
+    folder = str(ROOT / "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_script", f"{folder}/{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_on_host_devices(code: str, n: int = 2, timeout: int = 120) -> str:
     """Run Python ``code`` in a fresh CPU process that sees ``n`` forced host
     devices (the package importable from this checkout); its standard output.

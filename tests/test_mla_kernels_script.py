@@ -1,16 +1,13 @@
 """experiments/mla_kernels.py: its module work against hand-written FLOPs and bytes,
 and a run on a small subset of aiconfigurator's vLLM MLA module tables."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import diffmodel as dm
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "mla_kernels.py"
+from helpers import load_experiment
 
 # DeepSeek-V3: hidden, q_lora, kv_lora (latent), rope, qk head (nope + rope), v head.
 D, QL, C, R, DH, V = 7168, 1536, 512, 64, 192, 128
@@ -18,10 +15,7 @@ D, QL, C, R, DH, V = 7168, 1536, 512, 64, 192, 128
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("mla_kernels_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("mla_kernels")
 
 
 def _row(**kw) -> pd.DataFrame:

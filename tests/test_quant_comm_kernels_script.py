@@ -1,28 +1,18 @@
 """experiments/quant_comm_kernels.py: its GEMM, collective and quantization work against
 hand-written FLOPs and bytes, and a run on a small subset of aiconfigurator's tables."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 import pandas as pd
 import pytest
 
 import diffmodel as dm
 
-SCRIPT = (
-    pathlib.Path(__file__).resolve().parents[1]
-    / "experiments"
-    / "quant_comm_kernels.py"
-)
+from helpers import load_experiment
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("quant_comm_kernels_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("quant_comm_kernels")
 
 
 GEMM = pd.DataFrame([{"m": 2, "n": 256, "k": 128}])
