@@ -122,22 +122,32 @@ def predict(
     for c in COMPONENTS:
         out[f"{c}_us"] = np.asarray(parts[c])
     if post is not None:
-        fs, model_ = post
-        noise = model_.row_noise(
-            groups.labels,
-            np.asarray(groups.index),
-            np.asarray(stats.prefill_tokens) > 0,
-            transfer,
-        )
         data = StepData(
             stats=stats, deployments=groups.deployments, group=jnp.asarray(groups.index)
         )
-        _, lo, hi = set_interval(
-            fs, model_.cov_raw, noise, data, groups.labels, level=interval
-        )
+        lo, hi = posterior_interval(post, data, groups.labels, interval, transfer)
         out["predicted_lo_us"] = lo
         out["predicted_hi_us"] = hi
     return out
+
+
+def posterior_interval(
+    post: tuple[AbstractFactorSet, IntervalModel],
+    data: StepData,
+    labels: tuple[str, ...],
+    level: float,
+    transfer: bool | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` of every step of ``data`` (group index into ``labels``), us: the
+    central ``level`` interval of a fit's posterior (:func:`posterior`) plus its
+    residual noise per regime, chosen by ``transfer`` as in :func:`predict`."""
+    factor_set, model = post
+    has_prefill = np.asarray(data.stats.prefill_tokens) > 0
+    noise = model.row_noise(labels, np.asarray(data.group), has_prefill, transfer)
+    _, lo, hi = set_interval(
+        factor_set, model.cov_raw, noise, data, labels, level=level
+    )
+    return lo, hi
 
 
 def posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:

@@ -15,11 +15,10 @@ import pandas as pd
 
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._fit import fit, step_data
-from .._fitting._intervals import set_interval
 from .._fitting._kinds import PER_GROUP_KINDS
 from .._metrics import metrics_table
 from .._model._factors import Factors, default_factors
-from .._predict import posterior
+from .._predict import posterior, posterior_interval
 from ..baselines._aiconfigurator import aiconfigurator_step_us
 from ..baselines._baselines import STUDY_GRID, BlackBox, XGBoostBaseline
 from ._reproduce_host import HOST_METHODS, run_host_method
@@ -323,12 +322,8 @@ class _Evaluator:
         the fit has no posterior."""
         if result.laplace is None or result.laplace.regime_noise_sd is None:
             return None
-        factor_set, model = posterior(result)
-        has_prefill = np.asarray(self.data.stats.prefill_tokens) > 0
-        noise = model.row_noise(self.labels, self.group, has_prefill, False)
-        _, lo, hi = set_interval(
-            factor_set, model.cov_raw, noise, self.data, self.labels, level=level
-        )
+        post = posterior(result)
+        lo, hi = posterior_interval(post, self.data, self.labels, level, False)
         rows = self.position.loc[frame.index].to_numpy()
         return lo[rows], hi[rows]
 
