@@ -53,7 +53,10 @@ class BulkData(eqx.Module):
     Attributes:
         cols: the seven :class:`~diffmodel.BatchStats` fields (tokens, requests,
             token pairs), padding rows 0.
-        group: each step's deployment group (padding rows 0).
+        group: each step's deployment group (padding rows 0), or, with rows laid
+            out by group (every chunk holds one group's rows), ``[chunks]``: the
+            group of each chunk. Then a chunk reads its tables as scalars and the
+            gradient sums each table over the chunk instead of selecting per row.
         log_target: ``log`` of the measured step time, us (padding rows 0).
         weight: per-row weight (0 on padding rows).
         deployments: stacked deployments, one per group.
@@ -79,6 +82,23 @@ def _n_chunks(n: int, chunk: int) -> int:
     return -(-k // 8) * 8
 
 
+def _by_group(group: np.ndarray, n_groups: int, chunk: int):
+    """A layout in which every chunk holds one group's rows: ``(order, at, chunks,
+    chunk_group)``: row ``order[i]`` goes to flat position ``at[i]``; ``chunks``
+    (bucketed like :func:`_n_chunks`) and each chunk's group (padding chunks: 0)."""
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=n_groups)
+    per = -(-counts // chunk)  # whole chunks per group
+    first = np.concatenate([[0], np.cumsum(per)[:-1]])  # its first chunk
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # its first sorted row
+    gs = group[order]
+    at = first[gs] * chunk + (np.arange(len(order)) - starts[gs])
+    k = _n_chunks(int(per.sum()) * chunk, chunk)
+    chunk_group = np.zeros(k, np.int64)
+    chunk_group[: per.sum()] = np.repeat(np.arange(n_groups), per)
+    return order, at, k, chunk_group
+
+
 def bulk_data(
     stats: BatchStats,
     deployments: Deployment,
@@ -89,6 +109,7 @@ def bulk_data(
     chunk_size: int = 2**12,
     dtype=jnp.float32,
     devices=None,
+    by_group: bool | None = None,
 ) -> BulkData:
     """Validate steps and their targets once and lay them out for :func:`bulk_loss`.
 
@@ -102,6 +123,10 @@ def bulk_data(
             the number of devices).
         dtype: ``float32`` (default) or ``float64`` (needs ``jax_enable_x64``).
         devices: devices to shard every chunk's rows over (default all JAX sees).
+        by_group: lay rows out by group, every chunk one group's rows (its tables
+            read as scalars: the gradient about twice as fast as with per-row
+            selection); ``None`` (default): by group unless that pads the rows by
+            more than a quarter (many small groups), then in the given order.
     """
     dt = _float_dtype(dtype)
     if not isinstance(stats, BatchStats):
@@ -131,16 +156,24 @@ def bulk_data(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk = -(-min(int(chunk_size), max(n, 1)) // multiple) * multiple
     k = _n_chunks(n, chunk)
+    order, at, k_by_group, chunk_group = _by_group(g, n_groups, chunk)
+    if by_group is None:
+        by_group = n_groups > 1 and k_by_group <= k + k // 4
+    if by_group:
+        k = k_by_group
     rows = k * chunk
 
     def lay_out(a, dtype_):
         out = np.zeros(rows, dtype_)
-        out[:n] = a
+        if by_group:
+            out[at] = a[order]
+        else:
+            out[:n] = a
         return out.reshape(k, chunk)
 
     arrays = dict(
         cols=tuple(lay_out(c, dt) for c in cols),
-        group=lay_out(g, np.int32),
+        group=chunk_group.astype(np.int32) if by_group else lay_out(g, np.int32),
         log_target=lay_out(np.log(y), dt),
         weight=lay_out(w, dt),
     )
@@ -150,7 +183,12 @@ def bulk_data(
         replicated = NamedSharding(mesh, PartitionSpec())
     else:
         rows_sharding = replicated = devs[0]
+    group_of_chunk = arrays.pop("group") if by_group else None
     arrays = jax.device_put(arrays, rows_sharding)
+    # One group per chunk: the same on every device.
+    arrays["group"] = (
+        jax.device_put(group_of_chunk, replicated) if by_group else arrays["group"]
+    )
     return BulkData(
         cols=arrays["cols"],
         group=arrays["group"],

@@ -166,6 +166,8 @@ class _Evaluator:
         """Each step's entry of the ``[groups]`` table ``t``."""
         if self.n_groups == 1:
             return t[0]
+        if jnp.ndim(self.group) == 0:  # one group for all steps (a chunk of one)
+            return t[self.group]
         if self.n_groups <= _SELECT_MAX_GROUPS:
             out = t[0]
             for g in range(1, self.n_groups):

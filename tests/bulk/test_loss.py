@@ -77,6 +77,32 @@ def test_value_and_gradient_equal_the_fitting_objective(kind):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_rows_laid_out_by_group_or_in_order_give_one_loss(chunk_size):
+    """Chunks of one group (tables read as scalars) and chunks of mixed groups (a
+    per-row selection): the same value and gradient, padding included."""
+    stats, group = steps(150, seed=3)
+    y = target(stats, group)
+    fs = perturbed("per-model")
+    out = []
+    for by_group in (True, False):
+        data = bulk_data(
+            stats,
+            DEPS,
+            group,
+            y,
+            chunk_size=chunk_size,
+            dtype=np.float64,
+            by_group=by_group,
+        )
+        assert np.ndim(data.group) == (1 if by_group else 2)
+        out.append(bulk_value_and_grad(fs, data))
+    (v1, g1), (v2, g2) = out
+    assert float(v1) == pytest.approx(float(v2), rel=1e-12)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-15)
+
+
 @pytest.mark.slow
 def test_weights_and_float32():
     stats, group = steps(200)
