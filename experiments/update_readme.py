@@ -56,6 +56,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/quant_comm_kernels.py", "--out", "{r}/quant_comm_kernels"],
         "quant_comm_kernels/quant_comm_kernels_summary.md",
     ),
+    "mla_bmm_kernels": (
+        ["experiments/mla_bmm_kernels.py", "--out", "{r}/mla_bmm_kernels"],
+        "mla_bmm_kernels/mla_bmm_kernels_summary.md",
+    ),
     "models": (
         ["experiments/models.py", "--out", "{r}/models"],
         "models/models.md",
