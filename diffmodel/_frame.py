@@ -3,6 +3,7 @@
 from collections.abc import Callable, Mapping
 
 import equinox as eqx
+import jax
 import numpy as np
 import pandas as pd
 
@@ -132,6 +133,11 @@ def _required(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray]:
     return found
 
 
+# Compiled once each (a fresh process loads one executable, not one per operation).
+_from_aggregates = jax.jit(from_aggregates)
+_kv_from_usage = jax.jit(kv_tokens_from_usage, static_argnums=2)
+
+
 def stats_from_frame(
     frame: pd.DataFrame, *, block_size: int = VLLM_BLOCK_SIZE
 ) -> BatchStats:
@@ -167,11 +173,11 @@ def stats_from_frame(
             )
         check_ratio(*usage)
         check_counts(*blocks, "blocks")
-        kv = np.asarray(kv_tokens_from_usage(usage[1], blocks[1], block_size))
+        kv = np.asarray(_kv_from_usage(usage[1], blocks[1], block_size))
     else:
         kv = found[1]
     k_pf = _column(frame, "prefill_context_tokens")
-    return from_aggregates(
+    return _from_aggregates(
         prefill_tokens=counts["prefill_tokens"][1],
         decode_tokens=counts["decode_tokens"][1],
         num_prefill=counts["num_prefill_reqs"][1],
@@ -257,12 +263,18 @@ def groups_from_frame(
     models = _per_row(frame, "model", model, spell)
     hws = _per_row(frame, "hardware", hardware, spell)
     tps = _per_row(frame, "tp", tp, spell)
-    raw = pd.MultiIndex.from_arrays([models, hws, np.asarray(tps)])
-    codes, uniques = pd.factorize(raw)
+    # Distinct (model, hardware, tp) triples: one code per column, combined.
+    combined = np.zeros(len(frame), np.int64)
+    for col in (models, hws, np.asarray(tps)):
+        c, u = pd.factorize(col)
+        combined = combined * max(len(u), 1) + c
+    _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
     ulabels = np.asarray(
         [
-            group_label(canonical_model(m), canonical_hardware(h), _tp(t))
-            for m, h, t in uniques
+            group_label(
+                canonical_model(models[i]), canonical_hardware(hws[i]), _tp(tps[i])
+            )
+            for i in first
         ],
         dtype=object,
     )

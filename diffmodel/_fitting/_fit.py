@@ -13,6 +13,7 @@ import optax
 import pandas as pd
 from jaxtyping import Array, Float
 
+from .._arrays import device_array
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._factorsets import init_factor_set
 from .._fitting._kinds import FactorKind, check_kind
@@ -183,7 +184,7 @@ def fit_arrays(
         raise ValueError(
             f"factor_set must be a diffmodel factor set, got {type(factor_set)}"
         )
-    y = jnp.asarray(_check_target(target, target_name))
+    y = device_array(_check_target(target, target_name))
     n = y.shape[0]
     if np.shape(data.group) != (n,):
         raise ValueError(
@@ -200,11 +201,11 @@ def fit_arrays(
         w = np.asarray(weights, dtype=float)
         if w.shape != (n,) or not np.all(np.isfinite(w) & (w >= 0)) or w.sum() <= 0:
             raise ValueError("weights must be finite, >= 0, not all 0, one per row")
-        w = jnp.asarray(w)
+        w = device_array(w)
 
     valid_fn = valid_args = None
     if valid is not None:
-        vy = jnp.asarray(_check_target(valid[1], "valid target"))
+        vy = device_array(_check_target(valid[1], "valid target"))
         valid_fn, valid_args = _valid_loss, (_prepare(factor_set, valid[0]), vy)
     res = minimise(
         _objective,
@@ -257,7 +258,7 @@ def step_data(
         deps = jax.tree.map(lambda x: x[order], deps)
         index = np.array([pos[own[i]] for i in range(len(own))])[index]
         own = tuple(labels)
-    return StepData(stats=stats, deployments=deps, group=jnp.asarray(index)), own
+    return StepData(stats=stats, deployments=deps, group=device_array(index)), own
 
 
 def fit(

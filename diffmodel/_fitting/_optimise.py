@@ -21,6 +21,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from .._arrays import device_array
+
 Result = Literal["successful", "max_steps_reached", "nonfinite"]
 RESULTS: tuple[str, ...] = ("successful", "max_steps_reached", "nonfinite")
 _SUCCESSFUL, _MAX_STEPS, _NONFINITE = range(3)
@@ -324,9 +326,9 @@ def minimise(
     dyn0, static = eqx.partition(params, eqx.is_inexact_array)
     dtype = jnp.result_type(float)
     tol = (
-        jnp.asarray(gtol, dtype),
-        jnp.asarray(rtol, dtype),
-        jnp.asarray(patience),
+        device_array(gtol, dtype),
+        device_array(rtol, dtype),
+        device_array(patience),
     )
     t0, c0 = time.perf_counter(), COMPILE_CLOCK.seconds()
     best, hist, vhist, n, code = jax.block_until_ready(

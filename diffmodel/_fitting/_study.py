@@ -77,19 +77,24 @@ def study_to_values(raw: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
     )
 
 
-def study_to_raw(values: Float[Array, "*g 9"]) -> Float[Array, "*g 9"]:
-    """Inverse of :func:`study_to_values` (values strictly inside the bounds)."""
-    v = jnp.asarray(values)
-    lo = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 0]), v.shape)
-    hi = jnp.broadcast_to(jnp.asarray(STUDY_BOUNDS[:, 1]), v.shape)
-    is_log = jnp.broadcast_to(jnp.asarray(_LOG), v.shape)
-    safe_lo = jnp.where(is_log, lo, 1.0)
-    frac = jnp.where(
+def study_to_raw(values: Float[ArrayLike, "*g 9"]) -> Float[Array, "*g 9"]:
+    """Inverse of :func:`study_to_values` (values strictly inside the bounds).
+
+    JAX arrays (and tracers) give a JAX array; host values are converted in NumPy
+    and moved to the device once (a fresh process then compiles nothing here)."""
+    xp = jnp if isinstance(values, jax.Array) else np
+    v = xp.asarray(values, dtype=float)
+    lo = xp.broadcast_to(xp.asarray(STUDY_BOUNDS[:, 0]), v.shape)
+    hi = xp.broadcast_to(xp.asarray(STUDY_BOUNDS[:, 1]), v.shape)
+    is_log = xp.broadcast_to(xp.asarray(_LOG), v.shape)
+    safe_lo = xp.where(is_log, lo, 1.0)
+    frac = xp.where(
         is_log,
-        jnp.log(v / safe_lo) / jnp.log(hi / safe_lo),
+        xp.log(v / safe_lo) / xp.log(hi / safe_lo),
         (v - lo) / (hi - lo),
     )
-    return jnp.log(frac) - jnp.log1p(-frac)
+    raw = xp.log(frac) - xp.log1p(-frac)
+    return raw if xp is jnp else jax.device_put(raw)
 
 
 def study_predict(
@@ -199,7 +204,8 @@ class StudyFactors(AbstractFactorSet):
 
 def init_study(labels: Sequence[str], *, per_group: bool) -> StudyFactors:
     """The study's model at its start values: 9 parameters, or 9 per group."""
-    raw = study_to_raw(jnp.asarray(STUDY_START, jnp.result_type(float)))
+    raw = np.asarray(STUDY_START, float)
     if per_group:
-        raw = jnp.tile(raw, (len(labels), 1))
+        raw = np.tile(raw, (len(labels), 1))
+    raw = study_to_raw(raw)
     return StudyFactors(raw=raw, labels=tuple(labels), per_group=per_group)

@@ -1,13 +1,16 @@
 """Transformer architecture as array data, read from a Hugging Face ``config.json``."""
 
+import functools
 import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
+from .._arrays import device_array, on_host
 from .._model._catalog import (
     MODEL_CONFIGS,
     canonical_key,
@@ -145,8 +148,12 @@ class Architecture(eqx.Module):
         index_dim=0.0,
         index_layers=0.0,
     ):
-        def f(x):
-            return jnp.asarray(x, float)
+        f = functools.partial(device_array, dtype=float)
+
+        def compute_bytes_of(weight_bytes):  # 8-bit weights run at the FP8 peak
+            if on_host(weight_bytes):
+                return f(np.where(np.asarray(weight_bytes) <= 1.0, 1.0, 2.0))
+            return jnp.where(weight_bytes <= 1.0, 1.0, 2.0)
 
         self.n_layers = f(n_layers)
         self.hidden = f(hidden)
@@ -171,12 +178,12 @@ class Architecture(eqx.Module):
             weight_bytes if head_weight_bytes is None else head_weight_bytes
         )
         self.compute_bytes = (
-            jnp.where(self.weight_bytes <= 1.0, 1.0, 2.0)
+            compute_bytes_of(self.weight_bytes)
             if compute_bytes is None
             else f(compute_bytes)
         )
         self.expert_compute_bytes = (
-            jnp.where(self.expert_weight_bytes <= 1.0, 1.0, 2.0)
+            compute_bytes_of(self.expert_weight_bytes)
             if expert_compute_bytes is None
             else f(expert_compute_bytes)
         )

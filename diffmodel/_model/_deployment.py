@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .._arrays import device_array, on_host
 from .._model._arch import Architecture, architecture
 from .._model._hardware import (
     DEFAULT_HARDWARE,
@@ -100,7 +101,10 @@ def deployment(
     check_tp(arch, tp)
     check_ep(arch, tp, ep)
     return Deployment(
-        arch=arch, hw=hw, tp=jnp.asarray(float(tp)), ep=jnp.asarray(float(ep))
+        arch=arch,
+        hw=hw,
+        tp=device_array(float(tp), float),
+        ep=device_array(float(ep), float),
     )
 
 
@@ -108,4 +112,11 @@ def stack_deployments(deployments: Sequence[Deployment]) -> Deployment:
     """Stack deployments along a new leading (group) axis."""
     if not deployments:
         raise ValueError("stack needs at least one deployment")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *deployments)
+    return jax.tree.map(_stack, *deployments)
+
+
+def _stack(*xs):
+    """``jnp.stack``; values known on the host are stacked there and moved once."""
+    if not on_host(*xs):
+        return jnp.stack(xs)
+    return jax.device_put(np.stack([np.asarray(x) for x in xs]))
