@@ -1,6 +1,7 @@
 """Host values onto the device: the same arrays as ``jnp``, without compiles."""
 
 import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
