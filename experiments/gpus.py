@@ -232,6 +232,10 @@ def leave_one_gpu_out(family, gathered, predict, unc, y, gpu, options, inner_opt
         sel = gpu == g
         inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
         _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
+        outer = ", ".join(
+            f"{f} {mape(y[sel], outer_pred[f][0][g][sel]):.1f}%" for f in candidates
+        )
+        _log(f"  {family} held out {system}: (not used) held-out GPU {outer}")
         for variant, p, kk in (("uncalibrated", unc, 0), ("calibrated", pred[g], k)):
             out.append(
                 dict(
