@@ -2,6 +2,8 @@
 routing distributions over the experts, and the work and time of one call (the
 generic work-and-time machinery is :mod:`diffmodel.kernels._work`)."""
 
+import functools
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._hardware import Hardware
 from .._model._physics import moe_work, routed_slots, touched_experts
+from ..kernels._vllm_tuned_moe import TUNED
 from ..kernels._work import Efficiency, KernelWork, _peak, _work
 
 # vLLM's Triton fused MoE: token tiles of 64 (its default for large batches) and
@@ -21,69 +24,56 @@ MOE_TILE_N = 128.0
 # on the GPU, 64 x 64 above.
 MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
 
-# The shapes for which vLLM 0.14.0 ships a tuned tile configuration of its Triton
-# fused MoE (``fused_moe/configs/E={E},N={N},device_name={device}.json``, E: experts
-# on the GPU, N: expert FFN width on the GPU; bf16 files carry no ``dtype=``), by
-# (device name, MoE dtype). Listed from the vllm-0.14.0 wheel (Apache-2.0).
-VLLM_TUNED_MOE: dict[tuple[str, str], frozenset[tuple[int, int]]] = {
-    ("NVIDIA H100 80GB HBM3", "bfloat16"): frozenset(
-        {
-            (1, 3072),
-            (8, 1792),
-            (8, 2048),
-            (8, 3584),
-            (8, 4096),
-            (8, 7168),
-            (16, 1344),
-            (16, 1792),
-            (16, 2688),
-            (62, 256),
-            (62, 512),
-            (64, 320),
-            (64, 640),
-            (64, 1280),
-            (72, 384),
-            (72, 768),
-            (128, 192),
-            (128, 512),
-            (128, 928),
-            (128, 1856),
-            (256, 512),
-            (512, 128),
-            (512, 256),
-            (512, 512),
-        }
-    )
-}
+
+@functools.cache
+def vllm_tuned_shapes(version: str, device: str, dtype: str) -> frozenset:
+    """The ``(E, N)`` (experts and expert FFN width on the GPU) for which vLLM
+    ``version`` ships a tuned Triton fused-MoE tile configuration on CUDA ``device``
+    (its name as ``torch.cuda.get_device_name`` gives it) in MoE ``dtype``
+    (``bfloat16``, ``fp8``, ``fp8_block``), from the catalogue generated from vLLM's
+    wheels (:mod:`diffmodel.kernels._vllm_tuned_moe`). Empty where the catalogue has
+    the version but not the device or dtype (vLLM then runs its default tiles).
+
+    Raises ``ValueError`` for a version the catalogue lacks, naming those it has.
+    """
+    if version not in TUNED:
+        raise ValueError(
+            f"no catalogue of tuned vLLM MoE configurations for vLLM {version!r}; "
+            f"known: {sorted(TUNED)} (experiments/vllm_moe_configs.py adds versions)"
+        )
+    text = TUNED[version].get(device.replace(" ", "_"), {}).get(dtype, "")
+    return frozenset(tuple(int(v) for v in s.split("x")) for s in text.split())
 
 
 def vllm_tuned_moe(table: pd.DataFrame, *, strict: bool = True) -> np.ndarray:
-    """1.0 for the rows of an aiconfigurator MoE table whose (device, ``moe_dtype``,
-    ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a tuned vLLM
-    configuration (:data:`VLLM_TUNED_MOE`), else 0.0.
-
-    Raises ``ValueError`` for a (device, dtype) the catalogue does not cover; with
-    ``strict=False`` those rows are 0.0 (no tuned configuration known), and so are
+    """1.0 for the rows of an aiconfigurator MoE table whose (``version``, ``device``,
+    ``moe_dtype``, ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a
+    tuned vLLM configuration (:func:`vllm_tuned_shapes`), else 0.0; 0.0 also for
     rows of kernels other than vLLM's Triton fused MoE (``kernel_source`` without
-    ``triton``/``fused_moe``), which do not read the tuned files.
+    ``triton``/``fused_moe``: FlashInfer, CUTLASS, Marlin, XPU), which do not read
+    the tuned files.
+
+    Raises ``ValueError`` for a table without a ``version`` column or with a vLLM
+    version the catalogue lacks; with ``strict=False`` those rows are 0.0 (no tuned
+    configuration known).
     """
-    keys = set(zip(table["device"], table["moe_dtype"], strict=True))
-    unknown = sorted(keys - set(VLLM_TUNED_MOE))
-    if unknown and strict:
-        raise ValueError(
-            f"columns 'device', 'moe_dtype': no catalogue of tuned vLLM MoE "
-            f"configurations for {unknown}; known: {sorted(VLLM_TUNED_MOE)}"
-        )
+    if "version" not in table.columns:
+        if strict:
+            raise ValueError(
+                "column 'version' (the vLLM version of the table) is missing: the "
+                "tuned MoE configurations differ between vLLM versions"
+            )
+        return np.zeros(len(table))
     e_local = table["num_experts"].to_numpy(int) // table["moe_ep_size"].to_numpy(int)
     n_local = table["inter_size"].to_numpy(int) // table["moe_tp_size"].to_numpy(int)
-    tuned = np.array(
-        [
-            float((e, n) in VLLM_TUNED_MOE.get((dev, dt), ()))
-            for dev, dt, e, n in zip(
-                table["device"], table["moe_dtype"], e_local, n_local, strict=True
-            )
-        ]
-    )
+    tuned = np.zeros(len(table))
+    keys = zip(table["version"], table["device"], table["moe_dtype"], strict=True)
+    for i, (key, e, n) in enumerate(zip(keys, e_local, n_local, strict=True)):
+        try:
+            tuned[i] = float((e, n) in vllm_tuned_shapes(*map(str, key)))
+        except ValueError:
+            if strict:
+                raise
     if "kernel_source" in table.columns:
         src = table["kernel_source"].astype(str).str.lower()
         tuned = tuned * (src.str.contains("triton") | src.str.contains("fused_moe"))

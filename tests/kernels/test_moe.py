@@ -57,6 +57,7 @@ def test_moe_balanced_work_by_hand():
 def test_vllm_tuned_moe_lookup():
     table = pd.DataFrame(
         {
+            "version": "0.14.0",
             "device": "NVIDIA H100 80GB HBM3",
             "moe_dtype": "bfloat16",
             "num_experts": [8, 8, 256, 256],
@@ -66,10 +67,40 @@ def test_vllm_tuned_moe_lookup():
         }
     )
     # Mixtral TP2 (E=8, N=7168), DeepSeek TP4 (E=256, N=512) and EP32 (E=8, N=2048)
-    # have tuned files; Mixtral TP1 (E=8, N=14336) does not.
+    # have tuned files in vLLM 0.14.0; Mixtral TP1 (E=8, N=14336) does not.
     np.testing.assert_array_equal(vllm_tuned_moe(table), [0.0, 1.0, 1.0, 1.0])
-    with pytest.raises(ValueError, match="'device', 'moe_dtype'"):
-        vllm_tuned_moe(table.assign(moe_dtype="fp8"))
+    # Kernels that do not read the files (FlashInfer, CUTLASS) are never tuned.
+    flashinfer = table.assign(kernel_source="vllm_flashinfer_cutlass_moe")
+    np.testing.assert_array_equal(vllm_tuned_moe(flashinfer), [0.0] * 4)
+    # Another GPU and version: L40S in vLLM 0.24.0 has Mixtral TP4 (E=8, N=3584).
+    l40s = table.assign(
+        version="0.24.0", device="NVIDIA L40S", moe_tp_size=[4, 2, 4, 1]
+    )
+    np.testing.assert_array_equal(vllm_tuned_moe(l40s), [1.0, 0.0, 0.0, 0.0])
+    # A device vLLM has no files for: its default tiles everywhere.
+    other = table.assign(device="NVIDIA Imaginary GPU")
+    np.testing.assert_array_equal(vllm_tuned_moe(other), [0.0] * 4)
+
+
+def test_vllm_tuned_moe_needs_a_known_version():
+    table = pd.DataFrame(
+        {
+            "version": "0.1.0",
+            "device": "NVIDIA H100 80GB HBM3",
+            "moe_dtype": "bfloat16",
+            "num_experts": [8],
+            "inter_size": [14336],
+            "moe_tp_size": [2],
+            "moe_ep_size": [1],
+        }
+    )
+    with pytest.raises(ValueError, match=r"vLLM '0.1.0'.*known: \['0.14.0'"):
+        vllm_tuned_moe(table)
+    np.testing.assert_array_equal(vllm_tuned_moe(table, strict=False), [0.0])
+    with pytest.raises(ValueError, match="column 'version'"):
+        vllm_tuned_moe(table.drop(columns="version"))
+    no_version = table.drop(columns="version")
+    np.testing.assert_array_equal(vllm_tuned_moe(no_version, strict=False), [0.0])
 
 
 def test_power_law_loads_by_hand():
