@@ -45,6 +45,24 @@ def vllm_tuned_shapes(version: str, device: str, dtype: str) -> frozenset:
     return frozenset(tuple(int(v) for v in s.split("x")) for s in text.split())
 
 
+# Kernel sources (aiconfigurator's ``kernel_source``) of MoE kernels that take only
+# the local experts' tokens (see ``moe_kernel_work``'s ``local_only``).
+LOCAL_ONLY_MOE = ("flashinfer", "cutlass", "marlin", "trtllm")
+
+
+def moe_local_only(table: pd.DataFrame) -> np.ndarray:
+    """1.0 for the rows of an aiconfigurator MoE table whose ``kernel_source`` is a
+    kernel that takes only the local experts' tokens (:data:`LOCAL_ONLY_MOE`), 0.0
+    for vLLM's Triton fused MoE and unknown sources (and without the column)."""
+    if "kernel_source" not in table.columns:
+        return np.zeros(len(table))
+    src = table["kernel_source"].astype(str).str.lower()
+    hit = np.zeros(len(table), bool)
+    for name in LOCAL_ONLY_MOE:
+        hit |= src.str.contains(name).to_numpy(bool)
+    return hit.astype(float)
+
+
 def vllm_tuned_moe(table: pd.DataFrame, *, strict: bool = True) -> np.ndarray:
     """1.0 for the rows of an aiconfigurator MoE table whose (``version``, ``device``,
     ``moe_dtype``, ``num_experts / moe_ep_size``, ``inter_size / moe_tp_size``) has a
@@ -146,6 +164,7 @@ def moe_kernel_work(
     routing: str = "uniform",
     tuned: ArrayLike = 0.0,
     loads: "ExpertLoads | None" = None,
+    local_only: ArrayLike = 0.0,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -173,6 +192,14 @@ def moe_kernel_work(
 
     ``loads``: the slots, touched experts and token tiles of this GPU given by a
     skewed routing (:func:`power_law_loads`), in place of ``routing``'s.
+
+    ``local_only`` (1 or 0 per kernel): kernels that take only this GPU's experts
+    and their tokens (FlashInfer's TRT-LLM and CUTLASS MoE, Marlin: the dispatch
+    happens outside them) neither zero-fill the other GPUs' slots nor schedule a
+    grid over the global experts, and fuse the gated activation into the gate+up
+    GEMM's epilogue: their activations are the local slots' without the unfused
+    intermediate, and their blocks ``(T k/ep / 64 + E/ep) ceil(2 F/tp / 128)``. 0
+    is vLLM's Triton kernel.
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
     top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
@@ -185,7 +212,8 @@ def moe_kernel_work(
         tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing
     )
     unfused = tokens * top_k * (3.0 * f_local + hidden) * act_bytes
-    b = b - acts_local + acts_all + unfused
+    local = jnp.asarray(local_only, float)
+    b = b + (1.0 - local) * (acts_all - acts_local + unfused)
     small = tokens <= e_local
     (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
     bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
@@ -205,7 +233,9 @@ def moe_kernel_work(
         b = b + (touched - w_routing) * per_w
     f = f * token_tiles * bm / jnp.where(slots > 0, slots, 1.0)
     units = token_tiles * jnp.ceil(2.0 * f_local / bn)
-    blocks = (tokens * top_k / MOE_TILE_M + n_experts) * jnp.ceil(
+    grid_slots = jnp.where(local > 0, tokens * k_local, tokens * top_k)
+    grid_experts = jnp.where(local > 0, e_local, n_experts)
+    blocks = (grid_slots / MOE_TILE_M + grid_experts) * jnp.ceil(
         2.0 * f_local / MOE_TILE_N
     )
     return _work(f, b, _peak(hw, weight_bytes), hw, units, blocks, tuned)

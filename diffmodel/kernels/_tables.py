@@ -37,6 +37,7 @@ from ..kernels._moe import (
     MOE_DEFAULT_TILES,
     ExpertLoads,
     moe_kernel_work,
+    moe_local_only,
     power_law_loads,
     vllm_tuned_moe,
 )
@@ -351,6 +352,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         routing="balanced",
         tuned=jnp.asarray(vllm_tuned_moe(table, strict=False)),
         loads=loads,
+        local_only=jnp.asarray(moe_local_only(table)),
     )
 
 

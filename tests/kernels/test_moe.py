@@ -7,8 +7,10 @@ import pytest
 
 import diffmodel.kernels as dk
 from diffmodel._model._hardware import hardware
+from diffmodel._model._physics import moe_work
 from diffmodel.kernels._moe import (
     moe_kernel_work,
+    moe_local_only,
     moe_us,
     power_law_loads,
     vllm_tuned_moe,
@@ -80,6 +82,44 @@ def test_vllm_tuned_moe_lookup():
     # A device vLLM has no files for: its default tiles everywhere.
     other = table.assign(device="NVIDIA Imaginary GPU")
     np.testing.assert_array_equal(vllm_tuned_moe(other), [0.0] * 4)
+
+
+def test_moe_local_only_by_kernel_source():
+    sources = [
+        "vllm_unquantizedfusedmoe_triton_tritonexperts",
+        "vllm_unquantizedfusedmoe_flashinfer_trtllm_trtllmbf16experts",
+        "vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts",
+        "vllm_compressedtensorswna16marlinmoe_marlin_marlinexperts",
+        "vllm_xpu_moe",
+        "vllm_fused_moe",
+    ]
+    table = pd.DataFrame({"kernel_source": sources})
+    np.testing.assert_array_equal(moe_local_only(table), [0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(moe_local_only(pd.DataFrame({"x": [1]})), [0])
+
+
+def test_local_only_kernels_by_hand():
+    # DeepSeek-V3-like experts at EP 8: 4096 tokens top-8 over 256 experts.
+    t, h, f, k, e, ep = 4096.0, 7168.0, 2048.0, 8.0, 256.0, 8.0
+    triton = moe_kernel_work(t, h, f, k, e, H100, ep=ep, routing="balanced")
+    local = moe_kernel_work(
+        t, h, f, k, e, H100, ep=ep, routing="balanced", local_only=1.0
+    )
+    # Same FLOPs and units; blocks over the local slots and experts only.
+    np.testing.assert_allclose(local.flops, triton.flops, rtol=1e-12)
+    np.testing.assert_allclose(local.units, triton.units, rtol=1e-12)
+    n_tiles = np.ceil(2 * f / 128)
+    np.testing.assert_allclose(triton.blocks, (t * k / 64 + e) * n_tiles)
+    np.testing.assert_allclose(local.blocks, (t * k / ep / 64 + e / ep) * n_tiles)
+    # Bytes: no zero-filled slots of other GPUs, no unfused [T k, 2F] intermediate.
+    acts = [
+        float(moe_work(t, h, f, e_, k_, 0.0, 2.0, "balanced")[1])
+        for e_, k_ in ((e, k), (e / ep, k / ep))
+    ]
+    unfused = t * k * (3 * f + h) * 2.0
+    np.testing.assert_allclose(
+        triton.bytes - local.bytes, acts[0] - acts[1] + unfused, rtol=1e-9
+    )
 
 
 def test_vllm_tuned_moe_needs_a_known_version():
