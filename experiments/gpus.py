@@ -194,29 +194,75 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
     return out
 
 
+def kernel_of(gathered) -> list[tuple[str, str] | None]:
+    """The kernel each GPU's rows time: the vendor (first word of ``device``) and
+    the table's most common ``kernel_source`` (one name, e.g. ``vllm_flash_attn``,
+    is a different kernel on Intel's XPU); ``None`` without those columns."""
+    out = []
+    for _, _, rows in gathered:
+        if "kernel_source" not in rows or "device" not in rows:
+            out.append(None)
+            continue
+        vendor = str(rows["device"].iloc[0]).split()[0]
+        out.append((vendor, str(rows["kernel_source"].mode().iloc[0])))
+    return out
+
+
+def held_out_offsets(off, held: int, excluded: set, kernels) -> np.ndarray:
+    """One fold's per-GPU offsets ``[GPUs, 4]`` with the held-out GPU's set to the
+    mean of the training GPUs that run its kernel (``kernels``), 0 if none does:
+    GPUs running one implementation (FlashAttention-3, FlashInfer's TRT-LLM decode)
+    share its per-block costs and efficiencies, and which kernel a GPU runs is known
+    before it is measured (the serving stack picks it by architecture)."""
+    o = np.array(off)
+    same = [
+        h
+        for h in range(len(kernels))
+        if h not in excluded and kernels[h] is not None and kernels[h] == kernels[held]
+    ]
+    o[held] = o[same].mean(axis=0) if same else 0.0
+    return o
+
+
 def leave_one_gpu_out(family, gathered, predict, unc, y, gpu, options, inner_options):
-    """Per held-out GPU: partial pooling on the others; the form chosen by an inner
-    leave-one-GPU-out over those others."""
+    """Per held-out GPU: partial pooling on the others, the held-out GPU taking the
+    offsets of those that run its kernel (:func:`held_out_offsets`); the form chosen
+    by an inner leave-one-GPU-out over those others, by the same rule."""
     n_g = len(gathered)
+    kernels = kernel_of(gathered)
     pairs = [(g, h) for g in range(n_g) for h in range(n_g) if h != g]
     inner_train = np.stack([(gpu != g) & (gpu != h) for g, h in pairs])
     outer_train = np.stack([gpu != g for g in range(n_g)])
+    g_rows = jnp.asarray(gpu)
+
+    def with_offsets(curves, offs):
+        return np.asarray(
+            jax.vmap(lambda c, o: predict(dk.shifted(c, o[g_rows])))(curves, offs)
+        )
+
     inner_err = {}
     outer_pred = {}
     for form in FORMS:
         init = init_for(family, form)
-        curves, _ = dk.fit_folds(
+        curves, off = dk.fit_folds(
             predict, y, inner_train, gpu, init, n_gpus=n_g, options=inner_options
         )
-        pred = np.asarray(jax.vmap(predict)(curves))
+        offs = np.stack(
+            [
+                held_out_offsets(off[f], h, {g, h}, kernels)
+                for f, (g, h) in enumerate(pairs)
+            ]
+        )
+        pred = with_offsets(curves, jnp.asarray(offs))
         err = np.zeros((n_g, n_g))
         for f, (g, h) in enumerate(pairs):
             err[g, h] = mape(y[gpu == h], pred[f][gpu == h])
         inner_err[form] = err.sum(axis=1) / max(n_g - 1, 1)
-        curves, _ = dk.fit_folds(
+        curves, off = dk.fit_folds(
             predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
         )
-        outer_pred[form] = (np.asarray(jax.vmap(predict)(curves)), _n_params(init))
+        offs = np.stack([held_out_offsets(off[g], g, {g}, kernels) for g in range(n_g)])
+        outer_pred[form] = (with_offsets(curves, jnp.asarray(offs)), _n_params(init))
     # The constant roofline is a candidate too: where the inner folds say no curve
     # generalises better to an unseen GPU, the held-out one gets the constants.
     unc_by_gpu = np.array([mape(y[gpu == h], unc[gpu == h]) for h in range(n_g)])

@@ -187,9 +187,13 @@ class RooflineCurves(eqx.Module):
         occupancy: optional fraction of the GPU busy vs parallel work units.
         raw_latency: optional softplus-inverse of the fixed time of one kernel
             (launch, prologue and epilogue), us.
-        raw_unit_ns: optional softplus-inverse of the time per parallel work unit
-            (per-block setup, e.g. a sequence's block table in decode attention),
-            amortised over the GPU, ns.
+        log_unit_ns: optional log of the time per parallel work unit (per-block
+            setup, e.g. a sequence's block table in decode attention), amortised
+            over the GPU, ns. A log: the per-block cost (~1 ns) and the per-wave
+            cost of portable curves (~1000 ns) differ by the SM count, and a
+            gradient step must move either by a factor, not by nanoseconds (a
+            softplus parameter started at 1 ns stayed near 15 ns per wave where
+            decode attention's data say about 3 us).
         raw_tuned: optional shift of the logit of the saturated compute efficiency
             of kernels with a tuned tile configuration (dimensionless).
         prologue: optional bandwidth efficiency (fraction of HBM bandwidth) vs bytes
@@ -213,7 +217,7 @@ class RooflineCurves(eqx.Module):
     bandwidth: SaturationCurve
     occupancy: Occupancy | None = None
     raw_latency: Float[Array, ""] | None = None
-    raw_unit_ns: Float[Array, ""] | None = None
+    log_unit_ns: Float[Array, ""] | None = None
     raw_tuned: Float[Array, ""] | None = None
     prologue: SaturationCurve | None = None
     cache: Occupancy | None = None
@@ -222,9 +226,9 @@ class RooflineCurves(eqx.Module):
     @property
     def unit_ns(self) -> Array:
         """Time per parallel work unit, ns (>= 0)."""
-        if self.raw_unit_ns is None:
+        if self.log_unit_ns is None:
             return jnp.zeros((), jnp.result_type(float))
-        return jax.nn.softplus(self.raw_unit_ns)
+        return jnp.exp(self.log_unit_ns)
 
     @property
     def latency_us(self) -> Array:
@@ -265,8 +269,8 @@ class RooflineCurves(eqx.Module):
         if self.raw_latency is not None:
             raw["raw_latency"] = float(self.raw_latency)
             phys["latency_us"] = float(self.latency_us)
-        if self.raw_unit_ns is not None:
-            raw["raw_unit_ns"] = float(self.raw_unit_ns)
+        if self.log_unit_ns is not None:
+            raw["log_unit_ns"] = float(self.log_unit_ns)
             phys["unit_ns"] = float(self.unit_ns)
         if self.raw_tuned is not None:
             raw["raw_tuned"] = float(self.raw_tuned)
@@ -303,7 +307,7 @@ class RooflineCurves(eqx.Module):
             ),
             occupancy=None if occ is None else Occupancy.from_json(occ),
             raw_latency=opt("raw_latency"),
-            raw_unit_ns=opt("raw_unit_ns"),
+            log_unit_ns=_log_unit_ns(raw),
             raw_tuned=opt("raw_tuned"),
             prologue=None if pro is None else SaturationCurve.from_json(pro),
             cache=None if cch is None else Occupancy.from_json(cch),
@@ -418,7 +422,7 @@ def default_roofline_curves(
 
     ``portable``: the same starting point in portable sizes (about H100's): half of
     the saturated efficiency at 1 us of work at peak, half the GPU busy at 0.5 waves,
-    1 ns per wave of blocks; ``cache`` (portable only): half the bytes from HBM at
+    1 us per wave of blocks; ``cache`` (portable only): half the bytes from HBM at
     the L2 size."""
     if cache and not portable:
         raise ValueError("cache=True needs portable=True (bytes relative to L2)")
@@ -431,7 +435,9 @@ def default_roofline_curves(
     return RooflineCurves(
         occupancy=occ if occupancy else None,
         raw_latency=jnp.asarray(_softplus_inv(2.0), f) if latency else None,
-        raw_unit_ns=jnp.asarray(_softplus_inv(1.0), f) if latency else None,
+        log_unit_ns=jnp.asarray(math.log(1000.0 if portable else 1.0), f)
+        if latency
+        else None,
         raw_tuned=jnp.zeros((), f) if tuned else None,
         prologue=SaturationCurve.from_physical(
             eta_max=0.5, slope=0.8, x_half=x_b, unit=unit_b
@@ -485,6 +491,18 @@ def default_kernel_curves(
         allreduce=default_allreduce_curve(portable=portable),
         hardware=hardware,
     )
+
+
+def _log_unit_ns(raw: dict[str, Any]) -> Array | None:
+    """``log_unit_ns`` from a curves file; files written before it was a log hold
+    ``raw_unit_ns``, the softplus-inverse of the same time (converted)."""
+    f = jnp.result_type(float)
+    if "log_unit_ns" in raw:
+        return jnp.asarray(float(raw["log_unit_ns"]), f)
+    if "raw_unit_ns" in raw:
+        unit_ns = float(jax.nn.softplus(float(raw["raw_unit_ns"])))
+        return jnp.asarray(math.log(unit_ns), f)
+    return None
 
 
 def _need(obj: Any, key: str, what: str) -> Any:

@@ -1,8 +1,9 @@
 """Curves fitted on several GPUs at once: shared shape parameters, per-GPU offsets.
 
 Partial pooling: every GPU ``g`` runs the shared curves with its saturated compute
-and bandwidth efficiencies and its kernel floor moved by an offset ``o_g`` (logit
-shifts of ``eta_max``, a shift of the softplus-inverse latency), and the loss is
+and bandwidth efficiencies, its kernel floor and its per-unit cost moved by an
+offset ``o_g`` (logit shifts of ``eta_max``, a shift of the softplus-inverse
+latency, a log factor on the per-unit cost), and the loss is
 
     sum_g mean_{i in g} (ln t_i - ln y_i)^2 / G  +  penalty * mean(o^2),
 
@@ -24,17 +25,18 @@ from jaxtyping import Array, ArrayLike, Float
 from ._calibrate import FitOptions, two_stage_minimise
 from ._curves import AllReduceCurve, RooflineCurves
 
-N_OFFSETS = 3  # compute eta_max, bandwidth eta_max, kernel floor
+N_OFFSETS = 4  # compute eta_max, bandwidth eta_max, kernel floor, per-unit cost
 
 
 def shifted(curves: RooflineCurves | AllReduceCurve, offset: ArrayLike):
-    """``curves`` moved by ``offset = (compute logit, bandwidth logit, latency)``.
+    """``curves`` moved by ``offset = (compute logit, bandwidth logit, latency,
+    log per-unit cost)``.
 
     Each entry broadcasts (one per kernel is fine); an all-reduce curve takes the
     bandwidth and latency entries. Parameters a curve lacks are left alone.
     """
     o = jnp.asarray(offset)
-    o_f, o_b, o_l = o[..., 0], o[..., 1], o[..., 2]
+    o_f, o_b, o_l, o_u = o[..., 0], o[..., 1], o[..., 2], o[..., 3]
 
     def move(sat, by):
         return eqx_replace(sat, raw_eta_max=sat.raw_eta_max + by)
@@ -50,6 +52,7 @@ def shifted(curves: RooflineCurves | AllReduceCurve, offset: ArrayLike):
         flops=move(curves.flops, o_f),
         bandwidth=move(curves.bandwidth, o_b),
         raw_latency=None if curves.raw_latency is None else curves.raw_latency + o_l,
+        log_unit_ns=None if curves.log_unit_ns is None else curves.log_unit_ns + o_u,
     )
 
 
@@ -107,7 +110,7 @@ def fit_folds(
     fits the shared curves alone (complete pooling; one GPU: its own curves).
 
     Returns ``(curves, offsets)`` with a leading fold axis; offsets
-    ``[folds, n_gpus, 3]`` (zeros without ``offsets``).
+    ``[folds, n_gpus, 4]`` (zeros without ``offsets``).
     """
     gpu = np.asarray(gpu, int)
     weights = fold_weights(train, gpu, n_gpus)

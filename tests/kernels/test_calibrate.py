@@ -1,6 +1,8 @@
 """Kernel calibration: held-out splits, a small fit, an empty family, the step
 model's prior factors."""
 
+import equinox as eqx
+import jax.numpy as jnp
 import pandas as pd
 import pytest
 
@@ -84,3 +86,27 @@ def test_empty_family_is_an_error_and_calibration_says_skipped():
     assert any(line.startswith("skipped gemm_fp8") for line in lines)
     assert not any("on 0 kernels" in line for line in lines)
     assert curves.gemm_bf16.portable and curves.hardware == "a100"
+
+
+@pytest.mark.slow
+def test_per_wave_cost_is_recovered_at_its_own_scale():
+    """Decode-like kernels whose cost is 3 us per wave of blocks (H100's decode
+    attention measures about that): the fit from the 1 us/wave start recovers it
+    (a softplus parameter in ns stayed near its start, 1000x off)."""
+    from diffmodel.kernels._work import decode_attention_work
+
+    true = eqx.tree_at(
+        lambda c: c.log_unit_ns,
+        dk.default_roofline_curves(portable=True),
+        jnp.log(3000.0),
+    )
+    batch = jnp.asarray([1.0, 8.0, 64.0, 256.0, 512.0, 1024.0, 2048.0] * 3)
+    kv = jnp.repeat(jnp.asarray([1.0, 512.0, 8192.0]), 7)
+    work = decode_attention_work(batch, kv, 32.0, 8.0, 128.0, hardware("h100-sxm"))
+    fitted = dk.fit_roofline_curves(
+        work,
+        work.time_us(true),
+        dk.default_roofline_curves(portable=True),
+        options=dk.FitOptions(adam_steps=300, lbfgs_steps=50),
+    )
+    assert float(fitted.unit_ns) == pytest.approx(3000.0, rel=0.05)

@@ -55,7 +55,7 @@ def test_gradient_matches_finite_differences():
         lambda c: c.bandwidth.raw_eta_max,
         lambda c: c.occupancy.raw_slope,
         lambda c: c.raw_latency,
-        lambda c: c.raw_unit_ns,
+        lambda c: c.log_unit_ns,
     ):
         h = 1e-6
         x0 = path(curves)
@@ -192,13 +192,13 @@ def test_portable_gradient_matches_finite_differences_and_jit():
     curves = dk.default_roofline_curves(latency=True, portable=True, cache=True)
 
     def total(log_half):
-        c = dk.shifted(curves, jnp.zeros(3))
+        c = dk.shifted(curves, jnp.zeros(4))
         c = type(c)(
             flops=SaturationCurve(c.flops.raw_eta_max, c.flops.raw_slope, log_half),
             bandwidth=c.bandwidth,
             occupancy=c.occupancy,
             raw_latency=c.raw_latency,
-            raw_unit_ns=c.raw_unit_ns,
+            log_unit_ns=c.log_unit_ns,
             cache=c.cache,
             portable=True,
         )

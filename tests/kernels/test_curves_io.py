@@ -52,3 +52,16 @@ def test_portable_json_round_trip_is_exact(tmp_path):
         assert float(a) == float(b)
     path = dk.save_curves(curves, tmp_path / "c.json")
     assert dk.load_curves(path).gemm_bf16.portable
+
+
+def test_files_with_the_softplus_unit_cost_still_load():
+    """Curves saved before the per-unit cost became a log (``raw_unit_ns``, its
+    softplus-inverse) load with the same cost in nanoseconds."""
+    obj = curves_to_json(default_kernel_curves())
+    raw = obj["decode_attention"]["raw"]
+    del raw["log_unit_ns"]
+    raw["raw_unit_ns"] = 2.5  # softplus(2.5) = 2.5789... ns
+    back = curves_from_json(obj)
+    assert float(back.decode_attention.unit_ns) == pytest.approx(
+        float(jax.nn.softplus(2.5)), rel=1e-12
+    )

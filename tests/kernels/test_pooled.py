@@ -24,12 +24,13 @@ def test_fold_weights_count_each_gpu_once():
         fold_weights(np.zeros((1, 6), bool), gpu, 3)
 
 
-def test_shifted_moves_only_eta_max_and_latency():
+def test_shifted_moves_only_eta_max_latency_and_unit_cost():
     c = dk.default_roofline_curves(latency=True)
-    s = dk.shifted(c, jnp.array([0.5, -0.25, 1.0]))
+    s = dk.shifted(c, jnp.array([0.5, -0.25, 1.0, np.log(3.0)]))
     np.testing.assert_allclose(s.flops.raw_eta_max - c.flops.raw_eta_max, 0.5)
     np.testing.assert_allclose(s.bandwidth.raw_eta_max - c.bandwidth.raw_eta_max, -0.25)
     np.testing.assert_allclose(s.raw_latency - c.raw_latency, 1.0)
+    np.testing.assert_allclose(s.unit_ns / c.unit_ns, 3.0)  # a factor on the cost
     assert float(s.flops.log_half) == float(c.flops.log_half)
 
 
@@ -59,4 +60,4 @@ def test_pooled_fit_recovers_shared_curves_from_two_gpus():
     for f, held in enumerate((0, 1)):
         pred = np.asarray(work.time_us(dk.fold(curves, f)))[gpu == held]
         assert dm.mape(y[gpu == held], pred) < 1.0
-    assert off.shape == (2, 2, 3)
+    assert off.shape == (2, 2, 4)

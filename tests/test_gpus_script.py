@@ -1,0 +1,46 @@
+"""experiments/gpus.py: a held-out GPU takes the offsets of its kernel."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import load_experiment
+
+
+@pytest.fixture(scope="module")
+def gpus():
+    return load_experiment("gpus")
+
+
+def rows(device, source):
+    return pd.DataFrame({"device": [device] * 3, "kernel_source": [source] * 3})
+
+
+def test_kernel_of_names_vendor_and_kernel(gpus):
+    gathered = [
+        ("h100_sxm", "vllm", rows("NVIDIA H100 80GB HBM3", "vllm_flash_attn_fa3")),
+        ("a100_sxm", "vllm", rows("NVIDIA A100-SXM4-80GB", "vllm_flash_attn")),
+        ("b60", "vllm", rows("Intel(R) Arc(TM) Pro B60 Graphics", "vllm_flash_attn")),
+        ("x", "vllm", pd.DataFrame({"latency_us": [1.0]})),
+    ]
+    assert gpus.kernel_of(gathered) == [
+        ("NVIDIA", "vllm_flash_attn_fa3"),
+        ("NVIDIA", "vllm_flash_attn"),
+        ("Intel(R)", "vllm_flash_attn"),  # the same name, another vendor's kernel
+        None,
+    ]
+
+
+def test_held_out_offsets_average_the_same_kernel_among_training_gpus(gpus):
+    kernels = [("N", "fa3"), ("N", "fa3"), ("N", "trtllm"), ("N", "fa3"), None]
+    off = np.arange(20.0).reshape(5, 4)
+    # GPU 0 held out (and GPU 3 out of this inner fold): only GPU 1 runs fa3.
+    got = gpus.held_out_offsets(off, 0, {0, 3}, kernels)
+    np.testing.assert_array_equal(got[0], off[1])
+    np.testing.assert_array_equal(got[1:], off[1:])
+    # Outer fold: GPUs 1 and 3 run fa3.
+    got = gpus.held_out_offsets(off, 0, {0}, kernels)
+    np.testing.assert_array_equal(got[0], (off[1] + off[3]) / 2)
+    # No training GPU runs its kernel (or it is unknown): the shared curves.
+    np.testing.assert_array_equal(gpus.held_out_offsets(off, 2, {2}, kernels)[2], 0)
+    np.testing.assert_array_equal(gpus.held_out_offsets(off, 4, {4}, kernels)[4], 0)
