@@ -149,7 +149,7 @@ def init_for(family: str, form: str):
     base = dk.init_curves(family)
     return dk.default_roofline_curves(
         occupancy=base.occupancy is not None,
-        latency=base.raw_latency is not None,
+        latency=base.log_latency_us is not None,
         tuned=base.raw_tuned is not None,
         prologue=base.prologue is not None,
         portable=portable,

@@ -185,8 +185,9 @@ class RooflineCurves(eqx.Module):
         flops: compute efficiency (fraction of peak FLOP/s) vs the operator's FLOPs.
         bandwidth: bandwidth efficiency (fraction of HBM bandwidth) vs its bytes.
         occupancy: optional fraction of the GPU busy vs parallel work units.
-        raw_latency: optional softplus-inverse of the fixed time of one kernel
-            (launch, prologue and epilogue), us.
+        log_latency_us: optional log of the fixed time of one kernel (launch,
+            prologue and epilogue), us (a log for the same reason as the per-unit
+            cost: kernel floors run from ~2 us on H100 to ~60 us on Intel's B60).
         log_unit_ns: optional log of the time per parallel work unit (per-block
             setup, e.g. a sequence's block table in decode attention), amortised
             over the GPU, ns. A log: the per-block cost (~1 ns) and the per-wave
@@ -216,7 +217,7 @@ class RooflineCurves(eqx.Module):
     flops: SaturationCurve
     bandwidth: SaturationCurve
     occupancy: Occupancy | None = None
-    raw_latency: Float[Array, ""] | None = None
+    log_latency_us: Float[Array, ""] | None = None
     log_unit_ns: Float[Array, ""] | None = None
     raw_tuned: Float[Array, ""] | None = None
     prologue: SaturationCurve | None = None
@@ -233,9 +234,9 @@ class RooflineCurves(eqx.Module):
     @property
     def latency_us(self) -> Array:
         """Fixed time of one kernel, us (>= 0)."""
-        if self.raw_latency is None:
+        if self.log_latency_us is None:
             return jnp.zeros((), jnp.result_type(float))
-        return jax.nn.softplus(self.raw_latency)
+        return jnp.exp(self.log_latency_us)
 
     @property
     def tuned_logit(self) -> Array:
@@ -266,8 +267,8 @@ class RooflineCurves(eqx.Module):
             "bandwidth": self.bandwidth.to_json(),
         }
         raw, phys = {}, {}
-        if self.raw_latency is not None:
-            raw["raw_latency"] = float(self.raw_latency)
+        if self.log_latency_us is not None:
+            raw["log_latency_us"] = float(self.log_latency_us)
             phys["latency_us"] = float(self.latency_us)
         if self.log_unit_ns is not None:
             raw["log_unit_ns"] = float(self.log_unit_ns)
@@ -306,8 +307,8 @@ class RooflineCurves(eqx.Module):
                 _need(obj, "bandwidth", "RooflineCurves")
             ),
             occupancy=None if occ is None else Occupancy.from_json(occ),
-            raw_latency=opt("raw_latency"),
-            log_unit_ns=_log_unit_ns(raw),
+            log_latency_us=_log_of_softplus(raw, "log_latency_us", "raw_latency"),
+            log_unit_ns=_log_of_softplus(raw, "log_unit_ns", "raw_unit_ns"),
             raw_tuned=opt("raw_tuned"),
             prologue=None if pro is None else SaturationCurve.from_json(pro),
             cache=None if cch is None else Occupancy.from_json(cch),
@@ -434,7 +435,7 @@ def default_roofline_curves(
     )
     return RooflineCurves(
         occupancy=occ if occupancy else None,
-        raw_latency=jnp.asarray(_softplus_inv(2.0), f) if latency else None,
+        log_latency_us=jnp.asarray(math.log(2.0), f) if latency else None,
         log_unit_ns=jnp.asarray(math.log(1000.0 if portable else 1.0), f)
         if latency
         else None,
@@ -493,15 +494,14 @@ def default_kernel_curves(
     )
 
 
-def _log_unit_ns(raw: dict[str, Any]) -> Array | None:
-    """``log_unit_ns`` from a curves file; files written before it was a log hold
-    ``raw_unit_ns``, the softplus-inverse of the same time (converted)."""
+def _log_of_softplus(raw: dict[str, Any], key: str, legacy: str) -> Array | None:
+    """A log-parametrised time (``key``) from a curves file; files written before it
+    was a log hold ``legacy``, the softplus-inverse of the same time (converted)."""
     f = jnp.result_type(float)
-    if "log_unit_ns" in raw:
-        return jnp.asarray(float(raw["log_unit_ns"]), f)
-    if "raw_unit_ns" in raw:
-        unit_ns = float(jax.nn.softplus(float(raw["raw_unit_ns"])))
-        return jnp.asarray(math.log(unit_ns), f)
+    if key in raw:
+        return jnp.asarray(float(raw[key]), f)
+    if legacy in raw:
+        return jnp.asarray(math.log(float(jax.nn.softplus(float(raw[legacy])))), f)
     return None
 
 

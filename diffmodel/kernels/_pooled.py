@@ -2,8 +2,8 @@
 
 Partial pooling: every GPU ``g`` runs the shared curves with its saturated compute
 and bandwidth efficiencies, its kernel floor and its per-unit cost moved by an
-offset ``o_g`` (logit shifts of ``eta_max``, a shift of the softplus-inverse
-latency, a log factor on the per-unit cost), and the loss is
+offset ``o_g`` (logit shifts of ``eta_max``, log factors on the kernel floor and
+the per-unit cost), and the loss is
 
     sum_g mean_{i in g} (ln t_i - ln y_i)^2 / G  +  penalty * mean(o^2),
 
@@ -51,7 +51,9 @@ def shifted(curves: RooflineCurves | AllReduceCurve, offset: ArrayLike):
         curves,
         flops=move(curves.flops, o_f),
         bandwidth=move(curves.bandwidth, o_b),
-        raw_latency=None if curves.raw_latency is None else curves.raw_latency + o_l,
+        log_latency_us=None
+        if curves.log_latency_us is None
+        else curves.log_latency_us + o_l,
         log_unit_ns=None if curves.log_unit_ns is None else curves.log_unit_ns + o_u,
     )
 

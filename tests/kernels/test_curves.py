@@ -54,7 +54,7 @@ def test_gradient_matches_finite_differences():
         lambda c: c.flops.log_half,
         lambda c: c.bandwidth.raw_eta_max,
         lambda c: c.occupancy.raw_slope,
-        lambda c: c.raw_latency,
+        lambda c: c.log_latency_us,
         lambda c: c.log_unit_ns,
     ):
         h = 1e-6
@@ -197,7 +197,7 @@ def test_portable_gradient_matches_finite_differences_and_jit():
             flops=SaturationCurve(c.flops.raw_eta_max, c.flops.raw_slope, log_half),
             bandwidth=c.bandwidth,
             occupancy=c.occupancy,
-            raw_latency=c.raw_latency,
+            log_latency_us=c.log_latency_us,
             log_unit_ns=c.log_unit_ns,
             cache=c.cache,
             portable=True,

@@ -29,7 +29,7 @@ def test_shifted_moves_only_eta_max_latency_and_unit_cost():
     s = dk.shifted(c, jnp.array([0.5, -0.25, 1.0, np.log(3.0)]))
     np.testing.assert_allclose(s.flops.raw_eta_max - c.flops.raw_eta_max, 0.5)
     np.testing.assert_allclose(s.bandwidth.raw_eta_max - c.bandwidth.raw_eta_max, -0.25)
-    np.testing.assert_allclose(s.raw_latency - c.raw_latency, 1.0)
+    np.testing.assert_allclose(s.latency_us / c.latency_us, np.e)  # a factor
     np.testing.assert_allclose(s.unit_ns / c.unit_ns, 3.0)  # a factor on the cost
     assert float(s.flops.log_half) == float(c.flops.log_half)
 
