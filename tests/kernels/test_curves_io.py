@@ -55,13 +55,18 @@ def test_portable_json_round_trip_is_exact(tmp_path):
 
 
 def test_files_with_the_softplus_unit_cost_still_load():
-    """Curves saved before the per-unit cost became a log (``raw_unit_ns``, its
-    softplus-inverse) load with the same cost in nanoseconds."""
+    """Curves saved before the per-unit cost and the kernel floor became logs
+    (``raw_unit_ns``, ``raw_latency``: softplus-inverses) load with the same
+    times."""
     obj = curves_to_json(default_kernel_curves())
     raw = obj["decode_attention"]["raw"]
-    del raw["log_unit_ns"]
+    del raw["log_unit_ns"], raw["log_latency_us"]
     raw["raw_unit_ns"] = 2.5  # softplus(2.5) = 2.5789... ns
+    raw["raw_latency"] = -1.0  # softplus(-1) = 0.3133 us
     back = curves_from_json(obj)
     assert float(back.decode_attention.unit_ns) == pytest.approx(
         float(jax.nn.softplus(2.5)), rel=1e-12
+    )
+    assert float(back.decode_attention.latency_us) == pytest.approx(
+        float(jax.nn.softplus(-1.0)), rel=1e-12
     )
