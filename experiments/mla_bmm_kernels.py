@@ -63,7 +63,7 @@ import jax
 import numpy as np
 import pandas as pd
 from gpus import SYSTEMS  # a sibling script: aiconfigurator system -> package GPU
-from mla_kernels import _cat, _log, _take, aic_data_dir, markdown, summary
+from mla_kernels import _cat, _log, _take, aic_data_dir, markdown, write_results
 from quant_comm_kernels import (  # a sibling script: its loaders, family and lines
     BLOCK,
     FAMILIES,
@@ -305,16 +305,7 @@ def main(
     used = sorted({s for by_system in tables.values() for s in by_system})
     hardware = {s: dm.hardware(SYSTEMS[s]) for s in used}
     table = evaluate(tables, hardware, max_rows)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "mla_bmm_kernels.csv", index=False)
-    md = table_markdown(table)
-    (out / "mla_bmm_kernels.md").write_text(md + "\n")
-    short = summary(table)
-    (out / "mla_bmm_kernels_summary.md").write_text(short + "\n")
-    print(md + "\n\n" + short)
-    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
-    return table
+    return write_results(table, out, "mla_bmm_kernels", t0, table_markdown)
 
 
 if __name__ == "__main__":

@@ -346,6 +346,23 @@ def summary(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def write_results(
+    table: pd.DataFrame, out, name: str, t0: float, to_markdown=None
+) -> pd.DataFrame:
+    """Write ``<name>.csv``, the full table ``<name>.md`` (``to_markdown``, default
+    :func:`markdown`) and ``<name>_summary.md`` under ``out``; print both tables."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / f"{name}.csv", index=False)
+    md = (markdown if to_markdown is None else to_markdown)(table)
+    (out / f"{name}.md").write_text(md + "\n")
+    short = summary(table)
+    (out / f"{name}_summary.md").write_text(short + "\n")
+    print(md + "\n\n" + short)
+    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
+    return table
+
+
 def main(
     *,
     out: str | pathlib.Path = "results/mla_kernels",
@@ -367,16 +384,7 @@ def main(
     _log(f"systems with vLLM {version} MLA module tables: {', '.join(tables)}")
     hardware = {s: dm.hardware(s) for s in tables}
     table = evaluate(tables, hardware, max_rows)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "mla_kernels.csv", index=False)
-    md = markdown(table)
-    (out / "mla_kernels.md").write_text(md + "\n")
-    short = summary(table)
-    (out / "mla_kernels_summary.md").write_text(short + "\n")
-    print(md + "\n\n" + short)
-    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
-    return table
+    return write_results(table, out, "mla_kernels", t0)
 
 
 if __name__ == "__main__":

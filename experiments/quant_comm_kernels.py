@@ -69,8 +69,7 @@ from mla_kernels import (  # a sibling script: its loaders and tables
     _log,
     _take,
     aic_data_dir,
-    markdown,
-    summary,
+    write_results,
 )
 from scipy.optimize import least_squares
 
@@ -362,16 +361,7 @@ def main(
     used = sorted({s for by_system in tables.values() for s in by_system})
     hardware = {s: dm.hardware(SYSTEMS[s]) for s in used}
     table = evaluate(tables, hardware, max_rows)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "quant_comm_kernels.csv", index=False)
-    md = markdown(table)
-    (out / "quant_comm_kernels.md").write_text(md + "\n")
-    short = summary(table)
-    (out / "quant_comm_kernels_summary.md").write_text(short + "\n")
-    print(md + "\n\n" + short)
-    _log(f"done in {time.perf_counter() - t0:.0f} s; wrote {out}")
-    return table
+    return write_results(table, out, "quant_comm_kernels", t0)
 
 
 if __name__ == "__main__":

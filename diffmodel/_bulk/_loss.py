@@ -82,21 +82,25 @@ def _n_chunks(n: int, chunk: int) -> int:
     return -(-k // 8) * 8
 
 
-def _by_group(group: np.ndarray, n_groups: int, chunk: int):
-    """A layout in which every chunk holds one group's rows: ``(order, at, chunks,
-    chunk_group)``: row ``order[i]`` goes to flat position ``at[i]``; ``chunks``
-    (bucketed like :func:`_n_chunks`) and each chunk's group (padding chunks: 0)."""
+def _by_group(group: np.ndarray, counts: np.ndarray, chunk: int):
+    """A layout in which every chunk holds one group's rows (``counts`` rows per
+    group): ``(order, at, chunk_group)``: row ``order[i]`` goes to flat position
+    ``at[i]``; each chunk's group (padding chunks: 0), over :func:`_group_chunks`."""
     order = np.argsort(group, kind="stable")
-    counts = np.bincount(group, minlength=n_groups)
     per = -(-counts // chunk)  # whole chunks per group
     first = np.concatenate([[0], np.cumsum(per)[:-1]])  # its first chunk
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # its first sorted row
     gs = group[order]
     at = first[gs] * chunk + (np.arange(len(order)) - starts[gs])
-    k = _n_chunks(int(per.sum()) * chunk, chunk)
-    chunk_group = np.zeros(k, np.int64)
-    chunk_group[: per.sum()] = np.repeat(np.arange(n_groups), per)
-    return order, at, k, chunk_group
+    chunk_group = np.zeros(_group_chunks(counts, chunk), np.int64)
+    chunk_group[: per.sum()] = np.repeat(np.arange(len(counts)), per)
+    return order, at, chunk_group
+
+
+def _group_chunks(counts: np.ndarray, chunk: int) -> int:
+    """Chunks of the by-group layout (whole chunks per group, bucketed like
+    :func:`_n_chunks`)."""
+    return _n_chunks(int((-(-counts // chunk)).sum()) * chunk, chunk)
 
 
 def bulk_data(
@@ -156,11 +160,13 @@ def bulk_data(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     chunk = -(-min(int(chunk_size), max(n, 1)) // multiple) * multiple
     k = _n_chunks(n, chunk)
-    order, at, k_by_group, chunk_group = _by_group(g, n_groups, chunk)
-    if by_group is None:
+    counts = np.bincount(g, minlength=n_groups)
+    k_by_group = _group_chunks(counts, chunk)
+    if by_group is None:  # decided from the counts: the sort only when it is used
         by_group = n_groups > 1 and k_by_group <= k + k // 4
     if by_group:
         k = k_by_group
+        order, at, chunk_group = _by_group(g, counts, chunk)
     rows = k * chunk
 
     def lay_out(a, dtype_):
@@ -173,22 +179,20 @@ def bulk_data(
 
     arrays = dict(
         cols=tuple(lay_out(c, dt) for c in cols),
-        group=chunk_group.astype(np.int32) if by_group else lay_out(g, np.int32),
         log_target=lay_out(np.log(y), dt),
         weight=lay_out(w, dt),
     )
+    if not by_group:
+        arrays["group"] = lay_out(g, np.int32)
     if len(devs) > 1:
         mesh = Mesh(np.asarray(devs), ("steps",))
         rows_sharding = NamedSharding(mesh, PartitionSpec(None, "steps"))
         replicated = NamedSharding(mesh, PartitionSpec())
     else:
         rows_sharding = replicated = devs[0]
-    group_of_chunk = arrays.pop("group") if by_group else None
     arrays = jax.device_put(arrays, rows_sharding)
-    # One group per chunk: the same on every device.
-    arrays["group"] = (
-        jax.device_put(group_of_chunk, replicated) if by_group else arrays["group"]
-    )
+    if by_group:  # one group per chunk: the same on every device
+        arrays["group"] = jax.device_put(chunk_group.astype(np.int32), replicated)
     return BulkData(
         cols=arrays["cols"],
         group=arrays["group"],
