@@ -20,6 +20,11 @@ from ._fitting._factorsets import (
 )
 from ._fitting._fit import FitResult as FitResult, fit as fit
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
+from ._fitting._kernel_host import (
+    KernelHostFit as KernelHostFit,
+    fit_host_on_kernels as fit_host_on_kernels,
+    kernel_device_us as kernel_device_us,
+)
 from ._fitting._laplace import IdentifiabilityWarning as IdentifiabilityWarning
 from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
 from ._fitting._split import (
@@ -83,6 +88,7 @@ __all__ = [
     "HierarchicalFactors",
     "HostDeviceFactors",
     "IdentifiabilityWarning",
+    "KernelHostFit",
     "OptimResult",
     "PerGroupFactors",
     "StudyFactors",
@@ -95,10 +101,12 @@ __all__ = [
     "deployment",
     "fit",
     "fit_host_device",
+    "fit_host_on_kernels",
     "fit_steps",
     "from_aggregates",
     "from_requests",
     "hardware",
+    "kernel_device_us",
     "kernels",
     "known_hardware",
     "known_models",

@@ -45,6 +45,14 @@ protocols, per experiment.
 - ``diffmodel-kernels-hierarchical``: hierarchical factors whose global level starts
   from, and is held near (``global_prior_scale`` 0.5), the mean of the training
   deployments' kernel-calibrated ones.
+- ``diffmodel-kernel-sum``: each step as the sum of its kernels (four GEMMs,
+  attention, two all-reduces per layer, LM head) timed at its own shapes by the H100
+  curves (:func:`diffmodel.kernels.kernel_step_time`), no host cost, nothing fitted
+  to traces.
+- ``diffmodel-kernel-sum-host``: the same device time plus a per-layer host cost
+  fitted on the pooled training rows (:func:`diffmodel.fit_host_on_kernels`, 1
+  parameter); on lomo the held-out model gets the host cost of the other model and
+  its own kernel shapes.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
@@ -77,6 +85,7 @@ from ..kernels._curves_io import load_curves, save_curves
 from ._reproduce_host import HOST_METHODS
 from ._reproduce_methods import (
     _DIFFMODEL_KINDS,
+    KERNEL_SUM_METHODS,
     TRANSFER_GRID,
     _Evaluator,
     _Fold,
@@ -187,10 +196,15 @@ def reproduce(
     frame = _load(steps_path, experiments, settings.rows_per_experiment)
     evaluator = _Evaluator(frame)
     curves = None
-    if {"diffmodel-kernels", "diffmodel-kernels-hierarchical"} & set(methods):
+    if {
+        "diffmodel-kernels",
+        "diffmodel-kernels-hierarchical",
+        *KERNEL_SUM_METHODS,
+    } & set(methods):
         curves, fresh_curves = _kernel_curves(data, out, say)
         settings = settings._replace(
-            kernel_prior=kernel_priors(curves, evaluator.labels)
+            kernel_prior=kernel_priors(curves, evaluator.labels),
+            kernel_curves=curves,
         )
     study = load_study_xgboost(study_path)
     say(

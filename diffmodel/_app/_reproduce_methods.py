@@ -15,6 +15,7 @@ import pandas as pd
 
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._fit import fit, step_data
+from .._fitting._kernel_host import fit_host_on_kernels, kernel_device_us
 from .._fitting._kinds import PER_GROUP_KINDS
 from .._metrics import metrics_table
 from .._model._factors import Factors, default_factors
@@ -53,6 +54,8 @@ class _Settings(NamedTuple):
     xgboost_threads: int
     # Kernel-calibrated Factors per deployment label, when a method needs them.
     kernel_prior: Any = None
+    # The H100 KernelCurves themselves (the kernel-sum methods).
+    kernel_curves: Any = None
 
 
 class _Fold(NamedTuple):
@@ -96,6 +99,8 @@ def _run_method(
         return _study_xgboost(fold, study)
     if method in HOST_METHODS:
         return _Outcome(*run_host_method(method, fold, target, settings))
+    if method in KERNEL_SUM_METHODS:
+        return _kernel_sum(method, fold, target, settings)
     if method in ("diffmodel-roofline", "diffmodel-kernels"):
         prior = None
         if method == "diffmodel-kernels":  # each deployment's own kernel prior
@@ -103,6 +108,32 @@ def _run_method(
         predicted, _ = evaluator.predict(fold.test, prior)
         return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))
     return _factor_set(method, fold, target, settings, evaluator)
+
+
+KERNEL_SUM_METHODS = ("diffmodel-kernel-sum", "diffmodel-kernel-sum-host")
+"""Methods whose device side is each step's kernels summed on the H100 curves."""
+
+
+def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
+    """The kernel sum alone (nothing fitted), or with its per-layer host cost fitted
+    on the pooled training rows (``fit_host_on_kernels``; 90% intervals)."""
+    curves = settings.kernel_curves
+    if method == "diffmodel-kernel-sum":
+        predicted = kernel_device_us(fold.test, curves)
+        return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))
+    tick = time.perf_counter()
+    result = fit_host_on_kernels(fold.train, target=target, curves=curves)
+    seconds = time.perf_counter() - tick
+    out = result.predict(fold.test, interval=INTERVAL_LEVEL)
+    return _Outcome(
+        out["predicted_us"].to_numpy(),
+        _each(fold.test, len(result.terms)),
+        _each(fold.test, seconds),
+        interval=(
+            out["predicted_lo_us"].to_numpy(),
+            out["predicted_hi_us"].to_numpy(),
+        ),
+    )
 
 
 def _stack(factors: list[Factors]) -> Factors:

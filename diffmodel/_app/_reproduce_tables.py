@@ -28,6 +28,8 @@ METHODS: tuple[str, ...] = (
     "diffmodel-hierarchical",
     "diffmodel-kernels",
     "diffmodel-kernels-hierarchical",
+    "diffmodel-kernel-sum",
+    "diffmodel-kernel-sum-host",
     "diffmodel-host-global",
     "diffmodel-host-per-model",
     "diffmodel-host-hierarchical",

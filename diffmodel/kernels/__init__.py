@@ -58,6 +58,11 @@ from ._moe import (
     power_law_loads as power_law_loads,
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
+from ._step import (
+    HOST_TERMS as HOST_TERMS,
+    HostCosts as HostCosts,
+    kernel_step_time as kernel_step_time,
+)
 from ._tables import (
     VIDUR_OPERATORS as VIDUR_OPERATORS,
     load_allreduce as load_allreduce,

@@ -1,0 +1,284 @@
+"""Host costs fitted on traces, device time from kernel curves: the two sides apart.
+
+:func:`fit_host_on_kernels` keeps the device side of every step fixed at its kernel sum
+(:func:`diffmodel.kernels.kernel_step_time` with a GPU's calibrated curves, fitted to
+kernel tables only) and fits the serving stack's host costs (per step, per layer,
+per request; :class:`~diffmodel.kernels.HostCosts`) to a trace on the log-ratio loss.
+The host costs belong to the stack, so they carry over to models and GPUs the trace
+never saw: a new model takes its device time from its own shapes, a new GPU from its
+own curves.
+
+The model is ``t = device + sum_j theta_j x_j`` with ``x`` the terms' multipliers
+(``1``, ``L`` when the step runs a forward pass, ``Np + Nd``) and ``theta = exp(raw)``
+(microseconds, > 0). The posterior of ``raw`` is the Laplace approximation at the
+optimum under Gaussian log-ratio noise and a weak prior (:data:`PRIOR_LOG_SD`); a
+direction of ``raw`` the data do not determine (step and per-layer cost on one
+model: both are constant per step) is named and warned about, as is a term driven to
+zero.
+"""
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from statistics import NormalDist
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .._arrays import device_array
+from ..kernels._curves import KernelCurves
+from ..kernels._step import HOST_TERMS, HostCosts, device_us, host_features
+from ._fit import _check_target, step_data
+from ._intervals import REGIMES, UnseenGroupWarning, regime_noise_sd
+from ._laplace import IdentifiabilityWarning
+from ._optimise import minimise
+
+UNPINNED_RATIO = 1e-6
+"""A Hessian eigenvalue below this fraction of the largest marks a direction the
+data do not determine."""
+PRIOR_LOG_SD = 3.0
+"""Sd of the weak Gaussian prior on each ``log theta`` of the posterior (a factor of
+``e^3 = 20`` either way): it keeps the covariance finite along a direction the rows
+do not determine, so the intervals there are wide rather than undefined. It does not
+move the fitted values (the fit is maximum likelihood)."""
+AT_ZERO_SHARE = 1e-3
+"""A fitted cost that makes up less than this share of the mean predicted step sits
+at its bound, zero (its log runs off to minus infinity)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelHostFit:
+    """Host costs fitted over kernel-sum device times (:func:`fit_host_on_kernels`).
+
+    Attributes:
+        curves: the kernel curves that give the device side (their GPU).
+        terms: the fitted host terms (of ``step``, ``layer``, ``request``).
+        host: the fitted costs, us (terms not fitted are 0).
+        sd_us: posterior sd of each fitted term, us (delta method from ``cov_raw``).
+        cov_raw: posterior covariance of ``log theta``, in ``terms`` order.
+        noise_sd: in-sample log-ratio residual sd ``(prefill, decode_only)``.
+        loss: final mean squared log-ratio on the fitted rows.
+        n_rows: fitted rows.
+        trained_on: deployment labels (``model/gpu/tpN``) of the fitted rows.
+        converged: whether the optimiser met its convergence test.
+        unpinned: directions the data do not determine, in words.
+    """
+
+    curves: KernelCurves
+    terms: tuple[str, ...]
+    host: HostCosts
+    sd_us: dict[str, float]
+    cov_raw: np.ndarray
+    noise_sd: tuple[float, float]
+    loss: float
+    n_rows: int
+    trained_on: tuple[str, ...]
+    converged: bool
+    unpinned: tuple[str, ...]
+
+    def table(self) -> pd.DataFrame:
+        """One row per fitted term: value and posterior sd, us."""
+        values = self.host.as_dict()
+        return pd.DataFrame(
+            {
+                "term": list(self.terms),
+                "value_us": [float(values[t]) for t in self.terms],
+                "sd_us": [self.sd_us[t] for t in self.terms],
+            }
+        ).set_index("term")
+
+    def predict(self, frame: pd.DataFrame, *, interval: float | None = None):
+        """Predicted step times of ``frame``'s rows, us, as a DataFrame (same index):
+        ``predicted_us``, and with ``interval`` (a level in (0, 1)) the central
+        predictive interval ``predicted_lo_us`` / ``predicted_hi_us`` from the
+        posterior of the host costs plus the in-sample residual noise of the row's
+        regime. Rows of deployments outside ``trained_on`` warn
+        (:class:`~diffmodel.UnseenGroupWarning`): their miss is a transfer, wider
+        than the in-sample noise."""
+        if interval is not None and not (
+            isinstance(interval, float | int) and 0.0 < interval < 1.0
+        ):
+            raise ValueError(f"interval must be a level in (0, 1), got {interval!r}")
+        dev, x, labels, has_prefill = _prepare(frame, self.curves)
+        cols = [HOST_TERMS.index(t) for t in self.terms]
+        theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
+        host = x[:, cols] @ theta
+        pred = dev + host
+        out = pd.DataFrame({"predicted_us": pred}, index=frame.index)
+        if interval is None:
+            return out
+        unseen = sorted(set(labels) - set(self.trained_on))
+        if unseen:
+            warnings.warn(
+                f"rows of {unseen} were not fitted (trained on "
+                f"{list(self.trained_on)}): the interval holds the in-sample noise "
+                "only and is too narrow for a transfer",
+                UnseenGroupWarning,
+                stacklevel=2,
+            )
+        grad = x[:, cols] * theta / pred[:, None]  # d log t / d raw
+        var = np.einsum("ni,ij,nj->n", grad, self.cov_raw, grad)
+        noise = np.where(has_prefill, self.noise_sd[0], self.noise_sd[1])
+        z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
+        sd = np.sqrt(np.maximum(var, 0.0) + noise**2)
+        out["predicted_lo_us"] = pred * np.exp(-z * sd)
+        out["predicted_hi_us"] = pred * np.exp(z * sd)
+        return out
+
+
+def _prepare(frame: pd.DataFrame, curves: KernelCurves):
+    """Device time (us), host multipliers, labels and prefill flags per row."""
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
+    if not isinstance(curves, KernelCurves):
+        raise ValueError(
+            f"curves must be KernelCurves (diffmodel.kernels.calibrate_kernels), "
+            f"got {type(curves).__name__}"
+        )
+    data, labels = step_data(frame)
+    gpus = sorted({lab.split("/")[1] for lab in labels})
+    other = [g for g in gpus if g != curves.hardware]
+    if other:
+        raise ValueError(
+            f"the curves were calibrated on {curves.hardware!r} but the rows run on "
+            f"{other}: calibrate curves for that GPU (diffmodel kernels --system)"
+        )
+    dep = data.deployments.take(data.group)
+    dev = np.asarray(device_us(data.stats, dep, curves), dtype=np.float64)
+    x = np.asarray(host_features(data.stats, dep), dtype=np.float64)
+    has_prefill = np.asarray(data.stats.prefill_tokens) > 0
+    return dev, x, [labels[i] for i in np.unique(np.asarray(data.group))], has_prefill
+
+
+def kernel_device_us(frame: pd.DataFrame, curves: KernelCurves) -> np.ndarray:
+    """The kernel-sum device time of each row of ``frame``, us (no host cost)."""
+    return _prepare(frame, curves)[0]
+
+
+def _loss(raw, args):
+    dev, x, log_y = args
+    pred = dev + x @ jnp.exp(raw)
+    return jnp.mean((jnp.log(pred) - log_y) ** 2)
+
+
+def fit_host_on_kernels(
+    frame: pd.DataFrame,
+    *,
+    target: str,
+    curves: KernelCurves,
+    terms: Sequence[str] = ("layer",),
+    max_steps: int = 500,
+) -> KernelHostFit:
+    """Fit the serving stack's host costs to ``frame``'s ``target`` (us per step),
+    with each step's device time fixed at its kernel sum on ``curves``' GPU.
+
+    Args:
+        frame: steps (the columns of :func:`diffmodel.predict`) with ``target``.
+        target: the column to fit, us; every row finite and > 0 (the iteration time:
+            host costs are what the device time leaves of a step's wall time).
+        curves: calibrated kernel curves of the GPU the rows ran on.
+        terms: which host costs to fit, of ``step``, ``layer``, ``request``. The
+            default, a per-layer cost alone, is the form leave-one-deployment-out
+            validation chose on the public traces (``experiments/host_terms.py``):
+            on vLLM's piecewise CUDA graphs every layer pays the engine's dispatch
+            around attention and its elementwise kernels, while the per-step work
+            overlaps the previous step.
+        max_steps: L-BFGS steps at most.
+
+    Returns:
+        A :class:`KernelHostFit` (``table()``, ``predict(frame, interval=0.9)``).
+
+    Raises:
+        ValueError: a bad frame, target, term list or curves for another GPU.
+
+    Warns:
+        IdentifiabilityWarning: a direction of the costs the rows do not determine
+        (e.g. ``step`` and ``layer`` on one model), or a cost driven to zero.
+    """
+    terms = tuple(terms) if not isinstance(terms, str) else (terms,)
+    unknown = [t for t in terms if t not in HOST_TERMS]
+    if not terms or unknown or len(set(terms)) != len(terms):
+        raise ValueError(
+            f"terms must be distinct names from {HOST_TERMS}, got {list(terms)}"
+        )
+    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
+        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
+        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
+    y = _check_target(frame[target].to_numpy(dtype=float), target)
+    dev, x, labels, has_prefill = _prepare(frame, curves)
+    cols = [HOST_TERMS.index(t) for t in terms]
+    x = x[:, cols]
+    # Start: the median gap between wall and device time, shared by the terms.
+    gap = max(float(np.median(y - dev)), 1.0)
+    start = np.log(gap / (len(terms) * np.maximum(x.mean(axis=0), 1e-9)))
+    args = tuple(device_array(a) for a in (dev, x, np.log(y)))
+    res = minimise(
+        _loss, device_array(start), args, solver="lbfgs", max_steps=max_steps
+    )
+    raw = np.asarray(res.params, dtype=np.float64)
+    theta = np.exp(raw)
+    loss = float(_loss(res.params, args))
+    hessian = np.asarray(jax.hessian(_loss)(res.params, args), dtype=np.float64)
+    # Gaussian log-ratio noise of variance `loss`: the negative log-likelihood is
+    # n loss / (2 sigma^2), so its Hessian is n H / (2 loss).
+    precision = len(y) * hessian / (2.0 * max(loss, 1e-12))
+    precision = precision + np.eye(len(terms)) / PRIOR_LOG_SD**2
+    cov = np.linalg.inv(precision)
+    sd = {
+        t: float(theta[i] * np.sqrt(max(cov[i, i], 0.0))) for i, t in enumerate(terms)
+    }
+    unpinned = _unpinned(hessian, terms)
+    residual = np.log(dev + x @ theta) - np.log(y)
+    noise = regime_noise_sd(residual, has_prefill)
+    fit = KernelHostFit(
+        curves=curves,
+        terms=terms,
+        host=HostCosts(
+            **{
+                f"{t}_us": float(theta[terms.index(t)]) if t in terms else 0.0
+                for t in HOST_TERMS
+            }
+        ),
+        sd_us=sd,
+        cov_raw=cov,
+        noise_sd=tuple(noise[r] for r in REGIMES),
+        loss=loss,
+        n_rows=len(y),
+        trained_on=tuple(labels),
+        converged=res.result == "successful",
+        unpinned=unpinned,
+    )
+    for line in unpinned:
+        warnings.warn(line, IdentifiabilityWarning, stacklevel=2)
+    share = theta * x.mean(axis=0) / float(np.mean(dev + x @ theta))
+    for i, t in enumerate(terms):
+        if share[i] < AT_ZERO_SHARE:
+            warnings.warn(
+                f"host cost {t!r} fitted to {theta[i]:.2g} us ({100 * share[i]:.2g}% "
+                "of the mean step), at its bound 0: the rows do not support it; "
+                "fit without it",
+                IdentifiabilityWarning,
+                stacklevel=2,
+            )
+    return fit
+
+
+def _unpinned(hessian: np.ndarray, terms: tuple[str, ...]) -> tuple[str, ...]:
+    """Directions of ``log theta`` with (relatively) zero curvature, in words."""
+    values, vectors = np.linalg.eigh(hessian)
+    top = max(float(values.max()), 1e-300)
+    lines = []
+    for value, vec in zip(values, vectors.T, strict=True):
+        if value < UNPINNED_RATIO * top:
+            parts = [
+                f"{vec[i]:+.2f} log {t}"
+                for i, t in enumerate(terms)
+                if abs(vec[i]) > 0.1
+            ]
+            lines.append(
+                "host costs: only some combination is determined; undetermined "
+                f"direction {' '.join(parts)} (the rows cannot tell these terms apart)"
+            )
+    return tuple(lines)

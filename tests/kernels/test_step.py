@@ -1,0 +1,238 @@
+"""The kernel-sum step (device side from curves, host costs apart) and
+fit_host_on_kernels."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel as dm
+from diffmodel._fitting._fit import step_data
+from diffmodel._fitting._laplace import IdentifiabilityWarning
+from diffmodel.kernels import default_kernel_curves
+from diffmodel.kernels._step import HostCosts, host_features, kernel_step_time
+from diffmodel.kernels._work import allreduce_kernel_us, gemm_us
+from tests.helpers import assert_grad_matches_fd, one_step
+
+CURVES = default_kernel_curves()
+
+
+def _dep(model="llama-2-70b", tp=4, hw="h100-sxm"):
+    return dm.deployment(model, hw, tp)
+
+
+def test_linear_is_the_four_gemms_of_every_layer_at_hand_shapes():
+    # Llama-2-70B at TP 4 per GPU: 16 query and 2 KV heads of 128, FFN 28672 / 4.
+    dep = _dep()
+    hw = dep.hw
+    stats = one_step(decode_tokens=32, num_decode=32, kv_decode=32 * 1000)
+    b = kernel_step_time(stats, dep, CURVES)
+    shapes = [(2560, 8192), (8192, 2048), (14336, 8192), (8192, 7168)]
+    want = 80 * sum(float(gemm_us(32.0, n, k, CURVES.gemm_bf16, hw)) for n, k in shapes)
+    assert float(b.linear) == pytest.approx(want, rel=1e-12)
+    ar = 80 * 2 * float(allreduce_kernel_us(32 * 8192 * 2.0, 4, CURVES.allreduce, hw))
+    assert float(b.allreduce) == pytest.approx(ar, rel=1e-12)
+    lm = float(gemm_us(32.0, 32000 / 4, 8192, CURVES.gemm_bf16, hw))
+    assert float(b.lm_head) == pytest.approx(lm, rel=1e-12)
+    assert float(b.attention_prefill) == 0.0
+    assert float(b.attention_decode) > 0.0
+    assert float(b.overhead) == 0.0
+
+
+def test_host_costs_are_paid_per_step_layer_and_request():
+    dep = _dep()
+    host = HostCosts(step_us=100.0, layer_us=20.0, request_us=3.0)
+    stats = one_step(prefill_tokens=64, num_prefill=1, attn_prefill=64 * 32)
+    b = kernel_step_time(stats, dep, CURVES, host)
+    assert float(b.overhead) == pytest.approx(100.0 + 80 * 20.0 + 3.0)
+    x = np.asarray(host_features(stats, dep))
+    assert x.tolist() == [1.0, 80.0, 1.0]
+
+
+def test_a_step_without_tokens_runs_no_kernel():
+    host = HostCosts(step_us=100.0, layer_us=20.0, request_us=3.0)
+    b = kernel_step_time(one_step(num_decode=0), _dep(), CURVES, host)
+    assert float(b.total) == pytest.approx(100.0)
+
+
+def test_no_allreduce_on_one_gpu():
+    stats = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 500)
+    b = kernel_step_time(stats, _dep("llama-3.1-8b", 1), CURVES)
+    assert float(b.allreduce) == 0.0
+
+
+def test_jit_vmap_and_gradient():
+    dep = _dep()
+    host = HostCosts(layer_us=20.0)
+
+    def total(dec):
+        stats = one_step(num_decode=1, kv_decode=1000, num_prefill=1)
+        stats = dm.BatchStats(
+            **{**stats.__dict__, "decode_tokens": dec, "prefill_tokens": 3 * dec}
+        )
+        return kernel_step_time(stats, dep, CURVES, host, check=False).total
+
+    xs = jnp.array([4.0, 40.0, 400.0])
+    eager = np.array([float(total(x)) for x in xs])
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(total))(xs)), eager)
+    assert_grad_matches_fd(lambda v: total(v[0]), np.array([40.0]), rtol=1e-5)
+    # The host cost's derivative is exactly its multiplier, L = 80.
+    g = jax.grad(
+        lambda h: (
+            kernel_step_time(
+                one_step(decode_tokens=1, num_decode=1, kv_decode=10),
+                dep,
+                CURVES,
+                HostCosts(layer_us=h),
+            ).total
+        )
+    )(20.0)
+    assert float(g) == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize(
+    ("model", "what"), [("mixtral-8x7b", "MoE"), ("deepseek-v3", "MLA")]
+)
+def test_models_it_cannot_time_are_refused(model, what):
+    with pytest.raises(ValueError, match=what):
+        kernel_step_time(
+            one_step(decode_tokens=1, num_decode=1), _dep(model, 8), CURVES
+        )
+
+
+def test_bad_statistics_are_refused():
+    with pytest.raises(ValueError, match="decode_tokens"):
+        kernel_step_time(one_step(decode_tokens=-1), _dep(), CURVES)
+
+
+# --------------------------------------------------------- fit_host_on_kernels
+
+
+def _frame(n=400, seed=0, models=(("codellama-34b", 2),)):
+    rng = np.random.default_rng(seed)
+    parts = []
+    for model, tp in models:
+        n_dec = rng.integers(1, 120, n)
+        n_pf = rng.integers(0, 2, n)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "hardware": "h100-sxm",
+                    "tp": tp,
+                    "prefill_tokens": n_pf * rng.integers(16, 1500, n),
+                    "decode_tokens": n_dec,
+                    "num_prefill_reqs": n_pf,
+                    "num_decode_reqs": n_dec,
+                    "kv_tokens": n_dec * rng.uniform(200, 3000, n),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _with_target(frame, host, noise=0.02, seed=1):
+    dev = dm.kernel_device_us(frame, CURVES)
+    x = np.asarray(host_features(*_stats_deps(frame)), dtype=float)
+    theta = np.array([host.step_us, host.layer_us, host.request_us], dtype=float)
+    rng = np.random.default_rng(seed)
+    y = (dev + x @ theta) * np.exp(rng.normal(0.0, noise, len(frame)))
+    return frame.assign(iteration_time_us=y)
+
+
+def _stats_deps(frame):
+    data, _ = step_data(frame)
+    return data.stats, data.deployments.take(data.group)
+
+
+def test_fit_host_recovers_a_known_per_layer_cost_and_covers():
+    frame = _with_target(_frame(), HostCosts(layer_us=22.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IdentifiabilityWarning)
+        fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    value = fit.table().loc["layer"]
+    assert value["value_us"] == pytest.approx(22.0, rel=0.05)
+    assert 0.0 < value["sd_us"] < 1.0
+    assert fit.converged and fit.unpinned == ()
+    assert fit.noise_sd[0] == pytest.approx(0.02, rel=0.25)
+    test = _with_target(_frame(seed=5), HostCosts(layer_us=22.0), seed=7)
+    out = fit.predict(test, interval=0.9)
+    y = test["iteration_time_us"]
+    inside = (out["predicted_lo_us"] <= y) & (y <= out["predicted_hi_us"])
+    assert 0.84 <= inside.mean() <= 0.96
+    assert (out["predicted_lo_us"] < out["predicted_us"]).all()
+
+
+def test_two_models_separate_step_and_layer_costs():
+    models = (("codellama-34b", 2), ("llama-2-70b", 4))
+    truth = HostCosts(step_us=600.0, layer_us=15.0)
+    frame = _with_target(_frame(models=models), truth, noise=0.01)
+    fit = dm.fit_host_on_kernels(
+        frame, target="iteration_time_us", curves=CURVES, terms=("step", "layer")
+    )
+    assert float(fit.host.step_us) == pytest.approx(600.0, rel=0.05)
+    assert float(fit.host.layer_us) == pytest.approx(15.0, rel=0.05)
+    assert fit.unpinned == ()
+
+
+def test_one_model_cannot_separate_step_and_layer_and_says_so():
+    frame = _with_target(_frame(), HostCosts(step_us=600.0, layer_us=15.0))
+    with pytest.warns(IdentifiabilityWarning, match="undetermined direction"):
+        fit = dm.fit_host_on_kernels(
+            frame, target="iteration_time_us", curves=CURVES, terms=("step", "layer")
+        )
+    assert len(fit.unpinned) == 1
+    # Wide, not undefined: each term's sd is of the order of its value.
+    for term in ("step", "layer"):
+        row = fit.table().loc[term]
+        assert row["sd_us"] > 0.5 * row["value_us"]
+
+
+def test_a_term_the_data_do_not_support_is_flagged_at_zero():
+    frame = _with_target(_frame(), HostCosts(layer_us=22.0), noise=0.001)
+    with pytest.warns(IdentifiabilityWarning, match="bound 0"):
+        dm.fit_host_on_kernels(
+            frame,
+            target="iteration_time_us",
+            curves=CURVES,
+            terms=("layer", "request"),
+        )
+
+
+def test_fit_host_bad_input():
+    frame = _with_target(_frame(n=20), HostCosts(layer_us=22.0))
+    with pytest.raises(ValueError, match="terms"):
+        dm.fit_host_on_kernels(
+            frame, target="iteration_time_us", curves=CURVES, terms=("gpu",)
+        )
+    with pytest.raises(ValueError, match="terms"):
+        dm.fit_host_on_kernels(
+            frame, target="iteration_time_us", curves=CURVES, terms=()
+        )
+    with pytest.raises(ValueError, match="'wall_us': no such column"):
+        dm.fit_host_on_kernels(frame, target="wall_us", curves=CURVES)
+    bad = frame.assign(iteration_time_us=-frame["iteration_time_us"])
+    with pytest.raises(ValueError, match="finite and > 0"):
+        dm.fit_host_on_kernels(bad, target="iteration_time_us", curves=CURVES)
+    with pytest.raises(ValueError, match="calibrated on 'h100-sxm'"):
+        dm.fit_host_on_kernels(
+            frame.assign(hardware="a100-sxm"), target="iteration_time_us", curves=CURVES
+        )
+    # TypeError where jaxtyping's import hook checks annotations (the test suite).
+    with pytest.raises((ValueError, TypeError), match="curves"):
+        dm.fit_host_on_kernels(frame, target="iteration_time_us", curves={"gemm": 1})
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    with pytest.raises(ValueError, match="interval"):
+        fit.predict(frame, interval=90)
+
+
+def test_predicting_an_unseen_deployment_warns_about_its_interval():
+    frame = _with_target(_frame(n=50), HostCosts(layer_us=22.0))
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    other = _with_target(_frame(n=10, models=(("llama-2-70b", 4),)), HostCosts())
+    with pytest.warns(dm.UnseenGroupWarning, match="llama-2-70b"):
+        fit.predict(other, interval=0.9)
+    assert np.isfinite(fit.predict(other)["predicted_us"]).all()
