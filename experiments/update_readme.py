@@ -22,6 +22,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/reproduce.py", "--out", "{r}/reproduce"],
         "reproduce/results.md",
     ),
+    "host_terms": (
+        ["experiments/host_terms.py", "--out", "{r}/host_terms"],
+        "host_terms/host_terms.md",
+    ),
     "study_fit": (
         ["experiments/study_fit.py", "--out", "{r}/study_fit"],
         "study_fit/study_fit.md",

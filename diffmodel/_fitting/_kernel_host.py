@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .._arrays import device_array
+from .._model._hardware import canonical_hardware
 from ..kernels._curves import KernelCurves
 from ..kernels._step import HOST_TERMS, HostCosts, device_us, host_features
 from ._fit import _check_target, step_data
@@ -89,19 +90,30 @@ class KernelHostFit:
             }
         ).set_index("term")
 
-    def predict(self, frame: pd.DataFrame, *, interval: float | None = None):
+    def predict(
+        self,
+        frame: pd.DataFrame,
+        *,
+        interval: float | None = None,
+        curves: KernelCurves | None = None,
+    ):
         """Predicted step times of ``frame``'s rows, us, as a DataFrame (same index):
         ``predicted_us``, and with ``interval`` (a level in (0, 1)) the central
         predictive interval ``predicted_lo_us`` / ``predicted_hi_us`` from the
         posterior of the host costs plus the in-sample residual noise of the row's
         regime. Rows of deployments outside ``trained_on`` warn
         (:class:`~diffmodel.UnseenGroupWarning`): their miss is a transfer, wider
-        than the in-sample noise."""
+        than the in-sample noise.
+
+        ``curves``: another GPU's curves, for rows on that GPU: the device side
+        comes from them, the host costs (the serving stack's) from this fit."""
         if interval is not None and not (
             isinstance(interval, float | int) and 0.0 < interval < 1.0
         ):
             raise ValueError(f"interval must be a level in (0, 1), got {interval!r}")
-        dev, x, labels, has_prefill = _prepare(frame, self.curves)
+        dev, x, labels, has_prefill = _prepare(
+            frame, self.curves if curves is None else curves
+        )
         cols = [HOST_TERMS.index(t) for t in self.terms]
         theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
         host = x[:, cols] @ theta
@@ -139,7 +151,7 @@ def _prepare(frame: pd.DataFrame, curves: KernelCurves):
         )
     data, labels = step_data(frame)
     gpus = sorted({lab.split("/")[1] for lab in labels})
-    other = [g for g in gpus if g != curves.hardware]
+    other = [g for g in gpus if g != canonical_hardware(curves.hardware)]
     if other:
         raise ValueError(
             f"the curves were calibrated on {curves.hardware!r} but the rows run on "

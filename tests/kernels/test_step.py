@@ -1,6 +1,7 @@
 """The kernel-sum step (device side from curves, host costs apart) and
 fit_host_on_kernels."""
 
+import dataclasses
 import warnings
 
 import jax
@@ -219,7 +220,7 @@ def test_fit_host_bad_input():
         dm.fit_host_on_kernels(bad, target="iteration_time_us", curves=CURVES)
     with pytest.raises(ValueError, match="calibrated on 'h100-sxm'"):
         dm.fit_host_on_kernels(
-            frame.assign(hardware="a100-sxm"), target="iteration_time_us", curves=CURVES
+            frame.assign(hardware="a100"), target="iteration_time_us", curves=CURVES
         )
     # TypeError where jaxtyping's import hook checks annotations (the test suite).
     with pytest.raises((ValueError, TypeError), match="curves"):
@@ -236,3 +237,17 @@ def test_predicting_an_unseen_deployment_warns_about_its_interval():
     with pytest.warns(dm.UnseenGroupWarning, match="llama-2-70b"):
         fit.predict(other, interval=0.9)
     assert np.isfinite(fit.predict(other)["predicted_us"]).all()
+
+
+def test_a_new_gpu_takes_its_curves_and_keeps_the_host_costs():
+    frame = _with_target(_frame(n=50), HostCosts(layer_us=22.0))
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    a100 = dataclasses.replace(CURVES, hardware="a100")
+    rows = frame.assign(hardware="a100")
+    got = fit.predict(rows, curves=a100)["predicted_us"].to_numpy()
+    want = dm.kernel_device_us(rows, a100) + 48 * float(fit.host.layer_us)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    h100 = fit.predict(frame)["predicted_us"].to_numpy()
+    assert (got > h100).all()  # an A100 reads the weights more slowly
+    with pytest.raises(ValueError, match="calibrated on 'h100-sxm'"):
+        fit.predict(rows)
