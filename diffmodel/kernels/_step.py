@@ -6,8 +6,11 @@ efficiencies taken at one representative shape. Here every operator of every lay
 is timed at the step's own shapes by the GPU's :class:`KernelCurves` (each with its
 kernel floor), as aiconfigurator sums its kernel tables:
 
-- linear: per layer the QKV, O, gate+up and down GEMMs of ``T = P + D`` tokens
-  (``curves.gemm_bf16``);
+- linear: per layer the QKV and O GEMMs of ``T = P + D`` tokens, and the dense
+  gate+up and down GEMMs, or (MoE layers) the shared experts, the router and the
+  fused routed experts (``curves.moe``, :func:`~diffmodel.kernels.moe_us`, uniform
+  routing); ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` with the
+  activation quantization pass where the model has one;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
   (``curves.prefill_attention``);
@@ -24,9 +27,9 @@ properties of the serving stack, not of the GPU, so a fit of them on one GPU's
 traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
-Dense 16-bit GQA models only (the Llama family of the public traces): MoE, MLA,
-sliding-window, sparse-attention and quantized models raise a ``ValueError``; use
-:func:`diffmodel.step_time` for them.
+GQA models with dense or MoE MLPs in 16-bit or FP8 (the Llama family of the public
+traces, Mixtral, Qwen3 MoE, Llama FP8); MLA, sliding-window, sparse-attention and
+4-bit models raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -37,13 +40,16 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
+from .._model._physics import act_quant_bytes
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
+from ._moe import moe_us
 from ._work import (
     _work,
     allreduce_kernel_us,
     attention_work,
     decode_attention_us,
+    gemm_kernel_work,
     gemm_us,
 )
 
@@ -85,12 +91,13 @@ class HostCosts(eqx.Module):
         return {t: getattr(self, f"{t}_us") for t in HOST_TERMS}
 
 
-def check_dense(dep: Deployment) -> None:
-    """Raise ``ValueError`` unless every deployment in ``dep`` is a dense 16-bit GQA
-    model (what :func:`kernel_step_time` can time). Skipped under tracing."""
+def check_supported(dep: Deployment) -> None:
+    """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
+    in ``dep``: GQA attention without sliding windows or sparse attention, dense or
+    MoE MLPs, 16-bit or FP8 GEMMs, experts tensor-parallel or one expert group per
+    GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
     checks = {
-        "n_experts": (a.n_experts, "MoE"),
         "kv_lora_rank": (a.kv_lora_rank, "MLA"),
         "window_layers": (a.window_layers, "sliding-window attention"),
         "index_layers": (a.index_layers, "sparse attention"),
@@ -101,18 +108,19 @@ def check_dense(dep: Deployment) -> None:
             return
         if np.any(np.asarray(value) > 0):
             found.append(f"{what} ({field} > 0)")
+    for field in ("compute_bytes", "expert_weight_bytes", "expert_compute_bytes"):
+        value = np.asarray(getattr(a, field))
+        if not np.isin(value, (1.0, 2.0)).all():
+            found.append(f"{field} {np.unique(value).tolist()} (16-bit or FP8 only)")
+    ep, tp = np.asarray(dep.ep), np.asarray(dep.tp)
+    if np.any((ep != 1.0) & (ep != tp)):
+        found.append("expert parallelism over data-parallel attention (ep > tp)")
     if found:
         raise ValueError(
             f"kernel_step_time: the architecture has {', '.join(found)}; it times "
-            "dense GQA models only, use diffmodel.step_time"
+            "GQA models with dense or MoE MLPs in 16-bit or FP8, use "
+            "diffmodel.step_time"
         )
-    for field in ("weight_bytes", "compute_bytes"):
-        value = np.asarray(getattr(a, field))
-        if np.any(value != 2.0):
-            raise ValueError(
-                f"kernel_step_time: {field} must be 2 (16-bit weights), got "
-                f"{np.unique(value).tolist()}; quantized models use diffmodel.step_time"
-            )
 
 
 def kernel_step_time(
@@ -145,14 +153,14 @@ def kernel_step_time(
     """
     if check:
         stats = check_stats(stats)
-        check_dense(dep)
+        check_supported(dep)
     host = HostCosts() if host is None else host
     a, hw = dep.arch, dep.hw
     t = jnp.asarray(dep.tp, float)
     d, dh, n_layers = a.hidden, a.head_dim, a.n_layers
     qh = a.n_heads / t
     kvh = jnp.maximum(a.n_kv_heads / t, 1.0)
-    ffn = a.ffn / t
+    ffn = a.ffn / t  # 0 for MoE-only models
     p, dec = stats.prefill_tokens, stats.decode_tokens
     n_pf, n_dec = stats.num_prefill, stats.num_decode
     tokens = p + dec
@@ -160,8 +168,35 @@ def kernel_step_time(
     gate = jnp.where(runs, 1.0, 0.0)
     m = jnp.maximum(tokens, 1.0)  # a GEMM of no rows is not run (gated below)
 
-    shapes = (((qh + 2.0 * kvh) * dh, d), (d, qh * dh), (2.0 * ffn, d), (d, ffn))
-    linear = sum(gemm_us(m, n, k, curves.gemm_bf16, hw) for n, k in shapes)
+    def gemm(n, k, fp8):  # one GEMM of m rows, 0 where absent (n k = 0)
+        return _gemm_us(m, n, k, fp8, a.quant_passes, curves, hw)
+
+    fp8 = a.compute_bytes == 1.0
+    attn = gemm((qh + 2.0 * kvh) * dh, d, fp8) + gemm(d, qh * dh, fp8)
+    mlp = gemm(2.0 * ffn, d, fp8) + gemm(d, ffn, fp8)
+    # MoE layers: shared experts, the router (16-bit) and the fused routed experts
+    # (whole experts per GPU when ep = t, else each expert split t ways).
+    shared = a.shared_ffn / t
+    whole = dep.ep > 1.0
+    experts = moe_us(
+        m,
+        d,
+        a.expert_ffn,
+        a.top_k,
+        a.n_experts,
+        curves.moe,
+        hw,
+        tp=jnp.where(whole, 1.0, t),
+        ep=dep.ep,
+        weight_bytes=a.expert_weight_bytes,
+    )
+    moe = (
+        gemm(2.0 * shared, d, fp8)
+        + gemm(d, shared, fp8)
+        + gemm(a.n_experts, d, False)
+        + jnp.where(a.n_experts > 0, experts, 0.0)
+    )
+    linear = n_layers * attn + a.dense_layers * mlp + a.moe_layers * moe
 
     # Prefill: A_pf pairs per query head over K_pf + P tokens; the kernel's thread
     # blocks are the chunks' query tiles (GQA heads packed into the tile).
@@ -198,7 +233,7 @@ def kernel_step_time(
     shape = jnp.shape(linear * overhead)
     zero = jnp.zeros(shape)
     return Breakdown(
-        linear=n_layers * linear * gate + zero,
+        linear=linear * gate + zero,
         attention_prefill=n_layers * prefill * gate + zero,
         attention_decode=n_layers * decode * gate + zero,
         kv_write=zero,
@@ -206,6 +241,20 @@ def kernel_step_time(
         allreduce=n_layers * allreduce * gate + zero,
         overhead=overhead + zero,
     )
+
+
+def _gemm_us(m, n, k, fp8, quant_passes, curves: KernelCurves, hw) -> Array:
+    """A GEMM ``[m, k] @ [k, n]`` on the 16-bit or (``fp8``) the FP8 curves, us; FP8
+    GEMMs of a model with activation quantization passes pay the unfused pass; 0
+    where ``n k = 0`` (a part the model does not have)."""
+    present = n * k > 0
+    n1, k1 = jnp.where(present, n, 1.0), jnp.where(present, k, 1.0)
+    bf16 = gemm_kernel_work(m, n1, k1, hw, 2.0).time_us(curves.gemm_bf16)
+    work = gemm_kernel_work(m, n1, k1, hw, 1.0)
+    pre = jnp.where(quant_passes > 0, act_quant_bytes(m, k1), 0.0)
+    work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
+    f8 = work.time_us(curves.gemm_fp8)
+    return jnp.where(present, jnp.where(fp8, f8, bf16), 0.0)
 
 
 def host_features(stats: BatchStats, dep: Deployment) -> Float[Array, "*steps 3"]:
@@ -229,7 +278,7 @@ def device_us(
 __all__ = [
     "HOST_TERMS",
     "HostCosts",
-    "check_dense",
+    "check_supported",
     "device_us",
     "host_features",
     "kernel_step_time",

@@ -14,8 +14,9 @@ import diffmodel as dm
 from diffmodel._fitting._fit import step_data
 from diffmodel._fitting._laplace import IdentifiabilityWarning
 from diffmodel.kernels import default_kernel_curves
+from diffmodel.kernels._moe import moe_us
 from diffmodel.kernels._step import HostCosts, host_features, kernel_step_time
-from diffmodel.kernels._work import allreduce_kernel_us, gemm_us
+from diffmodel.kernels._work import allreduce_kernel_us, gemm_kernel_work, gemm_us
 from tests.helpers import assert_grad_matches_fd, one_step
 
 CURVES = default_kernel_curves()
@@ -95,13 +96,50 @@ def test_jit_vmap_and_gradient():
 
 
 @pytest.mark.parametrize(
-    ("model", "what"), [("mixtral-8x7b", "MoE"), ("deepseek-v3", "MLA")]
+    ("model", "what"),
+    [("deepseek-v3", "MLA"), ("openai/gpt-oss-120b", "sliding-window")],
 )
 def test_models_it_cannot_time_are_refused(model, what):
     with pytest.raises(ValueError, match=what):
         kernel_step_time(
             one_step(decode_tokens=1, num_decode=1), _dep(model, 8), CURVES
         )
+
+
+def test_moe_layers_are_attention_router_and_fused_experts():
+    # Mixtral-8x7B at TP 2: 32 layers; QKV (16 + 2 * 4) * 128 = 3072, O 4096 x 2048;
+    # router 8 x 4096; 8 experts of 14336 / 2, top 2.
+    dep = _dep("mixtral-8x7b", 2)
+    hw = dep.hw
+    stats = one_step(decode_tokens=16, num_decode=16, kv_decode=16 * 300)
+    b = kernel_step_time(stats, dep, CURVES)
+    g = CURVES.gemm_bf16
+    per_layer = (
+        float(gemm_us(16.0, 3072, 4096, g, hw))
+        + float(gemm_us(16.0, 4096, 2048, g, hw))
+        + float(gemm_us(16.0, 8, 4096, g, hw))
+        + float(moe_us(16.0, 4096, 14336, 2, 8, CURVES.moe, hw, tp=2.0, ep=1.0))
+    )
+    assert float(b.linear) == pytest.approx(32 * per_layer, rel=1e-12)
+    # Whole experts per GPU (ep = t): the experts' FFN is not split.
+    ep = kernel_step_time(stats, dm.deployment("mixtral-8x7b", "h100", 2, ep=2), CURVES)
+    moe_ep = float(moe_us(16.0, 4096, 14336, 2, 8, CURVES.moe, hw, tp=1.0, ep=2.0))
+    moe_tp = float(moe_us(16.0, 4096, 14336, 2, 8, CURVES.moe, hw, tp=2.0, ep=1.0))
+    assert float(ep.linear - b.linear) == pytest.approx(32 * (moe_ep - moe_tp))
+
+
+def test_fp8_models_run_their_gemms_on_the_fp8_curves_with_the_quant_pass():
+    dep = _dep("nvidia/Llama-3.1-70B-Instruct-FP8", 2)
+    stats = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 300)
+    b = kernel_step_time(stats, dep, CURVES)
+    hw = dep.hw
+    # Llama-3.1-70B at TP 2: QKV (32 + 2 * 4) * 128, O, FFN 28672 / 2.
+    shapes = [(5120, 8192), (8192, 4096), (28672, 8192), (8192, 14336)]
+    want = 0.0
+    for n, k in shapes:
+        work = gemm_kernel_work(8.0, n, k, hw, 1.0, act_quant=1.0)
+        want += float(work.time_us(CURVES.gemm_fp8))
+    assert float(b.linear) == pytest.approx(80 * want, rel=1e-12)
 
 
 def test_bad_statistics_are_refused():
