@@ -73,6 +73,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -230,6 +231,12 @@ def reproduce(
         column = TARGETS[target]
         outcome = _run_method(method, fold, column, settings, study, evaluator)
         rows = _score(fold, column, target, method, outcome)
+        # Each compiled XLA CPU executable keeps its code in memory mappings until
+        # it is dropped; a whole run compiles thousands and met Linux's per-process
+        # limit (vm.max_map_count, 65530) after ~150 tasks ("LLVM ERROR: Unable to
+        # allocate section memory"). Dropping them after each task costs little:
+        # the persistent compilation cache serves the recompiles.
+        jax.clear_caches()
         say(
             f"[{target}/{fold.protocol}/{fold.name}] {method}: mean MAPE "
             f"{_mean(rows)} ({time.perf_counter() - tick:.1f} s)"

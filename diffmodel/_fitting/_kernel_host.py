@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from statistics import NormalDist
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,13 @@ import pandas as pd
 from .._arrays import device_array
 from .._model._hardware import canonical_hardware
 from ..kernels._curves import KernelCurves
-from ..kernels._step import HOST_TERMS, HostCosts, device_us, host_features
+from ..kernels._step import (
+    HOST_TERMS,
+    HostCosts,
+    check_supported,
+    device_us,
+    host_features,
+)
 from ._fit import _check_target, step_data
 from ._intervals import REGIMES, UnseenGroupWarning, regime_noise_sd
 from ._laplace import IdentifiabilityWarning
@@ -157,11 +164,19 @@ def _prepare(frame: pd.DataFrame, curves: KernelCurves):
             f"the curves were calibrated on {curves.hardware!r} but the rows run on "
             f"{other}: calibrate curves for that GPU (diffmodel kernels --system)"
         )
-    dep = data.deployments.take(data.group)
-    dev = np.asarray(device_us(data.stats, dep, curves), dtype=np.float64)
-    x = np.asarray(host_features(data.stats, dep), dtype=np.float64)
+    check_supported(data.deployments)  # the statistics were checked by step_data
+    dev, x = _device_features(data.stats, data.deployments, data.group, curves)
+    dev, x = np.asarray(dev, np.float64), np.asarray(x, np.float64)
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
     return dev, x, [labels[i] for i in np.unique(np.asarray(data.group))], has_prefill
+
+
+@eqx.filter_jit
+def _device_features(stats, deployments, group, curves):
+    """Kernel-sum device time and host multipliers per step, in one compiled call
+    (eager, the sum's hundreds of small operations would each compile)."""
+    dep = deployments.take(group)
+    return device_us(stats, dep, curves, check=False), host_features(stats, dep)
 
 
 def kernel_device_us(frame: pd.DataFrame, curves: KernelCurves) -> np.ndarray:
@@ -173,6 +188,10 @@ def _loss(raw, args):
     dev, x, log_y = args
     pred = dev + x @ jnp.exp(raw)
     return jnp.mean((jnp.log(pred) - log_y) ** 2)
+
+
+_loss_value = jax.jit(_loss)
+_loss_hessian = jax.jit(jax.hessian(_loss))
 
 
 def fit_host_on_kernels(
@@ -231,8 +250,8 @@ def fit_host_on_kernels(
     )
     raw = np.asarray(res.params, dtype=np.float64)
     theta = np.exp(raw)
-    loss = float(_loss(res.params, args))
-    hessian = np.asarray(jax.hessian(_loss)(res.params, args), dtype=np.float64)
+    loss = float(_loss_value(res.params, args))
+    hessian = np.asarray(_loss_hessian(res.params, args), dtype=np.float64)
     # Gaussian log-ratio noise of variance `loss`: the negative log-likelihood is
     # n loss / (2 sigma^2), so its Hessian is n H / (2 loss).
     precision = len(y) * hessian / (2.0 * max(loss, 1e-12))

@@ -142,7 +142,8 @@ def kernel_step_time(
         check: validate ``stats`` and the architecture (concrete values only).
 
     Returns:
-        A :class:`~diffmodel.Breakdown`: ``linear`` (the four GEMMs of every layer),
+        A :class:`~diffmodel.Breakdown`: ``linear`` (every layer's projections and
+        its dense MLP or MoE),
         ``attention_prefill``, ``attention_decode``, ``allreduce``, ``lm_head`` and
         ``overhead`` (the host costs); ``kv_write`` is 0 (the KV write is an
         elementwise kernel, paid per layer in ``host.layer_us``). A step with no
@@ -178,12 +179,13 @@ def kernel_step_time(
     # (whole experts per GPU when ep = t, else each expert split t ways).
     shared = a.shared_ffn / t
     whole = dep.ep > 1.0
-    experts = moe_us(
+    has_experts = a.n_experts > 0
+    experts = moe_us(  # a dense model's experts are stand-ins (selected out below)
         m,
         d,
-        a.expert_ffn,
-        a.top_k,
-        a.n_experts,
+        jnp.where(has_experts, a.expert_ffn, 1.0),
+        jnp.where(has_experts, a.top_k, 1.0),
+        jnp.where(has_experts, a.n_experts, 1.0),
         curves.moe,
         hw,
         tp=jnp.where(whole, 1.0, t),
@@ -194,7 +196,7 @@ def kernel_step_time(
         gemm(2.0 * shared, d, fp8)
         + gemm(d, shared, fp8)
         + gemm(a.n_experts, d, False)
-        + jnp.where(a.n_experts > 0, experts, 0.0)
+        + jnp.where(has_experts, experts, 0.0)
     )
     linear = n_layers * attn + a.dense_layers * mlp + a.moe_layers * moe
 

@@ -289,3 +289,22 @@ def test_a_new_gpu_takes_its_curves_and_keeps_the_host_costs():
     assert (got > h100).all()  # an A100 reads the weights more slowly
     with pytest.raises(ValueError, match="calibrated on 'h100-sxm'"):
         fit.predict(rows)
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "llama-2-70b"])
+def test_gradient_in_the_token_count_is_finite_and_right(model):
+    dep = _dep(model, 2)
+
+    def total(v):
+        stats = dm.from_aggregates(
+            prefill_tokens=3.0 * v[0],
+            decode_tokens=v[0],
+            num_prefill=1.0,
+            num_decode=16.0,
+            kv_tokens=16 * 500.0,
+        )
+        return kernel_step_time(stats, dep, CURVES, check=False).total
+
+    # Off the tile boundaries (ceil(T / 64), ceil of the query tiles): between them
+    # the time is smooth.
+    assert_grad_matches_fd(total, np.array([17.3]), rtol=1e-5)
