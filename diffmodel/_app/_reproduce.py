@@ -90,6 +90,7 @@ from ._reproduce_methods import (
     TRANSFER_GRID,
     _Evaluator,
     _Fold,
+    _no_predictions,
     _run_method,
     _score,
     _Settings,
@@ -229,7 +230,12 @@ def reproduce(
         target, fold, method = task
         tick = time.perf_counter()
         column = TARGETS[target]
-        outcome = _run_method(method, fold, column, settings, study, evaluator)
+        try:
+            outcome = _run_method(method, fold, column, settings, study, evaluator)
+        except Exception as err:  # one failed method must not end a long run
+            why = f"failed: {type(err).__name__}: {str(err)[:120]}"
+            outcome = _no_predictions(fold, why)
+            say(f"[{target}/{fold.protocol}/{fold.name}] {method}: {why}")
         rows = _score(fold, column, target, method, outcome)
         # Each compiled XLA CPU executable keeps its code in memory mappings until
         # it is dropped; a whole run compiles thousands and met Linux's per-process

@@ -121,6 +121,12 @@ def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
     if method == "diffmodel-kernel-sum":
         predicted = kernel_device_us(fold.test, curves)
         return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))
+    if target != "iteration_time_us":
+        return _no_predictions(
+            fold,
+            "not applicable: host costs complete a wall time (iteration_time); "
+            "the host timer is not one",
+        )
     tick = time.perf_counter()
     result = fit_host_on_kernels(fold.train, target=target, curves=curves)
     seconds = time.perf_counter() - tick
@@ -133,6 +139,17 @@ def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
             out["predicted_lo_us"].to_numpy(),
             out["predicted_hi_us"].to_numpy(),
         ),
+    )
+
+
+def _no_predictions(fold: _Fold, why: str) -> _Outcome:
+    """NaN predictions with ``why`` as every test experiment's note."""
+    nan = np.full(len(fold.test), np.nan)
+    return _Outcome(
+        nan,
+        _each(fold.test, np.nan),
+        _each(fold.test, np.nan),
+        notes=_each(fold.test, why),
     )
 
 

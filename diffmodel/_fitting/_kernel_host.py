@@ -241,6 +241,13 @@ def fit_host_on_kernels(
     dev, x, labels, has_prefill = _prepare(frame, curves)
     cols = [HOST_TERMS.index(t) for t in terms]
     x = x[:, cols]
+    idle = (dev <= 0.0) & (x.sum(axis=1) <= 0.0)
+    if idle.any():
+        raise ValueError(
+            f"{int(idle.sum())} rows run no forward pass (no tokens) and the terms "
+            f"{list(terms)} give them no cost: add 'step' or 'request' to terms, or "
+            "drop those rows"
+        )
     # Start: the median gap between wall and device time, shared by the terms.
     gap = max(float(np.median(y - dev)), 1.0)
     start = np.log(gap / (len(terms) * np.maximum(x.mean(axis=0), 1e-9)))

@@ -308,3 +308,18 @@ def test_gradient_in_the_token_count_is_finite_and_right(model):
     # Off the tile boundaries (ceil(T / 64), ceil of the query tiles): between them
     # the time is smooth.
     assert_grad_matches_fd(total, np.array([17.3]), rtol=1e-5)
+
+
+def test_steps_without_tokens_need_a_term_that_prices_them():
+    rows = _frame(n=30)
+    idle = rows.head(3).assign(
+        prefill_tokens=0, decode_tokens=0, num_prefill_reqs=0, num_decode_reqs=0
+    )
+    truth = HostCosts(step_us=50.0, layer_us=22.0)
+    both = _with_target(pd.concat([rows, idle], ignore_index=True), truth)
+    with pytest.raises(ValueError, match="3 rows run no forward pass"):
+        dm.fit_host_on_kernels(both, target="iteration_time_us", curves=CURVES)
+    fit = dm.fit_host_on_kernels(
+        both, target="iteration_time_us", curves=CURVES, terms=("step", "layer")
+    )
+    assert float(fit.host.step_us) == pytest.approx(50.0, rel=0.1)
