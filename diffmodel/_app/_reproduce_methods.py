@@ -158,7 +158,7 @@ def _stack(factors: list[Factors]) -> Factors:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *factors)
 
 
-def _each(frame: pd.DataFrame, value: float) -> dict[str, float]:
+def _each(frame: pd.DataFrame, value: float | str) -> dict[str, float | str]:
     """The same value for every experiment of `frame`."""
     return {e: value for e in frame["experiment_id"].unique()}
 

@@ -123,7 +123,7 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     # Intervals: scored for the fitted factor sets, absent for the others.
     with_interval = results["method"].isin(
         ["diffmodel-global", "diffmodel-per-model", "diffmodel-hierarchical"]
-        + ["study-9", "study-36"]
+        + ["study-9", "study-36", "diffmodel-kernel-sum-host"]
     )
     scored = results[with_interval & results["mape"].notna()]
     assert scored["coverage90"].between(0, 1).all() and (scored["width90"] > 0).all()
