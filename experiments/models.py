@@ -66,16 +66,21 @@ def emit(line: str = "") -> None:
     LINES.append(line)
 
 
-def ours(model, hw, tp, ep, prefill, n_decode, context):
-    """Our step time by component, ms."""
-    dep = dm.deployment(model, hw, tp, ep=ep)
-    stats = dm.from_aggregates(
+def step_stats(prefill, n_decode, context):
+    """One step: a prefill chunk (if any) and ``n_decode`` decodes at ``context``."""
+    return dm.from_aggregates(
         prefill_tokens=float(prefill),
         decode_tokens=float(n_decode),
         num_prefill=float(prefill > 0),
         num_decode=float(n_decode),
         kv_tokens=float(n_decode * context),
     )
+
+
+def ours(model, hw, tp, ep, prefill, n_decode, context):
+    """Our step time by component, ms."""
+    dep = dm.deployment(model, hw, tp, ep=ep)
+    stats = step_stats(prefill, n_decode, context)
     b = dm.step_time(stats, dep, dm.default_factors())
     return {k: float(v) / 1e3 for k, v in b.as_dict().items()}
 
@@ -85,13 +90,7 @@ def kernel_sum(curves, model, hw, tp, ep, prefill, n_decode, context):
     None with the reason where the kernel sum cannot time the model or GPU."""
     if hw not in curves:
         return None, f"no curves calibrated for {hw} here"
-    stats = dm.from_aggregates(
-        prefill_tokens=float(prefill),
-        decode_tokens=float(n_decode),
-        num_prefill=float(prefill > 0),
-        num_decode=float(n_decode),
-        kv_tokens=float(n_decode * context),
-    )
+    stats = step_stats(prefill, n_decode, context)
     try:
         b = dm.kernels.kernel_step_time(
             stats, dm.deployment(model, hw, tp, ep=ep), curves[hw]

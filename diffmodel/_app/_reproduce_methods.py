@@ -257,13 +257,7 @@ def _factor_set(
     if per_group and not evaluator.labels_of(fold.train) & evaluator.labels_of(
         fold.test
     ):
-        nan = np.full(len(fold.test), np.nan)
-        return _Outcome(
-            nan,
-            _each(fold.test, np.nan),
-            _each(fold.test, np.nan),
-            notes=_each(fold.test, _UNSEEN),
-        )
+        return _no_predictions(fold, _UNSEEN)
     tick = time.perf_counter()
     anchor = {}
     if method == "diffmodel-kernels-hierarchical":
