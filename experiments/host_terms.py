@@ -3,7 +3,7 @@ model out inside the training rows.
 
 The device side of every step is its kernels summed on the H100 curves calibrated on
 the kernel tables alone (:func:`diffmodel.kernels.kernel_step_time`); the host side
-is some of a per-step, per-layer and per-request cost (``fit_host_on_kernels``).
+is some of a per-step, per-layer, per-request and per-request-per-layer cost (``fit_host_on_kernels``).
 Each candidate set of terms is fitted on the *training* rows (the study's temporal
 split: the first 60% of each experiment's iteration-time rows) of one model and
 scored (MAPE) on the training rows of the other model; no validation or test row is
@@ -36,6 +36,10 @@ FORMS: tuple[tuple[str, ...], ...] = (
     ("layer", "request"),
     ("step", "layer"),
     ("step", "layer", "request"),
+    ("layer_request",),
+    ("layer", "layer_request"),
+    ("step", "layer_request"),
+    ("step", "layer", "layer_request"),
 )
 TARGET = "iteration_time_us"
 
@@ -86,7 +90,7 @@ def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
                 train, target=TARGET, curves=curves, terms=terms
             )
         values = ", ".join(
-            f"{t} {r.value_us:.1f} ({r.sd_us:.1f})" for t, r in whole.table().iterrows()
+            f"{t} {r.value_us:.3g} ({r.sd_us:.2g})" for t, r in whole.table().iterrows()
         )
         mean = float(np.mean(scores))
         if best is None or mean < best[1]:

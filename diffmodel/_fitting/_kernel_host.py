@@ -3,13 +3,13 @@
 :func:`fit_host_on_kernels` keeps the device side of every step fixed at its kernel sum
 (:func:`diffmodel.kernels.kernel_step_time` with a GPU's calibrated curves, fitted to
 kernel tables only) and fits the serving stack's host costs (per step, per layer,
-per request; :class:`~diffmodel.kernels.HostCosts`) to a trace on the log-ratio loss.
+per request, per request in each layer; :class:`~diffmodel.kernels.HostCosts`) to a trace on the log-ratio loss.
 The host costs belong to the stack, so they carry over to models and GPUs the trace
 never saw: a new model takes its device time from its own shapes, a new GPU from its
 own curves.
 
 The model is ``t = device + sum_j theta_j x_j`` with ``x`` the terms' multipliers
-(``1``, ``L`` when the step runs a forward pass, ``Np + Nd``) and ``theta = exp(raw)``
+(``1``, ``L`` when the step runs a forward pass, ``Np + Nd``, their product) and ``theta = exp(raw)``
 (microseconds, > 0). The posterior of ``raw`` is the Laplace approximation at the
 optimum under Gaussian log-ratio noise and a weak prior (:data:`PRIOR_LOG_SD`); a
 direction of ``raw`` the data do not determine (step and per-layer cost on one
@@ -62,7 +62,7 @@ class KernelHostFit:
 
     Attributes:
         curves: the kernel curves that give the device side (their GPU).
-        terms: the fitted host terms (of ``step``, ``layer``, ``request``).
+        terms: the fitted host terms (of :data:`~diffmodel.kernels.HOST_TERMS`).
         host: the fitted costs, us (terms not fitted are 0).
         sd_us: posterior sd of each fitted term, us (delta method from ``cov_raw``).
         cov_raw: posterior covariance of ``log theta``, in ``terms`` order.
@@ -199,7 +199,7 @@ def fit_host_on_kernels(
     *,
     target: str,
     curves: KernelCurves,
-    terms: Sequence[str] = ("layer",),
+    terms: Sequence[str] = ("layer", "layer_request"),
     max_steps: int = 500,
 ) -> KernelHostFit:
     """Fit the serving stack's host costs to ``frame``'s ``target`` (us per step),
@@ -210,12 +210,14 @@ def fit_host_on_kernels(
         target: the column to fit, us; every row finite and > 0 (the iteration time:
             host costs are what the device time leaves of a step's wall time).
         curves: calibrated kernel curves of the GPU the rows ran on.
-        terms: which host costs to fit, of ``step``, ``layer``, ``request``. The
-            default, a per-layer cost alone, is the form leave-one-deployment-out
-            validation chose on the public traces (``experiments/host_terms.py``):
+        terms: which host costs to fit, of ``step``, ``layer``, ``request``,
+            ``layer_request``. The default, a cost per layer and one per request in
+            each layer, is the form leave-one-model-out validation inside the
+            training rows chose on the public traces (``experiments/host_terms.py``):
             on vLLM's piecewise CUDA graphs every layer pays the engine's dispatch
-            around attention and its elementwise kernels, while the per-step work
-            overlaps the previous step.
+            around attention, and its per-sequence work (attention metadata, the KV
+            write, elementwise kernels) grows with the batch, while the per-step
+            work overlaps the previous step.
         max_steps: L-BFGS steps at most.
 
     Returns:

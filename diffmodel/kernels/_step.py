@@ -22,7 +22,8 @@ kernel floor), as aiconfigurator sums its kernel tables:
 
 What no kernel table times (the engine's Python between kernels, the graph breaks
 around attention, elementwise kernels, sampling) is the host side,
-:class:`HostCosts`: per step, per layer and per request, in microseconds. Those are
+:class:`HostCosts`: per step, per layer, per request and per request in each layer,
+in microseconds. Those are
 properties of the serving stack, not of the GPU, so a fit of them on one GPU's
 traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
@@ -56,9 +57,9 @@ from ._work import (
 ATTN_TILE = 128.0
 """Query rows per FlashAttention tile (thread blocks of a prefill chunk)."""
 
-HOST_TERMS: tuple[str, ...] = ("step", "layer", "request")
+HOST_TERMS: tuple[str, ...] = ("step", "layer", "request", "layer_request")
 """The host costs by what they are paid for: each step, each layer of a step that
-runs a forward pass, each request in the batch."""
+runs a forward pass, each request in the batch, each request in each layer."""
 
 
 class HostCosts(eqx.Module):
@@ -69,25 +70,32 @@ class HostCosts(eqx.Module):
         layer_us: per layer of a step that runs a forward pass (the engine's work
             between the captured kernels, elementwise kernels), us.
         request_us: per request in the batch, us.
+        layer_request_us: per request in each layer of a step (the per-sequence
+            work of a layer that no kernel table times: attention metadata and
+            split-KV reduction per sequence, the KV-cache write and the
+            elementwise kernels of a batch's rows), us.
     """
 
     step_us: Float[Array, "*g"]
     layer_us: Float[Array, "*g"]
     request_us: Float[Array, "*g"]
+    layer_request_us: Float[Array, "*g"]
 
     def __init__(
         self,
         step_us: ArrayLike = 0.0,
         layer_us: ArrayLike = 0.0,
         request_us: ArrayLike = 0.0,
+        layer_request_us: ArrayLike = 0.0,
     ):
         dtype = jnp.result_type(float)
         self.step_us = jnp.asarray(step_us, dtype)
         self.layer_us = jnp.asarray(layer_us, dtype)
         self.request_us = jnp.asarray(request_us, dtype)
+        self.layer_request_us = jnp.asarray(layer_request_us, dtype)
 
     def as_dict(self) -> dict[str, Array]:
-        """The costs by term name (``step``, ``layer``, ``request``), us."""
+        """The costs by term name (:data:`HOST_TERMS`), us."""
         return {t: getattr(self, f"{t}_us") for t in HOST_TERMS}
 
 
@@ -146,7 +154,7 @@ def kernel_step_time(
         its dense MLP or MoE),
         ``attention_prefill``, ``attention_decode``, ``allreduce``, ``lm_head`` and
         ``overhead`` (the host costs); ``kv_write`` is 0 (the KV write is an
-        elementwise kernel, paid per layer in ``host.layer_us``). A step with no
+        elementwise kernel, paid in ``host.layer_us`` and ``host.layer_request_us``). A step with no
         tokens runs no kernel and pays ``host.step_us`` and its requests' cost.
 
     Differentiable in ``stats``, the curves and ``host``; ``jax.vmap`` and
@@ -230,7 +238,9 @@ def kernel_step_time(
     requests = n_pf + n_dec
     lm_head = gemm_us(jnp.maximum(requests, 1.0), a.vocab / t, d, curves.gemm_bf16, hw)
     overhead = (
-        host.step_us + n_layers * host.layer_us * gate + requests * host.request_us
+        host.step_us
+        + n_layers * (host.layer_us + requests * host.layer_request_us) * gate
+        + requests * host.request_us
     )
     shape = jnp.shape(linear * overhead)
     zero = jnp.zeros(shape)
@@ -259,15 +269,16 @@ def _gemm_us(m, n, k, fp8, quant_passes, curves: KernelCurves, hw) -> Array:
     return jnp.where(present, jnp.where(fp8, f8, bf16), 0.0)
 
 
-def host_features(stats: BatchStats, dep: Deployment) -> Float[Array, "*steps 3"]:
-    """What each host cost is paid per: ``[1, L (T > 0), Np + Nd]`` per step (the
-    multipliers of ``step_us``, ``layer_us``, ``request_us`` in
-    :func:`kernel_step_time`)."""
+def host_features(stats: BatchStats, dep: Deployment) -> Float[Array, "*steps 4"]:
+    """What each host cost is paid per: ``[1, L (T > 0), Np + Nd, L (Np + Nd)]`` per
+    step (the multipliers of ``step_us``, ``layer_us``, ``request_us`` and
+    ``layer_request_us`` in :func:`kernel_step_time`)."""
     tokens = stats.prefill_tokens + stats.decode_tokens
     layers = dep.arch.n_layers * jnp.where(tokens > 0, 1.0, 0.0)
     requests = stats.num_prefill + stats.num_decode
     ones = jnp.ones(jnp.shape(layers * requests))
-    return jnp.stack([ones, layers + 0.0 * ones, requests + 0.0 * ones], axis=-1)
+    columns = [ones, layers + 0.0 * ones, requests + 0.0 * ones, layers * requests]
+    return jnp.stack(columns, axis=-1)
 
 
 def device_us(

@@ -46,12 +46,17 @@ def test_linear_is_the_four_gemms_of_every_layer_at_hand_shapes():
 
 def test_host_costs_are_paid_per_step_layer_and_request():
     dep = _dep()
-    host = HostCosts(step_us=100.0, layer_us=20.0, request_us=3.0)
-    stats = one_step(prefill_tokens=64, num_prefill=1, attn_prefill=64 * 32)
+    host = HostCosts(step_us=100.0, layer_us=20.0, request_us=3.0, layer_request_us=0.5)
+    stats = one_step(
+        prefill_tokens=64, num_prefill=1, attn_prefill=64 * 32, decode_tokens=5,
+        num_decode=5, kv_decode=5 * 1000,
+    )  # fmt: skip
     b = kernel_step_time(stats, dep, CURVES, host)
-    assert float(b.overhead) == pytest.approx(100.0 + 80 * 20.0 + 3.0)
+    assert float(b.overhead) == pytest.approx(
+        100.0 + 80 * 20.0 + 6 * 3.0 + 80 * 6 * 0.5
+    )
     x = np.asarray(host_features(stats, dep))
-    assert x.tolist() == [1.0, 80.0, 1.0]
+    assert x.tolist() == [1.0, 80.0, 6.0, 480.0]
 
 
 def test_a_step_without_tokens_runs_no_kernel():
@@ -176,7 +181,7 @@ def _frame(n=400, seed=0, models=(("codellama-34b", 2),)):
 def _with_target(frame, host, noise=0.02, seed=1):
     dev = dm.kernel_device_us(frame, CURVES)
     x = np.asarray(host_features(*_stats_deps(frame)), dtype=float)
-    theta = np.array([host.step_us, host.layer_us, host.request_us], dtype=float)
+    theta = np.array([float(v) for v in host.as_dict().values()])
     rng = np.random.default_rng(seed)
     y = (dev + x @ theta) * np.exp(rng.normal(0.0, noise, len(frame)))
     return frame.assign(iteration_time_us=y)
@@ -187,22 +192,35 @@ def _stats_deps(frame):
     return data.stats, data.deployments.take(data.group)
 
 
-def test_fit_host_recovers_a_known_per_layer_cost_and_covers():
-    frame = _with_target(_frame(), HostCosts(layer_us=22.0))
+TRUTH = HostCosts(layer_us=15.0, layer_request_us=0.4)
+"""Host costs of the synthetic traces fitted with the default terms."""
+
+
+def test_fit_host_recovers_known_default_costs_and_covers():
+    frame = _with_target(_frame(), TRUTH)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IdentifiabilityWarning)
         fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
-    value = fit.table().loc["layer"]
-    assert value["value_us"] == pytest.approx(22.0, rel=0.05)
-    assert 0.0 < value["sd_us"] < 1.0
+    table = fit.table()
+    for term, truth in (("layer", 15.0), ("layer_request", 0.4)):
+        value, sd = table.loc[term, "value_us"], table.loc[term, "sd_us"]
+        assert 0.0 < sd < 0.3 * truth
+        assert abs(value - truth) < 3.0 * sd  # the reported sd is honest
     assert fit.converged and fit.unpinned == ()
     assert fit.noise_sd[0] == pytest.approx(0.02, rel=0.25)
-    test = _with_target(_frame(seed=5), HostCosts(layer_us=22.0), seed=7)
+    test = _with_target(_frame(seed=5), TRUTH, seed=7)
     out = fit.predict(test, interval=0.9)
     y = test["iteration_time_us"]
     inside = (out["predicted_lo_us"] <= y) & (y <= out["predicted_hi_us"])
     assert 0.84 <= inside.mean() <= 0.96
     assert (out["predicted_lo_us"] < out["predicted_us"]).all()
+
+
+def test_fit_host_recovers_the_default_costs_within_5_percent_at_low_noise():
+    frame = _with_target(_frame(), TRUTH, noise=0.002)
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    assert float(fit.host.layer_us) == pytest.approx(15.0, rel=0.05)
+    assert float(fit.host.layer_request_us) == pytest.approx(0.4, rel=0.05)
 
 
 def test_two_models_separate_step_and_layer_costs():
@@ -242,7 +260,7 @@ def test_a_term_the_data_do_not_support_is_flagged_at_zero():
 
 
 def test_fit_host_bad_input():
-    frame = _with_target(_frame(n=20), HostCosts(layer_us=22.0))
+    frame = _with_target(_frame(n=20), TRUTH)
     with pytest.raises(ValueError, match="terms"):
         dm.fit_host_on_kernels(
             frame, target="iteration_time_us", curves=CURVES, terms=("gpu",)
@@ -269,7 +287,7 @@ def test_fit_host_bad_input():
 
 
 def test_predicting_an_unseen_deployment_warns_about_its_interval():
-    frame = _with_target(_frame(n=50), HostCosts(layer_us=22.0))
+    frame = _with_target(_frame(n=50), TRUTH)
     fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
     other = _with_target(_frame(n=10, models=(("llama-2-70b", 4),)), HostCosts())
     with pytest.warns(dm.UnseenGroupWarning, match="llama-2-70b"):
@@ -278,12 +296,14 @@ def test_predicting_an_unseen_deployment_warns_about_its_interval():
 
 
 def test_a_new_gpu_takes_its_curves_and_keeps_the_host_costs():
-    frame = _with_target(_frame(n=50), HostCosts(layer_us=22.0))
+    frame = _with_target(_frame(n=50), TRUTH)
     fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
     a100 = dataclasses.replace(CURVES, hardware="a100")
     rows = frame.assign(hardware="a100")
     got = fit.predict(rows, curves=a100)["predicted_us"].to_numpy()
-    want = dm.kernel_device_us(rows, a100) + 48 * float(fit.host.layer_us)
+    x = np.asarray(host_features(*_stats_deps(rows)), dtype=float)
+    theta = np.array([float(v) for v in fit.host.as_dict().values()])
+    want = dm.kernel_device_us(rows, a100) + x @ theta
     np.testing.assert_allclose(got, want, rtol=1e-12)
     h100 = fit.predict(frame)["predicted_us"].to_numpy()
     assert (got > h100).all()  # an A100 reads the weights more slowly
