@@ -3,7 +3,8 @@ model out inside the training rows.
 
 The device side of every step is its kernels summed on the H100 curves calibrated on
 the kernel tables alone (:func:`diffmodel.kernels.kernel_step_time`); the host side
-is some of a per-step, per-layer, per-request and per-request-per-layer cost (``fit_host_on_kernels``).
+is some of a per-step, per-layer, per-request and per-request-per-layer cost
+(``fit_host_on_kernels``).
 Each candidate set of terms is fitted on the *training* rows (the study's temporal
 split: the first 60% of each experiment's iteration-time rows) of one model and
 scored (MAPE) on the training rows of the other model; no validation or test row is

@@ -3,15 +3,17 @@
 :func:`fit_host_on_kernels` keeps the device side of every step fixed at its kernel sum
 (:func:`diffmodel.kernels.kernel_step_time` with a GPU's calibrated curves, fitted to
 kernel tables only) and fits the serving stack's host costs (per step, per layer,
-per request, per request in each layer; :class:`~diffmodel.kernels.HostCosts`) to a trace on the log-ratio loss.
+per request, per request in each layer; :class:`~diffmodel.kernels.HostCosts`) to a
+trace on the log-ratio loss.
 The host costs belong to the stack, so they carry over to models and GPUs the trace
 never saw: a new model takes its device time from its own shapes, a new GPU from its
 own curves.
 
 The model is ``t = device + sum_j theta_j x_j`` with ``x`` the terms' multipliers
-(``1``, ``L`` when the step runs a forward pass, ``Np + Nd``, their product) and ``theta = exp(raw)``
-(microseconds, > 0). The posterior of ``raw`` is the Laplace approximation at the
-optimum under Gaussian log-ratio noise and a weak prior (:data:`PRIOR_LOG_SD`); a
+(``1``, ``L`` when the step runs a forward pass, ``Np + Nd``, their product) and
+``theta = exp(raw)`` (microseconds, > 0). The posterior of ``raw`` is the Laplace
+approximation at the optimum under Gaussian log-ratio noise and a weak prior
+(:data:`PRIOR_LOG_SD`); a
 direction of ``raw`` the data do not determine (step and per-layer cost on one
 model: both are constant per step) is named and warned about, as is a term driven to
 zero.

@@ -154,8 +154,9 @@ def kernel_step_time(
         its dense MLP or MoE),
         ``attention_prefill``, ``attention_decode``, ``allreduce``, ``lm_head`` and
         ``overhead`` (the host costs); ``kv_write`` is 0 (the KV write is an
-        elementwise kernel, paid in ``host.layer_us`` and ``host.layer_request_us``). A step with no
-        tokens runs no kernel and pays ``host.step_us`` and its requests' cost.
+        elementwise kernel, paid in ``host.layer_us`` and
+        ``host.layer_request_us``). A step with no tokens runs no kernel and pays
+        ``host.step_us`` and its requests' cost.
 
     Differentiable in ``stats``, the curves and ``host``; ``jax.vmap`` and
     ``jax.jit`` apply (pass ``check=False`` under tracing for speed).
