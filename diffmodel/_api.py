@@ -25,6 +25,10 @@ from ._fitting._kernel_host import (
     fit_host_on_kernels as fit_host_on_kernels,
     kernel_device_us as kernel_device_us,
 )
+from ._fitting._kernel_host_io import (
+    load_host_fit as load_host_fit,
+    save_host_fit as save_host_fit,
+)
 from ._fitting._laplace import IdentifiabilityWarning as IdentifiabilityWarning
 from ._fitting._optimise import OptimResult as OptimResult, minimise as minimise
 from ._fitting._split import (
@@ -112,6 +116,7 @@ __all__ = [
     "known_models",
     "kv_tokens_from_usage",
     "load_factors",
+    "load_host_fit",
     "log_ratio_loss",
     "mape",
     "metrics_table",
@@ -119,6 +124,7 @@ __all__ = [
     "predict",
     "predict_steps",
     "save_factors",
+    "save_host_fit",
     "scheduler",
     "serving",
     "stack_deployments",

@@ -257,7 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="add predicted_lo_us and predicted_hi_us, the central P interval "
         "(e.g. 0.9) from the fit's posterior and residual noise; needs --factors "
-        "saved from a fit",
+        "saved from a fit, or --host",
+    )
+    p.add_argument(
+        "--host",
+        metavar="FILE",
+        help="host costs saved by 'diffmodel fit-host' (instead of --factors): "
+        "each step is its kernel sum plus those costs (overhead_us)",
+    )
+    p.add_argument(
+        "--curves",
+        metavar="CURVES.json",
+        help="with --host: another GPU's kernel curves ('diffmodel calibrate') for "
+        "rows on that GPU; the host costs stay the stack's (default: the curves "
+        "the host costs were fitted over)",
     )
     p.add_argument(
         "--transfer",
@@ -407,8 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run="gpus")
 
+    from ._host_cmd import add_parser as _add_host_parser
     from ._kernels_cmd import add_parser as _add_kernels_parsers
 
+    _add_host_parser(
+        sub,
+        {"data": _add_data_file, "target": _add_target, "deployment": _add_deployment},
+    )
     _add_kernels_parsers(sub)
     return parser
 

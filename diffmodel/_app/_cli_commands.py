@@ -52,19 +52,30 @@ def cmd_predict(args) -> int:
 
     output = out_file(args.out, "--out", (".csv", ".parquet", ".pq"))
     plot = plot_file(args.plot)
-    if args.interval is not None and args.factors is None:
+    if args.host is not None and args.factors is not None:
+        raise ValueError("--host and --factors: give one (host costs or factors)")
+    if args.curves is not None and args.host is None:
+        raise ValueError("--curves gives the device side of --host predictions")
+    if args.interval is not None and args.factors is None and args.host is None:
         raise ValueError(
             "--interval needs --factors: a factors file saved by 'diffmodel fit' "
-            "(the physical priors carry no posterior)"
+            "(the physical priors carry no posterior), or --host"
         )
-    if args.transfer != "auto" and args.interval is None:
-        raise ValueError(f"--transfer {args.transfer} selects --interval's noise")
+    if args.transfer != "auto" and (args.interval is None or args.host is not None):
+        raise ValueError(
+            f"--transfer {args.transfer} selects --interval's noise of --factors"
+        )
     frame = read_table(args.data)
     flags, groups = deployment_groups(frame, args)
-    factors = load_factor_file(args.factors)
-    if args.interval is None:
+    if args.host is not None:
+        from ._host_cmd import predict_host
+
+        out = predict_host(args, frame)
+    elif args.interval is None:
+        factors = load_factor_file(args.factors)
         out = predict(frame, factors=factors, **flags)
     else:
+        load_factor_file(args.factors)  # a missing or bad file: one clear line
         transfer = {"auto": None, "all": True, "none": False}[args.transfer]
         out = predict(
             frame,

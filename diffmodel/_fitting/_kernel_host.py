@@ -39,6 +39,7 @@ from ..kernels._step import (
     check_supported,
     device_us,
     host_features,
+    kernel_step_time,
 )
 from ._fit import _check_target, step_data
 from ._intervals import REGIMES, UnseenGroupWarning, regime_noise_sd
@@ -139,7 +140,9 @@ class KernelHostFit:
                 UnseenGroupWarning,
                 stacklevel=2,
             )
-        grad = x[:, cols] * theta / pred[:, None]  # d log t / d raw
+        # d log t / d raw; a step with no forward pass and no cost stays at 0.
+        safe = np.where(pred > 0.0, pred, 1.0)
+        grad = np.where(pred[:, None] > 0.0, x[:, cols] * theta / safe[:, None], 0.0)
         var = np.einsum("ni,ij,nj->n", grad, self.cov_raw, grad)
         noise = np.where(has_prefill, self.noise_sd[0], self.noise_sd[1])
         z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
@@ -149,8 +152,9 @@ class KernelHostFit:
         return out
 
 
-def _prepare(frame: pd.DataFrame, curves: KernelCurves):
-    """Device time (us), host multipliers, labels and prefill flags per row."""
+def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
+    """``step_data`` of ``frame``, checked against the curves' GPU and the kernel
+    sum's supported architectures."""
     if not isinstance(frame, pd.DataFrame):
         raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
     if not isinstance(curves, KernelCurves):
@@ -167,6 +171,12 @@ def _prepare(frame: pd.DataFrame, curves: KernelCurves):
             f"{other}: calibrate curves for that GPU (diffmodel kernels --system)"
         )
     check_supported(data.deployments)  # the statistics were checked by step_data
+    return data, labels
+
+
+def _prepare(frame: pd.DataFrame, curves: KernelCurves):
+    """Device time (us), host multipliers, labels and prefill flags per row."""
+    data, labels = _checked_data(frame, curves)
     dev, x = _device_features(data.stats, data.deployments, data.group, curves)
     dev, x = np.asarray(dev, np.float64), np.asarray(x, np.float64)
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
@@ -184,6 +194,25 @@ def _device_features(stats, deployments, group, curves):
 def kernel_device_us(frame: pd.DataFrame, curves: KernelCurves) -> np.ndarray:
     """The kernel-sum device time of each row of ``frame``, us (no host cost)."""
     return _prepare(frame, curves)[0]
+
+
+@eqx.filter_jit
+def _breakdown(stats, deployments, group, curves, host):
+    dep = deployments.take(group)
+    return kernel_step_time(stats, dep, curves, host, check=False).as_dict()
+
+
+def kernel_breakdown(
+    frame: pd.DataFrame, curves: KernelCurves, host: HostCosts | None = None
+) -> pd.DataFrame:
+    """Each row's kernel-sum step time by component, us, as ``<component>_us``
+    columns (same index; ``overhead_us`` holds the host costs ``host``)."""
+    data, _ = _checked_data(frame, curves)
+    parts = _breakdown(data.stats, data.deployments, data.group, curves, host)
+    return pd.DataFrame(
+        {f"{k}_us": np.asarray(v, np.float64) for k, v in parts.items()},
+        index=frame.index,
+    )
 
 
 def _loss(raw, args):

@@ -28,6 +28,7 @@ SUBCOMMANDS = (
     "bench",
     "models",
     "gpus",
+    "fit-host",
 )
 
 

@@ -343,3 +343,16 @@ def test_steps_without_tokens_need_a_term_that_prices_them():
         both, target="iteration_time_us", curves=CURVES, terms=("step", "layer")
     )
     assert float(fit.host.step_us) == pytest.approx(50.0, rel=0.1)
+
+
+def test_a_step_with_no_tokens_and_no_cost_predicts_zero_with_a_zero_interval():
+    frame = _with_target(_frame(n=50), TRUTH)
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    idle = frame.iloc[:1].assign(
+        prefill_tokens=0, decode_tokens=0, num_prefill_reqs=0, num_decode_reqs=0,
+        kv_tokens=0.0,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fit.predict(idle, interval=0.9)
+    assert out.to_numpy().tolist() == [[0.0, 0.0, 0.0]]

@@ -1,0 +1,169 @@
+"""``diffmodel fit-host`` and ``diffmodel predict --host``: host costs over the kernel
+sum from the command line (:func:`diffmodel.fit_host_on_kernels`).
+
+The device side of each step is its kernels summed on a GPU's calibrated curves (a
+file from ``diffmodel calibrate``); only the serving stack's host costs are fitted.
+"""
+
+# pandas, JAX and the library are imported by the commands, not by the parser
+# (``diffmodel --help`` stays fast).
+
+TERMS: tuple[str, ...] = ("step", "layer", "request", "layer_request")
+"""``diffmodel.kernels.HOST_TERMS``, spelled here so that building the parser
+imports no JAX (a test keeps the two equal)."""
+
+
+def _curves(path: str, flag: str = "--curves"):
+    from ..kernels._curves_io import load_curves
+
+    try:
+        return load_curves(path)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{flag} {path}: not a curves file ({err})") from None
+    except ValueError as err:
+        raise ValueError(f"{flag} {path}: {err}") from None
+
+
+def with_deployment(frame, flags: dict):
+    """``frame`` with the ``--model/--hardware/--tp`` flags given as columns (already
+    checked against the table by :func:`deployment_groups`)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    return frame.assign(**given) if given else frame
+
+
+def cmd_fit_host(args) -> int:
+    import jax
+
+    from .._fitting._kernel_host import fit_host_on_kernels
+    from .._fitting._kernel_host_io import save_host_fit
+    from ..data._splits import temporal_split
+    from ._cli_io import (
+        defined_target,
+        deployment_groups,
+        load_data,
+        metrics_text,
+        note,
+        out_file,
+    )
+
+    jax.config.update("jax_enable_x64", True)
+    output = out_file(args.out, "--out", (".json",))
+    curves = _curves(args.curves)
+    frame = load_data(args.data)
+    if args.split == "temporal":
+        missing = [c for c in ("experiment_id", "step.id") if c not in frame.columns]
+        if missing:
+            raise ValueError(
+                f"--split temporal orders each experiment's steps in time and needs "
+                f"the columns {missing}; use --split none"
+            )
+    frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
+    flags, _ = deployment_groups(frame, args)
+    frame = with_deployment(frame, flags)
+    if dropped:
+        note(dropped)
+    if args.split == "temporal":
+        split = temporal_split(frame)
+        train, test = frame[split == "train"], frame[split == "test"]
+        if len(train) == 0 or len(test) == 0:
+            raise ValueError("--split temporal left no training or no test rows")
+        note(f"temporal split: fit on {len(train)} rows, score on {len(test)}")
+    else:
+        train = test = frame
+    result = fit_host_on_kernels(
+        train,
+        target=args.target,
+        curves=curves,
+        terms=tuple(args.terms),
+        max_steps=args.max_iterations,
+    )
+    status = "converged" if result.converged else "iteration budget reached"
+    print(
+        f"fitted host costs {' + '.join(result.terms)} to {args.target} on "
+        f"{result.n_rows} rows over the kernel sum on {curves.hardware} ({status}), "
+        f"loss {result.loss:.5g} (mean squared log ratio)"
+    )
+    print(result.table().to_string(float_format=lambda v: f"{v:.4g}"))
+    print(
+        f"residual noise (log sd): prefill steps {result.noise_sd[0]:.4f}, "
+        f"decode-only steps {result.noise_sd[1]:.4f}"
+    )
+    for line in result.unpinned:
+        print(f"undetermined: {line}")
+    save_host_fit(result, output)
+    print(f"saved {output}")
+    which = "test" if args.split == "temporal" else "training"
+    pred = test.assign(predicted_us=result.predict(test)["predicted_us"])
+    by = "experiment_id" if "experiment_id" in pred.columns else None
+    print(f"\naccuracy on the {which} rows ({args.target}, us):")
+    print(metrics_text(pred, args.target, by))
+    return 0
+
+
+def predict_host(args, frame):
+    """``diffmodel predict --host``: the rows with ``predicted_us`` (kernel sum plus
+    the fitted host costs) and its ``<component>_us`` columns (``overhead_us`` the
+    host costs), and with ``--interval`` ``predicted_lo_us`` / ``predicted_hi_us``."""
+    import pandas as pd
+
+    from .._fitting._kernel_host import kernel_breakdown
+    from .._fitting._kernel_host_io import load_host_fit
+    from ._cli_io import deployment_groups
+
+    fit = load_host_fit(args.host)
+    curves = fit.curves if args.curves is None else _curves(args.curves)
+    flags, _ = deployment_groups(frame, args)
+    frame = with_deployment(frame, flags)
+    out = fit.predict(frame, interval=args.interval, curves=curves)
+    parts = kernel_breakdown(frame, curves, fit.host)
+    return pd.concat([frame, out, parts], axis=1)
+
+
+def add_parser(subparsers, common) -> None:
+    """Add the ``fit-host`` subcommand; ``common`` holds the shared flag adders of
+    :mod:`._cli` (``data``, ``target``, ``deployment``)."""
+    from ._cli import POSITIVE_INT
+
+    p = subparsers.add_parser(
+        "fit-host",
+        help="fit a serving stack's host costs over the kernel-sum device time",
+        description="Fit the host costs of a serving stack (per step, per layer, "
+        "per request, per request in each layer; us) to measured wall times, with "
+        "each step's device time fixed at the sum of its kernels on a GPU's "
+        "calibrated curves (a file from 'diffmodel calibrate'). Prints each cost "
+        "with its posterior sd and any direction the rows do not determine, saves "
+        "the fit as JSON for 'diffmodel predict --host', and scores it.",
+    )
+    common["data"](p)
+    common["target"](p)
+    p.add_argument(
+        "--curves",
+        required=True,
+        metavar="CURVES.json",
+        help="kernel curves of the GPU the rows ran on ('diffmodel calibrate')",
+    )
+    p.add_argument(
+        "--terms",
+        nargs="+",
+        choices=TERMS,
+        default=["layer", "layer_request"],
+        help="host costs to fit (default: layer layer_request, the form chosen by "
+        "leaving one model out of the public traces' training rows)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("temporal", "none"),
+        default="none",
+        help="'temporal': fit on the first 60 %% of each experiment's steps, score "
+        "on the last 20 %% (needs experiment_id and step.id); 'none': fit and "
+        "score on every row (default)",
+    )
+    p.add_argument(
+        "--max-iterations",
+        type=POSITIVE_INT,
+        default=500,
+        help="L-BFGS iterations at most (default: 500)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="fit file, .json")
+    common["deployment"](p)
+    p.set_defaults(run=cmd_fit_host)
