@@ -8,6 +8,7 @@ writes its files last; it returns the exit status and raises ``ValueError`` /
 import jax
 
 from ._cli_io import (
+    check_temporal_columns,
     defined_target,
     deployment_groups,
     factor_table,
@@ -139,12 +140,7 @@ def cmd_fit(args) -> int:
         raise ValueError("--learning-rate is the step size of --solver adam only")
     frame = load_data(args.data)
     if args.split == "temporal":
-        missing = [c for c in ("experiment_id", "step.id") if c not in frame.columns]
-        if missing:
-            raise ValueError(
-                f"--split temporal orders each experiment's steps in time and needs "
-                f"the columns {missing}; use --split none"
-            )
+        check_temporal_columns(frame)
     frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
     flags, groups = deployment_groups(frame, args)
     labels = row_labels(groups)

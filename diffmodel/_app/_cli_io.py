@@ -79,6 +79,17 @@ def load_data(path: str | pathlib.Path) -> pd.DataFrame:
     return frame
 
 
+def check_temporal_columns(frame: pd.DataFrame) -> None:
+    """``--split temporal`` orders each experiment's steps in time: it needs the
+    ``experiment_id`` and ``step.id`` columns."""
+    missing = [c for c in ("experiment_id", "step.id") if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"--split temporal orders each experiment's steps in time and needs "
+            f"the columns {missing}; use --split none"
+        )
+
+
 def defined_target(
     frame: pd.DataFrame, target: str, *, dropna: bool
 ) -> tuple[pd.DataFrame, str | None]:

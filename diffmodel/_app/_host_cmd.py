@@ -38,6 +38,7 @@ def cmd_fit_host(args) -> int:
     from .._fitting._kernel_host_io import save_host_fit
     from ..data._splits import temporal_split
     from ._cli_io import (
+        check_temporal_columns,
         defined_target,
         deployment_groups,
         load_data,
@@ -51,12 +52,7 @@ def cmd_fit_host(args) -> int:
     curves = _curves(args.curves)
     frame = load_data(args.data)
     if args.split == "temporal":
-        missing = [c for c in ("experiment_id", "step.id") if c not in frame.columns]
-        if missing:
-            raise ValueError(
-                f"--split temporal orders each experiment's steps in time and needs "
-                f"the columns {missing}; use --split none"
-            )
+        check_temporal_columns(frame)
     frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
     flags, _ = deployment_groups(frame, args)
     frame = with_deployment(frame, flags)

@@ -135,14 +135,21 @@ def load_factors(path: str | pathlib.Path) -> AbstractFactorSet:
     Raises:
         ValueError: one line, ``factors file <path>: ...``, naming the bad field.
     """
+    return read_json_file(path, "factors file", factors_from_dict, (ValueError,))
+
+
+def read_json_file(path, what: str, parse, errors: tuple[type[Exception], ...]):
+    """``parse`` of the JSON in ``path``; a missing file, bad JSON or one of
+    ``errors`` from ``parse`` is one ``ValueError`` line naming ``what`` and
+    ``path``."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ValueError(f"factors file not found: {path}")
+        raise ValueError(f"{what} not found: {path}")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"factors file {path} is not valid JSON: {e}") from None
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
     try:
-        return factors_from_dict(d)
-    except ValueError as e:
-        raise ValueError(f"factors file {path}: {e}") from None
+        return parse(d)
+    except errors as e:
+        raise ValueError(f"{what} {path}: {e}") from None

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..kernels._curves_io import curves_from_json, curves_to_json
 from ..kernels._step import HOST_TERMS, HostCosts
+from ._io import read_json_file
 from ._kernel_host import KernelHostFit
 
 FORMAT = "diffmodel.kernel-host/1"
@@ -106,14 +107,9 @@ def load_host_fit(path: str | pathlib.Path) -> KernelHostFit:
     Raises:
         ValueError: one line, ``host fit file <path>: ...``, naming the bad field.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"host fit file not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"host fit file {path} is not valid JSON: {e}") from None
-    try:
-        return host_fit_from_dict(d)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"host fit file {path}: {e}") from None
+    return read_json_file(
+        path,
+        "host fit file",
+        host_fit_from_dict,
+        (ValueError, TypeError, AttributeError),
+    )

@@ -9,42 +9,14 @@ import pytest
 
 import diffmodel as dm
 from diffmodel._app._cli import main
-from diffmodel._fitting._fit import step_data
-from diffmodel.kernels import default_kernel_curves
 from diffmodel.kernels._curves_io import save_curves
-from diffmodel.kernels._step import HostCosts, host_features
 from tests.app.test_cli import fails
-
-CURVES = default_kernel_curves()
-TRUTH = HostCosts(layer_us=15.0, layer_request_us=0.4)
+from tests.kernels.test_step import CURVES, TRUTH, _frame, _with_target
 
 
-def _steps(n=120, seed=0):
-    rng = np.random.default_rng(seed)
-    parts = []
-    for model, tp in (("codellama-34b", 2), ("llama-2-70b", 4)):
-        n_dec = rng.integers(1, 120, n)
-        n_pf = rng.integers(0, 2, n)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "tp": tp,
-                    "prefill_tokens": n_pf * rng.integers(16, 1500, n),
-                    "decode_tokens": n_dec,
-                    "num_prefill_reqs": n_pf,
-                    "num_decode_reqs": n_dec,
-                    "kv_tokens": n_dec * rng.uniform(200, 3000, n),
-                }
-            )
-        )
-    frame = pd.concat(parts, ignore_index=True)
-    data, _ = step_data(frame)
-    dep = data.deployments.take(data.group)
-    x = np.asarray(host_features(data.stats, dep), dtype=float)
-    theta = np.array([float(v) for v in TRUTH.as_dict().values()])
-    y = dm.kernel_device_us(frame, CURVES) + x @ theta
-    return frame.assign(wall_us=y * np.exp(rng.normal(0.0, 0.01, len(frame))))
+def _steps():
+    models = (("codellama-34b", 2), ("llama-2-70b", 4))
+    return _with_target(_frame(n=120, models=models), TRUTH, noise=0.01)
 
 
 @pytest.fixture
@@ -55,7 +27,7 @@ def folder(tmp_path):
 
 
 def _fit(folder, *extra):
-    argv = ["fit-host", "--data", folder / "steps.csv", "--target", "wall_us"]
+    argv = ["fit-host", "--data", folder / "steps.csv", "--target", "iteration_time_us"]
     argv += ["--curves", folder / "h100.json", "--out", folder / "host.json"]
     return main([str(a) for a in (*argv, *extra)])
 
@@ -80,8 +52,8 @@ def test_fit_host_saves_a_fit_that_predict_uses(folder, capsys):
         np.testing.assert_allclose(got[c], want[c], rtol=1e-9)
     parts = got[[f"{c}_us" for c in dm.COMPONENTS]].sum(axis=1)
     np.testing.assert_allclose(parts, got["predicted_us"], rtol=1e-9)
-    inside = (got["predicted_lo_us"] <= got["wall_us"]) & (
-        got["wall_us"] <= got["predicted_hi_us"]
+    inside = (got["predicted_lo_us"] <= got["iteration_time_us"]) & (
+        got["iteration_time_us"] <= got["predicted_hi_us"]
     )
     assert inside.mean() > 0.8
 
@@ -146,7 +118,7 @@ FIT_BAD = {
 @pytest.mark.parametrize("case", list(FIT_BAD))
 def test_fit_host_bad_input(case, folder):
     extra, expect, rc = FIT_BAD[case]
-    argv = ["fit-host", "--data", "steps.csv", "--target", "wall_us"]
+    argv = ["fit-host", "--data", "steps.csv", "--target", "iteration_time_us"]
     argv += ["--curves", "h100.json", "--out", "host.json"]
     fails(folder, [*argv, *extra], expect, rc=rc)
 
