@@ -18,6 +18,7 @@ family. All save to and load from human-readable JSON with an exact round trip
 (:mod:`diffmodel.kernels._curves_io`).
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -405,6 +406,25 @@ class KernelCurves(eqx.Module):
     def n_params(self, family: str) -> int:
         """Learnable scalars of one family's curves."""
         return sum(jnp.size(x) for x in jax.tree.leaves(getattr(self, family)))
+
+    def ported_to(self, hardware: str) -> "KernelCurves":
+        """These curves used for another GPU: the same efficiencies, timed at that
+        GPU's peaks, bandwidths, SM count and link (a GPU the kernel tables never
+        measured). Only portable curves carry over (``diffmodel calibrate``'s
+        default; ``calibrate_kernels(..., portable=True)``): curves in absolute
+        sizes hold the measured GPU's scale and raise ``ValueError``."""
+        from .._model._hardware import canonical_hardware
+
+        absolute = [
+            f for f in (*KERNEL_FAMILIES, "allreduce") if not getattr(self, f).portable
+        ]
+        if absolute:
+            raise ValueError(
+                f"curves of {self.hardware!r} for {absolute} are in absolute sizes "
+                "and do not carry to another GPU; calibrate them portable "
+                "(calibrate_kernels(..., portable=True) or 'diffmodel calibrate')"
+            )
+        return dataclasses.replace(self, hardware=canonical_hardware(hardware))
 
 
 def default_roofline_curves(

@@ -70,3 +70,27 @@ def test_files_with_the_softplus_unit_cost_still_load():
     assert float(back.decode_attention.latency_us) == pytest.approx(
         float(jax.nn.softplus(-1.0)), rel=1e-12
     )
+
+
+def test_portable_curves_port_to_another_gpu_and_time_at_its_specs():
+    from diffmodel import hardware
+    from diffmodel.kernels._work import gemm_us
+
+    curves = default_kernel_curves("h200", portable=True)
+    ported = curves.ported_to("A100")
+    assert ported.hardware == "a100-sxm-80gb"
+    assert jax.tree.leaves(ported) == jax.tree.leaves(curves)  # same efficiencies
+    big = (4096.0, 8192.0, 8192.0)
+    h200 = float(gemm_us(*big, ported.gemm_bf16, hardware("h200")))
+    a100 = float(gemm_us(*big, ported.gemm_bf16, hardware("a100")))
+    peak = float(
+        hardware("h200").flops_16 / hardware("a100").flops_16
+    )  # A100 is compute-bound
+    assert a100 / h200 == pytest.approx(peak, rel=0.1)
+
+
+def test_absolute_curves_refuse_to_port():
+    with pytest.raises(ValueError, match="absolute sizes.*portable"):
+        default_kernel_curves().ported_to("a100")
+    with pytest.raises(ValueError, match="unknown hardware 'tpu'"):
+        default_kernel_curves("h200", portable=True).ported_to("tpu")
