@@ -26,6 +26,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/host_terms.py", "--out", "{r}/host_terms"],
         "host_terms/host_terms.md",
     ),
+    "other_gpu_curves": (
+        ["experiments/other_gpu_curves.py", "--out", "{r}/other_gpu_curves"],
+        "other_gpu_curves/other_gpu_curves.md",
+    ),
     "study_fit": (
         ["experiments/study_fit.py", "--out", "{r}/study_fit"],
         "study_fit/study_fit.md",
