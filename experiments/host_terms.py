@@ -45,10 +45,6 @@ FORMS: tuple[tuple[str, ...], ...] = (
 TARGET = "iteration_time_us"
 
 
-def _mape(predicted: np.ndarray, actual: np.ndarray) -> float:
-    return float(100.0 * np.mean(np.abs(predicted / actual - 1.0)))
-
-
 def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
     tick = time.perf_counter()
     steps = add_targets(load_steps(data / "stepml" / "steps.parquet"))
@@ -72,7 +68,7 @@ def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
     alone = []
     for m in models:
         mask = (model_of == m).to_numpy()
-        alone.append(f"{m} {_mape(device[mask], train[TARGET].to_numpy()[mask]):.2f}")
+        alone.append(f"{m} {dm.mape(train[TARGET].to_numpy()[mask], device[mask]):.2f}")
     lines.insert(2, f"No host cost (the kernel sum alone): {', '.join(alone)}% MAPE.\n")
     best = None
     for terms in FORMS:
@@ -86,7 +82,7 @@ def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
                 )
                 test = train[model_of == held]
                 predicted = fit.predict(test)["predicted_us"].to_numpy()
-                scores.append(_mape(predicted, test[TARGET].to_numpy()))
+                scores.append(dm.mape(test[TARGET].to_numpy(), predicted))
             whole = dm.fit_host_on_kernels(
                 train, target=TARGET, curves=curves, terms=terms
             )

@@ -40,10 +40,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _mape(predicted, actual) -> float:
-    return float(100.0 * np.mean(np.abs(np.asarray(predicted) / actual - 1.0)))
-
-
 def main(data: pathlib.Path, out: pathlib.Path | None, systems) -> str:
     tick = time.perf_counter()
     steps = add_targets(load_steps(data / "stepml" / "steps.parquet"))
@@ -87,8 +83,8 @@ def main(data: pathlib.Path, out: pathlib.Path | None, systems) -> str:
         for e in exps:
             mask = (test["experiment_id"] == e).to_numpy()
             actual = test[TARGET].to_numpy()[mask]
-            alone.append(_mape(device[mask], actual))
-            hosted.append(_mape(predicted[mask], actual))
+            alone.append(dm.mape(actual, device[mask]))
+            hosted.append(dm.mape(actual, predicted[mask]))
         costs = ", ".join(
             f"{t} {r.value_us:.3g} ({r.sd_us:.2g})" for t, r in fit.table().iterrows()
         )

@@ -71,7 +71,7 @@ def cmd_predict(args) -> int:
     if args.host is not None:
         from ._host_cmd import predict_host
 
-        out = predict_host(args, frame)
+        out = predict_host(args, frame, flags)
     elif args.interval is None:
         factors = load_factor_file(args.factors)
         out = predict(frame, factors=factors, **flags)

@@ -13,15 +13,13 @@ TERMS: tuple[str, ...] = ("step", "layer", "request", "layer_request")
 imports no JAX (a test keeps the two equal)."""
 
 
-def _curves(path: str, flag: str = "--curves"):
+def _curves(path: str):
     from ..kernels._curves_io import load_curves
 
     try:
         return load_curves(path)
-    except (KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{flag} {path}: not a curves file ({err})") from None
     except ValueError as err:
-        raise ValueError(f"{flag} {path}: {err}") from None
+        raise ValueError(f"--curves {path}: {err}") from None
 
 
 def with_deployment(frame, flags: dict):
@@ -96,19 +94,18 @@ def cmd_fit_host(args) -> int:
     return 0
 
 
-def predict_host(args, frame):
-    """``diffmodel predict --host``: the rows with ``predicted_us`` (kernel sum plus
+def predict_host(args, frame, flags: dict):
+    """``diffmodel predict --host`` (``flags``: the checked deployment flags of
+    :func:`._cli_io.deployment_groups`): the rows with ``predicted_us`` (kernel sum plus
     the fitted host costs) and its ``<component>_us`` columns (``overhead_us`` the
     host costs), and with ``--interval`` ``predicted_lo_us`` / ``predicted_hi_us``."""
     import pandas as pd
 
     from .._fitting._kernel_host import kernel_breakdown
     from .._fitting._kernel_host_io import load_host_fit
-    from ._cli_io import deployment_groups
 
     fit = load_host_fit(args.host)
     curves = fit.curves if args.curves is None else _curves(args.curves)
-    flags, _ = deployment_groups(frame, args)
     frame = with_deployment(frame, flags)
     out = fit.predict(frame, interval=args.interval, curves=curves)
     parts = kernel_breakdown(frame, curves, fit.host)

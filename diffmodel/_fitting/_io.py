@@ -20,6 +20,7 @@ from .._fitting._fit import FitResult
 from .._fitting._intervals import IntervalModel
 from .._fitting._kinds import FACTOR_KINDS
 from .._fitting._split import HostDeviceFactors
+from .._jsonfile import read_json_file
 
 FORMAT = "diffmodel.factors/1"
 
@@ -90,13 +91,11 @@ def uncertainty_from_dict(d: Mapping[str, Any], n_params: int) -> IntervalModel:
 
 def load_uncertainty(path: str | pathlib.Path):
     """The posterior block of a factors file (see :func:`uncertainty_from_dict`)."""
-    path = pathlib.Path(path)
-    fs = load_factors(path)
-    d = json.loads(path.read_text())
-    try:
-        return uncertainty_from_dict(d, fs.n_params())
-    except ValueError as e:
-        raise ValueError(f"factors file {path}: {e}") from None
+
+    def parse(d):
+        return uncertainty_from_dict(d, factors_from_dict(d).n_params())
+
+    return read_json_file(path, "factors file", parse)
 
 
 def factors_from_dict(d: Any) -> AbstractFactorSet:
@@ -135,21 +134,4 @@ def load_factors(path: str | pathlib.Path) -> AbstractFactorSet:
     Raises:
         ValueError: one line, ``factors file <path>: ...``, naming the bad field.
     """
-    return read_json_file(path, "factors file", factors_from_dict, (ValueError,))
-
-
-def read_json_file(path, what: str, parse, errors: tuple[type[Exception], ...]):
-    """``parse`` of the JSON in ``path``; a missing file, bad JSON or one of
-    ``errors`` from ``parse`` is one ``ValueError`` line naming ``what`` and
-    ``path``."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} not found: {path}")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-    try:
-        return parse(d)
-    except errors as e:
-        raise ValueError(f"{what} {path}: {e}") from None
+    return read_json_file(path, "factors file", factors_from_dict)

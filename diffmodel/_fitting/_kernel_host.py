@@ -13,10 +13,9 @@ The model is ``t = device + sum_j theta_j x_j`` with ``x`` the terms' multiplier
 (``1``, ``L`` when the step runs a forward pass, ``Np + Nd``, their product) and
 ``theta = exp(raw)`` (microseconds, > 0). The posterior of ``raw`` is the Laplace
 approximation at the optimum under Gaussian log-ratio noise and a weak prior
-(:data:`PRIOR_LOG_SD`); a
-direction of ``raw`` the data do not determine (step and per-layer cost on one
-model: both are constant per step) is named and warned about, as is a term driven to
-zero.
+(:data:`PRIOR_LOG_SD`); a direction of ``raw`` the data do not determine (step and
+per-layer cost on one model: both are constant per step) is named and warned about,
+as is a term driven to zero.
 """
 
 import dataclasses

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .._jsonfile import read_json_file
 from ..kernels._curves_io import curves_from_json, curves_to_json
 from ..kernels._step import HOST_TERMS, HostCosts
-from ._io import read_json_file
 from ._kernel_host import KernelHostFit
 
 FORMAT = "diffmodel.kernel-host/1"

@@ -5,6 +5,7 @@ import json
 import pathlib
 from typing import Any
 
+from .._jsonfile import read_json_file
 from ..kernels._curves import (
     FORMAT_VERSION,
     KERNEL_FAMILIES,
@@ -63,8 +64,10 @@ def save_curves(curves: KernelCurves, path: str | pathlib.Path) -> pathlib.Path:
 
 
 def load_curves(path: str | pathlib.Path) -> KernelCurves:
-    """Read curves written by :func:`save_curves`."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise ValueError(f"curves file not found: {path}")
-    return curves_from_json(json.loads(path.read_text()))
+    """Read curves written by :func:`save_curves`.
+
+    Raises:
+        ValueError: one line, ``curves file <path>: ...``, naming the bad field.
+    """
+    errors = (ValueError, KeyError, TypeError, AttributeError)
+    return read_json_file(path, "curves file", curves_from_json, errors)

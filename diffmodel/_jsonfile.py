@@ -1,0 +1,29 @@
+"""Reading the package's JSON files (factors, host fits, kernel curves) with one
+clear error line each."""
+
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+
+def read_json_file(
+    path: str | pathlib.Path,
+    what: str,
+    parse: Callable[[Any], Any],
+    errors: tuple[type[Exception], ...] = (ValueError,),
+):
+    """``parse`` of the JSON in ``path``; a missing file, bad JSON or one of
+    ``errors`` from ``parse`` is one ``ValueError`` line naming ``what`` and
+    ``path``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    try:
+        return parse(d)
+    except errors as e:
+        raise ValueError(f"{what} {path}: {e}") from None
