@@ -57,6 +57,13 @@ def _cmd_calibrate(args) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.pool:
+        if args.absolute:
+            raise ValueError("--absolute: pooled curves are portable only")
+        curves = _pooled_curves(args, name, system, say)
+        path = save_curves(curves, pathlib.Path(args.out))
+        print(f"wrote {path}")
+        return 0
     tables = load_system_tables(
         system, args.backend, args.version, skip_missing=True, progress=say
     )
@@ -72,6 +79,66 @@ def _cmd_calibrate(args) -> int:
     path = save_curves(curves, pathlib.Path(args.out))
     print(f"wrote {path}")
     return 0
+
+
+def _pooled_curves(args, name: str, system: str, say):
+    """The curves ``--system`` gets from the ``--pool`` systems' tables."""
+    from ..kernels._calibrate import FitOptions
+    from ..kernels._database import list_systems, load_system_tables
+    from ..kernels._pooled_calibrate import (
+        FAMILIES,
+        calibrate_kernels_pooled,
+        kernels_vendor,
+        table_kernels,
+    )
+
+    known = list_systems()
+    own = {}
+    if system in known:
+        # Only the kernel names of --system's tables are read, never their times.
+        try:
+            own = table_kernels(
+                load_system_tables(
+                    system, args.backend, args.version, skip_missing=True
+                )
+            )
+        except ValueError as err:
+            say(f"{system}: no {args.backend} tables ({err}); shared curves only")
+    vendor = kernels_vendor(own)
+    pool = list(args.pool)
+    if pool == ["others"]:
+        pool = [s for s in known if s != system]
+    unknown = [s for s in pool if s not in known]
+    if unknown:
+        raise ValueError(f"--pool: {unknown} not in the kernel database {list(known)}")
+    tables = {}
+    for s in pool:
+        try:
+            tables[s] = load_system_tables(
+                s, args.backend, args.version, skip_missing=True
+            )
+        except ValueError as err:  # a system without this backend: said, not hidden
+            say(f"--pool: skipped {s}: {err}")
+    if args.pool == ["others"] and vendor is not None:
+        other = [
+            s for s in tables if kernels_vendor(table_kernels(tables[s])) != vendor
+        ]
+        for s in other:
+            say(f"--pool others: skipped {s}: not {vendor}'s kernels")
+            del tables[s]
+    if not tables:
+        raise ValueError(f"--pool: no system has {args.backend} tables")
+    say(f"pooling {args.backend} tables of {list(tables)}")
+    pooled = calibrate_kernels_pooled(
+        tables,
+        rows_per_gpu=args.rows_per_gpu,
+        options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
+        progress=say,
+    )
+    for fam in FAMILIES:
+        _, source = pooled.family_offset(name, fam, own.get(fam))
+        say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
+    return pooled.for_gpu(name, own)
 
 
 def add_parser(subparsers) -> None:
@@ -117,6 +184,22 @@ def add_parser(subparsers) -> None:
         "--absolute",
         action="store_true",
         help="curves in absolute sizes (FLOPs, bytes, blocks) instead of portable",
+    )
+    p.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="SYSTEM",
+        help="fit on these systems' tables at once instead ('others': every "
+        "system but --system whose tables time the same vendor's kernels) and "
+        "write the curves --system gets from them: its own offsets if pooled, "
+        "else those of the pooled GPUs that run its kernels "
+        "(read from its tables' kernel names, never their times)",
+    )
+    p.add_argument(
+        "--rows-per-gpu",
+        type=int,
+        default=1000,
+        help="with --pool: at most this many sampled rows per GPU and family",
     )
     p.set_defaults(run=_cmd_calibrate)
 

@@ -58,6 +58,13 @@ from ._moe import (
     power_law_loads as power_law_loads,
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
+from ._pooled_calibrate import (
+    PooledCurves as PooledCurves,
+    calibrate_kernels_pooled as calibrate_kernels_pooled,
+    kernel_key as kernel_key,
+    kernels_vendor as kernels_vendor,
+    table_kernels as table_kernels,
+)
 from ._step import (
     HOST_TERMS as HOST_TERMS,
     HostCosts as HostCosts,

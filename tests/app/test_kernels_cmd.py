@@ -28,3 +28,22 @@ def test_cli_kernels_list_and_calibrate(tmp_path, capsys):
     assert all(np.isfinite(float(v)) for v in factors.as_dict().values())
     assert 0.0 < float(factors.gemm_flops) <= 1.0
     assert cli_main(["calibrate", "--system", "nope", "--out", str(path)]) == 1
+
+
+@pytest.mark.slow
+@needs_db
+def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):
+    path = tmp_path / "pooled.json"
+    base = ["calibrate", "--system", "h100_sxm", "--out", str(path)]
+    tiny = ["--adam-steps", "2", "--lbfgs-steps", "0", "--rows-per-gpu", "20"]
+    assert cli_main(base + ["--pool", "a100_sxm", "h200_sxm"] + tiny) == 0
+    err = capsys.readouterr().err
+    assert "calibrated gemm_bf16 on 40 kernels of 2 GPUs" in err
+    # H100 runs FlashAttention-3 like H200, not A100's kernel: H200's offsets only.
+    assert "decode_attention: offsets of ['h200']" in err
+    curves = dk.load_curves(path)
+    assert curves.hardware == "h100-sxm" and curves.decode_attention.portable
+    assert cli_main(base + ["--pool", "nope"]) == 1
+    assert "--pool: ['nope'] not in the kernel database" in capsys.readouterr().err
+    assert cli_main(base + ["--pool", "a100_sxm", "--absolute"]) == 1
+    assert "pooled curves are portable only" in capsys.readouterr().err

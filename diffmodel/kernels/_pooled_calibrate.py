@@ -1,0 +1,227 @@
+"""One set of portable curves from several GPUs' kernel tables (partial pooling), and
+the curves it gives a GPU, measured or not.
+
+:func:`calibrate_kernels_pooled` fits each family with :func:`fit_folds` (one fold, all
+rows): shared portable curves plus a small offset per GPU. :meth:`PooledCurves.for_gpu`
+turns them into the :class:`KernelCurves` of one GPU: a pooled GPU keeps its own
+offsets; an unseen GPU takes, per family, the mean offsets of the pooled GPUs that run
+the same kernel (the serving stack picks the kernel by architecture, so it is known
+before the GPU is measured), and the shared curves (offset 0) where none does.
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from .._model._hardware import canonical_hardware, hardware
+from ._calibrate import FitOptions, family_rows, family_work
+from ._curves import (
+    KERNEL_FAMILIES,
+    LATENCY_FAMILIES,
+    PROLOGUE_FAMILIES,
+    TUNED_FAMILIES,
+    KernelCurves,
+    default_allreduce_curve,
+    default_roofline_curves,
+)
+from ._pooled import N_OFFSETS, fit_folds, fold, shifted
+from ._work import allreduce_kernel_us
+
+FAMILIES = (*KERNEL_FAMILIES, "allreduce")
+Kernel = tuple[str, str] | None
+
+
+def kernel_key(rows: pd.DataFrame) -> Kernel:
+    """The kernel a table's rows time: ``(vendor, kernel_source)``, the vendor being
+    the first word of ``device`` (one ``kernel_source`` name can be two vendors'
+    kernels); ``None`` where the table lacks either column."""
+    if "kernel_source" not in rows or "device" not in rows or rows.empty:
+        return None
+    vendor = str(rows["device"].iloc[0]).split()[0]
+    return vendor, str(rows["kernel_source"].mode().iloc[0])
+
+
+def table_kernels(tables: dict[str, pd.DataFrame]) -> dict[str, Kernel]:
+    """:func:`kernel_key` of each family a GPU's loaded tables have rows for."""
+    out = {}
+    for fam in FAMILIES:
+        try:
+            out[fam] = kernel_key(family_rows(tables, fam))
+        except ValueError:
+            continue
+    return out
+
+
+def kernels_vendor(kernels: Mapping[str, Kernel]) -> str | None:
+    """The vendor of the kernels a GPU's tables time (:func:`table_kernels`), or
+    ``None`` where no table names it."""
+    return next((k[0] for k in kernels.values() if k is not None), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledCurves:
+    """Portable curves shared by several GPUs, with each GPU's offsets.
+
+    Attributes:
+        shared: the shared curves (offset 0: a typical GPU of the pool).
+        offsets: per GPU (catalog name), per family, the offset ``[4]`` fitted to its
+            rows (compute and bandwidth logits of ``eta_max``, log kernel floor, log
+            per-unit cost; :func:`~diffmodel.kernels.shifted`).
+        kernels: per GPU, per family, the kernel its rows time (:func:`kernel_key`).
+        rows: per GPU, per family, the rows it was fitted on.
+    """
+
+    shared: KernelCurves
+    offsets: Mapping[str, Mapping[str, np.ndarray]]
+    kernels: Mapping[str, Mapping[str, Kernel]]
+    rows: Mapping[str, Mapping[str, int]]
+
+    def family_offset(
+        self, gpu: str, family: str, kernel: Kernel = None
+    ) -> tuple[np.ndarray, tuple[str, ...]]:
+        """``(offset, GPUs it came from)`` of one family for ``gpu``: its own if it
+        was pooled, else the mean of the pooled GPUs whose rows time ``kernel``,
+        else zeros (no GPUs)."""
+        if family in self.offsets.get(gpu, {}):
+            return np.asarray(self.offsets[gpu][family]), (gpu,)
+        same = tuple(
+            g
+            for g, fams in self.offsets.items()
+            if family in fams
+            and kernel is not None
+            and self.kernels.get(g, {}).get(family) == kernel
+        )
+        if not same:
+            return np.zeros(N_OFFSETS), ()
+        return np.mean([self.offsets[g][family] for g in same], axis=0), same
+
+    def for_gpu(
+        self, gpu: str, kernels: Mapping[str, Kernel] | None = None
+    ) -> KernelCurves:
+        """The :class:`KernelCurves` of ``gpu`` (a catalog name or alias), timed at
+        its specs. ``kernels``: per family, the kernel it runs (:func:`table_kernels`
+        of its tables; only its metadata is read), used when ``gpu`` was not pooled."""
+        name = canonical_hardware(gpu)
+        hardware(name)  # an unknown GPU fails here, by name
+        kernels = kernels or {}
+        moved = {
+            fam: shifted(
+                getattr(self.shared, fam),
+                jnp.asarray(self.family_offset(name, fam, kernels.get(fam))[0]),
+            )
+            for fam in FAMILIES
+        }
+        return KernelCurves(**moved, hardware=name)
+
+
+def _init(family: str):
+    if family == "allreduce":
+        return default_allreduce_curve(portable=True)
+    return default_roofline_curves(
+        latency=family in LATENCY_FAMILIES,
+        tuned=family in TUNED_FAMILIES,
+        prologue=family in PROLOGUE_FAMILIES,
+        portable=True,
+    )
+
+
+def _family_data(family: str, per_gpu: list[tuple[str, pd.DataFrame]]):
+    """``(predict(curves), latency us, GPU index)`` over every GPU's rows."""
+    parts, ys, idx = [], [], []
+    for i, (gpu, rows) in enumerate(per_gpu):
+        hw = hardware(gpu)
+        if family == "allreduce":
+            n = len(rows)
+            parts.append(
+                (
+                    rows["bytes"].to_numpy(float),
+                    rows["num_gpus"].to_numpy(float),
+                    jax.tree.map(lambda x, n=n: jnp.full(n, x), hw),
+                )
+            )
+        else:
+            parts.append(family_work(family, rows, hw))
+        ys.append(rows["latency_us"].to_numpy(float))
+        idx.append(np.full(len(rows), i))
+    data = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    if family == "allreduce":
+        b, n, hw = data
+
+        def predict(c):
+            return allreduce_kernel_us(b, n, c, hw)
+
+    else:
+        predict = data.time_us
+    return predict, np.concatenate(ys), np.concatenate(idx)
+
+
+def calibrate_kernels_pooled(
+    tables: Mapping[str, dict[str, pd.DataFrame]],
+    *,
+    rows_per_gpu: int = 1000,
+    penalty: float = 1.0,
+    seed: int = 0,
+    options: FitOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PooledCurves:
+    """Portable curves fitted on the kernel tables of several GPUs at once.
+
+    ``tables``: per GPU (catalog name or database system, e.g. ``"a100_sxm"``), its
+    loaded tables (:func:`load_system_tables`). Each family is fitted on the rows of
+    every GPU that has them (at most ``rows_per_gpu`` per GPU, sampled with
+    ``seed``; each GPU weighs the same whatever its rows), as shared curves plus a
+    per-GPU offset held near 0 by ``penalty * mean(offset^2)``. A family no GPU
+    has keeps its uncalibrated default curves, reported through ``progress``.
+    ``options``: the fit's step budgets (default :class:`FitOptions`).
+    Raises ``ValueError`` for an empty ``tables`` or an unknown GPU.
+    """
+    if not tables:
+        raise ValueError("tables: expected the loaded tables of at least one GPU")
+    if rows_per_gpu < 1:
+        raise ValueError(f"rows_per_gpu must be at least 1, got {rows_per_gpu}")
+    say = progress or (lambda _: None)
+    named = {canonical_hardware(g): t for g, t in tables.items()}
+    for gpu in named:
+        hardware(gpu)
+    shared, offsets, kernels, counts = {}, {}, {}, {}
+    for fam in FAMILIES:
+        per_gpu = []
+        for gpu, t in named.items():
+            try:
+                rows = family_rows(t, fam)
+            except ValueError:
+                continue
+            if len(rows) > rows_per_gpu:
+                rows = rows.sample(rows_per_gpu, random_state=seed)
+            per_gpu.append((gpu, rows.reset_index(drop=True)))
+        if not per_gpu:
+            shared[fam] = _init(fam)
+            say(f"skipped {fam}: no GPU has rows (its curves stay uncalibrated)")
+            continue
+        predict, y, idx = _family_data(fam, per_gpu)
+        curves, off = fit_folds(
+            predict,
+            y,
+            np.ones((1, len(y)), bool),
+            idx,
+            _init(fam),
+            n_gpus=len(per_gpu),
+            penalty=penalty,
+            options=options,
+        )
+        shared[fam] = fold(curves, 0)
+        for i, (gpu, rows) in enumerate(per_gpu):
+            offsets.setdefault(gpu, {})[fam] = np.asarray(off[0, i])
+            kernels.setdefault(gpu, {})[fam] = kernel_key(rows)
+            counts.setdefault(gpu, {})[fam] = len(rows)
+        say(f"calibrated {fam} on {len(y)} kernels of {len(per_gpu)} GPUs")
+    return PooledCurves(
+        shared=KernelCurves(**shared, hardware=next(iter(named))),
+        offsets=offsets,
+        kernels=kernels,
+        rows=counts,
+    )
