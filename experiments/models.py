@@ -129,8 +129,12 @@ def main(out: pathlib.Path | None = None) -> None:
     )
     emit("|" + "---|" * (len(short) + 8))
     notes = []
-    # The H100 curves, calibrated on the H100 kernel tables alone (~20 s).
+    # The H100 curves, calibrated on the H100 kernel tables alone (~20 s), and the
+    # H200's on its vLLM tables of the installed database where there is one.
     curves = {"h100": calibrate_kernels(load_kernel_tables(dm.data.default_data_dir()))}
+    if dm.kernels.database_available():
+        h200 = dm.kernels.load_system_tables("h200_sxm", "vllm", skip_missing=True)
+        curves["h200"] = calibrate_kernels(h200, hardware_name="h200")
     for label, model, hw, tp, ep, system, moe in DEPLOYMENTS:
         for step, prefill, n_dec, ctx in STEPS:
             parts = ours(model, hw, tp, ep, prefill, n_dec, ctx)

@@ -165,6 +165,7 @@ def moe_kernel_work(
     tuned: ArrayLike = 0.0,
     loads: "ExpertLoads | None" = None,
     local_only: ArrayLike = 0.0,
+    compute_bytes: ArrayLike | None = None,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -178,7 +179,10 @@ def moe_kernel_work(
     gated intermediate: the ``[T k, 2 F/tp]`` gate+up output is written, read by the
     activation, which writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot,
     ``moe_work`` counts ``3 F/tp``), and the ``[T, k, H]`` down output read back by
-    the sum over the ``k`` slots (``H`` per slot). FP8 weights use the FP8 peak.
+    the sum over the ``k`` slots (``H`` per slot). ``compute_bytes`` (default
+    ``weight_bytes``) is the operand width of the tensor cores: 1 the FP8 peak, 2 the
+    16-bit one (weight-only 4-bit experts, MXFP4 W4A16, read ``weight_bytes`` per
+    weight and compute at the 16-bit peak).
 
     The tiles of vLLM's default configuration (:data:`MOE_DEFAULT_TILES`, ``BM x
     BN``; tuned kernels too, whose own tiles are not recorded here): each touched
@@ -238,7 +242,8 @@ def moe_kernel_work(
     blocks = (grid_slots / MOE_TILE_M + grid_experts) * jnp.ceil(
         2.0 * f_local / MOE_TILE_N
     )
-    return _work(f, b, _peak(hw, weight_bytes), hw, units, blocks, tuned)
+    width = weight_bytes if compute_bytes is None else compute_bytes
+    return _work(f, b, _peak(hw, width), hw, units, blocks, tuned)
 
 
 def moe_us(

@@ -13,9 +13,11 @@ kernel floor), as aiconfigurator sums its kernel tables:
   activation quantization pass where the model has one;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
-  (``curves.prefill_attention``);
+  (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
+  tokens within their window (+ sink tokens), as the roofline counts them
+  (:func:`~diffmodel._model._layers.windowed_attention`);
 - decode attention: per layer ``Nd`` sequences of mean context ``K_dec / Nd``
-  (``curves.decode_attention``);
+  (``curves.decode_attention``), in windowed layers at most ``W`` (+ sinks) each;
 - all-reduce: two per layer of ``T d`` 16-bit activations (``curves.allreduce``;
   zero at TP 1);
 - LM head: ``[Np + Nd, d] @ [d, V / t]`` once.
@@ -28,9 +30,10 @@ properties of the serving stack, not of the GPU, so a fit of them on one GPU's
 traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
-GQA models with dense or MoE MLPs in 16-bit or FP8 (the Llama family of the public
-traces, Mixtral, Qwen3 MoE, Llama FP8); MLA, sliding-window, sparse-attention and
-4-bit models raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
+GQA models, full or sliding-window attention, with dense or MoE MLPs in 16-bit or
+FP8 (the Llama family of the public traces, Mixtral, Qwen3 MoE, Llama FP8). MLA,
+sparse attention, FP4 tensor-core GEMMs and weight-only quantized GEMMs (gpt-oss's
+MXFP4 experts) raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -41,6 +44,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
+from .._model._layers import windowed_attention
 from .._model._physics import act_quant_bytes
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
@@ -51,7 +55,6 @@ from ._work import (
     attention_work,
     decode_attention_us,
     gemm_kernel_work,
-    gemm_us,
 )
 
 ATTN_TILE = 128.0
@@ -101,13 +104,13 @@ class HostCosts(eqx.Module):
 
 def check_supported(dep: Deployment) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
-    in ``dep``: GQA attention without sliding windows or sparse attention, dense or
-    MoE MLPs, 16-bit or FP8 GEMMs, experts tensor-parallel or one expert group per
-    GPU (``ep`` 1 or ``t``). Skipped under tracing."""
+    in ``dep``: GQA attention (full or sliding-window) without sparse attention,
+    dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width,
+    experts tensor-parallel or one expert group per GPU (``ep`` 1 or ``t``).
+    Skipped under tracing."""
     a = dep.arch
     checks = {
         "kv_lora_rank": (a.kv_lora_rank, "MLA"),
-        "window_layers": (a.window_layers, "sliding-window attention"),
         "index_layers": (a.index_layers, "sparse attention"),
     }
     found = []
@@ -116,17 +119,31 @@ def check_supported(dep: Deployment) -> None:
             return
         if np.any(np.asarray(value) > 0):
             found.append(f"{what} ({field} > 0)")
-    for field in ("compute_bytes", "expert_weight_bytes", "expert_compute_bytes"):
+    for field in ("compute_bytes", "expert_compute_bytes"):
         value = np.asarray(getattr(a, field))
         if not np.isin(value, (1.0, 2.0)).all():
             found.append(f"{field} {np.unique(value).tolist()} (16-bit or FP8 only)")
+    # Weight-only quantized GEMMs (4-bit weights, 16-bit operands) run kernels of
+    # their own (Marlin, OpenAI's Triton MXFP4 MoE) that no family's curves time:
+    # the 16-bit MoE curves with MXFP4's bytes miss H100's measured MXFP4 MoE rows
+    # by 73% (2-3x too slow from 256 tokens).
+    for field, width in (
+        ("weight_bytes", "compute_bytes"),
+        ("expert_weight_bytes", "expert_compute_bytes"),
+    ):
+        w, c = np.asarray(getattr(a, field)), np.asarray(getattr(a, width))
+        if np.any(w < 0.9 * c):
+            found.append(
+                f"{field} {np.unique(w).tolist()} below {width} "
+                "(weight-only quantization, no calibrated kernel)"
+            )
     ep, tp = np.asarray(dep.ep), np.asarray(dep.tp)
     if np.any((ep != 1.0) & (ep != tp)):
         found.append("expert parallelism over data-parallel attention (ep > tp)")
     if found:
         raise ValueError(
             f"kernel_step_time: the architecture has {', '.join(found)}; it times "
-            "GQA models with dense or MoE MLPs in 16-bit or FP8, use "
+            "GQA models with dense or MoE MLPs on 16-bit or FP8 tensor cores, use "
             "diffmodel.step_time"
         )
 
@@ -178,8 +195,8 @@ def kernel_step_time(
     gate = jnp.where(runs, 1.0, 0.0)
     m = jnp.maximum(tokens, 1.0)  # a GEMM of no rows is not run (gated below)
 
-    def gemm(n, k, fp8):  # one GEMM of m rows, 0 where absent (n k = 0)
-        return _gemm_us(m, n, k, fp8, a.quant_passes, curves, hw)
+    def gemm(n, k, fp8, w=a.weight_bytes):  # m rows, 0 where absent (n k = 0)
+        return _gemm_us(m, n, k, fp8, a.quant_passes, curves, hw, w)
 
     fp8 = a.compute_bytes == 1.0
     attn = gemm((qh + 2.0 * kvh) * dh, d, fp8) + gemm(d, qh * dh, fp8)
@@ -200,11 +217,12 @@ def kernel_step_time(
         tp=jnp.where(whole, 1.0, t),
         ep=dep.ep,
         weight_bytes=a.expert_weight_bytes,
+        compute_bytes=a.expert_compute_bytes,
     )
     moe = (
         gemm(2.0 * shared, d, fp8)
         + gemm(d, shared, fp8)
-        + gemm(a.n_experts, d, False)
+        + gemm(a.n_experts, d, False, 2.0)
         + jnp.where(has_experts, experts, 0.0)
     )
     linear = n_layers * attn + a.dense_layers * mlp + a.moe_layers * moe
@@ -214,30 +232,43 @@ def kernel_step_time(
     chunks = jnp.maximum(n_pf, 1.0)
     group = qh / kvh
     tiles = jnp.ceil(p / chunks * group / ATTN_TILE)
-    f, b = attention_work(
-        stats.attn_prefill, stats.kv_prefill + p, p, qh, kvh, dh, a.kv_bytes
-    )
-    pf_work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles)
-    prefill = jnp.where(p > 0, pf_work.time_us(curves.prefill_attention), 0.0)
+    # Windowed layers: the pairs and KV tokens inside the window (+ sinks).
+    n_win = a.window_layers
+    w_pairs, w_read, w_dec, _ = windowed_attention(stats, a.window, a.sink_tokens)
+
+    def prefill_us(pairs, kv_tokens):
+        f, b = attention_work(pairs, kv_tokens, p, qh, kvh, dh, a.kv_bytes)
+        work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles)
+        return jnp.where(p > 0, work.time_us(curves.prefill_attention), 0.0)
+
+    prefill = (n_layers - n_win) * prefill_us(
+        stats.attn_prefill, stats.kv_prefill + p
+    ) + n_win * prefill_us(w_pairs, w_read)
 
     seqs = jnp.maximum(n_dec, 1.0)
-    decode = jnp.where(
-        n_dec > 0,
-        decode_attention_us(
-            seqs,
-            stats.kv_decode / seqs,
-            qh,
-            kvh,
-            dh,
-            curves.decode_attention,
-            hw,
-            a.kv_bytes,
-        ),
-        0.0,
-    )
+
+    def decode_us(kv_tokens):
+        return jnp.where(
+            n_dec > 0,
+            decode_attention_us(
+                seqs,
+                kv_tokens / seqs,
+                qh,
+                kvh,
+                dh,
+                curves.decode_attention,
+                hw,
+                a.kv_bytes,
+            ),
+            0.0,
+        )
+
+    decode = (n_layers - n_win) * decode_us(stats.kv_decode) + n_win * decode_us(w_dec)
     allreduce = 2.0 * allreduce_kernel_us(m * d * a.act_bytes, t, curves.allreduce, hw)
     requests = n_pf + n_dec
-    lm_head = gemm_us(jnp.maximum(requests, 1.0), a.vocab / t, d, curves.gemm_bf16, hw)
+    lm_head = gemm_kernel_work(
+        jnp.maximum(requests, 1.0), a.vocab / t, d, hw, weight_bytes=a.head_weight_bytes
+    ).time_us(curves.gemm_bf16)
     overhead = (
         host.step_us
         + n_layers * (host.layer_us + requests * host.layer_request_us) * gate
@@ -247,8 +278,8 @@ def kernel_step_time(
     zero = jnp.zeros(shape)
     return Breakdown(
         linear=linear * gate + zero,
-        attention_prefill=n_layers * prefill * gate + zero,
-        attention_decode=n_layers * decode * gate + zero,
+        attention_prefill=prefill * gate + zero,
+        attention_decode=decode * gate + zero,
         kv_write=zero,
         lm_head=lm_head * gate * (requests > 0) + zero,
         allreduce=n_layers * allreduce * gate + zero,
@@ -256,14 +287,19 @@ def kernel_step_time(
     )
 
 
-def _gemm_us(m, n, k, fp8, quant_passes, curves: KernelCurves, hw) -> Array:
-    """A GEMM ``[m, k] @ [k, n]`` on the 16-bit or (``fp8``) the FP8 curves, us; FP8
-    GEMMs of a model with activation quantization passes pay the unfused pass; 0
-    where ``n k = 0`` (a part the model does not have)."""
+def _gemm_us(
+    m, n, k, fp8, quant_passes, curves: KernelCurves, hw, weight_bytes=None
+) -> Array:
+    """A GEMM ``[m, k] @ [k, n]`` on the 16-bit or (``fp8``) the FP8 curves, us,
+    reading ``weight_bytes`` per weight (default the operand width); FP8 GEMMs of a
+    model with activation quantization passes pay the unfused pass; 0 where
+    ``n k = 0`` (a part the model does not have)."""
     present = n * k > 0
     n1, k1 = jnp.where(present, n, 1.0), jnp.where(present, k, 1.0)
-    bf16 = gemm_kernel_work(m, n1, k1, hw, 2.0).time_us(curves.gemm_bf16)
-    work = gemm_kernel_work(m, n1, k1, hw, 1.0)
+    w = weight_bytes
+    bf16 = gemm_kernel_work(m, n1, k1, hw, 2.0, weight_bytes=w)
+    bf16 = bf16.time_us(curves.gemm_bf16)
+    work = gemm_kernel_work(m, n1, k1, hw, 1.0, weight_bytes=w)
     pre = jnp.where(quant_passes > 0, act_quant_bytes(m, k1), 0.0)
     work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
     f8 = work.time_us(curves.gemm_fp8)

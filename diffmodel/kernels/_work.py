@@ -118,18 +118,22 @@ def gemm_kernel_work(
     dtype_bytes: ArrayLike = 2.0,
     out_bytes: ArrayLike | None = None,
     act_quant: ArrayLike | None = None,
+    weight_bytes: ArrayLike | None = None,
 ) -> KernelWork:
     """A GEMM ``[m, k] @ [k, n]`` in ``dtype_bytes`` (1: FP8 peak) on ``hw``.
 
-    ``f = 2 m n k``; ``b = (k n + m k) dtype_bytes + m n out_bytes`` (``gemm_work``;
-    ``out_bytes`` defaults to ``dtype_bytes``). ``act_quant`` (1 or 0 per GEMM,
+    ``f = 2 m n k``; ``b = k n weight_bytes + m k dtype_bytes + m n out_bytes``
+    (``gemm_work``; ``weight_bytes`` and ``out_bytes`` default to ``dtype_bytes``;
+    a weight-only quantized GEMM, e.g. 4-bit weights with 16-bit operands, reads
+    fewer weight bytes at the ``dtype_bytes`` peak). ``act_quant`` (1 or 0 per GEMM,
     ``None``: none) marks GEMMs that first quantize their bf16 activation to FP8 in
     separate passes (dynamic per-tensor FP8): ``pre_bytes = act_quant m k (2 2 + 1)``
     (``act_quant_bytes``).
 
     Raises ``ValueError`` naming ``act_quant`` if it holds a value other than 0 or 1.
     """
-    f, b = gemm_work(m, n, k, dtype_bytes, dtype_bytes, out_bytes)
+    w = dtype_bytes if weight_bytes is None else weight_bytes
+    f, b = gemm_work(m, n, k, w, dtype_bytes, out_bytes)
     tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
     pre = None
     if act_quant is not None:

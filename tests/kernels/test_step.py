@@ -4,6 +4,7 @@ fit_host_on_kernels."""
 import dataclasses
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import diffmodel as dm
 from diffmodel._fitting._fit import step_data
 from diffmodel._fitting._laplace import IdentifiabilityWarning
 from diffmodel.kernels import default_kernel_curves
-from diffmodel.kernels._moe import moe_us
+from diffmodel.kernels._moe import moe_kernel_work, moe_us
 from diffmodel.kernels._step import HostCosts, host_features, kernel_step_time
 from diffmodel.kernels._work import allreduce_kernel_us, gemm_kernel_work, gemm_us
 from tests.helpers import assert_grad_matches_fd, one_step
@@ -100,15 +101,92 @@ def test_jit_vmap_and_gradient():
     assert float(g) == pytest.approx(80.0)
 
 
-@pytest.mark.parametrize(
-    ("model", "what"),
-    [("deepseek-v3", "MLA"), ("openai/gpt-oss-120b", "sliding-window")],
-)
-def test_models_it_cannot_time_are_refused(model, what):
-    with pytest.raises(ValueError, match=what):
-        kernel_step_time(
-            one_step(decode_tokens=1, num_decode=1), _dep(model, 8), CURVES
-        )
+def _with_arch(dep, **fields):
+    """``dep`` with some of its architecture's fields replaced."""
+    arch = eqx.tree_at(
+        lambda a: [getattr(a, f) for f in fields],
+        dep.arch,
+        [jnp.asarray(v, float) for v in fields.values()],
+    )
+    return dataclasses.replace(dep, arch=arch)
+
+
+def test_models_it_cannot_time_are_refused():
+    one = one_step(decode_tokens=1, num_decode=1)
+    with pytest.raises(ValueError, match="MLA"):
+        kernel_step_time(one, _dep("deepseek-v3", 8), CURVES)
+    fp4 = _with_arch(_dep(), compute_bytes=0.5, weight_bytes=0.5625)
+    with pytest.raises(ValueError, match=r"compute_bytes \[0.5\] \(16-bit or FP8"):
+        kernel_step_time(one, fp4, CURVES)
+
+
+def test_sliding_window_layers_read_at_most_their_window():
+    """gpt-oss (its experts in 16 bits): 18 of 36 layers see 128 tokens. Their
+    decode attention is the full layers' at a context of W per request; prompts
+    inside the window cost the same in both kinds of layer, long ones less in the
+    windowed layers."""
+    dep = _with_arch(_dep("openai/gpt-oss-120b", 1), expert_weight_bytes=2.0)
+    full = _with_arch(dep, window_layers=0.0)
+    assert float(dep.arch.window) == 128.0 and float(dep.arch.window_layers) == 18.0
+    dec = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 4000)
+    capped = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 128)
+    got = float(kernel_step_time(dec, dep, CURVES).attention_decode)
+    at_ctx = float(kernel_step_time(dec, full, CURVES).attention_decode) / 36
+    at_w = float(kernel_step_time(capped, full, CURVES).attention_decode) / 36
+    assert got == pytest.approx(18 * at_ctx + 18 * at_w, rel=1e-6)
+    assert at_w < at_ctx
+
+    def prefill(stats, d):
+        return float(kernel_step_time(stats, d, CURVES).attention_prefill)
+
+    # A 100-token chunk after 20 cached tokens stays inside the window.
+    short = one_step(
+        prefill_tokens=100, num_prefill=1, kv_prefill=20, attn_prefill=100 * (20 + 50)
+    )
+    assert prefill(short, dep) == pytest.approx(prefill(short, full), rel=1e-6)
+    long = one_step(prefill_tokens=2048, num_prefill=1, attn_prefill=2048 * 1024)
+    assert 0.5 * prefill(long, full) < prefill(long, dep) < prefill(long, full)
+
+
+def test_weight_only_4bit_experts_read_fewer_bytes_at_the_16bit_peak():
+    """gpt-oss's MXFP4 experts compute at 16 bits: the MoE work has the 16-bit peak
+    and its weights 0.53125 bytes each. No calibrated curve times that kernel, so
+    the kernel sum refuses the model, naming the field."""
+    dep = _dep("openai/gpt-oss-120b", 1)
+    hw = dep.hw
+    kw = dict(tp=1.0, ep=1.0)
+    mx = moe_kernel_work(64.0, 2880, 2880, 4, 128, hw, weight_bytes=0.53125,
+                         compute_bytes=2.0, **kw)  # fmt: skip
+    bf = moe_kernel_work(64.0, 2880, 2880, 4, 128, hw, weight_bytes=2.0, **kw)
+    assert float(mx.peak_flops) == float(hw.flops_16) == float(bf.peak_flops)
+    assert float(mx.flops) == float(bf.flops)
+    assert float(mx.bytes) < 0.4 * float(bf.bytes)
+    stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
+    with pytest.raises(ValueError, match=r"expert_weight_bytes \[0.53125\] below"):
+        kernel_step_time(stats, dep, CURVES)
+    # Unchecked (under tracing), the step reads the narrower weights.
+    b = kernel_step_time(stats, dep, CURVES, check=False)
+    wide = kernel_step_time(stats, _with_arch(dep, expert_weight_bytes=2.0), CURVES)
+    assert float(b.linear) < float(wide.linear)
+    assert float(b.attention_decode) == float(wide.attention_decode)
+    fp8_blocks = _with_arch(_dep(), compute_bytes=1.0, weight_bytes=1 + 4 / 16384)
+    assert float(kernel_step_time(stats, fp8_blocks, CURVES).total) > 0.0
+
+
+def test_gradient_through_windowed_layers():
+    dep = _with_arch(_dep("openai/gpt-oss-120b", 1), expert_weight_bytes=2.0)
+
+    base = one_step(num_prefill=1, decode_tokens=16, num_decode=16)
+
+    def total(x):
+        stats = dm.BatchStats(
+            **{**base.__dict__, "prefill_tokens": x[0],
+               "attn_prefill": x[0] * x[0] / 2, "kv_decode": 16 * x[1]}
+        )  # fmt: skip
+        return kernel_step_time(stats, dep, CURVES, check=False).total
+
+    assert_grad_matches_fd(total, np.array([700.0, 3000.0]), rtol=1e-4)
+    assert float(jax.grad(total)(jnp.array([700.0, 3000.0]))[1]) > 0.0
 
 
 def test_moe_layers_are_attention_router_and_fused_experts():
