@@ -195,17 +195,10 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
 
 
 def kernel_of(gathered) -> list[tuple[str, str] | None]:
-    """The kernel each GPU's rows time: the vendor (first word of ``device``) and
-    the table's most common ``kernel_source`` (one name, e.g. ``vllm_flash_attn``,
-    is a different kernel on Intel's XPU); ``None`` without those columns."""
-    out = []
-    for _, _, rows in gathered:
-        if "kernel_source" not in rows or "device" not in rows:
-            out.append(None)
-            continue
-        vendor = str(rows["device"].iloc[0]).split()[0]
-        out.append((vendor, str(rows["kernel_source"].mode().iloc[0])))
-    return out
+    """The kernel each GPU's rows time (``dk.kernel_key``: the vendor and the most
+    common ``kernel_source``; one name, e.g. ``vllm_flash_attn``, is a different
+    kernel on Intel's XPU); ``None`` without those columns."""
+    return [dk.kernel_key(rows) for _, _, rows in gathered]
 
 
 def held_out_offsets(off, held: int, excluded: set, kernels) -> np.ndarray:
