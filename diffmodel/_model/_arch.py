@@ -56,8 +56,8 @@ class Architecture(eqx.Module):
         compute_bytes: operand width the linear layers' tensor cores run at, bytes:
             2 selects the 16-bit peak, 1 the FP8 peak, 0.5 the FP4 peak
             (``Hardware.flops_4``: the FP8 one on GPUs without FP4 tensor cores).
-            Default 1 when ``weight_bytes <= 1``
-            else 2 (a weight-only FP8 override runs on the FP8 peak, as before).
+            Default 1 when ``weight_bytes < 1.5`` (8-bit or narrower, scales
+            included) else 2 (a weight-only FP8 override runs on the FP8 peak).
         expert_compute_bytes: the same for routed experts (W4A16 MXFP4: 2).
         quant_passes: activation quantization before each quantized GEMM: 0 none
             (16-bit activations, or weight-only), 1 one fused pass (static scale or
@@ -150,10 +150,12 @@ class Architecture(eqx.Module):
     ):
         f = functools.partial(device_array, dtype=float)
 
-        def compute_bytes_of(weight_bytes):  # 8-bit weights run at the FP8 peak
+        # 8-bit weights run at the FP8 peak, their block scales included (FP8 with
+        # 128x128 fp32 scales is 1 + 4/16384 bytes per weight).
+        def compute_bytes_of(weight_bytes):
             if on_host(weight_bytes):
-                return f(np.where(np.asarray(weight_bytes) <= 1.0, 1.0, 2.0))
-            return jnp.where(weight_bytes <= 1.0, 1.0, 2.0)
+                return f(np.where(np.asarray(weight_bytes) < 1.5, 1.0, 2.0))
+            return jnp.where(weight_bytes < 1.5, 1.0, 2.0)
 
         self.n_layers = f(n_layers)
         self.hidden = f(hidden)

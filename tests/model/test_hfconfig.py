@@ -65,6 +65,9 @@ def test_deepseek_v3_fields(bundle):
     assert got["shared_ffn"] == 2048 and got["ffn"] == 18432
     # FP8 with 128x128 fp32 block scales, per-token-group activation quantization.
     assert got["weight_bytes"] == 1 + 4 / 128**2 and got["compute_bytes"] == 1
+    # Its routed experts are the same block FP8: the FP8 peak, not the 16-bit one.
+    assert got["expert_weight_bytes"] == got["weight_bytes"]
+    assert got["expert_compute_bytes"] == 1
     assert got["quant_passes"] == 1 and got["head_weight_bytes"] == 2
     assert got["kv_bytes"] == 2
 
@@ -80,6 +83,7 @@ def test_gpt_oss_fields(bundle):
 def test_quantized_checkpoints(bundle, tmp_path):
     q = dm.architecture("Qwen/Qwen3-30B-A3B-FP8")
     assert float(q.weight_bytes) == 1 + 4 / 128**2
+    assert float(q.expert_compute_bytes) == 1 == float(q.compute_bytes)
     # ModelOpt FP8: the algorithm and FP8 KV in the hf_quant_config.json beside it.
     ll = dm.architecture("nvidia/Llama-3.1-70B-Instruct-FP8")
     assert (float(ll.weight_bytes), float(ll.kv_bytes)) == (1, 1)
