@@ -60,7 +60,7 @@ def _cmd_calibrate(args) -> int:
     if args.pool:
         if args.absolute:
             raise ValueError("--absolute: pooled curves are portable only")
-        curves = _pooled_curves(args, name, system, say)
+        curves = _pooled_curves(args, system, say)
         path = save_curves(curves, pathlib.Path(args.out))
         print(f"wrote {path}")
         return 0
@@ -81,64 +81,20 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
-def _pooled_curves(args, name: str, system: str, say):
+def _pooled_curves(args, system: str, say):
     """The curves ``--system`` gets from the ``--pool`` systems' tables."""
     from ..kernels._calibrate import FitOptions
-    from ..kernels._database import list_systems, load_system_tables
-    from ..kernels._pooled_calibrate import (
-        FAMILIES,
-        calibrate_kernels_pooled,
-        kernels_vendor,
-        table_kernels,
-    )
+    from ..kernels._pooled_calibrate import curves_from_other_gpus
 
-    known = list_systems()
-    own = {}
-    if system in known:
-        # Only the kernel names of --system's tables are read, never their times.
-        try:
-            own = table_kernels(
-                load_system_tables(
-                    system, args.backend, args.version, skip_missing=True
-                )
-            )
-        except ValueError as err:
-            say(f"{system}: no {args.backend} tables ({err}); shared curves only")
-    vendor = kernels_vendor(own)
-    pool = list(args.pool)
-    if pool == ["others"]:
-        pool = [s for s in known if s != system]
-    unknown = [s for s in pool if s not in known]
-    if unknown:
-        raise ValueError(f"--pool: {unknown} not in the kernel database {list(known)}")
-    tables = {}
-    for s in pool:
-        try:
-            tables[s] = load_system_tables(
-                s, args.backend, args.version, skip_missing=True
-            )
-        except ValueError as err:  # a system without this backend: said, not hidden
-            say(f"--pool: skipped {s}: {err}")
-    if args.pool == ["others"] and vendor is not None:
-        other = [
-            s for s in tables if kernels_vendor(table_kernels(tables[s])) != vendor
-        ]
-        for s in other:
-            say(f"--pool others: skipped {s}: not {vendor}'s kernels")
-            del tables[s]
-    if not tables:
-        raise ValueError(f"--pool: no system has {args.backend} tables")
-    say(f"pooling {args.backend} tables of {list(tables)}")
-    pooled = calibrate_kernels_pooled(
-        tables,
+    return curves_from_other_gpus(
+        system,
+        None if args.pool == ["others"] else args.pool,
+        backend=args.backend,
+        version=args.version,
         rows_per_gpu=args.rows_per_gpu,
         options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
         progress=say,
     )
-    for fam in FAMILIES:
-        _, source = pooled.family_offset(name, fam, own.get(fam))
-        say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
-    return pooled.for_gpu(name, own)
 
 
 def add_parser(subparsers) -> None:

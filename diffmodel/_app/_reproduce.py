@@ -49,10 +49,15 @@ protocols, per experiment.
   attention, two all-reduces per layer, LM head) timed at its own shapes by the H100
   curves (:func:`diffmodel.kernels.kernel_step_time`), no host cost, nothing fitted
   to traces.
-- ``diffmodel-kernel-sum-host``: the same device time plus a per-layer host cost
-  fitted on the pooled training rows (:func:`diffmodel.fit_host_on_kernels`, 1
-  parameter); on lomo the held-out model gets the host cost of the other model and
-  its own kernel shapes.
+- ``diffmodel-kernel-sum-host``: the same device time plus the host costs (per
+  layer, per request in each layer) fitted on the pooled training rows
+  (:func:`diffmodel.fit_host_on_kernels`, 2 parameters); on lomo the held-out model
+  gets the host costs of the other model and its own kernel shapes.
+- ``diffmodel-kernel-sum-other-gpus`` / ``diffmodel-kernel-sum-host-other-gpus``:
+  the same two with curves H100 gets from every other NVIDIA GPU of the installed
+  kernel database (:func:`diffmodel.kernels.curves_from_other_gpus`: no H100 kernel
+  time is read), the step model on a GPU its curves never measured; NaN with a note
+  without the database.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
   sets on the training rows of all experiments together, early stopping on the
   validation rows.
@@ -209,6 +214,8 @@ def reproduce(
             kernel_prior=kernel_priors(curves, evaluator.labels),
             kernel_curves=curves,
         )
+    if any(m.endswith("-other-gpus") for m in methods):
+        settings = settings._replace(other_gpu_curves=_other_gpu_curves(out, say))
     study = load_study_xgboost(study_path)
     say(
         f"reproduce: {len(frame)} steps of {frame['experiment_id'].nunique()} "
@@ -376,6 +383,32 @@ def _kernel_curves(data: pathlib.Path, out: pathlib.Path, say):
     return calibrate_kernels(load_kernel_tables(data)), True
 
 
+def _other_gpu_curves(out: pathlib.Path, say):
+    """H100 curves pooled over every other NVIDIA GPU's vLLM tables of the installed
+    database (~1 minute, saved with the results), or read from
+    ``out/kernel_curves_other_gpus.json`` that a previous run left; without the
+    database, the note the methods' rows carry instead."""
+    from ..kernels._database import database_available
+    from ..kernels._pooled_calibrate import curves_from_other_gpus
+
+    cache = out / _OTHER_GPU_CACHE
+    if cache.is_file():
+        say(f"reproduce: other GPUs' curves from {cache}")
+        return load_curves(cache)
+    if not database_available():
+        return (
+            "not applicable: needs aiconfigurator-core's kernel database "
+            "(pip install 'diffmodel[aic]')"
+        )
+    say("reproduce: pooling every other NVIDIA GPU's kernel tables for H100")
+    curves = curves_from_other_gpus(
+        "h100_sxm", progress=lambda line: say(f"reproduce: other GPUs: {line}")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_curves(curves, cache)
+    return curves
+
+
 def kernel_priors(curves, labels: Sequence[str]) -> dict[str, Factors]:
     """Kernel-calibrated factors of each deployment ``model/gpu/tpN`` in ``labels``,
     at that deployment's own shapes (:func:`diffmodel.kernels.kernel_prior_factors`
@@ -393,6 +426,7 @@ def kernel_priors(curves, labels: Sequence[str]) -> dict[str, Factors]:
 
 
 _KERNEL_CACHE = "kernel_curves.json"
+_OTHER_GPU_CACHE = "kernel_curves_other_gpus.json"
 
 
 def data_root(data: str | pathlib.Path) -> pathlib.Path:

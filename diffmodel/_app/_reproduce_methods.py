@@ -56,6 +56,8 @@ class _Settings(NamedTuple):
     kernel_prior: Any = None
     # The H100 KernelCurves themselves (the kernel-sum methods).
     kernel_curves: Any = None
+    # H100 curves pooled over the other GPUs' database tables, or why there are none.
+    other_gpu_curves: Any = None
 
 
 class _Fold(NamedTuple):
@@ -110,14 +112,26 @@ def _run_method(
     return _factor_set(method, fold, target, settings, evaluator)
 
 
-KERNEL_SUM_METHODS = ("diffmodel-kernel-sum", "diffmodel-kernel-sum-host")
-"""Methods whose device side is each step's kernels summed on the H100 curves."""
+KERNEL_SUM_METHODS = (
+    "diffmodel-kernel-sum",
+    "diffmodel-kernel-sum-host",
+    "diffmodel-kernel-sum-other-gpus",
+    "diffmodel-kernel-sum-host-other-gpus",
+)
+"""Methods whose device side is each step's kernels summed on curves: the H100's,
+or (``-other-gpus``) those H100 gets from every other GPU of its vendor in the
+kernel database (:func:`diffmodel.kernels.curves_from_other_gpus`)."""
 
 
 def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
-    """The kernel sum alone (nothing fitted), or with its per-layer host cost fitted
-    on the pooled training rows (``fit_host_on_kernels``; 90% intervals)."""
+    """The kernel sum alone (nothing fitted), or with its host costs fitted on the
+    pooled training rows (``fit_host_on_kernels``; 90% intervals)."""
     curves = settings.kernel_curves
+    if method.endswith("-other-gpus"):
+        curves = settings.other_gpu_curves
+        if isinstance(curves, str):
+            return _no_predictions(fold, curves)
+        method = method.removesuffix("-other-gpus")
     if method == "diffmodel-kernel-sum":
         predicted = kernel_device_us(fold.test, curves)
         return _Outcome(predicted, _each(fold.test, 0), _each(fold.test, 0.0))

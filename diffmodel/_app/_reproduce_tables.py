@@ -30,6 +30,8 @@ METHODS: tuple[str, ...] = (
     "diffmodel-kernels-hierarchical",
     "diffmodel-kernel-sum",
     "diffmodel-kernel-sum-host",
+    "diffmodel-kernel-sum-other-gpus",
+    "diffmodel-kernel-sum-host-other-gpus",
     "diffmodel-host-global",
     "diffmodel-host-per-model",
     "diffmodel-host-hierarchical",

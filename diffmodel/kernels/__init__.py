@@ -61,6 +61,7 @@ from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._pooled_calibrate import (
     PooledCurves as PooledCurves,
     calibrate_kernels_pooled as calibrate_kernels_pooled,
+    curves_from_other_gpus as curves_from_other_gpus,
     kernel_key as kernel_key,
     kernels_vendor as kernels_vendor,
     table_kernels as table_kernels,

@@ -10,14 +10,14 @@ before the GPU is measured), and the shared curves (offset 0) where none does.
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .._model._hardware import canonical_hardware, hardware
+from .._model._hardware import canonical_hardware, hardware, hardware_system
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import (
     KERNEL_FAMILIES,
@@ -225,3 +225,71 @@ def calibrate_kernels_pooled(
         kernels=kernels,
         rows=counts,
     )
+
+
+def curves_from_other_gpus(
+    system: str,
+    pool: Sequence[str] | None = None,
+    *,
+    backend: str = "vllm",
+    version: str | None = None,
+    rows_per_gpu: int = 1000,
+    options: FitOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> KernelCurves:
+    """Curves for GPU ``system`` (a database system such as ``"h100_sxm"`` or a
+    catalog name) fitted on other GPUs' tables alone
+    (:func:`calibrate_kernels_pooled`), never on its own times.
+
+    ``pool``: the database systems to fit on; ``None`` for every other system whose
+    tables time the same vendor's kernels as ``system``'s (an NVIDIA GPU is not
+    pooled with Intel's XPU kernels). Only the kernel names of ``system``'s own
+    tables are read (:func:`table_kernels`), to give each family the offsets of the
+    pooled GPUs that run its kernel. Systems without ``backend`` tables are skipped
+    and said through ``progress``. Raises ``ValueError`` naming unknown systems or
+    an empty pool.
+    """
+    from ._database import list_systems, load_system_tables
+
+    say = progress or (lambda _: None)
+    name = canonical_hardware(system)
+    system = hardware_system(name)
+    known = list_systems()
+
+    def tables_of(s):
+        try:
+            return load_system_tables(s, backend, version, skip_missing=True)
+        except ValueError as err:
+            say(f"skipped {s}: {err}")
+            return None
+
+    own = {}
+    if system in known:
+        mine = tables_of(system)
+        own = table_kernels(mine) if mine is not None else {}
+    vendor = kernels_vendor(own)
+    candidates = [s for s in known if s != system] if pool is None else list(pool)
+    unknown = [s for s in candidates if s not in known]
+    if unknown:
+        raise ValueError(f"pool: {unknown} not in the kernel database {list(known)}")
+    tables = {}
+    for s in candidates:
+        t = tables_of(s)
+        if t is None:
+            continue
+        if pool is None and vendor is not None:
+            theirs = kernels_vendor(table_kernels(t))
+            if theirs != vendor:
+                say(f"skipped {s}: {theirs}'s kernels, not {vendor}'s")
+                continue
+        tables[s] = t
+    if not tables:
+        raise ValueError(f"pool: no other system has {backend} tables")
+    say(f"pooling {backend} tables of {list(tables)}")
+    pooled = calibrate_kernels_pooled(
+        tables, rows_per_gpu=rows_per_gpu, options=options, progress=say
+    )
+    for fam in FAMILIES:
+        _, source = pooled.family_offset(name, fam, own.get(fam))
+        say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
+    return pooled.for_gpu(name, own)

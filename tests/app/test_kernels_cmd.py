@@ -44,6 +44,6 @@ def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):
     curves = dk.load_curves(path)
     assert curves.hardware == "h100-sxm" and curves.decode_attention.portable
     assert cli_main(base + ["--pool", "nope"]) == 1
-    assert "--pool: ['nope'] not in the kernel database" in capsys.readouterr().err
+    assert "pool: ['nope'] not in the kernel database" in capsys.readouterr().err
     assert cli_main(base + ["--pool", "a100_sxm", "--absolute"]) == 1
     assert "pooled curves are portable only" in capsys.readouterr().err

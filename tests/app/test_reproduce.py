@@ -95,13 +95,18 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
         quick=True,
         targets=("iteration_time",),
         protocols=("temporal", "lowo"),
-        methods=[m for m in METHODS if "kernels" not in m],  # see the test below
+        # The kernel-calibrated methods: see the tests below.
+        methods=[m for m in METHODS if "kernels" not in m and "other-gpus" not in m],
         progress=None,
     )
     assert list(results.columns) == list(RESULT_COLUMNS)
     on_disk = pd.read_csv(tmp_path / "results.csv")
     assert on_disk.shape == results.shape
-    methods = [m for m in METHODS if m != "study-xgboost" and "kernels" not in m]
+    methods = [
+        m
+        for m in METHODS
+        if m != "study-xgboost" and "kernels" not in m and "other-gpus" not in m
+    ]
     assert list(results["method"].unique()) == methods
     # One row per (protocol, method, experiment): each experiment is tested once.
     assert len(results) == 2 * len(methods) * 3
@@ -252,3 +257,43 @@ def test_kernel_rows_use_each_deployments_kernel_factors(data_dir, tmp_path):
     a, b = (priors[m] for m in ("llama-2-70b", "codellama-34b"))
     assert float(a.mem_bw) != float(b.mem_bw)  # the shapes differ, so do the priors
     assert (results["n_params"] == 0).all()
+
+
+@pytest.mark.slow
+def test_other_gpu_rows_price_the_steps_on_the_pooled_curves(
+    data_dir, tmp_path, monkeypatch
+):
+    # Cached pooled curves (what a previous run leaves) skip the pooled calibration;
+    # the kernel sum's row must then be the kernel sum on exactly those curves.
+    import diffmodel as dm
+    import diffmodel.kernels as dk
+    import diffmodel.kernels._database as database
+    from diffmodel.kernels._curves_io import save_curves
+
+    curves = dk.default_kernel_curves(portable=True)
+    save_curves(curves, tmp_path / "kernel_curves_other_gpus.json")
+    kw = dict(
+        data=data_dir,
+        quick=True,
+        targets=("iteration_time",),
+        protocols=("temporal",),
+        methods=("diffmodel-kernel-sum-other-gpus",),
+        progress=None,
+    )
+    results = reproduce(out=tmp_path, **kw)
+    quick = add_targets(
+        load_steps(data_dir / "stepml" / "steps.parquet")
+        .groupby("experiment_id", sort=False)
+        .head(1500)
+        .reset_index(drop=True)
+    ).dropna(subset=["iteration_time_us"])
+    test = quick[temporal_split(quick) == "test"]
+    got = results.set_index("experiment_id")["mape"]
+    for exp, rows in test.groupby("experiment_id"):
+        want = mape(rows["iteration_time_us"], dm.kernel_device_us(rows, curves))
+        np.testing.assert_allclose(got.loc[exp], want, rtol=1e-4)
+    # Without the database (and no cache) the rows say so instead of failing.
+    monkeypatch.setattr(database, "database_available", lambda: False)
+    empty = reproduce(out=tmp_path / "fresh", **kw)
+    assert empty["mape"].isna().all()
+    assert empty["note"].str.contains("kernel database").all()
