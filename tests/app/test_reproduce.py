@@ -135,12 +135,7 @@ def test_quick_end_to_end(data_dir, tmp_path, steps):
     assert results.loc[~with_interval, ["coverage90", "width90"]].isna().all().all()
 
     # The black box of the table is the hand-made one on the same quick split.
-    quick = add_targets(
-        load_steps(data_dir / "stepml" / "steps.parquet")
-        .groupby("experiment_id", sort=False)
-        .head(1500)
-        .reset_index(drop=True)
-    ).dropna(subset=["iteration_time_us"])
+    quick = _quick_rows(data_dir)
     split = temporal_split(quick)
     table = results[
         (results["method"] == "blackbox") & (results["protocol"] == "temporal")
@@ -239,12 +234,7 @@ def test_kernel_rows_use_each_deployments_kernel_factors(data_dir, tmp_path):
         methods=("diffmodel-kernels",),
         progress=None,
     )
-    quick = add_targets(
-        load_steps(data_dir / "stepml" / "steps.parquet")
-        .groupby("experiment_id", sort=False)
-        .head(1500)
-        .reset_index(drop=True)
-    ).dropna(subset=["iteration_time_us"])
+    quick = _quick_rows(data_dir)
     test = quick[temporal_split(quick) == "test"]
     got = results.set_index("experiment_id")["mape"]
     priors = {}
@@ -281,12 +271,7 @@ def test_other_gpu_rows_price_the_steps_on_the_pooled_curves(
         progress=None,
     )
     results = reproduce(out=tmp_path, **kw)
-    quick = add_targets(
-        load_steps(data_dir / "stepml" / "steps.parquet")
-        .groupby("experiment_id", sort=False)
-        .head(1500)
-        .reset_index(drop=True)
-    ).dropna(subset=["iteration_time_us"])
+    quick = _quick_rows(data_dir)
     test = quick[temporal_split(quick) == "test"]
     got = results.set_index("experiment_id")["mape"]
     for exp, rows in test.groupby("experiment_id"):
@@ -297,3 +282,13 @@ def test_other_gpu_rows_price_the_steps_on_the_pooled_curves(
     empty = reproduce(out=tmp_path / "fresh", **kw)
     assert empty["mape"].isna().all()
     assert empty["note"].str.contains("kernel database").all()
+
+
+def _quick_rows(data_dir):
+    """The steps a quick run uses (1500 per experiment) with an iteration time."""
+    return add_targets(
+        load_steps(data_dir / "stepml" / "steps.parquet")
+        .groupby("experiment_id", sort=False)
+        .head(1500)
+        .reset_index(drop=True)
+    ).dropna(subset=["iteration_time_us"])
