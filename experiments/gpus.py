@@ -1,8 +1,8 @@
 """Every GPU of the kernel database: held-out shapes per GPU, and leave one GPU out.
 
 For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
-``decode_attention``, ``moe``, ``allreduce``) and each GPU system of the installed
-``aiconfigurator-core`` database (vLLM tables where the system has them, else SGLang):
+``decode_attention``, ``moe``, ``moe_w4a16``, ``allreduce``) and each GPU system of
+the installed ``aiconfigurator-core`` database (vLLM tables where the system has them, else SGLang):
 
 - ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
   shapes), MAPE on the other 25%;
@@ -41,6 +41,7 @@ FAMILIES = (
     "prefill_attention",
     "decode_attention",
     "moe",
+    "moe_w4a16",
     "allreduce",
 )
 SHAPE_KEYS = {
@@ -49,6 +50,8 @@ SHAPE_KEYS = {
     "prefill_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "decode_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "moe": ["hidden_size", "inter_size", "topk", "num_experts"],
+    # gpt-oss's MXFP4 rows time two expert shapes: hold out expert layouts.
+    "moe_w4a16": ["num_experts", "moe_tp_size", "moe_ep_size"],
     "allreduce": ["message_size"],
 }
 # The catalog name of each database system.
@@ -84,7 +87,9 @@ def gather(family: str, rows_per_gpu: int, seed: int) -> list[tuple]:
                 tables = dk.load_system_tables(
                     system,
                     backend,
-                    families=("gemm",) if family.startswith("gemm") else (family,),
+                    families=(family.split("_")[0],)
+                    if family.startswith(("gemm", "moe"))
+                    else (family,),
                 )
                 rows = dk.family_rows(tables, family)
             except ValueError as err:

@@ -127,13 +127,22 @@ def _dominant(rows: pd.DataFrame, column: str = "kernel_source") -> pd.DataFrame
     return rows[rows[column] == rows[column].value_counts().index[0]]
 
 
+def _source(family: str) -> str:
+    # The table a family's rows come from (GEMM dtypes share one, MoE dtypes one).
+    for table in ("gemm", "moe"):
+        if family.startswith(table):
+            return table
+    return family
+
+
 # Which rows of aiconfigurator's tables each family is calibrated on: the dtypes and
 # kernels a bf16 vLLM deployment runs (the traces': bf16 weights and KV, CUDA graphs).
 def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     """The rows of the loaded tables (:func:`load_kernel_tables`) of one family.
 
-    GEMMs by dtype; attention with bf16 KV and no sliding window; MoE in bf16 under
-    every routing distribution; all-reduce under CUDA graphs (eager where only that
+    GEMMs by dtype; attention with bf16 KV and no sliding window; MoE in bf16
+    (``moe``) or MXFP4 weights with 16-bit activations (``moe_w4a16``) under every
+    routing distribution; all-reduce under CUDA graphs (eager where only that
     was measured); each with its dominant ``kernel_source``. Raises ``ValueError``
     naming the family when ``tables`` lacks it or none of its rows qualify (never a
     silent zero-row family).
@@ -141,7 +150,7 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     known = list(KERNEL_FAMILIES) + ["allreduce"]
     if family not in known:
         raise ValueError(f"unknown family {family!r}; expected one of {known}")
-    source = "gemm" if family.startswith("gemm") else family
+    source = _source(family)
     if source not in tables:
         raise ValueError(f"no {source} table loaded for family {family}")
     t = tables[source]
@@ -153,6 +162,8 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
             rows = rows[rows["window_size"].fillna(0) <= 0]
     elif family == "moe":
         rows = t[t["moe_dtype"] == "bfloat16"]
+    elif family == "moe_w4a16":
+        rows = t[t["moe_dtype"] == "w4a16_mxfp4"]
     else:
         graph = t[t["kernel_source"] == "vLLM_custom_graph"]
         rows = graph if len(graph) else t
@@ -165,7 +176,7 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
 
 def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
     """:func:`table_work` of a family's rows (GEMM dtypes share the GEMM table)."""
-    return table_work("gemm" if family.startswith("gemm") else family, rows, hw)
+    return table_work(_source(family), rows, hw)
 
 
 def init_curves(family: str) -> RooflineCurves:
@@ -185,6 +196,7 @@ def calibrate_kernels(
     options: FitOptions = FitOptions(),
     portable: bool = False,
     progress=None,
+    families: tuple[str, ...] | None = None,
 ) -> KernelCurves:
     """Fit every family's curves on all its rows of ``tables``.
 
@@ -192,8 +204,15 @@ def calibrate_kernels(
     another GPU can start from. A family without rows in ``tables`` (no FP8 GEMMs
     measured on A100) keeps its uncalibrated default curves and is reported as
     skipped, never as "calibrated on 0 kernels". ``progress``: optional callable
-    receiving one line of text per family.
+    receiving one line of text per family. ``families``: fit only these (names of
+    :data:`KERNEL_FAMILIES` or ``"allreduce"``); the others keep their
+    uncalibrated curves, reported as not asked for.
     """
+    known = (*KERNEL_FAMILIES, "allreduce")
+    wanted = known if families is None else tuple(families)
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"families {unknown} are unknown; expected some of {known}")
     hw = hardware(hardware_name)
     say = progress or (lambda _: None)
     fitted = {}
@@ -204,6 +223,10 @@ def calibrate_kernels(
             prologue=fam in PROLOGUE_FAMILIES,
             portable=portable,
         )
+        if fam not in wanted:
+            fitted[fam] = init
+            say(f"skipped {fam}: not asked for (its curves stay uncalibrated)")
+            continue
         try:
             rows = family_rows(tables, fam)
         except ValueError as err:
@@ -219,6 +242,8 @@ def calibrate_kernels(
         say(f"calibrated {fam} on {len(rows)} kernels")
     init = default_allreduce_curve(portable=portable)
     try:
+        if "allreduce" not in wanted:
+            raise ValueError("not asked for")
         ar = family_rows(tables, "allreduce")
     except ValueError as err:
         fitted["allreduce"] = init

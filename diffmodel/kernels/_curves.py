@@ -367,11 +367,17 @@ KERNEL_FAMILIES: tuple[str, ...] = (
     "prefill_attention",
     "decode_attention",
     "moe",
+    "moe_w4a16",
 )
 
 # Families with a fixed kernel floor; a GEMM's floor is already its occupancy at one
 # tile (fitting one gives ~0), so GEMMs keep 8 parameters.
-LATENCY_FAMILIES: tuple[str, ...] = ("prefill_attention", "decode_attention", "moe")
+LATENCY_FAMILIES: tuple[str, ...] = (
+    "prefill_attention",
+    "decode_attention",
+    "moe",
+    "moe_w4a16",
+)
 
 # Families whose kernels come with tuned tile configurations for some shapes (vLLM's
 # fused MoE), and so a compute-efficiency shift for those.
@@ -390,7 +396,9 @@ class KernelCurves(eqx.Module):
         gemm_bf16, gemm_fp8: dense GEMMs (FP8 against the FP8 peak).
         prefill_attention: causal FlashAttention over new tokens.
         decode_attention: paged attention of one query token over its KV cache.
-        moe: fused MoE (gated MLP of the routed experts).
+        moe: fused MoE (gated MLP of the routed experts), 16-bit or FP8 experts.
+        moe_w4a16: fused MoE of 4-bit MXFP4 experts at the 16-bit peak (gpt-oss;
+            vLLM's OpenAI Triton MXFP4 kernel, which takes only local experts).
         allreduce: tensor-parallel all-reduce.
         hardware: the GPU the curves were measured on (static, a catalog name).
     """
@@ -400,6 +408,7 @@ class KernelCurves(eqx.Module):
     prefill_attention: RooflineCurves
     decode_attention: RooflineCurves
     moe: RooflineCurves
+    moe_w4a16: RooflineCurves
     allreduce: AllReduceCurve
     hardware: str = eqx.field(static=True, default="h100-sxm")
 

@@ -13,7 +13,13 @@ from ..kernels._curves import (
     KernelCurves,
     RooflineCurves,
     _need,
+    default_roofline_curves,
 )
+
+# Families added after files of this format were first written: a file without one
+# loads it uncalibrated (the physical priors, portable as the file's MoE curves),
+# as calibrating a GPU without such tables leaves it.
+ADDED_FAMILIES: tuple[str, ...] = ("moe_w4a16",)
 
 
 def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
@@ -40,17 +46,24 @@ def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
 
 
 def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
-    """Inverse of :func:`curves_to_json`."""
+    """Inverse of :func:`curves_to_json` (older files lack :data:`ADDED_FAMILIES`,
+    which load uncalibrated)."""
     version = _need(obj, "format_version", "KernelCurves")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"unsupported curves format_version {version!r}; expected {FORMAT_VERSION}"
         )
+    fams = {
+        f: RooflineCurves.from_json(_need(obj, f, "KernelCurves"))
+        for f in KERNEL_FAMILIES
+        if f not in ADDED_FAMILIES or f in obj
+    }
+    for f in ADDED_FAMILIES:
+        fams.setdefault(
+            f, default_roofline_curves(latency=True, portable=fams["moe"].portable)
+        )
     return KernelCurves(
-        **{
-            f: RooflineCurves.from_json(_need(obj, f, "KernelCurves"))
-            for f in KERNEL_FAMILIES
-        },
+        **fams,
         allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),
         hardware=str(_need(obj, "hardware", "KernelCurves")),
     )

@@ -47,7 +47,9 @@ def vllm_tuned_shapes(version: str, device: str, dtype: str) -> frozenset:
 
 # Kernel sources (aiconfigurator's ``kernel_source``) of MoE kernels that take only
 # the local experts' tokens (see ``moe_kernel_work``'s ``local_only``).
-LOCAL_ONLY_MOE = ("flashinfer", "cutlass", "marlin", "trtllm")
+# OpenAI's Triton MXFP4 kernel (gpt-oss) too: chosen on H100's MXFP4 rows by held-out
+# shapes, 20% MAPE local-only against 27% over every routed slot.
+LOCAL_ONLY_MOE = ("flashinfer", "cutlass", "marlin", "trtllm", "oaitriton")
 
 
 def moe_local_only(table: pd.DataFrame) -> np.ndarray:

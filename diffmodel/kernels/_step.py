@@ -9,8 +9,9 @@ kernel floor), as aiconfigurator sums its kernel tables:
 - linear: per layer the QKV and O GEMMs of ``T = P + D`` tokens, and the dense
   gate+up and down GEMMs, or (MoE layers) the shared experts, the router and the
   fused routed experts (``curves.moe``, :func:`~diffmodel.kernels.moe_us`, uniform
-  routing); ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` with the
-  activation quantization pass where the model has one;
+  routing; MXFP4 experts ``curves.moe_w4a16``); ``curves.gemm_bf16`` or, for FP8
+  models, ``curves.gemm_fp8`` with the activation quantization pass where the model
+  has one;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
   (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
@@ -31,9 +32,10 @@ traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
 GQA models, full or sliding-window attention, with dense or MoE MLPs in 16-bit or
-FP8 (the Llama family of the public traces, Mixtral, Qwen3 MoE, Llama FP8). MLA,
-sparse attention, FP4 tensor-core GEMMs and weight-only quantized GEMMs (gpt-oss's
-MXFP4 experts) raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
+FP8, and MXFP4 routed experts at the 16-bit peak (the Llama family of the public
+traces, Mixtral, Qwen3 MoE, Llama FP8, gpt-oss). MLA, sparse attention, FP4
+tensor-core GEMMs and other weight-only quantized GEMMs raise a ``ValueError``: use
+:func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -102,12 +104,21 @@ class HostCosts(eqx.Module):
         return {t: getattr(self, f"{t}_us") for t in HOST_TERMS}
 
 
+MXFP4_BYTES = 0.53125  # 4 bits + an 8-bit scale per 32 weights
+
+
+def _mxfp4_experts(weight_bytes, compute_bytes):
+    # Experts timed by ``curves.moe_w4a16``: MXFP4 weights at the 16-bit peak.
+    xp = jnp if isinstance(weight_bytes, jax.Array) else np
+    return (xp.abs(weight_bytes - MXFP4_BYTES) <= 0.01) & (compute_bytes == 2.0)
+
+
 def check_supported(dep: Deployment) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
     in ``dep``: GQA attention (full or sliding-window) without sparse attention,
-    dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width,
-    experts tensor-parallel or one expert group per GPU (``ep`` 1 or ``t``).
-    Skipped under tracing."""
+    dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width
+    (routed experts also MXFP4 at the 16-bit peak), experts tensor-parallel or one
+    expert group per GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
     checks = {
         "kv_lora_rank": (a.kv_lora_rank, "MLA"),
@@ -124,14 +135,17 @@ def check_supported(dep: Deployment) -> None:
         if not np.isin(value, (1.0, 2.0)).all():
             found.append(f"{field} {np.unique(value).tolist()} (16-bit or FP8 only)")
     # Weight-only quantized GEMMs (4-bit weights, 16-bit operands) run kernels of
-    # their own (Marlin, OpenAI's Triton MXFP4 MoE) that no family's curves time:
-    # the 16-bit MoE curves with MXFP4's bytes miss H100's measured MXFP4 MoE rows
-    # by 73% (2-3x too slow from 256 tokens).
+    # their own: the 16-bit MoE curves with MXFP4's bytes miss H100's measured MXFP4
+    # MoE rows by 73% (2-3x too slow from 256 tokens). MXFP4 experts at the 16-bit
+    # peak (gpt-oss) have curves of their own (``curves.moe_w4a16``); dense
+    # weight-only GEMMs (Marlin) and other expert formats have none.
     for field, width in (
         ("weight_bytes", "compute_bytes"),
         ("expert_weight_bytes", "expert_compute_bytes"),
     ):
         w, c = np.asarray(getattr(a, field)), np.asarray(getattr(a, width))
+        if field == "expert_weight_bytes":
+            w = np.where(_mxfp4_experts(w, c), c, w)
         if np.any(w < 0.9 * c):
             found.append(
                 f"{field} {np.unique(w).tolist()} below {width} "
@@ -206,19 +220,28 @@ def kernel_step_time(
     shared = a.shared_ffn / t
     whole = dep.ep > 1.0
     has_experts = a.n_experts > 0
-    experts = moe_us(  # a dense model's experts are stand-ins (selected out below)
-        m,
-        d,
-        jnp.where(has_experts, a.expert_ffn, 1.0),
-        jnp.where(has_experts, a.top_k, 1.0),
-        jnp.where(has_experts, a.n_experts, 1.0),
-        curves.moe,
-        hw,
-        tp=jnp.where(whole, 1.0, t),
-        ep=dep.ep,
-        weight_bytes=a.expert_weight_bytes,
-        compute_bytes=a.expert_compute_bytes,
+    mxfp4 = _mxfp4_experts(
+        jnp.asarray(a.expert_weight_bytes), jnp.asarray(a.expert_compute_bytes)
     )
+
+    def routed(eff, local_only):  # a dense model's experts are stand-ins (below)
+        return moe_us(
+            m,
+            d,
+            jnp.where(has_experts, a.expert_ffn, 1.0),
+            jnp.where(has_experts, a.top_k, 1.0),
+            jnp.where(has_experts, a.n_experts, 1.0),
+            eff,
+            hw,
+            tp=jnp.where(whole, 1.0, t),
+            ep=dep.ep,
+            weight_bytes=a.expert_weight_bytes,
+            compute_bytes=a.expert_compute_bytes,
+            local_only=local_only,
+        )
+
+    # MXFP4 experts: OpenAI's Triton kernel, on the local experts' tokens only.
+    experts = jnp.where(mxfp4, routed(curves.moe_w4a16, 1.0), routed(curves.moe, 0.0))
     moe = (
         gemm(2.0 * shared, d, fp8)
         + gemm(d, shared, fp8)

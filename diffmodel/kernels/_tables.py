@@ -51,7 +51,17 @@ from ..kernels._work import (
 
 MS_TO_US = 1e3
 
-_DTYPE_BYTES = {"bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "fp8_block": 1.0}
+# Bytes per weight of each dtype name of the tables (MXFP4: 4 bits plus an 8-bit
+# scale per 32 weights), and the operand width of the tensor cores where it differs
+# (W4A16: 4-bit weights dequantized to the 16-bit peak).
+_DTYPE_BYTES = {
+    "bfloat16": 2.0,
+    "float16": 2.0,
+    "fp8": 1.0,
+    "fp8_block": 1.0,
+    "w4a16_mxfp4": 0.53125,
+}
+_COMPUTE_BYTES = {"w4a16_mxfp4": 2.0}
 
 GEMM_COLUMNS = ("m", "n", "k", "gemm_dtype", "latency")
 ATTENTION_COLUMNS = (
@@ -314,6 +324,12 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
     def col(name):
         return table[name].to_numpy(float)
 
+    weight = _dtype_bytes(table["moe_dtype"], "moe_dtype")
+    compute = np.where(
+        table["moe_dtype"].isin(list(_COMPUTE_BYTES)).to_numpy(bool),
+        table["moe_dtype"].map(_COMPUTE_BYTES).fillna(0.0).to_numpy(float),
+        weight,
+    )
     alpha = routing_alpha(table["distribution"])
     skewed = ~np.isnan(alpha)
     loads = None
@@ -348,7 +364,8 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         hw,
         tp=jnp.asarray(col("moe_tp_size")),
         ep=jnp.asarray(col("moe_ep_size")),
-        weight_bytes=jnp.asarray(_dtype_bytes(table["moe_dtype"], "moe_dtype")),
+        weight_bytes=jnp.asarray(weight),
+        compute_bytes=jnp.asarray(compute),
         routing="balanced",
         tuned=jnp.asarray(vllm_tuned_moe(table, strict=False)),
         loads=loads,

@@ -110,3 +110,42 @@ def test_per_wave_cost_is_recovered_at_its_own_scale():
         options=dk.FitOptions(adam_steps=300, lbfgs_steps=50),
     )
     assert float(fitted.unit_ns) == pytest.approx(3000.0, rel=0.05)
+
+
+@needs_db
+def test_mxfp4_experts_are_calibrated_on_their_own_rows():
+    """gpt-oss's MXFP4 MoE rows (OpenAI's Triton kernel, vLLM 0.24.0 on H100) make
+    the ``moe_w4a16`` family; calibrated on 75% of the expert layouts it predicts
+    the other 25% far better than its priors. ``families=`` fits only the named
+    ones and says so for the rest."""
+    tables = dk.load_system_tables("h100_sxm", "vllm", families=("moe",))
+    rows = dk.family_rows(tables, "moe_w4a16")
+    assert set(rows["moe_dtype"]) == {"w4a16_mxfp4"}
+    assert rows["kernel_source"].str.contains("oaitriton").all()
+    test = held_out_split(rows, ["num_experts", "moe_tp_size", "moe_ep_size"])
+    fit, held = rows[~test], rows[test]
+    init = init_curves("moe_w4a16")
+    curves = fit_roofline_curves(
+        family_work("moe_w4a16", fit, H100),
+        fit["latency_us"].to_numpy(float),
+        init,
+        options=FitOptions(adam_steps=300, lbfgs_steps=100),
+    )
+    work = family_work("moe_w4a16", held, H100)
+    y = held["latency_us"].to_numpy(float)
+    before, after = mape(work.time_us(init), y), mape(work.time_us(curves), y)
+    assert after < 30.0 and after < 0.6 * before
+    lines = []
+    only = dk.calibrate_kernels(
+        {"moe": fit},
+        families=("moe_w4a16",),
+        options=FitOptions(adam_steps=3, lbfgs_steps=0),
+        progress=lines.append,
+    )
+    assert (
+        lines[-1] == "skipped allreduce: not asked for (its curve stays uncalibrated)"
+    )
+    assert any(line.startswith("calibrated moe_w4a16 on") for line in lines)
+    assert eqx.tree_equal(only.moe, init_curves("moe"))
+    with pytest.raises(ValueError, match=r"families \['mxfp4'\] are unknown"):
+        dk.calibrate_kernels({"moe": fit}, families=("mxfp4",))

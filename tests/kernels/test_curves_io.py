@@ -39,7 +39,13 @@ def test_portable_json_round_trip_is_exact(tmp_path):
     curves = type(curves)(
         **{
             f: getattr(curves, f)
-            for f in ("gemm_fp8", "prefill_attention", "decode_attention", "moe")
+            for f in (
+                "gemm_fp8",
+                "prefill_attention",
+                "decode_attention",
+                "moe",
+                "moe_w4a16",
+            )
         },
         gemm_bf16=dk.default_roofline_curves(portable=True, cache=True),
         allreduce=curves.allreduce,
@@ -52,6 +58,27 @@ def test_portable_json_round_trip_is_exact(tmp_path):
         assert float(a) == float(b)
     path = dk.save_curves(curves, tmp_path / "c.json")
     assert dk.load_curves(path).gemm_bf16.portable
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_files_from_before_the_mxfp4_family_load_it_uncalibrated(portable):
+    """Curves files written before ``moe_w4a16`` existed load with that family at
+    its uncalibrated priors, portable as the file's MoE curves; every other family
+    as written."""
+    curves = jax.tree.map(lambda x: x + 0.25, default_kernel_curves(portable=portable))
+    obj = curves_to_json(curves)
+    del obj["moe_w4a16"]
+    back = curves_from_json(obj)
+    prior = dk.default_roofline_curves(latency=True, portable=portable)
+    assert back.moe_w4a16.portable == portable
+    for a, b in zip(
+        jax.tree.leaves(back.moe_w4a16), jax.tree.leaves(prior), strict=True
+    ):
+        assert float(a) == float(b)
+    for a, b in zip(
+        jax.tree.leaves(back.moe), jax.tree.leaves(curves.moe), strict=True
+    ):
+        assert float(a) == float(b)
 
 
 def test_files_with_the_softplus_unit_cost_still_load():

@@ -16,7 +16,12 @@ from diffmodel._fitting._fit import step_data
 from diffmodel._fitting._laplace import IdentifiabilityWarning
 from diffmodel.kernels import default_kernel_curves
 from diffmodel.kernels._moe import moe_kernel_work, moe_us
-from diffmodel.kernels._step import HostCosts, host_features, kernel_step_time
+from diffmodel.kernels._step import (
+    HostCosts,
+    _gemm_us,
+    host_features,
+    kernel_step_time,
+)
 from diffmodel.kernels._work import allreduce_kernel_us, gemm_kernel_work, gemm_us
 from tests.helpers import assert_grad_matches_fd, one_step
 
@@ -150,8 +155,9 @@ def test_sliding_window_layers_read_at_most_their_window():
 
 def test_weight_only_4bit_experts_read_fewer_bytes_at_the_16bit_peak():
     """gpt-oss's MXFP4 experts compute at 16 bits: the MoE work has the 16-bit peak
-    and its weights 0.53125 bytes each. No calibrated curve times that kernel, so
-    the kernel sum refuses the model, naming the field."""
+    and its weights 0.53125 bytes each. The kernel sum times them on their own
+    curves (``moe_w4a16``: OpenAI's Triton kernel, local experts only); other
+    weight-only formats have no curves and are refused, naming the field."""
     dep = _dep("openai/gpt-oss-120b", 1)
     hw = dep.hw
     kw = dict(tp=1.0, ep=1.0)
@@ -162,13 +168,28 @@ def test_weight_only_4bit_experts_read_fewer_bytes_at_the_16bit_peak():
     assert float(mx.flops) == float(bf.flops)
     assert float(mx.bytes) < 0.4 * float(bf.bytes)
     stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
-    with pytest.raises(ValueError, match=r"expert_weight_bytes \[0.53125\] below"):
-        kernel_step_time(stats, dep, CURVES)
-    # Unchecked (under tracing), the step reads the narrower weights.
-    b = kernel_step_time(stats, dep, CURVES, check=False)
-    wide = kernel_step_time(stats, _with_arch(dep, expert_weight_bytes=2.0), CURVES)
-    assert float(b.linear) < float(wide.linear)
+    # Distinct curves for the MXFP4 family: its experts are timed by them alone.
+    curves = dataclasses.replace(
+        CURVES, moe_w4a16=jax.tree.map(lambda x: x + 0.3, CURVES.moe)
+    )
+    b = kernel_step_time(stats, dep, curves)
+    no_moe = kernel_step_time(stats, _with_arch(dep, moe_layers=0.0), curves)
+    a = dep.arch
+    routed = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts,
+                    curves.moe_w4a16, hw, tp=1.0, ep=1.0, weight_bytes=0.53125,
+                    compute_bytes=2.0, local_only=1.0)  # fmt: skip
+    router = _gemm_us(64.0, a.n_experts, a.hidden, False, 0.0, curves, hw, 2.0)
+    per_layer = float(b.linear - no_moe.linear) / float(a.moe_layers)
+    assert per_layer == pytest.approx(float(routed + router), rel=1e-6)
+    wide = kernel_step_time(stats, _with_arch(dep, expert_weight_bytes=2.0), curves)
+    assert float(b.linear) != float(wide.linear)
     assert float(b.attention_decode) == float(wide.attention_decode)
+    # Other 4-bit expert formats (int4 weight-only, 0.5 bytes) and weight-only
+    # dense GEMMs have no curves.
+    with pytest.raises(ValueError, match=r"expert_weight_bytes \[0.5\] below"):
+        kernel_step_time(stats, _with_arch(dep, expert_weight_bytes=0.5), curves)
+    with pytest.raises(ValueError, match=r"weight_bytes \[0.53125\] below"):
+        kernel_step_time(stats, _with_arch(_dep(), weight_bytes=0.53125), curves)
     fp8_blocks = _with_arch(_dep(), compute_bytes=1.0, weight_bytes=1 + 4 / 16384)
     assert float(kernel_step_time(stats, fp8_blocks, CURVES).total) > 0.0
 
