@@ -2,7 +2,8 @@
 
 For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
 ``decode_attention``, ``moe``, ``moe_w4a16``, ``allreduce``) and each GPU system of
-the installed ``aiconfigurator-core`` database (vLLM tables where the system has them, else SGLang):
+the installed ``aiconfigurator-core`` database (vLLM tables where the system has
+them, else SGLang):
 
 - ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
   shapes), MAPE on the other 25%;
