@@ -54,6 +54,7 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 import diffmodel as dm
+import diffmodel.kernels as dk
 from diffmodel import FACTOR_SPECS, mape
 from diffmodel.kernels import (
     attention_dims,
@@ -218,6 +219,62 @@ def fit_params(w: dict[str, np.ndarray], y_us: np.ndarray) -> np.ndarray:
     return res.x
 
 
+# GEMM types the kernel sum times (FP4 tensor cores have no curves there).
+KERNEL_SUM_GEMMS = ("bfloat16", "fp8_block")
+
+
+def system_curves(system: str, hw_name: str):
+    """The kernel sum's curves of one GPU, calibrated on its own newest vLLM tables
+    (GEMMs, GQA attention, MoE, all-reduce; never an MLA row)."""
+    tables = dk.load_system_tables(system, "vllm", skip_missing=True)
+    return dk.calibrate_kernels(tables, hardware_name=hw_name)
+
+
+def kernel_sum_us(op: str, rows: pd.DataFrame, hw: dm.Hardware, curves) -> np.ndarray:
+    """The measured module of each row priced by ``dm.kernels.kernel_step_time``: one
+    MLA layer without its MLP, the step's projections and attention (the module's
+    KV write, norms and RoPE are the kernel sum's host cost, not counted)."""
+    (combo,) = rows[DTYPE_KEYS].drop_duplicates().itertuples(index=False)
+    _, kv_dtype, gemm_type = combo
+    one = tuple(jnp.asarray(v, float) for v in (1.0, 0.0, 0.0))
+    a = eqx.tree_at(
+        lambda x: (x.n_layers, x.dense_layers, x.moe_layers),
+        module_arch(gemm_type, kv_dtype),
+        one,
+    )
+    b = rows["batch_size"].to_numpy(float)
+    zero = np.zeros_like(b)
+    if op == "context":
+        s = rows["isl"].to_numpy(float)
+        new = dict(prefill_tokens=b * s, num_prefill=b, attn_prefill=b * s * s / 2.0)
+        new.update(decode_tokens=zero, num_decode=zero, kv_decode=zero)
+    else:
+        new = dict(
+            decode_tokens=b, num_decode=b, kv_decode=b * rows["step"].to_numpy(float)
+        )
+        new.update(prefill_tokens=zero, num_prefill=zero, attn_prefill=zero)
+    stats = dm.BatchStats(
+        **{k: jnp.asarray(v) for k, v in new.items()}, kv_prefill=jnp.asarray(zero)
+    )
+    t = FULL_HEADS / rows["num_heads"].to_numpy(float)
+    dep = dm.Deployment(
+        arch=a, hw=hw, tp=jnp.asarray(t), ep=jnp.ones_like(jnp.asarray(t))
+    )
+    out = dk.kernel_step_time(stats, dep, curves)
+    return np.asarray(out.linear + out.attention_prefill + out.attention_decode)
+
+
+def fit_fixed_us(kernel_sum: np.ndarray, y_us: np.ndarray) -> float:
+    """The fixed cost per module, us (>= 0), that brings the kernel sum closest to
+    the measured times on log ratios: the module's work outside the kernel tables
+    (norms, RoPE, the KV write, an eager forward's launches)."""
+    log_y = np.log(y_us)
+    res = least_squares(
+        lambda c: np.log(kernel_sum + c[0]) - log_y, [10.0], bounds=([0.0], [np.inf])
+    )
+    return float(res.x[0])
+
+
 def _cat(works: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([w[k] for w in works]) for k in works[0]}
 
@@ -243,8 +300,11 @@ def _line(op, system, dtype, protocol, y, prior, fitted, params) -> dict:
     }
 
 
-def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.DataFrame:
-    """Every (op, dtype combination, system) line of both protocols."""
+def evaluate(
+    tables, hardware: dict[str, dm.Hardware], max_rows=None, curves=None
+) -> pd.DataFrame:
+    """Every (op, dtype combination, system) line of both protocols, and of the
+    kernel sum where ``curves`` (per system) are given."""
     lines = []
     for op in OPS:
         combos = sorted(
@@ -287,6 +347,28 @@ def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.Data
                 _log(
                     f"{op} {dtype} {system}: held-out {time.perf_counter() - t0:.1f} s"
                 )
+            sums = {}
+            if curves is not None and combo[2] in KERNEL_SUM_GEMMS:
+                sums = {
+                    system: kernel_sum_us(op, rows, hardware[system], curves[system])
+                    for system, (rows, _) in data.items()
+                }
+            for system, ks in sums.items():
+                rows, w = data[system]
+                y = rows["latency_us"].to_numpy(float)
+                prior = predict_us(PRIOR, w)
+                line = _line(op, system, dtype, "kernel sum", y, prior, ks, PRIOR)
+                lines.append({**line, "params": "the GPU's GEMM and GQA curves"})
+                if len(sums) < 2:
+                    continue
+                others = [s for s in sums if s != system]
+                fixed = fit_fixed_us(
+                    np.concatenate([sums[s] for s in others]),
+                    np.concatenate([data[s][0]["latency_us"] for s in others]),
+                )
+                protocol = "kernel sum + fixed cost (other GPUs)"
+                line = _line(op, system, dtype, protocol, y, prior, ks + fixed, PRIOR)
+                lines.append({**line, "params": f"fixed_us={fixed:.3g}"})
             if len(data) < 2:
                 continue
             for system, (rows, w) in data.items():
@@ -370,11 +452,14 @@ def main(
     version: str = "0.24.0",
     systems=None,
     max_rows: int | None = None,
+    kernel_sum: bool = True,
 ) -> pd.DataFrame:
     """Run the validation, write ``mla_kernels.csv``, ``mla_kernels.md`` and its
     per-op summary ``mla_kernels_summary.md`` to
     ``out``, print and return the table. ``max_rows`` subsamples each (system, op,
-    dtype) table (seed 0), for a quick run; ``systems`` restricts the systems."""
+    dtype) table (seed 0), for a quick run; ``systems`` restricts the systems;
+    ``kernel_sum``: also price every row with the kernel sum (calibrates each
+    system's curves on its own tables first, about 30 s a system)."""
     jax.config.update("jax_enable_x64", True)
     t0 = time.perf_counter()
     root = pathlib.Path(data) if data is not None else aic_data_dir()
@@ -383,7 +468,16 @@ def main(
         raise SystemExit(f"no vLLM {version} MLA module tables under {root}")
     _log(f"systems with vLLM {version} MLA module tables: {', '.join(tables)}")
     hardware = {s: dm.hardware(s) for s in tables}
-    table = evaluate(tables, hardware, max_rows)
+    curves = None
+    if kernel_sum:
+        curves = {}
+        for s in tables:
+            t1 = time.perf_counter()
+            curves[s] = system_curves(s, s)
+            _log(
+                f"{s}: kernel-sum curves calibrated in {time.perf_counter() - t1:.0f} s"
+            )
+    table = evaluate(tables, hardware, max_rows, curves)
     return write_results(table, out, "mla_kernels", t0)
 
 
@@ -398,6 +492,9 @@ if __name__ == "__main__":
     parser.add_argument("--version", default="0.24.0", help="vLLM version folder")
     parser.add_argument("--systems", nargs="*", default=None, help="system folders")
     parser.add_argument("--max-rows", type=int, default=None, help="rows per table")
+    parser.add_argument(
+        "--no-kernel-sum", action="store_true", help="skip the kernel-sum protocol"
+    )
     args = parser.parse_args()
     main(
         out=args.out,
@@ -405,4 +502,5 @@ if __name__ == "__main__":
         version=args.version,
         systems=args.systems,
         max_rows=args.max_rows,
+        kernel_sum=not args.no_kernel_sum,
     )

@@ -66,6 +66,25 @@ def test_prior_prediction_is_the_sum_of_rooflines(script):
     assert np.isfinite(t)
 
 
+def test_kernel_sum_prices_the_module_rows_and_the_fixed_cost_is_recovered(script):
+    """The kernel sum of a module row is one MLA layer's projections and attention
+    (no MLP, no all-reduce); the fixed cost fitted to times that exceed it by a
+    constant is that constant."""
+    hw = dm.hardware("h100-sxm")
+    curves = dm.kernels.default_kernel_curves("h100-sxm")
+    ctx = _row(num_heads=16, batch_size=2, isl=1000, step=0, gemm_type="fp8_block")
+    gen = _row(num_heads=16, batch_size=64, isl=1, step=4000)
+    ks_ctx = script.kernel_sum_us("context", ctx, hw, curves)
+    ks_gen = script.kernel_sum_us("generation", gen, hw, curves)
+    assert ks_ctx.shape == ks_gen.shape == (1,)
+    assert np.all(ks_ctx > 0) and np.all(ks_gen > 0)
+    # A longer context costs more in decode; more prompt tokens more in prefill.
+    longer = script.kernel_sum_us("generation", gen.assign(step=8000), hw, curves)
+    assert longer[0] > ks_gen[0]
+    ks = np.array([10.0, 50.0, 200.0, 1000.0])
+    assert script.fit_fixed_us(ks, ks + 40.0) == pytest.approx(40.0, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_main_on_a_subset(script, tmp_path):
     pytest.importorskip("aiconfigurator_core")
@@ -73,5 +92,10 @@ def test_main_on_a_subset(script, tmp_path):
     md = (tmp_path / "mla_kernels.md").read_text()
     assert md.startswith("| op | system | dtype | protocol |")
     assert (tmp_path / "mla_kernels.csv").is_file()
-    assert set(table["protocol"]) == {"held-out shapes", "leave-one-GPU-out"}
+    assert set(table["protocol"]) == {
+        "held-out shapes",
+        "leave-one-GPU-out",
+        "kernel sum",
+        "kernel sum + fixed cost (other GPUs)",
+    }
     assert np.isfinite(table[["uncalibrated_mape", "calibrated_mape"]].to_numpy()).all()

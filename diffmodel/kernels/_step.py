@@ -12,6 +12,13 @@ kernel floor), as aiconfigurator sums its kernel tables:
   routing; MXFP4 experts ``curves.moe_w4a16``); ``curves.gemm_bf16`` or, for FP8
   models, ``curves.gemm_fp8`` with the activation quantization pass where the model
   has one;
+- MLA (DeepSeek): the replicated ``q_a + kv_a`` down-projection, ``q_b``, ``kv_b``
+  (in decode the absorbed BMMs, the same FLOPs and weights; prefill chunks also
+  up-project their cached tokens' latents) and ``o_proj`` on the GEMM curves;
+  prefill attention as multi-head attention on the up-projected 16-bit keys and
+  values, decode attention as every head reading the one latent ``c + r`` of each
+  cached token, on the attention curves (validated against vLLM's measured MLA
+  modules in ``experiments/mla_kernels.py``);
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
   (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
@@ -31,11 +38,11 @@ properties of the serving stack, not of the GPU, so a fit of them on one GPU's
 traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
-GQA models, full or sliding-window attention, with dense or MoE MLPs in 16-bit or
-FP8, and MXFP4 routed experts at the 16-bit peak (the Llama family of the public
-traces, Mixtral, Qwen3 MoE, Llama FP8, gpt-oss). MLA, sparse attention, FP4
-tensor-core GEMMs and other weight-only quantized GEMMs raise a ``ValueError``: use
-:func:`diffmodel.step_time` for them.
+GQA or MLA models, full or sliding-window attention, with dense or MoE MLPs in
+16-bit or FP8, and MXFP4 routed experts at the 16-bit peak (the Llama family of the
+public traces, Mixtral, Qwen3 MoE, Llama FP8, DeepSeek-V3, gpt-oss). Sparse
+attention, FP4 tensor-core GEMMs and other weight-only quantized GEMMs raise a
+``ValueError``: use :func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -46,16 +53,14 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
-from .._model._layers import windowed_attention
-from .._model._physics import act_quant_bytes
+from .._model._layers import attention_dims, is_mla, windowed_attention
+from .._model._physics import act_quant_bytes, attention_work_dims
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._moe import moe_us
 from ._work import (
     _work,
     allreduce_kernel_us,
-    attention_work,
-    decode_attention_us,
     gemm_kernel_work,
 )
 
@@ -115,15 +120,12 @@ def _mxfp4_experts(weight_bytes, compute_bytes):
 
 def check_supported(dep: Deployment) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
-    in ``dep``: GQA attention (full or sliding-window) without sparse attention,
+    in ``dep``: GQA or MLA attention (full or sliding-window), no sparse attention,
     dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width
     (routed experts also MXFP4 at the 16-bit peak), experts tensor-parallel or one
     expert group per GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
-    checks = {
-        "kv_lora_rank": (a.kv_lora_rank, "MLA"),
-        "index_layers": (a.index_layers, "sparse attention"),
-    }
+    checks = {"index_layers": (a.index_layers, "sparse attention")}
     found = []
     for field, (value, what) in checks.items():
         if isinstance(value, jax.core.Tracer):
@@ -157,8 +159,8 @@ def check_supported(dep: Deployment) -> None:
     if found:
         raise ValueError(
             f"kernel_step_time: the architecture has {', '.join(found)}; it times "
-            "GQA models with dense or MoE MLPs on 16-bit or FP8 tensor cores, use "
-            "diffmodel.step_time"
+            "GQA or MLA models with dense or MoE MLPs on 16-bit or FP8 tensor cores, "
+            "use diffmodel.step_time"
         )
 
 
@@ -208,12 +210,31 @@ def kernel_step_time(
     runs = tokens > 0
     gate = jnp.where(runs, 1.0, 0.0)
     m = jnp.maximum(tokens, 1.0)  # a GEMM of no rows is not run (gated below)
+    fp8 = a.compute_bytes == 1.0
 
     def gemm(n, k, fp8, w=a.weight_bytes):  # m rows, 0 where absent (n k = 0)
         return _gemm_us(m, n, k, fp8, a.quant_passes, curves, hw, w)
 
-    fp8 = a.compute_bytes == 1.0
-    attn = gemm((qh + 2.0 * kvh) * dh, d, fp8) + gemm(d, qh * dh, fp8)
+    def gemm_rows(rows, n, k):  # the model's GEMM of other rows (> 0 where used)
+        rows = jnp.maximum(rows, 1.0)
+        return _gemm_us(rows, n, k, fp8, a.quant_passes, curves, hw, a.weight_bytes)
+
+    mla = is_mla(a)
+    gqa_attn = gemm((qh + 2.0 * kvh) * dh, d, fp8) + gemm(d, qh * dh, fp8)
+    # MLA (as vLLM runs it): the replicated q_a + kv_a down-projection, q_b, kv_b
+    # (in decode the absorbed W_UK / W_UV BMMs: the same FLOPs and weights), o_proj;
+    # prefill chunks after cached tokens up-project those tokens' latents too.
+    c, r, ql, v = a.kv_lora_rank, a.qk_rope_dim, a.q_lora_rank, a.v_head_dim
+    up = qh * (dh - r + v)
+    cached = stats.kv_prefill
+    mla_attn = (
+        gemm(jnp.where(ql > 0, ql, qh * dh) + c + r, d, fp8)
+        + gemm(qh * dh, ql, fp8)
+        + gemm(up, c, fp8)
+        + gemm(d, qh * v, fp8)
+        + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0)
+    )
+    attn = jnp.where(mla, mla_attn, gqa_attn)
     mlp = gemm(2.0 * ffn, d, fp8) + gemm(d, ffn, fp8)
     # MoE layers: shared experts, the router (16-bit) and the fused routed experts
     # (whole experts per GPU when ep = t, else each expert split t ways).
@@ -259,8 +280,18 @@ def kernel_step_time(
     n_win = a.window_layers
     w_pairs, w_read, w_dec, _ = windowed_attention(stats, a.window, a.sink_tokens)
 
+    # MLA prefill is multi-head attention on up-projected 16-bit keys and values
+    # (query-key size dh, value size v, every head its own KV); MLA decode is
+    # absorbed: every head reads the one latent (c + r) of each cached token.
+    dims = attention_dims(a, t)
+    pf_width = jnp.where(mla, qh * (dims.prefill_qk + dims.prefill_v), dims.kv_width)
+    pf_kv_bytes = jnp.where(mla, a.act_bytes, a.kv_bytes)
+
     def prefill_us(pairs, kv_tokens):
-        f, b = attention_work(pairs, kv_tokens, p, qh, kvh, dh, a.kv_bytes)
+        f, b = attention_work_dims(
+            pairs, kv_tokens, p, qh, dims.prefill_qk, dims.prefill_v, pf_width,
+            pf_kv_bytes,
+        )  # fmt: skip
         work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles)
         return jnp.where(p > 0, work.time_us(curves.prefill_attention), 0.0)
 
@@ -271,20 +302,12 @@ def kernel_step_time(
     seqs = jnp.maximum(n_dec, 1.0)
 
     def decode_us(kv_tokens):
-        return jnp.where(
-            n_dec > 0,
-            decode_attention_us(
-                seqs,
-                kv_tokens / seqs,
-                qh,
-                kvh,
-                dh,
-                curves.decode_attention,
-                hw,
-                a.kv_bytes,
-            ),
-            0.0,
-        )
+        f, b = attention_work_dims(
+            kv_tokens, kv_tokens, seqs, qh, dims.decode_qk, dims.decode_v,
+            dims.kv_width, a.kv_bytes,
+        )  # fmt: skip
+        work = _work(f, b, hw.flops_16, hw, seqs * jnp.where(mla, 1.0, kvh))
+        return jnp.where(n_dec > 0, work.time_us(curves.decode_attention), 0.0)
 
     decode = (n_layers - n_win) * decode_us(stats.kv_decode) + n_win * decode_us(w_dec)
     allreduce = 2.0 * allreduce_kernel_us(m * d * a.act_bytes, t, curves.allreduce, hw)

@@ -22,7 +22,12 @@ from diffmodel.kernels._step import (
     host_features,
     kernel_step_time,
 )
-from diffmodel.kernels._work import allreduce_kernel_us, gemm_kernel_work, gemm_us
+from diffmodel.kernels._work import (
+    _work,
+    allreduce_kernel_us,
+    gemm_kernel_work,
+    gemm_us,
+)
 from tests.helpers import assert_grad_matches_fd, one_step
 
 CURVES = default_kernel_curves()
@@ -118,11 +123,71 @@ def _with_arch(dep, **fields):
 
 def test_models_it_cannot_time_are_refused():
     one = one_step(decode_tokens=1, num_decode=1)
-    with pytest.raises(ValueError, match="MLA"):
-        kernel_step_time(one, _dep("deepseek-v3", 8), CURVES)
+    with pytest.raises(ValueError, match=r"sparse attention \(index_layers > 0\)"):
+        kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
     fp4 = _with_arch(_dep(), compute_bytes=0.5, weight_bytes=0.5625)
     with pytest.raises(ValueError, match=r"compute_bytes \[0.5\] \(16-bit or FP8"):
         kernel_step_time(one, fp4, CURVES)
+
+
+def _attention_only(dep):
+    """``dep`` with one layer and no MLP: the step's linear is its projections."""
+    return _with_arch(dep, n_layers=1.0, dense_layers=0.0, moe_layers=0.0)
+
+
+def test_mla_layers_at_hand_shapes():
+    """DeepSeek-V3 at TP 8 (16 heads per GPU, FP8 block GEMMs with one quantization
+    pass). Projections: q_a + kv_a ``[T, 7168] @ [7168, 1536 + 512 + 64]``
+    (replicated), q_b ``[1536, 16 x 192]``, kv_b ``[512, 16 x (128 + 128)]``, o_proj
+    ``[16 x 128, 7168]``, and kv_b again over a prefill chunk's cached tokens.
+    Decode attention: 16 heads read the one latent of 576 per token (``2 x 16 x (576
+    + 512)`` FLOPs a pair); prefill: multi-head attention with 192/128 per head on
+    16-bit up-projected keys and values."""
+    dep = _attention_only(_dep("deepseek-ai/DeepSeek-V3", 8, "h200"))
+    hw, a = dep.hw, dep.arch
+
+    def gemms(rows, shapes):
+        return sum(
+            float(_gemm_us(rows, n, k, True, 1.0, CURVES, hw, a.weight_bytes))
+            for n, k in shapes
+        )
+
+    shapes = [(2112, 7168), (3072, 1536), (4096, 512), (7168, 2048)]
+    dec = one_step(decode_tokens=32, num_decode=32, kv_decode=32 * 4000)
+    b = kernel_step_time(dec, dep, CURVES)
+    assert float(b.linear) == pytest.approx(gemms(32.0, shapes), rel=1e-12)
+    k = 32 * 4000
+    f = 2 * 16 * (576 + 512) * k
+    by = 576 * 2.0 * k + 16 * (576 + 512) * 2.0 * 32
+    want = _work(f, by, hw.flops_16, hw, 32.0).time_us(CURVES.decode_attention)
+    assert float(b.attention_decode) == pytest.approx(float(want), rel=1e-12)
+    # A 1000-token chunk after 3000 cached tokens: kv_b over the cached 3000 too.
+    pf = one_step(
+        prefill_tokens=1000, num_prefill=1, kv_prefill=3000,
+        attn_prefill=1000 * (3000 + 500),
+    )  # fmt: skip
+    b = kernel_step_time(pf, dep, CURVES)
+    extra = gemms(3000.0, [(4096, 512)])
+    assert float(b.linear) == pytest.approx(gemms(1000.0, shapes) + extra, rel=1e-12)
+    f = 2 * 16 * (192 + 128) * 1000 * 3500
+    by = 16 * (192 + 128) * 2.0 * 4000 + 16 * (192 + 128) * 2.0 * 1000
+    tiles = np.ceil(1000 / 128)
+    want = _work(f, by, hw.flops_16, hw, 16 * tiles).time_us(CURVES.prefill_attention)
+    assert float(b.attention_prefill) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_gradient_through_mla_step():
+    dep = _dep("deepseek-ai/DeepSeek-V3", 8, "h200")
+
+    def total(x):
+        stats = dm.BatchStats(
+            prefill_tokens=x[0], decode_tokens=x[1], num_prefill=jnp.asarray(1.0),
+            num_decode=jnp.asarray(16.0), kv_decode=x[2], attn_prefill=x[0] * x[0] / 2,
+            kv_prefill=x[3],
+        )  # fmt: skip
+        return kernel_step_time(stats, dep, CURVES, check=False).total
+
+    assert_grad_matches_fd(total, np.array([500.0, 16.0, 48000.0, 1000.0]), rtol=1e-5)
 
 
 def test_sliding_window_layers_read_at_most_their_window():
