@@ -60,6 +60,8 @@ def _cmd_calibrate(args) -> int:
     if args.pool:
         if args.absolute:
             raise ValueError("--absolute: pooled curves are portable only")
+        if args.families:
+            raise ValueError("--families: pooled curves fit every family")
         curves = _pooled_curves(args, system, say)
         path = save_curves(curves, pathlib.Path(args.out))
         print(f"wrote {path}")
@@ -75,6 +77,7 @@ def _cmd_calibrate(args) -> int:
         options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
         portable=not args.absolute,
         progress=say,
+        families=tuple(args.families) if args.families else None,
     )
     path = save_curves(curves, pathlib.Path(args.out))
     print(f"wrote {path}")
@@ -99,6 +102,9 @@ def _pooled_curves(args, system: str, say):
 
 def add_parser(subparsers) -> None:
     """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
+    from ..kernels._curves import KERNEL_FAMILIES
+
+    families = (*KERNEL_FAMILIES, "allreduce")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "kernels",
@@ -133,9 +139,26 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--version", default=None, help="backend version (default: newest per family)"
     )
-    p.add_argument("--out", required=True, metavar="CURVES.json")
-    p.add_argument("--adam-steps", type=int, default=800)
-    p.add_argument("--lbfgs-steps", type=int, default=100)
+    p.add_argument(
+        "--out", required=True, metavar="CURVES.json", help="where to write the curves"
+    )
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=families,
+        metavar="FAMILY",
+        help=f"fit only these ({', '.join(families)}); the others are written "
+        "uncalibrated (default: every family)",
+    )
+    p.add_argument(
+        "--adam-steps", type=int, default=800, help="Adam steps per family's fit"
+    )
+    p.add_argument(
+        "--lbfgs-steps",
+        type=int,
+        default=100,
+        help="L-BFGS steps per family's fit, after Adam",
+    )
     p.add_argument(
         "--absolute",
         action="store_true",

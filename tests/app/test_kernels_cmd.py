@@ -47,3 +47,22 @@ def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):
     assert "pool: ['nope'] not in the kernel database" in capsys.readouterr().err
     assert cli_main(base + ["--pool", "a100_sxm", "--absolute"]) == 1
     assert "pooled curves are portable only" in capsys.readouterr().err
+
+
+@needs_db
+def test_cli_calibrate_only_some_families(tmp_path, capsys):
+    """``--families``: fit the named ones, write the rest uncalibrated and say so;
+    an unknown name is refused by argparse, with --pool by name."""
+    path = tmp_path / "mxfp4.json"
+    argv = ["calibrate", "--system", "h100_sxm", "--out", str(path)]
+    tiny = ["--adam-steps", "2", "--lbfgs-steps", "0"]
+    assert cli_main(argv + ["--families", "moe_w4a16"] + tiny) == 0
+    err = capsys.readouterr().err
+    assert "calibrated moe_w4a16 on 1944 kernels" in err
+    assert "skipped gemm_bf16: not asked for" in err
+    curves = dk.load_curves(path)
+    assert curves.moe_w4a16.portable
+    assert cli_main(argv + ["--families", "mxfp4"]) == 2
+    assert "--families: invalid choice: 'mxfp4'" in capsys.readouterr().err
+    assert cli_main(argv + ["--families", "moe", "--pool", "others"]) == 1
+    assert "--families: pooled curves fit every family" in capsys.readouterr().err
