@@ -102,9 +102,8 @@ def _pooled_curves(args, system: str, say):
 
 def add_parser(subparsers) -> None:
     """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
-    from ..kernels._curves import KERNEL_FAMILIES
+    from .._kernel_families import ALL_FAMILIES as families
 
-    families = (*KERNEL_FAMILIES, "allreduce")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
         "kernels",

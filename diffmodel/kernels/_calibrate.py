@@ -12,6 +12,7 @@ import pandas as pd
 from jaxtyping import ArrayLike
 
 from .._fitting._optimise import minimise
+from .._kernel_families import ALL_FAMILIES
 from .._metrics import log_ratio_loss
 from .._model._arch import architecture
 from .._model._factors import FACTOR_SPECS, Factors
@@ -147,7 +148,7 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     naming the family when ``tables`` lacks it or none of its rows qualify (never a
     silent zero-row family).
     """
-    known = list(KERNEL_FAMILIES) + ["allreduce"]
+    known = list(ALL_FAMILIES)
     if family not in known:
         raise ValueError(f"unknown family {family!r}; expected one of {known}")
     source = _source(family)
@@ -208,7 +209,7 @@ def calibrate_kernels(
     :data:`KERNEL_FAMILIES` or ``"allreduce"``); the others keep their
     uncalibrated curves, reported as not asked for.
     """
-    known = (*KERNEL_FAMILIES, "allreduce")
+    known = ALL_FAMILIES
     wanted = known if families is None else tuple(families)
     unknown = sorted(set(wanted) - set(known))
     if unknown:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from .._kernel_families import ALL_FAMILIES, KERNEL_FAMILIES
+
 FORMAT_VERSION = 1
 # The smallest size a curve takes (its unit: FLOP, byte, us at peak, waves).
 MIN_SIZE = 1e-9
@@ -361,15 +363,6 @@ class AllReduceCurve(eqx.Module):
         )
 
 
-KERNEL_FAMILIES: tuple[str, ...] = (
-    "gemm_bf16",
-    "gemm_fp8",
-    "prefill_attention",
-    "decode_attention",
-    "moe",
-    "moe_w4a16",
-)
-
 # Families with a fixed kernel floor; a GEMM's floor is already its occupancy at one
 # tile (fitting one gives ~0), so GEMMs keep 8 parameters.
 LATENCY_FAMILIES: tuple[str, ...] = (
@@ -424,9 +417,7 @@ class KernelCurves(eqx.Module):
         sizes hold the measured GPU's scale and raise ``ValueError``."""
         from .._model._hardware import canonical_hardware
 
-        absolute = [
-            f for f in (*KERNEL_FAMILIES, "allreduce") if not getattr(self, f).portable
-        ]
+        absolute = [f for f in ALL_FAMILIES if not getattr(self, f).portable]
         if absolute:
             raise ValueError(
                 f"curves of {self.hardware!r} for {absolute} are in absolute sizes "

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from .._kernel_families import ALL_FAMILIES as FAMILIES
 from .._model._hardware import canonical_hardware, hardware, hardware_system
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import (
-    KERNEL_FAMILIES,
     LATENCY_FAMILIES,
     PROLOGUE_FAMILIES,
     TUNED_FAMILIES,
@@ -31,7 +31,6 @@ from ._curves import (
 from ._pooled import N_OFFSETS, fit_folds, fold, shifted
 from ._work import allreduce_kernel_us
 
-FAMILIES = (*KERNEL_FAMILIES, "allreduce")
 Kernel = tuple[str, str] | None
 
 

@@ -1,0 +1,15 @@
+"""The kernel families' names, without importing JAX (the command line's ``--help``
+lists them): one set of calibrated curves per family
+(:class:`~diffmodel.kernels.KernelCurves`)."""
+
+KERNEL_FAMILIES: tuple[str, ...] = (
+    "gemm_bf16",
+    "gemm_fp8",
+    "prefill_attention",
+    "decode_attention",
+    "moe",
+    "moe_w4a16",
+)
+
+# Every family with curves, the tensor-parallel all-reduce included.
+ALL_FAMILIES: tuple[str, ...] = (*KERNEL_FAMILIES, "allreduce")
