@@ -68,6 +68,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/mla_bmm_kernels.py", "--out", "{r}/mla_bmm_kernels"],
         "mla_bmm_kernels/mla_bmm_kernels_summary.md",
     ),
+    "features": (
+        ["experiments/features.py", "--results", "{r}", "--out", "{r}/features"],
+        "features/features.md",
+    ),
     "models": (
         ["experiments/models.py", "--out", "{r}/models"],
         "models/models.md",
