@@ -19,6 +19,11 @@ from ._fitting._factorsets import (
     PerGroupFactors as PerGroupFactors,
 )
 from ._fitting._fit import FitResult as FitResult, fit as fit
+from ._fitting._host_terms import (
+    HOST_FORMS as HOST_FORMS,
+    HostTermsChoice as HostTermsChoice,
+    select_host_terms as select_host_terms,
+)
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
 from ._fitting._kernel_host import (
     KernelHostFit as KernelHostFit,
@@ -92,6 +97,8 @@ __all__ = [
     "HierarchicalFactors",
     "HostDeviceFactors",
     "IdentifiabilityWarning",
+    "HOST_FORMS",
+    "HostTermsChoice",
     "KernelHostFit",
     "OptimResult",
     "PerGroupFactors",
@@ -126,6 +133,7 @@ __all__ = [
     "save_factors",
     "save_host_fit",
     "scheduler",
+    "select_host_terms",
     "serving",
     "stack_deployments",
     "step_time",

@@ -8,7 +8,9 @@ is some of a per-step, per-layer, per-request and per-request-per-layer cost
 Each candidate set of terms is fitted on the *training* rows (the study's temporal
 split: the first 60% of each experiment's iteration-time rows) of one model and
 scored (MAPE) on the training rows of the other model; no validation or test row is
-read. The form with the lowest mean is ``fit_host_on_kernels``'s default.
+read. The candidates and the rule are :func:`diffmodel.select_host_terms`'s
+(``diffmodel fit-host --terms auto``); its choice here is ``fit_host_on_kernels``'s
+default.
 
     python experiments/host_terms.py [--data DIR] [--out DIR]
 
@@ -21,27 +23,13 @@ import pathlib
 import time
 import warnings
 
-import numpy as np
-
 import diffmodel as dm
+from diffmodel._fitting._host_terms import TIE_PP
 from diffmodel.data._splits import temporal_split
 from diffmodel.data._traces import add_targets, load_steps
 from diffmodel.kernels._calibrate import calibrate_kernels
 from diffmodel.kernels._tables import load_kernel_tables
 
-FORMS: tuple[tuple[str, ...], ...] = (
-    ("step",),
-    ("layer",),
-    ("request",),
-    ("step", "request"),
-    ("layer", "request"),
-    ("step", "layer"),
-    ("step", "layer", "request"),
-    ("layer_request",),
-    ("layer", "layer_request"),
-    ("step", "layer_request"),
-    ("step", "layer", "layer_request"),
-)
 TARGET = "iteration_time_us"
 
 
@@ -70,36 +58,32 @@ def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
         mask = (model_of == m).to_numpy()
         alone.append(f"{m} {dm.mape(train[TARGET].to_numpy()[mask], device[mask]):.2f}")
     lines.insert(2, f"No host cost (the kernel sum alone): {', '.join(alone)}% MAPE.\n")
-    best = None
-    for terms in FORMS:
-        scores = []
+    # Each model is one deployment here, so leaving a deployment out (what
+    # select_host_terms does) is leaving a model out.
+    choice = dm.select_host_terms(train, target=TARGET, curves=curves)
+    if len(choice.folds) != len(models):
+        raise SystemExit(f"expected one deployment per model, got {choice.folds}")
+    for name, row in choice.table.iterrows():
+        terms = tuple(name.split(" + "))
         with warnings.catch_warnings():
             # One model cannot tell step and layer costs apart; the table shows it.
             warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
-            for held in models:
-                fit = dm.fit_host_on_kernels(
-                    train[model_of != held], target=TARGET, curves=curves, terms=terms
-                )
-                test = train[model_of == held]
-                predicted = fit.predict(test)["predicted_us"].to_numpy()
-                scores.append(dm.mape(test[TARGET].to_numpy(), predicted))
             whole = dm.fit_host_on_kernels(
                 train, target=TARGET, curves=curves, terms=terms
             )
         values = ", ".join(
             f"{t} {r.value_us:.3g} ({r.sd_us:.2g})" for t, r in whole.table().iterrows()
         )
-        mean = float(np.mean(scores))
-        if best is None or mean < best[1]:
-            best = (terms, mean)
         lines.append(
-            f"| {' + '.join(terms)} | "
-            + " | ".join(f"{s:.2f}" for s in scores)
-            + f" | {mean:.2f} | {values} |"
+            f"| {name} | "
+            + " | ".join(f"{row[f]:.2f}" for f in choice.folds)
+            + f" | {row['mean']:.2f} | {values} |"
         )
     lines += [
         "",
-        f"Lowest mean: {' + '.join(best[0])} ({best[1]:.2f}%). "
+        f"Chosen (lowest mean; ties within {TIE_PP} points to the fewest terms): "
+        f"{' + '.join(choice.terms)} "
+        f"({choice.table.loc[' + '.join(choice.terms), 'mean']:.2f}%). "
         f"Run time {time.perf_counter() - tick:.0f} s.",
     ]
     text = "\n".join(lines)

@@ -305,3 +305,52 @@ def trace_table(**overrides) -> pd.DataFrame:
     }
     columns.update(overrides)
     return pd.DataFrame(columns)
+
+
+# ------------------------------------------------- synthetic traces for host costs
+
+
+def host_frame(n=400, seed=0, models=(("codellama-34b", 2),)) -> pd.DataFrame:
+    """``n`` random steps per (model, tp) on H100: 1-119 decode requests of 200-3000
+    context tokens each, half of the steps with one prefill chunk of 16-1500."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for model, tp in models:
+        n_dec = rng.integers(1, 120, n)
+        n_pf = rng.integers(0, 2, n)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "hardware": "h100-sxm",
+                    "tp": tp,
+                    "prefill_tokens": n_pf * rng.integers(16, 1500, n),
+                    "decode_tokens": n_dec,
+                    "num_prefill_reqs": n_pf,
+                    "num_decode_reqs": n_dec,
+                    "kv_tokens": n_dec * rng.uniform(200, 3000, n),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def stats_and_deployments(frame: pd.DataFrame):
+    """The rows' batch statistics and per-row deployments."""
+    from diffmodel._fitting._fit import step_data
+
+    data, _ = step_data(frame)
+    return data.stats, data.deployments.take(data.group)
+
+
+def with_host_target(frame, host, curves, noise=0.02, seed=1) -> pd.DataFrame:
+    """``frame`` with ``iteration_time_us``: its kernel sum on ``curves`` plus the
+    host costs ``host`` (a ``HostCosts``), times log-normal noise of sd ``noise``."""
+    from diffmodel.kernels._step import host_features
+
+    dev = dm.kernel_device_us(frame, curves)
+    x = np.asarray(host_features(*stats_and_deployments(frame)), dtype=float)
+    theta = np.array([float(v) for v in host.as_dict().values()])
+    rng = np.random.default_rng(seed)
+    y = (dev + x @ theta) * np.exp(rng.normal(0.0, noise, len(frame)))
+    return frame.assign(iteration_time_us=y)

@@ -64,11 +64,16 @@ def cmd_fit_host(args) -> int:
         note(f"temporal split: fit on {len(train)} rows, score on {len(test)}")
     else:
         train = test = frame
+    terms = tuple(args.terms)
+    if "auto" in terms:
+        if len(terms) > 1:
+            raise ValueError("--terms: 'auto' stands alone (it chooses the terms)")
+        terms = _auto_terms(train, args, curves)
     result = fit_host_on_kernels(
         train,
         target=args.target,
         curves=curves,
-        terms=tuple(args.terms),
+        terms=terms,
         max_steps=args.max_iterations,
     )
     status = "converged" if result.converged else "iteration budget reached"
@@ -92,6 +97,27 @@ def cmd_fit_host(args) -> int:
     print(f"\naccuracy on the {which} rows ({args.target}, us):")
     print(metrics_text(pred, args.target, by))
     return 0
+
+
+def _auto_terms(train, args, curves) -> tuple[str, ...]:
+    """``--terms auto``: the host costs with the lowest held-out MAPE on the training
+    rows (:func:`diffmodel.select_host_terms`), the comparison printed."""
+    from .._fitting._host_terms import select_host_terms
+    from ._cli_io import note
+
+    choice = select_host_terms(
+        train,
+        target=args.target,
+        curves=curves,
+        max_steps=args.max_iterations,
+        progress=note,
+    )
+    print(
+        f"host terms chosen by held-out MAPE % on the training rows: "
+        f"{' + '.join(choice.terms)} (held out in turn: {', '.join(choice.folds)})"
+    )
+    print(choice.table.to_string(float_format=lambda v: f"{v:.2f}"))
+    return choice.terms
 
 
 def predict_host(args, frame, flags: dict):
@@ -138,10 +164,13 @@ def add_parser(subparsers, common) -> None:
     p.add_argument(
         "--terms",
         nargs="+",
-        choices=TERMS,
+        choices=(*TERMS, "auto"),
         default=["layer", "layer_request"],
         help="host costs to fit (default: layer layer_request, the form chosen by "
-        "leaving one model out of the public traces' training rows)",
+        "leaving one model out of the public traces' training rows); 'auto': "
+        "choose among the candidate sets by held-out MAPE on the training rows, "
+        "holding out each deployment in turn (each half of the rows when there is "
+        "one), and print the comparison",
     )
     p.add_argument(
         "--split",

@@ -120,7 +120,7 @@ class KernelHostFit:
             isinstance(interval, float | int) and 0.0 < interval < 1.0
         ):
             raise ValueError(f"interval must be a level in (0, 1), got {interval!r}")
-        dev, x, labels, has_prefill = _prepare(
+        dev, x, labels, has_prefill, _ = _prepare(
             frame, self.curves if curves is None else curves
         )
         cols = [HOST_TERMS.index(t) for t in self.terms]
@@ -174,12 +174,15 @@ def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
 
 
 def _prepare(frame: pd.DataFrame, curves: KernelCurves):
-    """Device time (us), host multipliers, labels and prefill flags per row."""
+    """Device time (us), host multipliers, the labels of the deployments present,
+    prefill flags and deployment index per row."""
     data, labels = _checked_data(frame, curves)
     dev, x = _device_features(data.stats, data.deployments, data.group, curves)
     dev, x = np.asarray(dev, np.float64), np.asarray(x, np.float64)
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
-    return dev, x, [labels[i] for i in np.unique(np.asarray(data.group))], has_prefill
+    group = np.asarray(data.group)
+    present = [labels[i] for i in np.unique(group)]
+    return dev, x, present, has_prefill, group
 
 
 @eqx.filter_jit
@@ -222,6 +225,24 @@ def _loss(raw, args):
 
 _loss_value = jax.jit(_loss)
 _loss_hessian = jax.jit(jax.hessian(_loss))
+
+
+def _idle(dev: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Rows with no device time that the chosen host terms give no cost either."""
+    return (dev <= 0.0) & (x.sum(axis=1) <= 0.0)
+
+
+def _fit_arrays(dev: np.ndarray, x: np.ndarray, y: np.ndarray, max_steps: int):
+    """L-BFGS on the log-ratio loss of ``dev + x exp(raw)`` against ``y`` (us), from
+    the median gap between wall and device time shared by the terms. Returns the
+    optimiser's result and the device arrays it was fitted on."""
+    gap = max(float(np.median(y - dev)), 1.0)
+    start = np.log(gap / (x.shape[1] * np.maximum(x.mean(axis=0), 1e-9)))
+    args = tuple(device_array(a) for a in (dev, x, np.log(y)))
+    res = minimise(
+        _loss, device_array(start), args, solver="lbfgs", max_steps=max_steps
+    )
+    return res, args
 
 
 def fit_host_on_kernels(
@@ -270,23 +291,17 @@ def fit_host_on_kernels(
         columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
         raise ValueError(f"target {target!r}: no such column; columns are {columns}")
     y = _check_target(frame[target].to_numpy(dtype=float), target)
-    dev, x, labels, has_prefill = _prepare(frame, curves)
+    dev, x, labels, has_prefill, _ = _prepare(frame, curves)
     cols = [HOST_TERMS.index(t) for t in terms]
     x = x[:, cols]
-    idle = (dev <= 0.0) & (x.sum(axis=1) <= 0.0)
+    idle = _idle(dev, x)
     if idle.any():
         raise ValueError(
             f"{int(idle.sum())} rows run no forward pass (no tokens) and the terms "
             f"{list(terms)} give them no cost: add 'step' or 'request' to terms, or "
             "drop those rows"
         )
-    # Start: the median gap between wall and device time, shared by the terms.
-    gap = max(float(np.median(y - dev)), 1.0)
-    start = np.log(gap / (len(terms) * np.maximum(x.mean(axis=0), 1e-9)))
-    args = tuple(device_array(a) for a in (dev, x, np.log(y)))
-    res = minimise(
-        _loss, device_array(start), args, solver="lbfgs", max_steps=max_steps
-    )
+    res, args = _fit_arrays(dev, x, y, max_steps)
     raw = np.asarray(res.params, dtype=np.float64)
     theta = np.exp(raw)
     loss = float(_loss_value(res.params, args))

@@ -127,3 +127,18 @@ def test_the_command_line_knows_every_host_term():
     from diffmodel._app._host_cmd import TERMS
 
     assert TERMS == dm.kernels.HOST_TERMS
+
+
+def test_fit_host_terms_auto_prints_the_comparison_and_fits_the_choice(folder, capsys):
+    """``--terms auto`` on two models whose stack costs 15 us a layer and 0.4 us a
+    request in each layer: the held-out comparison is printed, the chosen set is
+    fitted and saved; 'auto' beside a term is refused."""
+    assert _fit(folder, "--terms", "auto") == 0
+    captured = capsys.readouterr()
+    assert "host terms chosen by held-out MAPE %" in captured.out
+    assert "codellama-34b/h100-sxm/tp2" in captured.out
+    assert "host terms step: held-out MAPE" in captured.err
+    saved = json.loads((folder / "host.json").read_text())["terms"]
+    assert saved == ["layer", "layer_request"]
+    assert _fit(folder, "--terms", "auto", "layer") == 1
+    assert "'auto' stands alone" in capsys.readouterr().err

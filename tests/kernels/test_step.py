@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 import diffmodel as dm
-from diffmodel._fitting._fit import step_data
 from diffmodel._fitting._laplace import IdentifiabilityWarning
 from diffmodel.kernels import default_kernel_curves
 from diffmodel.kernels._moe import moe_kernel_work, moe_us
@@ -28,7 +27,13 @@ from diffmodel.kernels._work import (
     gemm_kernel_work,
     gemm_us,
 )
-from tests.helpers import assert_grad_matches_fd, one_step
+from tests.helpers import (
+    assert_grad_matches_fd,
+    host_frame,
+    one_step,
+    stats_and_deployments,
+    with_host_target,
+)
 
 CURVES = default_kernel_curves()
 
@@ -320,40 +325,15 @@ def test_bad_statistics_are_refused():
 
 
 def _frame(n=400, seed=0, models=(("codellama-34b", 2),)):
-    rng = np.random.default_rng(seed)
-    parts = []
-    for model, tp in models:
-        n_dec = rng.integers(1, 120, n)
-        n_pf = rng.integers(0, 2, n)
-        parts.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "hardware": "h100-sxm",
-                    "tp": tp,
-                    "prefill_tokens": n_pf * rng.integers(16, 1500, n),
-                    "decode_tokens": n_dec,
-                    "num_prefill_reqs": n_pf,
-                    "num_decode_reqs": n_dec,
-                    "kv_tokens": n_dec * rng.uniform(200, 3000, n),
-                }
-            )
-        )
-    return pd.concat(parts, ignore_index=True)
+    return host_frame(n, seed, models)
 
 
 def _with_target(frame, host, noise=0.02, seed=1):
-    dev = dm.kernel_device_us(frame, CURVES)
-    x = np.asarray(host_features(*_stats_deps(frame)), dtype=float)
-    theta = np.array([float(v) for v in host.as_dict().values()])
-    rng = np.random.default_rng(seed)
-    y = (dev + x @ theta) * np.exp(rng.normal(0.0, noise, len(frame)))
-    return frame.assign(iteration_time_us=y)
+    return with_host_target(frame, host, CURVES, noise, seed)
 
 
 def _stats_deps(frame):
-    data, _ = step_data(frame)
-    return data.stats, data.deployments.take(data.group)
+    return stats_and_deployments(frame)
 
 
 TRUTH = HostCosts(layer_us=15.0, layer_request_us=0.4)
