@@ -8,6 +8,7 @@ KERNEL_FAMILIES: tuple[str, ...] = (
     "prefill_attention",
     "decode_attention",
     "moe",
+    "moe_fp8",
     "moe_w4a16",
 )
 

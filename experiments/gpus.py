@@ -1,9 +1,9 @@
 """Every GPU of the kernel database: held-out shapes per GPU, and leave one GPU out.
 
 For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
-``decode_attention``, ``moe``, ``moe_w4a16``, ``allreduce``) and each GPU system of
-the installed ``aiconfigurator-core`` database (vLLM tables where the system has
-them, else SGLang):
+``decode_attention``, ``moe``, ``moe_fp8``, ``moe_w4a16``, ``allreduce``) and each
+GPU system of the installed ``aiconfigurator-core`` database (vLLM tables where the
+system has them, else SGLang):
 
 - ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
   shapes), MAPE on the other 25%;
@@ -42,6 +42,7 @@ FAMILIES = (
     "prefill_attention",
     "decode_attention",
     "moe",
+    "moe_fp8",
     "moe_w4a16",
     "allreduce",
 )
@@ -51,6 +52,7 @@ SHAPE_KEYS = {
     "prefill_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "decode_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "moe": ["hidden_size", "inter_size", "topk", "num_experts"],
+    "moe_fp8": ["hidden_size", "inter_size", "topk", "num_experts"],
     # gpt-oss's MXFP4 rows time two expert shapes: hold out expert layouts.
     "moe_w4a16": ["num_experts", "moe_tp_size", "moe_ep_size"],
     "allreduce": ["message_size"],

@@ -142,11 +142,12 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     """The rows of the loaded tables (:func:`load_kernel_tables`) of one family.
 
     GEMMs by dtype; attention with bf16 KV and no sliding window; MoE in bf16
-    (``moe``) or MXFP4 weights with 16-bit activations (``moe_w4a16``) under every
-    routing distribution; all-reduce under CUDA graphs (eager where only that
-    was measured); each with its dominant ``kernel_source``. Raises ``ValueError``
-    naming the family when ``tables`` lacks it or none of its rows qualify (never a
-    silent zero-row family).
+    (``moe``), FP8 (``moe_fp8``: 128-block rows, per-tensor ones where no block
+    row is measured) or MXFP4 weights with 16-bit activations (``moe_w4a16``),
+    under every routing distribution; all-reduce under CUDA graphs (eager where
+    only that was measured); each with its dominant ``kernel_source``. Raises
+    ``ValueError`` naming the family when ``tables`` lacks it or none of its rows
+    qualify (never a silent zero-row family).
     """
     known = list(ALL_FAMILIES)
     if family not in known:
@@ -163,6 +164,9 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
             rows = rows[rows["window_size"].fillna(0) <= 0]
     elif family == "moe":
         rows = t[t["moe_dtype"] == "bfloat16"]
+    elif family == "moe_fp8":
+        block = t[t["moe_dtype"] == "fp8_block"]
+        rows = block if len(block) else t[t["moe_dtype"] == "fp8"]
     elif family == "moe_w4a16":
         rows = t[t["moe_dtype"] == "w4a16_mxfp4"]
     else:

@@ -369,6 +369,7 @@ LATENCY_FAMILIES: tuple[str, ...] = (
     "prefill_attention",
     "decode_attention",
     "moe",
+    "moe_fp8",
     "moe_w4a16",
 )
 
@@ -390,6 +391,10 @@ class KernelCurves(eqx.Module):
         prefill_attention: causal FlashAttention over new tokens.
         decode_attention: paged attention of one query token over its KV cache.
         moe: fused MoE (gated MLP of the routed experts), 16-bit or FP8 experts.
+        moe_fp8: fused MoE of FP8 experts at the FP8 peak (DeepSeek-V3, Qwen3 FP8;
+            calibrated on 128-block FP8 rows where measured, else per-tensor,
+            the GPU's dominant kernel: FlashInfer's CUTLASS or TRT-LLM MoE, which
+            take only local experts).
         moe_w4a16: fused MoE of 4-bit MXFP4 experts at the 16-bit peak (gpt-oss;
             vLLM's OpenAI Triton MXFP4 kernel, which takes only local experts).
         allreduce: tensor-parallel all-reduce.
@@ -401,6 +406,7 @@ class KernelCurves(eqx.Module):
     prefill_attention: RooflineCurves
     decode_attention: RooflineCurves
     moe: RooflineCurves
+    moe_fp8: RooflineCurves
     moe_w4a16: RooflineCurves
     allreduce: AllReduceCurve
     hardware: str = eqx.field(static=True, default="h100-sxm")

@@ -9,9 +9,9 @@ kernel floor), as aiconfigurator sums its kernel tables:
 - linear: per layer the QKV and O GEMMs of ``T = P + D`` tokens, and the dense
   gate+up and down GEMMs, or (MoE layers) the shared experts, the router and the
   fused routed experts (``curves.moe``, :func:`~diffmodel.kernels.moe_us`, uniform
-  routing; MXFP4 experts ``curves.moe_w4a16``); ``curves.gemm_bf16`` or, for FP8
-  models, ``curves.gemm_fp8`` with the activation quantization pass where the model
-  has one;
+  routing; FP8 experts ``curves.moe_fp8``, MXFP4 ones ``curves.moe_w4a16``);
+  ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` with the activation
+  quantization pass where the model has one;
 - MLA (DeepSeek): the replicated ``q_a + kv_a`` down-projection, ``q_b``, ``kv_b``
   (in decode the absorbed BMMs, the same FLOPs and weights; prefill chunks also
   up-project their cached tokens' latents) and ``o_proj`` on the GEMM curves;
@@ -262,7 +262,13 @@ def kernel_step_time(
         )
 
     # MXFP4 experts: OpenAI's Triton kernel, on the local experts' tokens only.
-    experts = jnp.where(mxfp4, routed(curves.moe_w4a16, 1.0), routed(curves.moe, 0.0))
+    # FP8 experts: the FP8 MoE family (FlashInfer's kernels, local experts only).
+    fp8_experts = jnp.asarray(a.expert_compute_bytes) == 1.0
+    experts = jnp.where(
+        mxfp4,
+        routed(curves.moe_w4a16, 1.0),
+        jnp.where(fp8_experts, routed(curves.moe_fp8, 1.0), routed(curves.moe, 0.0)),
+    )
     moe = (
         gemm(2.0 * shared, d, fp8)
         + gemm(d, shared, fp8)

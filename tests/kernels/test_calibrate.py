@@ -149,3 +149,16 @@ def test_mxfp4_experts_are_calibrated_on_their_own_rows():
     assert eqx.tree_equal(only.moe, init_curves("moe"))
     with pytest.raises(ValueError, match=r"families \['mxfp4'\] are unknown"):
         dk.calibrate_kernels({"moe": fit}, families=("mxfp4",))
+
+
+@needs_db
+def test_fp8_experts_take_block_rows_else_per_tensor_ones():
+    """``moe_fp8``: H100's 128-block FP8 MoE rows (FlashInfer's CUTLASS kernel, the
+    most measured); RTX PRO 6000 has only per-tensor FP8 rows, which it takes."""
+    h100 = dk.family_rows(
+        dk.load_system_tables("h100_sxm", families=("moe",)), "moe_fp8"
+    )
+    assert set(h100["moe_dtype"]) == {"fp8_block"}
+    assert h100["kernel_source"].str.contains("flashinfer_cutlass").all()
+    rtx = dk.load_system_tables("rtx_pro_6000_server", families=("moe",))
+    assert set(dk.family_rows(rtx, "moe_fp8")["moe_dtype"]) == {"fp8"}

@@ -44,6 +44,7 @@ def test_portable_json_round_trip_is_exact(tmp_path):
                 "prefill_attention",
                 "decode_attention",
                 "moe",
+                "moe_fp8",
                 "moe_w4a16",
             )
         },
@@ -61,18 +62,19 @@ def test_portable_json_round_trip_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("portable", [False, True])
-def test_files_from_before_the_mxfp4_family_load_it_uncalibrated(portable):
-    """Curves files written before ``moe_w4a16`` existed load with that family at
-    its uncalibrated priors, portable as the file's MoE curves; every other family
-    as written."""
+@pytest.mark.parametrize("family", ["moe_fp8", "moe_w4a16"])
+def test_files_from_before_a_family_was_added_load_it_uncalibrated(family, portable):
+    """Curves files written before ``moe_fp8`` or ``moe_w4a16`` existed load with
+    that family at its uncalibrated priors, portable as the file's MoE curves;
+    every other family as written."""
     curves = jax.tree.map(lambda x: x + 0.25, default_kernel_curves(portable=portable))
     obj = curves_to_json(curves)
-    del obj["moe_w4a16"]
+    del obj[family]
     back = curves_from_json(obj)
     prior = dk.default_roofline_curves(latency=True, portable=portable)
-    assert back.moe_w4a16.portable == portable
+    assert getattr(back, family).portable == portable
     for a, b in zip(
-        jax.tree.leaves(back.moe_w4a16), jax.tree.leaves(prior), strict=True
+        jax.tree.leaves(getattr(back, family)), jax.tree.leaves(prior), strict=True
     ):
         assert float(a) == float(b)
     for a, b in zip(

@@ -195,6 +195,34 @@ def test_gradient_through_mla_step():
     assert_grad_matches_fd(total, np.array([500.0, 16.0, 48000.0, 1000.0]), rtol=1e-5)
 
 
+def test_fp8_experts_run_on_the_fp8_moe_curves_local_only():
+    """Qwen3-30B-A3B with FP8 experts: its routed experts are timed by
+    ``curves.moe_fp8`` (FlashInfer's kernels: local experts only) at the FP8 peak;
+    16-bit experts stay on ``curves.moe`` (vLLM's Triton kernel)."""
+    dep = _dep("Qwen/Qwen3-30B-A3B", 1)
+    fp8 = _with_arch(dep, expert_weight_bytes=1.0, expert_compute_bytes=1.0)
+    curves = dataclasses.replace(
+        CURVES, moe_fp8=jax.tree.map(lambda x: x + 0.3, CURVES.moe)
+    )
+    stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
+    a, hw = dep.arch, dep.hw
+
+    def routed_per_layer(d, eff, local, w):
+        b = kernel_step_time(stats, d, curves)
+        none = kernel_step_time(stats, _with_arch(d, moe_layers=0.0), curves)
+        want = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts, eff, hw,
+                      tp=1.0, ep=1.0, weight_bytes=w, compute_bytes=w,
+                      local_only=local)  # fmt: skip
+        router = _gemm_us(64.0, a.n_experts, a.hidden, False, 0.0, curves, hw, 2.0)
+        got = float(b.linear - none.linear) / float(a.moe_layers)
+        return got, float(want + router)
+
+    got, want = routed_per_layer(fp8, curves.moe_fp8, 1.0, 1.0)
+    assert got == pytest.approx(want, rel=1e-6)
+    got, want = routed_per_layer(dep, curves.moe, 0.0, 2.0)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
 def test_sliding_window_layers_read_at_most_their_window():
     """gpt-oss (its experts in 16 bits): 18 of 36 layers see 128 tokens. Their
     decode attention is the full layers' at a context of W per request; prompts
