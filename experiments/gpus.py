@@ -36,16 +36,7 @@ import pandas as pd
 import diffmodel.kernels as dk
 from diffmodel import FACTOR_SPECS, hardware, mape
 
-FAMILIES = (
-    "gemm_bf16",
-    "gemm_fp8",
-    "prefill_attention",
-    "decode_attention",
-    "moe",
-    "moe_fp8",
-    "moe_w4a16",
-    "allreduce",
-)
+FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
     "gemm_bf16": ["n", "k"],
     "gemm_fp8": ["n", "k"],

@@ -18,8 +18,7 @@ import pandas as pd
 from .._metrics import mape
 from ..kernels._curves import KernelCurves
 from ..kernels._step import HOST_TERMS
-from ._fit import _check_target
-from ._kernel_host import _fit_arrays, _idle, _prepare
+from ._kernel_host import _fit_arrays, _idle, _prepare, target_values
 
 HOST_FORMS: tuple[tuple[str, ...], ...] = (
     ("layer",),
@@ -94,10 +93,7 @@ def select_host_terms(
         raise ValueError(
             f"forms must be non-empty sets of {HOST_TERMS}; got {bad or 'none'}"
         )
-    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
-        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
-        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
-    y = _check_target(frame[target].to_numpy(dtype=float), target)
+    y = target_values(frame, target)
     dev, x, labels, _, group = _prepare(frame, curves)
     if len(labels) >= 2:
         codes = np.unique(group)

@@ -227,6 +227,15 @@ _loss_value = jax.jit(_loss)
 _loss_hessian = jax.jit(jax.hessian(_loss))
 
 
+def target_values(frame: pd.DataFrame, target: str) -> np.ndarray:
+    """``frame[target]`` as float64 us, every value finite and > 0 (``ValueError``
+    naming the column otherwise, or listing the columns where it is missing)."""
+    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
+        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
+        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
+    return _check_target(frame[target].to_numpy(dtype=float), target)
+
+
 def _idle(dev: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Rows with no device time that the chosen host terms give no cost either."""
     return (dev <= 0.0) & (x.sum(axis=1) <= 0.0)
@@ -287,10 +296,7 @@ def fit_host_on_kernels(
         raise ValueError(
             f"terms must be distinct names from {HOST_TERMS}, got {list(terms)}"
         )
-    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
-        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
-        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
-    y = _check_target(frame[target].to_numpy(dtype=float), target)
+    y = target_values(frame, target)
     dev, x, labels, has_prefill, _ = _prepare(frame, curves)
     cols = [HOST_TERMS.index(t) for t in terms]
     x = x[:, cols]

@@ -8,6 +8,10 @@ and MLA projections), ``attention_work_dims`` (attention FLOPs and bytes),
 ``tensor_peak`` (the dense peak of an operand width) and ``roofline_us``.
 """
 
+from .._kernel_families import (
+    ALL_FAMILIES as ALL_FAMILIES,
+    KERNEL_FAMILIES as KERNEL_FAMILIES,
+)
 from .._model._layers import (
     attention_dims as attention_dims,
     projection_work as projection_work,
