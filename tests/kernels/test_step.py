@@ -446,7 +446,10 @@ def test_fit_host_bad_input():
     bad = frame.assign(iteration_time_us=-frame["iteration_time_us"])
     with pytest.raises(ValueError, match="finite and > 0"):
         dm.fit_host_on_kernels(bad, target="iteration_time_us", curves=CURVES)
-    with pytest.raises(ValueError, match="calibrated on 'h100-sxm'"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibrated on 'h100-sxm'.*'diffmodel calibrate --system a100_sxm'",
+    ):
         dm.fit_host_on_kernels(
             frame.assign(hardware="a100"), target="iteration_time_us", curves=CURVES
         )
