@@ -28,9 +28,28 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def group_label(model: str, hardware: str, tp: int) -> str:
-    """The label of a deployment group, e.g. ``llama-2-70b/h100-sxm/tp4``."""
-    return f"{model}/{hardware}/tp{int(tp)}"
+def group_label(model: str, hardware: str, tp: int, ep: int = 1) -> str:
+    """The label of a deployment group, e.g. ``llama-2-70b/h100-sxm/tp4``, with
+    ``/epM`` after it for expert parallelism (``ep`` > 1)."""
+    label = f"{model}/{hardware}/tp{int(tp)}"
+    return label if int(ep) == 1 else f"{label}/ep{int(ep)}"
+
+
+def parse_group_label(label: str) -> tuple[str, str, int, int]:
+    """``(model, hardware, tp, ep)`` of a :func:`group_label`."""
+    parts = str(label).split("/")
+    ok = len(parts) in (3, 4) and parts[2].startswith("tp")
+    ok = ok and (len(parts) == 3 or parts[3].startswith("ep"))
+    try:
+        tp = int(parts[2][2:]) if ok else 0
+        ep = int(parts[3][2:]) if ok and len(parts) == 4 else 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"deployment label {label!r}: expected 'model/hardware/tpN[/epM]'"
+        )
+    return parts[0], parts[1], tp, ep
 
 
 # Columns that count this step's tokens or requests: whole numbers >= 0. The KV
@@ -195,17 +214,30 @@ class Groups(eqx.Module):
     index: np.ndarray
 
 
-def _tp(value) -> int:
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"tp must be a positive integer, got {value!r}") from None
-    if not t.is_integer() or t < 1:
-        raise ValueError(f"tp must be a positive integer, got {number_text(value)}")
-    return int(t)
+def _degree(name: str):
+    def check(value) -> int:
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{name} must be a positive integer, got {value!r}"
+            ) from None
+        if not t.is_integer() or t < 1:
+            raise ValueError(
+                f"{name} must be a positive integer, got {number_text(value)}"
+            )
+        return int(t)
+
+    return check
 
 
-_CANONICAL = {"model": canonical_model, "hardware": canonical_hardware, "tp": _tp}
+_tp = _degree("tp")
+_CANONICAL = {
+    "model": canonical_model,
+    "hardware": canonical_hardware,
+    "tp": _tp,
+    "ep": _degree("ep"),
+}
 
 
 def _per_row(frame: pd.DataFrame, col: str, value, spell) -> np.ndarray:
@@ -253,6 +285,8 @@ def groups_from_frame(
 ) -> Groups:
     """Each row's deployment, from per-row ``model``/``hardware``/``tp`` columns or
     the keyword arguments; hardware defaults to H100-SXM when neither gives one.
+    An optional ``ep`` column gives the expert-parallel degree (1 without it; see
+    :class:`~diffmodel.Deployment`), validated against the model and ``tp``.
 
     A keyword and a column may both be given only when they name the same thing on
     every row (after canonicalisation); unknown names are an error either way.
@@ -263,16 +297,20 @@ def groups_from_frame(
     models = _per_row(frame, "model", model, spell)
     hws = _per_row(frame, "hardware", hardware, spell)
     tps = _per_row(frame, "tp", tp, spell)
-    # Distinct (model, hardware, tp) triples: one code per column, combined.
+    eps = _per_row(frame, "ep", 1 if "ep" not in frame.columns else None, spell)
+    # Distinct (model, hardware, tp, ep): one code per column, combined.
     combined = np.zeros(len(frame), np.int64)
-    for col in (models, hws, np.asarray(tps)):
+    for col in (models, hws, np.asarray(tps), np.asarray(eps)):
         c, u = pd.factorize(col)
         combined = combined * max(len(u), 1) + c
     _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
     ulabels = np.asarray(
         [
             group_label(
-                canonical_model(models[i]), canonical_hardware(hws[i]), _tp(tps[i])
+                canonical_model(models[i]),
+                canonical_hardware(hws[i]),
+                _tp(tps[i]),
+                _CANONICAL["ep"](eps[i]),
             )
             for i in first
         ],
@@ -282,8 +320,8 @@ def groups_from_frame(
     index, labels = pd.factorize(keys, sort=True)
     deps = []
     for label in labels:
-        m, h, t = label.split("/")
-        deps.append(deployment(m, h, int(t[2:]), **(overrides or {})))
+        m, h, t, e = parse_group_label(label)
+        deps.append(deployment(m, h, t, ep=e, **(overrides or {})))
     return Groups(
         deployments=stack_deployments(deps),
         labels=tuple(labels),

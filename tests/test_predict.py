@@ -135,3 +135,47 @@ def test_hierarchical_factors_warn_once_per_unseen_deployment():
     # Seen groups only, or a shared set: no warning (the suite makes warnings errors).
     dm.predict(frame(model="llama-2-70b", tp=4), factors=fs)
     dm.predict(rows, factors=init_factor_set("global", []))
+
+
+def _deepseek(**cols):
+    base = dict(
+        model="deepseek-ai/DeepSeek-V3",
+        hardware="h200",
+        tp=8,
+        prefill_tokens=2048,
+        decode_tokens=64,
+        num_prefill_reqs=1,
+        num_decode_reqs=64,
+        kv_tokens=64 * 2048,
+    )
+    return pd.DataFrame([{**base, **cols}])
+
+
+def test_an_ep_column_sets_expert_parallelism_per_row():
+    """``ep`` rows: DeepSeek-V3 at TP 8 with whole experts per GPU (ep 8) is its
+    own deployment, labelled ``.../tp8/ep8``, priced as ``deployment(ep=8)``; a
+    table without the column is ep 1; bad degrees are named."""
+    from diffmodel._frame import groups_from_frame, parse_group_label
+
+    frame = pd.concat([_deepseek(ep=1), _deepseek(ep=8)], ignore_index=True)
+    groups = groups_from_frame(frame)
+    assert groups.labels == ("deepseek-v3/h200/tp8", "deepseek-v3/h200/tp8/ep8")
+    assert parse_group_label(groups.labels[1]) == ("deepseek-v3", "h200", 8, 8)
+    got = dm.predict(frame)["predicted_us"].to_numpy()
+    stats = dm.from_aggregates(
+        prefill_tokens=2048.0, decode_tokens=64.0, num_prefill=1.0,
+        num_decode=64.0, kv_tokens=64 * 2048.0,
+    )  # fmt: skip
+    factors = dm.default_factors()
+    for ep, value in zip((1, 8), got, strict=True):
+        dep = dm.deployment("deepseek-ai/DeepSeek-V3", "h200", 8, ep=ep)
+        want = float(dm.step_time(stats, dep, factors).total)
+        assert value == pytest.approx(want, rel=1e-5)
+    assert got[0] != got[1]
+    assert groups_from_frame(_deepseek()).labels == ("deepseek-v3/h200/tp8",)
+    with pytest.raises(ValueError, match="column 'ep': ep must be a positive integer"):
+        groups_from_frame(_deepseek(ep=0))
+    with pytest.raises(ValueError, match="ep=3 must be a multiple of tp=8"):
+        groups_from_frame(_deepseek(ep=3))
+    with pytest.raises(ValueError, match="expected 'model/hardware/tpN\\[/epM\\]'"):
+        parse_group_label("deepseek-v3/h200/ep8")

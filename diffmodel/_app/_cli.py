@@ -134,7 +134,7 @@ def _add_data_file(p: argparse.ArgumentParser) -> None:
 def _add_deployment(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "deployment",
-        "Flags, or the table's model/hardware/tp columns; a flag given beside a "
+        "Flags, or the table's model/hardware/tp/ep columns; a flag given beside a "
         "column of the same name must agree with it on every row.",
     )
     g.add_argument(
@@ -146,6 +146,13 @@ def _add_deployment(p: argparse.ArgumentParser) -> None:
         "this flag nor a 'hardware' column says otherwise",
     )
     g.add_argument("--tp", type=POSITIVE_INT, help="tensor-parallel degree (GPUs)")
+    g.add_argument(
+        "--ep",
+        type=POSITIVE_INT,
+        help="expert-parallel degree of MoE models: 1 experts split over the TP "
+        "GPUs, tp whole experts spread over them (default: 1, or the table's 'ep' "
+        "column)",
+    )
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:

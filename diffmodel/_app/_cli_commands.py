@@ -67,7 +67,7 @@ def cmd_predict(args) -> int:
             f"--transfer {args.transfer} selects --interval's noise of --factors"
         )
     frame = read_table(args.data)
-    flags, groups = deployment_groups(frame, args)
+    frame, flags, groups = deployment_groups(frame, args)
     if args.host is not None:
         from ._host_cmd import predict_host
 
@@ -142,7 +142,7 @@ def cmd_fit(args) -> int:
     if args.split == "temporal":
         check_temporal_columns(frame)
     frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
-    flags, groups = deployment_groups(frame, args)
+    frame, flags, groups = deployment_groups(frame, args)
     labels = row_labels(groups)
     valid = test = split_note = None
     if args.split == "temporal":
@@ -218,7 +218,7 @@ def cmd_evaluate(args) -> int:
     else:
         by = args.by
     frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
-    flags, groups = deployment_groups(frame, args)
+    frame, flags, groups = deployment_groups(frame, args)
     factors = load_factor_file(args.factors)
     pred = predict(frame, factors=factors, **flags)
     if dropped:

@@ -136,16 +136,26 @@ def load_factor_file(path: str | pathlib.Path | None):
 
 
 def deployment_groups(frame: pd.DataFrame, args):
-    """Each row's deployment from the table and ``--model/--hardware/--tp``: flags
-    are checked (unknown names, a flag contradicting a column are errors).
+    """Each row's deployment from the table and ``--model/--hardware/--tp/--ep``:
+    flags are checked (unknown names, a flag contradicting a column are errors).
 
-    Returns the library keywords and the :class:`~diffmodel._frame.Groups`.
+    Returns the frame (with ``--ep`` as its ``ep`` column), the library keywords
+    and the :class:`~diffmodel._frame.Groups`.
     """
     from .._frame import groups_from_frame
 
+    ep = getattr(args, "ep", None)
+    if ep is not None:
+        if "ep" in frame.columns and (frame["ep"] != ep).any():
+            seen = sorted(map(str, pd.unique(frame["ep"])))
+            raise ValueError(
+                f"--ep {ep} contradicts the table's 'ep' column ({', '.join(seen)}); "
+                "drop one of them"
+            )
+        frame = frame.assign(ep=ep)
     flags = {"model": args.model, "hardware": args.hardware, "tp": args.tp}
     groups = groups_from_frame(frame, spell=lambda name: f"--{name} ", **flags)
-    return flags, groups
+    return frame, flags, groups
 
 
 def row_labels(groups) -> np.ndarray:

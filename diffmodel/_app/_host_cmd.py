@@ -52,7 +52,7 @@ def cmd_fit_host(args) -> int:
     if args.split == "temporal":
         check_temporal_columns(frame)
     frame, dropped = defined_target(frame, args.target, dropna=args.dropna_target)
-    flags, _ = deployment_groups(frame, args)
+    frame, flags, _ = deployment_groups(frame, args)
     frame = with_deployment(frame, flags)
     if dropped:
         note(dropped)

@@ -69,7 +69,7 @@ def _groups(groups, n: int) -> np.ndarray:
 def _short(label: str) -> str:
     """``llama-2-70b/h100-sxm/tp4`` -> ``llama-2-70b tp4``; other labels unchanged."""
     parts = str(label).split("/")
-    return f"{parts[0]} {parts[2]}" if len(parts) == 3 else str(label)
+    return " ".join([parts[0], *parts[2:]]) if len(parts) in (3, 4) else str(label)
 
 
 def parity_plot(

@@ -84,6 +84,7 @@ import pandas as pd
 
 from .._fitting._intervals import UnseenGroupWarning
 from .._fitting._laplace import IdentifiabilityWarning
+from .._frame import parse_group_label
 from .._model._factors import Factors
 from ..baselines._baselines import STUDY_GRID, load_study_xgboost
 from ..data._splits import leave_one_out, temporal_split
@@ -418,10 +419,8 @@ def kernel_priors(curves, labels: Sequence[str]) -> dict[str, Factors]:
 
     out = {}
     for label in labels:
-        model, _, tp = label.split("/")
-        out[label] = kernel_prior_factors(
-            curves, model=model, tp=int(tp.removeprefix("tp"))
-        )
+        model, _, tp, _ = parse_group_label(label)
+        out[label] = kernel_prior_factors(curves, model=model, tp=tp)
     return out
 
 

@@ -67,9 +67,9 @@ def split_label(label: str) -> tuple[str, str]:
     if not sep:
         dep, stack = label, DEFAULT_STACK
     parts = dep.split("/")
-    if len(parts) != 3 or not stack:
+    if len(parts) not in (3, 4) or not stack:
         raise ValueError(
-            f"host-device group label {label!r}: expected 'model/gpu/tpN@stack'"
+            f"host-device group label {label!r}: expected 'model/gpu/tpN[/epM]@stack'"
         )
     return parts[1], stack
 

@@ -84,8 +84,15 @@ def _engine(model: str, system: str, tp: int):
 
 
 def _split_label(label: str) -> tuple[str, str, int]:
-    model, hw, tp = label.split("/")
-    return model, hw, int(tp.removeprefix("tp"))
+    from .._frame import parse_group_label
+
+    model, hw, tp, ep = parse_group_label(label)
+    if ep != 1:
+        raise ValueError(
+            f"{label}: the aiconfigurator baseline here prices tensor-parallel "
+            "deployments only (ep 1)"
+        )
+    return model, hw, tp
 
 
 def aiconfigurator_step_us(

@@ -547,3 +547,27 @@ def test_transfer_by_and_transfer_match_the_library(fitted):
         ["predict", "--data", "trace.csv", "--out", "x.csv", "--transfer", "all"],
         "--transfer all selects --interval's noise",
     )
+
+
+def test_predict_ep_flag_sets_expert_parallelism(tmp_path, capsys):
+    """``--ep 8``: DeepSeek-V3 at TP 8 with whole experts per GPU, the library's
+    ``ep`` column; a flag contradicting the column is refused, naming both."""
+    frame = pd.DataFrame(
+        [dict(prefill_tokens=2048, decode_tokens=64, num_prefill_reqs=1,
+              num_decode_reqs=64, kv_tokens=64 * 2048)]
+    )  # fmt: skip
+    path, out = tmp_path / "ds.csv", tmp_path / "o.csv"
+    frame.to_csv(path, index=False)
+    argv = ["predict", "--data", path, "--out", out, "--model", "deepseek-v3"]
+    argv = [str(a) for a in (*argv, "--hardware", "h200", "--tp", "8")]
+    assert main([*argv, "--ep", "8"]) == 0
+    got = pd.read_csv(out)
+    want = dm.predict(frame.assign(ep=8), model="deepseek-v3", hardware="h200", tp=8)
+    np.testing.assert_allclose(got["predicted_us"], want["predicted_us"], rtol=1e-9)
+    assert (got["ep"] == 8).all()
+    assert main(argv) == 0
+    assert pd.read_csv(out)["predicted_us"][0] != got["predicted_us"][0]
+    capsys.readouterr()
+    frame.assign(ep=1).to_csv(path, index=False)
+    assert main([*argv, "--ep", "8"]) == 1
+    assert "--ep 8 contradicts the table's 'ep' column (1)" in capsys.readouterr().err

@@ -106,7 +106,8 @@ def truth_named(labels) -> dict[str, float]:
 def test_labels_split_into_gpu_and_stack():
     assert split_label("llama-2-70b/h100-sxm/tp4@vllm") == ("h100-sxm", "vllm")
     assert split_label("llama-2-70b/h100-sxm/tp4") == ("h100-sxm", "default")
-    with pytest.raises(ValueError, match="expected 'model/gpu/tpN@stack'"):
+    assert split_label("deepseek-v3/h200/tp8/ep8@sglang") == ("h200", "sglang")
+    with pytest.raises(ValueError, match=r"expected 'model/gpu/tpN\[/epM\]@stack'"):
         split_label("h100@vllm")
 
 
