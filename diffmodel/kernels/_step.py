@@ -160,7 +160,8 @@ def check_supported(dep: Deployment) -> None:
         raise ValueError(
             f"kernel_step_time: the architecture has {', '.join(found)}; it times "
             "GQA or MLA models with dense or MoE MLPs on 16-bit or FP8 tensor cores, "
-            "use diffmodel.step_time"
+            "use diffmodel.step_time (the roofline: 'diffmodel predict' without "
+            "--host)"
         )
 
 

@@ -130,6 +130,8 @@ def test_models_it_cannot_time_are_refused():
     one = one_step(decode_tokens=1, num_decode=1)
     with pytest.raises(ValueError, match=r"sparse attention \(index_layers > 0\)"):
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
+    with pytest.raises(ValueError, match="'diffmodel predict' without --host"):
+        kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
     fp4 = _with_arch(_dep(), compute_bytes=0.5, weight_bytes=0.5625)
     with pytest.raises(ValueError, match=r"compute_bytes \[0.5\] \(16-bit or FP8"):
         kernel_step_time(one, fp4, CURVES)
