@@ -24,7 +24,6 @@ import time
 import warnings
 
 import diffmodel as dm
-from diffmodel._fitting._host_terms import TIE_PP
 from diffmodel.data._splits import temporal_split
 from diffmodel.data._traces import add_targets, load_steps
 from diffmodel.kernels._calibrate import calibrate_kernels
@@ -81,7 +80,8 @@ def main(data: pathlib.Path, out: pathlib.Path | None) -> str:
         )
     lines += [
         "",
-        f"Chosen (lowest mean; ties within {TIE_PP} points to the fewest terms): "
+        "Chosen by dm.select_host_terms (lowest mean; near-ties to the fewest "
+        "terms): "
         f"{' + '.join(choice.terms)} "
         f"({choice.table.loc[' + '.join(choice.terms), 'mean']:.2f}%). "
         f"Run time {time.perf_counter() - tick:.0f} s.",
