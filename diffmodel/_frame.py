@@ -280,13 +280,15 @@ def groups_from_frame(
     model: str | None = None,
     hardware: str | None = None,
     tp: int | None = None,
+    ep: int | None = None,
     overrides: Mapping[str, str] | None = None,
     spell: Callable[[str], str] = lambda name: f"{name}=",
 ) -> Groups:
     """Each row's deployment, from per-row ``model``/``hardware``/``tp`` columns or
     the keyword arguments; hardware defaults to H100-SXM when neither gives one.
-    An optional ``ep`` column gives the expert-parallel degree (1 without it; see
-    :class:`~diffmodel.Deployment`), validated against the model and ``tp``.
+    The expert-parallel degree comes from an ``ep`` column or keyword the same way
+    (1 without either; see :class:`~diffmodel.Deployment`), validated against the
+    model and ``tp``.
 
     A keyword and a column may both be given only when they name the same thing on
     every row (after canonicalisation); unknown names are an error either way.
@@ -297,7 +299,9 @@ def groups_from_frame(
     models = _per_row(frame, "model", model, spell)
     hws = _per_row(frame, "hardware", hardware, spell)
     tps = _per_row(frame, "tp", tp, spell)
-    eps = _per_row(frame, "ep", 1 if "ep" not in frame.columns else None, spell)
+    if "ep" not in frame.columns and ep is None:
+        ep = 1
+    eps = _per_row(frame, "ep", ep, spell)
     # Distinct (model, hardware, tp, ep): one code per column, combined.
     combined = np.zeros(len(frame), np.int64)
     for col in (models, hws, np.asarray(tps), np.asarray(eps)):

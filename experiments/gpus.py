@@ -81,9 +81,7 @@ def gather(family: str, rows_per_gpu: int, seed: int) -> list[tuple]:
                 tables = dk.load_system_tables(
                     system,
                     backend,
-                    families=(family.split("_")[0],)
-                    if family.startswith(("gemm", "moe"))
-                    else (family,),
+                    families=(dk.family_table(family),),
                 )
                 rows = dk.family_rows(tables, family)
             except ValueError as err:

@@ -145,17 +145,10 @@ def deployment_groups(frame: pd.DataFrame, args):
     from .._frame import groups_from_frame
 
     ep = getattr(args, "ep", None)
-    if ep is not None:
-        if "ep" in frame.columns and (frame["ep"] != ep).any():
-            seen = sorted(map(str, pd.unique(frame["ep"])))
-            raise ValueError(
-                f"--ep {ep} contradicts the table's 'ep' column ({', '.join(seen)}); "
-                "drop one of them"
-            )
-        frame = frame.assign(ep=ep)
     flags = {"model": args.model, "hardware": args.hardware, "tp": args.tp}
-    groups = groups_from_frame(frame, spell=lambda name: f"--{name} ", **flags)
-    return frame, flags, groups
+    groups = groups_from_frame(frame, ep=ep, spell=lambda name: f"--{name} ", **flags)
+    # The library's entry points read the expert-parallel degree from the table.
+    return (frame if ep is None else frame.assign(ep=ep)), flags, groups
 
 
 def row_labels(groups) -> np.ndarray:

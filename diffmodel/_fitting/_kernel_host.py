@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .._arrays import device_array
+from .._frame import parse_group_label
 from .._model._hardware import canonical_hardware, hardware_system
 from ..kernels._curves import KernelCurves
 from ..kernels._step import (
@@ -162,20 +163,14 @@ def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
             f"got {type(curves).__name__}"
         )
     data, labels = step_data(frame)
-    gpus = sorted({lab.split("/")[1] for lab in labels})
+    gpus = sorted({parse_group_label(lab)[1] for lab in labels})
     other = [g for g in gpus if g != canonical_hardware(curves.hardware)]
     if other:
-        systems = []
-        for g in other:
-            try:
-                systems.append(hardware_system(g))
-            except (KeyError, ValueError):
-                systems.append(g)
         raise ValueError(
             f"the curves were calibrated on {curves.hardware!r} but the rows run on "
             f"{other}: calibrate curves for that GPU ('diffmodel calibrate --system "
-            f"{systems[0]}', or '--pool others' where its tables are not measured) "
-            "and pass them as --curves / curves="
+            f"{hardware_system(other[0])}', or '--pool others' where its tables are "
+            "not measured) and pass them as --curves / curves="
         )
     check_supported(data.deployments)  # the statistics were checked by step_data
     return data, labels

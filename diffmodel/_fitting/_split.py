@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float
 
-from .._frame import groups_from_frame, stats_from_frame
+from .._frame import groups_from_frame, parse_group_label, stats_from_frame
 from .._metrics import log_ratio_loss
 from .._model._deployment import stack_deployments
 from .._model._factors import FACTOR_NAMES, FACTOR_SPECS, Factors
@@ -66,12 +66,15 @@ def split_label(label: str) -> tuple[str, str]:
     dep, sep, stack = label.rpartition("@")
     if not sep:
         dep, stack = label, DEFAULT_STACK
-    parts = dep.split("/")
-    if len(parts) not in (3, 4) or not stack:
+    try:
+        gpu = parse_group_label(dep)[1]
+    except ValueError:
+        gpu = None
+    if gpu is None or not stack:
         raise ValueError(
             f"host-device group label {label!r}: expected 'model/gpu/tpN[/epM]@stack'"
         )
-    return parts[1], stack
+    return gpu, stack
 
 
 @final

@@ -26,6 +26,7 @@ from ._calibrate import (
     FitOptions as FitOptions,
     calibrate_kernels as calibrate_kernels,
     family_rows as family_rows,
+    family_table as family_table,
     family_work as family_work,
     fit_allreduce_curve as fit_allreduce_curve,
     fit_roofline_curves as fit_roofline_curves,

@@ -20,14 +20,12 @@ from .._model._hardware import Hardware, hardware
 from .._model._physics import attention_work
 from ..kernels._curves import (
     KERNEL_FAMILIES,
-    LATENCY_FAMILIES,
-    PROLOGUE_FAMILIES,
-    TUNED_FAMILIES,
     AllReduceCurve,
     KernelCurves,
     RooflineCurves,
     default_allreduce_curve,
     default_roofline_curves,
+    init_curves,
 )
 from ..kernels._tables import table_work
 from ..kernels._work import (
@@ -128,8 +126,9 @@ def _dominant(rows: pd.DataFrame, column: str = "kernel_source") -> pd.DataFrame
     return rows[rows[column] == rows[column].value_counts().index[0]]
 
 
-def _source(family: str) -> str:
-    # The table a family's rows come from (GEMM dtypes share one, MoE dtypes one).
+def family_table(family: str) -> str:
+    """The table (:func:`load_kernel_tables` key) a family's rows come from: GEMM
+    dtypes share ``gemm``, MoE dtypes ``moe``."""
     for table in ("gemm", "moe"):
         if family.startswith(table):
             return table
@@ -152,7 +151,7 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     known = list(ALL_FAMILIES)
     if family not in known:
         raise ValueError(f"unknown family {family!r}; expected one of {known}")
-    source = _source(family)
+    source = family_table(family)
     if source not in tables:
         raise ValueError(f"no {source} table loaded for family {family}")
     t = tables[source]
@@ -181,17 +180,7 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
 
 def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
     """:func:`table_work` of a family's rows (GEMM dtypes share the GEMM table)."""
-    return table_work(_source(family), rows, hw)
-
-
-def init_curves(family: str) -> RooflineCurves:
-    """Starting curves of a family: a kernel floor where one is physical, and a
-    tuned-configuration gain where the kernels have tuned tile configurations."""
-    return default_roofline_curves(
-        latency=family in LATENCY_FAMILIES,
-        tuned=family in TUNED_FAMILIES,
-        prologue=family in PROLOGUE_FAMILIES,
-    )
+    return table_work(family_table(family), rows, hw)
 
 
 def calibrate_kernels(
@@ -222,12 +211,7 @@ def calibrate_kernels(
     say = progress or (lambda _: None)
     fitted = {}
     for fam in KERNEL_FAMILIES:
-        init = default_roofline_curves(
-            latency=fam in LATENCY_FAMILIES,
-            tuned=fam in TUNED_FAMILIES,
-            prologue=fam in PROLOGUE_FAMILIES,
-            portable=portable,
-        )
+        init = init_curves(fam, portable=portable)
         if fam not in wanted:
             fitted[fam] = init
             say(f"skipped {fam}: not asked for (its curves stay uncalibrated)")
@@ -247,12 +231,14 @@ def calibrate_kernels(
         say(f"calibrated {fam} on {len(rows)} kernels")
     init = default_allreduce_curve(portable=portable)
     try:
-        if "allreduce" not in wanted:
-            raise ValueError("not asked for")
-        ar = family_rows(tables, "allreduce")
+        ar = family_rows(tables, "allreduce") if "allreduce" in wanted else None
     except ValueError as err:
+        ar, why = None, err
+    else:
+        why = "not asked for"
+    if ar is None:
         fitted["allreduce"] = init
-        say(f"skipped allreduce: {err} (its curve stays uncalibrated)")
+        say(f"skipped allreduce: {why} (its curve stays uncalibrated)")
     else:
         fitted["allreduce"] = fit_allreduce_curve(
             ar["bytes"].to_numpy(float),

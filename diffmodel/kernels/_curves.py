@@ -501,20 +501,24 @@ def default_allreduce_curve(*, portable: bool = False) -> AllReduceCurve:
     )
 
 
+def init_curves(family: str, *, portable: bool = False) -> RooflineCurves:
+    """Starting curves of a family: a kernel floor where one is physical, a
+    tuned-configuration gain where the kernels have tuned tile configurations, and
+    a prologue curve where the operator quantizes its activation first."""
+    return default_roofline_curves(
+        latency=family in LATENCY_FAMILIES,
+        tuned=family in TUNED_FAMILIES,
+        prologue=family in PROLOGUE_FAMILIES,
+        portable=portable,
+    )
+
+
 def default_kernel_curves(
     hardware: str = "h100-sxm", *, portable: bool = False
 ) -> KernelCurves:
     """Uncalibrated starting point for :func:`diffmodel.calibrate_kernels`."""
     return KernelCurves(
-        **{
-            f: default_roofline_curves(
-                latency=f in LATENCY_FAMILIES,
-                tuned=f in TUNED_FAMILIES,
-                prologue=f in PROLOGUE_FAMILIES,
-                portable=portable,
-            )
-            for f in KERNEL_FAMILIES
-        },
+        **{f: init_curves(f, portable=portable) for f in KERNEL_FAMILIES},
         allreduce=default_allreduce_curve(portable=portable),
         hardware=hardware,
     )

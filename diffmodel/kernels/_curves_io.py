@@ -13,7 +13,7 @@ from ..kernels._curves import (
     KernelCurves,
     RooflineCurves,
     _need,
-    default_roofline_curves,
+    init_curves,
 )
 
 # Families added after files of this format were first written: a file without one
@@ -59,9 +59,7 @@ def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
         if f not in ADDED_FAMILIES or f in obj
     }
     for f in ADDED_FAMILIES:
-        fams.setdefault(
-            f, default_roofline_curves(latency=True, portable=fams["moe"].portable)
-        )
+        fams.setdefault(f, init_curves(f, portable=fams["moe"].portable))
     return KernelCurves(
         **fams,
         allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),

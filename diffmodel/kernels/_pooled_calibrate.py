@@ -20,14 +20,7 @@ import pandas as pd
 from .._kernel_families import ALL_FAMILIES as FAMILIES
 from .._model._hardware import canonical_hardware, hardware, hardware_system
 from ._calibrate import FitOptions, family_rows, family_work
-from ._curves import (
-    LATENCY_FAMILIES,
-    PROLOGUE_FAMILIES,
-    TUNED_FAMILIES,
-    KernelCurves,
-    default_allreduce_curve,
-    default_roofline_curves,
-)
+from ._curves import KernelCurves, default_allreduce_curve, init_curves
 from ._pooled import N_OFFSETS, fit_folds, fold, shifted
 from ._work import allreduce_kernel_us
 
@@ -120,12 +113,7 @@ class PooledCurves:
 def _init(family: str):
     if family == "allreduce":
         return default_allreduce_curve(portable=True)
-    return default_roofline_curves(
-        latency=family in LATENCY_FAMILIES,
-        tuned=family in TUNED_FAMILIES,
-        prologue=family in PROLOGUE_FAMILIES,
-        portable=True,
-    )
+    return init_curves(family, portable=True)
 
 
 def _family_data(family: str, per_gpu: list[tuple[str, pd.DataFrame]]):

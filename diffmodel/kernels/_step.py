@@ -57,7 +57,7 @@ from .._model._layers import attention_dims, is_mla, windowed_attention
 from .._model._physics import act_quant_bytes, attention_work_dims
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
-from ._moe import moe_us
+from ._moe import moe_kernel_work
 from ._work import (
     _work,
     allreduce_kernel_us,
@@ -112,10 +112,10 @@ class HostCosts(eqx.Module):
 MXFP4_BYTES = 0.53125  # 4 bits + an 8-bit scale per 32 weights
 
 
-def _mxfp4_experts(weight_bytes, compute_bytes):
+def _mxfp4_experts(weight_bytes, compute_bytes) -> Array:
     # Experts timed by ``curves.moe_w4a16``: MXFP4 weights at the 16-bit peak.
-    xp = jnp if isinstance(weight_bytes, jax.Array) else np
-    return (xp.abs(weight_bytes - MXFP4_BYTES) <= 0.01) & (compute_bytes == 2.0)
+    w, c = jnp.asarray(weight_bytes), jnp.asarray(compute_bytes)
+    return (jnp.abs(w - MXFP4_BYTES) <= 0.01) & (c == 2.0)
 
 
 def check_supported(dep: Deployment) -> None:
@@ -147,7 +147,7 @@ def check_supported(dep: Deployment) -> None:
     ):
         w, c = np.asarray(getattr(a, field)), np.asarray(getattr(a, width))
         if field == "expert_weight_bytes":
-            w = np.where(_mxfp4_experts(w, c), c, w)
+            w = np.where(np.asarray(_mxfp4_experts(w, c)), c, w)
         if np.any(w < 0.9 * c):
             found.append(
                 f"{field} {np.unique(w).tolist()} below {width} "
@@ -242,33 +242,28 @@ def kernel_step_time(
     shared = a.shared_ffn / t
     whole = dep.ep > 1.0
     has_experts = a.n_experts > 0
-    mxfp4 = _mxfp4_experts(
-        jnp.asarray(a.expert_weight_bytes), jnp.asarray(a.expert_compute_bytes)
-    )
-
-    def routed(eff, local_only):  # a dense model's experts are stand-ins (below)
-        return moe_us(
-            m,
-            d,
-            jnp.where(has_experts, a.expert_ffn, 1.0),
-            jnp.where(has_experts, a.top_k, 1.0),
-            jnp.where(has_experts, a.n_experts, 1.0),
-            eff,
-            hw,
-            tp=jnp.where(whole, 1.0, t),
-            ep=dep.ep,
-            weight_bytes=a.expert_weight_bytes,
-            compute_bytes=a.expert_compute_bytes,
-            local_only=local_only,
-        )
-
-    # MXFP4 experts: OpenAI's Triton kernel, on the local experts' tokens only.
-    # FP8 experts: the FP8 MoE family (FlashInfer's kernels, local experts only).
+    # Which MoE family times the experts: MXFP4 ones OpenAI's Triton kernel, FP8
+    # ones FlashInfer's (both on the local experts' tokens only), 16-bit ones vLLM's
+    # Triton fused MoE. A dense model's experts are stand-ins (selected out below).
+    mxfp4 = _mxfp4_experts(a.expert_weight_bytes, a.expert_compute_bytes)
     fp8_experts = jnp.asarray(a.expert_compute_bytes) == 1.0
+    work = moe_kernel_work(
+        m,
+        d,
+        jnp.where(has_experts, a.expert_ffn, 1.0),
+        jnp.where(has_experts, a.top_k, 1.0),
+        jnp.where(has_experts, a.n_experts, 1.0),
+        hw,
+        tp=jnp.where(whole, 1.0, t),
+        ep=dep.ep,
+        weight_bytes=a.expert_weight_bytes,
+        compute_bytes=a.expert_compute_bytes,
+        local_only=jnp.where(mxfp4 | fp8_experts, 1.0, 0.0),
+    )
     experts = jnp.where(
         mxfp4,
-        routed(curves.moe_w4a16, 1.0),
-        jnp.where(fp8_experts, routed(curves.moe_fp8, 1.0), routed(curves.moe, 0.0)),
+        work.time_us(curves.moe_w4a16),
+        jnp.where(fp8_experts, work.time_us(curves.moe_fp8), work.time_us(curves.moe)),
     )
     moe = (
         gemm(2.0 * shared, d, fp8)

@@ -325,11 +325,8 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         return table[name].to_numpy(float)
 
     weight = _dtype_bytes(table["moe_dtype"], "moe_dtype")
-    compute = np.where(
-        table["moe_dtype"].isin(list(_COMPUTE_BYTES)).to_numpy(bool),
-        table["moe_dtype"].map(_COMPUTE_BYTES).fillna(0.0).to_numpy(float),
-        weight,
-    )
+    compute = table["moe_dtype"].map(_COMPUTE_BYTES).to_numpy(float)
+    compute = np.where(np.isnan(compute), weight, compute)
     alpha = routing_alpha(table["distribution"])
     skewed = ~np.isnan(alpha)
     loads = None
