@@ -5,6 +5,7 @@ lists them): one set of calibrated curves per family
 KERNEL_FAMILIES: tuple[str, ...] = (
     "gemm_bf16",
     "gemm_fp8",
+    "gemm_nvfp4",
     "prefill_attention",
     "decode_attention",
     "moe",

@@ -1,6 +1,6 @@
 """Every GPU of the kernel database: held-out shapes per GPU, and leave one GPU out.
 
-For each family (``gemm_bf16``, ``gemm_fp8``, ``prefill_attention``,
+For each family (``gemm_bf16``, ``gemm_fp8``, ``gemm_nvfp4``, ``prefill_attention``,
 ``decode_attention``, ``moe``, ``moe_fp8``, ``moe_w4a16``, ``allreduce``) and each
 GPU system of the installed ``aiconfigurator-core`` database (vLLM tables where the
 system has them, else SGLang):
@@ -40,6 +40,7 @@ FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
     "gemm_bf16": ["n", "k"],
     "gemm_fp8": ["n", "k"],
+    "gemm_nvfp4": ["n", "k"],
     "prefill_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "decode_attention": ["num_heads", "num_key_value_heads", "head_dim"],
     "moe": ["hidden_size", "inter_size", "topk", "num_experts"],

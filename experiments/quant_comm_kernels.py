@@ -5,10 +5,10 @@ Data: aiconfigurator-core's ``systems/data/<system>/...`` tables (``latency`` in
 ms), the newest version folder of each system, for every system that has them and that
 maps to a package GPU (the ``SYSTEMS`` mapping of ``experiments/gpus.py``, copied here):
 
-- GEMMs: ``gemm/vllm/<version>/gemm_perf.parquet``, ``gemm_dtype`` ``fp8_block`` and
-  ``nvfp4`` (rows ``m, n, k``; duplicates averaged). nvfp4 rows exist only on the
-  Blackwell systems (b200, b300, gb200, gb300, rtx_pro_6000); a system whose package
-  GPU has no FP4 tensor-core peak above its FP8 peak is skipped for nvfp4.
+- GEMMs: ``gemm/vllm/<version>/gemm_perf.parquet``, ``gemm_dtype`` ``fp8_block``
+  (rows ``m, n, k``; duplicates averaged). NVFP4 GEMMs are the package's own kernel
+  family (``gemm_nvfp4``, the one ``kernel_step_time`` uses), validated with the
+  other families by ``experiments/gpus.py``.
 - Collectives: ``comm/nccl/<version>/nccl_perf.parquet``, ``op_name`` ``all_gather``,
   ``reduce_scatter``, ``alltoall``, ``all_reduce`` and ``nccl_dtype`` ``half`` (2 bytes)
   or ``int8`` (1 byte) on ``num_gpus`` in {2, 4, 8}. ``message_size`` is an element
@@ -24,10 +24,9 @@ Work counted per row:
 
 - GEMM: FLOPs ``2 m n k``; bytes ``(k n + m k) b + 2 m n`` (bf16 output), with
   ``b = 1 + 4/128^2`` per weight element and ``1 + 4/128`` per activation element for
-  fp8_block (one fp32 scale per 128x128 weight block and per 1x128 activation group)
-  and ``b = 0.5 + 1/16`` for nvfp4 (one fp8 scale per 16 elements, both operands);
-  peak ``tensor_peak(cb, flops_16, flops_8, flops_4)`` with compute bytes ``cb`` 1.0
-  (fp8_block) or 0.5 (nvfp4); time ``roofline_us(flops, bytes, peak, hbm_bw,
+  fp8_block (one fp32 scale per 128x128 weight block and per 1x128 activation
+  group); peak ``tensor_peak(1.0, flops_16, flops_8, flops_4)``, the FP8 peak; time
+  ``roofline_us(flops, bytes, peak, hbm_bw,
   gemm_flops, mem_bw) + latency_us`` (the package's smooth roofline).
 - Collectives: ring costs over the GPU's ``link_bw`` (``Hardware.link_bw``, per
   direction): all-gather and reduce-scatter ``(n-1)/n`` of the full buffer per GPU,
@@ -77,7 +76,7 @@ import diffmodel as dm
 from diffmodel import FACTOR_SPECS, mape
 from diffmodel.kernels import held_out_split, roofline_us, tensor_peak
 
-GEMM_DTYPES = ("fp8_block", "nvfp4")
+GEMM_DTYPES = ("fp8_block",)
 COMM_OPS = ("all_gather", "reduce_scatter", "alltoall", "all_reduce")
 COMM_BYTES = {"half": 2.0, "int8": 1.0}
 QUANT_FILES = {
@@ -85,7 +84,6 @@ QUANT_FILES = {
     "scale_matrix": "scale_matrix_perf",
 }
 BLOCK = 128  # fp8_block: 128x128 weight blocks, 1x128 activation groups, fp32 scales
-FP4_GROUP = 16  # nvfp4: one fp8 scale per 16 elements
 
 
 class Family:
@@ -189,9 +187,6 @@ def gemm_work(dtype: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.n
     m, n, k = (rows[c].to_numpy(float) for c in ("m", "n", "k"))
     if dtype == "fp8_block":
         w_b, a_b, cb = 1.0 + 4.0 / BLOCK**2, 1.0 + 4.0 / BLOCK, 1.0
-    elif dtype == "nvfp4":
-        w_b = a_b = 0.5 + 1.0 / FP4_GROUP
-        cb = 0.5
     else:
         raise ValueError(f"unknown GEMM dtype {dtype}")
     peak = float(tensor_peak(cb, hw.flops_16, hw.flops_8, hw.flops_4))
@@ -283,9 +278,6 @@ def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.Data
         data = {}
         for system, (rows, _version) in by_system.items():
             hw = hardware[system]
-            if dtype == "nvfp4" and not float(hw.flops_4) > float(hw.flops_8):
-                _log(f"{op} {dtype} {system}: skipped (no FP4 tensor-core peak)")
-                continue
             if max_rows is not None and len(rows) > max_rows:
                 rows = rows.sample(n=max_rows, random_state=0)
             if len(rows) < 8:

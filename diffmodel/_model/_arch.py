@@ -58,7 +58,9 @@ class Architecture(eqx.Module):
             (``Hardware.flops_4``: the FP8 one on GPUs without FP4 tensor cores).
             Default 1 when ``weight_bytes < 1.5`` (8-bit or narrower, scales
             included) else 2 (a weight-only FP8 override runs on the FP8 peak).
-        expert_compute_bytes: the same for routed experts (W4A16 MXFP4: 2).
+        expert_compute_bytes: the same for routed experts (default
+            ``compute_bytes`` when ``expert_weight_bytes`` is not given, else by
+            that width as above; W4A16 MXFP4: 2).
         quant_passes: activation quantization before each quantized GEMM: 0 none
             (16-bit activations, or weight-only), 1 one fused pass (static scale or
             per-token-group scales: read ``act_bytes``, write ``compute_bytes``), 2
@@ -184,11 +186,14 @@ class Architecture(eqx.Module):
             if compute_bytes is None
             else f(compute_bytes)
         )
-        self.expert_compute_bytes = (
-            compute_bytes_of(self.expert_weight_bytes)
-            if expert_compute_bytes is None
-            else f(expert_compute_bytes)
-        )
+        # Experts stored like the other weights run like them (an NVFP4 model's
+        # experts at the FP4 peak); other expert weights take their width's peak.
+        if expert_compute_bytes is not None:
+            self.expert_compute_bytes = f(expert_compute_bytes)
+        elif expert_weight_bytes is None:
+            self.expert_compute_bytes = self.compute_bytes
+        else:
+            self.expert_compute_bytes = compute_bytes_of(self.expert_weight_bytes)
         self.quant_passes = f(quant_passes)
         self.q_lora_rank = f(q_lora_rank)
         self.kv_lora_rank = f(kv_lora_rank)

@@ -92,16 +92,38 @@ def gemm_work(
 
 
 def act_quant_bytes(
-    m: ArrayLike, k: ArrayLike, act_bytes: ArrayLike = 2.0, quant_bytes: ArrayLike = 1.0
+    m: ArrayLike,
+    k: ArrayLike,
+    act_bytes: ArrayLike = 2.0,
+    quant_bytes: ArrayLike = 1.0,
+    passes: ArrayLike = 2.0,
 ) -> Array:
     """HBM bytes of dynamically quantizing an ``[m, k]`` activation, unfused.
 
-    ``m k (2 act_bytes + quant_bytes)``: one pass reads the activation for its
-    absolute maximum (the per-tensor scale), a second reads it again and writes the
-    quantized copy (``act_bytes``: 2 for bf16; ``quant_bytes``: 1 for FP8).
+    ``m k (passes act_bytes + quant_bytes)``. Per-tensor FP8 takes two passes: one
+    reads the activation for its absolute maximum (the tensor's scale), a second
+    reads it again and writes the quantized copy (``act_bytes``: 2 for bf16;
+    ``quant_bytes``: 1 for FP8). Group-scaled formats take one: NVFP4 reads the
+    activation once and writes 4-bit values with an FP8 scale per 16
+    (``passes=1``, ``quant_bytes=NVFP4_BYTES``).
     """
     m, k = jnp.asarray(m), jnp.asarray(k)
-    return m * k * (2.0 * act_bytes + quant_bytes)
+    return m * k * (passes * act_bytes + quant_bytes)
+
+
+NVFP4_BYTES = 0.5 + 1.0 / 16
+"""Bytes per NVFP4 element: 4 bits and an FP8 (E4M3) scale per 16 elements."""
+
+
+def gemm_act_quant_bytes(m: ArrayLike, k: ArrayLike, compute_bytes: ArrayLike) -> Array:
+    """:func:`act_quant_bytes` of a GEMM's bf16 activation quantized to its operand
+    width: two passes to per-tensor FP8 (``compute_bytes`` 1), one to NVFP4 (0.5)."""
+    fp4 = jnp.asarray(compute_bytes) < 1.0
+    return jnp.where(
+        fp4,
+        act_quant_bytes(m, k, quant_bytes=NVFP4_BYTES, passes=1.0),
+        act_quant_bytes(m, k),
+    )
 
 
 def expected_experts(

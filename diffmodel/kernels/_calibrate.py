@@ -135,12 +135,17 @@ def family_table(family: str) -> str:
     return family
 
 
+# The gemm table's dtype of each GEMM family.
+GEMM_DTYPES = {"gemm_bf16": "bfloat16", "gemm_fp8": "fp8", "gemm_nvfp4": "nvfp4"}
+
+
 # Which rows of aiconfigurator's tables each family is calibrated on: the dtypes and
 # kernels a bf16 vLLM deployment runs (the traces': bf16 weights and KV, CUDA graphs).
 def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     """The rows of the loaded tables (:func:`load_kernel_tables`) of one family.
 
-    GEMMs by dtype; attention with bf16 KV and no sliding window; MoE in bf16
+    GEMMs by dtype (``gemm_nvfp4``: NVFP4 weights and activations at the FP4
+    peak, on Blackwell); attention with bf16 KV and no sliding window; MoE in bf16
     (``moe``), FP8 (``moe_fp8``: 128-block rows, per-tensor ones where no block
     row is measured) or MXFP4 weights with 16-bit activations (``moe_w4a16``),
     under every routing distribution; all-reduce under CUDA graphs (eager where
@@ -155,8 +160,8 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     if source not in tables:
         raise ValueError(f"no {source} table loaded for family {family}")
     t = tables[source]
-    if family in ("gemm_bf16", "gemm_fp8"):
-        rows = t[t["gemm_dtype"] == ("bfloat16" if family == "gemm_bf16" else "fp8")]
+    if family in GEMM_DTYPES:
+        rows = t[t["gemm_dtype"] == GEMM_DTYPES[family]]
     elif family in ("prefill_attention", "decode_attention"):
         rows = t[t["kv_cache_dtype"] == "bfloat16"]
         if "window_size" in rows.columns:

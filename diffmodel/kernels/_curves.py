@@ -380,7 +380,7 @@ TUNED_FAMILIES: tuple[str, ...] = ("moe",)
 # Families whose measured operator quantizes its activation in separate memory-bound
 # passes before the kernel (vLLM's dynamic per-tensor FP8 linear), and so an
 # efficiency curve of those passes of their own.
-PROLOGUE_FAMILIES: tuple[str, ...] = ("gemm_fp8",)
+PROLOGUE_FAMILIES: tuple[str, ...] = ("gemm_fp8", "gemm_nvfp4")
 
 
 class KernelCurves(eqx.Module):
@@ -388,6 +388,8 @@ class KernelCurves(eqx.Module):
 
     Attributes:
         gemm_bf16, gemm_fp8: dense GEMMs (FP8 against the FP8 peak).
+        gemm_nvfp4: dense NVFP4 GEMMs against the FP4 peak, with the one-pass
+            quantization of their bf16 activation (Blackwell).
         prefill_attention: causal FlashAttention over new tokens.
         decode_attention: paged attention of one query token over its KV cache.
         moe: fused MoE (gated MLP of the routed experts), 16-bit or FP8 experts.
@@ -403,6 +405,7 @@ class KernelCurves(eqx.Module):
 
     gemm_bf16: RooflineCurves
     gemm_fp8: RooflineCurves
+    gemm_nvfp4: RooflineCurves
     prefill_attention: RooflineCurves
     decode_attention: RooflineCurves
     moe: RooflineCurves

@@ -10,8 +10,9 @@ kernel floor), as aiconfigurator sums its kernel tables:
   gate+up and down GEMMs, or (MoE layers) the shared experts, the router and the
   fused routed experts (``curves.moe``, :func:`~diffmodel.kernels.moe_us`, uniform
   routing; FP8 experts ``curves.moe_fp8``, MXFP4 ones ``curves.moe_w4a16``);
-  ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` with the activation
-  quantization pass where the model has one;
+  ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` (NVFP4 models:
+  ``curves.gemm_nvfp4``) with the activation quantization pass where the model has
+  one;
 - MLA (DeepSeek): the replicated ``q_a + kv_a`` down-projection, ``q_b``, ``kv_b``
   (in decode the absorbed BMMs, the same FLOPs and weights; prefill chunks also
   up-project their cached tokens' latents) and ``o_proj`` on the GEMM curves;
@@ -39,10 +40,10 @@ traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
 GQA or MLA models, full or sliding-window attention, with dense or MoE MLPs in
-16-bit or FP8, and MXFP4 routed experts at the 16-bit peak (the Llama family of the
-public traces, Mixtral, Qwen3 MoE, Llama FP8, DeepSeek-V3, gpt-oss). Sparse
-attention, FP4 tensor-core GEMMs and other weight-only quantized GEMMs raise a
-``ValueError``: use :func:`diffmodel.step_time` for them.
+16-bit or FP8, dense GEMMs also in NVFP4, and MXFP4 routed experts at the 16-bit
+peak (the Llama family of the public traces, Mixtral, Qwen3 MoE, Llama FP8 and
+NVFP4, DeepSeek-V3, gpt-oss). Sparse attention, FP4 experts and other weight-only
+quantized GEMMs raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -54,7 +55,7 @@ from jaxtyping import Array, ArrayLike, Float
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
 from .._model._layers import attention_dims, is_mla, windowed_attention
-from .._model._physics import act_quant_bytes, attention_work_dims
+from .._model._physics import attention_work_dims, gemm_act_quant_bytes
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._moe import moe_kernel_work
@@ -122,7 +123,8 @@ def check_supported(dep: Deployment) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
     in ``dep``: GQA or MLA attention (full or sliding-window), no sparse attention,
     dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width
-    (routed experts also MXFP4 at the 16-bit peak), experts tensor-parallel or one
+    (dense GEMMs also NVFP4 at the FP4 peak, routed experts MXFP4 at the 16-bit
+    peak), experts tensor-parallel or one
     expert group per GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
     checks = {"index_layers": (a.index_layers, "sparse attention")}
@@ -132,10 +134,17 @@ def check_supported(dep: Deployment) -> None:
             return
         if np.any(np.asarray(value) > 0):
             found.append(f"{what} ({field} > 0)")
-    for field in ("compute_bytes", "expert_compute_bytes"):
+    # Dense GEMMs run at the 16-bit, FP8 or (NVFP4) FP4 peak; routed experts at
+    # the 16-bit or FP8 one (no FP4 MoE kernel is calibrated).
+    for field, widths in (
+        ("compute_bytes", (0.5, 1.0, 2.0)),
+        ("expert_compute_bytes", (1.0, 2.0)),
+    ):
         value = np.asarray(getattr(a, field))
-        if not np.isin(value, (1.0, 2.0)).all():
-            found.append(f"{field} {np.unique(value).tolist()} (16-bit or FP8 only)")
+        if not np.isin(value, widths).all():
+            found.append(
+                f"{field} {np.unique(value).tolist()} (expected one of {list(widths)})"
+            )
     # Weight-only quantized GEMMs (4-bit weights, 16-bit operands) run kernels of
     # their own: the 16-bit MoE curves with MXFP4's bytes miss H100's measured MXFP4
     # MoE rows by 73% (2-3x too slow from 256 tokens). MXFP4 experts at the 16-bit
@@ -159,7 +168,8 @@ def check_supported(dep: Deployment) -> None:
     if found:
         raise ValueError(
             f"kernel_step_time: the architecture has {', '.join(found)}; it times "
-            "GQA or MLA models with dense or MoE MLPs on 16-bit or FP8 tensor cores, "
+            "GQA or MLA models with dense or MoE MLPs on 16-bit, FP8 or (dense) "
+            "NVFP4 tensor cores, "
             "use diffmodel.step_time (the roofline: 'diffmodel predict' without "
             "--host)"
         )
@@ -211,17 +221,17 @@ def kernel_step_time(
     runs = tokens > 0
     gate = jnp.where(runs, 1.0, 0.0)
     m = jnp.maximum(tokens, 1.0)  # a GEMM of no rows is not run (gated below)
-    fp8 = a.compute_bytes == 1.0
+    width = a.compute_bytes  # the model's GEMMs' operand width: 2, 1 (FP8), 0.5
 
-    def gemm(n, k, fp8, w=a.weight_bytes):  # m rows, 0 where absent (n k = 0)
-        return _gemm_us(m, n, k, fp8, a.quant_passes, curves, hw, w)
+    def gemm(n, k, width, w=a.weight_bytes):  # m rows, 0 where absent (n k = 0)
+        return _gemm_us(m, n, k, width, a.quant_passes, curves, hw, w)
 
     def gemm_rows(rows, n, k):  # the model's GEMM of other rows (> 0 where used)
         rows = jnp.maximum(rows, 1.0)
-        return _gemm_us(rows, n, k, fp8, a.quant_passes, curves, hw, a.weight_bytes)
+        return _gemm_us(rows, n, k, width, a.quant_passes, curves, hw, a.weight_bytes)
 
     mla = is_mla(a)
-    gqa_attn = gemm((qh + 2.0 * kvh) * dh, d, fp8) + gemm(d, qh * dh, fp8)
+    gqa_attn = gemm((qh + 2.0 * kvh) * dh, d, width) + gemm(d, qh * dh, width)
     # MLA (as vLLM runs it): the replicated q_a + kv_a down-projection, q_b, kv_b
     # (in decode the absorbed W_UK / W_UV BMMs: the same FLOPs and weights), o_proj;
     # prefill chunks after cached tokens up-project those tokens' latents too.
@@ -229,14 +239,14 @@ def kernel_step_time(
     up = qh * (dh - r + v)
     cached = stats.kv_prefill
     mla_attn = (
-        gemm(jnp.where(ql > 0, ql, qh * dh) + c + r, d, fp8)
-        + gemm(qh * dh, ql, fp8)
-        + gemm(up, c, fp8)
-        + gemm(d, qh * v, fp8)
+        gemm(jnp.where(ql > 0, ql, qh * dh) + c + r, d, width)
+        + gemm(qh * dh, ql, width)
+        + gemm(up, c, width)
+        + gemm(d, qh * v, width)
         + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0)
     )
     attn = jnp.where(mla, mla_attn, gqa_attn)
-    mlp = gemm(2.0 * ffn, d, fp8) + gemm(d, ffn, fp8)
+    mlp = gemm(2.0 * ffn, d, width) + gemm(d, ffn, width)
     # MoE layers: shared experts, the router (16-bit) and the fused routed experts
     # (whole experts per GPU when ep = t, else each expert split t ways).
     shared = a.shared_ffn / t
@@ -266,9 +276,9 @@ def kernel_step_time(
         jnp.where(fp8_experts, work.time_us(curves.moe_fp8), work.time_us(curves.moe)),
     )
     moe = (
-        gemm(2.0 * shared, d, fp8)
-        + gemm(d, shared, fp8)
-        + gemm(a.n_experts, d, False, 2.0)
+        gemm(2.0 * shared, d, width)
+        + gemm(d, shared, width)
+        + gemm(a.n_experts, d, 2.0, 2.0)
         + jnp.where(has_experts, experts, 0.0)
     )
     linear = n_layers * attn + a.dense_layers * mlp + a.moe_layers * moe
@@ -336,10 +346,11 @@ def kernel_step_time(
 
 
 def _gemm_us(
-    m, n, k, fp8, quant_passes, curves: KernelCurves, hw, weight_bytes=None
+    m, n, k, width, quant_passes, curves: KernelCurves, hw, weight_bytes=None
 ) -> Array:
-    """A GEMM ``[m, k] @ [k, n]`` on the 16-bit or (``fp8``) the FP8 curves, us,
-    reading ``weight_bytes`` per weight (default the operand width); FP8 GEMMs of a
+    """A GEMM ``[m, k] @ [k, n]`` with operands of ``width`` bytes on that width's
+    curves (2: ``gemm_bf16``, 1: ``gemm_fp8``, 0.5: ``gemm_nvfp4``), us, reading
+    ``weight_bytes`` per weight (default the operand width); FP8 and FP4 GEMMs of a
     model with activation quantization passes pay the unfused pass; 0 where
     ``n k = 0`` (a part the model does not have)."""
     present = n * k > 0
@@ -347,11 +358,19 @@ def _gemm_us(
     w = weight_bytes
     bf16 = gemm_kernel_work(m, n1, k1, hw, 2.0, weight_bytes=w)
     bf16 = bf16.time_us(curves.gemm_bf16)
-    work = gemm_kernel_work(m, n1, k1, hw, 1.0, weight_bytes=w)
-    pre = jnp.where(quant_passes > 0, act_quant_bytes(m, k1), 0.0)
-    work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
-    f8 = work.time_us(curves.gemm_fp8)
-    return jnp.where(present, jnp.where(fp8, f8, bf16), 0.0)
+
+    def quantized(width, family):
+        work = gemm_kernel_work(m, n1, k1, hw, width, out_bytes=2.0, weight_bytes=w)
+        pre = jnp.where(quant_passes > 0, gemm_act_quant_bytes(m, k1, width), 0.0)
+        work = eqx.tree_at(
+            lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None
+        )
+        return work.time_us(family)
+
+    f8 = quantized(1.0, curves.gemm_fp8)
+    f4 = quantized(0.5, curves.gemm_nvfp4)
+    t = jnp.where(width == 1.0, f8, jnp.where(width == 0.5, f4, bf16))
+    return jnp.where(present, t, 0.0)
 
 
 def host_features(stats: BatchStats, dep: Deployment) -> Float[Array, "*steps 4"]:

@@ -30,6 +30,7 @@ import pandas as pd
 
 from .._model._hardware import Hardware
 from .._model._physics import (
+    NVFP4_BYTES,
     gemm_work,
     touched_experts,
 )
@@ -60,8 +61,9 @@ _DTYPE_BYTES = {
     "fp8": 1.0,
     "fp8_block": 1.0,
     "w4a16_mxfp4": 0.53125,
+    "nvfp4": NVFP4_BYTES,
 }
-_COMPUTE_BYTES = {"w4a16_mxfp4": 2.0}
+_COMPUTE_BYTES = {"w4a16_mxfp4": 2.0, "nvfp4": 0.5}
 
 GEMM_COLUMNS = ("m", "n", "k", "gemm_dtype", "latency")
 ATTENTION_COLUMNS = (
@@ -268,19 +270,23 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
         return jnp.asarray(table[name].to_numpy(float))
 
     if family == "gemm":
-        nbytes = jnp.asarray(_dtype_bytes(table["gemm_dtype"], "gemm_dtype"))
-        # vLLM's FP8 linears write bf16; per-tensor FP8 ("fp8") rows time the
-        # dynamic quantization of the bf16 activation too (a ~10 us floor and a
-        # cost in m k whatever n: see act_quant_bytes).
-        quant = (table["gemm_dtype"] == "fp8").to_numpy(float)
+        dtype = table["gemm_dtype"]
+        weight = _dtype_bytes(dtype, "gemm_dtype")
+        compute = dtype.map(_COMPUTE_BYTES).to_numpy(float)
+        compute = np.where(np.isnan(compute), weight, compute)
+        # vLLM's FP8 and FP4 linears write bf16; per-tensor FP8 ("fp8") and NVFP4
+        # rows time the dynamic quantization of the bf16 activation too (a ~10 us
+        # floor and a cost in m k whatever n: see gemm_act_quant_bytes).
+        quant = dtype.isin(("fp8", "nvfp4")).to_numpy(float)
         return gemm_kernel_work(
             col("m"),
             col("n"),
             col("k"),
             hw,
-            nbytes,
+            jnp.asarray(compute),
             out_bytes=2.0,
             act_quant=quant if quant.any() else None,
+            weight_bytes=jnp.asarray(weight),
         )
     if family in ("prefill_attention", "decode_attention"):
         heads = (col("num_heads"), col("num_key_value_heads"), col("head_dim"))

@@ -14,11 +14,12 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._hardware import Hardware
 from .._model._physics import (
-    act_quant_bytes,
     allreduce_us,
     attention_work,
+    gemm_act_quant_bytes,
     gemm_work,
     roofline_us,
+    tensor_peak,
 )
 from ..kernels._curves import AllReduceCurve, RooflineCurves
 
@@ -107,7 +108,7 @@ class KernelWork(eqx.Module):
 
 
 def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
-    return jnp.where(jnp.asarray(dtype_bytes) <= 1.0, hw.flops_8, hw.flops_16)
+    return tensor_peak(dtype_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
 
 
 def gemm_kernel_work(
@@ -120,15 +121,16 @@ def gemm_kernel_work(
     act_quant: ArrayLike | None = None,
     weight_bytes: ArrayLike | None = None,
 ) -> KernelWork:
-    """A GEMM ``[m, k] @ [k, n]`` in ``dtype_bytes`` (1: FP8 peak) on ``hw``.
+    """A GEMM ``[m, k] @ [k, n]`` in ``dtype_bytes`` (1: FP8 peak, 0.5: FP4) on ``hw``.
 
     ``f = 2 m n k``; ``b = k n weight_bytes + m k dtype_bytes + m n out_bytes``
     (``gemm_work``; ``weight_bytes`` and ``out_bytes`` default to ``dtype_bytes``;
     a weight-only quantized GEMM, e.g. 4-bit weights with 16-bit operands, reads
     fewer weight bytes at the ``dtype_bytes`` peak). ``act_quant`` (1 or 0 per GEMM,
-    ``None``: none) marks GEMMs that first quantize their bf16 activation to FP8 in
-    separate passes (dynamic per-tensor FP8): ``pre_bytes = act_quant m k (2 2 + 1)``
-    (``act_quant_bytes``).
+    ``None``: none) marks GEMMs that first quantize their bf16 activation in
+    separate passes: to per-tensor FP8 in two, ``pre_bytes = m k (2 2 + 1)``, to
+    NVFP4 (``dtype_bytes`` 0.5) in one, ``m k (2 + 0.5625)``
+    (``gemm_act_quant_bytes``).
 
     Raises ``ValueError`` naming ``act_quant`` if it holds a value other than 0 or 1.
     """
@@ -142,7 +144,7 @@ def gemm_kernel_work(
             raise ValueError(
                 f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
             )
-        pre = jnp.asarray(q) * act_quant_bytes(m, k)
+        pre = jnp.asarray(q) * gemm_act_quant_bytes(m, k, dtype_bytes)
     return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre)
 
 

@@ -162,3 +162,33 @@ def test_fp8_experts_take_block_rows_else_per_tensor_ones():
     assert h100["kernel_source"].str.contains("flashinfer_cutlass").all()
     rtx = dk.load_system_tables("rtx_pro_6000_server", families=("moe",))
     assert set(dk.family_rows(rtx, "moe_fp8")["moe_dtype"]) == {"fp8"}
+
+
+@needs_db
+def test_nvfp4_gemms_are_calibrated_on_blackwell_rows():
+    """``gemm_nvfp4``: B200's NVFP4 GEMM rows (FlashInfer's CuTe DSL kernel, vLLM
+    0.24.0), at the FP4 peak with their one-pass activation quantization; on 75% of
+    the (n, k) shapes of 600 sampled rows it predicts the other 25% within 15% and
+    far better than its priors. H100 has no FP4 tensor cores and no such rows."""
+    tables = dk.load_system_tables("b200_sxm", "vllm", families=("gemm",))
+    rows = dk.family_rows(tables, "gemm_nvfp4")
+    assert set(rows["gemm_dtype"]) == {"nvfp4"}
+    rows = rows.sample(600, random_state=0).reset_index(drop=True)
+    test = held_out_split(rows, ["n", "k"])
+    fit, held = rows[~test], rows[test]
+    b200 = hardware("b200")
+    init = init_curves("gemm_nvfp4")
+    assert init.prologue is not None
+    curves = fit_roofline_curves(
+        family_work("gemm_nvfp4", fit, b200),
+        fit["latency_us"].to_numpy(float),
+        init,
+        options=FitOptions(adam_steps=300, lbfgs_steps=60),
+    )
+    work = family_work("gemm_nvfp4", held, b200)
+    y = held["latency_us"].to_numpy(float)
+    before, after = mape(work.time_us(init), y), mape(work.time_us(curves), y)
+    assert after < 15.0 and after < 0.5 * before
+    h100 = dk.load_system_tables("h100_sxm", "vllm", families=("gemm",))
+    with pytest.raises(ValueError, match="no rows for family gemm_nvfp4"):
+        dk.family_rows(h100, "gemm_nvfp4")

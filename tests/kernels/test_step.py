@@ -132,9 +132,13 @@ def test_models_it_cannot_time_are_refused():
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
     with pytest.raises(ValueError, match="'diffmodel predict' without --host"):
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
-    fp4 = _with_arch(_dep(), compute_bytes=0.5, weight_bytes=0.5625)
-    with pytest.raises(ValueError, match=r"compute_bytes \[0.5\] \(16-bit or FP8"):
-        kernel_step_time(one, fp4, CURVES)
+    fp4_experts = _with_arch(
+        _dep("mixtral-8x7b", 2), expert_compute_bytes=0.5, expert_weight_bytes=0.5625
+    )
+    with pytest.raises(
+        ValueError, match=r"expert_compute_bytes \[0.5\] \(expected one of \[1.0, 2.0\]"
+    ):
+        kernel_step_time(one, fp4_experts, CURVES)
 
 
 def _attention_only(dep):
@@ -155,7 +159,7 @@ def test_mla_layers_at_hand_shapes():
 
     def gemms(rows, shapes):
         return sum(
-            float(_gemm_us(rows, n, k, True, 1.0, CURVES, hw, a.weight_bytes))
+            float(_gemm_us(rows, n, k, 1.0, 1.0, CURVES, hw, a.weight_bytes))
             for n, k in shapes
         )
 
@@ -341,9 +345,44 @@ def test_fp8_models_run_their_gemms_on_the_fp8_curves_with_the_quant_pass():
     shapes = [(5120, 8192), (8192, 4096), (28672, 8192), (8192, 14336)]
     want = 0.0
     for n, k in shapes:
-        work = gemm_kernel_work(8.0, n, k, hw, 1.0, act_quant=1.0)
+        work = gemm_kernel_work(8.0, n, k, hw, 1.0, out_bytes=2.0, act_quant=1.0)
         want += float(work.time_us(CURVES.gemm_fp8))
     assert float(b.linear) == pytest.approx(80 * want, rel=1e-12)
+
+
+def test_nvfp4_models_run_their_gemms_on_the_fp4_curves():
+    """A dense NVFP4 model (4-bit weights with FP8 scales, FP4 operands, one
+    activation quantization pass) times its layers' GEMMs on ``gemm_nvfp4`` at
+    the FP4 peak: hand shapes of Llama-2-70B at TP 4 on B200; other curves than
+    the FP4 ones do not move it, and the gradient in the curves is finite."""
+    dep = _with_arch(
+        _dep("llama-2-70b", 4, "b200"),
+        compute_bytes=0.5,
+        weight_bytes=0.5625,
+        quant_passes=1.0,
+    )
+    stats = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 300)
+    b = kernel_step_time(stats, dep, CURVES)
+    hw = dep.hw
+    shapes = [(2560, 8192), (8192, 2048), (14336, 8192), (8192, 7168)]
+    want = 0.0
+    for n, k in shapes:
+        work = gemm_kernel_work(
+            8.0, n, k, hw, 0.5, out_bytes=2.0, act_quant=1.0, weight_bytes=0.5625
+        )
+        want += float(work.time_us(CURVES.gemm_nvfp4))
+    assert float(b.linear) == pytest.approx(80 * want, rel=1e-12)
+    slower = dataclasses.replace(
+        CURVES, gemm_fp8=jax.tree.map(lambda x: x - 1.0, CURVES.gemm_fp8)
+    )
+    assert float(kernel_step_time(stats, dep, slower).linear) == float(b.linear)
+
+    def linear(c):
+        return kernel_step_time(stats, dep, c, check=False).linear
+
+    g = jax.grad(linear)(CURVES)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
+    assert float(jnp.abs(g.gemm_nvfp4.occupancy.raw_slope)) > 0
 
 
 def test_bad_statistics_are_refused():

@@ -17,6 +17,7 @@ from diffmodel.kernels._tables import (
 )
 
 H100 = hardware("h100-sxm")
+B200 = hardware("b200")
 
 
 def test_gemm_loader_converts_ms_to_us(data_dir):
@@ -95,12 +96,17 @@ def test_vidur_work_shapes():
     assert float(w.flops[1]) == 0.0
 
 
-def test_table_work_quantizes_only_per_tensor_fp8_rows():
+def test_table_work_quantizes_only_per_tensor_fp8_and_nvfp4_rows():
+    """The activation quantization pass: two for per-tensor FP8 (320 bytes of a
+    4x16 activation), one for NVFP4 (164), none for 128-block FP8 (fused); NVFP4
+    at the FP4 peak with 0.5625-byte weights (see test_work's hand values)."""
     t = pd.DataFrame(
-        dict(m=[4, 4, 4], n=[8, 8, 8], k=[16, 16, 16]),
-    ).assign(gemm_dtype=["bfloat16", "fp8", "fp8_block"])
-    w = table_work("gemm", t, H100)
-    np.testing.assert_array_equal(np.asarray(w.pre_bytes), [0.0, 320.0, 0.0])
-    np.testing.assert_array_equal(np.asarray(w.bytes), [448.0, 256.0, 256.0])
+        dict(m=[4, 4, 4, 4], n=[8, 8, 8, 8], k=[16, 16, 16, 16]),
+    ).assign(gemm_dtype=["bfloat16", "fp8", "fp8_block", "nvfp4"])
+    w = table_work("gemm", t, B200)
+    np.testing.assert_array_equal(np.asarray(w.pre_bytes), [0.0, 320.0, 0.0, 164.0])
+    np.testing.assert_array_equal(np.asarray(w.bytes), [448.0, 256.0, 256.0, 168.0])
+    peaks = [B200.flops_16, B200.flops_8, B200.flops_8, B200.flops_4]
+    np.testing.assert_array_equal(np.asarray(w.peak_flops), np.asarray(peaks))
     bf = table_work("gemm", t.iloc[:1], H100)
     assert bf.pre_bytes is None

@@ -19,6 +19,7 @@ from diffmodel.kernels._work import (
 )
 
 H100 = hardware("h100-sxm")
+B200 = hardware("b200")
 
 
 def test_gemm_prediction_by_hand():
@@ -95,6 +96,20 @@ def test_fp8_gemm_work_counts_bf16_output_and_quantization_pass():
     assert plain.pre_bytes is None
     extra = float(w.time_us((0.5, 0.25)) - plain.time_us((0.5, 0.25)))
     assert extra == pytest.approx(320.0 / (float(H100.hbm_bw) * 0.25) * 1e6, rel=1e-6)
+
+
+def test_nvfp4_gemm_work_at_the_fp4_peak_with_a_one_pass_quantization():
+    # m=4, n=8, k=16 NVFP4 GEMM (4-bit operands, FP8 scale per 16: 0.5625 bytes a
+    # weight), bf16 output: bytes = 16*8*0.5625 + 4*16*0.5 + 4*8*2 = 72 + 32 + 64;
+    # the activation quantized in one pass: 4*16*(2 + 0.5625) = 164 bytes.
+    w = gemm_kernel_work(
+        4.0, 8.0, 16.0, B200, 0.5, out_bytes=2.0, act_quant=1.0, weight_bytes=0.5625
+    )
+    assert float(w.flops) == 2 * 4 * 8 * 16
+    assert float(w.bytes) == 168.0
+    assert float(w.pre_bytes) == 164.0
+    assert float(w.peak_flops) == float(B200.flops_4)
+    assert float(B200.flops_4) > float(B200.flops_8)
 
 
 def test_fp8_gemm_act_quant_must_be_0_or_1():

@@ -90,6 +90,10 @@ def test_quantized_checkpoints(bundle, tmp_path):
     assert float(ll.quant_passes) == 1 and float(ll.head_weight_bytes) == 2
     nv = dm.architecture("nvidia/Qwen3-235B-A22B-NVFP4")
     assert float(nv.weight_bytes) == 0.5625 and float(nv.compute_bytes) == 0.5
+    # ... experts too: NVFP4 like the rest, at the FP4 peak (not the FP8 one their
+    # 0.5625 bytes alone would pick).
+    assert float(nv.expert_weight_bytes) == 0.5625
+    assert float(nv.expert_compute_bytes) == 0.5
     # A user's own folder: config.json plus hf_quant_config.json.
     cfg = dict(dm._model._arch.model_config("llama-3.1-8b"))
     cfg.pop("_name")
