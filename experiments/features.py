@@ -31,7 +31,7 @@ FEATURES = [
         "gemm_fp8_block",
         10.0,
     ),
-    ("NVFP4 GEMMs", "Llama-3.3-70B NVFP4", "gpus", "gemm_nvfp4", 10.0),
+    ("NVFP4 GEMMs", "Qwen3-235B-A22B-NVFP4", "gpus", "gemm_nvfp4", 10.0),
     (
         "FP8 activation quantization",
         "FP8 models",
