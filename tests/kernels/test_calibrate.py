@@ -112,6 +112,23 @@ def test_per_wave_cost_is_recovered_at_its_own_scale():
     assert float(fitted.unit_ns) == pytest.approx(3000.0, rel=0.05)
 
 
+def _held_out_fit(family, rows, keys, hw, lbfgs_steps=60):
+    """A family's curves fitted on 75% of the ``keys`` shapes of ``rows``: the
+    fitted rows, and the held-out MAPE % of the priors and of the fit."""
+    test = held_out_split(rows, keys)
+    fit, held = rows[~test], rows[test]
+    init = init_curves(family)
+    curves = fit_roofline_curves(
+        family_work(family, fit, hw),
+        fit["latency_us"].to_numpy(float),
+        init,
+        options=FitOptions(adam_steps=300, lbfgs_steps=lbfgs_steps),
+    )
+    work = family_work(family, held, hw)
+    y = held["latency_us"].to_numpy(float)
+    return fit, mape(work.time_us(init), y), mape(work.time_us(curves), y)
+
+
 @needs_db
 def test_mxfp4_experts_are_calibrated_on_their_own_rows():
     """gpt-oss's MXFP4 MoE rows (OpenAI's Triton kernel, vLLM 0.24.0 on H100) make
@@ -122,18 +139,8 @@ def test_mxfp4_experts_are_calibrated_on_their_own_rows():
     rows = dk.family_rows(tables, "moe_w4a16")
     assert set(rows["moe_dtype"]) == {"w4a16_mxfp4"}
     assert rows["kernel_source"].str.contains("oaitriton").all()
-    test = held_out_split(rows, ["num_experts", "moe_tp_size", "moe_ep_size"])
-    fit, held = rows[~test], rows[test]
-    init = init_curves("moe_w4a16")
-    curves = fit_roofline_curves(
-        family_work("moe_w4a16", fit, H100),
-        fit["latency_us"].to_numpy(float),
-        init,
-        options=FitOptions(adam_steps=300, lbfgs_steps=100),
-    )
-    work = family_work("moe_w4a16", held, H100)
-    y = held["latency_us"].to_numpy(float)
-    before, after = mape(work.time_us(init), y), mape(work.time_us(curves), y)
+    keys = ["num_experts", "moe_tp_size", "moe_ep_size"]
+    fit, before, after = _held_out_fit("moe_w4a16", rows, keys, H100, 100)
     assert after < 30.0 and after < 0.6 * before
     lines = []
     only = dk.calibrate_kernels(
@@ -174,20 +181,8 @@ def test_nvfp4_gemms_are_calibrated_on_blackwell_rows():
     rows = dk.family_rows(tables, "gemm_nvfp4")
     assert set(rows["gemm_dtype"]) == {"nvfp4"}
     rows = rows.sample(600, random_state=0).reset_index(drop=True)
-    test = held_out_split(rows, ["n", "k"])
-    fit, held = rows[~test], rows[test]
-    b200 = hardware("b200")
-    init = init_curves("gemm_nvfp4")
-    assert init.prologue is not None
-    curves = fit_roofline_curves(
-        family_work("gemm_nvfp4", fit, b200),
-        fit["latency_us"].to_numpy(float),
-        init,
-        options=FitOptions(adam_steps=300, lbfgs_steps=60),
-    )
-    work = family_work("gemm_nvfp4", held, b200)
-    y = held["latency_us"].to_numpy(float)
-    before, after = mape(work.time_us(init), y), mape(work.time_us(curves), y)
+    assert init_curves("gemm_nvfp4").prologue is not None
+    _, before, after = _held_out_fit("gemm_nvfp4", rows, ["n", "k"], hardware("b200"))
     assert after < 15.0 and after < 0.5 * before
     h100 = dk.load_system_tables("h100_sxm", "vllm", families=("gemm",))
     with pytest.raises(ValueError, match="no rows for family gemm_nvfp4"):

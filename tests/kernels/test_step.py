@@ -343,11 +343,21 @@ def test_fp8_models_run_their_gemms_on_the_fp8_curves_with_the_quant_pass():
     hw = dep.hw
     # Llama-3.1-70B at TP 2: QKV (32 + 2 * 4) * 128, O, FFN 28672 / 2.
     shapes = [(5120, 8192), (8192, 4096), (28672, 8192), (8192, 14336)]
-    want = 0.0
-    for n, k in shapes:
-        work = gemm_kernel_work(8.0, n, k, hw, 1.0, out_bytes=2.0, act_quant=1.0)
-        want += float(work.time_us(CURVES.gemm_fp8))
+    want = _quantized_gemms_us(shapes, hw, 1.0, 1.0, CURVES.gemm_fp8)
     assert float(b.linear) == pytest.approx(80 * want, rel=1e-12)
+
+
+def _quantized_gemms_us(shapes, hw, width, weight_bytes, curves):
+    """Summed time of 8-row GEMMs ``[8, k] @ [k, n]`` of ``width``-byte operands
+    with bf16 output and the activation quantization pass, on ``curves``, us."""
+    return sum(
+        float(
+            gemm_kernel_work(
+                8.0, n, k, hw, width, 2.0, act_quant=1.0, weight_bytes=weight_bytes
+            ).time_us(curves)
+        )
+        for n, k in shapes
+    )
 
 
 def test_nvfp4_models_run_their_gemms_on_the_fp4_curves():
@@ -365,12 +375,7 @@ def test_nvfp4_models_run_their_gemms_on_the_fp4_curves():
     b = kernel_step_time(stats, dep, CURVES)
     hw = dep.hw
     shapes = [(2560, 8192), (8192, 2048), (14336, 8192), (8192, 7168)]
-    want = 0.0
-    for n, k in shapes:
-        work = gemm_kernel_work(
-            8.0, n, k, hw, 0.5, out_bytes=2.0, act_quant=1.0, weight_bytes=0.5625
-        )
-        want += float(work.time_us(CURVES.gemm_nvfp4))
+    want = _quantized_gemms_us(shapes, hw, 0.5, 0.5625, CURVES.gemm_nvfp4)
     assert float(b.linear) == pytest.approx(80 * want, rel=1e-12)
     slower = dataclasses.replace(
         CURVES, gemm_fp8=jax.tree.map(lambda x: x - 1.0, CURVES.gemm_fp8)
