@@ -355,21 +355,23 @@ def _gemm_us(
     ``n k = 0`` (a part the model does not have)."""
     present = n * k > 0
     n1, k1 = jnp.where(present, n, 1.0), jnp.where(present, k, 1.0)
-    w = weight_bytes
-    bf16 = gemm_kernel_work(m, n1, k1, hw, 2.0, weight_bytes=w)
-    bf16 = bf16.time_us(curves.gemm_bf16)
-
-    def quantized(width, family):
-        work = gemm_kernel_work(m, n1, k1, hw, width, out_bytes=2.0, weight_bytes=w)
-        pre = jnp.where(quant_passes > 0, gemm_act_quant_bytes(m, k1, width), 0.0)
-        work = eqx.tree_at(
-            lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None
-        )
-        return work.time_us(family)
-
-    f8 = quantized(1.0, curves.gemm_fp8)
-    f4 = quantized(0.5, curves.gemm_nvfp4)
-    t = jnp.where(width == 1.0, f8, jnp.where(width == 0.5, f4, bf16))
+    # One work at the width's peak and bytes (bf16 output); only the curves that
+    # time it depend on the width. 16-bit GEMMs quantize nothing.
+    work = gemm_kernel_work(
+        m, n1, k1, hw, width, out_bytes=2.0, weight_bytes=weight_bytes
+    )
+    quantizes = (quant_passes > 0) & (width < 2.0)
+    pre = jnp.where(quantizes, gemm_act_quant_bytes(m, k1, width), 0.0)
+    work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
+    t = jnp.where(
+        width == 1.0,
+        work.time_us(curves.gemm_fp8),
+        jnp.where(
+            width == 0.5,
+            work.time_us(curves.gemm_nvfp4),
+            work.time_us(curves.gemm_bf16),
+        ),
+    )
     return jnp.where(present, t, 0.0)
 
 

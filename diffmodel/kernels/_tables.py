@@ -165,6 +165,13 @@ def _dtype_bytes(values: pd.Series, column: str) -> np.ndarray:
     return values.map(_DTYPE_BYTES).to_numpy(float)
 
 
+def _compute_bytes(values: pd.Series, weight: np.ndarray) -> np.ndarray:
+    """Tensor-core operand width of each dtype name: its weight bytes except where
+    the format computes at another width (W4A16 at 16 bits, NVFP4 at 4)."""
+    compute = values.map(_COMPUTE_BYTES).to_numpy(float)
+    return np.where(np.isnan(compute), weight, compute)
+
+
 def load_gemm(path: str | pathlib.Path) -> pd.DataFrame:
     """aiconfigurator GEMMs ``[m, k] @ [k, n]``: adds ``latency_us`` (us)."""
     return _with_us(_read(path, GEMM_COLUMNS, "GEMM"), "latency", "GEMM")
@@ -272,8 +279,7 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
     if family == "gemm":
         dtype = table["gemm_dtype"]
         weight = _dtype_bytes(dtype, "gemm_dtype")
-        compute = dtype.map(_COMPUTE_BYTES).to_numpy(float)
-        compute = np.where(np.isnan(compute), weight, compute)
+        compute = _compute_bytes(dtype, weight)
         # vLLM's FP8 and FP4 linears write bf16; per-tensor FP8 ("fp8") and NVFP4
         # rows time the dynamic quantization of the bf16 activation too (a ~10 us
         # floor and a cost in m k whatever n: see gemm_act_quant_bytes).
@@ -331,8 +337,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         return table[name].to_numpy(float)
 
     weight = _dtype_bytes(table["moe_dtype"], "moe_dtype")
-    compute = table["moe_dtype"].map(_COMPUTE_BYTES).to_numpy(float)
-    compute = np.where(np.isnan(compute), weight, compute)
+    compute = _compute_bytes(table["moe_dtype"], weight)
     alpha = routing_alpha(table["distribution"])
     skewed = ~np.isnan(alpha)
     loads = None

@@ -219,7 +219,7 @@ def test_fp8_experts_run_on_the_fp8_moe_curves_local_only():
         want = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts, eff, hw,
                       tp=1.0, ep=1.0, weight_bytes=w, compute_bytes=w,
                       local_only=local)  # fmt: skip
-        router = _gemm_us(64.0, a.n_experts, a.hidden, False, 0.0, curves, hw, 2.0)
+        router = _gemm_us(64.0, a.n_experts, a.hidden, 2.0, 0.0, curves, hw, 2.0)
         got = float(b.linear - none.linear) / float(a.moe_layers)
         return got, float(want + router)
 
@@ -282,7 +282,7 @@ def test_weight_only_4bit_experts_read_fewer_bytes_at_the_16bit_peak():
     routed = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts,
                     curves.moe_w4a16, hw, tp=1.0, ep=1.0, weight_bytes=0.53125,
                     compute_bytes=2.0, local_only=1.0)  # fmt: skip
-    router = _gemm_us(64.0, a.n_experts, a.hidden, False, 0.0, curves, hw, 2.0)
+    router = _gemm_us(64.0, a.n_experts, a.hidden, 2.0, 0.0, curves, hw, 2.0)
     per_layer = float(b.linear - no_moe.linear) / float(a.moe_layers)
     assert per_layer == pytest.approx(float(routed + router), rel=1e-6)
     wide = kernel_step_time(stats, _with_arch(dep, expert_weight_bytes=2.0), curves)
