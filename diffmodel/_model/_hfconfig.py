@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._model._arch import Architecture, model_config
-from .._model._physics import NVFP4_BYTES
+from .._model._physics import MXFP4_BYTES, NVFP4_BYTES
 
 _DTYPE_BYTES = {
     "float32": 4.0,
@@ -39,7 +39,6 @@ _TEXT_TYPES = {"qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe"}
 
 # Bytes per weight element with the scales each format stores.
 FP8_BLOCK_BYTES = 1.0 + 4.0 / (128 * 128)  # fp32 scale per 128x128 block
-MXFP4_BYTES = 0.5 + 1.0 / 32  # E8M0 scale per 32 elements
 
 
 def _never(_: Any) -> bool:

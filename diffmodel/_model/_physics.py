@@ -114,6 +114,9 @@ def act_quant_bytes(
 NVFP4_BYTES = 0.5 + 1.0 / 16
 """Bytes per NVFP4 element: 4 bits and an FP8 (E4M3) scale per 16 elements."""
 
+MXFP4_BYTES = 0.5 + 1.0 / 32
+"""Bytes per MXFP4 element: 4 bits and an 8-bit (E8M0) scale per 32 elements."""
+
 
 def gemm_act_quant_bytes(m: ArrayLike, k: ArrayLike, compute_bytes: ArrayLike) -> Array:
     """:func:`act_quant_bytes` of a GEMM's bf16 activation quantized to its operand

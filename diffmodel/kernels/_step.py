@@ -55,7 +55,11 @@ from jaxtyping import Array, ArrayLike, Float
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
 from .._model._layers import attention_dims, is_mla, windowed_attention
-from .._model._physics import attention_work_dims, gemm_act_quant_bytes
+from .._model._physics import (
+    MXFP4_BYTES,
+    attention_work_dims,
+    gemm_act_quant_bytes,
+)
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._moe import moe_kernel_work
@@ -108,9 +112,6 @@ class HostCosts(eqx.Module):
     def as_dict(self) -> dict[str, Array]:
         """The costs by term name (:data:`HOST_TERMS`), us."""
         return {t: getattr(self, f"{t}_us") for t in HOST_TERMS}
-
-
-MXFP4_BYTES = 0.53125  # 4 bits + an 8-bit scale per 32 weights
 
 
 def _mxfp4_experts(weight_bytes, compute_bytes) -> Array:

@@ -30,6 +30,7 @@ import pandas as pd
 
 from .._model._hardware import Hardware
 from .._model._physics import (
+    MXFP4_BYTES,
     NVFP4_BYTES,
     gemm_work,
     touched_experts,
@@ -60,7 +61,7 @@ _DTYPE_BYTES = {
     "float16": 2.0,
     "fp8": 1.0,
     "fp8_block": 1.0,
-    "w4a16_mxfp4": 0.53125,
+    "w4a16_mxfp4": MXFP4_BYTES,
     "nvfp4": NVFP4_BYTES,
 }
 _COMPUTE_BYTES = {"w4a16_mxfp4": 2.0, "nvfp4": 0.5}
