@@ -3,11 +3,20 @@
 Compiled executables are written to disk and read back by later processes, so a
 second process that fits or predicts the same shapes pays tracing only, not XLA
 compilation. A cache folder the user configured for JAX is left as it is.
+
+The folder is bounded (:data:`CACHE_MAX_BYTES`, least recently used entries go
+first). The bound also buys safety: only with a size limit does JAX read and write
+entries under a file lock, so that processes sharing the folder (parallel fits,
+test workers) never read an entry another is still writing (JAX then warns, and
+without the lock it writes in place).
 """
 
 import jax
 
 from ._paths import compilation_cache_dir
+
+CACHE_MAX_BYTES = 2 * 1024**3
+"""Size limit of diffmodel's compilation cache folder, bytes (2 GiB)."""
 
 
 def enable_compilation_cache() -> str | None:
@@ -24,4 +33,6 @@ def enable_compilation_cache() -> str | None:
     # not any one of them, is what a fresh process would pay).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return str(folder)

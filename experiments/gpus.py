@@ -150,6 +150,7 @@ def init_for(family: str, form: str):
         latency=base.log_latency_us is not None,
         tuned=base.raw_tuned is not None,
         prologue=base.prologue is not None,
+        serial_k=base.log_kloop_ns is not None,
         portable=portable,
         cache=form == "portable_l2",
     )

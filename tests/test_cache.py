@@ -28,7 +28,14 @@ def loss(p, args):
     return jnp.sum((p - args) ** 2)
 if len(sys.argv) > 1:
     dm.minimise(loss, jnp.zeros(3), jnp.arange(3.0), solver="lbfgs")
-json.dump({"dir": jax.config.jax_compilation_cache_dir, **events}, sys.stdout)
+json.dump(
+    {
+        "dir": jax.config.jax_compilation_cache_dir,
+        "max_size": jax.config.jax_compilation_cache_max_size,
+        **events,
+    },
+    sys.stdout,
+)
 """
 
 
@@ -50,6 +57,8 @@ def run(env_changes, *args):
 def test_default_folder_follows_xdg_cache_home(tmp_path):
     r = run({"XDG_CACHE_HOME": str(tmp_path), "DIFFMODEL_COMPILATION_CACHE": None})
     assert r["dir"] == str(tmp_path / "diffmodel" / "jax")
+    # Bounded, and so read and written under JAX's file lock.
+    assert r["max_size"] == 2 * 1024**3
 
 
 @pytest.mark.slow
@@ -65,4 +74,6 @@ def test_second_process_compiles_nothing(tmp_path):
     first = run(env, "fit")
     second = run(env, "fit")
     assert first["misses"] > 0
+    # Entries were written under the lock that keeps a reader from a half-written one.
+    assert (tmp_path / "cache" / ".lockfile").exists()
     assert second["misses"] == 0 and second["hits"] >= first["misses"]

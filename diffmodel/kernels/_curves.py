@@ -204,6 +204,17 @@ class RooflineCurves(eqx.Module):
             of the memory-bound passes an operator runs before its kernel (an
             unfused activation quantization: ``KernelWork.pre_bytes``); without it
             those bytes run at the ``bandwidth`` curve's efficiency.
+        log_row_ns: optional log of the time per activation row of the
+            quantization passes, ns (``KernelWork.rows``): vLLM's dynamic per-tensor
+            FP8 quantization reduces each row to its maximum and folds it into one
+            scale with an atomic, serialized over the rows (~5 ns each on H100 and
+            B200, whatever the SM count), so a tall, thin activation costs
+            ``m row_ns`` however few its bytes.
+        log_kloop_ns: optional log of the time per K element of one output tile's
+            main loop, ns (``KernelWork.depth``), per wave of tiles: a GEMM without
+            split-K (CUTLASS FP8 and FP4) runs each tile's K loop serially on one SM,
+            so a GEMM of few tiles and a long K takes ``ceil(tiles / SMs) k
+            kloop_ns`` (~0.3-0.7 ns on H100 and B200) however few its FLOPs.
         cache: optional (portable curves only) fraction of the bytes that come
             from HBM vs the bytes over the GPU's L2 size, ``m(b / L2)`` in (0, 1)
             (an :class:`Occupancy` curve of that ratio): operands that fit in L2
@@ -225,6 +236,8 @@ class RooflineCurves(eqx.Module):
     raw_tuned: Float[Array, ""] | None = None
     prologue: SaturationCurve | None = None
     cache: Occupancy | None = None
+    log_row_ns: Float[Array, ""] | None = None
+    log_kloop_ns: Float[Array, ""] | None = None
     portable: bool = eqx.field(static=True, default=False)
 
     @property
@@ -233,6 +246,16 @@ class RooflineCurves(eqx.Module):
         if self.log_unit_ns is None:
             return jnp.zeros((), jnp.result_type(float))
         return jnp.exp(self.log_unit_ns)
+
+    @property
+    def row_ns(self) -> Array:
+        """Time per activation row of the quantization passes, ns (>= 0)."""
+        return _exp_or_zero(self.log_row_ns)
+
+    @property
+    def kloop_ns(self) -> Array:
+        """Time per K element of a wave of output tiles' main loop, ns (>= 0)."""
+        return _exp_or_zero(self.log_kloop_ns)
 
     @property
     def latency_us(self) -> Array:
@@ -276,6 +299,12 @@ class RooflineCurves(eqx.Module):
         if self.log_unit_ns is not None:
             raw["log_unit_ns"] = float(self.log_unit_ns)
             phys["unit_ns"] = float(self.unit_ns)
+        if self.log_row_ns is not None:
+            raw["log_row_ns"] = float(self.log_row_ns)
+            phys["row_ns"] = float(self.row_ns)
+        if self.log_kloop_ns is not None:
+            raw["log_kloop_ns"] = float(self.log_kloop_ns)
+            phys["kloop_ns"] = float(self.kloop_ns)
         if self.raw_tuned is not None:
             raw["raw_tuned"] = float(self.raw_tuned)
             phys["tuned_eta_max"] = float(
@@ -315,6 +344,8 @@ class RooflineCurves(eqx.Module):
             raw_tuned=opt("raw_tuned"),
             prologue=None if pro is None else SaturationCurve.from_json(pro),
             cache=None if cch is None else Occupancy.from_json(cch),
+            log_row_ns=opt("log_row_ns"),
+            log_kloop_ns=opt("log_kloop_ns"),
             portable=bool(obj.get("portable", False)),
         )
 
@@ -382,6 +413,12 @@ TUNED_FAMILIES: tuple[str, ...] = ("moe",)
 # efficiency curve of those passes of their own.
 PROLOGUE_FAMILIES: tuple[str, ...] = ("gemm_fp8", "gemm_nvfp4")
 
+# Families whose kernels run each output tile's K loop serially (CUTLASS FP8 and
+# FlashInfer FP4 linears, no split-K) and pay a per-row cost in their quantization
+# passes, and so the main-loop and per-row times (``kloop_ns``, ``row_ns``). Fitted
+# on 16-bit GEMMs (cuBLAS, which splits K) the main-loop time goes to ~0.
+SERIAL_K_FAMILIES: tuple[str, ...] = ("gemm_fp8", "gemm_nvfp4")
+
 
 class KernelCurves(eqx.Module):
     """Calibrated curves of every kernel family of one GPU.
@@ -444,6 +481,7 @@ def default_roofline_curves(
     prologue: bool = False,
     portable: bool = False,
     cache: bool = False,
+    serial_k: bool = False,
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
@@ -453,7 +491,8 @@ def default_roofline_curves(
     ``portable``: the same starting point in portable sizes (about H100's): half of
     the saturated efficiency at 1 us of work at peak, half the GPU busy at 0.5 waves,
     1 us per wave of blocks; ``cache`` (portable only): half the bytes from HBM at
-    the L2 size."""
+    the L2 size; ``serial_k``: 1 ns per activation row of the quantization passes
+    and 0.3 ns per K element of a wave's main loop (absolute times in both forms)."""
     if cache and not portable:
         raise ValueError("cache=True needs portable=True (bytes relative to L2)")
     f = jnp.result_type(float)
@@ -485,6 +524,8 @@ def default_roofline_curves(
         )
         if cache
         else None,
+        log_row_ns=jnp.asarray(0.0, f) if serial_k else None,
+        log_kloop_ns=jnp.asarray(math.log(0.3), f) if serial_k else None,
         portable=portable,
     )
 
@@ -507,11 +548,13 @@ def default_allreduce_curve(*, portable: bool = False) -> AllReduceCurve:
 def init_curves(family: str, *, portable: bool = False) -> RooflineCurves:
     """Starting curves of a family: a kernel floor where one is physical, a
     tuned-configuration gain where the kernels have tuned tile configurations, and
-    a prologue curve where the operator quantizes its activation first."""
+    a prologue curve where the operator quantizes its activation first, and
+    main-loop and per-row times where its GEMM does not split K."""
     return default_roofline_curves(
         latency=family in LATENCY_FAMILIES,
         tuned=family in TUNED_FAMILIES,
         prologue=family in PROLOGUE_FAMILIES,
+        serial_k=family in SERIAL_K_FAMILIES,
         portable=portable,
     )
 
@@ -525,6 +568,12 @@ def default_kernel_curves(
         allreduce=default_allreduce_curve(portable=portable),
         hardware=hardware,
     )
+
+
+def _exp_or_zero(log_value: Array | None) -> Array:
+    if log_value is None:
+        return jnp.zeros((), jnp.result_type(float))
+    return jnp.exp(log_value)
 
 
 def _log_of_softplus(raw: dict[str, Any], key: str, legacy: str) -> Array | None:

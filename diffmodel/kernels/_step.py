@@ -64,6 +64,7 @@ from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._moe import moe_kernel_work
 from ._work import (
+    _with_rows,
     _work,
     allreduce_kernel_us,
     gemm_kernel_work,
@@ -364,6 +365,7 @@ def _gemm_us(
     quantizes = (quant_passes > 0) & (width < 2.0)
     pre = jnp.where(quantizes, gemm_act_quant_bytes(m, k1, width), 0.0)
     work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
+    work = _with_rows(work, jnp.where(quantizes, m, 0.0))
     t = jnp.where(
         width == 1.0,
         work.time_us(curves.gemm_fp8),

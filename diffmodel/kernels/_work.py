@@ -45,6 +45,10 @@ class KernelWork(eqx.Module):
             its kernel, serially (an unfused quantization of its activation), bytes.
         sms: optional SM count of the GPU, for portable curves (waves of blocks).
         l2: optional L2 cache size of the GPU, bytes, for curves with a ``cache``.
+        rows: optional activation rows the quantization passes (``pre_bytes``) go
+            over, for curves with a per-row cost (``RooflineCurves.row_ns``).
+        depth: optional length of each output tile's main loop, K elements (GEMMs),
+            for curves with a main-loop cost (``RooflineCurves.kloop_ns``).
     """
 
     flops: Float[Array, "*kernels"]
@@ -57,6 +61,8 @@ class KernelWork(eqx.Module):
     pre_bytes: Float[Array, "*kernels"] | None = None
     sms: Float[Array, "*kernels"] | None = None
     l2: Float[Array, "*kernels"] | None = None
+    rows: Float[Array, "*kernels"] | None = None
+    depth: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -66,8 +72,12 @@ class KernelWork(eqx.Module):
         ``prologue`` efficiency at ``pre_bytes`` (their ``bandwidth`` curve without
         one), or the constant ``eta_bw``. Portable curves see the work as its time
         at peak (us) and blocks as waves of ``sms`` (:class:`RooflineCurves`).
+        Curves with a per-row cost add ``rows row_ns``; with a main-loop cost,
+        ``ceil(units / sms) depth kloop_ns`` (one serial main loop per wave of
+        output tiles).
 
-        Raises ``ValueError`` for portable curves on work without ``sms``."""
+        Raises ``ValueError`` for portable or main-loop curves on work without
+        ``sms``."""
         if isinstance(eff, RooflineCurves):
             blocks = self.units if self.blocks is None else self.blocks
             f, b, u, pre_b = self.flops, self.bytes, self.units, self.pre_bytes
@@ -92,6 +102,16 @@ class KernelWork(eqx.Module):
                     )
                 mem_bytes = mem_bytes * eff.cache(self.bytes / self.l2)
             floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
+            if eff.log_row_ns is not None and self.rows is not None:
+                floor = floor + self.rows * eff.row_ns * 1e-3
+            if eff.log_kloop_ns is not None and self.depth is not None:
+                if self.sms is None:
+                    raise ValueError(
+                        "curves with a main-loop cost need the GPU's SM count: "
+                        "Hardware(sm_count=...) or a catalog GPU"
+                    )
+                waves = jnp.ceil(self.units / self.sms)
+                floor = floor + waves * self.depth * eff.kloop_ns * 1e-3
             if self.pre_bytes is not None:
                 pre = eff.bandwidth if eff.prologue is None else eff.prologue
                 eta_pre = pre(pre_b)
@@ -130,7 +150,8 @@ def gemm_kernel_work(
     ``None``: none) marks GEMMs that first quantize their bf16 activation in
     separate passes: to per-tensor FP8 in two, ``pre_bytes = m k (2 2 + 1)``, to
     NVFP4 (``dtype_bytes`` 0.5) in one, ``m k (2 + 0.5625)``
-    (``gemm_act_quant_bytes``).
+    (``gemm_act_quant_bytes``), over ``rows = m``. ``depth = k``: the length of each
+    output tile's main loop.
 
     Raises ``ValueError`` naming ``act_quant`` if it holds a value other than 0 or 1.
     """
@@ -145,7 +166,15 @@ def gemm_kernel_work(
                 f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
             )
         pre = jnp.asarray(q) * gemm_act_quant_bytes(m, k, dtype_bytes)
-    return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre)
+        rows = jnp.asarray(q) * jnp.asarray(m, float)
+    work = _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre, depth=k)
+    return work if pre is None else _with_rows(work, rows)
+
+
+def _with_rows(work: KernelWork, rows) -> KernelWork:
+    """``work`` with its quantization passes going over ``rows`` activation rows."""
+    rows = jnp.broadcast_to(jnp.asarray(rows, float), work.flops.shape)
+    return eqx.tree_at(lambda w: w.rows, work, rows, is_leaf=lambda x: x is None)
 
 
 # FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
@@ -225,7 +254,9 @@ def decode_attention_work(
     return _work(f, b, hw.flops_16, hw, jnp.asarray(batch) * kv_heads)
 
 
-def _work(f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None) -> KernelWork:
+def _work(
+    f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None, depth=None
+) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
     )
@@ -244,6 +275,7 @@ def _work(f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None) -> Kerne
         pre_bytes=opt(pre),
         sms=opt(hw.sm_count),
         l2=opt(hw.l2_bytes),
+        depth=opt(depth),
     )
 
 

@@ -29,6 +29,8 @@ def test_json_round_trip_is_exact(tmp_path):
     assert "raw_tuned" not in obj["gemm_bf16"].get("raw", {})
     assert obj["gemm_fp8"]["prologue"]["physical"]["x_half_unit"] == "byte"
     assert "prologue" not in obj["gemm_bf16"]
+    assert {"row_ns", "kloop_ns"} <= set(obj["gemm_fp8"]["physical"])
+    assert "kloop_ns" not in obj["gemm_bf16"].get("physical", {})
     del obj["moe"]
     with pytest.raises(ValueError, match="missing key 'moe'"):
         curves_from_json(obj)
@@ -113,3 +115,14 @@ def test_absolute_curves_refuse_to_port():
         default_kernel_curves().ported_to("a100")
     with pytest.raises(ValueError, match="unknown hardware 'tpu'"):
         default_kernel_curves("h200", portable=True).ported_to("tpu")
+
+
+def test_files_from_before_the_serial_k_terms_load_without_them():
+    """FP8 curves saved before the per-row and main-loop times load with neither
+    (the times they were fitted with)."""
+    obj = curves_to_json(default_kernel_curves())
+    raw = obj["gemm_fp8"]["raw"]
+    del raw["log_row_ns"], raw["log_kloop_ns"]
+    back = curves_from_json(obj)
+    assert back.gemm_fp8.log_row_ns is None and back.gemm_fp8.log_kloop_ns is None
+    assert float(back.gemm_fp8.row_ns) == 0.0 and float(back.gemm_fp8.kloop_ns) == 0.0

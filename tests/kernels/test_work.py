@@ -1,11 +1,14 @@
 """Kernel work and its times: GEMM, attention and all-reduce by hand, causal tiles,
-scheduled blocks, FP8 activation quantization."""
+scheduled blocks, FP8 activation quantization, serial-K GEMMs' rows and main loop."""
+
+import dataclasses
 
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import diffmodel.kernels as dk
 from diffmodel._model._hardware import hardware
 from diffmodel.kernels._curves import default_roofline_curves
 from diffmodel.kernels._moe import moe_kernel_work
@@ -115,3 +118,42 @@ def test_nvfp4_gemm_work_at_the_fp4_peak_with_a_one_pass_quantization():
 def test_fp8_gemm_act_quant_must_be_0_or_1():
     with pytest.raises(ValueError, match="act_quant"):
         gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, act_quant=2.0)
+
+
+def test_serial_k_gemm_pays_its_rows_and_main_loop_by_hand():
+    # A per-tensor FP8 GEMM m=300, n=256, k=4096 on H100 (132 SMs): 5*2 = 10
+    # output tiles of 64x128, one wave; rows 300 at 5 ns, main loop
+    # ceil(10/132) * 4096 * 0.5 ns: 1.5 us + 2.048 us more than without the terms.
+    w = gemm_kernel_work(300.0, 256.0, 4096.0, H100, 1.0, out_bytes=2.0, act_quant=1.0)
+    assert float(w.rows) == 300.0 and float(w.depth) == 4096.0
+    base = dk.init_curves("gemm_fp8", portable=True)
+    timed = eqx.tree_at(
+        lambda c: (c.log_row_ns, c.log_kloop_ns),
+        base,
+        (jnp.log(5.0), jnp.log(0.5)),
+    )
+    without = eqx.tree_at(
+        lambda c: (c.log_row_ns, c.log_kloop_ns),
+        base,
+        (None, None),
+        is_leaf=lambda x: x is None,
+    )
+    extra = float(w.time_us(timed) - w.time_us(without))
+    assert extra == pytest.approx(300 * 5e-3 + 1 * 4096 * 0.5e-3, rel=1e-9)
+    # 133 SMs' worth of tiles (m = 64 * 133, n = 128) is two waves of the loop.
+    tall = gemm_kernel_work(64.0 * 133, 128.0, 4096.0, H100, 1.0, act_quant=1.0)
+    extra = float(tall.time_us(timed) - tall.time_us(without))
+    assert extra == pytest.approx(64 * 133 * 5e-3 + 2 * 4096 * 0.5e-3, rel=1e-9)
+    # A GEMM that quantizes nothing has no rows to pay for; its loop still counts.
+    plain = gemm_kernel_work(300.0, 256.0, 4096.0, H100, 1.0)
+    assert plain.rows is None
+    extra = float(plain.time_us(timed) - plain.time_us(without))
+    assert extra == pytest.approx(4096 * 0.5e-3, rel=1e-9)
+
+
+def test_main_loop_curves_need_the_sm_count():
+    hw = dataclasses.replace(H100, sm_count=None, l2_bytes=None)
+    w = gemm_kernel_work(300.0, 256.0, 4096.0, hw, 1.0, act_quant=1.0)
+    absolute = dk.init_curves("gemm_fp8", portable=False)
+    with pytest.raises(ValueError, match="main-loop cost need the GPU's SM count"):
+        w.time_us(absolute)
