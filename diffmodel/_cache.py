@@ -11,6 +11,10 @@ test workers) never read an entry another is still writing (JAX then warns, and
 without the lock it writes in place).
 """
 
+import importlib.util
+import pathlib
+import time
+
 import jax
 
 from ._paths import compilation_cache_dir
@@ -33,6 +37,26 @@ def enable_compilation_cache() -> str | None:
     # not any one of them, is what a fresh process would pay).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+    if (
+        jax.config.jax_compilation_cache_max_size == -1  # JAX's default: unbounded
+        and importlib.util.find_spec("filelock") is not None  # JAX needs it to bound
+    ):
+        _stamp_unstamped_entries(folder)
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     return str(folder)
+
+
+def _stamp_unstamped_entries(folder: pathlib.Path) -> None:
+    """Give each entry written without a size limit (an older diffmodel, or another
+    program sharing the folder) the last-access stamp a bounded cache keeps beside
+    each entry: without it JAX's eviction fails, and every later write warns."""
+    if not folder.is_dir():
+        return
+    stamp = time.time_ns().to_bytes(8, "little")
+    try:
+        for entry in folder.glob("*-cache"):
+            atime = entry.with_name(entry.name[: -len("-cache")] + "-atime")
+            if not atime.exists():
+                atime.write_bytes(stamp)
+    except OSError:  # a read-only or vanished folder: JAX will say so when it writes
+        pass

@@ -51,6 +51,7 @@ def run(env_changes, *args):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
+    assert "compilation cache" not in out.stderr, out.stderr  # JAX's read/write errors
     return json.loads(out.stdout)
 
 
@@ -77,3 +78,14 @@ def test_second_process_compiles_nothing(tmp_path):
     # Entries were written under the lock that keeps a reader from a half-written one.
     assert (tmp_path / "cache" / ".lockfile").exists()
     assert second["misses"] == 0 and second["hits"] >= first["misses"]
+
+
+@pytest.mark.slow
+def test_entries_from_an_unbounded_cache_do_not_break_the_bounded_one(tmp_path):
+    """An entry an older diffmodel (no size limit) left has no last-access stamp;
+    JAX's eviction would fail on it and warn at every write. It gets one."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "jit_old-0123-cache").write_bytes(b"an old executable")
+    run({"DIFFMODEL_COMPILATION_CACHE": str(folder)}, "fit")  # no warning (run)
+    assert (folder / "jit_old-0123-atime").exists()
