@@ -408,10 +408,17 @@ LATENCY_FAMILIES: tuple[str, ...] = (
 # fused MoE), and so a compute-efficiency shift for those.
 TUNED_FAMILIES: tuple[str, ...] = ("moe",)
 
-# Families whose measured operator quantizes its activation in separate memory-bound
-# passes before the kernel (vLLM's dynamic per-tensor FP8 linear), and so an
-# efficiency curve of those passes of their own.
-PROLOGUE_FAMILIES: tuple[str, ...] = ("gemm_fp8", "gemm_nvfp4")
+# Families whose measured operator runs memory-bound passes outside its kernel,
+# serially (vLLM's dynamic per-tensor FP8 linear quantizes its activation first; a
+# fused MoE sums, or expands and finalizes, its routed slots), and so an efficiency
+# curve of those passes of their own.
+PROLOGUE_FAMILIES: tuple[str, ...] = (
+    "gemm_fp8",
+    "gemm_nvfp4",
+    "moe",
+    "moe_fp8",
+    "moe_w4a16",
+)
 
 # Families whose kernels run each output tile's K loop serially (CUTLASS FP8 and
 # FlashInfer FP4 linears, no split-K) and pay a per-row cost in their quantization

@@ -180,8 +180,12 @@ def moe_kernel_work(
     on other GPUs (``moe_work``'s activations at the full ``k``), plus the unfused
     gated intermediate: the ``[T k, 2 F/tp]`` gate+up output is written, read by the
     activation, which writes ``F/tp`` read by the down GEMM (``6 F/tp`` per slot,
-    ``moe_work`` counts ``3 F/tp``), and the ``[T, k, H]`` down output read back by
-    the sum over the ``k`` slots (``H`` per slot). ``compute_bytes`` (default
+    ``moe_work`` counts ``3 F/tp``). Every kernel also makes a pass over all ``T k``
+    routed slots outside its GEMMs, serially: the ``[T, k, H]`` down output read
+    back by the sum over the ``k`` slots (Triton), or FlashInfer's expand and
+    finalize of the slots; ``pre_bytes = T k H act_bytes``, timed on the family's
+    prologue curve (held-out shapes of the FP8-expert tables on H100 and B200: 18.2
+    and 22.8% without the pass, 15.7 and 10.8% with it). ``compute_bytes`` (default
     ``weight_bytes``) is the operand width of the tensor cores: 1 the FP8 peak, 2 the
     16-bit one (weight-only 4-bit experts, MXFP4 W4A16, read ``weight_bytes`` per
     weight and compute at the 16-bit peak).
@@ -217,7 +221,11 @@ def moe_kernel_work(
     _, acts_all = moe_work(
         tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing
     )
-    unfused = tokens * top_k * (3.0 * f_local + hidden) * act_bytes
+    unfused = tokens * top_k * 3.0 * f_local * act_bytes
+    # The pass over every routed slot outside the grouped GEMMs (the sum of each
+    # token's k outputs; FlashInfer's expand and finalize): a kernel of its own,
+    # serial with them, so timed on its own (``KernelWork.pre_bytes``).
+    slot_pass = tokens * top_k * jnp.asarray(hidden) * act_bytes
     local = jnp.asarray(local_only, float)
     b = b + (1.0 - local) * (acts_all - acts_local + unfused)
     small = tokens <= e_local
@@ -245,7 +253,7 @@ def moe_kernel_work(
         2.0 * f_local / MOE_TILE_N
     )
     width = weight_bytes if compute_bytes is None else compute_bytes
-    return _work(f, b, _peak(hw, width), hw, units, blocks, tuned)
+    return _work(f, b, _peak(hw, width), hw, units, blocks, tuned, pre=slot_pass)
 
 
 def moe_us(

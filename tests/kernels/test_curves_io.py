@@ -63,7 +63,7 @@ def test_files_from_before_a_family_was_added_load_it_uncalibrated(family, porta
     obj = curves_to_json(curves)
     del obj[family]
     back = curves_from_json(obj)
-    prior = dk.default_roofline_curves(latency=True, portable=portable)
+    prior = dk.init_curves(family, portable=portable)
     assert getattr(back, family).portable == portable
     for a, b in zip(
         jax.tree.leaves(getattr(back, family)), jax.tree.leaves(prior), strict=True

@@ -28,11 +28,14 @@ def test_moe_prediction_by_hand():
     # 1 token <= 4 local experts: vLLM's default 16-row token tile, all computed.
     flops = 2 * 16 * 1 * 3 * d * f
     touched = 4 * (1 - (1 - 2 / 8) ** 1)
-    # Activations of both routed slots (vLLM zero-fills the off-GPU one), with the
-    # unfused gate+up intermediate (6 f per slot) and the down output read back by
-    # the sum over the slots (d per slot).
-    bytes_ = touched * 3 * d * f * 2 + (2 * (3 * d + 6 * f) + d) * 2
+    # Activations of both routed slots (vLLM zero-fills the off-GPU one: input and
+    # down output, 2 d per slot) with the unfused gate+up intermediate (6 f per
+    # slot), and the token's output (d); then, serially, the pass over both slots'
+    # down outputs (d bf16 each) at the same bandwidth.
+    bytes_ = touched * 3 * d * f * 2 + (2 * (2 * d + 6 * f) + d) * 2
+    slot_pass = 2 * d * 2
     want = ((flops / 989.5e12) ** 4 + (bytes_ / 3.35e12) ** 4) ** 0.25 * 1e6
+    want += slot_pass / 3.35e12 * 1e6
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -43,8 +46,9 @@ def test_moe_balanced_work_by_hand():
     w = moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, ep=256.0, routing="balanced")
     # One slot in one 16-row tile (1 token <= 1 local expert), one expert's weights.
     np.testing.assert_allclose(w.flops, 2 * 16 * 3 * h * f, rtol=1e-12)
-    acts = 8 * (2 * h + 3 * f) + h + 8 * (3 * f + h)
+    acts = 8 * (2 * h + 3 * f) + h + 8 * 3 * f
     np.testing.assert_allclose(w.bytes, 3 * h * f * 2 + acts * 2, rtol=1e-12)
+    np.testing.assert_allclose(w.pre_bytes, 8 * h * 2, rtol=1e-12)  # the slot pass
     assert float(w.units) == 1 * (2 * f / 32)  # gate+up tiles of 32 columns
     np.testing.assert_allclose(w.blocks, (8 / 64 + 256) * (2 * f / 128))
     # Mixtral, 4096 tokens: 1024 slots per expert fill 16 tiles of 64 exactly.
@@ -116,10 +120,13 @@ def test_local_only_kernels_by_hand():
         float(moe_work(t, h, f, e_, k_, 0.0, 2.0, "balanced")[1])
         for e_, k_ in ((e, k), (e / ep, k / ep))
     ]
-    unfused = t * k * (3 * f + h) * 2.0
+    unfused = t * k * 3 * f * 2.0
     np.testing.assert_allclose(
         triton.bytes - local.bytes, acts[0] - acts[1] + unfused, rtol=1e-9
     )
+    # Both pass over every routed slot outside their GEMMs (T k H bf16).
+    np.testing.assert_allclose(triton.pre_bytes, t * k * h * 2.0, rtol=1e-12)
+    np.testing.assert_allclose(local.pre_bytes, triton.pre_bytes, rtol=1e-12)
 
 
 def test_vllm_tuned_moe_needs_a_known_version():
