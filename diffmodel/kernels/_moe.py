@@ -184,8 +184,9 @@ def moe_kernel_work(
     routed slots outside its GEMMs, serially: the ``[T, k, H]`` down output read
     back by the sum over the ``k`` slots (Triton), or FlashInfer's expand and
     finalize of the slots; ``pre_bytes = T k H act_bytes``, timed on the family's
-    prologue curve (held-out shapes of the FP8-expert tables on H100 and B200: 18.2
-    and 22.8% without the pass, 15.7 and 10.8% with it). ``compute_bytes`` (default
+    prologue curve (``experiments/gpus.py``, held-out shapes, median over the GPUs:
+    FP8 experts 20.0% inside the maximum, 15.1% apart; MXFP4 22.9 and 17.7%;
+    16-bit 18.1 and 18.7%). ``compute_bytes`` (default
     ``weight_bytes``) is the operand width of the tensor cores: 1 the FP8 peak, 2 the
     16-bit one (weight-only 4-bit experts, MXFP4 W4A16, read ``weight_bytes`` per
     weight and compute at the 16-bit peak).
