@@ -45,6 +45,7 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
             "{r}/throughput/throughput.json",
             "--markdown",
             "{r}/throughput/throughput.md",
+            "--scale",
         ],
         "throughput/throughput.md",
     ),

@@ -200,6 +200,8 @@ def main(
     grad_steps: int = 1_000_000,
     chunk_size: int = 2**18,
     aic_steps: int = 400,
+    scale: bool = False,
+    synthetic_steps: int = 10_000_000,
 ) -> dict:
     """Measure and print steps/s of every method; return (and optionally save) them.
 
@@ -215,6 +217,9 @@ def main(
         chunk_size: diffmodel's steps per compiled call.
         aic_steps: steps of the dense deployments aiconfigurator-core is timed on
             (rate scaled; skipped without the ``aic`` extra).
+        scale: also time the loss and gradient at 1e4 to 1e7 rows and on one and
+            two (forced host) devices, and fit ``synthetic_steps`` synthetic steps
+            of 20 deployments (wall time, peak memory, recovered factors); ~2 min.
     """
     import xgboost  # deferred: only this benchmark needs it
 
@@ -362,6 +367,11 @@ def main(
 
     _log("fitting: fresh-process fit times, scipy, bulk loss + gradient")
     res.update(_bench_fit.measure(grad_steps=gs))
+    if scale:
+        _log("fitting: loss + gradient by rows and devices (fresh processes)")
+        res["scaling"] = _bench_fit.scaling()
+        _log(f"fitting: {synthetic_steps:,} synthetic steps of 20 deployments")
+        res["synthetic_fit"] = _bench_fit.synthetic_fit(synthetic_steps)
 
     res["ratio_stream"] = res["steps_per_s"] / res["stream_steps_per_s"]
     res["ratio_numpy"] = res["steps_per_s"] / res["numpy_steps_per_s"]
@@ -435,6 +445,10 @@ def markdown_table(r: dict) -> str:
     lines.append(f"| compile time (one chunk shape) | {r['compile_s']:.2f} s | |")
     if "fit_second_s" in r:
         lines += ["", *_bench_fit.fitting_table(r)]
+    if "scaling" in r:
+        lines += ["", *_bench_fit.scaling_table(r["scaling"])]
+    if "synthetic_fit" in r:
+        lines += ["", *_bench_fit.synthetic_table(r["synthetic_fit"])]
     return "\n".join(lines)
 
 
@@ -468,12 +482,19 @@ def _cli(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", dest="json_path", default=None, metavar="PATH")
     ap.add_argument("--markdown", dest="markdown_path", default=None, metavar="PATH")
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="also loss + gradient by rows (1e4-1e7) and devices, and a fit of "
+        "10M synthetic steps (~2 min more)",
+    )
     args = ap.parse_args(argv)
     return main(
         n_steps=args.n_steps,
         repeats=args.repeats,
         json_path=args.json_path,
         markdown_path=args.markdown_path,
+        scale=args.scale,
     )
 
 

@@ -290,6 +290,40 @@ def fitting_table(r: dict) -> list[str]:
     ]
 
 
+def scaling_table(rows: list[dict]) -> list[str]:
+    """Markdown lines of :func:`scaling`'s figures."""
+    out = [
+        "| loss + gradient (fresh process) | steps/s | x prediction, same rows |",
+        "|---|---:|---:|",
+    ]
+    for r in rows:
+        what = f"{r['rows']:,} rows, {r['devices']} device"
+        what += "s (forced host devices)" if r["devices"] > 1 else ""
+        out.append(
+            f"| {what} | {r['loss_grad_steps_per_s']:.3g} "
+            f"| {r['ratio_loss_grad_forward']:.2f} |"
+        )
+    return out
+
+
+def synthetic_table(r: dict) -> list[str]:
+    """Markdown lines of :func:`synthetic_fit`'s figures: the cost, then each
+    factor's truth and fit."""
+    out = [
+        f"Global fit of {r['rows']:,} synthetic steps of {r['deployments']} "
+        f"deployments (2% noise): {r['wall_s']:.1f} s wall ({r['compile_s']:.1f} s "
+        f"compile), {r['optimiser_steps']} optimiser steps, peak memory "
+        f"{r['peak_rss_bytes'] / 2**30:.2f} GiB (the process's maximum resident set, "
+        "data generation included).",
+        "",
+        "| factor | truth | fitted | error |",
+        "|---|---:|---:|---:|",
+    ]
+    for k, (t, f) in r["truth_vs_fitted"].items():
+        out.append(f"| {k} | {t:.4g} | {f:.4g} | {100 * (f / t - 1):+.2f}% |")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grad-steps", type=int, default=1_000_000)

@@ -408,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--markdown", metavar="FILE", help="also write a README section, .md"
     )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="also loss + gradient by rows (1e4 to 1e7) and devices, and a fit of "
+        "10M synthetic steps (about 2 minutes more)",
+    )
     _renamed(p, n_steps="--rows", json="--out")
     p.set_defaults(run="bench")
 

@@ -279,7 +279,11 @@ def cmd_bench(args) -> int:
     from . import _bench
 
     _bench.main(
-        n_steps=args.rows, repeats=args.repeats, json_path=json_path, markdown_path=md
+        n_steps=args.rows,
+        repeats=args.repeats,
+        json_path=json_path,
+        markdown_path=md,
+        scale=args.scale,
     )
     return 0
 

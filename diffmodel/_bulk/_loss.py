@@ -62,6 +62,8 @@ class BulkData(eqx.Module):
         deployments: stacked deployments, one per group.
         n_rows: rows before padding (an array: not part of the compile key).
         total_weight: sum of the weights (the loss is a weighted mean).
+        mesh: the 1-D device mesh (axis ``"steps"``) the rows are sharded over, or
+            ``None`` on one device (static).
     """
 
     cols: tuple[Array, ...]
@@ -71,6 +73,7 @@ class BulkData(eqx.Module):
     deployments: Deployment
     total_weight: Array
     n_rows: Array
+    mesh: Mesh | None = eqx.field(static=True, default=None)
 
 
 def _n_chunks(n: int, chunk: int) -> int:
@@ -184,6 +187,7 @@ def bulk_data(
     )
     if not by_group:
         arrays["group"] = lay_out(g, np.int32)
+    mesh = None
     if len(devs) > 1:
         mesh = Mesh(np.asarray(devs), ("steps",))
         rows_sharding = NamedSharding(mesh, PartitionSpec(None, "steps"))
@@ -201,6 +205,7 @@ def bulk_data(
         deployments=jax.device_put(jax.tree.map(jnp.asarray, deps), replicated),
         total_weight=jax.device_put(jnp.asarray(w.sum(), dt), replicated),
         n_rows=jax.device_put(jnp.asarray(float(n), dt), replicated),
+        mesh=mesh,
     )
 
 
@@ -265,9 +270,35 @@ def _chunks(data: BulkData):
 
 
 def _over_rows(fn, data: BulkData, replicated):
-    """``fn(replicated, chunks)``. With rows sharded over several devices, XLA
-    partitions every chunk's work by rows and sums the results across devices."""
-    return fn(replicated, _chunks(data))
+    """``fn(replicated, chunks)``: sums over the rows of every chunk.
+
+    With rows sharded over several devices, each device runs ``fn`` over its own
+    rows of every chunk (``shard_map``) and the sums are added across devices once,
+    at the end: one all-reduce per evaluation. (Left to XLA's automatic
+    partitioning, the loop over chunks reduced the gradient across devices at every
+    chunk: on two host devices the loss and gradient ran ~20x slower than on one.)
+    """
+    chunks = _chunks(data)
+    if data.mesh is None:
+        return fn(replicated, chunks)
+    rows = PartitionSpec(None, "steps")
+
+    def local(rep, ch):
+        return jax.tree.map(lambda x: jax.lax.psum(x, "steps"), fn(rep, ch))
+
+    specs = (
+        jax.tree.map(lambda _: PartitionSpec(), replicated),
+        jax.tree.map(lambda x: rows if x.ndim == 2 else PartitionSpec(), chunks),
+    )
+    # check_vma=False: the step model combines per-row (varying) values with
+    # tables and constants that are the same on every device in single operations.
+    return jax.shard_map(
+        local,
+        mesh=data.mesh,
+        in_specs=specs,
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )(replicated, chunks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

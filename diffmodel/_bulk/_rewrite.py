@@ -338,15 +338,18 @@ def _evaluate(stats, deployments, group, factors, components, tables=None):
             return x
         return jax.ShapeDtypeStruct(shape, jnp.result_type(x))
 
-    # Traced from shapes alone, so that the jaxpr (and the order in which it uses
-    # the tables) does not depend on where the inputs live (sharded or not).
-    closed, out_shape = jax.make_jaxpr(
-        functools.partial(_total_and_parts, components=components), return_shape=True
-    )(
-        jax.tree.map(step_shaped, stats),
-        jax.tree.map(step_shaped, deployments),
-        jax.tree.map(step_shaped, factors),
-    )
+    # Traced from shapes alone, outside any mesh, so that the jaxpr (and the order in
+    # which it uses the tables) does not depend on where the inputs live: sharded
+    # or not, or inside ``shard_map`` (whose manual axes would add resharding).
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        closed, out_shape = jax.make_jaxpr(
+            functools.partial(_total_and_parts, components=components),
+            return_shape=True,
+        )(
+            jax.tree.map(step_shaped, stats),
+            jax.tree.map(step_shaped, deployments),
+            jax.tree.map(step_shaped, factors),
+        )
 
     def wrap(x):
         return x if jnp.ndim(x) == 0 else _PerGroup(jnp.asarray(x))

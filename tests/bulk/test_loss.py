@@ -233,7 +233,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import numpy as np
 import diffmodel as dm
-from diffmodel._bulk._loss import bulk_data, bulk_value_and_grad, fit_steps
+from diffmodel._bulk._loss import bulk_data, bulk_hvp, bulk_value_and_grad, fit_steps
 from diffmodel._fitting._factorsets import init_factor_set
 assert len(jax.devices()) == 2, jax.devices()
 deps = dm.stack_deployments([dm.deployment("llama-2-70b", "h100", 4),
@@ -248,10 +248,11 @@ out = {}
 for name, devs in (("two", None), ("one", jax.devices()[:1])):
     d = bulk_data(stats, deps, group, y, chunk_size=64, dtype=np.float64, devices=devs)
     v, g = bulk_value_and_grad(fs, d)
+    hv = bulk_hvp(fs, d, g)
     r = fit_steps(fs, stats, deps, group, y, chunk_size=64, dtype=np.float64,
                   devices=devs, max_steps=30)
     out[name] = [float(v), np.asarray(g.raw).tolist(), float(r.loss),
-                 len(d.group.sharding.device_set)]
+                 len(d.group.sharding.device_set), np.asarray(hv.raw).tolist()]
 json.dump(out, sys.stdout)
 """
 
@@ -264,3 +265,5 @@ def test_data_parallel_over_two_host_devices_equals_one():
     assert r["two"][0] == pytest.approx(r["one"][0], rel=1e-12)
     np.testing.assert_allclose(r["two"][1], r["one"][1], rtol=1e-9, atol=1e-15)
     assert r["two"][2] == pytest.approx(r["one"][2], rel=1e-6)
+    # The Hessian-vector product (the Laplace step's) through the same sharded loop.
+    np.testing.assert_allclose(r["two"][4], r["one"][4], rtol=1e-9, atol=1e-15)
