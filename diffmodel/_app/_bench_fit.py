@@ -122,18 +122,21 @@ def study_fit_times(steps_path: str) -> dict:
 
 
 def synthetic(n: int, n_deployments: int, seed: int = 0):
-    """``n`` random steps over ``n_deployments`` catalogue deployments (float32)."""
+    """``n`` random steps over ``n_deployments`` catalogue deployments (float32):
+    one per model, the TP degree cycling through 1, 2, 4, 8 (the next that divides
+    the model's heads), so that the all-reduce factors have data to fit."""
     from diffmodel._app._bench import make_steps
 
-    models = dm.known_models()
-    combos = [(m, t) for t in (1, 2, 4, 8) for m in models]
+    degrees = (1, 2, 4, 8)
     deps, labels = [], []
-    for m, t in combos:
-        try:
-            deps.append(dm.deployment(m, "h100-sxm", t))
-        except ValueError:  # a TP degree the model's heads do not divide by
-            continue
-        labels.append(f"{m}/h100-sxm/tp{t}")
+    for i, m in enumerate(dm.known_models()):
+        for t in degrees[i % 4 :] + degrees[: i % 4]:
+            try:
+                deps.append(dm.deployment(m, "h100-sxm", t))
+            except ValueError:  # a TP degree the model's heads do not divide by
+                continue
+            labels.append(f"{m}/h100-sxm/tp{t}")
+            break
         if len(deps) == n_deployments:
             break
     stats, _ = make_steps(n, seed)
