@@ -77,3 +77,16 @@ def test_main_on_a_subset(script, tmp_path):
     assert set(table["protocol"]) == {"held-out shapes", "leave-one-GPU-out"}
     assert {"gemm_fp8_block", "alltoall", "all_gather"} <= set(table["op"])
     assert np.isfinite(table[["uncalibrated_mape", "calibrated_mape"]].to_numpy()).all()
+
+
+def test_impossible_quantization_rows_are_counted(script):
+    """H100 (3.35 TB/s, 50 MB L2): compute_scale reads 2 m k bytes. m = k = 8192
+    is 134 MB (over twice the L2), at least 40 us from HBM: a 2.3 us row is
+    impossible, a 50 us row is not; a 1 MB row is cache-sized and not counted."""
+    hw = {"h100_sxm": dm.hardware("h100-sxm")}
+    rows = pd.DataFrame(
+        {"m": [8192, 8192, 512], "k": [8192, 8192, 1024], "latency_us": [2.3, 50, 0.1]}
+    )
+    tables = {("quantize", "compute_scale", "fp8"): {"h100_sxm": (rows, "0.24.0")}}
+    note = script.impossible_rows_note(tables, hw)
+    assert "compute_scale h100-sxm 50% of 2" in note
