@@ -348,6 +348,15 @@ def main(
     res["requests_per_s"] = float(mask.sum()) / t
     res["request_slots_per_s"] = mask.size / t
 
+    # A simulator's call: one small batch of steps at a time, same deployments.
+    small = jax.tree.map(lambda c: c[:16], stats)
+    small_out = np.empty(16, dtype)
+    predict_steps(small, deps, group[:16], fac, out=small_out)
+    t = _median_time(
+        lambda: predict_steps(small, deps, group[:16], fac, out=small_out), 50
+    )
+    res["small_call_us"] = t * 1e6
+
     _log(f"value and gradient over {grad_steps:,} steps")
     gs = min(grad_steps, n_steps)
     st = jax.tree.map(lambda x: jnp.asarray(x[:gs]), stats)
@@ -442,6 +451,11 @@ def markdown_table(r: dict) -> str:
         )
     lines = ["| method | steps/s | ratio |", "|---|---:|---|"]
     lines += [f"| {m} | {v:.3g} | {c} |" for m, v, c in rows]
+    if "small_call_us" in r:
+        lines.append(
+            "| diffmodel, one call of 16 steps (a simulator's batch), latency | "
+            f"{r['small_call_us']:.0f} us | |"
+        )
     lines.append(f"| compile time (one chunk shape) | {r['compile_s']:.2f} s | |")
     if "fit_second_s" in r:
         lines += ["", *_bench_fit.fitting_table(r)]

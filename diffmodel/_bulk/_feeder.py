@@ -157,20 +157,18 @@ class _Feeder:
             (int(np.prod(s)) + p,) if windows else s
             for s, p in zip(self.shapes, self.pad, strict=True)
         )
-        self.staging = [
-            [
-                _aligned_empty(s, dt)
-                for s, dt in zip(self.window_shapes, dtypes, strict=True)
-            ]
-            for _ in range(_N_STAGING)
-        ]
+        # Allocated on first use: most chunks of a large aligned array need none.
+        self.staging = [[None] * len(arrays) for _ in range(_N_STAGING)]
 
     def __call__(self, i: int, start: int) -> tuple[list, np.ndarray]:
         out, offsets = [], np.zeros(len(self.arrays), np.int32)
         for k, (a, flat) in enumerate(zip(self.arrays, self.flat, strict=True)):
             part = self._window(k, a, flat, start, offsets)
             if part is None:
-                buf = self.staging[i % _N_STAGING][k]
+                slot = self.staging[i % _N_STAGING]
+                if slot[k] is None:
+                    slot[k] = _aligned_empty(self.window_shapes[k], self.dtypes[k])
+                buf = slot[k]
                 rows = a[start : start + self.chunk]
                 m = rows.size
                 view = buf.reshape(-1)
@@ -199,6 +197,39 @@ class _Feeder:
         return flat[first:stop]
 
 
+# Deployments, factors and their per-group tables, on the devices, of the last few
+# calls: a caller that predicts batch after batch for the same deployments (a
+# simulator, a scheduler) pays their transfer and the tables once, not per call.
+_PREPARED: collections.OrderedDict = collections.OrderedDict()
+_PREPARED_MAX = 8
+
+
+def _prepared(deployments, factors, components, dtype, devices, replicated):
+    """``(deployments, factors, distinct tables, plan)`` on ``devices``, cached by
+    value: the bytes of every (host, already cast) leaf, the tree, the dtype, the
+    components flag and the devices."""
+    leaves, tree = jax.tree.flatten((deployments, factors))
+    key = (
+        tree,
+        tuple((x.dtype.str, x.shape, x.tobytes()) for x in map(np.asarray, leaves)),
+        components,
+        dtype.str,
+        tuple(d.id for d in devices),
+    )
+    hit = _PREPARED.get(key)
+    if hit is not None:
+        _PREPARED.move_to_end(key)
+        return hit
+    deployments = jax.device_put(deployments, replicated)
+    factors = jax.device_put(factors, replicated)
+    tables = _group_tables(deployments, factors, components=components, dtype=dtype)
+    hit = (deployments, factors, *_table_plan(tables))
+    _PREPARED[key] = hit
+    if len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+    return hit
+
+
 def _run_chunks(
     kernel,
     arrays,
@@ -224,10 +255,8 @@ def _run_chunks(
     else:
         sharding = replicated = devices[0]
     chunk = _chunk_len(n, steps_per_chunk, _ALIGN_ELEMS * len(devices))
-    deployments = jax.device_put(deployments, replicated)
-    factors = jax.device_put(factors, replicated)
-    tables = _group_tables(
-        deployments, factors, components=components, dtype=np.dtype(out_dtype)
+    deployments, factors, tables, plan = _prepared(
+        deployments, factors, components, np.dtype(out_dtype), devices, replicated
     )
     feeder = _Feeder(
         [*arrays, group],
@@ -237,7 +266,6 @@ def _run_chunks(
         [*pad_values, 0],
         windows=len(devices) == 1,
     )
-    tables, plan = _table_plan(tables)
     fn = functools.partial(
         _chunk, kernel=kernel, plan=plan, shapes=feeder.shapes, components=components
     )

@@ -102,3 +102,29 @@ def test_out_buffer_is_filled_and_returned(deps):
     got = predict_requests(new, ctx, mask, deps, g, dtype=np.float32, out=buf)
     assert got is buf
     np.testing.assert_array_equal(buf, want)
+
+
+def test_repeated_calls_reuse_prepared_deployments_but_follow_their_values(deps):
+    """Deployments and factors are moved to the device and tabulated once per
+    distinct value: a second call with the same values reuses them (the cache is
+    keyed by the values' bytes, not by object), and new values are seen at once."""
+    from diffmodel._bulk import _feeder
+
+    stats = random_stats(40, seed=5)
+    group = np.arange(40) % 3
+    steps = np.asarray([500.0, 1000.0, 1500.0])
+    fac = dm.Factors(step_overhead_us=steps)
+    _feeder._PREPARED.clear()
+    first = predict_steps(stats, deps, group, fac, dtype=np.float64)
+    again = predict_steps(stats, deps, group, fac, dtype=np.float64)
+    assert len(_feeder._PREPARED) == 1
+    np.testing.assert_array_equal(first, again)
+    fac = dm.Factors(step_overhead_us=2.0 * steps)
+    moved = predict_steps(stats, deps, group, fac, dtype=np.float64)
+    assert len(_feeder._PREPARED) == 2
+    ref = direct_step_time(stats, deps, group, fac)["total"]
+    np.testing.assert_allclose(moved, ref, rtol=1e-11)
+    np.testing.assert_allclose(moved - first, steps[group], rtol=1e-9)
+    for i in range(2 * _feeder._PREPARED_MAX):  # bounded
+        predict_steps(stats, deps, group, dm.Factors(step_overhead_us=float(i)))
+    assert len(_feeder._PREPARED) == _feeder._PREPARED_MAX
