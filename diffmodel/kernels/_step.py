@@ -58,13 +58,11 @@ from .._model._layers import attention_dims, is_mla, windowed_attention
 from .._model._physics import (
     MXFP4_BYTES,
     attention_work_dims,
-    gemm_act_quant_bytes,
 )
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._moe import moe_kernel_work
 from ._work import (
-    _with_rows,
     _work,
     allreduce_kernel_us,
     gemm_kernel_work,
@@ -357,15 +355,20 @@ def _gemm_us(
     ``n k = 0`` (a part the model does not have)."""
     present = n * k > 0
     n1, k1 = jnp.where(present, n, 1.0), jnp.where(present, k, 1.0)
-    # One work at the width's peak and bytes (bf16 output); only the curves that
-    # time it depend on the width. 16-bit GEMMs quantize nothing.
-    work = gemm_kernel_work(
-        m, n1, k1, hw, width, out_bytes=2.0, weight_bytes=weight_bytes
-    )
+    # One work at the width's peak and bytes (bf16 output), with the activation
+    # quantization where the model has it; only the curves that time it depend on
+    # the width. 16-bit GEMMs quantize nothing.
     quantizes = (quant_passes > 0) & (width < 2.0)
-    pre = jnp.where(quantizes, gemm_act_quant_bytes(m, k1, width), 0.0)
-    work = eqx.tree_at(lambda w: w.pre_bytes, work, pre, is_leaf=lambda x: x is None)
-    work = _with_rows(work, jnp.where(quantizes, m, 0.0))
+    work = gemm_kernel_work(
+        m,
+        n1,
+        k1,
+        hw,
+        width,
+        out_bytes=2.0,
+        act_quant=jnp.where(quantizes, 1.0, 0.0),
+        weight_bytes=weight_bytes,
+    )
     t = jnp.where(
         width == 1.0,
         work.time_us(curves.gemm_fp8),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .._arrays import on_host
 from .._model._hardware import Hardware
 from .._model._physics import (
     allreduce_us,
@@ -158,23 +159,18 @@ def gemm_kernel_work(
     w = dtype_bytes if weight_bytes is None else weight_bytes
     f, b = gemm_work(m, n, k, w, dtype_bytes, out_bytes)
     tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
-    pre = None
+    pre = rows = None
     if act_quant is not None:
-        q = np.asarray(act_quant, float)
-        if not np.isin(q, (0.0, 1.0)).all():
-            raise ValueError(
-                f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
-            )
-        pre = jnp.asarray(q) * gemm_act_quant_bytes(m, k, dtype_bytes)
-        rows = jnp.asarray(q) * jnp.asarray(m, float)
-    work = _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre, depth=k)
-    return work if pre is None else _with_rows(work, rows)
-
-
-def _with_rows(work: KernelWork, rows) -> KernelWork:
-    """``work`` with its quantization passes going over ``rows`` activation rows."""
-    rows = jnp.broadcast_to(jnp.asarray(rows, float), work.flops.shape)
-    return eqx.tree_at(lambda w: w.rows, work, rows, is_leaf=lambda x: x is None)
+        if on_host(act_quant):  # checked where known (not under a trace)
+            q = np.asarray(act_quant, float)
+            if not np.isin(q, (0.0, 1.0)).all():
+                raise ValueError(
+                    f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
+                )
+        q = jnp.asarray(act_quant, float)
+        pre = q * gemm_act_quant_bytes(m, k, dtype_bytes)
+        rows = q * jnp.asarray(m, float)
+    return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre, rows=rows, depth=k)
 
 
 # FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
@@ -255,7 +251,7 @@ def decode_attention_work(
 
 
 def _work(
-    f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None, depth=None
+    f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None, rows=None, depth=None
 ) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -275,6 +271,7 @@ def _work(
         pre_bytes=opt(pre),
         sms=opt(hw.sm_count),
         l2=opt(hw.l2_bytes),
+        rows=opt(rows),
         depth=opt(depth),
     )
 
