@@ -38,6 +38,13 @@ by ``scipy.optimize.least_squares`` on log ratios, MAPE on the other 25%; and
 leave-one-GPU-out (one set fitted on the other systems, tested on the held-out one).
 Both MAPE columns of a line are on the same test rows.
 
+The kernel sum (``dm.kernels.kernel_step_time``, one MLA layer): on each GPU's own
+GEMM and GQA curves (no MLA row fitted), as is and with a fixed cost per module
+fitted on the other GPUs; and on the GPU's MLA module curves (``KernelCurves.mla``,
+``dm.kernels.fit_mla_curves``: one set per GPU over every KV-cache and GEMM type
+with 16-bit attention math), fitted on 75% of the shapes, priced on the other 25%,
+plus the fitted fixed cost per module (which the kernel sum leaves to the host).
+
     python experiments/mla_kernels.py [--out DIR]
 """
 
@@ -232,8 +239,9 @@ def system_curves(system: str, hw_name: str):
 
 def kernel_sum_us(op: str, rows: pd.DataFrame, hw: dm.Hardware, curves) -> np.ndarray:
     """The measured module of each row priced by ``dm.kernels.kernel_step_time``: one
-    MLA layer without its MLP, the step's projections and attention (the module's
-    KV write, norms and RoPE are the kernel sum's host cost, not counted)."""
+    MLA layer without its MLP, the step's projections and attention, and its KV
+    write where ``curves.mla`` times it (norms and RoPE, and on the GEMM and GQA
+    curves the KV write, are the kernel sum's host cost, not counted)."""
     (combo,) = rows[DTYPE_KEYS].drop_duplicates().itertuples(index=False)
     _, kv_dtype, gemm_type = combo
     one = tuple(jnp.asarray(v, float) for v in (1.0, 0.0, 0.0))
@@ -261,7 +269,52 @@ def kernel_sum_us(op: str, rows: pd.DataFrame, hw: dm.Hardware, curves) -> np.nd
         arch=a, hw=hw, tp=jnp.asarray(t), ep=jnp.ones_like(jnp.asarray(t))
     )
     out = dk.kernel_step_time(stats, dep, curves)
-    return np.asarray(out.linear + out.attention_prefill + out.attention_decode)
+    return np.asarray(
+        out.linear + out.attention_prefill + out.attention_decode + out.kv_write
+    )
+
+
+def module_curve_lines(tables, hardware, curves) -> list[dict]:
+    """The kernel sum on the GPU's own MLA module curves (``KernelCurves.mla``,
+    one set per GPU over every KV-cache and GEMM type with 16-bit attention math),
+    fitted on 75% of the shapes and priced through ``kernel_step_time`` on the
+    other 25%, plus the fitted fixed cost per module (which the kernel sum leaves
+    to the host costs): one line per (op, system, dtype)."""
+    lines = []
+    for system, by_op in tables.items():
+        hw = hardware[system]
+        rows = {op: dk.mla_rows(by_op[op]).reset_index(drop=True) for op in OPS}
+        test = {
+            op: held_out_split(r, SHAPE_KEYS[op], frac=0.25, seed=0)
+            for op, r in rows.items()
+        }
+        t0 = time.perf_counter()
+        fams = {f"mla_{op}": r[~test[op]] for op, r in rows.items()}
+        mla = dk.fit_mla_curves(fams, hw)
+        with_mla = eqx.tree_at(lambda c: c.mla, curves[system], mla, is_leaf=_none)
+        _log(f"{system}: MLA module curves fitted in {time.perf_counter() - t0:.0f} s")
+        for op, r in rows.items():
+            held = r[test[op]]
+            for combo, g in held.groupby(DTYPE_KEYS):
+                if combo[2] not in KERNEL_SUM_GEMMS or len(g) < 8:
+                    continue
+                g = g.reset_index(drop=True)
+                y = g["latency_us"].to_numpy(float)
+                fixed = float(getattr(mla, op).latency_us)
+                ks = kernel_sum_us(op, g, hw, with_mla) + fixed
+                prior = predict_us(PRIOR, module_work(op, g, hw))
+                line = _line(
+                    op, system, "/".join(combo), MODULE_PROTOCOL, y, prior, ks, PRIOR
+                )
+                lines.append({**line, "params": f"fixed_us={fixed:.3g}"})
+    return lines
+
+
+MODULE_PROTOCOL = "kernel sum, MLA module curves (held-out shapes)"
+
+
+def _none(x) -> bool:
+    return x is None
 
 
 def fit_fixed_us(kernel_sum: np.ndarray, y_us: np.ndarray) -> float:
@@ -391,6 +444,8 @@ def evaluate(
                         p,
                     )
                 )
+    if curves is not None:
+        lines += module_curve_lines(tables, hardware, curves)
     return pd.DataFrame(lines)
 
 

@@ -131,7 +131,8 @@ def main(out: pathlib.Path | None = None) -> None:
     emit("|" + "---|" * (len(short) + 8))
     notes = []
     # The H100 curves, calibrated on the H100 kernel tables alone (~20 s), and the
-    # H200's on its vLLM tables of the installed database where there is one. The
+    # H200's on its vLLM tables of the installed database where there is one
+    # (MLA modules included). The
     # shared H100 tables (vLLM 0.14.0) have no MXFP4 MoE rows: gpt-oss's experts
     # take their curves from the database's H100 tables (uncalibrated without it).
     curves = {"h100": calibrate_kernels(load_kernel_tables(dm.data.default_data_dir()))}
@@ -139,7 +140,14 @@ def main(out: pathlib.Path | None = None) -> None:
         h100 = dm.kernels.load_system_tables("h100_sxm", "vllm", families=("moe",))
         w4 = calibrate_kernels(h100, hardware_name="h100", families=("moe_w4a16",))
         curves["h100"] = dataclasses.replace(curves["h100"], moe_w4a16=w4.moe_w4a16)
-        h200 = dm.kernels.load_system_tables("h200_sxm", "vllm", skip_missing=True)
+        # With its MLA module tables: DeepSeek's attention on the measured modules.
+        mla = ("mla_context", "mla_generation")
+        h200 = dm.kernels.load_system_tables(
+            "h200_sxm",
+            "vllm",
+            families=(*dm.kernels.KERNEL_TABLES, *mla),
+            skip_missing=True,
+        )
         curves["h200"] = calibrate_kernels(h200, hardware_name="h200")
     for label, model, hw, tp, ep, system, moe in DEPLOYMENTS:
         for step, prefill, n_dec, ctx in STEPS:

@@ -33,14 +33,15 @@ def test_medians_and_counts_by_feature(script, tmp_path, capsys):
     _write(tmp_path, "gpus/gpus.csv", pd.concat([gpus, unc]))
     mla = pd.DataFrame(
         {
-            "op": ["context", "context", "context", "generation"],
+            "op": ["context", "context", "context", "generation", "context"],
             "protocol": [
                 "held-out shapes",
                 "held-out shapes",
                 "kernel sum",
                 "kernel sum",
+                "kernel sum, MLA module curves (held-out shapes)",
             ],
-            "calibrated_mape": [7.0, 11.0, 30.0, 40.0],
+            "calibrated_mape": [7.0, 11.0, 30.0, 40.0, 12.0],
         }
     )
     _write(tmp_path, "mla_kernels/mla_kernels.csv", mla)
@@ -60,7 +61,11 @@ def test_medians_and_counts_by_feature(script, tmp_path, capsys):
         in md
     )
     assert "| context | 10 | 9.0 (1/2) | n/a |" in md
-    assert "as is context 30.0%, generation 40.0%" in md
+    assert (
+        "no MLA row fitted): context 30.0% (0/1 at or below 15%), generation 40.0% "
+        "(0/1 at or below 15%)" in md
+    )
+    assert "fixed cost): context 12.0% (1/1 at or below 15%)." in md
 
 
 def test_no_results_is_an_error(script, tmp_path):

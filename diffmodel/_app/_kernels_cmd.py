@@ -49,7 +49,7 @@ def _cmd_calibrate(args) -> int:
     from .._model._hardware import canonical_hardware, hardware_system
     from ..kernels._calibrate import FitOptions, calibrate_kernels
     from ..kernels._curves_io import save_curves
-    from ..kernels._database import load_system_tables
+    from ..kernels._database import FAMILY_FILES, load_system_tables
 
     name = canonical_hardware(args.system)
     system = hardware_system(name)
@@ -67,7 +67,12 @@ def _cmd_calibrate(args) -> int:
         print(f"wrote {path}")
         return 0
     tables = load_system_tables(
-        system, args.backend, args.version, skip_missing=True, progress=say
+        system,
+        args.backend,
+        args.version,
+        families=tuple(FAMILY_FILES),
+        skip_missing=True,
+        progress=say,
     )
     versions = sorted({t.attrs.get("version", "?") for t in tables.values()})
     say(f"loaded {system} / {args.backend} {','.join(versions)}: {list(tables)}")
@@ -102,7 +107,9 @@ def _pooled_curves(args, system: str, say):
 
 def add_parser(subparsers) -> None:
     """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
-    from .._kernel_families import ALL_FAMILIES as families
+    from .._kernel_families import ALL_FAMILIES
+
+    families = (*ALL_FAMILIES, "mla")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
@@ -147,7 +154,8 @@ def add_parser(subparsers) -> None:
         choices=families,
         metavar="FAMILY",
         help=f"fit only these ({', '.join(families)}); the others are written "
-        "uncalibrated (default: every family)",
+        "uncalibrated (default: every family; 'mla': vLLM's MLA attention module, "
+        "where the system's tables have it)",
     )
     p.add_argument(
         "--adam-steps", type=int, default=800, help="Adam steps per family's fit"

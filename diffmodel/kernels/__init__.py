@@ -50,12 +50,27 @@ from ._curves_io import (
     save_curves as save_curves,
 )
 from ._database import (
+    FAMILY_FILES as FAMILY_FILES,
+    KERNEL_TABLES as KERNEL_TABLES,
     database_available as database_available,
     database_root as database_root,
     find_table as find_table,
     list_kernel_tables as list_kernel_tables,
     load_system_tables as load_system_tables,
     system_spec as system_spec,
+)
+from ._mla import (
+    MlaCurves as MlaCurves,
+    MlaModule as MlaModule,
+    MlaWork as MlaWork,
+    fit_mla_curves as fit_mla_curves,
+    fit_mla_module as fit_mla_module,
+    load_mla_module as load_mla_module,
+    mla_module_us as mla_module_us,
+    mla_module_work as mla_module_work,
+    mla_parts_us as mla_parts_us,
+    mla_rows as mla_rows,
+    mla_table_work as mla_table_work,
 )
 from ._moe import (
     ExpertLoads as ExpertLoads,

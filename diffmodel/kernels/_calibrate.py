@@ -27,6 +27,7 @@ from ..kernels._curves import (
     default_roofline_curves,
     init_curves,
 )
+from ..kernels._mla import fit_mla_curves
 from ..kernels._tables import table_work
 from ..kernels._work import (
     KernelWork,
@@ -204,10 +205,13 @@ def calibrate_kernels(
     measured on A100) keeps its uncalibrated default curves and is reported as
     skipped, never as "calibrated on 0 kernels". ``progress``: optional callable
     receiving one line of text per family. ``families``: fit only these (names of
-    :data:`KERNEL_FAMILIES` or ``"allreduce"``); the others keep their
-    uncalibrated curves, reported as not asked for.
+    :data:`KERNEL_FAMILIES`, ``"allreduce"`` or ``"mla"``); the others keep their
+    uncalibrated curves, reported as not asked for. ``"mla"``: vLLM's MLA module
+    (:class:`MlaCurves`) where ``tables`` hold ``mla_context`` and
+    ``mla_generation`` (:func:`load_system_tables` with those families); without
+    them ``KernelCurves.mla`` is ``None``.
     """
-    known = ALL_FAMILIES
+    known = (*ALL_FAMILIES, "mla")
     wanted = known if families is None else tuple(families)
     unknown = sorted(set(wanted) - set(known))
     if unknown:
@@ -254,6 +258,10 @@ def calibrate_kernels(
             options=options,
         )
         say(f"calibrated allreduce on {len(ar)} kernels")
+    if "mla" in wanted:
+        fitted["mla"] = fit_mla_curves(tables, hw, options, say)
+    else:
+        say("skipped mla: not asked for (MLA layers use the GEMM and attention curves)")
     return KernelCurves(**fitted, hardware=hardware_name)
 
 

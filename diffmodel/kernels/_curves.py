@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from .._kernel_families import ALL_FAMILIES, KERNEL_FAMILIES
+from ._mla import MlaCurves
 
 FORMAT_VERSION = 1
 # The smallest size a curve takes (its unit: FLOP, byte, us at peak, waves).
@@ -444,6 +445,10 @@ class KernelCurves(eqx.Module):
         moe_w4a16: fused MoE of 4-bit MXFP4 experts at the 16-bit peak (gpt-oss;
             vLLM's OpenAI Triton MXFP4 kernel, which takes only local experts).
         allreduce: tensor-parallel all-reduce.
+        mla: vLLM's MLA attention module (DeepSeek) fitted on its measured modules
+            (:class:`~diffmodel.kernels.MlaCurves`), or ``None`` where the GPU's
+            tables have none: the kernel sum then times MLA layers on the GEMM and
+            attention curves.
         hardware: the GPU the curves were measured on (static, a catalog name).
     """
 
@@ -456,6 +461,7 @@ class KernelCurves(eqx.Module):
     moe_fp8: RooflineCurves
     moe_w4a16: RooflineCurves
     allreduce: AllReduceCurve
+    mla: "MlaCurves | None" = None
     hardware: str = eqx.field(static=True, default="h100-sxm")
 
     def n_params(self, family: str) -> int:

@@ -4,8 +4,9 @@ package (the ``aic`` extra: ``pip install 'diffmodel[aic]'``).
 Layout (``aiconfigurator_core/systems/``): ``<system>.yaml`` per GPU system (peaks,
 HBM bandwidth, links, GPUs per node) and ``data/<system>/<folder>/<backend>/<version>/
 *.parquet`` measured kernel tables (latency in ms), with ``<folder>`` ``gemm``,
-``attention`` (context and generation), ``moe``, ``comm`` (all-reduce) and others this
-package does not model (MLA, quantize, ...). Versions differ by folder (a system can
+``attention`` (context and generation), ``moe``, ``comm`` (all-reduce), ``mla``
+(vLLM's MLA attention modules) and others this package does not model (quantize,
+...). Versions differ by folder (a system can
 have GEMMs measured with vLLM 0.24.0 and all-reduce with 0.19.0); without an explicit
 version each family takes the newest one of its folder.
 
@@ -20,6 +21,7 @@ import re
 
 import pandas as pd
 
+from ._mla import load_mla_module
 from ._tables import AIC_FILES, load_allreduce, load_attention, load_gemm, load_moe
 
 PACKAGE = "aiconfigurator_core"
@@ -31,13 +33,26 @@ FAMILY_FILES: dict[str, tuple[str, str]] = {
     "decode_attention": ("attention", AIC_FILES["decode_attention"]),
     "moe": ("moe", AIC_FILES["moe"]),
     "allreduce": ("comm", AIC_FILES["allreduce"]),
+    "mla_context": ("mla", "mla_context_module_perf.parquet"),
+    "mla_generation": ("mla", "mla_generation_module_perf.parquet"),
 }
+# What :func:`load_system_tables` loads unless told: the kernel families (the MLA
+# modules only where asked for: most systems' calibration does not need them).
+KERNEL_TABLES: tuple[str, ...] = (
+    "gemm",
+    "prefill_attention",
+    "decode_attention",
+    "moe",
+    "allreduce",
+)
 _LOADERS = {
     "gemm": load_gemm,
     "prefill_attention": load_attention,
     "decode_attention": load_attention,
     "moe": load_moe,
     "allreduce": load_allreduce,
+    "mla_context": load_mla_module,
+    "mla_generation": load_mla_module,
 }
 
 
@@ -165,7 +180,7 @@ def load_system_tables(
     backend: str = "vllm",
     version: str | None = None,
     *,
-    families: tuple[str, ...] = tuple(FAMILY_FILES),
+    families: tuple[str, ...] = KERNEL_TABLES,
     root: str | pathlib.Path | None = None,
     skip_missing: bool = False,
     progress=None,
@@ -176,7 +191,15 @@ def load_system_tables(
     ``None`` for the newest of each. ``skip_missing``: leave out families the system
     does not have, reporting each through ``progress`` (a callable taking one line),
     instead of raising. An empty table is an error, never a silent zero-row family.
+    ``families``: names of :data:`FAMILY_FILES`; by default the kernel tables
+    (:data:`KERNEL_TABLES`), without vLLM's MLA modules (add ``"mla_context"`` and
+    ``"mla_generation"`` for :attr:`KernelCurves.mla`).
     """
+    unknown = [f for f in families if f not in FAMILY_FILES]
+    if unknown:
+        raise ValueError(
+            f"unknown table families {unknown}; expected some of {list(FAMILY_FILES)}"
+        )
     out = {}
     for fam in families:
         try:

@@ -18,8 +18,11 @@ kernel floor), as aiconfigurator sums its kernel tables:
   up-project their cached tokens' latents) and ``o_proj`` on the GEMM curves;
   prefill attention as multi-head attention on the up-projected 16-bit keys and
   values, decode attention as every head reading the one latent ``c + r`` of each
-  cached token, on the attention curves (validated against vLLM's measured MLA
-  modules in ``experiments/mla_kernels.py``);
+  cached token, on the attention curves; where the GPU's curves hold vLLM's measured
+  MLA modules (:attr:`KernelCurves.mla`), instead each layer's prefill and decode
+  paths on those (:mod:`~diffmodel.kernels._mla`: projections, attention and the
+  latent KV write; the modules' fixed cost is host time). Both validated against
+  the measured modules in ``experiments/mla_kernels.py``;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
   (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
@@ -61,6 +64,7 @@ from .._model._physics import (
 )
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
+from ._mla import mla_module_work, mla_parts_us
 from ._moe import moe_kernel_work
 from ._work import (
     _work,
@@ -199,8 +203,10 @@ def kernel_step_time(
         ``attention_prefill``, ``attention_decode``, ``allreduce``, ``lm_head`` and
         ``overhead`` (the host costs); ``kv_write`` is 0 (the KV write is an
         elementwise kernel, paid in ``host.layer_us`` and
-        ``host.layer_request_us``). A step with no tokens runs no kernel and pays
-        ``host.step_us`` and its requests' cost.
+        ``host.layer_request_us``) except for MLA layers timed on measured
+        modules (``curves.mla``), whose latent KV write the modules time. A
+        step with no tokens runs no kernel and pays ``host.step_us`` and its
+        requests' cost.
 
     Differentiable in ``stats``, the curves and ``host``; ``jax.vmap`` and
     ``jax.jit`` apply (pass ``check=False`` under tracing for speed).
@@ -246,6 +252,13 @@ def kernel_step_time(
         + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0)
     )
     attn = jnp.where(mla, mla_attn, gqa_attn)
+    module = _mla_module_parts(stats, dep, curves) if curves.mla is not None else None
+    if module is not None:  # MLA layers on the GPU's measured MLA modules
+        attn = jnp.where(
+            mla,
+            module["linear"] + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0),
+            attn,
+        )
     mlp = gemm(2.0 * ffn, d, width) + gemm(d, ffn, width)
     # MoE layers: shared experts, the router (16-bit) and the fused routed experts
     # (whole experts per GPU when ep = t, else each expert split t ways).
@@ -322,6 +335,11 @@ def kernel_step_time(
         return jnp.where(n_dec > 0, work.time_us(curves.decode_attention), 0.0)
 
     decode = (n_layers - n_win) * decode_us(stats.kv_decode) + n_win * decode_us(w_dec)
+    kv_write = jnp.zeros_like(decode)
+    if module is not None:
+        prefill = jnp.where(mla, n_layers * module["prefill"], prefill)
+        decode = jnp.where(mla, n_layers * module["decode"], decode)
+        kv_write = jnp.where(mla, n_layers * module["kv_write"], kv_write)
     allreduce = 2.0 * allreduce_kernel_us(m * d * a.act_bytes, t, curves.allreduce, hw)
     requests = n_pf + n_dec
     lm_head = gemm_kernel_work(
@@ -338,11 +356,46 @@ def kernel_step_time(
         linear=linear * gate + zero,
         attention_prefill=prefill * gate + zero,
         attention_decode=decode * gate + zero,
-        kv_write=zero,
+        kv_write=kv_write * gate + zero,
         lm_head=lm_head * gate * (requests > 0) + zero,
         allreduce=n_layers * allreduce * gate + zero,
         overhead=overhead + zero,
     )
+
+
+def _mla_module_parts(
+    stats: BatchStats, dep: Deployment, curves: KernelCurves
+) -> dict[str, Array]:
+    """One MLA layer's attention on the GPU's measured-module curves, us, by part
+    (:mod:`~diffmodel.kernels._mla`): the prefill path over the step's prefill
+    tokens, the decode path over its decode tokens, each only where it has tokens;
+    ``linear`` both paths' projections, ``prefill``/``decode`` their attention,
+    ``kv_write`` their latent KV writes. The modules' fixed cost (the eager
+    module's launches, norms and RoPE) is left to the host costs."""
+    a, t = dep.arch, jnp.asarray(dep.tp, float)
+    p, dec = stats.prefill_tokens, stats.decode_tokens
+    # Paths without tokens are not run; their work is taken at one token so that
+    # the roofline's gradient stays finite, and gated out.
+    p1, d1 = jnp.maximum(p, 1.0), jnp.maximum(dec, 1.0)
+    ctx = mla_module_work(
+        "context",
+        p1,
+        jnp.maximum(stats.attn_prefill, 1.0),
+        stats.kv_prefill + p1,
+        a,
+        t,
+    )
+    gen_read = jnp.maximum(stats.kv_decode, 1.0)
+    gen = mla_module_work("generation", d1, gen_read, gen_read, a, t)
+    c_proj, c_attn, c_kv = mla_parts_us(curves.mla.context, ctx, dep.hw)
+    g_proj, g_attn, g_kv = mla_parts_us(curves.mla.generation, gen, dep.hw)
+    has_p, has_d = p > 0, dec > 0
+    return {
+        "linear": jnp.where(has_p, c_proj, 0.0) + jnp.where(has_d, g_proj, 0.0),
+        "prefill": jnp.where(has_p, c_attn, 0.0),
+        "decode": jnp.where(has_d, g_attn, 0.0),
+        "kv_write": jnp.where(has_p, c_kv, 0.0) + jnp.where(has_d, g_kv, 0.0),
+    }
 
 
 def _gemm_us(
