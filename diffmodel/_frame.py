@@ -237,6 +237,7 @@ _CANONICAL = {
     "hardware": canonical_hardware,
     "tp": _tp,
     "ep": _degree("ep"),
+    "pp": _degree("pp"),
 }
 
 
@@ -331,3 +332,18 @@ def groups_from_frame(
         labels=tuple(labels),
         index=index.astype(np.int32),
     )
+
+
+def pipeline_degrees(
+    frame: pd.DataFrame,
+    pp: int | None = None,
+    *,
+    spell: Callable[[str], str] = lambda name: f"{name}=",
+) -> np.ndarray | None:
+    """Each row's pipeline-parallel degree (positive integers), from a ``pp``
+    column or keyword (both only when they agree), or ``None`` when neither gives
+    one (no pipeline parallelism)."""
+    if pp is None and "pp" not in frame.columns:
+        return None
+    values = _per_row(frame, "pp", pp, spell)
+    return np.asarray([_CANONICAL["pp"](v) for v in values], np.int64)

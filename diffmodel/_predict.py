@@ -13,8 +13,9 @@ from ._fitting._base import AbstractFactorSet, StepData
 from ._fitting._fit import FitResult
 from ._fitting._intervals import IntervalModel, UnseenGroupWarning, set_interval
 from ._fitting._io import load_factors, load_uncertainty
-from ._frame import groups_from_frame, stats_from_frame
+from ._frame import groups_from_frame, pipeline_degrees, stats_from_frame
 from ._model._factors import Factors, default_factors
+from ._model._features import pipeline_step
 from ._model._roofline import COMPONENTS, step_time_batch
 
 
@@ -70,6 +71,7 @@ def predict(
     factors=None,
     interval: float | None = None,
     transfer: bool | None = None,
+    pp: int | None = None,
 ) -> pd.DataFrame:
     """Predict the step time of every row of ``frame``, microseconds per GPU.
 
@@ -100,11 +102,20 @@ def predict(
             where an unseen deployment has no transfer noise to use); ``True``: the
             transfer noise for every row (a new workload on a fitted deployment);
             ``False``: the in-sample noise for every row.
+        pp: the pipeline-parallel degree, unless the frame has a per-row ``pp``
+            column (both only when they agree). Rows with ``pp > 1`` are priced
+            by :func:`diffmodel.serving.pipeline_step` (``pp`` stages of ``tp``
+            GPUs each, the batch in ``pp`` microbatches): ``predicted_us`` is the
+            whole step, ``(pp + pp - 1)`` stage times plus the host overhead.
 
     Returns:
         A copy of ``frame`` with ``predicted_us`` and one ``<component>_us`` column per
         component (see :class:`diffmodel.Breakdown`), and the interval columns when
-        asked for.
+        asked for. With ``pp`` (keyword or column) also ``pp_p2p_us`` (the
+        microbatches' sends between stages) and ``pp_bubble_us`` (the pipeline's
+        fill and drain, ``pp - 1`` stage times); the GPU components of a ``pp > 1``
+        row are one stage's, summed over its microbatches, so the columns still add
+        up to ``predicted_us``.
     """
     if interval is not None and not (
         isinstance(interval, float | int) and 0.0 < interval < 1.0
@@ -112,15 +123,20 @@ def predict(
         raise ValueError(f"interval must be a probability in (0, 1), got {interval!r}")
     if transfer is not None and interval is None:
         raise ValueError("transfer selects the interval's noise: it needs interval")
-    post = posterior(factors) if interval is not None else None
     stats = stats_from_frame(frame)
     groups = groups_from_frame(frame, model=model, hardware=hardware, tp=tp)
+    stages = pipeline_degrees(frame, pp)
+    if stages is not None:
+        _check_pipeline(stages, groups, interval)
+    post = posterior(factors) if interval is not None else None
     fac = resolve_factors(factors, groups.labels)
     total, parts = _evaluate(stats, groups.deployments, jnp.asarray(groups.index), fac)
     out = frame.copy()
     out["predicted_us"] = np.asarray(total)
     for c in COMPONENTS:
         out[f"{c}_us"] = np.asarray(parts[c])
+    if stages is not None:
+        _with_pipeline(out, stats, groups, fac, stages)
     if post is not None:
         data = StepData(
             stats=stats, deployments=groups.deployments, group=jnp.asarray(groups.index)
@@ -129,6 +145,47 @@ def predict(
         out["predicted_lo_us"] = lo
         out["predicted_hi_us"] = hi
     return out
+
+
+def _check_pipeline(stages: np.ndarray, groups, interval) -> None:
+    """``pp`` must leave every stage at least one layer; no intervals (the fit's
+    noise model is of single-stage steps)."""
+    layers = np.asarray(groups.deployments.arch.n_layers)[groups.index]
+    bad = np.flatnonzero(stages > layers)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"pp must be at most the model's layers: row {i} has pp {stages[i]} for "
+            f"{groups.labels[groups.index[i]]} ({layers[i]:.0f} layers)"
+        )
+    if interval is not None and np.any(stages > 1):
+        raise ValueError(
+            "interval is not available for pipeline-parallel rows (pp > 1): the "
+            "fit's residual noise is of single-stage steps"
+        )
+
+
+def _with_pipeline(out: pd.DataFrame, stats, groups, fac: Factors, stages) -> None:
+    """Replace the totals and components of the ``pp > 1`` rows of ``out`` by
+    :func:`~diffmodel.serving.pipeline_step`'s, and add its two columns."""
+    out["pp_p2p_us"] = 0.0
+    out["pp_bubble_us"] = 0.0
+    rows = np.flatnonzero(stages > 1)
+    if not len(rows):
+        return
+    idx = jnp.asarray(groups.index[rows])
+    dep = jax.tree.map(lambda x: x[idx], groups.deployments)
+    per_row = jax.tree.map(lambda x: x[idx] if jnp.ndim(x) else x, fac)
+    sub = jax.tree.map(lambda x: x[jnp.asarray(rows)], stats)
+    pb = pipeline_step(sub, dep, per_row, pp=jnp.asarray(stages[rows], float))
+    m = np.asarray(pb.microbatches)
+    col = out.columns.get_loc
+    for c in COMPONENTS:
+        v = pb.overhead_us if c == "overhead" else m * getattr(pb.stage, c)
+        out.iloc[rows, col(f"{c}_us")] = np.asarray(v)
+    out.iloc[rows, col("pp_p2p_us")] = np.asarray(m * pb.p2p_us)
+    out.iloc[rows, col("pp_bubble_us")] = np.asarray(pb.bubble_us)
+    out.iloc[rows, col("predicted_us")] = np.asarray(pb.total)
 
 
 def posterior_interval(

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 import diffmodel as dm
+from diffmodel._frame import stats_from_frame
 
 from helpers import unchecked
 
@@ -179,3 +180,42 @@ def test_an_ep_column_sets_expert_parallelism_per_row():
         groups_from_frame(_deepseek(ep=3))
     with pytest.raises(ValueError, match="expected 'model/hardware/tpN\\[/epM\\]'"):
         parse_group_label("deepseek-v3/h200/ep8")
+
+
+def test_pipeline_rows_are_priced_by_pipeline_step():
+    """A ``pp`` column: rows with ``pp > 1`` take ``pipeline_step``'s total, their
+    columns still add up; ``pp = 1`` rows are the single-stage prediction."""
+    f = frame(pp=[1, 2, 4])
+    out = dm.predict(f, model="llama-3.1-70b", tp=4)
+    plain = dm.predict(frame(), model="llama-3.1-70b", tp=4)
+    assert out.predicted_us[0] == plain.predicted_us[0]
+    assert out.pp_bubble_us[0] == 0.0 and out.pp_p2p_us[0] == 0.0
+    dep = dm.deployment("llama-3.1-70b", "h100-sxm", 4)
+    stats = stats_from_frame(f)
+    for i, pp in ((1, 2), (2, 4)):
+        one = type(stats)(
+            **{k: getattr(stats, k)[i] for k in stats.__dataclass_fields__}
+        )
+        want = dm.serving.pipeline_step(one, dep, dm.default_factors(), pp=pp)
+        np.testing.assert_allclose(out.predicted_us[i], float(want.total), rtol=1e-6)
+        np.testing.assert_allclose(
+            out.pp_bubble_us[i], float(want.bubble_us), rtol=1e-6
+        )
+    cols = [f"{c}_us" for c in dm.COMPONENTS] + ["pp_p2p_us", "pp_bubble_us"]
+    np.testing.assert_allclose(out[cols].sum(axis=1), out.predicted_us, rtol=1e-6)
+    # a 2-stage prefill: half the layers per stage, one bubble stage
+    assert out.pp_bubble_us[1] > 0 and out.predicted_us[1] != plain.predicted_us[1]
+    # the keyword gives every row the same degree
+    kw = dm.predict(frame(), model="llama-3.1-70b", tp=4, pp=2)
+    np.testing.assert_allclose(kw.predicted_us[1], out.predicted_us[1], rtol=1e-9)
+
+
+def test_pipeline_bad_input_raises():
+    with pytest.raises(ValueError, match="pp=4 contradicts the table's 'pp' column"):
+        dm.predict(frame(pp=[1, 2, 2]), model="llama-2-70b", tp=4, pp=4)
+    with pytest.raises(ValueError, match="column 'pp': pp must be a positive integer"):
+        dm.predict(frame(pp=[1, 0, 2]), model="llama-2-70b", tp=4)
+    with pytest.raises(ValueError, match=r"row 2 has pp 96 .*\(80 layers\)"):
+        dm.predict(frame(pp=[1, 2, 96]), model="llama-2-70b", tp=4)
+    with pytest.raises(ValueError, match="interval is not available for pipeline"):
+        dm.predict(frame(pp=[1, 2, 2]), model="llama-2-70b", tp=4, interval=0.9)

@@ -289,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a fitted deployment); 'none' the in-sample noise for every row",
     )
     _add_deployment(p)
+    p.add_argument(
+        "--pp",
+        type=POSITIVE_INT,
+        help="pipeline-parallel stages of tp GPUs each (default: 1, or the table's "
+        "'pp' column): rows with pp > 1 are priced as pp stages over pp "
+        "microbatches, with pp_p2p_us and pp_bubble_us columns (roofline only: not "
+        "with --host or --interval)",
+    )
     _add_plot(p, "a component breakdown plot")
     _renamed(p, input="--data", output="--out")
     p.set_defaults(run="predict")

@@ -48,6 +48,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def pipeline_column(frame, args):
+    """The frame with ``--pp`` as its ``pp`` column (checked against a ``pp``
+    column the table has); pipeline rows are priced by the roofline alone."""
+    from .._frame import pipeline_degrees
+
+    stages = pipeline_degrees(frame, args.pp, spell=lambda name: f"--{name} ")
+    if stages is None:
+        return frame
+    if args.host is not None and (stages > 1).any():
+        raise ValueError(
+            "--pp (or a 'pp' column) > 1 is priced by the roofline: not with --host"
+        )
+    return frame.assign(pp=stages)
+
+
 def cmd_predict(args) -> int:
     from .._predict import predict
 
@@ -68,6 +83,7 @@ def cmd_predict(args) -> int:
         )
     frame = read_table(args.data)
     frame, flags, groups = deployment_groups(frame, args)
+    frame = pipeline_column(frame, args)
     if args.host is not None:
         from ._host_cmd import predict_host
 

@@ -189,14 +189,14 @@ class PipelineBreakdown(eqx.Module):
         p2p_us: sending one microbatch's activations to the next stage.
         bubble_us: ``(pp - 1)`` stage times in which some stages idle.
         overhead_us: the host's per-step work (once per step).
-        microbatches: ``m``, microbatches in flight.
+        microbatches: ``m``, microbatches in flight (one, or one per step).
     """
 
     stage: Breakdown
     p2p_us: Float[Array, "*steps"]
     bubble_us: Float[Array, "*steps"]
     overhead_us: Float[Array, "*steps"]
-    microbatches: Float[Array, ""]
+    microbatches: Float[Array, "..."]
 
     @property
     def stage_us(self) -> Float[Array, "*steps"]:

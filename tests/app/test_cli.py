@@ -571,3 +571,28 @@ def test_predict_ep_flag_sets_expert_parallelism(tmp_path, capsys):
     frame.assign(ep=1).to_csv(path, index=False)
     assert main([*argv, "--ep", "8"]) == 1
     assert "--ep 8 contradicts the table's 'ep' column (1)" in capsys.readouterr().err
+
+
+def test_predict_pp_flag_prices_pipeline_stages(tmp_path, capsys):
+    """``--pp 2``: the library's ``pp`` column, with the pipeline columns; a flag
+    contradicting the column, and ``--pp`` with ``--host``, are refused."""
+    frame = pd.DataFrame(
+        [dict(prefill_tokens=2048, decode_tokens=64, num_prefill_reqs=1,
+              num_decode_reqs=64, kv_tokens=64 * 2048)]
+    )  # fmt: skip
+    path, out = tmp_path / "s.csv", tmp_path / "o.csv"
+    frame.to_csv(path, index=False)
+    argv = ["predict", "--data", path, "--out", out, "--model", "llama-3.1-70b"]
+    argv = [str(a) for a in (*argv, "--tp", "4")]
+    assert main([*argv, "--pp", "2"]) == 0
+    got = pd.read_csv(out)
+    want = dm.predict(frame, model="llama-3.1-70b", tp=4, pp=2)
+    np.testing.assert_allclose(got["predicted_us"], want["predicted_us"], rtol=1e-9)
+    assert got["pp_bubble_us"][0] > 0 and (got["pp"] == 2).all()
+    capsys.readouterr()
+    frame.assign(pp=1).to_csv(path, index=False)
+    assert main([*argv, "--pp", "2"]) == 1
+    assert "--pp 2 contradicts the table's 'pp' column (1)" in capsys.readouterr().err
+    frame.assign(pp=2).to_csv(path, index=False)
+    assert main([*argv, "--host", str(tmp_path / "h.json")]) == 1
+    assert "priced by the roofline: not with --host" in capsys.readouterr().err
