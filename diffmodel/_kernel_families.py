@@ -11,6 +11,7 @@ KERNEL_FAMILIES: tuple[str, ...] = (
     "moe",
     "moe_fp8",
     "moe_w4a16",
+    "moe_nvfp4",
 )
 
 # Every family with curves, the tensor-parallel all-reduce included.

@@ -1,7 +1,8 @@
 """Every GPU of the kernel database: held-out shapes per GPU, and leave one GPU out.
 
 For each family (``gemm_bf16``, ``gemm_fp8``, ``gemm_nvfp4``, ``prefill_attention``,
-``decode_attention``, ``moe``, ``moe_fp8``, ``moe_w4a16``, ``allreduce``) and each
+``decode_attention``, ``moe``, ``moe_fp8``, ``moe_w4a16``, ``moe_nvfp4``,
+``allreduce``) and each
 GPU system of the installed ``aiconfigurator-core`` database (vLLM tables where the
 system has them, else SGLang):
 
@@ -47,6 +48,7 @@ SHAPE_KEYS = {
     "moe_fp8": ["hidden_size", "inter_size", "topk", "num_experts"],
     # gpt-oss's MXFP4 rows time two expert shapes: hold out expert layouts.
     "moe_w4a16": ["num_experts", "moe_tp_size", "moe_ep_size"],
+    "moe_nvfp4": ["hidden_size", "inter_size", "topk", "num_experts"],
     "allreduce": ["message_size"],
 }
 # The catalog name of each database system.

@@ -148,7 +148,8 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
     GEMMs by dtype (``gemm_nvfp4``: NVFP4 weights and activations at the FP4
     peak, on Blackwell); attention with bf16 KV and no sliding window; MoE in bf16
     (``moe``), FP8 (``moe_fp8``: 128-block rows, per-tensor ones where no block
-    row is measured) or MXFP4 weights with 16-bit activations (``moe_w4a16``),
+    row is measured), MXFP4 weights with 16-bit activations (``moe_w4a16``) or
+    NVFP4 weights and activations (``moe_nvfp4``),
     under every routing distribution; all-reduce under CUDA graphs (eager where
     only that was measured); each with its dominant ``kernel_source``. Raises
     ``ValueError`` naming the family when ``tables`` lacks it or none of its rows
@@ -174,6 +175,8 @@ def family_rows(tables: dict[str, pd.DataFrame], family: str) -> pd.DataFrame:
         rows = block if len(block) else t[t["moe_dtype"] == "fp8"]
     elif family == "moe_w4a16":
         rows = t[t["moe_dtype"] == "w4a16_mxfp4"]
+    elif family == "moe_nvfp4":
+        rows = t[t["moe_dtype"] == "nvfp4"]
     else:
         graph = t[t["kernel_source"] == "vLLM_custom_graph"]
         rows = graph if len(graph) else t

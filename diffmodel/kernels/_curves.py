@@ -403,6 +403,7 @@ LATENCY_FAMILIES: tuple[str, ...] = (
     "moe",
     "moe_fp8",
     "moe_w4a16",
+    "moe_nvfp4",
 )
 
 # Families whose kernels come with tuned tile configurations for some shapes (vLLM's
@@ -419,6 +420,7 @@ PROLOGUE_FAMILIES: tuple[str, ...] = (
     "moe",
     "moe_fp8",
     "moe_w4a16",
+    "moe_nvfp4",
 )
 
 # Families whose kernels run each output tile's K loop serially (CUTLASS FP8 and
@@ -444,6 +446,9 @@ class KernelCurves(eqx.Module):
             take only local experts).
         moe_w4a16: fused MoE of 4-bit MXFP4 experts at the 16-bit peak (gpt-oss;
             vLLM's OpenAI Triton MXFP4 kernel, which takes only local experts).
+        moe_nvfp4: fused MoE of NVFP4 experts (weights and activations) at the FP4
+            peak (DeepSeek-V3.1 NVFP4, Qwen3 NVFP4; Blackwell: FlashInfer's TRT-LLM
+            or CUTLASS kernels, which take only local experts).
         allreduce: tensor-parallel all-reduce.
         mla: vLLM's MLA attention module (DeepSeek) fitted on its measured modules
             (:class:`~diffmodel.kernels.MlaCurves`), or ``None`` where the GPU's
@@ -460,6 +465,7 @@ class KernelCurves(eqx.Module):
     moe: RooflineCurves
     moe_fp8: RooflineCurves
     moe_w4a16: RooflineCurves
+    moe_nvfp4: RooflineCurves
     allreduce: AllReduceCurve
     mla: "MlaCurves | None" = None
     hardware: str = eqx.field(static=True, default="h100-sxm")

@@ -20,7 +20,7 @@ from ._mla import MlaCurves
 # Families added after files of this format were first written: a file without one
 # loads it uncalibrated (the physical priors, portable as the file's MoE curves),
 # as calibrating a GPU without such tables leaves it.
-ADDED_FAMILIES: tuple[str, ...] = ("moe_fp8", "moe_w4a16", "gemm_nvfp4")
+ADDED_FAMILIES: tuple[str, ...] = ("moe_fp8", "moe_w4a16", "gemm_nvfp4", "moe_nvfp4")
 
 
 def curves_to_json(curves: KernelCurves) -> dict[str, Any]:

@@ -9,7 +9,8 @@ kernel floor), as aiconfigurator sums its kernel tables:
 - linear: per layer the QKV and O GEMMs of ``T = P + D`` tokens, and the dense
   gate+up and down GEMMs, or (MoE layers) the shared experts, the router and the
   fused routed experts (``curves.moe``, :func:`~diffmodel.kernels.moe_us`, uniform
-  routing; FP8 experts ``curves.moe_fp8``, MXFP4 ones ``curves.moe_w4a16``);
+  routing; FP8 experts ``curves.moe_fp8``, MXFP4 ones ``curves.moe_w4a16``, NVFP4
+  ones ``curves.moe_nvfp4``);
   ``curves.gemm_bf16`` or, for FP8 models, ``curves.gemm_fp8`` (NVFP4 models:
   ``curves.gemm_nvfp4``) with the activation quantization pass where the model has
   one;
@@ -43,10 +44,10 @@ traces carries to another GPU with that GPU's curves
 (:func:`diffmodel.fit_host_on_kernels`).
 
 GQA or MLA models, full or sliding-window attention, with dense or MoE MLPs in
-16-bit or FP8, dense GEMMs also in NVFP4, and MXFP4 routed experts at the 16-bit
-peak (the Llama family of the public traces, Mixtral, Qwen3 MoE, Llama FP8 and
-NVFP4, DeepSeek-V3, gpt-oss). Sparse attention, FP4 experts and other weight-only
-quantized GEMMs raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
+16-bit, FP8 or NVFP4, and MXFP4 routed experts at the 16-bit peak (the Llama family
+of the public traces, Mixtral, Qwen3 MoE, Llama FP8 and NVFP4, DeepSeek-V3 and its
+NVFP4 checkpoint, gpt-oss). Sparse attention and other weight-only quantized GEMMs
+raise a ``ValueError``: use :func:`diffmodel.step_time` for them.
 """
 
 import equinox as eqx
@@ -127,8 +128,8 @@ def check_supported(dep: Deployment) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
     in ``dep``: GQA or MLA attention (full or sliding-window), no sparse attention,
     dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width
-    (dense GEMMs also NVFP4 at the FP4 peak, routed experts MXFP4 at the 16-bit
-    peak), experts tensor-parallel or one
+    (GEMMs and routed experts also NVFP4 at the FP4 peak, routed experts MXFP4 at
+    the 16-bit peak), experts tensor-parallel or one
     expert group per GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
     checks = {"index_layers": (a.index_layers, "sparse attention")}
@@ -138,11 +139,10 @@ def check_supported(dep: Deployment) -> None:
             return
         if np.any(np.asarray(value) > 0):
             found.append(f"{what} ({field} > 0)")
-    # Dense GEMMs run at the 16-bit, FP8 or (NVFP4) FP4 peak; routed experts at
-    # the 16-bit or FP8 one (no FP4 MoE kernel is calibrated).
+    # Dense GEMMs and routed experts run at the 16-bit, FP8 or (NVFP4) FP4 peak.
     for field, widths in (
         ("compute_bytes", (0.5, 1.0, 2.0)),
-        ("expert_compute_bytes", (1.0, 2.0)),
+        ("expert_compute_bytes", (0.5, 1.0, 2.0)),
     ):
         value = np.asarray(getattr(a, field))
         if not np.isin(value, widths).all():
@@ -266,10 +266,12 @@ def kernel_step_time(
     whole = dep.ep > 1.0
     has_experts = a.n_experts > 0
     # Which MoE family times the experts: MXFP4 ones OpenAI's Triton kernel, FP8
-    # ones FlashInfer's (both on the local experts' tokens only), 16-bit ones vLLM's
-    # Triton fused MoE. A dense model's experts are stand-ins (selected out below).
+    # and NVFP4 ones FlashInfer's (all on the local experts' tokens only), 16-bit
+    # ones vLLM's Triton fused MoE. A dense model's experts are stand-ins (selected
+    # out below).
     mxfp4 = _mxfp4_experts(a.expert_weight_bytes, a.expert_compute_bytes)
     fp8_experts = jnp.asarray(a.expert_compute_bytes) == 1.0
+    fp4_experts = jnp.asarray(a.expert_compute_bytes) == 0.5
     work = moe_kernel_work(
         m,
         d,
@@ -281,12 +283,18 @@ def kernel_step_time(
         ep=dep.ep,
         weight_bytes=a.expert_weight_bytes,
         compute_bytes=a.expert_compute_bytes,
-        local_only=jnp.where(mxfp4 | fp8_experts, 1.0, 0.0),
+        local_only=jnp.where(mxfp4 | fp8_experts | fp4_experts, 1.0, 0.0),
     )
     experts = jnp.where(
         mxfp4,
         work.time_us(curves.moe_w4a16),
-        jnp.where(fp8_experts, work.time_us(curves.moe_fp8), work.time_us(curves.moe)),
+        jnp.where(
+            fp8_experts,
+            work.time_us(curves.moe_fp8),
+            jnp.where(
+                fp4_experts, work.time_us(curves.moe_nvfp4), work.time_us(curves.moe)
+            ),
+        ),
     )
     moe = (
         gemm(2.0 * shared, d, width)

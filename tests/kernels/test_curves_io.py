@@ -54,7 +54,7 @@ def test_portable_json_round_trip_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("portable", [False, True])
-@pytest.mark.parametrize("family", ["moe_fp8", "moe_w4a16"])
+@pytest.mark.parametrize("family", ["moe_fp8", "moe_w4a16", "moe_nvfp4"])
 def test_files_from_before_a_family_was_added_load_it_uncalibrated(family, portable):
     """Curves files written before ``moe_fp8`` or ``moe_w4a16`` existed load with
     that family at its uncalibrated priors, portable as the file's MoE curves;

@@ -132,13 +132,14 @@ def test_models_it_cannot_time_are_refused():
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
     with pytest.raises(ValueError, match="'diffmodel predict' without --host"):
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
-    fp4_experts = _with_arch(
-        _dep("mixtral-8x7b", 2), expert_compute_bytes=0.5, expert_weight_bytes=0.5625
+    fp6_experts = _with_arch(
+        _dep("mixtral-8x7b", 2), expert_compute_bytes=0.75, expert_weight_bytes=0.75
     )
     with pytest.raises(
-        ValueError, match=r"expert_compute_bytes \[0.5\] \(expected one of \[1.0, 2.0\]"
+        ValueError,
+        match=r"expert_compute_bytes \[0.75\] \(expected one of \[0.5, 1.0, 2.0\]",
     ):
-        kernel_step_time(one, fp4_experts, CURVES)
+        kernel_step_time(one, fp6_experts, CURVES)
 
 
 def _attention_only(dep):
@@ -227,6 +228,37 @@ def test_fp8_experts_run_on_the_fp8_moe_curves_local_only():
     assert got == pytest.approx(want, rel=1e-6)
     got, want = routed_per_layer(dep, curves.moe, 0.0, 2.0)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_nvfp4_experts_run_on_the_fp4_moe_curves_local_only():
+    """DeepSeek-V3.1 NVFP4 on B200: its routed experts (0.5625-byte weights, FP4
+    operands) are timed by ``curves.moe_nvfp4`` (FlashInfer: local experts only)
+    at the FP4 peak, with FP4's bytes."""
+    dep = _dep("deepseek-v3.1-nvfp4", 8, "b200")
+    a, hw = dep.arch, dep.hw
+    assert float(a.expert_compute_bytes) == 0.5
+    curves = dataclasses.replace(
+        CURVES, moe_nvfp4=jax.tree.map(lambda x: x + 0.3, CURVES.moe)
+    )
+    stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
+    b = kernel_step_time(stats, dep, curves)
+    none = kernel_step_time(stats, _with_arch(dep, moe_layers=0.0), curves)
+    t = 8.0
+    routed = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts,
+                    curves.moe_nvfp4, hw, tp=t, ep=1.0, weight_bytes=0.5625,
+                    compute_bytes=0.5, local_only=1.0)  # fmt: skip
+    shared = _gemm_us(64.0, 2.0 * a.shared_ffn / t, a.hidden, 0.5, a.quant_passes,
+                      curves, hw, a.weight_bytes) + _gemm_us(
+        64.0, a.hidden, a.shared_ffn / t, 0.5, a.quant_passes, curves, hw,
+        a.weight_bytes)  # fmt: skip
+    router = _gemm_us(64.0, a.n_experts, a.hidden, 2.0, 0.0, curves, hw, 2.0)
+    per_layer = float(b.linear - none.linear) / float(a.moe_layers)
+    assert per_layer == pytest.approx(float(routed + shared + router), rel=1e-6)
+    # the same experts' time moves with the FP4 MoE curves only
+    other = dataclasses.replace(
+        curves, moe_fp8=jax.tree.map(lambda x: x + 1.0, CURVES.moe)
+    )
+    assert float(kernel_step_time(stats, dep, other).linear) == float(b.linear)
 
 
 def test_sliding_window_layers_read_at_most_their_window():
