@@ -63,7 +63,7 @@ FEATURES = [
     ),
     ("MoE, FP8 experts", "DeepSeek-V3, Qwen3 FP8", "gpus", "moe_fp8", 15.0),
     ("MoE, MXFP4 experts (W4A16)", "gpt-oss", "gpus", "moe_w4a16", 15.0),
-    ("MoE, NVFP4 experts", "DeepSeek-V3.1 NVFP4", "gpus", "moe_nvfp4", 15.0),
+    ("MoE, NVFP4 experts", "Qwen3 and DeepSeek NVFP4", "gpus", "moe_nvfp4", 15.0),
     ("tensor-parallel all-reduce (vLLM custom)", "TP > 1", "gpus", "allreduce", 15.0),
     ("NCCL all-reduce", "", "quant_comm_kernels", "all_reduce", 15.0),
     (

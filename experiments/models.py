@@ -48,6 +48,15 @@ DEPLOYMENTS = [
     ),
     ("Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B", "h100", 1, 1, "h100_sxm", (1, 1)),
     ("gpt-oss-120b", "openai/gpt-oss-120b", "h100", 1, 1, "h100_sxm", (1, 1)),
+    (
+        "Qwen3-235B-A22B NVFP4",
+        "nvidia/Qwen3-235B-A22B-NVFP4",
+        "b200",
+        4,
+        1,
+        "b200_sxm",
+        (4, 1),
+    ),
 ]
 
 # (label, prefill tokens in one chunk, decode requests, context per decode request)
@@ -131,8 +140,8 @@ def main(out: pathlib.Path | None = None) -> None:
     emit("|" + "---|" * (len(short) + 8))
     notes = []
     # The H100 curves, calibrated on the H100 kernel tables alone (~20 s), and the
-    # H200's on its vLLM tables of the installed database where there is one
-    # (MLA modules included). The
+    # H200's (MLA modules included) and the B200's on their vLLM tables of the
+    # installed database where there is one. The
     # shared H100 tables (vLLM 0.14.0) have no MXFP4 MoE rows: gpt-oss's experts
     # take their curves from the database's H100 tables (uncalibrated without it).
     curves = {"h100": calibrate_kernels(load_kernel_tables(dm.data.default_data_dir()))}
@@ -149,6 +158,9 @@ def main(out: pathlib.Path | None = None) -> None:
             skip_missing=True,
         )
         curves["h200"] = calibrate_kernels(h200, hardware_name="h200")
+        # B200's for the NVFP4 deployment (NVFP4 GEMMs and experts: Blackwell).
+        b200 = dm.kernels.load_system_tables("b200_sxm", "vllm", skip_missing=True)
+        curves["b200"] = calibrate_kernels(b200, hardware_name="b200")
     for label, model, hw, tp, ep, system, moe in DEPLOYMENTS:
         for step, prefill, n_dec, ctx in STEPS:
             parts = ours(model, hw, tp, ep, prefill, n_dec, ctx)

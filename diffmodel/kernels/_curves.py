@@ -479,7 +479,10 @@ class KernelCurves(eqx.Module):
         GPU's peaks, bandwidths, SM count and link (a GPU the kernel tables never
         measured). Only portable curves carry over (``diffmodel calibrate``'s
         default; ``calibrate_kernels(..., portable=True)``): curves in absolute
-        sizes hold the measured GPU's scale and raise ``ValueError``."""
+        sizes hold the measured GPU's scale and raise ``ValueError``. MLA module
+        curves (``mla``: efficiencies relative to the peaks, a fixed cost in us)
+        carry over as they are; ``experiments/mla_kernels.py``'s leave-one-GPU-out
+        lines measure what a module model fitted on other GPUs misses."""
         from .._model._hardware import canonical_hardware
 
         absolute = [f for f in ALL_FAMILIES if not getattr(self, f).portable]
