@@ -43,7 +43,9 @@ GEMM and GQA curves (no MLA row fitted), as is and with a fixed cost per module
 fitted on the other GPUs; and on the GPU's MLA module curves (``KernelCurves.mla``,
 ``dm.kernels.fit_mla_curves``: one set per GPU over every KV-cache and GEMM type
 with 16-bit attention math), fitted on 75% of the shapes, priced on the other 25%,
-plus the fitted fixed cost per module (which the kernel sum leaves to the host).
+plus the fitted fixed cost per module (which the kernel sum leaves to the host); and
+on module curves fitted on the other GPUs' modules (up to 1,000 a GPU and op),
+pricing every row of the held-out GPU (what ``KernelCurves.ported_to`` carries).
 
     python experiments/mla_kernels.py [--out DIR]
 """
@@ -274,7 +276,89 @@ def kernel_sum_us(op: str, rows: pd.DataFrame, hw: dm.Hardware, curves) -> np.nd
     )
 
 
-def module_curve_lines(tables, hardware, curves) -> list[dict]:
+def _module_line(op, system, protocol, g, hw, curves, mla) -> dict:
+    """One line: the rows ``g`` (one dtype) priced by ``kernel_step_time`` with the
+    MLA module curves ``mla`` plus their fixed cost per module."""
+    with_mla = eqx.tree_at(lambda c: c.mla, curves, mla, is_leaf=_none)
+    combo = "/".join(g[DTYPE_KEYS].iloc[0])
+    y = g["latency_us"].to_numpy(float)
+    fixed = float(getattr(mla, op).latency_us)
+    ks = kernel_sum_us(op, g, hw, with_mla) + fixed
+    prior = predict_us(PRIOR, module_work(op, g, hw))
+    line = _line(op, system, combo, protocol, y, prior, ks, PRIOR)
+    return {**line, "params": f"fixed_us={fixed:.3g}"}
+
+
+def _sum_dtypes(rows: pd.DataFrame):
+    """The (dtype, rows) groups the kernel sum can time (16-bit or block-FP8
+    GEMMs), of at least 8 rows."""
+    for combo, g in rows.groupby(DTYPE_KEYS):
+        if combo[2] in KERNEL_SUM_GEMMS and len(g) >= 8:
+            yield g.reset_index(drop=True)
+
+
+def _per_row(hw: dm.Hardware, n: int) -> dm.Hardware:
+    """``hw`` with every field repeated for ``n`` rows."""
+    return jax.tree.map(lambda x: jnp.full(n, x), hw)
+
+
+def _module_rows(table: pd.DataFrame, max_rows=None) -> pd.DataFrame:
+    """The rows module curves are fitted on (``dk.mla_rows``), at most ``max_rows``
+    of each dtype (seed 0) when given."""
+    rows = dk.mla_rows(table)
+    if max_rows is not None:
+        shuffled = rows.sample(frac=1.0, random_state=0)
+        rows = shuffled.groupby(DTYPE_KEYS).head(max_rows)
+    return rows.reset_index(drop=True)
+
+
+def module_curves_other_gpus(
+    tables, hardware, curves, max_rows=None, per_gpu=1000
+) -> list[dict]:
+    """The kernel sum on MLA module curves fitted on the other GPUs' modules (up to
+    ``per_gpu`` rows a GPU and op, seed 0; each row at its own GPU's peaks),
+    pricing every row of the held-out GPU: what ``KernelCurves.ported_to``
+    carries."""
+    rows = {
+        s: {op: _module_rows(t[op], max_rows) for op in OPS} for s, t in tables.items()
+    }
+    lines = []
+    for system in tables:
+        others = [s for s in tables if s != system]
+        fitted = {}
+        for op in OPS:
+            parts = [
+                rows[s][op].sample(min(per_gpu, len(rows[s][op])), random_state=0)
+                for s in others
+            ]
+            hw_rows = jax.tree.map(
+                lambda *xs: jnp.concatenate(xs),
+                *(
+                    _per_row(hardware[s], len(p))
+                    for s, p in zip(others, parts, strict=True)
+                ),
+            )
+            train = pd.concat(parts, ignore_index=True)
+            fitted[op] = dk.fit_mla_module(op, train, hw_rows)
+        mla = dk.MlaCurves(**fitted)
+        _log(f"{system}: MLA module curves fitted on the other GPUs")
+        for op in OPS:
+            for g in _sum_dtypes(rows[system][op]):
+                lines.append(
+                    _module_line(
+                        op,
+                        system,
+                        MODULE_LOGO,
+                        g,
+                        hardware[system],
+                        curves[system],
+                        mla,
+                    )
+                )
+    return lines
+
+
+def module_curve_lines(tables, hardware, curves, max_rows=None) -> list[dict]:
     """The kernel sum on the GPU's own MLA module curves (``KernelCurves.mla``,
     one set per GPU over every KV-cache and GEMM type with 16-bit attention math),
     fitted on 75% of the shapes and priced through ``kernel_step_time`` on the
@@ -283,7 +367,7 @@ def module_curve_lines(tables, hardware, curves) -> list[dict]:
     lines = []
     for system, by_op in tables.items():
         hw = hardware[system]
-        rows = {op: dk.mla_rows(by_op[op]).reset_index(drop=True) for op in OPS}
+        rows = {op: _module_rows(by_op[op], max_rows) for op in OPS}
         test = {
             op: held_out_split(r, SHAPE_KEYS[op], frac=0.25, seed=0)
             for op, r in rows.items()
@@ -291,26 +375,19 @@ def module_curve_lines(tables, hardware, curves) -> list[dict]:
         t0 = time.perf_counter()
         fams = {f"mla_{op}": r[~test[op]] for op, r in rows.items()}
         mla = dk.fit_mla_curves(fams, hw)
-        with_mla = eqx.tree_at(lambda c: c.mla, curves[system], mla, is_leaf=_none)
         _log(f"{system}: MLA module curves fitted in {time.perf_counter() - t0:.0f} s")
         for op, r in rows.items():
-            held = r[test[op]]
-            for combo, g in held.groupby(DTYPE_KEYS):
-                if combo[2] not in KERNEL_SUM_GEMMS or len(g) < 8:
-                    continue
-                g = g.reset_index(drop=True)
-                y = g["latency_us"].to_numpy(float)
-                fixed = float(getattr(mla, op).latency_us)
-                ks = kernel_sum_us(op, g, hw, with_mla) + fixed
-                prior = predict_us(PRIOR, module_work(op, g, hw))
-                line = _line(
-                    op, system, "/".join(combo), MODULE_PROTOCOL, y, prior, ks, PRIOR
+            for g in _sum_dtypes(r[test[op]]):
+                lines.append(
+                    _module_line(
+                        op, system, MODULE_PROTOCOL, g, hw, curves[system], mla
+                    )
                 )
-                lines.append({**line, "params": f"fixed_us={fixed:.3g}"})
     return lines
 
 
 MODULE_PROTOCOL = "kernel sum, MLA module curves (held-out shapes)"
+MODULE_LOGO = "kernel sum, MLA module curves (other GPUs)"
 
 
 def _none(x) -> bool:
@@ -445,7 +522,9 @@ def evaluate(
                     )
                 )
     if curves is not None:
-        lines += module_curve_lines(tables, hardware, curves)
+        lines += module_curve_lines(tables, hardware, curves, max_rows)
+        if len(tables) > 1:
+            lines += module_curves_other_gpus(tables, hardware, curves, max_rows)
     return pd.DataFrame(lines)
 
 

@@ -97,5 +97,7 @@ def test_main_on_a_subset(script, tmp_path):
         "leave-one-GPU-out",
         "kernel sum",
         "kernel sum + fixed cost (other GPUs)",
+        "kernel sum, MLA module curves (held-out shapes)",
+        "kernel sum, MLA module curves (other GPUs)",
     }
     assert np.isfinite(table[["uncalibrated_mape", "calibrated_mape"]].to_numpy()).all()
