@@ -170,6 +170,10 @@ def kernel_sum_note(results: pathlib.Path) -> str:
             "on the GPU's MLA module curves (`KernelCurves.mla`, held-out shapes, "
             "plus the module's fitted fixed cost)",
         ),
+        (
+            "kernel sum, MLA module curves (other GPUs)",
+            "on module curves fitted on the other GPUs (every row of the held-out GPU)",
+        ),
     ):
         g = t[t["protocol"] == protocol].groupby("op")["calibrated_mape"]
         if len(g):
