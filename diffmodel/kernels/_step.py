@@ -244,21 +244,18 @@ def kernel_step_time(
     c, r, ql, v = a.kv_lora_rank, a.qk_rope_dim, a.q_lora_rank, a.v_head_dim
     up = qh * (dh - r + v)
     cached = stats.kv_prefill
-    mla_attn = (
-        gemm(jnp.where(ql > 0, ql, qh * dh) + c + r, d, width)
-        + gemm(qh * dh, ql, width)
-        + gemm(up, c, width)
-        + gemm(d, qh * v, width)
-        + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0)
-    )
-    attn = jnp.where(mla, mla_attn, gqa_attn)
+    cached_up = jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0)
     module = _mla_module_parts(stats, dep, curves) if curves.mla is not None else None
-    if module is not None:  # MLA layers on the GPU's measured MLA modules
-        attn = jnp.where(
-            mla,
-            module["linear"] + jnp.where(cached > 0, gemm_rows(cached, up, c), 0.0),
-            attn,
+    if module is None:  # on the GEMM curves
+        mla_attn = (
+            gemm(jnp.where(ql > 0, ql, qh * dh) + c + r, d, width)
+            + gemm(qh * dh, ql, width)
+            + gemm(up, c, width)
+            + gemm(d, qh * v, width)
         )
+    else:  # on the GPU's measured MLA modules
+        mla_attn = module["linear"]
+    attn = jnp.where(mla, mla_attn + cached_up, gqa_attn)
     mlp = gemm(2.0 * ffn, d, width) + gemm(d, ffn, width)
     # MoE layers: shared experts, the router (16-bit) and the fused routed experts
     # (whole experts per GPU when ep = t, else each expert split t ways).
