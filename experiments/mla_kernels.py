@@ -74,6 +74,7 @@ from diffmodel.kernels import (
     roofline_us,
     tensor_peak,
 )
+from diffmodel.kernels._mla import module_arch
 
 OPS = ("context", "generation")
 SHAPE_KEYS = {
@@ -88,9 +89,6 @@ PARAMS = ("gemm_flops", "mem_bw", "attn_flops", "attn_bw", "latency_us")
 PRIOR = np.array([FACTOR_SPECS[n][0] for n in PARAMS[:4]] + [0.0])
 LOWER = np.array([0.01] * 4 + [0.0])
 UPPER = np.array([1.0] * 4 + [np.inf])
-# GEMM operand widths of each gemm_type from the catalog's checkpoints of the same
-# dimensions (bfloat16: 2-byte weights and operands, no quantization pass).
-GEMM_ARCH = {"fp8_block": "deepseek-v3", "nvfp4": "deepseek-v3.1-nvfp4"}
 
 
 def _log(msg: str) -> None:
@@ -125,25 +123,6 @@ def load_tables(
             d = d.groupby(ROW_KEYS, as_index=False)["latency"].mean()
             out[sys_dir.name][op] = d.assign(latency_us=d["latency"] * 1e3)
     return out
-
-
-def module_arch(gemm_type: str, kv_cache_dtype: str) -> dm.Architecture:
-    """DeepSeek-V3 from the catalog with the GEMM operand widths of ``gemm_type``
-    (bytes per weight and activation element, quantization passes) and 1-byte (fp8)
-    or 2-byte KV cache."""
-    a = dm.architecture("deepseek-v3")
-    if gemm_type == "bfloat16":
-        wb, cb, qp = 2.0, 2.0, 0.0
-    else:
-        src = dm.architecture(GEMM_ARCH[gemm_type])
-        wb, cb, qp = (
-            float(x) for x in (src.weight_bytes, src.compute_bytes, src.quant_passes)
-        )
-    kb = 1.0 if kv_cache_dtype == "fp8" else 2.0
-    vals = tuple(jnp.asarray(v, float) for v in (wb, cb, qp, kb))
-    return eqx.tree_at(
-        lambda x: (x.weight_bytes, x.compute_bytes, x.quant_passes, x.kv_bytes), a, vals
-    )
 
 
 def module_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.ndarray]:
