@@ -261,3 +261,33 @@ def test_efficiency_names():
     assert float(MlaModule.prior().efficiency("mem_bw")) == pytest.approx(
         dm.FACTOR_SPECS["mem_bw"][0]
     )
+
+
+def test_mixed_mla_and_gqa_deployments_per_step_with_finite_gradients():
+    """Steps of a GQA and an MLA deployment side by side (one deployment per step):
+    each priced as alone; the gradient with respect to every curve is finite (the
+    module path's values on the GQA step are selected out, not NaN)."""
+    llama = dm.deployment("llama-3.1-70b", "h200-sxm", 8)
+    deps = dm.stack_deployments([llama, DSV3])
+    st = dm.BatchStats(
+        prefill_tokens=jnp.asarray([512.0, 512.0]),
+        decode_tokens=jnp.asarray([16.0, 16.0]),
+        num_prefill=jnp.asarray([1.0, 1.0]),
+        num_decode=jnp.asarray([16.0, 16.0]),
+        kv_decode=jnp.asarray([16 * 900.0, 16 * 900.0]),
+        attn_prefill=jnp.asarray([512 * 513 / 2.0, 512 * 513 / 2.0]),
+        kv_prefill=jnp.asarray([0.0, 0.0]),
+    )
+    both = kernel_step_time(st, deps, CURVES)
+    for i, dep in enumerate((llama, DSV3)):
+        one = jax.tree.map(lambda x, i=i: x[i], st)
+        alone = kernel_step_time(one, dep, CURVES)
+        np.testing.assert_allclose(float(both.total[i]), float(alone.total), rtol=1e-12)
+
+    def total(c):
+        return kernel_step_time(st, deps, c, check=False).total.sum()
+
+    grads = jax.grad(total)(CURVES)
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    assert float(jnp.abs(grads.mla.generation.raw).sum()) > 0
