@@ -276,11 +276,6 @@ def _sum_dtypes(rows: pd.DataFrame):
             yield g.reset_index(drop=True)
 
 
-def _per_row(hw: dm.Hardware, n: int) -> dm.Hardware:
-    """``hw`` with every field repeated for ``n`` rows."""
-    return jax.tree.map(lambda x: jnp.full(n, x), hw)
-
-
 def _module_rows(table: pd.DataFrame, max_rows=None) -> pd.DataFrame:
     """The rows module curves are fitted on (``dk.mla_rows``), at most ``max_rows``
     of each dtype (seed 0) when given."""
@@ -294,32 +289,22 @@ def _module_rows(table: pd.DataFrame, max_rows=None) -> pd.DataFrame:
 def module_curves_other_gpus(
     tables, hardware, curves, max_rows=None, per_gpu=1000
 ) -> list[dict]:
-    """The kernel sum on MLA module curves fitted on the other GPUs' modules (up to
-    ``per_gpu`` rows a GPU and op, seed 0; each row at its own GPU's peaks),
-    pricing every row of the held-out GPU: what ``KernelCurves.ported_to``
-    carries."""
+    """The kernel sum on MLA module curves fitted on the other GPUs' modules
+    (``dk.fit_mla_curves_pooled``: up to ``per_gpu`` rows a GPU and op, seed 0;
+    each row at its own GPU's peaks), pricing every row of the held-out GPU: what
+    ``diffmodel calibrate --pool`` and ``KernelCurves.ported_to`` give a GPU
+    without MLA tables."""
     rows = {
         s: {op: _module_rows(t[op], max_rows) for op in OPS} for s, t in tables.items()
     }
     lines = []
     for system in tables:
-        others = [s for s in tables if s != system]
-        fitted = {}
-        for op in OPS:
-            parts = [
-                rows[s][op].sample(min(per_gpu, len(rows[s][op])), random_state=0)
-                for s in others
-            ]
-            hw_rows = jax.tree.map(
-                lambda *xs: jnp.concatenate(xs),
-                *(
-                    _per_row(hardware[s], len(p))
-                    for s, p in zip(others, parts, strict=True)
-                ),
-            )
-            train = pd.concat(parts, ignore_index=True)
-            fitted[op] = dk.fit_mla_module(op, train, hw_rows)
-        mla = dk.MlaCurves(**fitted)
+        others = {
+            s: {f"mla_{op}": rows[s][op] for op in OPS} for s in tables if s != system
+        }
+        mla = dk.fit_mla_curves_pooled(
+            others, {s: hardware[s] for s in others}, per_gpu=per_gpu
+        )
         _log(f"{system}: MLA module curves fitted on the other GPUs")
         for op in OPS:
             for g in _sum_dtypes(rows[system][op]):

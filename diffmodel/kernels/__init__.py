@@ -64,6 +64,7 @@ from ._mla import (
     MlaModule as MlaModule,
     MlaWork as MlaWork,
     fit_mla_curves as fit_mla_curves,
+    fit_mla_curves_pooled as fit_mla_curves_pooled,
     fit_mla_module as fit_mla_module,
     load_mla_module as load_mla_module,
     mla_module_us as mla_module_us,

@@ -372,3 +372,56 @@ def fit_mla_curves(tables: dict, hw: Hardware, options=None, progress=None):
         fitted[op] = fit_mla_module(op, rows, hw, options)
         say(f"calibrated mla {op} on {len(rows)} modules")
     return MlaCurves(**fitted)
+
+
+def _repeat(hw: Hardware, n: int) -> Hardware:
+    """``hw`` with every field repeated for ``n`` rows."""
+    return jax.tree.map(lambda x: jnp.full(n, x), hw)
+
+
+def fit_mla_curves_pooled(
+    tables: dict,
+    hardware: dict,
+    *,
+    per_gpu: int = 1000,
+    options=None,
+    progress=None,
+):
+    """:class:`MlaCurves` fitted on several GPUs' module tables at once, each row at
+    its own GPU's peaks and bandwidth: curves for a GPU without MLA tables
+    (``diffmodel calibrate --pool``; ``experiments/mla_kernels.py`` measures them
+    on a held-out GPU).
+
+    Args:
+        tables: ``{gpu: loaded tables}``; GPUs without both MLA module tables are
+            left out (and said through ``progress``).
+        hardware: ``{gpu: Hardware}`` for the same keys.
+        per_gpu: at most this many rows a GPU and path (sampled, seed 0), so that
+            no GPU outweighs the others.
+
+    Returns:
+        The curves, or ``None`` (said through ``progress``) when no GPU has both
+        tables.
+    """
+    say = progress or (lambda _: None)
+    have = [g for g, t in tables.items() if all(f in t for f in MLA_FAMILIES)]
+    for g in tables:
+        if g not in have:
+            say(f"mla: {g} has no MLA module tables")
+    if not have:
+        say("skipped mla: no pooled GPU has MLA module tables")
+        return None
+    fitted = {}
+    for op, fam in zip(MLA_OPS, MLA_FAMILIES, strict=True):
+        parts = []
+        for g in have:
+            r = mla_rows(tables[g][fam])
+            parts.append(r.sample(min(per_gpu, len(r)), random_state=0))
+        hw_rows = jax.tree.map(
+            lambda *xs: jnp.concatenate(xs),
+            *(_repeat(hardware[g], len(p)) for g, p in zip(have, parts, strict=True)),
+        )
+        rows = pd.concat(parts, ignore_index=True)
+        fitted[op] = fit_mla_module(op, rows, hw_rows, options)
+        say(f"calibrated mla {op} on {len(rows)} modules of {', '.join(have)}")
+    return MlaCurves(**fitted)

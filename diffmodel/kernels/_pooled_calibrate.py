@@ -21,6 +21,7 @@ from .._kernel_families import ALL_FAMILIES as FAMILIES
 from .._model._hardware import canonical_hardware, hardware, hardware_system
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import KernelCurves, default_allreduce_curve, init_curves
+from ._mla import MLA_FAMILIES, fit_mla_curves_pooled
 from ._pooled import N_OFFSETS, fit_folds, fold, shifted
 from ._work import allreduce_kernel_us
 
@@ -233,10 +234,12 @@ def curves_from_other_gpus(
     pooled with Intel's XPU kernels). Only the kernel names of ``system``'s own
     tables are read (:func:`table_kernels`), to give each family the offsets of the
     pooled GPUs that run its kernel. Systems without ``backend`` tables are skipped
-    and said through ``progress``. Raises ``ValueError`` naming unknown systems or
-    an empty pool.
+    and said through ``progress``. The MLA module curves (``KernelCurves.mla``)
+    are fitted on the pooled systems that have MLA module tables
+    (:func:`fit_mla_curves_pooled`). Raises ``ValueError`` naming unknown systems
+    or an empty pool.
     """
-    from ._database import list_systems, load_system_tables
+    from ._database import KERNEL_TABLES, list_systems, load_system_tables
 
     say = progress or (lambda _: None)
     name = canonical_hardware(system)
@@ -245,7 +248,13 @@ def curves_from_other_gpus(
 
     def tables_of(s):
         try:
-            return load_system_tables(s, backend, version, skip_missing=True)
+            return load_system_tables(
+                s,
+                backend,
+                version,
+                families=(*KERNEL_TABLES, *MLA_FAMILIES),
+                skip_missing=True,
+            )
         except ValueError as err:
             say(f"skipped {s}: {err}")
             return None
@@ -279,4 +288,11 @@ def curves_from_other_gpus(
     for fam in FAMILIES:
         _, source = pooled.family_offset(name, fam, own.get(fam))
         say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
-    return pooled.for_gpu(name, own)
+    mla = fit_mla_curves_pooled(
+        tables,
+        {s: hardware(s) for s in tables},
+        per_gpu=rows_per_gpu,
+        options=options,
+        progress=say,
+    )
+    return dataclasses.replace(pooled.for_gpu(name, own), mla=mla)

@@ -43,6 +43,10 @@ def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):
     assert "decode_attention: offsets of ['h200']" in err
     curves = dk.load_curves(path)
     assert curves.hardware == "h100-sxm" and curves.decode_attention.portable
+    # MLA module curves from the pooled GPUs that have MLA tables (H200, not A100).
+    assert "mla: a100_sxm has no MLA module tables" in err
+    assert "calibrated mla context on 20 modules of h200_sxm" in err
+    assert curves.mla is not None
     assert cli_main(base + ["--pool", "nope"]) == 1
     assert "pool: ['nope'] not in the kernel database" in capsys.readouterr().err
     assert cli_main(base + ["--pool", "a100_sxm", "--absolute"]) == 1

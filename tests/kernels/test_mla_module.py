@@ -291,3 +291,31 @@ def test_mixed_mla_and_gqa_deployments_per_step_with_finite_gradients():
     leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
     assert float(jnp.abs(grads.mla.generation.raw).sum()) > 0
+
+
+@pytest.mark.slow
+def test_pooled_fit_prices_each_row_at_its_own_gpu():
+    """Module rows of two GPUs made from one known module: the pooled fit (each row
+    at its own GPU's peaks) recovers it; a GPU without tables is left out."""
+    hws = {"h200": dm.hardware("h200-sxm"), "b200": dm.hardware("b200")}
+    tables = {}
+    for g, hw in hws.items():
+        rows = synthetic_rows("generation")
+        w = dk.mla_table_work("generation", rows)
+        tables[g] = {
+            "mla_context": rows.assign(latency_us=1.0),
+            "mla_generation": rows.assign(
+                latency_us=np.asarray(mla_module_us(TRUTH, w, hw))
+            ),
+        }
+    tables["a100"] = {}
+    lines = []
+    got = dk.fit_mla_curves_pooled(
+        tables, {**hws, "a100": dm.hardware("a100-sxm")}, progress=lines.append
+    )
+    assert "mla: a100 has no MLA module tables" in lines
+    for name in ("gemm_16", "gemm_8", "attn_bw"):
+        want = float(TRUTH.efficiency(name))
+        assert float(got.generation.efficiency(name)) == pytest.approx(want, rel=0.05)
+    assert float(got.generation.latency_us) == pytest.approx(50.0, rel=0.05)
+    assert dk.fit_mla_curves_pooled({"a100": {}}, {}, progress=lines.append) is None
