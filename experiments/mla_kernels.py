@@ -66,11 +66,7 @@ import diffmodel as dm
 import diffmodel.kernels as dk
 from diffmodel import FACTOR_SPECS, mape
 from diffmodel.kernels import (
-    attention_dims,
-    attention_work_dims,
     held_out_split,
-    projection_work,
-    quant_pass_bytes,
     roofline_us,
     tensor_peak,
 )
@@ -136,42 +132,26 @@ def module_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.nd
     (combo,) = rows[DTYPE_KEYS].drop_duplicates().itertuples(index=False)
     mla_dtype, kv_dtype, gemm_type = combo
     a = module_arch(gemm_type, kv_dtype)
-    heads = rows["num_heads"].to_numpy(float)
     b = rows["batch_size"].to_numpy(float)
-    t = FULL_HEADS / heads
-    dims = attention_dims(a, t)
+    t = FULL_HEADS / rows["num_heads"].to_numpy(float)
+    # The package's module work (dk.mla_module_work): context rows are b chunks of
+    # s new tokens after none cached (A_pf = b s^2 / 2); generation rows b tokens
+    # each reading ``step`` cached ones.
     if op == "context":
         s = rows["isl"].to_numpy(float)
-        tokens = b * s
-        pairs, kv_read = b * s * s / 2.0, tokens  # A_pf of b chunks, s new, 0 cached
-        shape = (dims.prefill_qk, dims.prefill_v)
+        w = dk.mla_module_work(op, b * s, b * s * s / 2.0, b * s, a, t)
     else:
-        tokens = b
-        pairs = kv_read = b * rows["step"].to_numpy(float)
-        shape = (dims.decode_qk, dims.decode_v)
-    proj_f, proj_b = projection_work(tokens, a, t)
-    proj_b = proj_b + quant_pass_bytes(
-        tokens * (a.hidden + dims.q_heads * a.v_head_dim), a
-    )
-    attn_f, attn_b = attention_work_dims(
-        pairs,
-        kv_read,
-        tokens,
-        dims.q_heads,
-        *shape,
-        dims.kv_width,
-        a.kv_bytes,
-        a.act_bytes,
-    )
+        read = b * rows["step"].to_numpy(float)
+        w = dk.mla_module_work(op, b, read, read, a, t)
     dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
     attn_peak = hw.flops_8 if mla_dtype == "fp8" else hw.flops_16
     n = len(rows)
     full = {
-        "proj_f": proj_f,
-        "proj_b": proj_b,
-        "attn_f": attn_f,
-        "attn_b": attn_b,
-        "kv_b": dims.kv_width * a.kv_bytes * tokens,
+        "proj_f": w.proj_flops,
+        "proj_b": w.proj_bytes,
+        "attn_f": w.attn_flops,
+        "attn_b": w.attn_bytes,
+        "kv_b": w.kv_bytes,
         "dense_peak": dense_peak,
         "attn_peak": attn_peak,
         "bw": hw.hbm_bw,
