@@ -249,18 +249,11 @@ def test_calibrate_reports_missing_mla_tables():
     assert any(line.startswith("skipped mla: not asked for") for line in lines)
 
 
-def test_efficiency_names():
-    assert EFFICIENCIES == (
-        "gemm_16",
-        "gemm_8",
-        "gemm_4",
-        "mem_bw",
-        "attn_flops",
-        "attn_bw",
-    )
-    assert float(MlaModule.prior().efficiency("mem_bw")) == pytest.approx(
-        dm.FACTOR_SPECS["mem_bw"][0]
-    )
+def test_json_names_every_efficiency_and_priors_are_the_factor_priors():
+    phys = MlaModule.prior().to_json()["physical"]
+    assert list(phys) == [*EFFICIENCIES, "latency_us"]
+    assert phys["mem_bw"] == pytest.approx(dm.FACTOR_SPECS["mem_bw"][0])
+    assert phys["attn_flops"] == pytest.approx(dm.FACTOR_SPECS["attn_flops"][0])
 
 
 def test_mixed_mla_and_gqa_deployments_per_step_with_finite_gradients():
