@@ -357,6 +357,19 @@ def fit_mla_module(
     return two_stage_minimise(loss, init, options or FitOptions(), (work, actual))
 
 
+# An efficiency this close to 1 has run into its bound: the data would take it higher.
+AT_BOUND = 0.99
+
+
+def _at_bound(m: MlaModule) -> str:
+    """``"; at the bound of 1: ..."`` naming the efficiencies a fit left at their
+    bound (weakly identified: the parts' times grow together), else ``""``."""
+    hit = [k for k in EFFICIENCIES if float(m.efficiency(k)) > AT_BOUND]
+    if not hit:
+        return ""
+    return f"; at the bound of 1 (weakly identified): {', '.join(hit)}"
+
+
 def fit_mla_curves(tables: dict, hw: Hardware, options=None, progress=None):
     """:class:`MlaCurves` from loaded ``mla_context`` and ``mla_generation`` tables
     (:func:`~diffmodel.kernels.load_system_tables`); ``None`` (reported through
@@ -370,7 +383,7 @@ def fit_mla_curves(tables: dict, hw: Hardware, options=None, progress=None):
     for op, fam in zip(MLA_OPS, MLA_FAMILIES, strict=True):
         rows = mla_rows(tables[fam])
         fitted[op] = fit_mla_module(op, rows, hw, options)
-        say(f"calibrated mla {op} on {len(rows)} modules")
+        say(f"calibrated mla {op} on {len(rows)} modules{_at_bound(fitted[op])}")
     return MlaCurves(**fitted)
 
 
@@ -423,5 +436,8 @@ def fit_mla_curves_pooled(
         )
         rows = pd.concat(parts, ignore_index=True)
         fitted[op] = fit_mla_module(op, rows, hw_rows, options)
-        say(f"calibrated mla {op} on {len(rows)} modules of {', '.join(have)}")
+        say(
+            f"calibrated mla {op} on {len(rows)} modules of {', '.join(have)}"
+            f"{_at_bound(fitted[op])}"
+        )
     return MlaCurves(**fitted)

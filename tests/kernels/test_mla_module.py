@@ -312,3 +312,11 @@ def test_pooled_fit_prices_each_row_at_its_own_gpu():
         assert float(got.generation.efficiency(name)) == pytest.approx(want, rel=0.05)
     assert float(got.generation.latency_us) == pytest.approx(50.0, rel=0.05)
     assert dk.fit_mla_curves_pooled({"a100": {}}, {}, progress=lines.append) is None
+
+
+def test_progress_names_efficiencies_at_their_bound():
+    at = MlaModule(raw=TRUTH.raw.at[4].set(9.0), log_latency_us=TRUTH.log_latency_us)
+    assert (
+        dk._mla._at_bound(at) == "; at the bound of 1 (weakly identified): attn_flops"
+    )
+    assert dk._mla._at_bound(TRUTH) == ""
