@@ -17,18 +17,19 @@ requests of ``isl`` new tokens each, empty cache (``step = 0``). Generation rows
 ``batch_size`` requests of one new token each whose sequence is ``step`` tokens
 (``step - 1`` cached before the forward; ``isl = 1``).
 
-Work counted, per module, with the package's own functions (per GPU at ``t = 128 /
-num_heads``, so ``H/t = num_heads``): the projections ``projection_work(T)`` (all
-four GEMMs; decode's absorbed BMMs have ``kv_b``'s FLOPs and weights) plus the
-activation quantization pass ``quant_pass_bytes(T (d + H/t v))`` (zero for bf16
-GEMMs), at the dense tensor peak, ``gemm_flops`` and ``mem_bw``; attention
-``attention_work_dims`` on the package's prefill dimensions with ``A_pf = b isl^2 /
-2`` pairs and ``T`` KV tokens read (context), or on its absorbed decode dimensions
-with ``b step`` pairs and tokens read (generation), at ``attn_flops`` and
-``attn_bw`` (the FP8 peak when the attention math is FP8); the latent KV write
-``(c + r) kv_bytes T`` bytes at ``mem_bw``. Norms and RoPE traffic are not counted.
-Each part is the package's ``roofline_us`` (smooth maximum of compute and memory time),
-and the module time is their sum plus a fixed latency (0 uncalibrated).
+Work counted, per module, by the package (``dm.kernels.mla_table_work``; per GPU at
+``t = 128 / num_heads``, so ``H/t = num_heads``): the projections
+``projection_work(T)`` (all four GEMMs; decode's absorbed BMMs have ``kv_b``'s FLOPs
+and weights) plus the activation quantization pass ``quant_pass_bytes(T (d + H/t
+v))`` (zero for bf16 GEMMs), at the dense tensor peak, ``gemm_flops`` and
+``mem_bw``; attention ``attention_work_dims`` on the package's prefill dimensions
+with ``A_pf = b isl^2 / 2`` pairs and ``T`` KV tokens read (context), or on its
+absorbed decode dimensions with ``b step`` pairs and tokens read (generation), at
+``attn_flops`` and ``attn_bw`` (the FP8 peak when the attention math is FP8); the
+latent KV write ``(c + r) kv_bytes T`` bytes at ``mem_bw``. Norms and RoPE traffic
+are not counted. Each part is the package's ``roofline_us`` (smooth maximum of
+compute and memory time), and the module time is their sum plus a fixed latency (0
+uncalibrated).
 
 Protocols, per table and dtype combination (``mla_dtype/kv_cache_dtype/gemm_type``):
 uncalibrated (the priors of ``FACTOR_SPECS``); calibrated on 75% of the whole shapes
@@ -130,20 +131,9 @@ def module_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.nd
     ``bw`` (bytes/s).
     """
     (combo,) = rows[DTYPE_KEYS].drop_duplicates().itertuples(index=False)
-    mla_dtype, kv_dtype, gemm_type = combo
-    a = module_arch(gemm_type, kv_dtype)
-    b = rows["batch_size"].to_numpy(float)
-    t = FULL_HEADS / rows["num_heads"].to_numpy(float)
-    # The package's module work (dk.mla_module_work): context rows are b chunks of
-    # s new tokens after none cached (A_pf = b s^2 / 2); generation rows b tokens
-    # each reading ``step`` cached ones.
-    if op == "context":
-        s = rows["isl"].to_numpy(float)
-        w = dk.mla_module_work(op, b * s, b * s * s / 2.0, b * s, a, t)
-    else:
-        read = b * rows["step"].to_numpy(float)
-        w = dk.mla_module_work(op, b, read, read, a, t)
-    dense_peak = tensor_peak(a.compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
+    mla_dtype = combo[0]
+    w = dk.mla_table_work(op, rows.reset_index(drop=True))
+    dense_peak = tensor_peak(w.compute_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
     attn_peak = hw.flops_8 if mla_dtype == "fp8" else hw.flops_16
     n = len(rows)
     full = {

@@ -231,12 +231,11 @@ def mla_parts_us(m: MlaModule, w: MlaWork, hw: Hardware) -> tuple[Array, Array, 
     """``(projections, attention, KV write)`` of a module, us, without its fixed
     cost."""
     cb = w.compute_bytes
-    gemm_eff = jnp.where(
-        cb > 1.0,
-        m.efficiency("gemm_16"),
-        jnp.where(cb > 0.5, m.efficiency("gemm_8"), m.efficiency("gemm_4")),
-    )
     peak = tensor_peak(cb, hw.flops_16, hw.flops_8, hw.flops_4)
+    # The efficiency of the same peak (tensor_peak's choice by operand width).
+    gemm_eff = tensor_peak(
+        cb, m.efficiency("gemm_16"), m.efficiency("gemm_8"), m.efficiency("gemm_4")
+    )
     mem = m.efficiency("mem_bw")
     proj = roofline_us(w.proj_flops, w.proj_bytes, peak, hw.hbm_bw, gemm_eff, mem)
     attn = roofline_us(
