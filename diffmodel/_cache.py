@@ -2,7 +2,9 @@
 
 Compiled executables are written to disk and read back by later processes, so a
 second process that fits or predicts the same shapes pays tracing only, not XLA
-compilation. A cache folder the user configured for JAX is left as it is.
+compilation (and for the fitting loop not even tracing: :mod:`diffmodel._fitting._aot`
+keeps that executable itself in the same folder). A cache folder the user configured
+for JAX is left as it is.
 
 The folder is bounded (:data:`CACHE_MAX_BYTES`, least recently used entries go
 first). The bound also buys safety: only with a size limit does JAX read and write

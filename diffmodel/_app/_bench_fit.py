@@ -266,7 +266,7 @@ def fitting_table(r: dict) -> list[str]:
             f"{r['fit_first_s'] / sp:.2f} x scipy",
         ),
         (
-            "same, second fresh process (persistent compilation cache)",
+            "same, second fresh process (the loop kept on disk, compilation cache)",
             f"{r['fit_second_s']:.2f} s",
             f"{r['ratio_fit_second_scipy']:.2f} x scipy",
         ),

@@ -22,6 +22,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from .._arrays import device_array
+from ._aot import compiled_call, loop_key
 
 Result = Literal["successful", "max_steps_reached", "nonfinite"]
 RESULTS: tuple[str, ...] = ("successful", "max_steps_reached", "nonfinite")
@@ -125,8 +126,7 @@ def _no_callback(step, loss):
     pass
 
 
-@eqx.filter_jit
-def _loop(
+def _loop_body(
     fn,
     valid_fn,
     callback,
@@ -236,6 +236,30 @@ def _loop(
     return params, out["hist"], out["vhist"], out["i"], code
 
 
+_loop = eqx.filter_jit(_loop_body)
+
+
+def _run_loop(call: tuple, solver, learning_rate: float):
+    """``_loop(*call)``: through the compiled loop kept on disk where its key is
+    complete (see :mod:`diffmodel._fitting._aot`), else jitted."""
+    fn, valid_fn, callback, opt, max_steps, every = call[:6]
+    tree = call[6:]
+    if isinstance(solver, str) and callback is _no_callback:
+        key = loop_key(
+            (fn, valid_fn),
+            ("minimise", solver, float(learning_rate), max_steps, every),
+            tree,
+        )
+        if key is not None:
+            outdef = jax.tree.structure((tree[0], 0, 0, 0, 0))
+            flat = compiled_call(
+                functools.partial(_loop_body, *call[:6]), *key, outdef.num_leaves
+            )
+            if flat is not None:
+                return jax.tree.unflatten(outdef, flat)
+    return _loop(*call)
+
+
 class _CompileClock:
     """Seconds JAX spends tracing, lowering and compiling (from ``jax.monitoring``),
     per thread, and the number of backend compilations."""
@@ -331,20 +355,21 @@ def minimise(
         device_array(patience),
     )
     t0, c0 = time.perf_counter(), COMPILE_CLOCK.seconds()
+    call = (
+        fn,
+        _no_valid if valid_fn is None else valid_fn,
+        _no_callback if callback is None else callback,
+        opt,
+        int(max_steps),
+        int(callback_every),
+        dyn0,
+        static,
+        args,
+        valid_args,
+        tol,
+    )
     best, hist, vhist, n, code = jax.block_until_ready(
-        _loop(
-            fn,
-            _no_valid if valid_fn is None else valid_fn,
-            _no_callback if callback is None else callback,
-            opt,
-            int(max_steps),
-            int(callback_every),
-            dyn0,
-            static,
-            args,
-            valid_args,
-            tol,
-        )
+        _run_loop(call, solver, learning_rate)
     )
     wall = time.perf_counter() - t0
     compile_s = min(COMPILE_CLOCK.seconds() - c0, wall)

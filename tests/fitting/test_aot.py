@@ -1,0 +1,126 @@
+"""The fitting loop kept on disk as a compiled executable: a later fit loads it
+instead of tracing, gives the same answer, and any loop whose key would be
+incomplete (user code, callbacks, solver objects) is never kept."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import diffmodel as dm
+from diffmodel._fitting import _aot, _optimise
+from diffmodel._fitting._factorsets import init_factor_set
+from diffmodel._fitting._fit import fit_arrays
+from tests.fitting.test_fit import LABELS, TRUTH, noisy, simulate
+
+DATA = simulate(np.arange(120) % 4)
+Y = noisy(DATA, TRUTH, 0.03)
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A fresh folder of kept loops, and nothing kept in memory."""
+    monkeypatch.setattr(_aot, "_folder", lambda: tmp_path)
+    monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+    return tmp_path
+
+
+def _fit(**kw):
+    fs = init_factor_set("global", LABELS)
+    return fit_arrays(fs, DATA, Y, max_steps=60, uncertainty=False, **kw)
+
+
+def _no_jit(*args):
+    raise AssertionError("the jitted loop ran: the kept executable was not used")
+
+
+def test_a_later_fit_loads_the_kept_loop_and_matches_jit(folder, monkeypatch):
+    first = _fit()
+    kept = list(folder.glob("*.xla"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 1000
+    # A later process: nothing in memory, and the jit path forbidden.
+    monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+    monkeypatch.setattr(_optimise, "_loop", _no_jit)
+    again = _fit()
+    monkeypatch.undo()
+    with monkeypatch.context() as m:  # the reference: keeping turned off
+        m.setattr(_aot, "_folder", lambda: None)
+        plain = _fit()
+    for res in (first, again):
+        assert int(res.n_steps) == int(plain.n_steps)
+        for a, b in zip(
+            jax.tree.leaves(res.factor_set),
+            jax.tree.leaves(plain.factor_set),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(res.loss_history, plain.loss_history)
+
+
+def test_new_shapes_or_settings_get_their_own_loop(folder):
+    _fit()
+    _fit(solver="adam")
+    fs = init_factor_set("global", LABELS)
+    fit_arrays(fs, simulate(np.arange(80) % 4), Y[:80], max_steps=60, uncertainty=False)
+    assert len(list(folder.glob("*.xla"))) == 3
+
+
+def test_a_damaged_file_is_replaced(folder, monkeypatch):
+    reference = _fit()
+    (path,) = folder.glob("*.xla")
+    path.write_bytes(b"not an executable")
+    monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+    res = _fit()
+    np.testing.assert_array_equal(res.loss_history, reference.loss_history)
+    assert path.stat().st_size > 1000  # compiled and kept anew
+
+
+def _user_loss(params, args):
+    return jnp.sum((params - args) ** 2)
+
+
+class _UserParams(eqx.Module):
+    """A user's own pytree class: its code is not covered by the key."""
+
+    x: jax.Array
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["user loss", "callback", "solver object", "user pytree class"],
+)
+def test_loops_with_incomplete_keys_are_never_kept(folder, how):
+    if how == "user loss":
+        dm.minimise(_user_loss, jnp.zeros(3), jnp.ones(3), solver="lbfgs")
+    elif how == "callback":
+        _fit(callback=lambda step, loss: None)
+    elif how == "solver object":
+        _fit(solver=optax.lbfgs())
+    else:
+        key = _aot.loop_key(
+            (_optimise._no_valid,), (), (_UserParams(jnp.zeros(2)), jnp.ones(2))
+        )
+        assert key is None
+    assert not list(folder.glob("*.xla"))
+
+
+def test_key_covers_shapes_dtypes_and_constants():
+    fn = (_optimise._no_valid,)
+    key = lambda tree: _aot.loop_key(fn, ("s",), tree)[0]  # noqa: E731
+    base = key((jnp.zeros(3), 2.0))
+    assert key((jnp.zeros(3), 2.0)) == base
+    assert key((jnp.zeros(4), 2.0)) != base
+    assert key((jnp.zeros(3, jnp.int32), 2.0)) != base
+    assert key((jnp.zeros(3), 3.0)) != base  # a constant is baked into the loop
+    assert _aot.loop_key(fn, ("t",), (jnp.zeros(3), 2.0))[0] != base
+    assert _aot.loop_key(fn, (), (jnp.zeros(3), object())) is None
+    assert _aot.loop_key((_user_loss,), (), (jnp.zeros(3),)) is None
+
+
+def test_switched_off_with_the_compilation_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(_aot, "compilation_cache_dir", lambda: None)
+    assert _aot._folder() is None
+    monkeypatch.setattr(_aot, "compilation_cache_dir", lambda: tmp_path)
+    assert _aot._folder() == tmp_path / "loops"
