@@ -3,7 +3,7 @@ their held-out error, gathered from the kernel validation scripts' results.
 
 Reads, under ``--results`` (default ``results``), what these scripts wrote:
 ``gpus/gpus.csv`` (experiments/gpus.py), ``mla_kernels/mla_kernels.csv``,
-``mla_bmm_kernels/mla_bmm_kernels.csv`` and
+``mla_bmm_kernels/mla_bmm_kernels.csv``, ``dsa_kernels/dsa_kernels.csv`` and
 ``quant_comm_kernels/quant_comm_kernels.csv``. Nothing is fitted here. For each
 feature and operator: the median over the validated tables (one per GPU, and per
 dtype combination where a script splits them) of the calibrated MAPE on held-out
@@ -55,6 +55,14 @@ FEATURES = [
     ("", "", "mla_bmm_kernels", "mla_gen_pre_fp8", 15.0),
     ("", "", "mla_bmm_kernels", "mla_gen_post_fp8", 15.0),
     (
+        "DeepSeek sparse attention prefill (DSA module)",
+        "DeepSeek-V3.2, GLM-5",
+        "dsa_kernels",
+        "context",
+        15.0,
+    ),
+    ("DSA decode (module)", "", "dsa_kernels", "generation", 15.0),
+    (
         "fused MoE, 16-bit, balanced and power-law routing",
         "Mixtral, Qwen3 MoE",
         "gpus",
@@ -84,6 +92,7 @@ FILES = {
     "gpus": "gpus/gpus.csv",
     "mla_kernels": "mla_kernels/mla_kernels.csv",
     "mla_bmm_kernels": "mla_bmm_kernels/mla_bmm_kernels.csv",
+    "dsa_kernels": "dsa_kernels/dsa_kernels.csv",
     "quant_comm_kernels": "quant_comm_kernels/quant_comm_kernels.csv",
 }
 

@@ -149,12 +149,13 @@ def main(out: pathlib.Path | None = None) -> None:
         h100 = dm.kernels.load_system_tables("h100_sxm", "vllm", families=("moe",))
         w4 = calibrate_kernels(h100, hardware_name="h100", families=("moe_w4a16",))
         curves["h100"] = dataclasses.replace(curves["h100"], moe_w4a16=w4.moe_w4a16)
-        # With its MLA module tables: DeepSeek's attention on the measured modules.
-        mla = ("mla_context", "mla_generation")
+        # With its MLA and DSA module tables: DeepSeek's attention (V3.2's sparse
+        # attention too) on the measured modules.
+        modules = ("mla_context", "mla_generation", "dsa_context", "dsa_generation")
         h200 = dm.kernels.load_system_tables(
             "h200_sxm",
             "vllm",
-            families=(*dm.kernels.KERNEL_TABLES, *mla),
+            families=(*dm.kernels.KERNEL_TABLES, *modules),
             skip_missing=True,
         )
         curves["h200"] = calibrate_kernels(h200, hardware_name="h200")

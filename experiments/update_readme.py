@@ -61,6 +61,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/mla_kernels.py", "--out", "{r}/mla_kernels"],
         "mla_kernels/mla_kernels_summary.md",
     ),
+    "dsa_kernels": (
+        ["experiments/dsa_kernels.py", "--out", "{r}/dsa_kernels"],
+        "dsa_kernels/dsa_kernels_summary.md",
+    ),
     "quant_comm_kernels": (
         ["experiments/quant_comm_kernels.py", "--out", "{r}/quant_comm_kernels"],
         "quant_comm_kernels/quant_comm_kernels_summary.md",

@@ -109,7 +109,7 @@ def add_parser(subparsers) -> None:
     """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
     from .._kernel_families import ALL_FAMILIES
 
-    families = (*ALL_FAMILIES, "mla")
+    families = (*ALL_FAMILIES, "mla", "dsa")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = subparsers.add_parser(
@@ -154,8 +154,8 @@ def add_parser(subparsers) -> None:
         choices=families,
         metavar="FAMILY",
         help=f"fit only these ({', '.join(families)}); the others are written "
-        "uncalibrated (default: every family; 'mla': vLLM's MLA attention module, "
-        "where the system's tables have it)",
+        "uncalibrated (default: every family; 'mla' and 'dsa': vLLM's MLA and "
+        "DeepSeek sparse attention modules, where the system's tables have them)",
     )
     p.add_argument(
         "--adam-steps", type=int, default=800, help="Adam steps per family's fit"

@@ -59,13 +59,28 @@ from ._database import (
     load_system_tables as load_system_tables,
     system_spec as system_spec,
 )
+from ._dsa import (
+    DsaCurves as DsaCurves,
+    DsaModule as DsaModule,
+    DsaWork as DsaWork,
+    dsa_module_us as dsa_module_us,
+    dsa_module_work as dsa_module_work,
+    dsa_parts_us as dsa_parts_us,
+    dsa_rows as dsa_rows,
+    dsa_table_work as dsa_table_work,
+    load_dsa_module as load_dsa_module,
+)
 from ._mla import (
     MlaCurves as MlaCurves,
     MlaModule as MlaModule,
     MlaWork as MlaWork,
+    ModuleKind as ModuleKind,
     fit_mla_curves as fit_mla_curves,
     fit_mla_curves_pooled as fit_mla_curves_pooled,
     fit_mla_module as fit_mla_module,
+    fit_module as fit_module,
+    fit_module_curves as fit_module_curves,
+    fit_module_curves_pooled as fit_module_curves_pooled,
     load_mla_module as load_mla_module,
     mla_module_us as mla_module_us,
     mla_module_work as mla_module_work,

@@ -27,7 +27,8 @@ from ..kernels._curves import (
     default_roofline_curves,
     init_curves,
 )
-from ..kernels._mla import fit_mla_curves
+from ..kernels._dsa import DSA
+from ..kernels._mla import MLA, fit_module_curves
 from ..kernels._tables import table_work
 from ..kernels._work import (
     KernelWork,
@@ -36,6 +37,14 @@ from ..kernels._work import (
     gemm_kernel_work,
     prefill_attention_work,
 )
+
+# The measured attention modules the kernel sum can price on curves of their own
+# (``KernelCurves.mla``, ``.dsa``), and what happens without them.
+MODULE_KINDS = {"mla": MLA, "dsa": DSA}
+MODULE_FALLBACK = {
+    "mla": "MLA layers use the GEMM and attention curves",
+    "dsa": "the kernel sum refuses sparse-attention layers",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +221,11 @@ def calibrate_kernels(
     uncalibrated curves, reported as not asked for. ``"mla"``: vLLM's MLA module
     (:class:`MlaCurves`) where ``tables`` hold ``mla_context`` and
     ``mla_generation`` (:func:`load_system_tables` with those families); without
-    them ``KernelCurves.mla`` is ``None``.
+    them ``KernelCurves.mla`` is ``None``. ``"dsa"``: vLLM's DeepSeek sparse
+    attention module (:class:`DsaCurves`) from ``dsa_context`` and
+    ``dsa_generation``, likewise.
     """
-    known = (*ALL_FAMILIES, "mla")
+    known = (*ALL_FAMILIES, *MODULE_KINDS)
     wanted = known if families is None else tuple(families)
     unknown = sorted(set(wanted) - set(known))
     if unknown:
@@ -261,10 +272,11 @@ def calibrate_kernels(
             options=options,
         )
         say(f"calibrated allreduce on {len(ar)} kernels")
-    if "mla" in wanted:
-        fitted["mla"] = fit_mla_curves(tables, hw, options, say)
-    else:
-        say("skipped mla: not asked for (MLA layers use the GEMM and attention curves)")
+    for name, kind in MODULE_KINDS.items():
+        if name in wanted:
+            fitted[name] = fit_module_curves(kind, tables, hw, options, say)
+        else:
+            say(f"skipped {name}: not asked for ({MODULE_FALLBACK[name]})")
     return KernelCurves(**fitted, hardware=hardware_name)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from .._kernel_families import ALL_FAMILIES, KERNEL_FAMILIES
+from ._dsa import DsaCurves
 from ._mla import MlaCurves
 
 FORMAT_VERSION = 1
@@ -454,6 +455,9 @@ class KernelCurves(eqx.Module):
             (:class:`~diffmodel.kernels.MlaCurves`), or ``None`` where the GPU's
             tables have none: the kernel sum then times MLA layers on the GEMM and
             attention curves.
+        dsa: vLLM's DeepSeek sparse attention module (DeepSeek-V3.2, GLM-5) fitted
+            on its measured modules (:class:`~diffmodel.kernels.DsaCurves`), or
+            ``None``: the kernel sum then refuses sparse-attention layers.
         hardware: the GPU the curves were measured on (static, a catalog name).
     """
 
@@ -468,6 +472,7 @@ class KernelCurves(eqx.Module):
     moe_nvfp4: RooflineCurves
     allreduce: AllReduceCurve
     mla: "MlaCurves | None" = None
+    dsa: "DsaCurves | None" = None
     hardware: str = eqx.field(static=True, default="h100-sxm")
 
     def n_params(self, family: str) -> int:
@@ -479,8 +484,9 @@ class KernelCurves(eqx.Module):
         GPU's peaks, bandwidths, SM count and link (a GPU the kernel tables never
         measured). Only portable curves carry over (``diffmodel calibrate``'s
         default; ``calibrate_kernels(..., portable=True)``): curves in absolute
-        sizes hold the measured GPU's scale and raise ``ValueError``. MLA module
-        curves (``mla``: efficiencies relative to the peaks, a fixed cost in us)
+        sizes hold the measured GPU's scale and raise ``ValueError``. MLA and DSA
+        module curves (``mla``, ``dsa``: efficiencies relative to the peaks, a
+        fixed cost in us)
         carry over as they are; ``experiments/mla_kernels.py``'s leave-one-GPU-out
         lines measure what a module model fitted on other GPUs misses."""
         from .._model._hardware import canonical_hardware

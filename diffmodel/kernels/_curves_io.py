@@ -15,6 +15,7 @@ from ..kernels._curves import (
     _need,
     init_curves,
 )
+from ._dsa import DsaCurves
 from ._mla import MlaCurves
 
 # Families added after files of this format were first written: a file without one
@@ -45,13 +46,15 @@ def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
     out["allreduce"] = curves.allreduce.to_json()
     if curves.mla is not None:
         out["mla"] = curves.mla.to_json()
+    if curves.dsa is not None:
+        out["dsa"] = curves.dsa.to_json()
     return out
 
 
 def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
     """Inverse of :func:`curves_to_json` (older files lack :data:`ADDED_FAMILIES`,
-    which load uncalibrated; a file without ``mla`` loads without MLA module
-    curves)."""
+    which load uncalibrated; a file without ``mla`` or ``dsa`` loads without
+    those module curves)."""
     version = _need(obj, "format_version", "KernelCurves")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -68,6 +71,7 @@ def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
         **fams,
         allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),
         mla=MlaCurves.from_json(obj["mla"]) if "mla" in obj else None,
+        dsa=DsaCurves.from_json(obj["dsa"]) if "dsa" in obj else None,
         hardware=str(_need(obj, "hardware", "KernelCurves")),
     )
 

@@ -5,8 +5,8 @@ Layout (``aiconfigurator_core/systems/``): ``<system>.yaml`` per GPU system (pea
 HBM bandwidth, links, GPUs per node) and ``data/<system>/<folder>/<backend>/<version>/
 *.parquet`` measured kernel tables (latency in ms), with ``<folder>`` ``gemm``,
 ``attention`` (context and generation), ``moe``, ``comm`` (all-reduce), ``mla``
-(vLLM's MLA attention modules) and others this package does not model (quantize,
-...). Versions differ by folder (a system can
+(vLLM's MLA attention modules), ``sparse_attention`` (its DSA modules) and others
+this package does not model (quantize, ...). Versions differ by folder (a system can
 have GEMMs measured with vLLM 0.24.0 and all-reduce with 0.19.0); without an explicit
 version each family takes the newest one of its folder.
 
@@ -21,6 +21,7 @@ import re
 
 import pandas as pd
 
+from ._dsa import load_dsa_module
 from ._mla import load_mla_module
 from ._tables import AIC_FILES, load_allreduce, load_attention, load_gemm, load_moe
 
@@ -35,6 +36,8 @@ FAMILY_FILES: dict[str, tuple[str, str]] = {
     "allreduce": ("comm", AIC_FILES["allreduce"]),
     "mla_context": ("mla", "mla_context_module_perf.parquet"),
     "mla_generation": ("mla", "mla_generation_module_perf.parquet"),
+    "dsa_context": ("sparse_attention", "dsa_context_module_perf.parquet"),
+    "dsa_generation": ("sparse_attention", "dsa_generation_module_perf.parquet"),
 }
 # What :func:`load_system_tables` loads unless told: the kernel families (the MLA
 # modules only where asked for: most systems' calibration does not need them).
@@ -53,6 +56,8 @@ _LOADERS = {
     "allreduce": load_allreduce,
     "mla_context": load_mla_module,
     "mla_generation": load_mla_module,
+    "dsa_context": load_dsa_module,
+    "dsa_generation": load_dsa_module,
 }
 
 

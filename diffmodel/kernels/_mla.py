@@ -25,6 +25,10 @@ kernel sum leaves it to the host costs, as it does the same small kernels of GQA
 layers, and reports the rest.
 """
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -74,6 +78,10 @@ _PRIOR = {
     "mem_bw": FACTOR_SPECS["mem_bw"][0],
     "attn_flops": FACTOR_SPECS["attn_flops"][0],
     "attn_bw": FACTOR_SPECS["attn_bw"][0],
+    # DSA's indexer (its FP8 logits and top-k), priced like attention.
+    "index_flops": FACTOR_SPECS["attn_flops"][0],
+    "index_bw": FACTOR_SPECS["attn_bw"][0],
+    "topk_bw": FACTOR_SPECS["attn_bw"][0],
 }
 
 
@@ -81,20 +89,21 @@ class MlaModule(eqx.Module):
     """Efficiencies and fixed cost of one path (prefill or decode) of the MLA module.
 
     Attributes:
-        raw: logits of the efficiencies :data:`EFFICIENCIES` (fractions of the peak
-            or of HBM bandwidth, in (0, 1)): the GEMMs at the 16-bit, FP8 and FP4
-            peaks, the projections' and KV write's bandwidth, the attention's
-            compute and bandwidth.
+        raw: logits of the efficiencies :attr:`NAMES` (fractions of the peak or of
+            HBM bandwidth, in (0, 1)): the GEMMs at the 16-bit, FP8 and FP4 peaks,
+            the projections' and KV write's bandwidth, the attention's compute and
+            bandwidth.
         log_latency_us: log of the module's fixed cost, us.
     """
 
-    raw: Float[Array, "6"]
+    NAMES: ClassVar[tuple[str, ...]] = EFFICIENCIES
+    raw: Float[Array, " n"]
     log_latency_us: Float[Array, ""]
 
     @classmethod
     def prior(cls, latency_us: float = 10.0) -> "MlaModule":
         """The physical priors of :data:`~diffmodel.FACTOR_SPECS`, ``latency_us``."""
-        p = np.array([_PRIOR[k] for k in EFFICIENCIES])
+        p = np.array([_PRIOR[k] for k in cls.NAMES])
         f = jnp.result_type(float)
         return cls(
             raw=jnp.asarray(np.log(p / (1.0 - p)), f),
@@ -102,8 +111,8 @@ class MlaModule(eqx.Module):
         )
 
     def efficiency(self, name: str) -> Array:
-        """One of :data:`EFFICIENCIES`, in (0, 1)."""
-        return jax.nn.sigmoid(self.raw[EFFICIENCIES.index(name)])
+        """One of :attr:`NAMES`, in (0, 1)."""
+        return jax.nn.sigmoid(self.raw[self.NAMES.index(name)])
 
     @property
     def latency_us(self) -> Array:
@@ -117,7 +126,7 @@ class MlaModule(eqx.Module):
                 "log_latency_us": float(self.log_latency_us),
             },
             "physical": {
-                **{k: float(self.efficiency(k)) for k in EFFICIENCIES},
+                **{k: float(self.efficiency(k)) for k in self.NAMES},
                 "latency_us": float(self.latency_us),
             },
         }
@@ -125,13 +134,14 @@ class MlaModule(eqx.Module):
     @classmethod
     def from_json(cls, obj: dict) -> "MlaModule":
         raw = obj.get("raw") if isinstance(obj, dict) else None
+        name = cls.__name__
         if not isinstance(raw, dict) or "raw" not in raw or "log_latency_us" not in raw:
-            raise ValueError("MlaModule JSON needs 'raw' with 'raw', 'log_latency_us'")
+            raise ValueError(f"{name} JSON needs 'raw' with 'raw', 'log_latency_us'")
         vals = np.asarray(raw["raw"], float)
-        if vals.shape != (len(EFFICIENCIES),) or not np.isfinite(vals).all():
+        if vals.shape != (len(cls.NAMES),) or not np.isfinite(vals).all():
             raise ValueError(
-                f"MlaModule 'raw.raw': {len(EFFICIENCIES)} finite numbers expected "
-                f"({', '.join(EFFICIENCIES)}), got {raw['raw']!r}"
+                f"{name} 'raw.raw': {len(cls.NAMES)} finite numbers expected "
+                f"({', '.join(cls.NAMES)}), got {raw['raw']!r}"
             )
         f = jnp.result_type(float)
         return cls(
@@ -144,6 +154,7 @@ class MlaCurves(eqx.Module):
     """The MLA module of one GPU: its prefill (``context``) and decode
     (``generation``) paths."""
 
+    MODULE: ClassVar[type] = MlaModule
     context: MlaModule
     generation: MlaModule
 
@@ -153,8 +164,8 @@ class MlaCurves(eqx.Module):
     @classmethod
     def from_json(cls, obj: dict) -> "MlaCurves":
         if not isinstance(obj, dict) or any(op not in obj for op in MLA_OPS):
-            raise ValueError(f"MlaCurves JSON needs keys {list(MLA_OPS)}")
-        return cls(**{op: MlaModule.from_json(obj[op]) for op in MLA_OPS})
+            raise ValueError(f"{cls.__name__} JSON needs keys {list(MLA_OPS)}")
+        return cls(**{op: cls.MODULE.from_json(obj[op]) for op in MLA_OPS})
 
 
 class MlaWork(eqx.Module):
@@ -259,52 +270,67 @@ def mla_module_us(m: MlaModule, w: MlaWork, hw: Hardware) -> Array:
 # --------------------------------------------------------------------------- tables
 
 
-def load_mla_module(path) -> pd.DataFrame:
-    """An aiconfigurator MLA module table (latency in ms) with ``latency_us`` added.
+def load_module_table(path, model: str = None, what: str = "MLA module"):
+    """An aiconfigurator attention-module table (latency in ms) with ``latency_us``
+    added, ``model``'s rows only (default DeepSeek-V3's).
 
-    Only DeepSeek-V3's rows: the work of a row is counted on DeepSeek-V3's
-    dimensions (newer tables also hold other models' modules, which the module
-    curves do not use). Raises ``ValueError`` when the table has none."""
+    The work of a row is counted on that model's dimensions (newer tables also hold
+    other models' modules, which the module curves do not use). Raises
+    ``ValueError`` when the table has none."""
     from ._tables import _read, _with_us
 
-    frame = _read(path, MLA_COLUMNS, "MLA module")
-    ours = frame[frame["model"] == MLA_MODEL]
+    model = MLA_MODEL if model is None else model
+    frame = _read(path, MLA_COLUMNS, what)
+    ours = frame[frame["model"] == model]
     if ours.empty:
         raise ValueError(
-            f"MLA module file {path}: no {MLA_MODEL} rows (models: "
+            f"{what} file {path}: no {model} rows (models: "
             f"{sorted(set(frame['model']))})"
         )
-    return _with_us(ours.reset_index(drop=True), "latency", "MLA module")
+    return _with_us(ours.reset_index(drop=True), "latency", what)
 
 
-def mla_rows(table: pd.DataFrame) -> pd.DataFrame:
+def load_mla_module(path) -> pd.DataFrame:
+    """:func:`load_module_table` of an MLA module table (DeepSeek-V3's rows)."""
+    return load_module_table(path)
+
+
+def mla_rows(
+    table: pd.DataFrame, checkpoints: dict[str, str] = GEMM_CHECKPOINTS
+) -> pd.DataFrame:
     """The rows the kernel sum's module curves are fitted on: 16-bit attention
-    math (the step model's), every KV-cache and GEMM type, duplicates averaged.
-    Raises ``ValueError`` when none qualify."""
+    math (the step model's), every KV-cache type and every GEMM type with a
+    checkpoint in ``checkpoints`` (or 16-bit), duplicates averaged. Raises
+    ``ValueError`` when none qualify."""
     rows = table[table["mla_dtype"] == "bfloat16"]
-    rows = rows[rows["gemm_type"].isin(["bfloat16", *GEMM_CHECKPOINTS])]
+    rows = rows[rows["gemm_type"].isin(["bfloat16", *checkpoints])]
     keys = [*DTYPE_KEYS, "num_heads", "batch_size", "isl", "step"]
     rows = rows.groupby(keys, as_index=False)["latency_us"].mean()
     if rows.empty:
-        raise ValueError("the MLA module table has no rows with 16-bit attention math")
+        raise ValueError("the module table has no rows with 16-bit attention math")
     return rows
 
 
-def module_arch(gemm_type: str, kv_cache_dtype: str) -> Architecture:
-    """DeepSeek-V3 from the catalog with the GEMM widths of a table's ``gemm_type``
-    and its KV-cache width (``fp8``: 1 byte, else 2)."""
-    a = architecture("deepseek-v3")
+def module_arch(
+    gemm_type: str,
+    kv_cache_dtype: str,
+    base: str = "deepseek-v3",
+    checkpoints: dict[str, str] = GEMM_CHECKPOINTS,
+) -> Architecture:
+    """``base`` (DeepSeek-V3) from the catalog with the GEMM widths of a table's
+    ``gemm_type`` (those of the catalog model ``checkpoints`` names for it) and its
+    KV-cache width (``fp8``: 1 byte, else 2)."""
+    a = architecture(base)
     if gemm_type == "bfloat16":
         wb, cb, qp = 2.0, 2.0, 0.0
-    elif gemm_type in GEMM_CHECKPOINTS:
-        src = architecture(GEMM_CHECKPOINTS[gemm_type])
+    elif gemm_type in checkpoints:
+        src = architecture(checkpoints[gemm_type])
         wb, cb, qp = (
             float(x) for x in (src.weight_bytes, src.compute_bytes, src.quant_passes)
         )
     else:
         raise ValueError(
-            f"gemm_type {gemm_type!r}: expected bfloat16 or one of "
-            f"{list(GEMM_CHECKPOINTS)}"
+            f"gemm_type {gemm_type!r}: expected bfloat16 or one of {list(checkpoints)}"
         )
     kb = 1.0 if kv_cache_dtype == "fp8" else 2.0
     vals = tuple(jnp.asarray(v, float) for v in (wb, cb, qp, kb))
@@ -335,23 +361,55 @@ def mla_table_work(op: str, rows: pd.DataFrame) -> MlaWork:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[idx], *parts)
 
 
-def fit_mla_module(
-    op: str, rows: pd.DataFrame, hw: Hardware, options=None, init=None
-) -> MlaModule:
-    """Fit one path's :class:`MlaModule` to measured module rows (``latency_us``)
-    on the log-ratio loss (:func:`~diffmodel.kernels.two_stage_minimise`).
-    Efficiencies of GEMM widths the rows lack keep their priors' values up to the
-    fit's (vanishing) gradient."""
+@dataclasses.dataclass(frozen=True)
+class ModuleKind:
+    """A measured attention module the kernel sum prices on curves of its own.
+
+    Attributes:
+        name: ``"mla"`` or ``"dsa"`` (the :class:`KernelCurves` field, the
+            ``--families`` name).
+        families: its context and generation table families.
+        curves: the curves class (``context``/``generation`` modules).
+        rows: table -> the rows the curves are fitted on.
+        table_work: ``(op, rows)`` -> the work of each row.
+        module_us: ``(module, work, hw)`` -> each row's time, us.
+        prior: ``op`` -> the module a fit starts from (default: the module class's
+            :meth:`~MlaModule.prior`).
+    """
+
+    name: str
+    families: tuple[str, str]
+    curves: type
+    rows: Callable[[pd.DataFrame], pd.DataFrame]
+    table_work: Callable[[str, pd.DataFrame], Any]
+    module_us: Callable[[Any, Any, Hardware], Array]
+    prior: Callable[[str], Any] | None = None
+
+
+def fit_module(
+    kind: ModuleKind,
+    op: str,
+    rows: pd.DataFrame,
+    hw: Hardware,
+    options=None,
+    init=None,
+):
+    """Fit one path's module (of ``kind``) to measured module rows
+    (``latency_us``) on the log-ratio loss
+    (:func:`~diffmodel.kernels.two_stage_minimise`). Efficiencies of GEMM widths
+    the rows lack keep their priors' values up to the fit's (vanishing)
+    gradient."""
     from .._metrics import log_ratio_loss
     from ._calibrate import FitOptions, two_stage_minimise
 
-    work = mla_table_work(op, rows.reset_index(drop=True))
+    work = kind.table_work(op, rows.reset_index(drop=True))
     actual = jnp.asarray(rows["latency_us"].to_numpy(float))
-    init = MlaModule.prior() if init is None else init
+    if init is None:
+        init = kind.curves.MODULE.prior() if kind.prior is None else kind.prior(op)
 
     def loss(m, args):
         w, y = args
-        return log_ratio_loss(mla_module_us(m, w, hw), y)
+        return log_ratio_loss(kind.module_us(m, w, hw), y)
 
     return two_stage_minimise(loss, init, options or FitOptions(), (work, actual))
 
@@ -360,30 +418,34 @@ def fit_mla_module(
 AT_BOUND = 0.99
 
 
-def _at_bound(m: MlaModule) -> str:
+def _at_bound(m) -> str:
     """``"; at the bound of 1: ..."`` naming the efficiencies a fit left at their
     bound (weakly identified: the parts' times grow together), else ``""``."""
-    hit = [k for k in EFFICIENCIES if float(m.efficiency(k)) > AT_BOUND]
+    hit = [k for k in m.NAMES if float(m.efficiency(k)) > AT_BOUND]
     if not hit:
         return ""
     return f"; at the bound of 1 (weakly identified): {', '.join(hit)}"
 
 
-def fit_mla_curves(tables: dict, hw: Hardware, options=None, progress=None):
-    """:class:`MlaCurves` from loaded ``mla_context`` and ``mla_generation`` tables
-    (:func:`~diffmodel.kernels.load_system_tables`); ``None`` (reported through
-    ``progress``) when either is missing."""
+def fit_module_curves(
+    kind: ModuleKind, tables: dict, hw: Hardware, options=None, progress=None
+):
+    """Curves of ``kind`` (e.g. :class:`MlaCurves`) from its loaded context and
+    generation tables (:func:`~diffmodel.kernels.load_system_tables`); ``None``
+    (reported through ``progress``) when either is missing."""
     say = progress or (lambda _: None)
-    missing = [f for f in MLA_FAMILIES if f not in tables]
+    missing = [f for f in kind.families if f not in tables]
     if missing:
-        say(f"skipped mla: no {', '.join(missing)} table loaded")
+        say(f"skipped {kind.name}: no {', '.join(missing)} table loaded")
         return None
     fitted = {}
-    for op, fam in zip(MLA_OPS, MLA_FAMILIES, strict=True):
-        rows = mla_rows(tables[fam])
-        fitted[op] = fit_mla_module(op, rows, hw, options)
-        say(f"calibrated mla {op} on {len(rows)} modules{_at_bound(fitted[op])}")
-    return MlaCurves(**fitted)
+    for op, fam in zip(MLA_OPS, kind.families, strict=True):
+        rows = kind.rows(tables[fam])
+        fitted[op] = fit_module(kind, op, rows, hw, options)
+        say(
+            f"calibrated {kind.name} {op} on {len(rows)} modules{_at_bound(fitted[op])}"
+        )
+    return kind.curves(**fitted)
 
 
 def _repeat(hw: Hardware, n: int) -> Hardware:
@@ -391,7 +453,8 @@ def _repeat(hw: Hardware, n: int) -> Hardware:
     return jax.tree.map(lambda x: jnp.full(n, x), hw)
 
 
-def fit_mla_curves_pooled(
+def fit_module_curves_pooled(
+    kind: ModuleKind,
     tables: dict,
     hardware: dict,
     *,
@@ -399,14 +462,14 @@ def fit_mla_curves_pooled(
     options=None,
     progress=None,
 ):
-    """:class:`MlaCurves` fitted on several GPUs' module tables at once, each row at
-    its own GPU's peaks and bandwidth: curves for a GPU without MLA tables
+    """Curves of ``kind`` fitted on several GPUs' module tables at once, each row
+    at its own GPU's peaks and bandwidth: curves for a GPU without such tables
     (``diffmodel calibrate --pool``; ``experiments/mla_kernels.py`` measures them
     on a held-out GPU).
 
     Args:
-        tables: ``{gpu: loaded tables}``; GPUs without both MLA module tables are
-            left out (and said through ``progress``).
+        tables: ``{gpu: loaded tables}``; GPUs without both module tables are left
+            out (and said through ``progress``).
         hardware: ``{gpu: Hardware}`` for the same keys.
         per_gpu: at most this many rows a GPU and path (sampled, seed 0), so that
             no GPU outweighs the others.
@@ -416,27 +479,51 @@ def fit_mla_curves_pooled(
         tables.
     """
     say = progress or (lambda _: None)
-    have = [g for g, t in tables.items() if all(f in t for f in MLA_FAMILIES)]
+    have = [g for g, t in tables.items() if all(f in t for f in kind.families)]
     for g in tables:
         if g not in have:
-            say(f"mla: {g} has no MLA module tables")
+            say(f"{kind.name}: {g} has no {kind.name.upper()} module tables")
     if not have:
-        say("skipped mla: no pooled GPU has MLA module tables")
+        say(f"skipped {kind.name}: no pooled GPU has its module tables")
         return None
     fitted = {}
-    for op, fam in zip(MLA_OPS, MLA_FAMILIES, strict=True):
+    for op, fam in zip(MLA_OPS, kind.families, strict=True):
         parts = []
         for g in have:
-            r = mla_rows(tables[g][fam])
+            r = kind.rows(tables[g][fam])
             parts.append(r.sample(min(per_gpu, len(r)), random_state=0))
         hw_rows = jax.tree.map(
             lambda *xs: jnp.concatenate(xs),
             *(_repeat(hardware[g], len(p)) for g, p in zip(have, parts, strict=True)),
         )
         rows = pd.concat(parts, ignore_index=True)
-        fitted[op] = fit_mla_module(op, rows, hw_rows, options)
+        fitted[op] = fit_module(kind, op, rows, hw_rows, options)
         say(
-            f"calibrated mla {op} on {len(rows)} modules of {', '.join(have)}"
-            f"{_at_bound(fitted[op])}"
+            f"calibrated {kind.name} {op} on {len(rows)} modules of "
+            f"{', '.join(have)}{_at_bound(fitted[op])}"
         )
-    return MlaCurves(**fitted)
+    return kind.curves(**fitted)
+
+
+MLA = ModuleKind(
+    "mla", MLA_FAMILIES, MlaCurves, mla_rows, mla_table_work, mla_module_us
+)
+"""vLLM's MLA module (DeepSeek-V3's rows)."""
+
+
+def fit_mla_module(
+    op: str, rows: pd.DataFrame, hw: Hardware, options=None, init=None
+) -> MlaModule:
+    """:func:`fit_module` of the MLA module."""
+    return fit_module(MLA, op, rows, hw, options, init)
+
+
+def fit_mla_curves(tables: dict, hw: Hardware, options=None, progress=None):
+    """:func:`fit_module_curves` of the MLA module: :class:`MlaCurves` from loaded
+    ``mla_context`` and ``mla_generation`` tables, or ``None``."""
+    return fit_module_curves(MLA, tables, hw, options, progress)
+
+
+def fit_mla_curves_pooled(tables: dict, hardware: dict, **kw):
+    """:func:`fit_module_curves_pooled` of the MLA module."""
+    return fit_module_curves_pooled(MLA, tables, hardware, **kw)

@@ -21,7 +21,8 @@ from .._kernel_families import ALL_FAMILIES as FAMILIES
 from .._model._hardware import canonical_hardware, hardware, hardware_system
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import KernelCurves, default_allreduce_curve, init_curves
-from ._mla import MLA_FAMILIES, fit_mla_curves_pooled
+from ._dsa import DSA, DSA_FAMILIES
+from ._mla import MLA, MLA_FAMILIES, fit_module_curves_pooled
 from ._pooled import N_OFFSETS, fit_folds, fold, shifted
 from ._work import allreduce_kernel_us
 
@@ -234,9 +235,10 @@ def curves_from_other_gpus(
     pooled with Intel's XPU kernels). Only the kernel names of ``system``'s own
     tables are read (:func:`table_kernels`), to give each family the offsets of the
     pooled GPUs that run its kernel. Systems without ``backend`` tables are skipped
-    and said through ``progress``. The MLA module curves (``KernelCurves.mla``)
-    are fitted on the pooled systems that have MLA module tables
-    (:func:`fit_mla_curves_pooled`). Raises ``ValueError`` naming unknown systems
+    and said through ``progress``. The MLA and DSA module curves
+    (``KernelCurves.mla``, ``.dsa``) are fitted on the pooled systems that have
+    those module tables (:func:`fit_module_curves_pooled`). Raises ``ValueError``
+    naming unknown systems
     or an empty pool.
     """
     from ._database import KERNEL_TABLES, list_systems, load_system_tables
@@ -252,7 +254,7 @@ def curves_from_other_gpus(
                 s,
                 backend,
                 version,
-                families=(*KERNEL_TABLES, *MLA_FAMILIES),
+                families=(*KERNEL_TABLES, *MLA_FAMILIES, *DSA_FAMILIES),
                 skip_missing=True,
             )
         except ValueError as err:
@@ -288,11 +290,15 @@ def curves_from_other_gpus(
     for fam in FAMILIES:
         _, source = pooled.family_offset(name, fam, own.get(fam))
         say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
-    mla = fit_mla_curves_pooled(
-        tables,
-        {s: hardware(s) for s in tables},
-        per_gpu=rows_per_gpu,
-        options=options,
-        progress=say,
-    )
-    return dataclasses.replace(pooled.for_gpu(name, own), mla=mla)
+    modules = {
+        kind.name: fit_module_curves_pooled(
+            kind,
+            tables,
+            {s: hardware(s) for s in tables},
+            per_gpu=rows_per_gpu,
+            options=options,
+            progress=say,
+        )
+        for kind in (MLA, DSA)
+    }
+    return dataclasses.replace(pooled.for_gpu(name, own), **modules)

@@ -24,6 +24,11 @@ kernel floor), as aiconfigurator sums its kernel tables:
   paths on those (:mod:`~diffmodel.kernels._mla`: projections, attention and the
   latent KV write; the modules' fixed cost is host time). Both validated against
   the measured modules in ``experiments/mla_kernels.py``;
+- DSA (DeepSeek-V3.2, GLM-5: MLA with a top-k indexer): only on the GPU's measured
+  DSA modules (:attr:`KernelCurves.dsa`, :mod:`~diffmodel.kernels._dsa`): each
+  layer's projections (the indexer's too), sparse latent attention over each
+  query's ``index_topk`` tokens, the indexer's logits and top-k (in its
+  ``index_layers``) and the KV writes; without DSA curves such models are refused;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
   query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
   (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
@@ -65,6 +70,7 @@ from .._model._physics import (
 )
 from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
+from ._dsa import dsa_module_work, dsa_parts_us
 from ._mla import mla_module_work, mla_parts_us
 from ._moe import moe_kernel_work
 from ._work import (
@@ -124,21 +130,24 @@ def _mxfp4_experts(weight_bytes, compute_bytes) -> Array:
     return (jnp.abs(w - MXFP4_BYTES) <= 0.01) & (c == 2.0)
 
 
-def check_supported(dep: Deployment) -> None:
+def check_supported(dep: Deployment, curves: KernelCurves | None = None) -> None:
     """Raise ``ValueError`` unless :func:`kernel_step_time` can time every deployment
-    in ``dep``: GQA or MLA attention (full or sliding-window), no sparse attention,
+    in ``dep`` on ``curves``: GQA or MLA attention (full or sliding-window), sparse
+    attention (DSA) only on curves with DSA modules (``curves.dsa``),
     dense or MoE MLPs, GEMMs at the 16-bit or FP8 peak with weights of that width
     (GEMMs and routed experts also NVFP4 at the FP4 peak, routed experts MXFP4 at
     the 16-bit peak), experts tensor-parallel or one
     expert group per GPU (``ep`` 1 or ``t``). Skipped under tracing."""
     a = dep.arch
-    checks = {"index_layers": (a.index_layers, "sparse attention")}
     found = []
-    for field, (value, what) in checks.items():
-        if isinstance(value, jax.core.Tracer):
-            return
-        if np.any(np.asarray(value) > 0):
-            found.append(f"{what} ({field} > 0)")
+    if isinstance(a.index_heads, jax.core.Tracer):
+        return
+    if np.any(np.asarray(a.index_heads) > 0) and (curves is None or curves.dsa is None):
+        found.append(
+            "sparse attention (index_heads > 0) without DSA module curves "
+            "(calibrate on a GPU's dsa_context and dsa_generation tables: "
+            "'diffmodel calibrate --families ... dsa')"
+        )
     # Dense GEMMs and routed experts run at the 16-bit, FP8 or (NVFP4) FP4 peak.
     for field, widths in (
         ("compute_bytes", (0.5, 1.0, 2.0)),
@@ -203,8 +212,9 @@ def kernel_step_time(
         ``attention_prefill``, ``attention_decode``, ``allreduce``, ``lm_head`` and
         ``overhead`` (the host costs); ``kv_write`` is 0 (the KV write is an
         elementwise kernel, paid in ``host.layer_us`` and
-        ``host.layer_request_us``) except for MLA layers timed on measured
-        modules (``curves.mla``), whose latent KV write the modules time. A
+        ``host.layer_request_us``) except for MLA and DSA layers timed on
+        measured modules (``curves.mla``, ``curves.dsa``), whose KV writes the
+        modules time. A
         step with no tokens runs no kernel and pays ``host.step_us`` and its
         requests' cost.
 
@@ -213,7 +223,7 @@ def kernel_step_time(
     """
     if check:
         stats = check_stats(stats)
-        check_supported(dep)
+        check_supported(dep, curves)
     host = HostCosts() if host is None else host
     a, hw = dep.arch, dep.hw
     t = jnp.asarray(dep.tp, float)
@@ -256,6 +266,12 @@ def kernel_step_time(
     else:  # on the GPU's measured MLA modules
         mla_attn = module["linear"]
     attn = jnp.where(mla, mla_attn + cached_up, gqa_attn)
+    # DSA layers (MLA with a top-k indexer) on the GPU's measured DSA modules:
+    # latent-space attention in both paths, so no cached-token up-projection.
+    dsa = jnp.asarray(a.index_heads) > 0  # the indexer runs in its index_layers
+    sparse = _dsa_module_parts(stats, dep, curves) if curves.dsa is not None else None
+    if sparse is not None:
+        attn = jnp.where(dsa, sparse["linear"], attn)
     mlp = gemm(2.0 * ffn, d, width) + gemm(d, ffn, width)
     # MoE layers: shared experts, the router (16-bit) and the fused routed experts
     # (whole experts per GPU when ep = t, else each expert split t ways).
@@ -345,6 +361,15 @@ def kernel_step_time(
         prefill = jnp.where(mla, n_layers * module["prefill"], prefill)
         decode = jnp.where(mla, n_layers * module["decode"], decode)
         kv_write = jnp.where(mla, n_layers * module["kv_write"], kv_write)
+    if sparse is not None:
+        ix = a.index_layers
+        prefill = jnp.where(
+            dsa, n_layers * sparse["prefill"] + ix * sparse["prefill_index"], prefill
+        )
+        decode = jnp.where(
+            dsa, n_layers * sparse["decode"] + ix * sparse["decode_index"], decode
+        )
+        kv_write = jnp.where(dsa, n_layers * sparse["kv_write"], kv_write)
     allreduce = 2.0 * allreduce_kernel_us(m * d * a.act_bytes, t, curves.allreduce, hw)
     requests = n_pf + n_dec
     lm_head = gemm_kernel_work(
@@ -400,6 +425,36 @@ def _mla_module_parts(
         "prefill": jnp.where(has_p, c_attn, 0.0),
         "decode": jnp.where(has_d, g_attn, 0.0),
         "kv_write": jnp.where(has_p, c_kv, 0.0) + jnp.where(has_d, g_kv, 0.0),
+    }
+
+
+def _dsa_module_parts(
+    stats: BatchStats, dep: Deployment, curves: KernelCurves
+) -> dict[str, Array]:
+    """One DSA layer's attention on the GPU's measured-module curves, us, by part
+    (:mod:`~diffmodel.kernels._dsa`), as :func:`_mla_module_parts`: ``linear``
+    both paths' projections (the indexer's too), ``prefill``/``decode`` their
+    sparse attention, ``prefill_index``/``decode_index`` their indexer (logits and
+    top-k; paid only in the ``index_layers``), ``kv_write`` their KV writes."""
+    a, t = dep.arch, jnp.asarray(dep.tp, float)
+    has_p, has_d = stats.prefill_tokens > 0, stats.decode_tokens > 0
+    parts = {}
+    for op, has in (("context", has_p), ("generation", has_d)):
+        m = getattr(curves.dsa, op)
+        work = dsa_module_work(op, stats, a, t)
+        proj, attn, index, kv = dsa_parts_us(m, work, dep.hw)
+        parts[op] = [jnp.where(has, x, 0.0) for x in (proj, attn, index, kv)]
+    (c_proj, c_attn, c_index, c_kv), (g_proj, g_attn, g_index, g_kv) = (
+        parts["context"],
+        parts["generation"],
+    )
+    return {
+        "linear": c_proj + g_proj,
+        "prefill": c_attn,
+        "decode": g_attn,
+        "prefill_index": c_index,
+        "decode_index": g_index,
+        "kv_write": c_kv + g_kv,
     }
 
 

@@ -150,8 +150,9 @@ def test_mxfp4_experts_are_calibrated_on_their_own_rows():
         progress=lines.append,
     )
     assert "skipped allreduce: not asked for (its curve stays uncalibrated)" in lines
-    assert lines[-1].startswith("skipped mla: not asked for")
-    assert only.mla is None
+    assert lines[-2].startswith("skipped mla: not asked for")
+    assert lines[-1].startswith("skipped dsa: not asked for")
+    assert only.mla is None and only.dsa is None
     assert any(line.startswith("calibrated moe_w4a16 on") for line in lines)
     assert eqx.tree_equal(only.moe, init_curves("moe"))
     with pytest.raises(ValueError, match=r"families \['mxfp4'\] are unknown"):

@@ -128,7 +128,7 @@ def _with_arch(dep, **fields):
 
 def test_models_it_cannot_time_are_refused():
     one = one_step(decode_tokens=1, num_decode=1)
-    with pytest.raises(ValueError, match=r"sparse attention \(index_layers > 0\)"):
+    with pytest.raises(ValueError, match=r"sparse attention \(index_heads > 0\)"):
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
     with pytest.raises(ValueError, match="'diffmodel predict' without --host"):
         kernel_step_time(one, _dep("deepseek-ai/DeepSeek-V3.2", 8), CURVES)
