@@ -172,7 +172,8 @@ def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
             f"{hardware_system(other[0])}', or '--pool others' where its tables are "
             "not measured) and pass them as --curves / curves="
         )
-    check_supported(data.deployments, curves)  # the statistics were checked by step_data
+    # The statistics were checked by step_data.
+    check_supported(data.deployments, curves)
     return data, labels
 
 
