@@ -10,6 +10,8 @@ The only place the package reads environment variables:
   in ``$XDG_CACHE_HOME/diffmodel/jax`` (``~/.cache/diffmodel/jax``) so that a second
   process reuses the first one's compiled code. ``0`` turns it off; any other value
   than ``1`` is taken as the folder to use.
+- ``XLA_FLAGS`` (XLA's own) is read, not set: the fitting loops kept on disk are
+  keyed by it (:mod:`diffmodel._fitting._aot`), since it changes compiled code.
 """
 
 import os
@@ -28,6 +30,11 @@ def compilation_cache_dir() -> pathlib.Path | None:
         return pathlib.Path(_CACHE_ENV).expanduser()
     base = pathlib.Path(_XDG_CACHE) if _XDG_CACHE else pathlib.Path.home() / ".cache"
     return base / "diffmodel" / "jax"
+
+
+def xla_flags() -> str:
+    """``XLA_FLAGS`` as this process started with it (empty when unset)."""
+    return os.environ.get("XLA_FLAGS", "")
 
 
 def default_data_dir() -> pathlib.Path:

@@ -44,7 +44,7 @@ import equinox as eqx
 import jax
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
-from .._paths import compilation_cache_dir
+from .._paths import compilation_cache_dir, xla_flags
 
 MAX_FILES = 64
 """Most compiled loops kept on disk (each ~0.4 MB)."""
@@ -150,6 +150,7 @@ def loop_key(
         jax.config.jax_default_matmul_precision,
         jax.config.jax_numpy_dtype_promotion,
         jax.config.jax_numpy_rank_promotion,
+        xla_flags(),  # code generation options
     )
     key = hashlib.sha256(repr(parts).encode()).hexdigest()[:40]
     return key, treedef, others, leaves

@@ -2,6 +2,8 @@
 instead of tracing, gives the same answer, and any loop whose key would be
 incomplete (user code, callbacks, solver objects) is never kept."""
 
+import pathlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,56 @@ def test_switched_off_with_the_compilation_cache(monkeypatch, tmp_path):
     assert _aot._folder() is None
     monkeypatch.setattr(_aot, "compilation_cache_dir", lambda: tmp_path)
     assert _aot._folder() == tmp_path / "loops"
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_loop_without_compiling(tmp_path):
+    """Two fresh processes fit the same rows with one cache folder: the second
+    one's loop costs no tracing or compilation and gives the same fit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import diffmodel as dm
+from tests.fitting.test_fit import LABELS, TRUTH, noisy, simulate
+from diffmodel._fitting._factorsets import init_factor_set
+from diffmodel._fitting._fit import fit_arrays
+data = simulate(np.arange(120) % 4)
+res = fit_arrays(init_factor_set("global", LABELS), data, noisy(data, TRUTH, 0.03),
+                 max_steps=60, uncertainty=False)
+loss = float(res.loss_history[res.n_steps - 1])
+json.dump({"compile_s": res.compile_seconds, "loss": loss}, sys.stdout)
+"""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache"),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(
+            [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+
+    def run():
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    first, second = run(), run()
+    assert len(list((tmp_path / "cache" / "loops").glob("*.xla"))) == 1
+    assert first["compile_s"] > 0.05
+    assert second["compile_s"] == 0.0
+    assert second["loss"] == first["loss"]
