@@ -3,10 +3,10 @@ vLLM DSA modules.
 
 Data: aiconfigurator-core's vLLM tables ``<system>/sparse_attention/vllm/<version>/
 dsa_context_module_perf.parquet`` and ``dsa_generation_module_perf.parquet``
-(DeepSeek-V3.2 rows, ``latency`` in ms; the GLM-5 rows are not used), for every
-system that has them. Context rows: ``batch_size`` requests of ``isl`` new tokens,
-empty cache; generation rows: ``batch_size`` requests of one new token reading
-``step`` cached ones; ``num_heads`` the heads of one GPU (``128 / tp``).
+(DeepSeek-V3.2 and GLM-5 rows, ``latency`` in ms; each row's work on its model's
+dimensions), for every system that has them. Context rows: ``batch_size`` requests
+of ``isl`` new tokens, empty cache; generation rows: ``batch_size`` requests of one
+new token reading ``step`` cached ones; ``num_heads`` the heads of one GPU.
 
 The model (``dm.kernels.DsaCurves``, :mod:`diffmodel.kernels._dsa`): per path nine
 efficiencies (GEMMs at the 16-bit, FP8 and FP4 peaks, projection and KV-write
@@ -14,14 +14,16 @@ bandwidth, sparse attention compute and bandwidth at FlashMLA's 64-head tiles, t
 indexer's FP8 logits compute and bandwidth, the top-k's bandwidth with one SM per
 query row), a fixed cost, and the exponent that combines device work and fixed cost
 (``p = 1`` their sum, large ``p`` their maximum). One set per GPU over every
-KV-cache and GEMM type with 16-bit attention math.
+KV-cache and GEMM type with 16-bit attention math, both models.
 
 Protocols, per (op, system, dtype): uncalibrated (the priors, fixed cost 10 us);
 calibrated on 75% of the whole shapes ((num_heads, isl) for context, (num_heads,
 batch_size) for generation; seed 0) with MAPE on the other 25%; and leave-one-GPU-out
 (``dm.kernels.fit_module_curves_pooled`` on the other systems, up to 1,000 rows a GPU
 and op, every row of the held-out one), what ``diffmodel calibrate --pool`` gives a
-GPU without DSA tables.
+GPU without DSA tables; and other model (on each GPU, curves fitted on one
+model's rows, every row of the other model): what the curves give a new DSA model
+of other dimensions.
 
     python experiments/dsa_kernels.py [--out DIR] [--max-rows N]
 """
@@ -52,6 +54,7 @@ SHAPE_KEYS = {
 DTYPE_KEYS = ["mla_dtype", "kv_cache_dtype", "gemm_type"]
 HELD_OUT = "held-out shapes"
 LOGO = "leave-one-GPU-out"
+OTHER_MODEL = "other model"
 
 
 def _log(msg: str) -> None:
@@ -78,7 +81,7 @@ def load_tables(version: str | None, systems=None, max_rows=None) -> dict:
             rows = dk.dsa_rows(tables[fam])
             if max_rows is not None:
                 rows = rows.sample(frac=1.0, random_state=0)
-                rows = rows.groupby(DTYPE_KEYS).head(max_rows)
+                rows = rows.groupby(["model", *DTYPE_KEYS]).head(max_rows)
             out[system][fam] = rows.reset_index(drop=True)
     return out
 
@@ -97,13 +100,13 @@ def _params(module) -> str:
 def _lines(op, system, protocol, rows, hw, curves) -> list[dict]:
     prior = dk.DsaCurves(context=dk.DsaModule.prior(), generation=dk.DsaModule.prior())
     out = []
-    for combo, g in rows.groupby(DTYPE_KEYS):
+    for combo, g in rows.groupby(["model", *DTYPE_KEYS]):
         y = g["latency_us"].to_numpy(float)
         out.append(
             {
                 "op": op,
                 "system": system,
-                "dtype": "/".join(combo),
+                "dtype": " ".join((combo[0].split("/")[-1], "/".join(combo[1:]))),
                 "protocol": protocol,
                 "uncalibrated_mape": mape(y, predict_us(prior, op, g, hw)),
                 "calibrated_mape": mape(y, predict_us(curves, op, g, hw)),
@@ -130,6 +133,15 @@ def evaluate(tables: dict, hardware: dict) -> pd.DataFrame:
         for op, fam in zip(OPS, DSA_FAMILIES, strict=True):
             r = fams[fam]
             lines += _lines(op, system, HELD_OUT, r[test[fam]], hw, curves)
+        models = sorted(set(fams[DSA_FAMILIES[0]]["model"]))
+        for model in models if len(models) > 1 else ():
+            own = {f: r[r["model"] != model] for f, r in fams.items()}
+            curves = dk.fit_module_curves(DSA, own, hw)
+            for op, fam in zip(OPS, DSA_FAMILIES, strict=True):
+                r = fams[fam]
+                lines += _lines(
+                    op, system, OTHER_MODEL, r[r["model"] == model], hw, curves
+                )
     if len(tables) > 1:
         for system in tables:
             others = {s: t for s, t in tables.items() if s != system}

@@ -41,7 +41,6 @@ from .._model._physics import roofline_us
 from ._mla import (
     DTYPE_KEYS,
     EFFICIENCIES,
-    FULL_HEADS,
     MLA_OPS,
     MlaCurves,
     MlaModule,
@@ -57,7 +56,10 @@ from ._mla import (
 DSA_FAMILIES: tuple[str, ...] = ("dsa_context", "dsa_generation")
 DSA_MODEL = "deepseek-ai/DeepSeek-V3.2"
 DSA_BASE = "deepseek-v3.2"
-# DeepSeek-V3.2's released checkpoint is FP8 blocks.
+# The models of the measured modules, and their catalog names: the work of a row is
+# counted on its model's dimensions (GLM-5: 64 heads of 256 + 64, 32 indexer heads).
+DSA_MODELS = {DSA_MODEL: DSA_BASE, "zai-org/GLM-5": "glm-5"}
+# The FP8-block GEMM widths (and quantization pass) of DeepSeek-V3.2's checkpoint.
 DSA_CHECKPOINTS = {"fp8_block": DSA_BASE}
 DSA_EFFICIENCIES: tuple[str, ...] = (
     *EFFICIENCIES,
@@ -229,26 +231,45 @@ def _combine(a: Array, b: Array, p: Array) -> Array:
 
 def load_dsa_module(path) -> pd.DataFrame:
     """An aiconfigurator DSA module table (latency in ms) with ``latency_us``
-    added, DeepSeek-V3.2's rows only (the work is counted on its dimensions).
+    added, the rows of the models of :data:`DSA_MODELS` (DeepSeek-V3.2, GLM-5).
     Raises ``ValueError`` when the table has none."""
-    return load_module_table(path, DSA_MODEL, "DSA module")
+    return load_module_table(path, tuple(DSA_MODELS), "DSA module")
 
 
 def dsa_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows DSA curves are fitted on: 16-bit attention math, 16-bit or FP8
-    block GEMMs, every KV-cache type, duplicates averaged."""
-    return mla_rows(table, DSA_CHECKPOINTS)
+    """The rows DSA curves are fitted on: the models of :data:`DSA_MODELS`,
+    16-bit attention math, 16-bit or FP8 block GEMMs, every KV-cache type,
+    duplicates averaged (per model). Raises ``ValueError`` when none qualify."""
+    if "model" not in table:
+        return mla_rows(table, DSA_CHECKPOINTS)
+    ours = table[table["model"].isin(DSA_MODELS)]
+    if ours.empty:
+        raise ValueError(f"the DSA module table has no rows of {list(DSA_MODELS)}")
+    return pd.concat(
+        [
+            mla_rows(r, DSA_CHECKPOINTS).assign(model=model)
+            for model, r in ours.groupby("model", sort=True)
+        ],
+        ignore_index=True,
+    )
 
 
 def dsa_table_work(op: str, rows: pd.DataFrame) -> DsaWork:
     """:class:`DsaWork` of every row of a DSA module table: context rows
     ``batch_size`` requests of ``isl`` new tokens, empty cache; generation rows
-    ``batch_size`` requests of one new token reading ``step`` cached ones."""
+    ``batch_size`` requests of one new token reading ``step`` cached ones; each on
+    its ``model``'s dimensions (DeepSeek-V3.2 without a ``model`` column), with
+    ``num_heads`` heads on the GPU."""
+    if "model" not in rows:
+        rows = rows.assign(model=DSA_MODEL)
+    unknown = sorted(set(rows["model"]) - set(DSA_MODELS))
+    if unknown:
+        raise ValueError(f"DSA module rows of {unknown}: expected {list(DSA_MODELS)}")
     parts, order = [], []
-    for combo, r in rows.groupby(DTYPE_KEYS[1:], sort=False):
-        a = module_arch(combo[1], combo[0], DSA_BASE, DSA_CHECKPOINTS)
+    for combo, r in rows.groupby(["model", *DTYPE_KEYS[1:]], sort=False):
+        a = module_arch(combo[2], combo[1], DSA_MODELS[combo[0]], DSA_CHECKPOINTS)
         b = r["batch_size"].to_numpy(float)
-        t = jnp.asarray(FULL_HEADS / r["num_heads"].to_numpy(float))
+        t = jnp.asarray(a.n_heads / r["num_heads"].to_numpy(float))
         zero = np.zeros_like(b)
         if op == "context":
             stats = from_aggregates(

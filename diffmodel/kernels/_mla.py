@@ -270,21 +270,24 @@ def mla_module_us(m: MlaModule, w: MlaWork, hw: Hardware) -> Array:
 # --------------------------------------------------------------------------- tables
 
 
-def load_module_table(path, model: str = None, what: str = "MLA module"):
+def load_module_table(
+    path, model: str | tuple[str, ...] | None = None, what: str = "MLA module"
+):
     """An aiconfigurator attention-module table (latency in ms) with ``latency_us``
-    added, ``model``'s rows only (default DeepSeek-V3's).
+    added, the rows of ``model`` (one name or several; default DeepSeek-V3) only.
 
     The work of a row is counted on that model's dimensions (newer tables also hold
     other models' modules, which the module curves do not use). Raises
     ``ValueError`` when the table has none."""
     from ._tables import _read, _with_us
 
-    model = MLA_MODEL if model is None else model
+    models = (MLA_MODEL,) if model is None else model
+    models = (models,) if isinstance(models, str) else tuple(models)
     frame = _read(path, MLA_COLUMNS, what)
-    ours = frame[frame["model"] == model]
+    ours = frame[frame["model"].isin(models)]
     if ours.empty:
         raise ValueError(
-            f"{what} file {path}: no {model} rows (models: "
+            f"{what} file {path}: no {' or '.join(models)} rows (models: "
             f"{sorted(set(frame['model']))})"
         )
     return _with_us(ours.reset_index(drop=True), "latency", what)

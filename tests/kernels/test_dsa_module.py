@@ -211,6 +211,42 @@ def test_table_work_matches_one_row():
         assert float(np.asarray(got)[i]) == pytest.approx(float(want))
 
 
+def test_rows_keep_each_model_on_its_dimensions():
+    """GLM-5's modules are counted on GLM-5's dimensions (64 heads of qk 256 + 64,
+    v 256, 32 indexer heads), DeepSeek-V3.2's on its own; duplicates average per
+    model, never across them."""
+    base = synthetic_rows("generation").iloc[:1]
+    rows = pd.concat(
+        [
+            base.assign(model="deepseek-ai/DeepSeek-V3.2", latency_us=1.0),
+            base.assign(model="zai-org/GLM-5", latency_us=3.0),
+            base.assign(model="zai-org/GLM-5", latency_us=5.0),
+        ],
+        ignore_index=True,
+    )
+    kept = dk.dsa_rows(rows)
+    assert dict(zip(kept["model"], kept["latency_us"], strict=True)) == {
+        "deepseek-ai/DeepSeek-V3.2": 1.0,
+        "zai-org/GLM-5": 4.0,
+    }
+    w = dk.dsa_table_work("generation", kept)
+    heads = float(base["num_heads"].iloc[0])  # the heads on the GPU, either model
+    b, step = float(base["batch_size"].iloc[0]), float(base["step"].iloc[0])
+    keys = min(step, 2048.0)
+    # absorbed attention: qk = c + r = 576, v = c = 512 for both (same latent);
+    # tiles of 64 heads
+    tile = max(64.0, heads)
+    for i in (0, 1):
+        assert float(w.mla.attn_flops[i]) == pytest.approx(
+            2 * b * keys * tile * (576 + 512)
+        )
+    # the indexer: 64 heads (V3.2) vs 32 (GLM-5), 128 wide
+    assert float(w.index_flops[0]) == pytest.approx(2 * 64 * 128 * b * step)
+    assert float(w.index_flops[1]) == pytest.approx(2 * 32 * 128 * b * step)
+    # GLM-5's q_b is wider per head (256 + 64 vs 192) from a 2048-wide q_lora
+    assert float(w.mla.proj_flops[1]) != float(w.mla.proj_flops[0])
+
+
 @pytest.mark.slow
 def test_fit_recovers_known_module():
     hw = dm.hardware("h200-sxm")
@@ -249,11 +285,13 @@ def test_curves_json_round_trip_and_errors(tmp_path):
 def test_bad_inputs_raise(tmp_path):
     with pytest.raises(ValueError, match="op must be one of"):
         dsa_module_work("decode", _stats("context", 1.0, 1.0), V32.arch, 8)
-    frame = synthetic_rows("context").assign(latency=0.1, model="zai-org/GLM-5")
+    frame = synthetic_rows("context").assign(latency=0.1, model="other/model")
     path = tmp_path / "d.parquet"
     frame.to_parquet(path)
-    with pytest.raises(ValueError, match="no deepseek-ai/DeepSeek-V3.2 rows"):
+    with pytest.raises(ValueError, match="no deepseek-ai/DeepSeek-V3.2 or zai-org"):
         dk.load_dsa_module(path)
+    with pytest.raises(ValueError, match=r"rows of \['other/model'\]"):
+        dk.dsa_table_work("context", frame)
     with pytest.raises(ValueError, match="gemm_type"):
         module_arch("nvfp4", "bfloat16", DSA_BASE, DSA_CHECKPOINTS)
 
