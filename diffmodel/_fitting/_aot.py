@@ -37,6 +37,7 @@ import pathlib
 import platform
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -167,18 +168,27 @@ def compiled_call(
     folder = _folder()
     if folder is None:
         return None
-    run = _MEMORY.get(key)
+    path = folder / f"{key}{_SUFFIX}"
+    run, loaded = _MEMORY.get(key), False
     if run is None:
-        run = _load(folder / f"{key}{_SUFFIX}", len(leaves), n_out)
+        run = _load(path, len(leaves), n_out)
+        loaded = run is not None
     if run is None:
         run = _compile(body, treedef, others, leaves, folder, key)
-        if run is None:
-            return None
     _MEMORY[key] = run
     _MEMORY.move_to_end(key)
     while len(_MEMORY) > _MEMORY_SIZE:
         _MEMORY.popitem(last=False)
-    out = run(*leaves)
+    try:
+        out = run(*leaves)
+    except jax.errors.JaxRuntimeError:
+        if not loaded:
+            raise
+        # An executable that does not run (XLA resolves its functions when it
+        # starts): drop it; the caller compiles the loop anew.
+        path.unlink(missing_ok=True)
+        _MEMORY.pop(key, None)
+        return None
     return list(out) if len(out) == n_out else None
 
 
@@ -188,10 +198,33 @@ def _compile(body, treedef, others, leaves, folder, key):
         return tuple(jax.tree.leaves(body(*tree)))
 
     lowered = jax.jit(flat).lower(*leaves)
+    hits = _CACHE_HITS.count()
     compiled = lowered.compile()
-    if "custom_call" not in lowered.as_text():
+    # An executable JAX's persistent cache handed back serializes without some of
+    # its functions (jaxlib 0.10, XLA:CPU: "Function ... not found" when a later
+    # process runs it): only a fresh compile is kept.
+    fresh = _CACHE_HITS.count() == hits
+    if fresh and "custom_call" not in lowered.as_text():
         _save(folder, key, compiled)
     return compiled
+
+
+class _CacheHits:
+    """Persistent-cache hits in this thread (from ``jax.monitoring``)."""
+
+    def __init__(self):
+        self.local = threading.local()
+        jax.monitoring.register_event_listener(self._listen)
+
+    def _listen(self, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            self.local.n = self.count() + 1
+
+    def count(self) -> int:
+        return getattr(self.local, "n", 0)
+
+
+_CACHE_HITS = _CacheHits()
 
 
 def _load(path: pathlib.Path, n_in: int, n_out: int):

@@ -21,11 +21,25 @@ DATA = simulate(np.arange(120) % 4)
 Y = noisy(DATA, TRUTH, 0.03)
 
 
+class _Hits:
+    """Stands in for the persistent-cache hit counter: ``step`` hits a compile."""
+
+    def __init__(self, step=0):
+        self.n, self.step = 0, step
+
+    def count(self):
+        self.n += self.step
+        return self.n
+
+
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
-    """A fresh folder of kept loops, and nothing kept in memory."""
+    """A fresh folder of kept loops, nothing kept in memory, and every compile
+    taken as fresh (the suite's processes share one compilation cache, so a
+    compile here may come from it; the slow test below checks the real thing)."""
     monkeypatch.setattr(_aot, "_folder", lambda: tmp_path)
     monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+    monkeypatch.setattr(_aot, "_CACHE_HITS", _Hits())
     return tmp_path
 
 
@@ -79,6 +93,31 @@ def test_a_damaged_file_is_replaced(folder, monkeypatch):
     assert path.stat().st_size > 1000  # compiled and kept anew
 
 
+def test_an_executable_from_the_compilation_cache_is_not_kept(folder, monkeypatch):
+    """jaxlib serializes an executable that JAX's persistent cache handed back
+    without some of its functions; such a compile is never written."""
+    monkeypatch.setattr(_aot, "_CACHE_HITS", _Hits(step=1))
+    _fit()
+    assert not list(folder.glob("*.xla"))
+
+
+def test_a_kept_loop_that_does_not_run_is_dropped(folder, monkeypatch):
+    reference = _fit()
+    (path,) = folder.glob("*.xla")
+    monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+
+    def broken(*args, **kwargs):
+        def run(*leaves):
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function f not found")
+
+        return run
+
+    monkeypatch.setattr(_aot, "deserialize_and_load", broken)
+    res = _fit()  # falls back to the jitted loop
+    np.testing.assert_array_equal(res.loss_history, reference.loss_history)
+    assert not path.exists()
+
+
 def _user_loss(params, args):
     return jnp.sum((params - args) ** 2)
 
@@ -130,8 +169,8 @@ def test_switched_off_with_the_compilation_cache(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_process_loads_the_loop_without_compiling(tmp_path):
-    """Two fresh processes fit the same rows with one cache folder: the second
-    one's loop costs no tracing or compilation and gives the same fit."""
+    """Fresh processes fit the same rows with one cache folder: the second one's
+    loop costs no tracing or compilation and gives the same fit."""
     import json
     import os
     import subprocess
@@ -175,7 +214,15 @@ json.dump({"compile_s": res.compile_seconds, "loss": loss}, sys.stdout)
         return json.loads(out.stdout)
 
     first, second = run(), run()
-    assert len(list((tmp_path / "cache" / "loops").glob("*.xla"))) == 1
+    loops = tmp_path / "cache" / "loops"
+    assert len(list(loops.glob("*.xla"))) == 1
     assert first["compile_s"] > 0.05
     assert second["compile_s"] == 0.0
     assert second["loss"] == first["loss"]
+    # Without the kept loop, a process compiles from JAX's persistent cache and
+    # keeps nothing (such an executable would not run in a later process).
+    for path in loops.glob("*.xla"):
+        path.unlink()
+    third = run()
+    assert not list(loops.glob("*.xla"))
+    assert run()["loss"] == third["loss"] == first["loss"]
