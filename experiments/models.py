@@ -1,11 +1,13 @@
 """Step predictions for today's models, per component, beside aiconfigurator-core's
 own per-step estimate for the same steps.
 
-Deployments: DeepSeek-V3 (MLA + MoE, FP8 blocks) at TP 8 on H200, Llama-3.1-70B FP8
-(ModelOpt) on H100, Qwen3-30B-A3B and gpt-oss-120b on H100. Steps: a decode batch and
-a mixed prefill + decode batch. Our numbers are the unfitted physical priors
-(``default_factors``); aiconfigurator's come from its measured kernel database
-(``EngineHandle.decode_step_latency`` / ``mixed_step_latency``, vLLM tables).
+Deployments: DeepSeek-V3 (MLA + MoE, FP8 blocks), DeepSeek-V3.2 and GLM-5 FP8
+(sparse attention) at TP 8 on H200, Llama-3.1-70B FP8 (ModelOpt) on H100,
+Qwen3-30B-A3B and gpt-oss-120b on H100, Qwen3-235B-A22B NVFP4 at TP 4 on B200.
+Steps: a decode batch and a mixed prefill + decode batch. Our numbers are the
+unfitted physical priors (``default_factors``); aiconfigurator's come from its
+measured kernel database (``EngineHandle.decode_step_latency`` /
+``mixed_step_latency``, vLLM tables).
 
     python experiments/models.py [--out DIR]
 
@@ -37,6 +39,7 @@ DEPLOYMENTS = [
         "h200_sxm",
         (8, 1),
     ),
+    ("GLM-5 FP8 (DSA)", "zai-org/GLM-5-FP8", "h200", 8, 1, "h200_sxm", (8, 1)),
     (
         "Llama-3.1-70B FP8",
         "nvidia/Llama-3.1-70B-Instruct-FP8",
