@@ -45,15 +45,16 @@ def load_experiment(name: str):
     return module
 
 
-def run_on_host_devices(code: str, n: int = 2, timeout: int = 120) -> str:
-    """Run Python ``code`` in a fresh CPU process that sees ``n`` forced host
-    devices (the package importable from this checkout); its standard output.
-    Fails the test, with the process's error output, if it exits non-zero."""
-    env = dict(os.environ)
-    flag = f" --xla_force_host_platform_device_count={n}"
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + flag
+def run_python(code: str, env: dict | None = None, timeout: int = 120) -> str:
+    """Run Python ``code`` in a fresh CPU process (the package and the test
+    modules importable from this checkout; ``env`` added to the environment); its
+    standard output. Fails the test, with the process's error output, if it exits
+    non-zero."""
+    env = {**os.environ, **(env or {})}
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")]
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
@@ -63,6 +64,14 @@ def run_on_host_devices(code: str, n: int = 2, timeout: int = 120) -> str:
     )
     assert out.returncode == 0, out.stderr
     return out.stdout
+
+
+def run_on_host_devices(code: str, n: int = 2, timeout: int = 120) -> str:
+    """:func:`run_python` in a process that sees ``n`` forced host devices."""
+    flag = f" --xla_force_host_platform_device_count={n}"
+    return run_python(
+        code, {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + flag}, timeout
+    )
 
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -2,8 +2,6 @@
 instead of tracing, gives the same answer, and any loop whose key would be
 incomplete (user code, callbacks, solver objects) is never kept."""
 
-import pathlib
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,7 @@ from diffmodel._fitting import _aot, _optimise
 from diffmodel._fitting._factorsets import init_factor_set
 from diffmodel._fitting._fit import fit_arrays
 from tests.fitting.test_fit import LABELS, TRUTH, noisy, simulate
+from tests.helpers import run_python
 
 DATA = simulate(np.arange(120) % 4)
 Y = noisy(DATA, TRUTH, 0.03)
@@ -172,9 +171,6 @@ def test_a_second_process_loads_the_loop_without_compiling(tmp_path):
     """Fresh processes fit the same rows with one cache folder: the second one's
     loop costs no tracing or compilation and gives the same fit."""
     import json
-    import os
-    import subprocess
-    import sys
 
     code = r"""
 import json, sys
@@ -191,27 +187,10 @@ res = fit_arrays(init_factor_set("global", LABELS), data, noisy(data, TRUTH, 0.0
 loss = float(res.loss_history[res.n_steps - 1])
 json.dump({"compile_s": res.compile_seconds, "loss": loss}, sys.stdout)
 """
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache"),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(
-            [str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    env = {"DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache")}
 
     def run():
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            env=env,
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return json.loads(run_python(code, env, timeout=600))
 
     first, second = run(), run()
     loops = tmp_path / "cache" / "loops"
