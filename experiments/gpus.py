@@ -153,6 +153,7 @@ def init_for(family: str, form: str):
         tuned=base.raw_tuned is not None,
         prologue=base.prologue is not None,
         serial_k=base.log_kloop_ns is not None,
+        exp=base.raw_exp_eta is not None,
         portable=portable,
         cache=form == "portable_l2",
     )

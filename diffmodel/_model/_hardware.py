@@ -27,7 +27,8 @@ class Hardware(eqx.Module):
         link_bw: GPU-to-GPU bandwidth per direction (NVLink, else PCIe), bytes/s.
         sm_count: optional streaming multiprocessors (Intel: Xe cores), for waves of
             parallel work; ``None`` where unknown (portable curves then refuse it).
-        clock_ghz: optional boost clock, GHz (recorded, not used by the physics).
+        clock_ghz: optional boost clock, GHz: with ``sm_count``, the rate of the
+            special-function units (:attr:`exp_rate`).
         l2_bytes: optional last-level (L2) cache size, bytes, for operands that
             stay cached between repeated kernels; ``None`` where unknown.
     """
@@ -61,6 +62,25 @@ class Hardware(eqx.Module):
         self.sm_count = None if sm_count is None else jnp.asarray(sm_count, float)
         self.clock_ghz = None if clock_ghz is None else jnp.asarray(clock_ghz, float)
         self.l2_bytes = None if l2_bytes is None else jnp.asarray(l2_bytes, float)
+
+    @property
+    def exp_rate(self) -> Array | None:
+        """Exponentials per second of the special-function units (the softmax's
+        ``exp2`` in attention kernels): ``sm_count clock EXP_PER_SM_CLOCK``;
+        ``None`` where the SM count or the clock is unknown."""
+        if self.sm_count is None or self.clock_ghz is None:
+            return None
+        return self.sm_count * self.clock_ghz * 1e9 * EXP_PER_SM_CLOCK
+
+
+# Results per clock per SM of the 32-bit exp2 (MUFU.EX2), from the throughput table
+# of native arithmetic instructions in NVIDIA's CUDA C++ Programming Guide: 16 for
+# every compute capability from 5.x to 12.x (Ampere, Ada, Hopper, Blackwell). Against
+# 1024 dense 16-bit tensor FLOPs per clock per SM on H100 (and 2048 on B200), one exp
+# per score element costs as much as ~64 (~128) FLOPs of the 4 dh per element that
+# QK^T and PV do: FlashAttention-3 and -4 exist to hide it. Intel does not publish
+# the rate of its Xe cores' extended-math unit; the same 16 is assumed for them.
+EXP_PER_SM_CLOCK = 16.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -338,7 +338,8 @@ def kernel_step_time(
             pairs, kv_tokens, p, qh, dims.prefill_qk, dims.prefill_v, pf_width,
             pf_kv_bytes,
         )  # fmt: skip
-        work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles)
+        # One exponential per score element and query head (the softmax).
+        work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles, exps=qh * pairs)
         return jnp.where(p > 0, work.time_us(curves.prefill_attention), 0.0)
 
     prefill = (n_layers - n_win) * prefill_us(

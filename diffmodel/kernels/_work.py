@@ -50,6 +50,10 @@ class KernelWork(eqx.Module):
             over, for curves with a per-row cost (``RooflineCurves.row_ns``).
         depth: optional length of each output tile's main loop, K elements (GEMMs),
             for curves with a main-loop cost (``RooflineCurves.kloop_ns``).
+        exps: optional exponentials the kernel computes (attention: one per score
+            element), for curves with an exponential term.
+        exp_rate: optional exponentials per second of the GPU's special-function
+            units (``Hardware.exp_rate``).
     """
 
     flops: Float[Array, "*kernels"]
@@ -64,6 +68,8 @@ class KernelWork(eqx.Module):
     l2: Float[Array, "*kernels"] | None = None
     rows: Float[Array, "*kernels"] | None = None
     depth: Float[Array, "*kernels"] | None = None
+    exps: Float[Array, "*kernels"] | None = None
+    exp_rate: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -75,10 +81,12 @@ class KernelWork(eqx.Module):
         at peak (us) and blocks as waves of ``sms`` (:class:`RooflineCurves`).
         Curves with a per-row cost add ``rows row_ns``; with a main-loop cost,
         ``ceil(units / sms) depth kloop_ns`` (one serial main loop per wave of
-        output tiles).
+        output tiles). Curves with an exponential term, on work with ``exps``, time
+        the compute side as the tensor-core and exponential times overlapped
+        (:class:`RooflineCurves`).
 
         Raises ``ValueError`` for portable or main-loop curves on work without
-        ``sms``."""
+        ``sms``, and for an exponential term on work without ``exp_rate``."""
         if isinstance(eff, RooflineCurves):
             blocks = self.units if self.blocks is None else self.blocks
             f, b, u, pre_b = self.flops, self.bytes, self.units, self.pre_bytes
@@ -94,6 +102,8 @@ class KernelWork(eqx.Module):
                 if pre_b is not None:
                     pre_b = pre_b / self.bandwidth * 1e6
             eta_f, eta_b = eff.efficiencies(f, b, u, self.tuned)
+            if eff.raw_exp_eta is not None and self.exps is not None:
+                eta_f = eta_f / self._exp_factor(eff, u, eta_f)
             mem_bytes = self.bytes
             if eff.cache is not None:
                 if self.l2 is None or not eff.portable:
@@ -126,6 +136,26 @@ class KernelWork(eqx.Module):
         return floor + roofline_us(
             self.flops, mem_bytes, self.peak_flops, self.bandwidth, eta_f, eta_b
         )
+
+    def _exp_factor(self, eff: RooflineCurves, units, eta_f) -> Array:
+        """``t_c / t_mm >= 1``: the compute time with the exponentials overlapped
+        (``(t_mm^p + t_exp^p)^(1/p)``) over the tensor-core time alone (1 where
+        the kernel has no FLOPs)."""
+        if self.exp_rate is None:
+            raise ValueError(
+                "curves with an exponential term need the GPU's exponential rate: "
+                "Hardware(sm_count=..., clock_ghz=...) or a catalog GPU"
+            )
+        occ = 1.0 if eff.occupancy is None else eff.occupancy(units)
+        t_mm = self.flops / self.peak_flops * 1e6 / eta_f
+        t_exp = self.exps / self.exp_rate * 1e6 / (eff.exp_eta * occ)
+        busy = t_mm > 0
+        r = jnp.where(busy, t_exp / jnp.where(busy, t_mm, 1.0), 0.0)
+        hi, lo = jnp.maximum(r, 1.0), jnp.minimum(r, 1.0)
+        p = eff.exp_overlap
+        # (lo / hi)^p in (0, 1], floored so that its derivative in p stays finite.
+        frac = jnp.exp(p * jnp.log(jnp.maximum(lo / hi, 1e-30)))
+        return hi * jnp.exp(jnp.log1p(frac) / p)
 
 
 def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
@@ -220,6 +250,7 @@ def prefill_attention_work(
     ``isl^2 / 2`` per head plus the masked halves of the diagonal blocks and the
     padding of short sequences to a full tile); KV read ``batch isl``; queries
     ``batch isl`` (``attention_work``). Thread blocks: ``batch Hkv n_q``.
+    Exponentials: one per computed score element and query head (``f / (4 dh)``).
     """
     batch, isl = jnp.asarray(batch), jnp.asarray(isl)
     heads, kv_heads = jnp.asarray(heads), jnp.asarray(kv_heads)
@@ -229,7 +260,8 @@ def prefill_attention_work(
     f, b = attention_work(
         batch * pairs / group, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
     )
-    return _work(f, b, hw.flops_16, hw, batch * kv_heads * tiles)
+    exps = batch * pairs / group * heads  # one per computed score element
+    return _work(f, b, hw.flops_16, hw, batch * kv_heads * tiles, exps=exps)
 
 
 def decode_attention_work(
@@ -251,7 +283,17 @@ def decode_attention_work(
 
 
 def _work(
-    f, b, peak, hw, units=1.0, blocks=None, tuned=None, pre=None, rows=None, depth=None
+    f,
+    b,
+    peak,
+    hw,
+    units=1.0,
+    blocks=None,
+    tuned=None,
+    pre=None,
+    rows=None,
+    depth=None,
+    exps=None,
 ) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -273,6 +315,8 @@ def _work(
         l2=opt(hw.l2_bytes),
         rows=opt(rows),
         depth=opt(depth),
+        exps=opt(exps),
+        exp_rate=None if exps is None else opt(hw.exp_rate),
     )
 
 
