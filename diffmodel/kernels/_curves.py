@@ -175,7 +175,7 @@ class Occupancy(eqx.Module):
 
 
 class RooflineCurves(eqx.Module):
-    """Efficiency curves and launch floor of one operator family (6-10 params).
+    """Efficiency curves and launch floor of one operator family (8-14 params).
 
     ``t = latency_us + s unit_ns / 1000 + smooth_max(f / (peak eta_f o),
     b / (bw eta_b o))`` with ``eta_f = flops(f)``, ``eta_b = bandwidth(b)``,
