@@ -30,9 +30,11 @@ kernel floor), as aiconfigurator sums its kernel tables:
   query's ``index_topk`` tokens, the indexer's logits and top-k (in its
   ``index_layers``) and the KV writes; without DSA curves such models are refused;
 - prefill attention: per layer causal attention of the step's chunks, ``A_pf``
-  query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks
-  (``curves.prefill_attention``); sliding-window layers (gpt-oss) the pairs and
-  tokens within their window (+ sink tokens), as the roofline counts them
+  query-key pairs per head over ``K_pf + P`` KV tokens, ``Np`` chunks, one
+  exponential per pair and head (``curves.prefill_attention``, whose compute side
+  overlaps tensor-core and special-function time); sliding-window layers
+  (gpt-oss) the pairs and tokens within their window (+ sink tokens), as the
+  roofline counts them
   (:func:`~diffmodel._model._layers.windowed_attention`);
 - decode attention: per layer ``Nd`` sequences of mean context ``K_dec / Nd``
   (``curves.decode_attention``), in windowed layers at most ``W`` (+ sinks) each;
