@@ -388,17 +388,24 @@ class RooflineCurves(eqx.Module):
 class AllReduceCurve(eqx.Module):
     """All-reduce: a fixed latency plus a ring transfer at a size-dependent efficiency.
 
-    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(x))``, ``x`` the message bytes,
-    or (``portable``) its time on the link at full bandwidth, us (``bytes / link_bw``).
+    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(x)) (n / 2)^gamma``, ``x`` the
+    message bytes, or (``portable``) its time on the link at full bandwidth, us
+    (``bytes / link_bw``). ``gamma`` is how the transfer scales with the GPU count
+    beyond the ring's ``2 (n-1)/n``: 0 where every GPU has its own links, about 1
+    where all traffic crosses one shared fabric (PCIe GPUs through their host:
+    L40S's 1 GB all-reduce takes 56 ms on 2 GPUs, 431 ms on 4 and 961 ms on 8),
+    below 0 where more GPUs bring more links (NVSwitch); 0 without it.
 
     Attributes:
         raw_latency: softplus-inverse of the fixed latency of one all-reduce, us.
         bandwidth: efficiency of the link bandwidth vs message size.
+        gpu_exponent: optional ``gamma`` (dimensionless).
         portable: static; whether the curve takes link time (us) instead of bytes.
     """
 
     raw_latency: Float[Array, ""]
     bandwidth: SaturationCurve
+    gpu_exponent: Float[Array, ""] | None = None
     portable: bool = eqx.field(static=True, default=False)
 
     @property
@@ -407,9 +414,13 @@ class AllReduceCurve(eqx.Module):
         return jax.nn.softplus(self.raw_latency)
 
     def to_json(self) -> dict[str, Any]:
+        raw = {"raw_latency": float(self.raw_latency)}
+        phys = {"latency_us": float(self.latency_us)}
+        if self.gpu_exponent is not None:
+            raw["gpu_exponent"] = phys["gpu_exponent"] = float(self.gpu_exponent)
         return {
-            "raw": {"raw_latency": float(self.raw_latency)},
-            "physical": {"latency_us": float(self.latency_us)},
+            "raw": raw,
+            "physical": phys,
             "bandwidth": self.bandwidth.to_json(),
             "portable": self.portable,
         }
@@ -425,6 +436,9 @@ class AllReduceCurve(eqx.Module):
             bandwidth=SaturationCurve.from_json(
                 _need(obj, "bandwidth", "AllReduceCurve")
             ),
+            gpu_exponent=jnp.asarray(float(raw["gpu_exponent"]), jnp.result_type(float))
+            if "gpu_exponent" in raw
+            else None,
             portable=bool(obj.get("portable", False)),
         )
 
@@ -605,9 +619,12 @@ def default_roofline_curves(
     )
 
 
-def default_allreduce_curve(*, portable: bool = False) -> AllReduceCurve:
+def default_allreduce_curve(
+    *, portable: bool = False, gpu_exponent: bool = True
+) -> AllReduceCurve:
     """Starting all-reduce curve: 8 us latency, 0.7 of the link at large messages,
-    half of it at 1 MB (``portable``: at 2 us on the link)."""
+    half of it at 1 MB (``portable``: at 2 us on the link), and (``gpu_exponent``)
+    the ring's scaling with the GPU count (``gamma = 0``)."""
     return AllReduceCurve(
         raw_latency=jnp.asarray(_softplus_inv(8.0), jnp.result_type(float)),
         bandwidth=SaturationCurve.from_physical(
@@ -616,6 +633,7 @@ def default_allreduce_curve(*, portable: bool = False) -> AllReduceCurve:
             x_half=2.0 if portable else 1e6,
             unit="us on the link" if portable else "byte",
         ),
+        gpu_exponent=jnp.zeros((), jnp.result_type(float)) if gpu_exponent else None,
         portable=portable,
     )
 

@@ -357,11 +357,14 @@ def allreduce_kernel_us(
     """Predicted all-reduce time, us: ``allreduce_us`` with a curve or ``(eta, lat)``.
 
     ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us);
-    a portable curve takes the message's time on the link, ``bytes / link_bw`` (us).
+    a portable curve takes the message's time on the link, ``bytes / link_bw`` (us);
+    one with a GPU exponent scales the transfer by ``(n_gpus / 2)^gamma``.
     """
     if isinstance(eff, AllReduceCurve):
         x = jnp.asarray(bytes_) / hw.link_bw * 1e6 if eff.portable else bytes_
         eta, latency = eff.bandwidth(x), eff.latency_us
+        if eff.gpu_exponent is not None:  # as an efficiency: allreduce_us is a ring
+            eta = eta * jnp.exp(-eff.gpu_exponent * jnp.log(jnp.asarray(n_gpus) / 2.0))
     else:
         eta, latency = eff
     return allreduce_us(bytes_, n_gpus, hw.link_bw, eta, latency)
