@@ -544,7 +544,9 @@ class KernelCurves(eqx.Module):
         module curves (``mla``, ``dsa``: efficiencies relative to the peaks, a
         fixed cost in us)
         carry over as they are; ``experiments/mla_kernels.py``'s leave-one-GPU-out
-        lines measure what a module model fitted on other GPUs misses."""
+        lines measure what a module model fitted on other GPUs misses. The
+        all-reduce's GPU exponent does not carry (it is the interconnect's): on
+        another GPU the all-reduce is the plain ring."""
         from .._model._hardware import canonical_hardware
 
         absolute = [f for f in ALL_FAMILIES if not getattr(self, f).portable]
@@ -554,7 +556,18 @@ class KernelCurves(eqx.Module):
                 "and do not carry to another GPU; calibrate them portable "
                 "(calibrate_kernels(..., portable=True) or 'diffmodel calibrate')"
             )
-        return dataclasses.replace(self, hardware=canonical_hardware(hardware))
+        target = canonical_hardware(hardware)
+        out = dataclasses.replace(self, hardware=target)
+        if target != canonical_hardware(self.hardware):
+            # The all-reduce's scaling with the GPU count is the interconnect's (L40S's
+            # PCIe fabric is not H100's NVSwitch): another GPU gets the plain ring.
+            out = eqx.tree_at(
+                lambda c: c.allreduce.gpu_exponent,
+                out,
+                None,
+                is_leaf=lambda x: x is None,
+            )
+        return out
 
 
 def default_roofline_curves(

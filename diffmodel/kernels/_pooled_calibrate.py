@@ -114,7 +114,10 @@ class PooledCurves:
 
 def _init(family: str):
     if family == "allreduce":
-        return default_allreduce_curve(portable=True)
+        # The ring alone: how a transfer scales with the GPU count belongs to the
+        # interconnect (a PCIe host fabric, NVLink, NVSwitch), and one exponent
+        # shared by GPUs on different fabrics describes none of them.
+        return default_allreduce_curve(portable=True, gpu_exponent=False)
     return init_curves(family, portable=True)
 
 

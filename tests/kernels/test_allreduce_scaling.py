@@ -59,3 +59,15 @@ def test_curves_file_keeps_the_exponent_and_loads_files_without_it():
     assert float(curves_from_json(obj).allreduce.gpu_exponent) == 0.7
     del obj["allreduce"]["raw"]["gpu_exponent"]
     assert curves_from_json(obj).allreduce.gpu_exponent is None
+
+
+def test_the_exponent_stays_with_its_interconnect():
+    """Ported to another GPU, or pooled over GPUs on different fabrics, the
+    all-reduce is the plain ring."""
+    from diffmodel.kernels._pooled_calibrate import _init
+
+    curves = dk.default_kernel_curves("l40s", portable=True)
+    curves = eqx.tree_at(lambda c: c.allreduce.gpu_exponent, curves, jnp.asarray(1.5))
+    assert curves.ported_to("h100-sxm").allreduce.gpu_exponent is None
+    assert float(curves.ported_to("l40s").allreduce.gpu_exponent) == 1.5
+    assert _init("allreduce").gpu_exponent is None
