@@ -33,6 +33,15 @@ def smooth_max(a: ArrayLike, b: ArrayLike, sharpness: float = SHARPNESS) -> Arra
     return hi * _root(1.0 + _power(r, sharpness), sharpness)
 
 
+def power_max(a: ArrayLike, b: ArrayLike, p: ArrayLike) -> Array:
+    """``(a^p + b^p)^(1/p)`` for ``a, b > 0`` and a traced (fitted) ``p >= 1``:
+    :func:`smooth_max` with a learnable sharpness (``p = 1``: the sum, ``p -> inf``:
+    the maximum). Gradients in ``p`` stay finite where one side vanishes."""
+    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+    r = jnp.maximum(lo / hi, 1e-30)
+    return hi * jnp.exp(jnp.log1p(jnp.exp(p * jnp.log(r))) / p)
+
+
 # XLA:CPU evaluates ``pow`` ~10x slower than ``exp``: the default sharpness 4 uses
 # multiplications and square roots instead.
 def _power(x: Array, p: float) -> Array:

@@ -37,7 +37,7 @@ from .._model._arch import Architecture
 from .._model._batch import BatchStats, from_aggregates
 from .._model._hardware import Hardware
 from .._model._layers import indexer_projection_work, indexer_work, windowed_attention
-from .._model._physics import roofline_us
+from .._model._physics import power_max, roofline_us
 from ._mla import (
     DTYPE_KEYS,
     EFFICIENCIES,
@@ -215,15 +215,7 @@ def dsa_module_us(m: DsaModule, w: DsaWork, hw: Hardware) -> Array:
     indexer's synchronisations. The measured prefill modules stay flat at it up to
     thousands of tokens: the GPU's work runs under it (their smooth maximum)."""
     proj, attn, index, kv = dsa_parts_us(m, w, hw)
-    return _combine(proj + attn + index + kv, m.latency_us, m.overlap)
-
-
-def _combine(a: Array, b: Array, p: Array) -> Array:
-    """``(a^p + b^p)^(1/p)`` for ``a, b > 0`` and a traced ``p >= 1`` (finite
-    gradients in ``p`` also where one side vanishes)."""
-    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
-    r = jnp.maximum(lo / hi, 1e-30)
-    return hi * jnp.exp(jnp.log1p(jnp.exp(p * jnp.log(r))) / p)
+    return power_max(proj + attn + index + kv, m.latency_us, m.overlap)
 
 
 # --------------------------------------------------------------------------- tables

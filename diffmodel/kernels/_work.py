@@ -19,6 +19,7 @@ from .._model._physics import (
     attention_work,
     gemm_act_quant_bytes,
     gemm_work,
+    power_max,
     roofline_us,
     tensor_peak,
 )
@@ -151,11 +152,7 @@ class KernelWork(eqx.Module):
         t_exp = self.exps / self.exp_rate * 1e6 / (eff.exp_eta * occ)
         busy = t_mm > 0
         r = jnp.where(busy, t_exp / jnp.where(busy, t_mm, 1.0), 0.0)
-        hi, lo = jnp.maximum(r, 1.0), jnp.minimum(r, 1.0)
-        p = eff.exp_overlap
-        # (lo / hi)^p in (0, 1], floored so that its derivative in p stays finite.
-        frac = jnp.exp(p * jnp.log(jnp.maximum(lo / hi, 1e-30)))
-        return hi * jnp.exp(jnp.log1p(frac) / p)
+        return power_max(jnp.ones_like(r), r, eff.exp_overlap)
 
 
 def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
