@@ -24,6 +24,7 @@ from ._fitting._host_terms import (
     HostTermsChoice as HostTermsChoice,
     select_host_terms as select_host_terms,
 )
+from ._fitting._intervals import Calibration as Calibration
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
 from ._fitting._kernel_host import (
     KernelHostFit as KernelHostFit,
@@ -87,6 +88,7 @@ __all__ = [
     "BatchStats",
     "Breakdown",
     "COMPONENTS",
+    "Calibration",
     "Deployment",
     "FACTOR_NAMES",
     "FACTOR_SPECS",

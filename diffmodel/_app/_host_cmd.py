@@ -22,6 +22,19 @@ def _curves(path: str):
         raise ValueError(f"--curves {path}: {err}") from None
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
 def with_deployment(frame, flags: dict):
     """``frame`` with the ``--model/--hardware/--tp`` flags given as columns (already
     checked against the table by :func:`deployment_groups`)."""
@@ -45,6 +58,11 @@ def cmd_fit_host(args) -> int:
         out_file,
     )
 
+    if args.calibrate_tail is not None and args.split == "temporal":
+        raise ValueError(
+            "--calibrate-tail goes with --split none: --split temporal calibrates "
+            "the intervals on its validation rows"
+        )
     jax.config.update("jax_enable_x64", True)
     output = out_file(args.out, "--out", (".json",))
     curves = _curves(args.curves)
@@ -56,12 +74,32 @@ def cmd_fit_host(args) -> int:
     frame = with_deployment(frame, flags)
     if dropped:
         note(dropped)
+    calibrate = frame.iloc[:0]
+    if args.calibrate_tail is not None:
+        check_temporal_columns(frame)
     if args.split == "temporal":
         split = temporal_split(frame)
         train, test = frame[split == "train"], frame[split == "test"]
+        calibrate = frame[split == "valid"]
         if len(train) == 0 or len(test) == 0:
             raise ValueError("--split temporal left no training or no test rows")
-        note(f"temporal split: fit on {len(train)} rows, score on {len(test)}")
+        note(
+            f"temporal split: fit on {len(train)} rows, calibrate the intervals on "
+            f"the next {len(calibrate)}, score on the last {len(test)}"
+        )
+    elif args.calibrate_tail is not None:
+        tail = args.calibrate_tail
+        split = temporal_split(frame, fractions=(1.0 - tail, tail, 0.0))
+        train, calibrate = frame[split == "train"], frame[split == "valid"]
+        if len(train) == 0 or len(calibrate) == 0:
+            raise ValueError(
+                f"--calibrate-tail {tail} left no training or no held-out rows"
+            )
+        test = frame
+        note(
+            f"fit on the first {len(train)} rows of each experiment, calibrate the "
+            f"intervals on the last {len(calibrate)}"
+        )
     else:
         train = test = frame
     terms = tuple(args.terms)
@@ -89,6 +127,13 @@ def cmd_fit_host(args) -> int:
     )
     for line in result.unpinned:
         print(f"undetermined: {line}")
+    if len(calibrate):
+        result = result.calibrate(calibrate, target=args.target)
+        print(
+            f"intervals calibrated on {len(calibrate)} held-out rows: the 90% "
+            f"interval spans +-{result.calibration.multiplier(0.9):.3f} sd "
+            "(normal: +-1.645 sd)"
+        )
     save_host_fit(result, output)
     print(f"saved {output}")
     which = "test" if args.split == "temporal" else "training"
@@ -96,6 +141,11 @@ def cmd_fit_host(args) -> int:
     by = "experiment_id" if "experiment_id" in pred.columns else None
     print(f"\naccuracy on the {which} rows ({args.target}, us):")
     print(metrics_text(pred, args.target, by))
+    if args.split == "temporal":
+        band = result.predict(test, interval=0.9)
+        y = test[args.target]
+        inside = (band["predicted_lo_us"] <= y) & (y <= band["predicted_hi_us"])
+        print(f"90% interval: covers {100 * inside.mean():.1f}% of the test rows")
     return 0
 
 
@@ -176,9 +226,19 @@ def add_parser(subparsers, common) -> None:
         "--split",
         choices=("temporal", "none"),
         default="none",
-        help="'temporal': fit on the first 60 %% of each experiment's steps, score "
-        "on the last 20 %% (needs experiment_id and step.id); 'none': fit and "
-        "score on every row (default)",
+        help="'temporal': fit on the first 60 %% of each experiment's steps, "
+        "calibrate the intervals on the next 20 %%, score on the last 20 %% (needs "
+        "experiment_id and step.id); 'none': fit and score on every row (default)",
+    )
+    p.add_argument(
+        "--calibrate-tail",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="with --split none: hold the last fraction F (0 < F < 1) of each "
+        "experiment's steps out of the fit and calibrate the predictive intervals "
+        "on them (split conformal; needs experiment_id and step.id). Default: no "
+        "calibration, intervals assume Gaussian log residuals",
     )
     p.add_argument(
         "--max-iterations",

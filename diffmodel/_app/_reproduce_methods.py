@@ -125,7 +125,9 @@ kernel database (:func:`diffmodel.kernels.curves_from_other_gpus`)."""
 
 def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
     """The kernel sum alone (nothing fitted), or with its host costs fitted on the
-    pooled training rows (``fit_host_on_kernels``; 90% intervals)."""
+    pooled training rows (``fit_host_on_kernels``) and its 90% intervals calibrated
+    on the fold's validation rows (later steps of the training deployments, never
+    fitted; ``KernelHostFit.calibrate``)."""
     curves = settings.kernel_curves
     if method.endswith("-other-gpus"):
         curves = settings.other_gpu_curves
@@ -143,6 +145,8 @@ def _kernel_sum(method: str, fold: _Fold, target: str, settings: _Settings):
         )
     tick = time.perf_counter()
     result = fit_host_on_kernels(fold.train, target=target, curves=curves)
+    if len(fold.valid):
+        result = result.calibrate(fold.valid, target=target)
     seconds = time.perf_counter() - tick
     out = result.predict(fold.test, interval=INTERVAL_LEVEL)
     return _Outcome(

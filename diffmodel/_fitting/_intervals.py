@@ -194,3 +194,67 @@ def set_interval(
         return jnp.log(fs.predict(data))
 
     return interval(log_predict, vec, cov_raw, noise_sd, level=level)
+
+
+CALIBRATION_LEVELS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
+"""The interval levels a :class:`Calibration` stores its multipliers at (0.01 to
+0.99); a level between two of them interpolates linearly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Interval multipliers measured on rows a fit did not see (split conformal).
+
+    The Gaussian interval ``t * exp(+-z sd)`` assumes log-ratio residuals of sd
+    ``sd``. The residuals of step times are heavier-tailed than that, and later rows
+    of a trace miss by more than the fitted ones; both set the coverage off its level.
+    A calibration replaces ``z`` by the ``level`` quantile of the scores
+    ``|log(actual / predicted)| / sd`` of held-out rows (the finite-sample conformal
+    rank ``ceil((n + 1) level)`` of ``n`` scores), so on rows like those the interval
+    covers ``level`` of them.
+
+    Attributes:
+        multipliers: the multiplier at each of :data:`CALIBRATION_LEVELS` (unitless;
+            None where the rows are too few for that level).
+        n_rows: the held-out rows scored.
+    """
+
+    multipliers: tuple[float | None, ...]
+    n_rows: int
+
+    def multiplier(self, level: float) -> float:
+        """The multiplier of ``sd`` for a central ``level`` interval.
+
+        Raises:
+            ValueError: ``level`` outside the calibrated range (0.01 up to the
+                highest level the rows support).
+        """
+        grid = np.asarray(CALIBRATION_LEVELS)
+        top = max(
+            (lv for lv, m in zip(grid, self.multipliers, strict=True) if m is not None),
+            default=None,
+        )
+        if top is None or not grid[0] <= level <= top:
+            raise ValueError(
+                f"interval level {level!r}: the calibration on {self.n_rows} held-out "
+                f"rows covers levels {grid[0]} to {top}"
+            )
+        values = np.array([np.inf if m is None else m for m in self.multipliers])
+        return float(np.interp(level, grid, values))
+
+
+def calibration_from_scores(scores: Float[ArrayLike, " rows"]) -> Calibration:
+    """A :class:`Calibration` from held-out scores ``|log(actual / predicted)| / sd``
+    (finite, >= 0, at least one)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if s.size == 0 or not np.all(np.isfinite(s)) or (s < 0).any():
+        raise ValueError(
+            "calibration scores must be finite, >= 0 and at least one, got "
+            f"{s.size} values"
+        )
+    n = s.size
+    ranks = np.ceil((n + 1) * np.asarray(CALIBRATION_LEVELS) - 1e-9).astype(int)
+    return Calibration(
+        multipliers=tuple(float(s[r - 1]) if r <= n else None for r in ranks),
+        n_rows=n,
+    )

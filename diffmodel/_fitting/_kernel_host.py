@@ -42,7 +42,13 @@ from ..kernels._step import (
     kernel_step_time,
 )
 from ._fit import _check_target, step_data
-from ._intervals import REGIMES, UnseenGroupWarning, regime_noise_sd
+from ._intervals import (
+    REGIMES,
+    Calibration,
+    UnseenGroupWarning,
+    calibration_from_scores,
+    regime_noise_sd,
+)
 from ._laplace import IdentifiabilityWarning
 from ._optimise import minimise
 
@@ -75,6 +81,8 @@ class KernelHostFit:
         trained_on: deployment labels (``model/gpu/tpN``) of the fitted rows.
         converged: whether the optimiser met its convergence test.
         unpinned: directions the data do not determine, in words.
+        calibration: interval multipliers measured on held-out rows
+            (:meth:`calibrate`), or None (the normal quantile).
     """
 
     curves: KernelCurves
@@ -88,6 +96,7 @@ class KernelHostFit:
     trained_on: tuple[str, ...]
     converged: bool
     unpinned: tuple[str, ...]
+    calibration: Calibration | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per fitted term: value and posterior sd, us."""
@@ -109,11 +118,13 @@ class KernelHostFit:
     ):
         """Predicted step times of ``frame``'s rows, us, as a DataFrame (same index):
         ``predicted_us``, and with ``interval`` (a level in (0, 1)) the central
-        predictive interval ``predicted_lo_us`` / ``predicted_hi_us`` from the
-        posterior of the host costs plus the in-sample residual noise of the row's
-        regime. Rows of deployments outside ``trained_on`` warn
-        (:class:`~diffmodel.UnseenGroupWarning`): their miss is a transfer, wider
-        than the in-sample noise.
+        predictive interval ``predicted_lo_us`` / ``predicted_hi_us``: the posterior
+        of the host costs plus the in-sample residual noise of the row's regime, its
+        width ``z sd`` on the log scale with ``z`` the normal quantile, or, after
+        :meth:`calibrate`, the multiplier the held-out rows measured (for rows of the
+        fitted deployments). Rows of deployments outside ``trained_on`` warn
+        (:class:`~diffmodel.UnseenGroupWarning`) and keep the normal quantile: their
+        miss is a transfer, which neither the fitted nor the held-out rows measure.
 
         ``curves``: another GPU's curves, for rows on that GPU: the device side
         comes from them, the host costs (the serving stack's) from this fit."""
@@ -121,13 +132,7 @@ class KernelHostFit:
             isinstance(interval, float | int) and 0.0 < interval < 1.0
         ):
             raise ValueError(f"interval must be a level in (0, 1), got {interval!r}")
-        dev, x, labels, has_prefill, _ = _prepare(
-            frame, self.curves if curves is None else curves
-        )
-        cols = [HOST_TERMS.index(t) for t in self.terms]
-        theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
-        host = x[:, cols] @ theta
-        pred = dev + host
+        pred, sd, seen, labels = self._log_sd(frame, curves)
         out = pd.DataFrame({"predicted_us": pred}, index=frame.index)
         if interval is None:
             return out
@@ -140,16 +145,67 @@ class KernelHostFit:
                 UnseenGroupWarning,
                 stacklevel=2,
             )
+        z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
+        if self.calibration is not None:
+            z = np.where(seen, self.calibration.multiplier(float(interval)), z)
+        out["predicted_lo_us"] = pred * np.exp(-z * sd)
+        out["predicted_hi_us"] = pred * np.exp(z * sd)
+        return out
+
+    def calibrate(
+        self,
+        frame: pd.DataFrame,
+        *,
+        target: str,
+        curves: KernelCurves | None = None,
+    ) -> "KernelHostFit":
+        """This fit with its intervals calibrated on ``frame``: held-out rows of the
+        fitted deployments (later steps of the same traces, say), never rows it was
+        fitted on.
+
+        The scores ``|log(actual / predicted)| / sd`` of those rows set the interval
+        multiplier of each level (:class:`~diffmodel.Calibration`, split conformal),
+        so the intervals cover their level on rows like them rather than assuming
+        Gaussian log residuals. Only the intervals change.
+
+        Raises:
+            ValueError: a bad frame or target, or rows of deployments the fit never
+                saw (a transfer: calibrating on it would widen every interval).
+        """
+        y = target_values(frame, target)
+        pred, sd, seen, labels = self._log_sd(frame, curves)
+        if not seen.all():
+            raise ValueError(
+                "calibrate: rows of "
+                f"{sorted(set(labels) - set(self.trained_on))} were not fitted "
+                f"(trained on {list(self.trained_on)}); calibrate on held-out rows "
+                "of the fitted deployments"
+            )
+        if not (pred > 0.0).all():
+            raise ValueError(
+                f"calibrate: {int((pred <= 0).sum())} rows are predicted no time "
+                "(no forward pass and no host term for them)"
+            )
+        scores = np.abs(np.log(y / pred)) / sd
+        return dataclasses.replace(self, calibration=calibration_from_scores(scores))
+
+    def _log_sd(self, frame: pd.DataFrame, curves: KernelCurves | None):
+        """Prediction (us), log-scale predictive sd, whether each row's deployment
+        was fitted, and the deployments present."""
+        dev, x, labels, has_prefill, group = _prepare(
+            frame, self.curves if curves is None else curves
+        )
+        cols = [HOST_TERMS.index(t) for t in self.terms]
+        theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
+        pred = dev + x[:, cols] @ theta
         # d log t / d raw; a step with no forward pass and no cost stays at 0.
         safe = np.where(pred > 0.0, pred, 1.0)
         grad = np.where(pred[:, None] > 0.0, x[:, cols] * theta / safe[:, None], 0.0)
         var = np.einsum("ni,ij,nj->n", grad, self.cov_raw, grad)
         noise = np.where(has_prefill, self.noise_sd[0], self.noise_sd[1])
-        z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
         sd = np.sqrt(np.maximum(var, 0.0) + noise**2)
-        out["predicted_lo_us"] = pred * np.exp(-z * sd)
-        out["predicted_hi_us"] = pred * np.exp(z * sd)
-        return out
+        seen = np.array([lab in self.trained_on for lab in labels], bool)
+        return pred, sd, seen[group] if len(labels) else seen, labels
 
 
 def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
@@ -179,13 +235,13 @@ def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
 
 def _prepare(frame: pd.DataFrame, curves: KernelCurves):
     """Device time (us), host multipliers, the labels of the deployments present,
-    prefill flags and deployment index per row."""
+    prefill flags and each row's index into those labels."""
     data, labels = _checked_data(frame, curves)
     dev, x = _device_features(data.stats, data.deployments, data.group, curves)
     dev, x = np.asarray(dev, np.float64), np.asarray(x, np.float64)
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
-    group = np.asarray(data.group)
-    present = [labels[i] for i in np.unique(group)]
+    codes, group = np.unique(np.asarray(data.group), return_inverse=True)
+    present = [labels[i] for i in codes]
     return dev, x, present, has_prefill, group
 
 

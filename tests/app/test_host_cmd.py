@@ -112,6 +112,13 @@ FIT_BAD = {
     "curves not json": (["--curves", "steps.csv"], "--curves steps.csv", 1),
     "no such target": (["--target", "t_us"], "t_us", 1),
     "bad out suffix": (["--out", "host.txt"], "expected a .json file", 1),
+    "tail not a fraction": (["--calibrate-tail", "1.5"], "fraction in (0, 1)", 2),
+    "tail without time": (["--calibrate-tail", "0.2"], "step.id", 1),
+    "tail and temporal": (
+        ["--calibrate-tail", "0.2", "--split", "temporal"],
+        "--calibrate-tail goes with --split none",
+        1,
+    ),
 }
 
 
@@ -142,3 +149,40 @@ def test_fit_host_terms_auto_prints_the_comparison_and_fits_the_choice(folder, c
     assert saved == ["layer", "layer_request"]
     assert _fit(folder, "--terms", "auto", "layer") == 1
     assert "'auto' stands alone" in capsys.readouterr().err
+
+
+def _timed(folder):
+    """The steps with an experiment per model and a step counter, as a trace has."""
+    frame = pd.read_csv(folder / "steps.csv")
+    frame = frame.assign(
+        experiment_id=frame["model"], **{"step.id": frame.groupby("model").cumcount()}
+    )
+    frame.to_csv(folder / "timed.csv", index=False)
+    return frame
+
+
+def test_fit_host_calibrates_its_intervals_on_held_out_rows(folder, capsys):
+    """``--split temporal`` calibrates on the validation 20 %% and reports the test
+    coverage; ``--calibrate-tail`` holds the last rows out of the fit for it; the
+    saved fit carries the multipliers that ``predict --host`` then uses."""
+    frame = _timed(folder)
+    argv = ["fit-host", "--data", folder / "timed.csv", "--target"]
+    argv += ["iteration_time_us", "--curves", folder / "h100.json"]
+    argv += ["--out", folder / "host.json"]
+    assert main([str(a) for a in (*argv, "--split", "temporal")]) == 0
+    out = capsys.readouterr().out
+    assert "intervals calibrated on 48 held-out rows" in out
+    assert "90% interval: covers" in out
+    fit = dm.load_host_fit(folder / "host.json")
+    assert fit.calibration is not None and fit.calibration.n_rows == 48
+    assert fit.n_rows == 144
+    assert main([str(a) for a in (*argv, "--calibrate-tail", "0.25")]) == 0
+    fit = dm.load_host_fit(folder / "host.json")
+    assert (fit.n_rows, fit.calibration.n_rows) == (180, 60)
+    argv = ["predict", "--data", folder / "timed.csv", "--out", folder / "p.csv"]
+    argv += ["--host", folder / "host.json", "--interval", "0.8"]
+    assert main([str(a) for a in argv]) == 0
+    got = pd.read_csv(folder / "p.csv")
+    want = fit.predict(frame, interval=0.8)
+    for c in ("predicted_lo_us", "predicted_hi_us"):
+        np.testing.assert_allclose(got[c], want[c], rtol=1e-9)

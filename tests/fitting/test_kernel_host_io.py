@@ -61,3 +61,18 @@ def test_not_json_and_not_a_fit(tmp_path):
         dm.load_host_fit(tmp_path / "none.json")
     with pytest.raises((ValueError, TypeError), match="KernelHostFit"):
         dm.save_host_fit("not a fit", path)
+
+
+def test_a_calibrated_fit_round_trips_and_a_bad_block_is_named(fitted, tmp_path):
+    frame, fit = fitted
+    cal = fit.calibrate(frame, target="iteration_time_us")
+    back = dm.load_host_fit(dm.save_host_fit(cal, tmp_path / "cal.json"))
+    assert back.calibration == cal.calibration
+    want, got = (f.predict(frame, interval=0.9) for f in (cal, back))
+    np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+    d = host_fit_to_dict(cal)
+    d["calibration"]["multipliers"][3] = -1.0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="field 'calibration'"):
+        dm.load_host_fit(path)

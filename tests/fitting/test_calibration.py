@@ -1,0 +1,111 @@
+"""Split-conformal interval calibration: multipliers from held-out scores, and a
+KernelHostFit whose intervals cover their level on heavy-tailed residuals where the
+Gaussian interval does not."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import diffmodel as dm
+from diffmodel._fitting._intervals import CALIBRATION_LEVELS, calibration_from_scores
+from tests.kernels.test_step import CURVES, TRUTH, _frame, _with_target
+
+
+def test_multipliers_are_the_conformal_ranks_by_hand():
+    # Scores 1..9 (n = 9): level 0.9 takes rank ceil(10 * 0.9) = 9, i.e. 9;
+    # level 0.5 rank 5, i.e. 5; level 0.95 needs rank 10 > 9: not supported.
+    cal = calibration_from_scores(np.arange(9, 0, -1.0))
+    assert cal.n_rows == 9
+    assert cal.multiplier(0.9) == 9.0
+    assert cal.multiplier(0.5) == 5.0
+    assert cal.multiplier(0.01) == 1.0
+    # between two grid levels: linear (0.5 -> 5, 0.51 -> rank ceil(5.1) = 6)
+    assert cal.multiplier(0.505) == pytest.approx(5.5)
+    with pytest.raises(ValueError, match="9 held-out rows covers levels 0.01 to 0.9"):
+        cal.multiplier(0.95)
+    with pytest.raises(ValueError, match="covers levels"):
+        cal.multiplier(0.005)
+
+
+def test_multipliers_rise_with_the_level_and_match_the_normal_on_normal_scores():
+    rng = np.random.default_rng(0)
+    cal = calibration_from_scores(np.abs(rng.normal(size=200_000)))
+    m = np.array(cal.multipliers, dtype=float)
+    assert len(m) == len(CALIBRATION_LEVELS) and (np.diff(m) >= 0).all()
+    assert cal.multiplier(0.9) == pytest.approx(1.6449, rel=0.01)
+    assert cal.multiplier(0.5) == pytest.approx(0.6745, rel=0.01)
+
+
+@pytest.mark.parametrize("scores", [[], [1.0, np.nan], [-0.1, 1.0], [np.inf]], ids=str)
+def test_bad_scores_are_refused(scores):
+    with pytest.raises(ValueError, match="calibration scores must be finite"):
+        calibration_from_scores(np.asarray(scores, dtype=float))
+
+
+def _heavy(frame, seed):
+    """``frame`` with a target whose log residual is mostly tight (sd 0.01) with
+    5% large misses (sd 0.2): rms 0.046, so the Gaussian 90% interval reaches
+    +-0.075 and covers ~96.5%, while 90% of the residuals lie within ~0.019."""
+    y = _with_target(frame, TRUTH, noise=0.0)["iteration_time_us"].to_numpy()
+    rng = np.random.default_rng(seed)
+    sd = np.where(rng.random(len(y)) < 0.05, 0.2, 0.01)
+    return frame.assign(iteration_time_us=y * np.exp(rng.normal(0.0, sd)))
+
+
+def _coverage(out, frame):
+    y = frame["iteration_time_us"]
+    inside = (out["predicted_lo_us"] <= y) & (y <= out["predicted_hi_us"])
+    return float(inside.mean()), float(
+        np.median(
+            (out["predicted_hi_us"] - out["predicted_lo_us"]) / out["predicted_us"]
+        )
+    )
+
+
+def test_calibrated_intervals_cover_their_level_on_heavy_tails():
+    fit = dm.fit_host_on_kernels(
+        _heavy(_frame(seed=0), 1), target="iteration_time_us", curves=CURVES
+    )
+    assert fit.calibration is None
+    cal = fit.calibrate(_heavy(_frame(seed=2), 3), target="iteration_time_us")
+    assert cal.calibration is not None and cal.calibration.n_rows == 400
+    assert cal.host == fit.host  # only the intervals change
+    test = _heavy(_frame(n=2000, seed=4), 5)
+    gauss, gauss_width = _coverage(fit.predict(test, interval=0.9), test)
+    calibrated, width = _coverage(cal.predict(test, interval=0.9), test)
+    # The tail inflates the rms: the Gaussian interval covers too much.
+    assert gauss > 0.955
+    assert 0.86 <= calibrated <= 0.94 and width < 0.6 * gauss_width
+    np.testing.assert_array_equal(
+        cal.predict(test)["predicted_us"], fit.predict(test)["predicted_us"]
+    )
+
+
+def test_calibration_refuses_rows_of_another_deployment_and_bad_targets():
+    fit = dm.fit_host_on_kernels(
+        _with_target(_frame(n=60), TRUTH), target="iteration_time_us", curves=CURVES
+    )
+    other = _with_target(_frame(n=30, models=(("llama-2-70b", 4),)), TRUTH)
+    with pytest.raises(ValueError, match="llama-2-70b.* were not fitted"):
+        fit.calibrate(other, target="iteration_time_us")
+    with pytest.raises(ValueError, match="target 'wall_us': no such column"):
+        fit.calibrate(other, target="wall_us")
+    bad = other.assign(iteration_time_us=-1.0)
+    with pytest.raises(ValueError, match="iteration_time_us"):
+        fit.calibrate(bad, target="iteration_time_us")
+
+
+def test_rows_of_an_unseen_deployment_keep_the_normal_quantile():
+    frame = _with_target(_frame(n=80), TRUTH)
+    fit = dm.fit_host_on_kernels(frame, target="iteration_time_us", curves=CURVES)
+    cal = fit.calibrate(
+        _with_target(_frame(n=80, seed=3), TRUTH, seed=4), target="iteration_time_us"
+    )
+    other = _with_target(_frame(n=20, models=(("llama-2-70b", 4),)), TRUTH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dm.UnseenGroupWarning)
+        a, b = (f.predict(other, interval=0.8) for f in (fit, cal))
+    np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
+    seen_a, seen_b = (f.predict(frame, interval=0.8) for f in (fit, cal))
+    assert not np.allclose(seen_a["predicted_hi_us"], seen_b["predicted_hi_us"])
