@@ -1,5 +1,6 @@
 """The pandas-level prediction entry point."""
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -11,7 +12,12 @@ import pandas as pd
 
 from ._fitting._base import AbstractFactorSet, StepData
 from ._fitting._fit import FitResult
-from ._fitting._intervals import IntervalModel, UnseenGroupWarning, set_interval
+from ._fitting._intervals import (
+    IntervalModel,
+    UnseenGroupWarning,
+    set_interval,
+    set_predictive_sd,
+)
 from ._fitting._io import load_factors, load_uncertainty
 from ._frame import groups_from_frame, pipeline_degrees, stats_from_frame
 from ._model._factors import Factors, default_factors
@@ -200,11 +206,40 @@ def posterior_interval(
     residual noise per regime, chosen by ``transfer`` as in :func:`predict`."""
     factor_set, model = post
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
-    noise = model.row_noise(labels, np.asarray(data.group), has_prefill, transfer)
+    group = np.asarray(data.group)
+    noise = model.row_noise(labels, group, has_prefill, transfer)
+    mult = model.row_multiplier(labels, group, level, transfer)
     _, lo, hi = set_interval(
-        factor_set, model.cov_raw, noise, data, labels, level=level
+        factor_set, model.cov_raw, noise, data, labels, level=level, multiplier=mult
     )
     return lo, hi
+
+
+def calibrated(result: FitResult, frame: pd.DataFrame, target: str) -> FitResult:
+    """``result`` with its intervals calibrated on ``frame`` (see
+    :meth:`FitResult.calibrate`)."""
+    from ._fitting._fit import _check_target, step_data
+    from ._fitting._intervals import calibration_from_scores
+
+    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
+        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
+        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
+    y = _check_target(frame[target].to_numpy(dtype=float), target)
+    factor_set, model = posterior(result)
+    data, labels = step_data(frame)
+    unseen = sorted(set(labels) - set(model.trained_on)) if model.trained_on else []
+    if unseen:
+        raise ValueError(
+            f"calibrate: rows of {unseen} were not fitted (trained on "
+            f"{list(model.trained_on)}); calibrate on held-out rows of the fitted "
+            "deployments"
+        )
+    has_prefill = np.asarray(data.stats.prefill_tokens) > 0
+    noise = model.row_noise(labels, np.asarray(data.group), has_prefill, False)
+    t, sd = set_predictive_sd(factor_set, model.cov_raw, noise, data, labels)
+    cal = calibration_from_scores(np.abs(np.log(y / t)) / sd)
+    lap = dataclasses.replace(result.laplace, calibration=cal)
+    return dataclasses.replace(result, laplace=lap)
 
 
 def posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:
@@ -224,6 +259,7 @@ def posterior(factors) -> tuple[AbstractFactorSet, IntervalModel]:
             trained_on=lap.trained_on,
             transfer_noise_sd=lap.transfer_noise_sd,
             transfer_by=lap.transfer_by,
+            calibration=lap.calibration,
         )
     raise ValueError(
         "interval needs factors from a fit (a FitResult or a factors file saved from "

@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=("temporal", "none"),
         default="none",
-        help="'temporal' needs experiment_id and step.id columns; 'none' fits and "
-        "scores on every row",
+        help="'temporal': fit on the first 60 %% of each experiment's steps, stop "
+        "early and calibrate the predictive intervals on the next 20 %%, score on "
+        "the last 20 %% (needs experiment_id and step.id columns); 'none': fit and "
+        "score on every row",
     )
     p.add_argument(
         "--transfer-by",

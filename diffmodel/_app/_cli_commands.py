@@ -195,6 +195,10 @@ def cmd_fit(args) -> int:
         transfer_by=args.transfer_by,
         **flags,
     )
+    if valid is not None and result.laplace is not None:
+        from ._host_cmd import with_deployment
+
+        result = result.calibrate(with_deployment(valid, flags))
     scored, which = (test, "test") if test is not None else (train, "training")
     pred = predict(scored, factors=result, **flags)
     by = "experiment_id" if "experiment_id" in pred.columns else None
@@ -215,6 +219,20 @@ def cmd_fit(args) -> int:
     print(f"saved {output}")
     print(f"\naccuracy on the {which} rows ({args.target}, us):")
     print(metrics)
+    if test is not None and result.laplace is not None:
+        cal = result.laplace.calibration
+        if cal is not None:
+            print(
+                f"90% interval calibrated on the {cal.n_rows} validation rows "
+                f"(+-{cal.multiplier(0.9):.3f} sd; normal +-1.645 sd): ",
+                end="",
+            )
+        else:
+            print("90% interval (normal quantile): ", end="")
+        band = predict(scored, factors=result, interval=0.9, **flags)
+        y = scored[args.target]
+        inside = (band["predicted_lo_us"] <= y) & (y <= band["predicted_hi_us"])
+        print(f"covers {100 * inside.mean():.1f}% of the test rows")
     if fig is not None:
         save(fig, plot)
     return 0

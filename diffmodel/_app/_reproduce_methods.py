@@ -269,7 +269,8 @@ def _factor_set(
     settings: _Settings,
     evaluator: "_Evaluator",
 ) -> _Outcome:
-    """A factor set fitted on all training rows, early stopping on validation."""
+    """A factor set fitted on all training rows, early stopping on validation, its
+    intervals calibrated on the validation rows."""
     kind = _DIFFMODEL_KINDS[method]
     per_group = kind in PER_GROUP_KINDS
     if per_group and not evaluator.labels_of(fold.train) & evaluator.labels_of(
@@ -299,6 +300,10 @@ def _factor_set(
         **anchor,
     )
     seconds = time.perf_counter() - tick
+    if len(fold.valid) and result.laplace is not None:
+        # Intervals calibrated on the validation rows (their only other use is as
+        # the early-stopping criterion, one number per step, not their spread).
+        result = result.calibrate(fold.valid)
     predicted, known = evaluator.predict(fold.test, result.factor_set)
     bounds = evaluator.interval(fold.test, result, INTERVAL_LEVEL)
     best = np.asarray(result.valid_history)[: result.n_steps]
@@ -377,13 +382,14 @@ class _Evaluator:
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """``(lo, hi)`` per row of `frame`, us: ``result``'s central `level` interval
         as ``predict(..., interval=level)`` gives it (its posterior and in-sample
-        residual noise per regime; no transfer noise: the fits here do not measure
-        it, so rows of unseen deployments get the in-sample noise), or None when
-        the fit has no posterior."""
+        residual noise per regime, with the calibration's multiplier on rows of the
+        fitted deployments; no transfer noise: the fits here do not measure it, so
+        rows of unseen deployments get the in-sample noise and the normal
+        quantile), or None when the fit has no posterior."""
         if result.laplace is None or result.laplace.regime_noise_sd is None:
             return None
         post = posterior(result)
-        lo, hi = posterior_interval(post, self.data, self.labels, level, False)
+        lo, hi = posterior_interval(post, self.data, self.labels, level, None)
         rows = self.position.loc[frame.index].to_numpy()
         return lo[rows], hi[rows]
 

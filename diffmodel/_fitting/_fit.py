@@ -81,6 +81,31 @@ class FitResult(eqx.Module):
         h = np.asarray(self.loss_history)[: self.n_steps]
         return float(h[-1]) if h.size else float("nan")
 
+    def calibrate(self, frame: pd.DataFrame, *, target: str | None = None):
+        """This fit with its predictive intervals calibrated on ``frame``: held-out
+        rows of the fitted deployments (later steps of the same traces, say), never
+        rows it was fitted on.
+
+        The scores ``|log(actual / predicted)| / sd`` of those rows (``sd`` the
+        predictive sd of the log: posterior plus in-sample noise) set each level's
+        interval multiplier (:class:`~diffmodel.Calibration`, split conformal), so
+        the intervals cover their level on rows like them rather than assuming
+        Gaussian log residuals. Rows of deployments the fit never saw keep the
+        normal quantile. Only the intervals change; a saved fit keeps the
+        calibration.
+
+        Args:
+            frame: held-out steps with the target column.
+            target: the column, us (default: the fitted target).
+
+        Raises:
+            ValueError: a fit without its posterior (``uncertainty=False``), a bad
+                frame or target, or rows of deployments the fit never saw.
+        """
+        from .._predict import calibrated
+
+        return calibrated(self, frame, target or self.target)
+
     def factors_for(self, labels: Sequence[str]) -> Factors:
         """Physical factors for groups ``labels`` (see the factor set's method)."""
         return self.factor_set.factors_for(labels)

@@ -45,6 +45,8 @@ class IntervalModel:
         transfer_noise_sd: residual sd on left-out data (``fit(transfer_by=...)``),
             for rows of other deployments; None when not measured.
         transfer_by: the column the transfer noise was measured over, or None.
+        calibration: interval multipliers measured on held-out rows of the fitted
+            deployments (:class:`Calibration`), or None (the normal quantile).
     """
 
     cov_raw: np.ndarray
@@ -52,6 +54,29 @@ class IntervalModel:
     trained_on: tuple[str, ...] = ()
     transfer_noise_sd: tuple[float, float] | None = None
     transfer_by: str | None = None
+    calibration: "Calibration | None" = None
+
+    def row_multiplier(
+        self,
+        labels: Sequence[str],
+        group: np.ndarray,
+        level: float,
+        transfer: bool | None = None,
+    ) -> np.ndarray:
+        """Each row's interval half-width in predictive sds (log scale): the
+        calibration's multiplier for ``level`` on rows of fitted deployments (all
+        rows with ``transfer=False``), the normal quantile elsewhere, and everywhere
+        without a calibration (the held-out rows measured no transfer)."""
+        z = NormalDist().inv_cdf(0.5 * (1.0 + level))
+        group = np.asarray(group)
+        if self.calibration is None or transfer:
+            return np.full(group.shape, z)
+        if transfer is None and self.trained_on:
+            seen = np.array([lab in self.trained_on for lab in labels], bool)
+            seen = seen[group] if len(labels) else np.ones(group.shape, bool)
+        else:
+            seen = np.ones(group.shape, bool)
+        return np.where(seen, self.calibration.multiplier(float(level)), z)
 
     def row_noise(
         self,
@@ -122,6 +147,23 @@ def regime_noise_sd(
     return out
 
 
+def predictive_sd(
+    log_predict: Callable[[Array], Float[Array, " steps"]],
+    raw: Float[Array, " p"],
+    cov_raw: Float[ArrayLike, "p p"],
+    noise_sd: Float[ArrayLike, " steps"],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(t, sd)``: the prediction, in the units of ``exp`` of ``log_predict``
+    (microseconds for step times), and the predictive sd of its log,
+    ``sqrt(g^T C g + noise_sd^2)`` (see the module docstring)."""
+    raw = jnp.asarray(raw)
+    log_t, jac = _value_and_jacobian(log_predict, raw)
+    cov = jnp.asarray(cov_raw, log_t.dtype)
+    var_param = jnp.einsum("si,ij,sj->s", jac, cov, jac)
+    sd = jnp.sqrt(jnp.maximum(var_param, 0.0) + jnp.asarray(noise_sd) ** 2)
+    return np.asarray(jnp.exp(log_t)), np.asarray(sd)
+
+
 def interval(
     log_predict: Callable[[Array], Float[Array, " steps"]],
     raw: Float[Array, " p"],
@@ -129,6 +171,7 @@ def interval(
     noise_sd: Float[ArrayLike, " steps"],
     *,
     level: float = 0.9,
+    multiplier: Float[ArrayLike, " steps"] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prediction and its central ``level`` interval, in the units of ``exp`` of
     ``log_predict`` (microseconds for step times).
@@ -139,20 +182,26 @@ def interval(
         cov_raw: their posterior covariance.
         noise_sd: residual log-scale sd of each step (e.g. by regime).
         level: the interval's probability, in (0, 1).
+        multiplier: the half-width of each step's interval in predictive sds
+            (:meth:`IntervalModel.row_multiplier`); default the normal quantile of
+            ``(1 + level) / 2``.
 
     Returns:
         ``(predicted, lo, hi)`` as NumPy arrays.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"interval level must lie in (0, 1), got {level!r}")
-    raw = jnp.asarray(raw)
-    log_t, jac = _value_and_jacobian(log_predict, raw)
-    cov = jnp.asarray(cov_raw, log_t.dtype)
-    var_param = jnp.einsum("si,ij,sj->s", jac, cov, jac)
-    sd = jnp.sqrt(jnp.maximum(var_param, 0.0) + jnp.asarray(noise_sd) ** 2)
-    z = NormalDist().inv_cdf(0.5 * (1.0 + level))
-    t = np.asarray(jnp.exp(log_t))
-    return t, np.asarray(jnp.exp(log_t - z * sd)), np.asarray(jnp.exp(log_t + z * sd))
+    t, sd = predictive_sd(log_predict, raw, cov_raw, noise_sd)
+    return _bounds(t, sd, level, multiplier)
+
+
+def _bounds(t, sd, level, multiplier):
+    """``(t, lo, hi)``: ``t * exp(+-m sd)`` with ``m`` the given multiplier or the
+    normal quantile of ``(1 + level) / 2``."""
+    if multiplier is None:
+        multiplier = NormalDist().inv_cdf(0.5 * (1.0 + level))
+    half = np.asarray(multiplier) * sd
+    return t, t * np.exp(-half), t * np.exp(half)
 
 
 def _value_and_jacobian(f, raw):
@@ -166,17 +215,15 @@ def _value_and_jacobian(f, raw):
     return values[0], cols.T
 
 
-def set_interval(
+def set_predictive_sd(
     factor_set,
     cov_raw: Float[ArrayLike, "p p"],
     noise_sd: Float[ArrayLike, " steps"],
     data,
     labels,
-    *,
-    level: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`interval` of a fitted factor set's predictions on ``data`` (whose group
-    index refers to ``labels``), with a log-scale noise sd per row (see
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predictive_sd` of a fitted factor set's predictions on ``data`` (whose
+    group index refers to ``labels``), with a log-scale noise sd per row (see
     :meth:`IntervalModel.row_noise`): the Jacobian runs through the set's own
     parameters (those the covariance describes), re-indexed to ``labels`` inside the
     map."""
@@ -193,7 +240,25 @@ def set_interval(
         fs, _ = unflat(v).reindex(labels)
         return jnp.log(fs.predict(data))
 
-    return interval(log_predict, vec, cov_raw, noise_sd, level=level)
+    return predictive_sd(log_predict, vec, cov_raw, noise_sd)
+
+
+def set_interval(
+    factor_set,
+    cov_raw: Float[ArrayLike, "p p"],
+    noise_sd: Float[ArrayLike, " steps"],
+    data,
+    labels,
+    *,
+    level: float,
+    multiplier: Float[ArrayLike, " steps"] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`interval` of a fitted factor set's predictions on ``data``, as
+    :func:`set_predictive_sd` computes their sd."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must lie in (0, 1), got {level!r}")
+    t, sd = set_predictive_sd(factor_set, cov_raw, noise_sd, data, labels)
+    return _bounds(t, sd, level, multiplier)
 
 
 CALIBRATION_LEVELS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
@@ -257,4 +322,46 @@ def calibration_from_scores(scores: Float[ArrayLike, " rows"]) -> Calibration:
     return Calibration(
         multipliers=tuple(float(s[r - 1]) if r <= n else None for r in ranks),
         n_rows=n,
+    )
+
+
+def calibration_to_dict(cal: Calibration | None) -> dict | None:
+    """The JSON form of a calibration (None stays None): its levels, multipliers
+    (null where the rows were too few) and row count."""
+    if cal is None:
+        return None
+    return {
+        "levels": list(CALIBRATION_LEVELS),
+        "multipliers": list(cal.multipliers),
+        "n_rows": int(cal.n_rows),
+    }
+
+
+def calibration_from_dict(block) -> Calibration | None:
+    """Inverse of :func:`calibration_to_dict`; ``ValueError`` naming the field
+    ``calibration`` for a bad block."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ValueError("field 'calibration': expected null or an object")
+    levels = block.get("levels")
+    values = block.get("multipliers")
+    n_rows = block.get("n_rows")
+    ok = isinstance(levels, list) and isinstance(values, list)
+    ok = ok and [float(v) for v in levels] == list(CALIBRATION_LEVELS)
+    ok = ok and len(values) == len(CALIBRATION_LEVELS)
+    ok = ok and all(
+        v is None
+        or (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
+        and np.isfinite(v)
+        for v in values
+    )
+    if not ok or not isinstance(n_rows, int) or isinstance(n_rows, bool) or n_rows < 1:
+        raise ValueError(
+            "field 'calibration': expected levels 0.01, 0.02, ..., 0.99, one "
+            "multiplier >= 0 (or null) per level and n_rows >= 1"
+        )
+    return Calibration(
+        multipliers=tuple(None if v is None else float(v) for v in values),
+        n_rows=n_rows,
     )

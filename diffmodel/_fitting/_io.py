@@ -17,7 +17,11 @@ import numpy as np
 from .._fitting._base import AbstractFactorSet, json_array, json_float
 from .._fitting._factorsets import FACTOR_SET_CLASSES
 from .._fitting._fit import FitResult
-from .._fitting._intervals import IntervalModel
+from .._fitting._intervals import (
+    IntervalModel,
+    calibration_from_dict,
+    calibration_to_dict,
+)
 from .._fitting._kinds import FACTOR_KINDS
 from .._fitting._split import HostDeviceFactors
 from .._jsonfile import read_json_file
@@ -44,6 +48,7 @@ def factors_to_dict(obj: AbstractFactorSet | FitResult) -> dict:
             "unpinned": list(lap.unpinned),
             "at_bound": list(lap.at_bound),
             "trained_on": list(lap.trained_on),
+            "calibration": calibration_to_dict(lap.calibration),
         }
         if lap.transfer_noise_sd is not None:
             out["uncertainty"].update(
@@ -86,6 +91,7 @@ def uncertainty_from_dict(d: Mapping[str, Any], n_params: int) -> IntervalModel:
         trained_on=tuple(trained),
         transfer_noise_sd=transfer,
         transfer_by=by,
+        calibration=calibration_from_dict(block.get("calibration")),
     )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from .._jsonfile import read_json_file
 from ..kernels._curves_io import curves_from_json, curves_to_json
 from ..kernels._step import HOST_TERMS, HostCosts
-from ._intervals import CALIBRATION_LEVELS, Calibration
+from ._intervals import calibration_from_dict, calibration_to_dict
 from ._kernel_host import KernelHostFit
 
 FORMAT = "diffmodel.kernel-host/1"
@@ -46,42 +46,8 @@ def host_fit_to_dict(fit: KernelHostFit) -> dict[str, Any]:
         "converged": bool(fit.converged),
         "unpinned": list(fit.unpinned),
         "curves": curves_to_json(fit.curves),
-        "calibration": None
-        if fit.calibration is None
-        else {
-            "levels": list(CALIBRATION_LEVELS),
-            "multipliers": list(fit.calibration.multipliers),
-            "n_rows": int(fit.calibration.n_rows),
-        },
+        "calibration": calibration_to_dict(fit.calibration),
     }
-
-
-def _calibration(block) -> Calibration | None:
-    """The ``calibration`` field: null, or multipliers at the stored levels."""
-    if block is None:
-        return None
-    if not isinstance(block, Mapping):
-        raise ValueError("field 'calibration': expected null or an object")
-    levels = [float(v) for v in _field(block, "levels")]
-    if levels != list(CALIBRATION_LEVELS):
-        raise ValueError(
-            "field 'calibration.levels': expected the levels 0.01, 0.02, ..., 0.99"
-        )
-    values = list(_field(block, "multipliers"))
-    ok = len(values) == len(levels) and all(
-        v is None or (isinstance(v, int | float) and np.isfinite(v) and v >= 0)
-        for v in values
-    )
-    n_rows = _field(block, "n_rows")
-    if not ok or not isinstance(n_rows, int) or n_rows < 1:
-        raise ValueError(
-            "field 'calibration': expected one multiplier >= 0 (or null) per level "
-            "and n_rows >= 1"
-        )
-    return Calibration(
-        multipliers=tuple(None if v is None else float(v) for v in values),
-        n_rows=n_rows,
-    )
 
 
 def _field(d: Mapping[str, Any], name: str):
@@ -127,7 +93,7 @@ def host_fit_from_dict(d: Mapping[str, Any]) -> KernelHostFit:
         trained_on=tuple(str(s) for s in _field(d, "trained_on")),
         converged=bool(_field(d, "converged")),
         unpinned=tuple(str(s) for s in _field(d, "unpinned")),
-        calibration=_calibration(d.get("calibration")),
+        calibration=calibration_from_dict(d.get("calibration")),
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, ArrayLike, Float
 
-from ._intervals import regime_noise_sd
+from ._intervals import Calibration, regime_noise_sd
 
 UNPINNED_SD = 1.0
 """Posterior sd (raw units: log-odds for efficiencies, ~log for overheads) above which
@@ -62,6 +62,8 @@ class Laplace(eqx.Module):
         transfer_noise_sd: the same two regimes' residual on rows left out of nested
             refits (see :mod:`diffmodel._fitting._transfer`), or None.
         transfer_by: the column those refits left out one value at a time, or None.
+        calibration: interval multipliers measured on held-out rows
+            (:meth:`~diffmodel.FitResult.calibrate`), or None.
     """
 
     names: tuple[str, ...] = eqx.field(static=True)
@@ -77,6 +79,7 @@ class Laplace(eqx.Module):
     trained_on: tuple[str, ...] = eqx.field(static=True, default=())
     transfer_noise_sd: tuple[float, float] | None = eqx.field(static=True, default=None)
     transfer_by: str | None = eqx.field(static=True, default=None)
+    calibration: Calibration | None = eqx.field(static=True, default=None)
 
     def summary(self) -> dict[str, tuple[float, float]]:
         """``name -> (value, sd)`` in physical units."""

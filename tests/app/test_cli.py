@@ -112,6 +112,9 @@ def test_fit_save_predict_evaluate(trace, tmp_path, capsys):
     assert plot.stat().st_size > 10_000
     saved = json.loads(factors.read_text())
     assert saved["kind"] == "per-model" and len(saved["labels"]) == 4
+    # the intervals calibrated on the validation 20 %, kept in the file
+    assert "90% interval calibrated on the" in out and "of the test rows" in out
+    assert saved["uncertainty"]["calibration"]["n_rows"] > 0
 
     ev = ["evaluate", "--data", str(trace), "--target", "step_time_us"]
     assert main([*ev, "--factors", str(factors), "--by", "model"]) == 0
