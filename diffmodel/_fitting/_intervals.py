@@ -192,12 +192,6 @@ def interval(
     if not 0.0 < level < 1.0:
         raise ValueError(f"interval level must lie in (0, 1), got {level!r}")
     t, sd = predictive_sd(log_predict, raw, cov_raw, noise_sd)
-    return _bounds(t, sd, level, multiplier)
-
-
-def _bounds(t, sd, level, multiplier):
-    """``(t, lo, hi)``: ``t * exp(+-m sd)`` with ``m`` the given multiplier or the
-    normal quantile of ``(1 + level) / 2``."""
     if multiplier is None:
         multiplier = NormalDist().inv_cdf(0.5 * (1.0 + level))
     half = np.asarray(multiplier) * sd
@@ -215,18 +209,10 @@ def _value_and_jacobian(f, raw):
     return values[0], cols.T
 
 
-def set_predictive_sd(
-    factor_set,
-    cov_raw: Float[ArrayLike, "p p"],
-    noise_sd: Float[ArrayLike, " steps"],
-    data,
-    labels,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`predictive_sd` of a fitted factor set's predictions on ``data`` (whose
-    group index refers to ``labels``), with a log-scale noise sd per row (see
-    :meth:`IntervalModel.row_noise`): the Jacobian runs through the set's own
-    parameters (those the covariance describes), re-indexed to ``labels`` inside the
-    map."""
+def _set_log_predict(factor_set, cov_raw, data, labels):
+    """``(raw -> log t, raw)`` of a fitted factor set on ``data`` (group index into
+    ``labels``): the map runs through the set's own parameters (those the
+    covariance describes), re-indexed to ``labels`` inside it."""
     from ._laplace import flat
 
     vec, unflat = flat(factor_set)
@@ -240,6 +226,20 @@ def set_predictive_sd(
         fs, _ = unflat(v).reindex(labels)
         return jnp.log(fs.predict(data))
 
+    return log_predict, vec
+
+
+def set_predictive_sd(
+    factor_set,
+    cov_raw: Float[ArrayLike, "p p"],
+    noise_sd: Float[ArrayLike, " steps"],
+    data,
+    labels,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`predictive_sd` of a fitted factor set's predictions on ``data`` (whose
+    group index refers to ``labels``), with a log-scale noise sd per row (see
+    :meth:`IntervalModel.row_noise`)."""
+    log_predict, vec = _set_log_predict(factor_set, cov_raw, data, labels)
     return predictive_sd(log_predict, vec, cov_raw, noise_sd)
 
 
@@ -255,10 +255,10 @@ def set_interval(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`interval` of a fitted factor set's predictions on ``data``, as
     :func:`set_predictive_sd` computes their sd."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"interval level must lie in (0, 1), got {level!r}")
-    t, sd = set_predictive_sd(factor_set, cov_raw, noise_sd, data, labels)
-    return _bounds(t, sd, level, multiplier)
+    log_predict, vec = _set_log_predict(factor_set, cov_raw, data, labels)
+    return interval(
+        log_predict, vec, cov_raw, noise_sd, level=level, multiplier=multiplier
+    )
 
 
 CALIBRATION_LEVELS: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100))
