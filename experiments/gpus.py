@@ -13,7 +13,8 @@ system has them, else SGLang):
   from its specs alone (offset 0). The form, absolute sizes, portable ones (work
   as time at peak, blocks as waves of the SM count), portable with the L2 cache, or
   the constant roofline, is chosen per held-out GPU by an inner leave-one-GPU-out
-  over the training GPUs only (never by the held-out GPU's figures).
+  over the training GPUs only (never by the held-out GPU's figures), scored on the
+  training GPUs of its class (PCIe card or NVLink module; :func:`inner_peers`).
 
 Both beside the uncalibrated roofline (the constant efficiencies of ``FACTOR_SPECS``).
 Rows are subsampled per (GPU, family) with a fixed seed (``--rows``). Writes
@@ -219,16 +220,39 @@ def held_out_offsets(off, held: int, excluded: set, kernels) -> np.ndarray:
     return o
 
 
+PCIE_LINK_BW = 100e9
+"""A GPU whose GPU-to-GPU link is below this, bytes/s, is a PCIe card (L40S, RTX
+PRO 6000, B60: GDDR memory, board power caps), the others NVLink modules (HBM)."""
+
+
+def inner_peers(names: list[str]) -> list[np.ndarray]:
+    """For each GPU, the other GPUs whose inner held-out errors choose its form:
+    those of its class (PCIe card or NVLink module, from the catalog's link
+    bandwidth, known before the GPU is measured), or every other GPU when it is the
+    only one of its class. A form that ports well across the seven HBM modules can
+    still fail on a GDDR card (and the other way round); the mean over all GPUs lets
+    the majority class decide for the other."""
+    card = np.array([float(hardware(n).link_bw) < PCIE_LINK_BW for n in names])
+    out = []
+    for g in range(len(names)):
+        others = np.array([h for h in range(len(names)) if h != g], int)
+        same = others[card[others] == card[g]]
+        out.append(same if len(same) else others)
+    return out
+
+
 def leave_one_gpu_out(
     family, gathered, predict, unc, y, gpu, options, inner_options, select="mean"
 ):
     """Per held-out GPU: partial pooling on the others, the held-out GPU taking the
     offsets of those that run its kernel (:func:`held_out_offsets`); the form chosen
     by an inner leave-one-GPU-out over those others, by the same rule: the lowest
-    mean MAPE over the inner held-out GPUs (``select="mean"``) or the lowest worst
-    one (``"worst"``)."""
+    mean MAPE over the inner held-out GPUs of its class (:func:`inner_peers`;
+    ``select="mean"``) or the lowest worst one (``"worst"``)."""
     n_g = len(gathered)
     kernels = kernel_of(gathered)
+    peers = inner_peers([SYSTEMS[system] for system, _, _ in gathered])
+    summary = np.max if select == "worst" else np.mean
     pairs = [(g, h) for g in range(n_g) for h in range(n_g) if h != g]
     inner_train = np.stack([(gpu != g) & (gpu != h) for g, h in pairs])
     outer_train = np.stack([gpu != g for g in range(n_g)])
@@ -253,12 +277,10 @@ def leave_one_gpu_out(
             ]
         )
         pred = with_offsets(curves, jnp.asarray(offs))
-        err = np.zeros((n_g, n_g))
+        err = np.full((n_g, n_g), np.nan)
         for f, (g, h) in enumerate(pairs):
             err[g, h] = mape(y[gpu == h], pred[f][gpu == h])
-        inner_err[form] = (
-            err.max(axis=1) if select == "worst" else err.sum(axis=1) / max(n_g - 1, 1)
-        )
+        inner_err[form] = np.array([summary(err[g, peers[g]]) for g in range(n_g)])
         curves, off = dk.fit_folds(
             predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
         )
@@ -267,9 +289,8 @@ def leave_one_gpu_out(
     # The constant roofline is a candidate too: where the inner folds say no curve
     # generalises better to an unseen GPU, the held-out one gets the constants.
     unc_by_gpu = np.array([mape(y[gpu == h], unc[gpu == h]) for h in range(n_g)])
-    summary = np.max if select == "worst" else np.mean
     inner_err["constant"] = np.array(
-        [summary(np.delete(unc_by_gpu, g)) for g in range(n_g)]
+        [summary(unc_by_gpu[peers[g]]) for g in range(n_g)]
     )
     outer_pred["constant"] = (np.stack([unc] * n_g), 0)
     candidates = (*FORMS, "constant")

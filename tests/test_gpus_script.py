@@ -44,3 +44,16 @@ def test_held_out_offsets_average_the_same_kernel_among_training_gpus(gpus):
     # No training GPU runs its kernel (or it is unknown): the shared curves.
     np.testing.assert_array_equal(gpus.held_out_offsets(off, 2, {2}, kernels)[2], 0)
     np.testing.assert_array_equal(gpus.held_out_offsets(off, 4, {4}, kernels)[4], 0)
+
+
+def test_inner_peers_are_the_gpus_of_the_same_class(gpus):
+    """PCIe cards choose their form on the other cards, NVLink modules on the other
+    modules; a GPU alone in its class falls back to every other GPU."""
+    names = ["h100-sxm", "b200", "l40s", "rtx-pro-6000", "b60"]
+    peers = [list(p) for p in gpus.inner_peers(names)]
+    assert peers == [[1], [0], [3, 4], [2, 4], [2, 3]]
+    assert [list(p) for p in gpus.inner_peers(["h100-sxm", "l40s", "b60"])] == [
+        [1, 2],
+        [2],
+        [1],
+    ]
