@@ -100,7 +100,11 @@ def predict(
             (Laplace approximation) and its residual noise, which differs between
             prefill-carrying and decode-only steps (log scale; see
             :mod:`diffmodel._fitting._intervals`). Needs ``factors`` from a fit: a
-            :class:`FitResult` or a file saved from one.
+            :class:`FitResult` or a file saved from one. After
+            :meth:`FitResult.calibrate` the half-width on rows of fitted
+            deployments is the calibrated multiplier of the predictive sd rather
+            than the normal quantile (levels 0.01 up to what the held-out rows
+            support, at most 0.99).
         transfer: which residual noise the interval uses. ``None``: the fit's
             transfer noise (``fit(transfer_by=...)``, the miss on data left out of
             nested refits) for rows of deployments the fit never saw, its
