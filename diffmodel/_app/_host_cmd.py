@@ -113,6 +113,7 @@ def cmd_fit_host(args) -> int:
         curves=curves,
         terms=terms,
         max_steps=args.max_iterations,
+        transfer=args.transfer,
     )
     status = "converged" if result.converged else "iteration budget reached"
     print(
@@ -127,6 +128,12 @@ def cmd_fit_host(args) -> int:
     )
     for line in result.unpinned:
         print(f"undetermined: {line}")
+    if result.transfer_calibration is not None:
+        print(
+            "intervals of unseen deployments from refits without each of the "
+            f"{len(result.trained_on)} deployments: the 90% interval spans "
+            f"+-{result.transfer_calibration.multiplier(0.9):.3f} sd"
+        )
     if len(calibrate):
         result = result.calibrate(calibrate, target=args.target)
         print(
@@ -239,6 +246,13 @@ def add_parser(subparsers, common) -> None:
         "experiment's steps out of the fit and calibrate the predictive intervals "
         "on them (split conformal; needs experiment_id and step.id). Default: no "
         "calibration, intervals assume Gaussian log residuals",
+    )
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="also refit without each deployment in turn and calibrate the "
+        "intervals of deployments the fit never saw on those refits' misses "
+        "(needs rows of two deployments or more)",
     )
     p.add_argument(
         "--max-iterations",

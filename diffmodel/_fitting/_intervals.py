@@ -337,13 +337,13 @@ def calibration_to_dict(cal: Calibration | None) -> dict | None:
     }
 
 
-def calibration_from_dict(block) -> Calibration | None:
-    """Inverse of :func:`calibration_to_dict`; ``ValueError`` naming the field
-    ``calibration`` for a bad block."""
+def calibration_from_dict(block, field: str = "calibration") -> Calibration | None:
+    """Inverse of :func:`calibration_to_dict`; ``ValueError`` naming ``field`` for
+    a bad block."""
     if block is None:
         return None
     if not isinstance(block, dict):
-        raise ValueError("field 'calibration': expected null or an object")
+        raise ValueError(f"field {field!r}: expected null or an object")
     levels = block.get("levels")
     values = block.get("multipliers")
     n_rows = block.get("n_rows")
@@ -358,7 +358,7 @@ def calibration_from_dict(block) -> Calibration | None:
     )
     if not ok or not isinstance(n_rows, int) or isinstance(n_rows, bool) or n_rows < 1:
         raise ValueError(
-            "field 'calibration': expected levels 0.01, 0.02, ..., 0.99, one "
+            f"field {field!r}: expected levels 0.01, 0.02, ..., 0.99, one "
             "multiplier >= 0 (or null) per level and n_rows >= 1"
         )
     return Calibration(

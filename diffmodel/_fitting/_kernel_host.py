@@ -83,6 +83,9 @@ class KernelHostFit:
         unpinned: directions the data do not determine, in words.
         calibration: interval multipliers measured on held-out rows
             (:meth:`calibrate`), or None (the normal quantile).
+        transfer_calibration: interval multipliers for rows of deployments the fit
+            never saw, measured by refitting without each fitted deployment in turn
+            (``fit_host_on_kernels(..., transfer=True)``), or None.
     """
 
     curves: KernelCurves
@@ -97,6 +100,7 @@ class KernelHostFit:
     converged: bool
     unpinned: tuple[str, ...]
     calibration: Calibration | None = None
+    transfer_calibration: Calibration | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per fitted term: value and posterior sd, us."""
@@ -122,7 +126,9 @@ class KernelHostFit:
         of the host costs plus the in-sample residual noise of the row's regime, its
         width ``z sd`` on the log scale with ``z`` the normal quantile, or, after
         :meth:`calibrate`, the multiplier the held-out rows measured (for rows of the
-        fitted deployments). Rows of deployments outside ``trained_on`` warn
+        fitted deployments). Rows of deployments outside ``trained_on`` take the
+        multiplier the fit's leave-one-deployment-out refits measured
+        (``transfer=True``); without it they warn
         (:class:`~diffmodel.UnseenGroupWarning`) and keep the normal quantile: their
         miss is a transfer, which neither the fitted nor the held-out rows measure.
 
@@ -137,7 +143,7 @@ class KernelHostFit:
         if interval is None:
             return out
         unseen = sorted(set(labels) - set(self.trained_on))
-        if unseen:
+        if unseen and self.transfer_calibration is None:
             warnings.warn(
                 f"rows of {unseen} were not fitted (trained on "
                 f"{list(self.trained_on)}): the interval holds the in-sample noise "
@@ -148,6 +154,9 @@ class KernelHostFit:
         z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
         if self.calibration is not None:
             z = np.where(seen, self.calibration.multiplier(float(interval)), z)
+        if self.transfer_calibration is not None:
+            moved = self.transfer_calibration.multiplier(float(interval))
+            z = np.where(seen, z, moved)
         out["predicted_lo_us"] = pred * np.exp(-z * sd)
         out["predicted_hi_us"] = pred * np.exp(z * sd)
         return out
@@ -198,14 +207,33 @@ class KernelHostFit:
         cols = [HOST_TERMS.index(t) for t in self.terms]
         theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
         pred = dev + x[:, cols] @ theta
-        # d log t / d raw; a step with no forward pass and no cost stays at 0.
-        safe = np.where(pred > 0.0, pred, 1.0)
-        grad = np.where(pred[:, None] > 0.0, x[:, cols] * theta / safe[:, None], 0.0)
-        var = np.einsum("ni,ij,nj->n", grad, self.cov_raw, grad)
-        noise = np.where(has_prefill, self.noise_sd[0], self.noise_sd[1])
-        sd = np.sqrt(np.maximum(var, 0.0) + noise**2)
+        sd = _row_sd(x[:, cols], theta, pred, self.cov_raw, self.noise_sd, has_prefill)
         seen = np.array([lab in self.trained_on for lab in labels], bool)
         return pred, sd, seen[group] if len(labels) else seen, labels
+
+
+def _row_sd(x, theta, pred, cov_raw, noise_sd, has_prefill) -> np.ndarray:
+    """Each row's predictive sd of ``log t``: the host costs' posterior (delta
+    method through ``t = device + x theta``) plus the regime's residual noise."""
+    # d log t / d raw; a step with no forward pass and no cost stays at 0.
+    safe = np.where(pred > 0.0, pred, 1.0)
+    grad = np.where(pred[:, None] > 0.0, x * theta / safe[:, None], 0.0)
+    var = np.einsum("ni,ij,nj->n", grad, cov_raw, grad)
+    noise = np.where(has_prefill, noise_sd[0], noise_sd[1])
+    return np.sqrt(np.maximum(var, 0.0) + noise**2)
+
+
+def _transfer_scores(dev, x, y, group, sd, max_steps) -> np.ndarray:
+    """``|log(actual / predicted)| / sd`` of each deployment's rows predicted by
+    host costs refitted without them (one refit per deployment)."""
+    scores = []
+    for g in np.unique(group):
+        out = group == g
+        res, _ = _fit_arrays(dev[~out], x[~out], y[~out], max_steps)
+        theta = np.exp(np.asarray(res.params, dtype=np.float64))
+        pred = dev[out] + x[out] @ theta
+        scores.append(np.abs(np.log(y[out] / pred)) / sd[out])
+    return np.concatenate(scores)
 
 
 def _checked_data(frame: pd.DataFrame, curves: KernelCurves):
@@ -321,6 +349,7 @@ def fit_host_on_kernels(
     curves: KernelCurves,
     terms: Sequence[str] = ("layer", "layer_request"),
     max_steps: int = 500,
+    transfer: bool = False,
 ) -> KernelHostFit:
     """Fit the serving stack's host costs to ``frame``'s ``target`` (us per step),
     with each step's device time fixed at its kernel sum on ``curves``' GPU.
@@ -339,12 +368,18 @@ def fit_host_on_kernels(
             write, elementwise kernels) grows with the batch, while the per-step
             work overlaps the previous step.
         max_steps: L-BFGS steps at most.
+        transfer: also refit without each deployment in turn and keep the interval
+            multipliers its rows measured (split conformal,
+            :class:`~diffmodel.Calibration`) for rows of deployments the fit never
+            saw (``transfer_calibration``). Needs rows of two deployments or more;
+            one refit each.
 
     Returns:
         A :class:`KernelHostFit` (``table()``, ``predict(frame, interval=0.9)``).
 
     Raises:
-        ValueError: a bad frame, target, term list or curves for another GPU.
+        ValueError: a bad frame, target, term list or curves for another GPU;
+            ``transfer=True`` on one deployment.
 
     Warns:
         IdentifiabilityWarning: a direction of the costs the rows do not determine
@@ -357,7 +392,12 @@ def fit_host_on_kernels(
             f"terms must be distinct names from {HOST_TERMS}, got {list(terms)}"
         )
     y = target_values(frame, target)
-    dev, x, labels, has_prefill, _ = _prepare(frame, curves)
+    dev, x, labels, has_prefill, group = _prepare(frame, curves)
+    if transfer and len(labels) < 2:
+        raise ValueError(
+            "transfer=True refits without each deployment in turn: it needs rows of "
+            f"two deployments or more, got {labels}"
+        )
     cols = [HOST_TERMS.index(t) for t in terms]
     x = x[:, cols]
     idle = _idle(dev, x)
@@ -382,7 +422,12 @@ def fit_host_on_kernels(
     }
     unpinned = _unpinned(hessian, terms)
     residual = np.log(dev + x @ theta) - np.log(y)
-    noise = regime_noise_sd(residual, has_prefill)
+    noise = tuple(regime_noise_sd(residual, has_prefill)[r] for r in REGIMES)
+    moved = None
+    if transfer:
+        row_sd = _row_sd(x, theta, dev + x @ theta, cov, noise, has_prefill)
+        scores = _transfer_scores(dev, x, y, group, row_sd, max_steps)
+        moved = calibration_from_scores(scores)
     fit = KernelHostFit(
         curves=curves,
         terms=terms,
@@ -394,12 +439,13 @@ def fit_host_on_kernels(
         ),
         sd_us=sd,
         cov_raw=cov,
-        noise_sd=tuple(noise[r] for r in REGIMES),
+        noise_sd=noise,
         loss=loss,
         n_rows=len(y),
         trained_on=tuple(labels),
         converged=res.result == "successful",
         unpinned=unpinned,
+        transfer_calibration=moved,
     )
     for line in unpinned:
         warnings.warn(line, IdentifiabilityWarning, stacklevel=2)

@@ -47,6 +47,7 @@ def host_fit_to_dict(fit: KernelHostFit) -> dict[str, Any]:
         "unpinned": list(fit.unpinned),
         "curves": curves_to_json(fit.curves),
         "calibration": calibration_to_dict(fit.calibration),
+        "transfer_calibration": calibration_to_dict(fit.transfer_calibration),
     }
 
 
@@ -94,6 +95,9 @@ def host_fit_from_dict(d: Mapping[str, Any]) -> KernelHostFit:
         converged=bool(_field(d, "converged")),
         unpinned=tuple(str(s) for s in _field(d, "unpinned")),
         calibration=calibration_from_dict(d.get("calibration")),
+        transfer_calibration=calibration_from_dict(
+            d.get("transfer_calibration"), "transfer_calibration"
+        ),
     )
 
 

@@ -176,8 +176,12 @@ def test_fit_host_calibrates_its_intervals_on_held_out_rows(folder, capsys):
     fit = dm.load_host_fit(folder / "host.json")
     assert fit.calibration is not None and fit.calibration.n_rows == 48
     assert fit.n_rows == 144
-    assert main([str(a) for a in (*argv, "--calibrate-tail", "0.25")]) == 0
+    assert (
+        main([str(a) for a in (*argv, "--calibrate-tail", "0.25", "--transfer")]) == 0
+    )
+    assert "refits without each of the 2 deployments" in capsys.readouterr().out
     fit = dm.load_host_fit(folder / "host.json")
+    assert fit.transfer_calibration.n_rows == 180
     assert (fit.n_rows, fit.calibration.n_rows) == (180, 60)
     argv = ["predict", "--data", folder / "timed.csv", "--out", folder / "p.csv"]
     argv += ["--host", folder / "host.json", "--interval", "0.8"]
@@ -186,3 +190,11 @@ def test_fit_host_calibrates_its_intervals_on_held_out_rows(folder, capsys):
     want = fit.predict(frame, interval=0.8)
     for c in ("predicted_lo_us", "predicted_hi_us"):
         np.testing.assert_allclose(got[c], want[c], rtol=1e-9)
+
+
+def test_fit_host_transfer_needs_two_deployments(folder):
+    frame = pd.read_csv(folder / "steps.csv")
+    frame[frame["model"] == "llama-2-70b"].to_csv(folder / "one.csv", index=False)
+    argv = ["fit-host", "--data", "one.csv", "--target", "iteration_time_us"]
+    argv += ["--curves", "h100.json", "--out", "host.json", "--transfer"]
+    fails(folder, argv, "two deployments or more")

@@ -178,3 +178,48 @@ def test_calibrating_needs_the_posterior():
         res.calibrate(frame)
     with pytest.raises(ValueError, match="target 'wall_us': no such column"):
         res.calibrate(frame, target="wall_us")
+
+
+def _biased(models, bias, n=150, seed=0):
+    """Steps of ``models`` whose wall time is the kernel sum plus the true host
+    costs, times a per-deployment factor (``bias``, in ``models`` order: what a
+    new deployment's device side misses by) and 1% log-normal noise."""
+    frame = _with_target(_frame(n=n, seed=seed, models=models), TRUTH, seed=seed + 1)
+    per_row = np.repeat(np.asarray(bias, float), n)
+    return frame.assign(iteration_time_us=frame["iteration_time_us"] * per_row)
+
+
+def test_transfer_calibration_widens_the_intervals_of_unseen_deployments(tmp_path):
+    """Two deployments that miss by -4% and +4% (in-sample sd ~4%): leaving each
+    out measures a miss of ~8%, and a third deployment that misses by 8% takes
+    that wider interval (no warning) and is covered; the plain fit's +-6.6% is
+    not enough."""
+    train = _biased((("codellama-34b", 2), ("llama-2-70b", 4)), (0.96, 1.04))
+    plain = dm.fit_host_on_kernels(train, target="iteration_time_us", curves=CURVES)
+    fit = dm.fit_host_on_kernels(
+        train, target="iteration_time_us", curves=CURVES, transfer=True
+    )
+    assert plain.transfer_calibration is None
+    assert fit.transfer_calibration.n_rows == len(train)
+    assert fit.transfer_calibration.multiplier(0.9) > 1.3 * 1.645
+    new = _biased((("llama-2-70b", 8),), (1.08,), seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dm.UnseenGroupWarning)
+        wide = fit.predict(new, interval=0.9)
+    with pytest.warns(dm.UnseenGroupWarning):
+        narrow = plain.predict(new, interval=0.9)
+    assert _coverage(wide, new)[0] > 0.85 > 0.5 > _coverage(narrow, new)[0]
+    # rows of the fitted deployments keep their own (in-sample) interval
+    np.testing.assert_array_equal(
+        fit.predict(train, interval=0.9).to_numpy(),
+        plain.predict(train, interval=0.9).to_numpy(),
+    )
+    back = dm.load_host_fit(dm.save_host_fit(fit, tmp_path / "t.json"))
+    assert back.transfer_calibration == fit.transfer_calibration
+    with pytest.raises(ValueError, match="two deployments or more"):
+        dm.fit_host_on_kernels(
+            train[train["model"] == "llama-2-70b"],
+            target="iteration_time_us",
+            curves=CURVES,
+            transfer=True,
+        )
