@@ -222,13 +222,11 @@ def posterior_interval(
 def calibrated(result: FitResult, frame: pd.DataFrame, target: str) -> FitResult:
     """``result`` with its intervals calibrated on ``frame`` (see
     :meth:`FitResult.calibrate`)."""
-    from ._fitting._fit import _check_target, step_data
+    from ._fitting._fit import step_data
     from ._fitting._intervals import calibration_from_scores
+    from ._fitting._kernel_host import target_values
 
-    if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
-        columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
-        raise ValueError(f"target {target!r}: no such column; columns are {columns}")
-    y = _check_target(frame[target].to_numpy(dtype=float), target)
+    y = target_values(frame, target)
     factor_set, model = posterior(result)
     data, labels = step_data(frame)
     unseen = sorted(set(labels) - set(model.trained_on)) if model.trained_on else []
