@@ -11,6 +11,11 @@ and the central ``level`` interval is ``t * exp(+-z sd)`` with ``z`` the normal
 quantile of ``(1 + level) / 2``. ``g`` for every step comes from one forward-mode
 Jacobian (one JVP per raw parameter), so the whole computation is a few passes of the
 step model, in JAX, with no sampling loop.
+
+Step times' log residuals are heavier-tailed than a Gaussian, so ``z`` misstates the
+coverage. A :class:`Calibration` replaces it by the ``level`` quantile of
+``|log(actual / predicted)| / sd`` over held-out rows (split conformal): rows of
+fitted deployments after :meth:`~diffmodel.FitResult.calibrate`.
 """
 
 import dataclasses
