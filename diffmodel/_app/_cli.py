@@ -85,20 +85,24 @@ POSITIVE = _number(float, low=0.0, strict=True, what="a number > 0")
 NONNEGATIVE = _number(float, low=0.0, strict=False, what="a number >= 0")
 
 
-def PROBABILITY(text: str) -> float:  # noqa: N802 - an argparse type, like the others
-    """An argparse type: a probability strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(
-            f"expected a probability in (0, 1), got {text!r}"
-        )
-    return value
+def _open_unit(what: str):
+    """An argparse type: a number strictly between 0 and 1, called ``what``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
 
 
-PROBABILITY.__name__ = "a probability in (0, 1)"
+PROBABILITY = _open_unit("a probability in (0, 1)")
+FRACTION = _open_unit("a fraction in (0, 1)")
 
 
 class _Renamed(argparse.Action):

@@ -22,19 +22,6 @@ def _curves(path: str):
         raise ValueError(f"--curves {path}: {err}") from None
 
 
-def _fraction(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
-    return value
-
-
 def with_deployment(frame, flags: dict):
     """``frame`` with the ``--model/--hardware/--tp`` flags given as columns (already
     checked against the table by :func:`deployment_groups`)."""
@@ -198,7 +185,7 @@ def predict_host(args, frame, flags: dict):
 def add_parser(subparsers, common) -> None:
     """Add the ``fit-host`` subcommand; ``common`` holds the shared flag adders of
     :mod:`._cli` (``data``, ``target``, ``deployment``)."""
-    from ._cli import POSITIVE_INT
+    from ._cli import FRACTION, POSITIVE_INT
 
     p = subparsers.add_parser(
         "fit-host",
@@ -239,7 +226,7 @@ def add_parser(subparsers, common) -> None:
     )
     p.add_argument(
         "--calibrate-tail",
-        type=_fraction,
+        type=FRACTION,
         default=None,
         metavar="F",
         help="with --split none: hold the last fraction F (0 < F < 1) of each "
