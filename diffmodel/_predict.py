@@ -223,23 +223,21 @@ def calibrated(result: FitResult, frame: pd.DataFrame, target: str) -> FitResult
     """``result`` with its intervals calibrated on ``frame`` (see
     :meth:`FitResult.calibrate`)."""
     from ._fitting._fit import step_data
-    from ._fitting._intervals import calibration_from_scores
+    from ._fitting._intervals import (
+        calibration_from_scores,
+        check_calibration_rows,
+        conformal_scores,
+    )
     from ._fitting._kernel_host import target_values
 
     y = target_values(frame, target)
     factor_set, model = posterior(result)
     data, labels = step_data(frame)
-    unseen = sorted(set(labels) - set(model.trained_on)) if model.trained_on else []
-    if unseen:
-        raise ValueError(
-            f"calibrate: rows of {unseen} were not fitted (trained on "
-            f"{list(model.trained_on)}); calibrate on held-out rows of the fitted "
-            "deployments"
-        )
+    check_calibration_rows(labels, model.trained_on)
     has_prefill = np.asarray(data.stats.prefill_tokens) > 0
     noise = model.row_noise(labels, np.asarray(data.group), has_prefill, False)
     t, sd = set_predictive_sd(factor_set, model.cov_raw, noise, data, labels)
-    cal = calibration_from_scores(np.abs(np.log(y / t)) / sd)
+    cal = calibration_from_scores(conformal_scores(y, t, sd))
     lap = dataclasses.replace(result.laplace, calibration=cal)
     return dataclasses.replace(result, laplace=lap)
 

@@ -72,16 +72,15 @@ class IntervalModel:
         calibration's multiplier for ``level`` on rows of fitted deployments (all
         rows with ``transfer=False``), the normal quantile elsewhere, and everywhere
         without a calibration (the held-out rows measured no transfer)."""
-        z = NormalDist().inv_cdf(0.5 * (1.0 + level))
         group = np.asarray(group)
-        if self.calibration is None or transfer:
-            return np.full(group.shape, z)
-        if transfer is None and self.trained_on:
+        if transfer:
+            seen = np.zeros(group.shape, bool)
+        elif transfer is None and self.trained_on:
             seen = np.array([lab in self.trained_on for lab in labels], bool)
             seen = seen[group] if len(labels) else np.ones(group.shape, bool)
         else:
             seen = np.ones(group.shape, bool)
-        return np.where(seen, self.calibration.multiplier(float(level)), z)
+        return multipliers(level, seen, self.calibration)
 
     def row_noise(
         self,
@@ -311,6 +310,48 @@ class Calibration:
             )
         values = np.array([np.inf if m is None else m for m in self.multipliers])
         return float(np.interp(level, grid, values))
+
+
+def multipliers(
+    level: float,
+    seen: Bool[np.ndarray, " rows"],
+    calibration: Calibration | None = None,
+    transfer_calibration: Calibration | None = None,
+) -> np.ndarray:
+    """Each row's interval half-width in predictive sds for a central ``level``
+    interval: ``calibration``'s multiplier on rows of fitted deployments
+    (``seen``), ``transfer_calibration``'s on the others, the normal quantile of
+    ``(1 + level) / 2`` where the matching calibration is None."""
+    out = np.full(np.shape(seen), NormalDist().inv_cdf(0.5 * (1.0 + level)))
+    if calibration is not None:
+        out[seen] = calibration.multiplier(float(level))
+    if transfer_calibration is not None:
+        out[~seen] = transfer_calibration.multiplier(float(level))
+    return out
+
+
+def conformal_scores(
+    actual: Float[ArrayLike, " rows"],
+    predicted: Float[ArrayLike, " rows"],
+    sd: Float[ArrayLike, " rows"],
+) -> np.ndarray:
+    """``|log(actual / predicted)| / sd`` per row: how many predictive sds (log
+    scale) each held-out row missed by, the scores of
+    :func:`calibration_from_scores`."""
+    return np.abs(np.log(np.asarray(actual) / np.asarray(predicted))) / np.asarray(sd)
+
+
+def check_calibration_rows(labels: Sequence[str], trained_on: Sequence[str]) -> None:
+    """``ValueError`` unless every deployment of ``labels`` was fitted (calibration
+    rows are held-out rows of the fitted deployments; ``trained_on`` empty: unknown,
+    every deployment counts as fitted)."""
+    unseen = sorted(set(labels) - set(trained_on)) if trained_on else []
+    if unseen:
+        raise ValueError(
+            f"calibrate: rows of {unseen} were not fitted (trained on "
+            f"{list(trained_on)}); calibrate on held-out rows of the fitted "
+            "deployments"
+        )
 
 
 def calibration_from_scores(scores: Float[ArrayLike, " rows"]) -> Calibration:

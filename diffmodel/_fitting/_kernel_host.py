@@ -21,7 +21,7 @@ as is a term driven to zero.
 import dataclasses
 import warnings
 from collections.abc import Sequence
-from statistics import NormalDist
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -47,6 +47,9 @@ from ._intervals import (
     Calibration,
     UnseenGroupWarning,
     calibration_from_scores,
+    check_calibration_rows,
+    conformal_scores,
+    multipliers,
     regime_noise_sd,
 )
 from ._laplace import IdentifiabilityWarning
@@ -138,10 +141,11 @@ class KernelHostFit:
             isinstance(interval, float | int) and 0.0 < interval < 1.0
         ):
             raise ValueError(f"interval must be a level in (0, 1), got {interval!r}")
-        pred, sd, seen, labels = self._log_sd(frame, curves)
-        out = pd.DataFrame({"predicted_us": pred}, index=frame.index)
+        rows = self._rows(frame, curves)
+        out = pd.DataFrame({"predicted_us": rows.pred}, index=frame.index)
         if interval is None:
             return out
+        labels = rows.labels
         unseen = sorted(set(labels) - set(self.trained_on))
         if unseen and self.transfer_calibration is None:
             warnings.warn(
@@ -151,14 +155,15 @@ class KernelHostFit:
                 UnseenGroupWarning,
                 stacklevel=2,
             )
-        z = NormalDist().inv_cdf((1.0 + interval) / 2.0)
-        if self.calibration is not None:
-            z = np.where(seen, self.calibration.multiplier(float(interval)), z)
-        if self.transfer_calibration is not None:
-            moved = self.transfer_calibration.multiplier(float(interval))
-            z = np.where(seen, z, moved)
-        out["predicted_lo_us"] = pred * np.exp(-z * sd)
-        out["predicted_hi_us"] = pred * np.exp(z * sd)
+        z = multipliers(
+            float(interval),
+            self._seen(rows),
+            self.calibration,
+            self.transfer_calibration,
+        )
+        half = z * self._sd(rows)
+        out["predicted_lo_us"] = rows.pred * np.exp(-half)
+        out["predicted_hi_us"] = rows.pred * np.exp(half)
         return out
 
     def calibrate(
@@ -182,34 +187,49 @@ class KernelHostFit:
                 saw (a transfer: calibrating on it would widen every interval).
         """
         y = target_values(frame, target)
-        pred, sd, seen, labels = self._log_sd(frame, curves)
-        if not seen.all():
+        rows = self._rows(frame, curves)
+        check_calibration_rows(rows.labels, self.trained_on)
+        if not (rows.pred > 0.0).all():
             raise ValueError(
-                "calibrate: rows of "
-                f"{sorted(set(labels) - set(self.trained_on))} were not fitted "
-                f"(trained on {list(self.trained_on)}); calibrate on held-out rows "
-                "of the fitted deployments"
+                f"calibrate: {int((rows.pred <= 0).sum())} rows are predicted no "
+                "time (no forward pass and no host term for them)"
             )
-        if not (pred > 0.0).all():
-            raise ValueError(
-                f"calibrate: {int((pred <= 0).sum())} rows are predicted no time "
-                "(no forward pass and no host term for them)"
-            )
-        scores = np.abs(np.log(y / pred)) / sd
+        scores = conformal_scores(y, rows.pred, self._sd(rows))
         return dataclasses.replace(self, calibration=calibration_from_scores(scores))
 
-    def _log_sd(self, frame: pd.DataFrame, curves: KernelCurves | None):
-        """Prediction (us), log-scale predictive sd, whether each row's deployment
-        was fitted, and the deployments present."""
+    def _rows(self, frame: pd.DataFrame, curves: KernelCurves | None) -> "_Rows":
+        """``frame``'s rows evaluated: prediction (us) and what its interval needs."""
         dev, x, labels, has_prefill, group = _prepare(
             frame, self.curves if curves is None else curves
         )
         cols = [HOST_TERMS.index(t) for t in self.terms]
         theta = np.array([float(self.host.as_dict()[t]) for t in self.terms])
-        pred = dev + x[:, cols] @ theta
-        sd = _row_sd(x[:, cols], theta, pred, self.cov_raw, self.noise_sd, has_prefill)
-        seen = np.array([lab in self.trained_on for lab in labels], bool)
-        return pred, sd, seen[group] if len(labels) else seen, labels
+        x = x[:, cols]
+        return _Rows(dev + x @ theta, x, theta, labels, has_prefill, group)
+
+    def _sd(self, rows: "_Rows") -> np.ndarray:
+        """Each row's predictive sd of ``log t``."""
+        return _row_sd(
+            rows.x, rows.theta, rows.pred, self.cov_raw, self.noise_sd, rows.prefill
+        )
+
+    def _seen(self, rows: "_Rows") -> np.ndarray:
+        """Whether each row's deployment was fitted."""
+        seen = np.array([lab in self.trained_on for lab in rows.labels], bool)
+        return seen[rows.group] if len(rows.labels) else np.ones(len(rows.pred), bool)
+
+
+class _Rows(NamedTuple):
+    """Rows evaluated by a :class:`KernelHostFit`: ``pred`` (us), the fitted terms'
+    multipliers ``x`` and costs ``theta`` (us), the deployments present, the
+    prefill flags and each row's index into ``labels``."""
+
+    pred: np.ndarray
+    x: np.ndarray
+    theta: np.ndarray
+    labels: list
+    prefill: np.ndarray
+    group: np.ndarray
 
 
 def _row_sd(x, theta, pred, cov_raw, noise_sd, has_prefill) -> np.ndarray:
@@ -231,8 +251,7 @@ def _transfer_scores(dev, x, y, group, sd, max_steps) -> np.ndarray:
         out = group == g
         res, _ = _fit_arrays(dev[~out], x[~out], y[~out], max_steps)
         theta = np.exp(np.asarray(res.params, dtype=np.float64))
-        pred = dev[out] + x[out] @ theta
-        scores.append(np.abs(np.log(y[out] / pred)) / sd[out])
+        scores.append(conformal_scores(y[out], dev[out] + x[out] @ theta, sd[out]))
     return np.concatenate(scores)
 
 
@@ -421,11 +440,12 @@ def fit_host_on_kernels(
         t: float(theta[i] * np.sqrt(max(cov[i, i], 0.0))) for i, t in enumerate(terms)
     }
     unpinned = _unpinned(hessian, terms)
-    residual = np.log(dev + x @ theta) - np.log(y)
-    noise = tuple(regime_noise_sd(residual, has_prefill)[r] for r in REGIMES)
+    pred = dev + x @ theta
+    noise = regime_noise_sd(np.log(pred) - np.log(y), has_prefill)
+    noise = tuple(noise[r] for r in REGIMES)
     moved = None
     if transfer:
-        row_sd = _row_sd(x, theta, dev + x @ theta, cov, noise, has_prefill)
+        row_sd = _row_sd(x, theta, pred, cov, noise, has_prefill)
         scores = _transfer_scores(dev, x, y, group, row_sd, max_steps)
         moved = calibration_from_scores(scores)
     fit = KernelHostFit(
@@ -449,7 +469,7 @@ def fit_host_on_kernels(
     )
     for line in unpinned:
         warnings.warn(line, IdentifiabilityWarning, stacklevel=2)
-    share = theta * x.mean(axis=0) / float(np.mean(dev + x @ theta))
+    share = theta * x.mean(axis=0) / float(np.mean(pred))
     for i, t in enumerate(terms):
         if share[i] < AT_ZERO_SHARE:
             warnings.warn(
