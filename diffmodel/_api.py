@@ -72,6 +72,7 @@ from ._model._factors import (
 )
 from ._model._hardware import (
     Hardware as Hardware,
+    gpu_class as gpu_class,
     hardware as hardware,
     known_hardware as known_hardware,
 )
@@ -118,6 +119,7 @@ __all__ = [
     "fit_steps",
     "from_aggregates",
     "from_requests",
+    "gpu_class",
     "hardware",
     "kernel_device_us",
     "kernels",

@@ -10,11 +10,13 @@ system has them, else SGLang):
   shapes), MAPE on the other 25%;
 - ``leave_one_gpu_out``: curves fitted on every other GPU (partial pooling: shared
   curves plus per-GPU offsets), predicting every (sampled) row of the held-out GPU
-  from its specs alone (offset 0). The form, absolute sizes, portable ones (work
-  as time at peak, blocks as waves of the SM count), portable with the L2 cache, or
-  the constant roofline, is chosen per held-out GPU by an inner leave-one-GPU-out
-  over the training GPUs only (never by the held-out GPU's figures), scored on the
-  training GPUs of its class (PCIe card or NVLink module; :func:`inner_peers`).
+  from its specs alone, with the mean offsets of the training GPUs that run its
+  kernel, of its class where any is (:func:`held_out_offsets`). The form, absolute
+  sizes, portable ones (work as time at peak, blocks as waves of the SM count),
+  portable with the L2 cache, or the constant roofline, is chosen per held-out GPU
+  by an inner leave-one-GPU-out over the training GPUs only (never by the held-out
+  GPU's figures), scored on the training GPUs of its class (PCIe card or NVLink
+  module; :func:`inner_peers`).
 
 Both beside the uncalibrated roofline (the constant efficiencies of ``FACTOR_SPECS``).
 Rows are subsampled per (GPU, family) with a fixed seed (``--rows``). Writes
@@ -36,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 import diffmodel.kernels as dk
-from diffmodel import FACTOR_SPECS, hardware, mape
+from diffmodel import FACTOR_SPECS, gpu_class, hardware, mape
 
 FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
@@ -204,35 +206,37 @@ def kernel_of(gathered) -> list[tuple[str, str] | None]:
     return [dk.kernel_key(rows) for _, _, rows in gathered]
 
 
-def held_out_offsets(off, held: int, excluded: set, kernels) -> np.ndarray:
+def held_out_offsets(
+    off, held: int, excluded: set, kernels, classes=None
+) -> np.ndarray:
     """One fold's per-GPU offsets ``[GPUs, 4]`` with the held-out GPU's set to the
-    mean of the training GPUs that run its kernel (``kernels``), 0 if none does:
-    GPUs running one implementation (FlashAttention-3, FlashInfer's TRT-LLM decode)
-    share its per-block costs and efficiencies, and which kernel a GPU runs is known
-    before it is measured (the serving stack picks it by architecture)."""
+    mean of the training GPUs that run its kernel (``kernels``), those of its class
+    (``classes``, :func:`diffmodel.gpu_class` per GPU) where any is, 0 if none runs
+    it: GPUs running one implementation (FlashAttention-3, FlashInfer's TRT-LLM
+    decode) share its per-block costs and efficiencies, a power-capped GDDR card
+    runs it otherwise than an HBM module, and both which kernel a GPU runs (the
+    serving stack picks it by architecture) and its class are known before it is
+    measured. The same rule as :meth:`diffmodel.kernels.PooledCurves.family_offset`."""
     o = np.array(off)
     same = [
         h
         for h in range(len(kernels))
         if h not in excluded and kernels[h] is not None and kernels[h] == kernels[held]
     ]
+    if classes is not None:
+        same = [h for h in same if classes[h] == classes[held]] or same
     o[held] = o[same].mean(axis=0) if same else 0.0
     return o
 
 
-PCIE_LINK_BW = 100e9
-"""A GPU whose GPU-to-GPU link is below this, bytes/s, is a PCIe card (L40S, RTX
-PRO 6000, B60: GDDR memory, board power caps), the others NVLink modules (HBM)."""
-
-
 def inner_peers(names: list[str]) -> list[np.ndarray]:
     """For each GPU, the other GPUs whose inner held-out errors choose its form:
-    those of its class (PCIe card or NVLink module, from the catalog's link
-    bandwidth, known before the GPU is measured), or every other GPU when it is the
-    only one of its class. A form that ports well across the seven HBM modules can
-    still fail on a GDDR card (and the other way round); the mean over all GPUs lets
-    the majority class decide for the other."""
-    card = np.array([float(hardware(n).link_bw) < PCIE_LINK_BW for n in names])
+    those of its class (PCIe card or NVLink module, :func:`diffmodel.gpu_class`:
+    from the catalog's link bandwidth, known before the GPU is measured), or every
+    other GPU when it is the only one of its class. A form that ports well across
+    the seven HBM modules can still fail on a GDDR card (and the other way round);
+    the mean over all GPUs lets the majority class decide for the other."""
+    card = np.array([gpu_class(n) == "pcie" for n in names])
     out = []
     for g in range(len(names)):
         others = np.array([h for h in range(len(names)) if h != g], int)
@@ -251,7 +255,9 @@ def leave_one_gpu_out(
     ``select="mean"``) or the lowest worst one (``"worst"``)."""
     n_g = len(gathered)
     kernels = kernel_of(gathered)
-    peers = inner_peers([SYSTEMS[system] for system, _, _ in gathered])
+    names = [SYSTEMS[system] for system, _, _ in gathered]
+    classes = [gpu_class(n) for n in names]
+    peers = inner_peers(names)
     summary = np.max if select == "worst" else np.mean
     pairs = [(g, h) for g in range(n_g) for h in range(n_g) if h != g]
     inner_train = np.stack([(gpu != g) & (gpu != h) for g, h in pairs])
@@ -272,7 +278,7 @@ def leave_one_gpu_out(
         )
         offs = np.stack(
             [
-                held_out_offsets(off[f], h, {g, h}, kernels)
+                held_out_offsets(off[f], h, {g, h}, kernels, classes)
                 for f, (g, h) in enumerate(pairs)
             ]
         )
@@ -284,7 +290,9 @@ def leave_one_gpu_out(
         curves, off = dk.fit_folds(
             predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
         )
-        offs = np.stack([held_out_offsets(off[g], g, {g}, kernels) for g in range(n_g)])
+        offs = np.stack(
+            [held_out_offsets(off[g], g, {g}, kernels, classes) for g in range(n_g)]
+        )
         outer_pred[form] = (with_offsets(curves, jnp.asarray(offs)), _n_params(init))
     # The constant roofline is a candidate too: where the inner folds say no curve
     # generalises better to an unseen GPU, the held-out one gets the constants.

@@ -46,6 +46,21 @@ def test_held_out_offsets_average_the_same_kernel_among_training_gpus(gpus):
     np.testing.assert_array_equal(gpus.held_out_offsets(off, 4, {4}, kernels)[4], 0)
 
 
+def test_held_out_offsets_prefer_the_gpus_of_its_class(gpus):
+    """Among the GPUs running its kernel, a card takes the cards' offsets, a module
+    the modules'; where its class has none, every GPU running the kernel."""
+    kernels = [("N", "cublas")] * 4 + [("N", "other")]
+    classes = ["nvlink", "nvlink", "pcie", "pcie", "pcie"]
+    off = np.arange(20.0).reshape(5, 4)
+    got = gpus.held_out_offsets(off, 2, {2}, kernels, classes)
+    np.testing.assert_array_equal(got[2], off[3])
+    got = gpus.held_out_offsets(off, 0, {0}, kernels, classes)
+    np.testing.assert_array_equal(got[0], off[1])
+    # GPU 3 out of this inner fold: no other card runs cuBLAS; all that do.
+    got = gpus.held_out_offsets(off, 2, {2, 3}, kernels, classes)
+    np.testing.assert_array_equal(got[2], (off[0] + off[1]) / 2)
+
+
 def test_inner_peers_are_the_gpus_of_the_same_class(gpus):
     """PCIe cards choose their form on the other cards, NVLink modules on the other
     modules; a GPU alone in its class falls back to every other GPU."""

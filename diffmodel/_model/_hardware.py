@@ -227,6 +227,20 @@ def spec_from_yaml(spec: dict) -> dict[str, float]:
     )
 
 
+PCIE_LINK_BW = 100e9
+"""Bytes/s per direction: a GPU whose GPU-to-GPU link is slower is a PCIe card (L40S,
+RTX PRO 6000, B60: GDDR memory, a board power cap of 350-600 W, no NVLink), the others
+are NVLink modules (HBM, 400-1,400 W). The gap is wide: 32-64 GB/s against 300-900."""
+
+
+def gpu_class(gpu: "str | Hardware") -> str:
+    """``"pcie"`` for a PCIe card, ``"nvlink"`` for an NVLink module
+    (:data:`PCIE_LINK_BW`), from the link bandwidth alone: known before the GPU's
+    kernels are measured. ``gpu``: a catalog name or alias, or a :class:`Hardware`."""
+    hw = gpu if isinstance(gpu, Hardware) else hardware(gpu)
+    return "pcie" if float(hw.link_bw) < PCIE_LINK_BW else "nvlink"
+
+
 def hardware(name: str) -> Hardware:
     """The catalog's :class:`Hardware` for ``name``; define others with ``Hardware``.
 

@@ -6,7 +6,8 @@ rows): shared portable curves plus a small offset per GPU. :meth:`PooledCurves.f
 turns them into the :class:`KernelCurves` of one GPU: a pooled GPU keeps its own
 offsets; an unseen GPU takes, per family, the mean offsets of the pooled GPUs that run
 the same kernel (the serving stack picks the kernel by architecture, so it is known
-before the GPU is measured), and the shared curves (offset 0) where none does.
+before the GPU is measured), those of its class (PCIe card or NVLink module) where
+any is, and the shared curves (offset 0) where none does.
 """
 
 import dataclasses
@@ -18,7 +19,12 @@ import numpy as np
 import pandas as pd
 
 from .._kernel_families import ALL_FAMILIES as FAMILIES
-from .._model._hardware import canonical_hardware, hardware, hardware_system
+from .._model._hardware import (
+    canonical_hardware,
+    gpu_class,
+    hardware,
+    hardware_system,
+)
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import KernelCurves, default_allreduce_curve, init_curves
 from ._dsa import DSA, DSA_FAMILIES
@@ -79,7 +85,13 @@ class PooledCurves:
     ) -> tuple[np.ndarray, tuple[str, ...]]:
         """``(offset, GPUs it came from)`` of one family for ``gpu``: its own if it
         was pooled, else the mean of the pooled GPUs whose rows time ``kernel``,
-        else zeros (no GPUs)."""
+        restricted to those of ``gpu``'s class (:func:`~diffmodel.gpu_class`: a PCIe
+        card or an NVLink module) where any is, else zeros (no GPUs).
+
+        The class matters because one kernel runs differently on a power-capped
+        GDDR card than on an HBM module: chosen by class, the leave-one-GPU-out
+        figures of ``experiments/gpus.py`` moved by -3.1 points (L40S GEMM) to +0.5
+        (RTX PRO 6000 FP8 GEMM), mean over all lines 23.8 -> 23.4%."""
         if family in self.offsets.get(gpu, {}):
             return np.asarray(self.offsets[gpu][family]), (gpu,)
         same = tuple(
@@ -91,6 +103,8 @@ class PooledCurves:
         )
         if not same:
             return np.zeros(N_OFFSETS), ()
+        mine = tuple(g for g in same if gpu_class(g) == gpu_class(gpu))
+        same = mine or same
         return np.mean([self.offsets[g][family] for g in same], axis=0), same
 
     def for_gpu(

@@ -17,14 +17,14 @@ def _pooled(shared=None) -> dk.PooledCurves:
         offsets={
             "h200": {"decode_attention": np.array([1.0, 0.0, 0.5, 0.0])},
             "b200": {"decode_attention": np.array([3.0, 0.0, 0.0, 0.0])},
-            "gh200": {"decode_attention": np.array([0.0, 2.0, 0.5, 1.0])},
+            "gb200": {"decode_attention": np.array([0.0, 2.0, 0.5, 1.0])},
         },
         kernels={
             "h200": {"decode_attention": a},
             "b200": {"decode_attention": b},
-            "gh200": {"decode_attention": a},
+            "gb200": {"decode_attention": a},
         },
-        rows={g: {"decode_attention": 10} for g in ("h200", "b200", "gh200")},
+        rows={g: {"decode_attention": 10} for g in ("h200", "b200", "gb200")},
     )
 
 
@@ -45,11 +45,30 @@ def test_an_unseen_gpu_takes_the_offsets_of_gpus_running_its_kernel():
     assert src == ("b200",)
     mean, src = p.family_offset("h100-sxm", "decode_attention", ("NVIDIA", "fa3"))
     np.testing.assert_allclose(mean, [0.5, 1.0, 0.5, 0.5])  # mean of h200 and gh200
-    assert src == ("h200", "gh200")
+    assert src == ("h200", "gb200")
     for kernel in (("NVIDIA", "other"), None):
         zero, src = p.family_offset("h100-sxm", "decode_attention", kernel)
         np.testing.assert_array_equal(zero, np.zeros(4))
         assert src == ()
+
+
+def test_an_unseen_gpu_prefers_the_gpus_of_its_class():
+    """A PCIe card takes the offsets of the cards running its kernel, not those of
+    the HBM modules running it; with no card running it, the modules'."""
+    fa3 = ("NVIDIA", "fa3")
+    p = _pooled()
+    p.offsets["rtx-pro-6000"] = {"decode_attention": np.array([-2.0, 0.0, 0.0, 0.0])}
+    p.kernels["rtx-pro-6000"] = {"decode_attention": fa3}
+    card, src = p.family_offset("l40s", "decode_attention", fa3)
+    np.testing.assert_array_equal(card, [-2.0, 0.0, 0.0, 0.0])
+    assert src == ("rtx-pro-6000",)
+    module, src = p.family_offset("h100-sxm", "decode_attention", fa3)
+    np.testing.assert_allclose(module, [0.5, 1.0, 0.5, 0.5])
+    assert src == ("h200", "gb200")
+    assert dm.gpu_class("l40s") == "pcie" and dm.gpu_class("b200") == "nvlink"
+    assert dm.gpu_class(hardware("rtx-pro-6000")) == "pcie"
+    with pytest.raises(ValueError, match="nope"):
+        dm.gpu_class("nope")
 
 
 def test_for_gpu_shifts_the_shared_curves_and_times_them_at_its_specs():
