@@ -29,7 +29,7 @@ def _cmd_kernels_list(args) -> int:
 
         print(
             "\nname           system               BF16 TF  FP8 TF   HBM TB/s  "
-            "link GB/s  SMs  GHz    peaks from"
+            "link GB/s  class   SMs  GHz    peaks from"
         )
         for name in SPECS:
             try:
@@ -40,7 +40,8 @@ def _cmd_kernels_list(args) -> int:
             print(
                 f"{name:<14} {i['system']:<20} {i['bf16_tflops']:7.1f} "
                 f"{i['fp8_tflops']:7.1f} {i['hbm_tb_s']:9.3f} {i['link_gb_s']:10.0f} "
-                f"{i['sm_count']:4d} {i['clock_ghz']:5.2f}  {i['peaks_source']}"
+                f"{i['gpu_class']:<7} {i['sm_count']:4d} {i['clock_ghz']:5.2f}  "
+                f"{i['peaks_source']}"
             )
     return 0
 

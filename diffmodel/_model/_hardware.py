@@ -229,8 +229,9 @@ def spec_from_yaml(spec: dict) -> dict[str, float]:
 
 PCIE_LINK_BW = 100e9
 """Bytes/s per direction: a GPU whose GPU-to-GPU link is slower is a PCIe card (L40S,
-RTX PRO 6000, B60: GDDR memory, a board power cap of 350-600 W, no NVLink), the others
-are NVLink modules (HBM, 400-1,400 W). The gap is wide: 32-64 GB/s against 300-900."""
+RTX PRO 6000, B60, L4, A30, the PCIe H100 and A100: a board power cap of 72-600 W,
+most with GDDR memory), the others are NVLink modules (HBM, 400-1,400 W). The gap is
+wide: 28-64 GB/s against 300-900."""
 
 
 def gpu_class(gpu: "str | Hardware") -> str:
@@ -260,8 +261,9 @@ def hardware(name: str) -> Hardware:
 
 
 def system_info(name: str) -> dict:
-    """Everything the catalog knows of one GPU, for listings: peaks, bandwidths,
-    GPUs per node and memory (from the YAML where installed), SMs, clock, sources."""
+    """Everything the catalog knows of one GPU, for listings: peaks, bandwidths, its
+    class (:func:`gpu_class`), GPUs per node and memory (from the YAML where
+    installed), SMs, clock, sources."""
     key = canonical_hardware(name)
     s = SPECS[key]
     hw = hardware(key)
@@ -272,6 +274,7 @@ def system_info(name: str) -> dict:
         fp8_tflops=float(hw.flops_8) / _T,
         hbm_tb_s=float(hw.hbm_bw) / _T,
         link_gb_s=float(hw.link_bw) / 1e9,
+        gpu_class=gpu_class(hw),
         sm_count=s.sm_count,
         clock_ghz=s.clock_ghz,
         l2_mib=s.l2_mib,

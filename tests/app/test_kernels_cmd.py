@@ -30,6 +30,18 @@ def test_cli_kernels_list_and_calibrate(tmp_path, capsys):
     assert cli_main(["calibrate", "--system", "nope", "--out", str(path)]) == 1
 
 
+@needs_db
+def test_cli_kernels_list_hardware_names_each_gpus_class(capsys):
+    argv = ["kernels", "list", "--system", "l40s", "--backend", "vllm", "--hardware"]
+    assert cli_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("name "))
+    assert "class" in header.split()
+    row = {line.split()[0]: line.split() for line in lines[lines.index(header) :]}
+    assert "pcie" in row["l40s"] and "nvlink" not in row["l40s"]
+    assert "nvlink" in row["h100-sxm"] and "pcie" not in row["h100-sxm"]
+
+
 @pytest.mark.slow
 @needs_db
 def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):

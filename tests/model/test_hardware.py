@@ -66,6 +66,7 @@ def test_catalog_reads_the_yamls():
     assert float(a100.hbm_bw) == yaml_a100["hbm_bw"]
     info = system_info("gb200")
     assert info["gpus_per_node"] == 4 and info["peaks_source"] == "gb200.yaml"
+    assert info["gpu_class"] == "nvlink" and system_info("l40s")["gpu_class"] == "pcie"
 
 
 def test_hardware_catalog_and_custom():
