@@ -103,8 +103,8 @@ class PooledCurves:
         )
         if not same:
             return np.zeros(N_OFFSETS), ()
-        mine = tuple(g for g in same if gpu_class(g) == gpu_class(gpu))
-        same = mine or same
+        cls = gpu_class(gpu)
+        same = tuple(g for g in same if gpu_class(g) == cls) or same
         return np.mean([self.offsets[g][family] for g in same], axis=0), same
 
     def for_gpu(

@@ -44,7 +44,7 @@ def test_an_unseen_gpu_takes_the_offsets_of_gpus_running_its_kernel():
     )  # its own, not the kernel's
     assert src == ("b200",)
     mean, src = p.family_offset("h100-sxm", "decode_attention", ("NVIDIA", "fa3"))
-    np.testing.assert_allclose(mean, [0.5, 1.0, 0.5, 0.5])  # mean of h200 and gh200
+    np.testing.assert_allclose(mean, [0.5, 1.0, 0.5, 0.5])  # mean of h200 and gb200
     assert src == ("h200", "gb200")
     for kernel in (("NVIDIA", "other"), None):
         zero, src = p.family_offset("h100-sxm", "decode_attention", kernel)
