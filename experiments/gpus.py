@@ -157,6 +157,7 @@ def init_for(family: str, form: str):
         prologue=base.prologue is not None,
         serial_k=base.log_kloop_ns is not None,
         exp=base.raw_exp_eta is not None,
+        overlap=base.log_overlap is not None,
         portable=portable,
         cache=form == "portable_l2",
     )

@@ -36,10 +36,13 @@ def smooth_max(a: ArrayLike, b: ArrayLike, sharpness: float = SHARPNESS) -> Arra
 def power_max(a: ArrayLike, b: ArrayLike, p: ArrayLike) -> Array:
     """``(a^p + b^p)^(1/p)`` for ``a, b > 0`` and a traced (fitted) ``p >= 1``:
     :func:`smooth_max` with a learnable sharpness (``p = 1``: the sum, ``p -> inf``:
-    the maximum). Gradients in ``p`` stay finite where one side vanishes."""
+    the maximum). Gradients in ``p`` stay finite where one side vanishes, and
+    where both do (the value is then 0); a NaN on either side gives NaN."""
     hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
-    r = jnp.maximum(lo / hi, 1e-30)
-    return hi * jnp.exp(jnp.log1p(jnp.exp(p * jnp.log(r))) / p)
+    some = hi != 0  # True for NaN: it spreads
+    h = jnp.where(some, hi, 1.0)
+    r = jnp.maximum(lo / h, 1e-30)
+    return jnp.where(some, h * jnp.exp(jnp.log1p(jnp.exp(p * jnp.log(r))) / p), 0.0)
 
 
 # XLA:CPU evaluates ``pow`` ~10x slower than ``exp``: the default sharpness 4 uses

@@ -35,9 +35,10 @@ def curves_to_json(curves: KernelCurves) -> dict[str, Any]:
             "sigmoid(slope * (ln u - ln u_half)) at u parallel work units; kernel "
             "time, us = latency_us + s * unit_ns / 1000 + smooth_max(FLOP / (peak * "
             "eta_flops * o), bytes / (hbm_bw * eta_bw * o)) * 1e6, s the thread "
-            "blocks scheduled (u unless the kernel schedules idle ones); kernels with "
-            "a tuned tile configuration saturate at tuned_eta_max = sigmoid(logit("
-            "eta_max) + raw_tuned) of the compute peak; all-reduce time, "
+            "blocks scheduled (u unless the kernel schedules idle ones), smooth_max(a, "
+            "b) = (a^q + b^q)^(1/q) with q = overlap_q where fitted, else 4; "
+            "kernels with a tuned tile configuration saturate at tuned_eta_max = "
+            "sigmoid(logit(eta_max) + raw_tuned) of the compute peak; all-reduce time, "
             "us = latency_us + 2 (n-1)/n bytes / (link_bw * eta(bytes)) * 1e6"
         ),
     }

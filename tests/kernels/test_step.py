@@ -101,7 +101,9 @@ def test_jit_vmap_and_gradient():
     xs = jnp.array([4.0, 40.0, 400.0])
     eager = np.array([float(total(x)) for x in xs])
     np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(total))(xs)), eager)
-    assert_grad_matches_fd(lambda v: total(v[0]), np.array([40.0]), rtol=1e-5)
+    # Away from the GEMMs' slice boundaries (160 tokens is 5 slices of 32 exactly):
+    # the time is piecewise smooth in the token count.
+    assert_grad_matches_fd(lambda v: total(v[0]), np.array([41.0]), rtol=1e-5)
     # The host cost's derivative is exactly its multiplier, L = 80.
     g = jax.grad(
         lambda h: (

@@ -89,8 +89,9 @@ def test_fp8_gemm_work_counts_bf16_output_and_quantization_pass():
     # bytes = 16*8*1 + 4*16*1 + 4*8*2 = 128 + 64 + 64 = 256;
     # pre_bytes = 4*16*(2*2 + 1) = 320 (absmax read, re-read, FP8 write);
     # the same GEMM in bf16: 256 + 128 + 64 = 448 bytes.
+    # FLOPs: the 4 rows are computed as one slice of 32 (GEMM_M_SLICE).
     w = gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, out_bytes=2.0, act_quant=1.0)
-    assert float(w.flops) == 2 * 4 * 8 * 16
+    assert float(w.flops) == 2 * 32 * 8 * 16
     assert float(w.bytes) == 256.0
     assert float(w.pre_bytes) == 320.0
     assert float(w.peak_flops) == H100.flops_8
@@ -108,7 +109,7 @@ def test_nvfp4_gemm_work_at_the_fp4_peak_with_a_one_pass_quantization():
     w = gemm_kernel_work(
         4.0, 8.0, 16.0, B200, 0.5, out_bytes=2.0, act_quant=1.0, weight_bytes=0.5625
     )
-    assert float(w.flops) == 2 * 4 * 8 * 16
+    assert float(w.flops) == 2 * 32 * 8 * 16  # one slice of 32 rows
     assert float(w.bytes) == 168.0
     assert float(w.pre_bytes) == 164.0
     assert float(w.peak_flops) == float(B200.flops_4)
@@ -157,3 +158,16 @@ def test_main_loop_curves_need_the_sm_count():
     absolute = dk.init_curves("gemm_fp8", portable=False)
     with pytest.raises(ValueError, match="main-loop cost need the GPU's SM count"):
         w.time_us(absolute)
+
+
+def test_gemm_flops_count_whole_slices_of_32_rows():
+    # m = 257: 9 slices of 32 = 288 rows computed; m = 256: exactly 8 slices.
+    # Bytes count the real rows: 256 * 64 * 2 (weight) + m * 256 * 2 + m * 64 * 2.
+    w = gemm_kernel_work(jnp.array([256.0, 257.0]), 64.0, 256.0, H100)
+    np.testing.assert_array_equal(
+        np.asarray(w.flops), [2 * 256 * 64 * 256, 2 * 288 * 64 * 256]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(w.bytes),
+        [256 * 64 * 2 + m * 256 * 2 + m * 64 * 2 for m in (256, 257)],
+    )
