@@ -155,9 +155,10 @@ def init_for(family: str, form: str):
         latency=base.log_latency_us is not None,
         tuned=base.raw_tuned is not None,
         prologue=base.prologue is not None,
-        serial_k=base.log_kloop_ns is not None,
+        serial_k=base.log_row_ns is not None,
         exp=base.raw_exp_eta is not None,
         overlap=base.log_overlap is not None,
+        kloop=base.log_kloop_ns is not None and base.log_row_ns is None,
         portable=portable,
         cache=form == "portable_l2",
     )

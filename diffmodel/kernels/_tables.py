@@ -47,6 +47,7 @@ from ..kernels._work import (
     KernelWork,
     _work,
     decode_attention_work,
+    fa2_splits_kv,
     gemm_kernel_work,
     prefill_attention_work,
 )
@@ -298,10 +299,20 @@ def table_work(family: str, table: pd.DataFrame, hw: Hardware) -> KernelWork:
     if family in ("prefill_attention", "decode_attention"):
         heads = (col("num_heads"), col("num_key_value_heads"), col("head_dim"))
         if family == "prefill_attention":
-            length, fn = col("isl"), prefill_attention_work
-        else:
-            length, fn = col("step"), decode_attention_work
-        return fn(col("batch_size"), length, *heads, hw, col("kv_bytes"))
+            return prefill_attention_work(
+                col("batch_size"), col("isl"), *heads, hw, col("kv_bytes")
+            )
+        split = None
+        if {"kernel_source", "device"} <= set(table.columns):
+            split = fa2_splits_kv(
+                table["kernel_source"],
+                table["device"],
+                table["num_heads"],
+                table["num_key_value_heads"],
+            )
+        return decode_attention_work(
+            col("batch_size"), col("step"), *heads, hw, col("kv_bytes"), split
+        )
     if family == "moe":
         return _moe_table_work(table, hw)
     if family == "vidur":

@@ -6,6 +6,7 @@ import dataclasses
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
 import diffmodel.kernels as dk
@@ -16,6 +17,8 @@ from diffmodel.kernels._work import (
     allreduce_kernel_us,
     causal_tile_pairs,
     decode_attention_us,
+    decode_attention_work,
+    fa2_splits_kv,
     gemm_kernel_work,
     gemm_us,
     prefill_attention_us,
@@ -121,35 +124,56 @@ def test_fp8_gemm_act_quant_must_be_0_or_1():
         gemm_kernel_work(4.0, 8.0, 16.0, H100, 1.0, act_quant=2.0)
 
 
+def _roofline_side(w, c):
+    """The compute/memory maximum of portable curves ``c`` on work ``w``, us (by
+    hand: efficiencies at the work's time at peak and waves of the SMs)."""
+    f_us = w.flops / w.peak_flops * 1e6
+    b_us = w.bytes / w.bandwidth * 1e6
+    eta_f, eta_b = c.efficiencies(f_us, b_us, w.units / w.sms)
+    q = 4.0 if c.overlap is None else c.overlap
+    return ((f_us / eta_f) ** q + (b_us / eta_b) ** q) ** (1.0 / q), q
+
+
 def test_serial_k_gemm_pays_its_rows_and_main_loop_by_hand():
     # A per-tensor FP8 GEMM m=300, n=256, k=4096 on H100 (132 SMs): 5*2 = 10
-    # output tiles of 64x128, one wave; rows 300 at 5 ns, main loop
-    # ceil(10/132) * 4096 * 0.5 ns: 1.5 us + 2.048 us more than without the terms.
+    # output tiles of 64x128, one wave; rows 300 at 5 ns add 1.5 us to the floor;
+    # the main loop, ceil(10/132) * 4096 * 0.5 ns = 2.048 us, is a third side of
+    # the maximum: t = floor + (t_r^q + t_loop^q)^(1/q), t_r the compute/memory side.
     w = gemm_kernel_work(300.0, 256.0, 4096.0, H100, 1.0, out_bytes=2.0, act_quant=1.0)
     assert float(w.rows) == 300.0 and float(w.depth) == 4096.0
     base = dk.init_curves("gemm_fp8", portable=True)
-    timed = eqx.tree_at(
-        lambda c: (c.log_row_ns, c.log_kloop_ns),
-        base,
-        (jnp.log(5.0), jnp.log(0.5)),
-    )
-    without = eqx.tree_at(
-        lambda c: (c.log_row_ns, c.log_kloop_ns),
-        base,
-        (None, None),
-        is_leaf=lambda x: x is None,
-    )
-    extra = float(w.time_us(timed) - w.time_us(without))
-    assert extra == pytest.approx(300 * 5e-3 + 1 * 4096 * 0.5e-3, rel=1e-9)
-    # 133 SMs' worth of tiles (m = 64 * 133, n = 128) is two waves of the loop.
-    tall = gemm_kernel_work(64.0 * 133, 128.0, 4096.0, H100, 1.0, act_quant=1.0)
-    extra = float(tall.time_us(timed) - tall.time_us(without))
-    assert extra == pytest.approx(64 * 133 * 5e-3 + 2 * 4096 * 0.5e-3, rel=1e-9)
-    # A GEMM that quantizes nothing has no rows to pay for; its loop still counts.
+
+    def curves(row_ns, kloop_ns):
+        return eqx.tree_at(
+            lambda c: (c.log_row_ns, c.log_kloop_ns),
+            base,
+            tuple(None if v is None else jnp.log(v) for v in (row_ns, kloop_ns)),
+            is_leaf=lambda x: x is None,
+        )
+
+    without = curves(None, None)
+    t0 = float(w.time_us(without))
+    assert float(w.time_us(curves(5.0, None))) - t0 == pytest.approx(1.5, rel=1e-9)
+    side, q = _roofline_side(w, without)
+    side = float(side)
+    for kernel, waves in ((w, 1), (None, 2)):
+        if kernel is None:  # 133 SMs' worth of tiles (m = 64 * 133, n = 128): 2 waves
+            kernel = gemm_kernel_work(64.0 * 133, 128.0, 4096.0, H100, 1.0)
+            t0 = float(kernel.time_us(without))
+            side = float(_roofline_side(kernel, without)[0])
+        loop = waves * 4096 * 0.5e-3
+        want = t0 - side + (side**q + loop**q) ** (1.0 / q)
+        got = float(kernel.time_us(curves(None, 0.5)))
+        assert got == pytest.approx(float(want), rel=1e-9)
+    # A GEMM that quantizes nothing has no rows to pay for.
     plain = gemm_kernel_work(300.0, 256.0, 4096.0, H100, 1.0)
     assert plain.rows is None
-    extra = float(plain.time_us(timed) - plain.time_us(without))
-    assert extra == pytest.approx(4096 * 0.5e-3, rel=1e-9)
+    assert float(plain.time_us(curves(5.0, None))) == float(plain.time_us(without))
+    # A loop far longer than the rest is the time, above the floor.
+    slow = float(plain.time_us(curves(None, 50.0)))
+    side = float(_roofline_side(plain, without)[0])
+    floor = float(plain.time_us(without)) - side
+    assert slow - floor == pytest.approx(4096 * 50e-3, rel=1e-3)
 
 
 def test_main_loop_curves_need_the_sm_count():
@@ -170,4 +194,65 @@ def test_gemm_flops_count_whole_slices_of_32_rows():
     np.testing.assert_array_equal(
         np.asarray(w.bytes),
         [256 * 64 * 2 + m * 256 * 2 + m * 64 * 2 for m in (256, 257)],
+    )
+
+
+def test_fa2_splits_the_kv_only_for_packed_query_groups():
+    split = fa2_splits_kv(
+        ["vllm_flash_attn", "vllm_flash_attn", "vllm_flash_attn_fa2",
+         "vllm_flash_attn_fa3", "vllm_flash_attn", "vllm_flashinfer_trtllmdecode"],
+        ["NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S",
+         "NVIDIA H100 80GB HBM3", "Intel(R) Arc(TM) Pro B60 Graphics", "NVIDIA B200"],
+        [8, 8, 32, 8, 8, 8],
+        [8, 1, 32, 8, 8, 8],
+    )  # fmt: skip
+    # FA2 multi-head: unsplit; FA2 GQA, FA3, the XPU's kernel, FlashInfer: split.
+    np.testing.assert_array_equal(split, [0, 1, 0, 1, 1, 1])
+
+
+def test_unsplit_decode_walks_the_whole_cache_per_wave_of_blocks():
+    # 4 sequences x 8 KV heads = 32 blocks on A100 (108 SMs): one wave, each block
+    # walking 16383 cached tokens; with kloop_ns = 23 ns that is 376.8 us, the
+    # third side of the maximum.
+    a100 = hardware("a100-sxm-80gb")
+    args = (4.0, 16383.0, 8.0, 8.0, 128.0, a100)
+    split = decode_attention_work(*args, 2.0, 1.0)
+    walk = decode_attention_work(*args, 2.0, 0.0)
+    assert float(split.depth) == 0.0 and float(walk.depth) == 16383.0
+    assert decode_attention_work(*args).depth is None
+    c = dk.init_curves("decode_attention", portable=True)
+    assert c.log_kloop_ns is not None and c.log_row_ns is None
+    c = eqx.tree_at(lambda c: c.log_kloop_ns, c, jnp.log(23.0))
+    floor = float(split.time_us(c)) - float(_roofline_side(split, c)[0])
+    side = float(_roofline_side(walk, c)[0])
+    loop = 16383 * 23e-3
+    want = floor + (side**4 + loop**4) ** 0.25
+    assert float(walk.time_us(c)) == pytest.approx(want, rel=1e-9)
+
+
+def test_decode_split_kv_must_be_0_or_1():
+    with pytest.raises(ValueError, match="split_kv"):
+        decode_attention_work(1.0, 100.0, 8.0, 8.0, 128.0, H100, 2.0, 0.5)
+
+
+def test_table_rows_mark_fa2_multi_head_decode_unsplit():
+    rows = pd.DataFrame(
+        {
+            "batch_size": [4, 4],
+            "step": [1023, 1023],
+            "num_heads": [8, 32],
+            "num_key_value_heads": [8, 8],
+            "head_dim": [128, 128],
+            "kv_bytes": [2.0, 2.0],
+            "kernel_source": ["vllm_flash_attn", "vllm_flash_attn"],
+            "device": ["NVIDIA A100-SXM4-80GB"] * 2,
+        }
+    )
+    w = dk.family_work("decode_attention", rows, hardware("a100-sxm-80gb"))
+    np.testing.assert_array_equal(np.asarray(w.depth), [1023.0, 0.0])
+    # Tables without the kernel's name: every kernel splits (no main loop).
+    bare = rows.drop(columns=["kernel_source", "device"])
+    assert (
+        dk.family_work("decode_attention", bare, hardware("a100-sxm-80gb")).depth
+        is None
     )
