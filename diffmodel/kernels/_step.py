@@ -65,6 +65,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from .._model._batch import BatchStats
 from .._model._deployment import Deployment
+from .._model._hardware import canonical_hardware
 from .._model._layers import attention_dims, is_mla, windowed_attention
 from .._model._physics import (
     MXFP4_BYTES,
@@ -190,6 +191,24 @@ def check_supported(dep: Deployment, curves: KernelCurves | None = None) -> None
         )
 
 
+# GPUs whose vLLM decode attention is FlashAttention-2 (the ``kernel_source`` of
+# aiconfigurator-core 0.12.0's vLLM ``generation_attention`` tables:
+# ``vllm_flash_attn`` on A100, ``vllm_flash_attn_fa2`` on L40S and RTX PRO 6000;
+# Hopper runs FlashAttention-3, datacenter Blackwell FlashInfer).
+FA2_DECODE_GPUS: frozenset[str] = frozenset({"a100-sxm-80gb", "l40s", "rtx-pro-6000"})
+
+
+def runs_fa2_decode(gpu: str) -> bool:
+    """Whether vLLM decodes with FlashAttention-2 on ``gpu`` (a catalog name or
+    alias; unknown names: ``False``), which walks each sequence's whole cache in
+    one block for multi-head attention
+    (:func:`~diffmodel.kernels._work.fa2_splits_kv`)."""
+    try:
+        return canonical_hardware(gpu) in FA2_DECODE_GPUS
+    except ValueError:
+        return False
+
+
 def kernel_step_time(
     stats: BatchStats,
     dep: Deployment,
@@ -219,6 +238,11 @@ def kernel_step_time(
         modules time. A
         step with no tokens runs no kernel and pays ``host.step_us`` and its
         requests' cost.
+
+    Decode attention on a GPU that runs FlashAttention-2 (:func:`runs_fa2_decode`
+    of ``curves.hardware``) walks each sequence's cache in one block where the
+    layer has as many KV heads as query heads on each GPU (a main loop of the mean
+    context, for curves with one); everywhere else the kernel splits the KV.
 
     Differentiable in ``stats``, the curves and ``host``; ``jax.vmap`` and
     ``jax.jit`` apply (pass ``check=False`` under tracing for speed).
@@ -349,13 +373,19 @@ def kernel_step_time(
     ) + n_win * prefill_us(w_pairs, w_read)
 
     seqs = jnp.maximum(n_dec, 1.0)
+    fa2_decode = runs_fa2_decode(curves.hardware)
 
     def decode_us(kv_tokens):
         f, b = attention_work_dims(
             kv_tokens, kv_tokens, seqs, qh, dims.decode_qk, dims.decode_v,
             dims.kv_width, a.kv_bytes,
         )  # fmt: skip
-        work = _work(f, b, hw.flops_16, hw, seqs * jnp.where(mla, 1.0, kvh))
+        depth = None
+        if fa2_decode:  # multi-head attention: one block walks a whole cache
+            walk = jnp.logical_not(mla) & (qh <= kvh)
+            depth = jnp.where(walk, kv_tokens / seqs, 0.0)
+        units = seqs * jnp.where(mla, 1.0, kvh)
+        work = _work(f, b, hw.flops_16, hw, units, depth=depth)
         return jnp.where(n_dec > 0, work.time_us(curves.decode_attention), 0.0)
 
     decode = (n_layers - n_win) * decode_us(stats.kv_decode) + n_win * decode_us(w_dec)

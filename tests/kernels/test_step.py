@@ -24,6 +24,7 @@ from diffmodel.kernels._step import (
 from diffmodel.kernels._work import (
     _work,
     allreduce_kernel_us,
+    decode_attention_work,
     gemm_kernel_work,
     gemm_us,
 )
@@ -614,3 +615,30 @@ def test_a_step_with_no_tokens_and_no_cost_predicts_zero_with_a_zero_interval():
         warnings.simplefilter("error")
         out = fit.predict(idle, interval=0.9)
     assert out.to_numpy().tolist() == [[0.0, 0.0, 0.0]]
+
+
+def test_fa2_gpus_walk_multi_head_caches_in_one_block():
+    # Llama-2-70B made multi-head (64 KV heads), TP 4 on A100: 16 query and KV heads
+    # per GPU, 8 sequences of 4096 cached tokens: 128 blocks walking 4096 tokens.
+    # The step's decode attention equals the table path's unsplit work per layer.
+    a100 = dm.deployment("llama-2-70b", "a100-sxm-80gb", 4)
+    mha = _with_arch(a100, n_kv_heads=64.0)
+    curves = default_kernel_curves("a100-sxm-80gb", portable=True)
+    dec = eqx.tree_at(lambda c: c.log_kloop_ns, curves.decode_attention, jnp.log(23.0))
+    curves = eqx.tree_at(lambda c: c.decode_attention, curves, dec)
+    stats = one_step(decode_tokens=8, num_decode=8, kv_decode=8 * 4096)
+    got = float(kernel_step_time(stats, mha, curves).attention_decode)
+    per_layer = decode_attention_work(8.0, 4096.0, 16.0, 16.0, 128.0, mha.hw, 2.0, 0.0)
+    want = 80 * float(per_layer.time_us(dec))
+    assert got == pytest.approx(want, rel=1e-6)
+    # The same curves on a GPU that splits the KV (H100's FlashAttention-3), or
+    # a grouped model on A100 (FA2 packs the group and splits): no walk.
+    split = decode_attention_work(8.0, 4096.0, 16.0, 16.0, 128.0, mha.hw, 2.0, 1.0)
+    as_h100 = dataclasses.replace(curves, hardware="h100-sxm")
+    h100_mha = dataclasses.replace(mha, hw=a100.hw)
+    got_split = float(kernel_step_time(stats, h100_mha, as_h100).attention_decode)
+    assert got_split == pytest.approx(80 * float(split.time_us(dec)), rel=1e-6)
+    assert got > got_split
+    gqa = float(kernel_step_time(stats, a100, curves).attention_decode)
+    gqa_h100 = float(kernel_step_time(stats, a100, as_h100).attention_decode)
+    assert gqa == pytest.approx(gqa_h100, rel=1e-12)
