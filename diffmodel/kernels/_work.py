@@ -172,6 +172,18 @@ class KernelWork(eqx.Module):
         return power_max(jnp.ones_like(r), r, eff.exp_overlap)
 
 
+def _flags(x: ArrayLike, name: str, per: str) -> Array:
+    """``x`` as a float array of 0/1 flags; ``ValueError`` naming ``name`` for any
+    other value (checked where known, not under a trace)."""
+    if on_host(x):
+        v = np.asarray(x, float)
+        if not np.isin(v, (0.0, 1.0)).all():
+            raise ValueError(
+                f"{name} must be 0 or 1 per {per}, got {np.unique(v).tolist()}"
+            )
+    return jnp.asarray(x, float)
+
+
 def _peak(hw: Hardware, dtype_bytes: ArrayLike) -> Array:
     return tensor_peak(dtype_bytes, hw.flops_16, hw.flops_8, hw.flops_4)
 
@@ -216,13 +228,7 @@ def gemm_kernel_work(
     tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
     pre = rows = None
     if act_quant is not None:
-        if on_host(act_quant):  # checked where known (not under a trace)
-            q = np.asarray(act_quant, float)
-            if not np.isin(q, (0.0, 1.0)).all():
-                raise ValueError(
-                    f"act_quant must be 0 or 1 per GEMM, got {np.unique(q).tolist()}"
-                )
-        q = jnp.asarray(act_quant, float)
+        q = _flags(act_quant, "act_quant", "GEMM")
         pre = q * gemm_act_quant_bytes(m, k, dtype_bytes)
         rows = q * jnp.asarray(m, float)
     mm = jnp.asarray(m, float)
@@ -316,13 +322,8 @@ def decode_attention_work(
     f, b = attention_work(k_dec, k_dec, batch, heads, kv_heads, head_dim, kv_bytes)
     depth = None
     if split_kv is not None:
-        if on_host(split_kv):  # checked where known (not under a trace)
-            v = np.asarray(split_kv, float)
-            if not np.isin(v, (0.0, 1.0)).all():
-                raise ValueError(
-                    f"split_kv must be 0 or 1 per kernel, got {np.unique(v).tolist()}"
-                )
-        depth = (1.0 - jnp.asarray(split_kv, float)) * jnp.asarray(kv_len, float)
+        split = _flags(split_kv, "split_kv", "kernel")
+        depth = (1.0 - split) * jnp.asarray(kv_len, float)
     units = jnp.asarray(batch) * kv_heads
     return _work(f, b, hw.flops_16, hw, units, depth=depth)
 
