@@ -408,9 +408,13 @@ def decode_attention_us(
     eff: Efficiency,
     hw: Hardware,
     kv_bytes=2.0,
+    split_kv=None,
 ) -> Array:
-    """Predicted decode attention time, us (see :func:`decode_attention_work`)."""
-    work = decode_attention_work(batch, kv_len, heads, kv_heads, head_dim, hw, kv_bytes)
+    """Predicted decode attention time, us (see :func:`decode_attention_work`;
+    ``split_kv`` 0 where the kernel walks each cache in one block)."""
+    work = decode_attention_work(
+        batch, kv_len, heads, kv_heads, head_dim, hw, kv_bytes, split_kv
+    )
     return work.time_us(eff)
 
 

@@ -228,6 +228,10 @@ def test_unsplit_decode_walks_the_whole_cache_per_wave_of_blocks():
     loop = 16383 * 23e-3
     want = floor + (side**4 + loop**4) ** 0.25
     assert float(walk.time_us(c)) == pytest.approx(want, rel=1e-9)
+    # The public helper takes the same flag.
+    got = decode_attention_us(*args[:5], c, a100, 2.0, 0.0)
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    assert float(decode_attention_us(*args[:5], c, a100)) == float(split.time_us(c))
 
 
 def test_decode_split_kv_must_be_0_or_1():
