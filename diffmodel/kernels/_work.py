@@ -224,15 +224,16 @@ def gemm_kernel_work(
     Raises ``ValueError`` naming ``act_quant`` if it holds a value other than 0 or 1.
     """
     w = dtype_bytes if weight_bytes is None else weight_bytes
-    f, b = gemm_work(m, n, k, w, dtype_bytes, out_bytes)
-    tiles = jnp.ceil(jnp.asarray(m) / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
+    m = jnp.asarray(m, float)
+    _, b = gemm_work(m, n, k, w, dtype_bytes, out_bytes)
+    # FLOPs of the rows computed (no division: m = 0 gives 0, not NaN).
+    f, _ = gemm_work(jnp.ceil(m / GEMM_M_SLICE) * GEMM_M_SLICE, n, k)
+    tiles = jnp.ceil(m / 64.0) * jnp.ceil(jnp.asarray(n) / 128.0)
     pre = rows = None
     if act_quant is not None:
         q = _flags(act_quant, "act_quant", "GEMM")
         pre = q * gemm_act_quant_bytes(m, k, dtype_bytes)
-        rows = q * jnp.asarray(m, float)
-    mm = jnp.asarray(m, float)
-    f = f * jnp.ceil(mm / GEMM_M_SLICE) * GEMM_M_SLICE / mm
+        rows = q * m
     return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre, rows=rows, depth=k)
 
 

@@ -4,6 +4,7 @@ scheduled blocks, FP8 activation quantization, serial-K GEMMs' rows and main loo
 import dataclasses
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -260,3 +261,14 @@ def test_table_rows_mark_fa2_multi_head_decode_unsplit():
         dk.family_work("decode_attention", bare, hardware("a100-sxm-80gb")).depth
         is None
     )
+
+
+def test_a_gemm_without_rows_has_no_flops_and_finite_gradients():
+    c = dk.init_curves("gemm_bf16", portable=True)
+    assert float(gemm_kernel_work(0.0, 128.0, 256.0, H100).flops) == 0.0
+
+    def t(m):
+        w = gemm_kernel_work(m, 128.0, 256.0, H100)
+        return jnp.where(m > 0, w.time_us(c), 0.0)
+
+    assert np.isfinite(float(jax.grad(t)(0.0)))
