@@ -63,6 +63,11 @@ def _cmd_calibrate(args) -> int:
             raise ValueError("--absolute: pooled curves are portable only")
         if args.families:
             raise ValueError("--families: pooled curves fit every family")
+        if args.shape_grid:
+            raise ValueError(
+                "--shape-grid: a shape grid is one GPU's own measurements; pooled "
+                "curves carry none"
+            )
         curves = _pooled_curves(args, system, say)
         path = save_curves(curves, pathlib.Path(args.out))
         print(f"wrote {path}")
@@ -84,6 +89,7 @@ def _cmd_calibrate(args) -> int:
         portable=not args.absolute,
         progress=say,
         families=tuple(args.families) if args.families else None,
+        shape_grids=args.shape_grid,
     )
     path = save_curves(curves, pathlib.Path(args.out))
     print(f"wrote {path}")
@@ -171,6 +177,14 @@ def add_parser(subparsers) -> None:
         "--absolute",
         action="store_true",
         help="curves in absolute sizes (FLOPs, bytes, blocks) instead of portable",
+    )
+    p.add_argument(
+        "--shape-grid",
+        action="store_true",
+        help="also fit each GEMM family's shape grid: this GPU's tile and split-K "
+        "effects over (m, n, k), read from its tables (closer on held-out GEMM "
+        "shapes; not the default: it did not improve the step model on the public "
+        "H100 traces)",
     )
     p.add_argument(
         "--pool",

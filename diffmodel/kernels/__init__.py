@@ -23,6 +23,7 @@ from .._model._physics import (
     tensor_peak as tensor_peak,
 )
 from ._calibrate import (
+    GEMM_FAMILIES as GEMM_FAMILIES,
     FitOptions as FitOptions,
     calibrate_kernels as calibrate_kernels,
     family_rows as family_rows,
@@ -34,6 +35,7 @@ from ._calibrate import (
     init_curves as init_curves,
     kernel_prior_factors as kernel_prior_factors,
     two_stage_minimise as two_stage_minimise,
+    with_shape_grid as with_shape_grid,
 )
 from ._curves import (
     AllReduceCurve as AllReduceCurve,
@@ -70,6 +72,7 @@ from ._dsa import (
     dsa_table_work as dsa_table_work,
     load_dsa_module as load_dsa_module,
 )
+from ._grid import ShapeGrid as ShapeGrid, fit_shape_grid as fit_shape_grid
 from ._mla import (
     MlaCurves as MlaCurves,
     MlaModule as MlaModule,

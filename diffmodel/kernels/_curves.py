@@ -30,6 +30,7 @@ from jaxtyping import Array, ArrayLike, Float
 from .._kernel_families import ALL_FAMILIES, KERNEL_FAMILIES
 from .._model._physics import SHARPNESS
 from ._dsa import DsaCurves
+from ._grid import ShapeGrid
 from ._mla import MlaCurves
 
 FORMAT_VERSION = 1
@@ -243,6 +244,10 @@ class RooflineCurves(eqx.Module):
             work's time at peak in us (``f / peak``, ``b / bw``; their ratio is the
             intensity relative to the ridge point), and waves of the SM count
             (``u / SMs``; ``unit_ns`` is then the cost of one wave of blocks).
+        shape_grid: optional (GEMM families) one GPU's log-time corrections over
+            ``(log2 m, log2 n, log2 k)`` (:class:`~diffmodel.kernels.ShapeGrid`,
+            fitted on its tables' residuals after the curves), applied to work
+            that names its GEMM shape (``KernelWork.out_rows``, ``out_cols``).
     """
 
     flops: SaturationCurve
@@ -259,6 +264,7 @@ class RooflineCurves(eqx.Module):
     log_exp_overlap: Float[Array, ""] | None = None
     log_overlap: Float[Array, ""] | None = None
     portable: bool = eqx.field(static=True, default=False)
+    shape_grid: ShapeGrid | None = None
 
     @property
     def unit_ns(self) -> Array:
@@ -371,6 +377,8 @@ class RooflineCurves(eqx.Module):
             out["cache"] = self.cache.to_json()
         if self.portable:
             out["portable"] = True
+        if self.shape_grid is not None:
+            out["shape_grid"] = self.shape_grid.to_json()
         return out
 
     @classmethod
@@ -401,6 +409,11 @@ class RooflineCurves(eqx.Module):
             log_exp_overlap=opt("log_exp_overlap"),
             log_overlap=opt("log_overlap"),
             portable=bool(obj.get("portable", False)),
+            shape_grid=(
+                ShapeGrid.from_json(obj["shape_grid"])
+                if isinstance(obj, dict) and "shape_grid" in obj
+                else None
+            ),
         )
 
 

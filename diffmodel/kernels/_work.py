@@ -56,6 +56,9 @@ class KernelWork(eqx.Module):
             element), for curves with an exponential term.
         exp_rate: optional exponentials per second of the GPU's special-function
             units (``Hardware.exp_rate``).
+        out_rows, out_cols: optional ``m`` and ``n`` of a GEMM's ``[m, n]`` output
+            (with ``depth = k``), for curves with a shape grid
+            (``RooflineCurves.shape_grid``).
     """
 
     flops: Float[Array, "*kernels"]
@@ -72,6 +75,8 @@ class KernelWork(eqx.Module):
     depth: Float[Array, "*kernels"] | None = None
     exps: Float[Array, "*kernels"] | None = None
     exp_rate: Float[Array, "*kernels"] | None = None
+    out_rows: Float[Array, "*kernels"] | None = None
+    out_cols: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -91,7 +96,9 @@ class KernelWork(eqx.Module):
         10.4 / 10.9 / 9.8 -> 9.9 / 9.5 / 9.2% for NVFP4 against adding it to the
         floor). Curves with an exponential term, on work with ``exps``, time
         the compute side as the tensor-core and exponential times overlapped
-        (:class:`RooflineCurves`).
+        (:class:`RooflineCurves`). Curves with a shape grid multiply a GEMM's time
+        by the grid's correction at its ``(m, n, k)``, never below the time at
+        peak (:class:`~diffmodel.kernels.ShapeGrid`).
 
         Raises ``ValueError`` for portable or main-loop curves on work without
         ``sms``, and for an exponential term on work without ``exp_rate``."""
@@ -153,7 +160,14 @@ class KernelWork(eqx.Module):
             t = power_max(compute, memory, q)
         if serial is not None:  # a third side: one block's serial main loop
             t = smooth_max(t, serial) if q is None else power_max(t, serial, q)
-        return floor + t
+        grid = eff.shape_grid if isinstance(eff, RooflineCurves) else None
+        if grid is None or self.out_rows is None or self.out_cols is None:
+            return floor + t
+        if self.depth is None:
+            raise ValueError("curves with a shape grid need the GEMM's depth (k)")
+        moved = (floor + t) * jnp.exp(grid(self.out_rows, self.out_cols, self.depth))
+        at_peak = jnp.maximum(self.flops / self.peak_flops, self.bytes / self.bandwidth)
+        return jnp.maximum(moved, at_peak * 1e6)
 
     def _exp_factor(self, eff: RooflineCurves, units, eta_f) -> Array:
         """``t_c / t_mm >= 1``: the compute time with the exponentials overlapped
@@ -234,7 +248,18 @@ def gemm_kernel_work(
         q = _flags(act_quant, "act_quant", "GEMM")
         pre = q * gemm_act_quant_bytes(m, k, dtype_bytes)
         rows = q * m
-    return _work(f, b, _peak(hw, dtype_bytes), hw, tiles, pre=pre, rows=rows, depth=k)
+    return _work(
+        f,
+        b,
+        _peak(hw, dtype_bytes),
+        hw,
+        tiles,
+        pre=pre,
+        rows=rows,
+        depth=k,
+        out_rows=m,
+        out_cols=n,
+    )
 
 
 # FlashAttention-3 (vLLM's ``vllm_flash_attn`` on H100) tiles head_dim-128 causal
@@ -361,6 +386,8 @@ def _work(
     rows=None,
     depth=None,
     exps=None,
+    out_rows=None,
+    out_cols=None,
 ) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -384,6 +411,8 @@ def _work(
         depth=opt(depth),
         exps=opt(exps),
         exp_rate=None if exps is None else opt(hw.exp_rate),
+        out_rows=opt(out_rows),
+        out_cols=opt(out_cols),
     )
 
 

@@ -82,3 +82,8 @@ def test_cli_calibrate_only_some_families(tmp_path, capsys):
     assert "--families: invalid choice: 'mxfp4'" in capsys.readouterr().err
     assert cli_main(argv + ["--families", "moe", "--pool", "others"]) == 1
     assert "--families: pooled curves fit every family" in capsys.readouterr().err
+    assert cli_main(argv + ["--families", "gemm_bf16", "--shape-grid"] + tiny) == 0
+    assert "(shape grid (" in capsys.readouterr().err
+    assert dk.load_curves(path).gemm_bf16.shape_grid is not None
+    assert cli_main(argv + ["--shape-grid", "--pool", "others"]) == 1
+    assert "--shape-grid: a shape grid is one GPU's own" in capsys.readouterr().err
