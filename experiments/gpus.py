@@ -7,7 +7,8 @@ GPU system of the installed ``aiconfigurator-core`` database (vLLM tables where 
 system has them, else SGLang):
 
 - ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
-  shapes), MAPE on the other 25%;
+  shapes), MAPE on the other 25%; for GEMMs also with the GPU's shape grid
+  (``dk.with_shape_grid``) fitted on the same 75% (variant ``calibrated_grid``);
 - ``leave_one_gpu_out``: curves fitted on every other GPU (partial pooling: shared
   curves plus per-GPU offsets), predicting every (sampled) row of the held-out GPU
   from its specs alone, with the mean offsets of the training GPUs that run its
@@ -165,7 +166,8 @@ def init_for(family: str, form: str):
 
 
 def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
-    """Per GPU: its own curves on 75% of its shapes, MAPE on the rest."""
+    """Per GPU: its own curves on 75% of its shapes, MAPE on the rest; for GEMMs
+    also with the GPU's shape grid fitted on those 75% (``calibrated_grid``)."""
     n_g = len(gathered)
     test = np.zeros(len(y), bool)
     for i, (_, _, rows) in enumerate(gathered):
@@ -179,10 +181,18 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
     out = []
     for i, (system, backend, _) in enumerate(gathered):
         sel = (gpu == i) & test
-        for variant, p, k in (
-            ("uncalibrated", unc, 0),
-            ("calibrated", pred[i], _n_params(init)),
-        ):
+        variants = [("uncalibrated", unc, 0), ("calibrated", pred[i], _n_params(init))]
+        if family in dk.GEMM_FAMILIES:
+            # The GPU's shape grid on its training shapes' residuals (the package's
+            # calibrate_kernels(shape_grids=True)), timed through the same work.
+            work = predict.__self__
+            rows = train[i]
+            moved, _ = dk.with_shape_grid(
+                dk.fold(curves, i), jax.tree.map(lambda x, r=rows: x[r], work), y[rows]
+            )
+            grid_k = _n_params(init) + int(moved.shape_grid.values.size)
+            variants.append(("calibrated_grid", np.asarray(predict(moved)), grid_k))
+        for variant, p, k in variants:
             out.append(
                 dict(
                     family=family,
@@ -333,7 +343,8 @@ def leave_one_gpu_out(
 
 
 def table_text(table: pd.DataFrame) -> str:
-    """One line per (family, protocol, GPU): uncalibrated and calibrated MAPE."""
+    """One line per (family, protocol, GPU): uncalibrated and calibrated MAPE, and
+    with the GPU's shape grid where measured (GEMMs, held-out shapes)."""
     wide = table.pivot_table(
         index=["family", "protocol", "held_out"],
         columns="variant",
@@ -344,15 +355,17 @@ def table_text(table: pd.DataFrame) -> str:
         ["family", "protocol", "held_out"]
     )
     lines = [
-        "| family | protocol | held out | uncalibrated % | calibrated % | rows | "
-        "params | form |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | protocol | held out | uncalibrated % | calibrated % | "
+        "+ shape grid % | rows | params | form |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in wide.iterrows():
         c = cal.loc[key]
+        grid = r.get("calibrated_grid", np.nan)
+        grid = "" if pd.isna(grid) else f"{grid:.1f}"
         lines.append(
             f"| {' | '.join(key)} | {r['uncalibrated']:.1f} | {r['calibrated']:.1f} "
-            f"| {c['n_rows']} | {c['n_params']} | {c['form']} |"
+            f"| {grid} | {c['n_rows']} | {c['n_params']} | {c['form']} |"
         )
     return "\n".join(lines)
 

@@ -28,9 +28,11 @@ def test_medians_and_counts_by_feature(script, tmp_path, capsys):
             "mape": [8.0, 12.0, 9.0, 20.0, 30.0, 10.0],
         }
     )
-    # Uncalibrated rows are not the calibrated figures: left out.
+    # Uncalibrated rows are not the calibrated figures: left out; the shape grid's
+    # (held-out shapes only) are a line of their own.
     unc = gpus.assign(variant="uncalibrated", mape=99.0)
-    _write(tmp_path, "gpus/gpus.csv", pd.concat([gpus, unc]))
+    grid = gpus[:3].assign(variant="calibrated_grid", mape=[7.0, 9.5, 11.0])
+    _write(tmp_path, "gpus/gpus.csv", pd.concat([gpus, unc, grid]))
     mla = pd.DataFrame(
         {
             "op": ["context", "context", "context", "generation", "context"],
@@ -53,6 +55,9 @@ def test_medians_and_counts_by_feature(script, tmp_path, capsys):
     assert (g["held-out shapes met"], g["held-out shapes tables"]) == (2, 3)
     assert g["leave one GPU out median"] == 20.0
     assert g["leave one GPU out met"] == 1
+    gg = table.set_index("operator").loc["gemm_bf16 + shape grid"]
+    assert gg["held-out shapes median"] == 9.5 and gg["held-out shapes met"] == 2
+    assert gg["leave one GPU out tables"] == 0
     c = table.set_index("operator").loc["context"]
     assert c["held-out shapes median"] == 9.0 and c["leave one GPU out tables"] == 0
     md = (tmp_path / "out" / "features.md").read_text()

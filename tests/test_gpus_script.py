@@ -72,3 +72,19 @@ def test_inner_peers_are_the_gpus_of_the_same_class(gpus):
         [2],
         [1],
     ]
+
+
+def test_table_shows_the_shape_grid_where_measured(gpus):
+    base = dict(family="gemm_bf16", held_out="h100-sxm", n_rows=60, n_params=15)
+    table = pd.DataFrame(
+        [
+            dict(base, protocol="held_out_shapes", variant="uncalibrated", mape=40.0),
+            dict(base, protocol="held_out_shapes", variant="calibrated", mape=9.0),
+            dict(base, protocol="held_out_shapes", variant="calibrated_grid", mape=7.0),
+            dict(base, protocol="leave_one_gpu_out", variant="uncalibrated", mape=35.0),
+            dict(base, protocol="leave_one_gpu_out", variant="calibrated", mape=13.0),
+        ]
+    ).assign(form="portable_l2")
+    text = gpus.table_text(table)
+    assert "| gemm_bf16 | held_out_shapes | h100-sxm | 40.0 | 9.0 | 7.0 | 60 |" in text
+    assert "| gemm_bf16 | leave_one_gpu_out | h100-sxm | 35.0 | 13.0 |  | 60 |" in text
