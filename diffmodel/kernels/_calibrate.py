@@ -220,9 +220,11 @@ def with_shape_grid(curves: RooflineCurves, work, y) -> tuple[RooflineCurves, st
         np.log(np.asarray(y, np.float64) / pred),
     )
     moved = eqx.tree_at(lambda c: c.shape_grid, plain, grid, is_leaf=_is_none)
+    chosen = (grid.step, grid.smoothing)
     note = (
-        f" (shape grid {grid.values.shape}, smoothing {grid.smoothing:g}: "
-        f"cross-validated |log residual| {scores[grid.smoothing]:.3f})"
+        f" (shape grid {grid.values.shape}, {grid.step:g} octaves per cell, "
+        f"smoothing {grid.smoothing:g}: cross-validated |log residual| "
+        f"{scores[chosen]:.3f})"
         if scores
         else ""
     )
@@ -247,7 +249,7 @@ def calibrate_kernels(
 
     ``shape_grids``: also fit each GEMM family's :class:`ShapeGrid` (the GPU's
     shape effects: tile and split-K choices) on the residuals of its curves, its
-    smoothing chosen by 5-fold cross-validation over weight shapes
+    cell size and smoothing chosen by 5-fold cross-validation over weight shapes
     (:func:`fit_shape_grid`). It brings the curves closer on GEMM shapes the tables
     hold out (``experiments/gpus.py``, variant ``calibrated_grid``), but it is off
     by default: on the public H100 traces' training rows (temporal split, host

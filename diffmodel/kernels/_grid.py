@@ -25,9 +25,11 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 GRID_STEP = 2.0
-"""Octaves of each size per grid cell (chosen on held-out shapes of every GPU's
-tables, 75/25, seed 0, at 0.03-0.3 smoothing: 1 octave 8.9-9.2%, 2 octaves 8.7-9.1%,
-3 octaves 9.0-9.2% median MAPE for bf16 GEMMs)."""
+"""Octaves of each size per grid cell of a :class:`ShapeGrid` made by hand."""
+
+GRID_STEPS = (1.0, 2.0, 3.0)
+"""Candidate octaves per cell; :func:`fit_shape_grid` picks one by K-fold over
+shapes, with the smoothing."""
 
 GRID_SMOOTHING = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 """Candidate penalties on neighbouring cells' differences (relative to one row's
@@ -174,22 +176,23 @@ def fit_shape_grid(
     k: ArrayLike,
     log_residual: ArrayLike,
     *,
-    step: float = GRID_STEP,
+    step: float | tuple[float, ...] = GRID_STEPS,
     smoothing: float | tuple[float, ...] = GRID_SMOOTHING,
     folds: int = 5,
     seed: int = 0,
-) -> tuple[ShapeGrid, dict[float, float]]:
+) -> tuple[ShapeGrid, dict[tuple[float, float], float]]:
     """A :class:`ShapeGrid` fitted to ``log_residual = log(measured / predicted)``
     of GEMMs of sizes ``m, n, k`` (``>= 1``).
 
-    With several ``smoothing`` values, each is scored by ``folds``-fold
-    cross-validation over whole ``(n, k)`` shapes (the rows of a weight shape are
-    left out together, as an unmeasured layer would be) and the one of lowest mean
-    absolute left-out residual is refitted on every row.
+    With several ``(step, smoothing)`` pairs (each a value or a tuple of
+    candidates), each pair is scored by ``folds``-fold cross-validation over whole
+    ``(n, k)`` shapes (the rows of a weight shape are left out together, as an
+    unmeasured layer would be) and the one of lowest mean absolute left-out residual
+    is refitted on every row.
 
     Returns:
-        ``(grid, scores)``: scores maps each smoothing to its cross-validated mean
-        absolute log residual (empty with one smoothing).
+        ``(grid, scores)``: scores maps each ``(step, smoothing)`` to its
+        cross-validated mean absolute log residual (empty with one pair).
 
     Raises:
         ValueError: sizes below 1, non-finite residuals, mismatched lengths, a bad
@@ -207,39 +210,46 @@ def fit_shape_grid(
             raise ValueError(f"fit_shape_grid: {name} must be finite and >= 1")
     if not np.all(np.isfinite(r)):
         raise ValueError("fit_shape_grid: log_residual must be finite")
-    if not step > 0:
+    steps = (step,) if np.isscalar(step) else tuple(step)
+    if not steps or any(not x > 0 for x in steps):
         raise ValueError(f"fit_shape_grid: step must be > 0, got {step!r}")
-    grid_of = (smoothing,) if np.isscalar(smoothing) else tuple(smoothing)
-    if not grid_of or any(not s > 0 for s in grid_of):
+    smooths = (smoothing,) if np.isscalar(smoothing) else tuple(smoothing)
+    if not smooths or any(not x > 0 for x in smooths):
         raise ValueError(f"fit_shape_grid: smoothing must be > 0, got {smoothing!r}")
     coords = np.log2(np.stack(sizes, axis=1))
     lo = np.floor(coords.min(axis=0))
-    shape = tuple(int(s) for s in np.ceil((coords.max(axis=0) - lo) / step) + 1)
-    a = _interp_matrix(coords, lo, step, shape)
-    scores: dict[float, float] = {}
-    if len(grid_of) > 1:
+
+    def layout(st):
+        shape = tuple(int(x) for x in np.ceil((coords.max(axis=0) - lo) / st) + 1)
+        return shape, _interp_matrix(coords, lo, st, shape)
+
+    scores: dict[tuple[float, float], float] = {}
+    if len(steps) * len(smooths) > 1:
         _, weight = np.unique(coords[:, 1:], axis=0, return_inverse=True)
         weight = weight.ravel()
         order = np.random.default_rng(seed).permutation(weight.max() + 1)
         fold_of = order[weight] % max(2, folds)
-        for s in grid_of:
-            err = np.empty(len(r))
-            for f in range(max(2, folds)):
-                out = fold_of == f
-                if not out.any() or out.all():
-                    err[out] = np.abs(r[out])
-                    continue
-                v = _solve(a[~out], r[~out], shape, s)
-                err[out] = np.abs(a[out] @ v - r[out])
-            scores[float(s)] = float(err.mean())
-        best = min(scores, key=scores.get)
+        for st in steps:
+            shape, a = layout(st)
+            for sm in smooths:
+                err = np.empty(len(r))
+                for f in range(max(2, folds)):
+                    out = fold_of == f
+                    if not out.any() or out.all():
+                        err[out] = np.abs(r[out])
+                        continue
+                    v = _solve(a[~out], r[~out], shape, sm)
+                    err[out] = np.abs(a[out] @ v - r[out])
+                scores[(float(st), float(sm))] = float(err.mean())
+        best_step, best_smooth = min(scores, key=scores.get)
     else:
-        best = float(grid_of[0])
-    v = _solve(a, r, shape, best)
+        best_step, best_smooth = float(steps[0]), float(smooths[0])
+    shape, a = layout(best_step)
+    v = _solve(a, r, shape, best_smooth)
     grid = ShapeGrid(
         values=jnp.asarray(v.reshape(shape), jnp.result_type(float)),
         lo=tuple(float(x) for x in lo),
-        step=float(step),
-        smoothing=best,
+        step=best_step,
+        smoothing=best_smooth,
     )
     return grid, scores

@@ -82,13 +82,14 @@ def test_fit_recovers_a_smooth_correction_and_picks_a_smoothing():
     truth = 0.1 * np.sin(np.log2(m) / 3) + 0.05 * np.log2(n / 4096) * np.log2(k / 4096)
     resid = truth + rng.normal(0, 0.01, 3000)
     grid, scores = dk.fit_shape_grid(m, n, k, resid)
-    assert set(scores) == set(dk._grid.GRID_SMOOTHING)
-    assert grid.smoothing == min(scores, key=scores.get)
+    pairs = {(st, sm) for st in dk._grid.GRID_STEPS for sm in dk._grid.GRID_SMOOTHING}
+    assert set(scores) == pairs
+    assert (grid.step, grid.smoothing) == min(scores, key=scores.get)
     err = np.asarray(grid(m, n, k)) - truth
     assert np.sqrt(np.mean(err**2)) < 0.02
     # One smoothing: no cross-validation.
-    fixed, none = dk.fit_shape_grid(m, n, k, resid, smoothing=0.1)
-    assert none == {} and fixed.smoothing == 0.1
+    fixed, none = dk.fit_shape_grid(m, n, k, resid, step=2.0, smoothing=0.1)
+    assert none == {} and (fixed.step, fixed.smoothing) == (2.0, 0.1)
 
 
 def test_fit_rejects_bad_input():
