@@ -1,7 +1,9 @@
 """The roofline's physical factors: efficiencies and overheads, in physical units."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 # name -> (default, unit, kind). kind "efficiency": a fraction of a peak, in (0, 1];
@@ -66,10 +68,30 @@ class Factors(eqx.Module):
 
     def __init__(self, **values):
         set_named_fields(self, values, FACTOR_SPECS, "factor")
+        _check_ranges(self)
 
     def as_dict(self) -> dict[str, Array]:
         """The factors by name."""
         return {n: getattr(self, n) for n in FACTOR_NAMES}
+
+
+def _check_ranges(factors: "Factors") -> None:
+    """``ValueError`` naming the first concrete factor outside its range: an
+    efficiency outside (0, 1] (a negative one gives negative or infinite times), an
+    overhead below 0, or a value that is not finite. Traced values (inside ``jit``,
+    ``grad`` or ``vmap``) are not checked."""
+    for name, (_, unit, kind) in FACTOR_SPECS.items():
+        value = getattr(factors, name)
+        if isinstance(value, jax.core.Tracer):
+            continue
+        v = np.asarray(value)
+        if kind == "efficiency":
+            bad, want = ~((v > 0) & (v <= 1)), f"in (0, 1] ({unit})"
+        else:
+            bad, want = ~((v >= 0) & np.isfinite(v)), f">= 0 and finite ({unit})"
+        if bad.any():
+            got = v[bad].ravel()[0]
+            raise ValueError(f"Factors.{name} must be {want}, got {got:g}")
 
 
 def default_factors() -> Factors:

@@ -5,6 +5,10 @@ import json
 import pathlib
 from typing import Any
 
+import equinox as eqx
+import jax
+import numpy as np
+
 from .._jsonfile import read_json_file
 from ..kernels._curves import (
     FORMAT_VERSION,
@@ -68,13 +72,24 @@ def curves_from_json(obj: dict[str, Any]) -> KernelCurves:
     }
     for f in ADDED_FAMILIES:
         fams.setdefault(f, init_curves(f, portable=fams["moe"].portable))
-    return KernelCurves(
+    curves = KernelCurves(
         **fams,
         allreduce=AllReduceCurve.from_json(_need(obj, "allreduce", "KernelCurves")),
         mla=MlaCurves.from_json(obj["mla"]) if "mla" in obj else None,
         dsa=DsaCurves.from_json(obj["dsa"]) if "dsa" in obj else None,
         hardware=str(_need(obj, "hardware", "KernelCurves")),
     )
+    _check_finite(curves)
+    return curves
+
+
+def _check_finite(curves: KernelCurves) -> None:
+    """``ValueError`` naming the first parameter that is NaN or infinite (a curve
+    with one predicts NaN for every kernel it times)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(curves):
+        if eqx.is_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            name = jax.tree_util.keystr(path).lstrip(".")
+            raise ValueError(f"{name}: expected finite numbers, got {np.asarray(leaf)}")
 
 
 def save_curves(curves: KernelCurves, path: str | pathlib.Path) -> pathlib.Path:

@@ -104,7 +104,7 @@ def test_missing_and_bad_fields(tmp_path):
     check_one_line(write(tmp_path, d), "labels", "list of strings")
     d = saved("global", tmp_path)
     d["prior"][0] = 1.5  # an efficiency above 1
-    check_one_line(write(tmp_path, d), "prior", "(0, 1)")
+    check_one_line(write(tmp_path, d), "prior", "Factors.gemm_flops must be in (0, 1]")
     d = saved("global", tmp_path)
     d["format"] = "other/1"
     check_one_line(write(tmp_path, d), "format", "diffmodel.factors/1")
