@@ -14,7 +14,12 @@ from ._model._batch import (
     from_aggregates,
     kv_tokens_from_usage,
 )
-from ._model._deployment import Deployment, deployment, stack_deployments
+from ._model._deployment import (
+    Deployment,
+    deployment,
+    positive_degree,
+    stack_deployments,
+)
 from ._model._hardware import DEFAULT_HARDWARE, canonical_hardware
 
 # Canonical column -> accepted trace spellings.
@@ -72,6 +77,13 @@ def number_text(value) -> str:
     return f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
+def check_unique_columns(frame: pd.DataFrame) -> None:
+    """``ValueError`` naming a column that appears twice (which one would count?)."""
+    dup = frame.columns[frame.columns.duplicated()]
+    if len(dup):
+        raise ValueError(f"duplicated column {dup[0]!r}: keep one of them")
+
+
 def _first_bad(col: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -80,9 +92,30 @@ def _first_bad(col: str, values: np.ndarray, bad: np.ndarray, expected: str) -> 
         )
 
 
+MAX_COUNT = 2.0**31
+"""The largest token or request count one step may hold (a serving engine indexes
+its tokens with 32-bit integers); larger values overflow the float32 evaluation."""
+
+
 def numeric_column(series: pd.Series, col: str) -> np.ndarray:
     """A column as float64; a one-line error naming the column, the first bad row
-    (0-based position) and its value when it holds text or is missing."""
+    (0-based position) and its value when it holds text, booleans (``True`` is not a
+    count), complex numbers, dates or missing values."""
+    kind = series.dtype
+    if (
+        pd.api.types.is_bool_dtype(kind)
+        or pd.api.types.is_complex_dtype(kind)
+        or pd.api.types.is_datetime64_any_dtype(kind)
+        or pd.api.types.is_timedelta64_dtype(kind)
+    ):
+        raise ValueError(f"column {col!r} must be numeric, got a {kind} column")
+    if pd.api.types.is_object_dtype(kind):
+        flags = series.map(lambda v: isinstance(v, bool | np.bool_ | complex))
+        if flags.any():
+            i = int(np.flatnonzero(flags.to_numpy())[0])
+            raise ValueError(
+                f"column {col!r} must be numeric; row {i} has {series.iloc[i]!r}"
+            )
     values = pd.to_numeric(series, errors="coerce").to_numpy(
         dtype=float, na_value=np.nan
     )
@@ -102,6 +135,11 @@ def check_counts(col: str, values: np.ndarray, what: str = "tokens") -> None:
     if values.dtype.kind == "f":
         bad |= ~np.isfinite(values) | (values != np.round(values))
     _first_bad(col, values, bad, f"a whole number >= 0 ({what})")
+
+
+def check_step_size(col: str, values: np.ndarray) -> None:
+    """Raise where a step's count is infinite or above :data:`MAX_COUNT`."""
+    _first_bad(col, values, ~(values <= MAX_COUNT), "at most 2^31 in one step")
 
 
 def check_ratio(col: str, values: np.ndarray) -> None:
@@ -133,15 +171,27 @@ def check_batch(names: Mapping[str, str], columns: Mapping[str, np.ndarray]) -> 
 
 
 def _column(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray] | None:
+    found = None
     for col in (name, *COLUMN_ALIASES.get(name, ())):
-        if col in frame.columns:
-            values = numeric_column(frame[col], col)
-            if name in COUNT_COLUMNS:
-                check_counts(col, values, "requests" if "reqs" in name else "tokens")
-            else:
-                _first_bad(col, values, ~(values >= 0), "a number >= 0")
-            return col, values
-    return None
+        if col not in frame.columns:
+            continue
+        values = numeric_column(frame[col], col)
+        if name in COUNT_COLUMNS:
+            check_counts(col, values, "requests" if "reqs" in name else "tokens")
+        else:
+            _first_bad(col, values, ~(values >= 0), "a number >= 0")
+        if name in COLUMN_ALIASES:  # the step's statistics (not the KV gauge)
+            check_step_size(col, values)
+        if found is None:
+            found = col, values
+        elif not np.array_equal(found[1], values):
+            i = int(np.flatnonzero(found[1] != values)[0])
+            raise ValueError(
+                f"columns {found[0]!r} and {col!r} both give {name} and disagree at "
+                f"row {i} ({number_text(found[1][i])} vs {number_text(values[i])}); "
+                "drop one of them"
+            )
+    return found
 
 
 def _required(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray]:
@@ -172,6 +222,7 @@ def stats_from_frame(
         raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
     if len(frame) == 0:
         raise ValueError("the table of steps has no rows")
+    check_unique_columns(frame)
     counts = {
         name: _required(frame, name)
         for name in ("prefill_tokens", "decode_tokens", "num_prefill_reqs")
@@ -192,6 +243,9 @@ def stats_from_frame(
             )
         check_ratio(*usage)
         check_counts(*blocks, "blocks")
+        _first_bad(
+            blocks[0], blocks[1], blocks[1] == 0, "> 0 (a KV cache holds some blocks)"
+        )
         kv = np.asarray(_kv_from_usage(usage[1], blocks[1], block_size))
     else:
         kv = found[1]
@@ -216,17 +270,7 @@ class Groups(eqx.Module):
 
 def _degree(name: str):
     def check(value) -> int:
-        try:
-            t = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{name} must be a positive integer, got {value!r}"
-            ) from None
-        if not t.is_integer() or t < 1:
-            raise ValueError(
-                f"{name} must be a positive integer, got {number_text(value)}"
-            )
-        return int(t)
+        return positive_degree(name, value)
 
     return check
 

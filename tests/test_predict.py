@@ -102,6 +102,42 @@ OK = {"model": "llama-2-7b", "tp": 1}
         (lambda f: f, {"model": "llama-2-70b", "tp": 3}, "tp=3 does not divide"),
         (lambda f: f, {"tp": 1}, "no model: pass model= or give the table a 'model'"),
         (lambda f: f, {"model": "llama-2-7b"}, "no tp: pass tp= or give the table"),
+        # Infinite or float32-overflowing sizes gave NaN or inf predictions.
+        (
+            lambda f: f.assign(kv_tokens=[0, np.inf, 0]),
+            OK,
+            "'kv_tokens' must be at most 2\\^31 in one step; row 1 has inf$",
+        ),
+        (
+            lambda f: f.assign(prefill_tokens=[1e20, 0, 0]),
+            OK,
+            "'prefill_tokens' must be at most 2\\^31 in one step; row 0 has 1e\\+20",
+        ),
+        # True is not a count, nor a TP degree.
+        (
+            lambda f: f.assign(kv_tokens=[True, False, True]),
+            OK,
+            "'kv_tokens' must be numeric, got a bool column",
+        ),
+        (
+            lambda f: f.assign(kv_tokens=pd.Series([1, True, 2], dtype=object)),
+            OK,
+            "'kv_tokens' must be numeric; row 1 has True",
+        ),
+        (lambda f: f, {"model": "llama-2-70b", "tp": True}, "tp=True: tp must be a"),
+        (lambda f: f.assign(tp=True), {"model": "llama-2-70b"}, "got True"),
+        # Two spellings of one statistic that disagree, or a repeated column.
+        (
+            lambda f: f.assign(**{"batch.decode_tokens": [32, 4, 1]}),
+            OK,
+            "columns 'decode_tokens' and 'batch.decode_tokens' both give "
+            "decode_tokens and disagree at row 2 .0 vs 1.",
+        ),
+        (
+            lambda f: pd.concat([f, f[["kv_tokens"]]], axis=1),
+            OK,
+            "duplicated column 'kv_tokens'",
+        ),
     ],
 )
 def test_bad_input_errors(mutate, kwargs, match):

@@ -59,7 +59,20 @@ def read_table(path: str | pathlib.Path, flag: str = "--data") -> pd.DataFrame:
         raise ValueError(f"{flag} {path}: cannot read it ({err})") from None
     if len(frame) == 0:
         raise ValueError(f"{flag} {path}: the table has a header but no rows")
+    # pandas renames a repeated CSV column ("kv_tokens.1"), which the model would
+    # then ignore: refuse it, by name.
+    header = _csv_header(path) if suffix == ".csv" else list(frame.columns)
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise ValueError(f"{flag} {path}: duplicated column {dup[0]!r}: keep one")
     return frame
+
+
+def _csv_header(path: pathlib.Path) -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return [c.strip() for c in next(csv.reader(f), [])]
 
 
 def load_data(path: str | pathlib.Path) -> pd.DataFrame:

@@ -23,16 +23,18 @@ def _float_dtype(dtype) -> np.dtype:
 
 
 def _check_values(name: str, x: np.ndarray, unit: str) -> None:
-    """Raise ``ValueError`` naming ``name`` if a value is negative or NaN."""
+    """Raise ``ValueError`` naming ``name`` if a value is negative, NaN or
+    infinite."""
     if x.size == 0:
         return
-    # NaN propagates through min: one pass catches NaN and negative values alike.
-    if not (x.min() >= 0):
-        bad = np.flatnonzero(~(x >= 0))
+    # NaN propagates through min and max: two passes catch NaN, negative and
+    # infinite values alike.
+    if not (x.min() >= 0 and np.isfinite(x.max())):
+        bad = np.flatnonzero(~((x >= 0) & np.isfinite(x)))
         where = tuple(int(i) for i in np.unravel_index(int(bad[0]), x.shape))
         at = where[0] if len(where) == 1 else where
         raise ValueError(
-            f"{name} must be >= 0 and not NaN ({unit}); index {at} has {x[where]}"
+            f"{name} must be finite and >= 0 ({unit}); index {at} has {x[where]}"
         )
 
 

@@ -38,6 +38,21 @@ class Deployment(eqx.Module):
         return jax.tree.map(lambda x: jnp.take(x, group, axis=0), self)
 
 
+def positive_degree(name: str, value) -> int:
+    """``value`` as a positive integer parallel degree; a one-line ``ValueError``
+    naming ``name`` for booleans (``True`` is not a degree), text, NaN, infinities,
+    fractions and values below 1."""
+    if isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be a positive integer, got {bool(value)}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if not (np.isfinite(v) and v.is_integer() and v >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(v)
+
+
 def check_tp(arch: Architecture, tp: int | float) -> None:
     """Raise ``ValueError`` unless ``tp`` splits the attention heads evenly.
 
@@ -45,9 +60,7 @@ def check_tp(arch: Architecture, tp: int | float) -> None:
     ``tp`` exceeds them, ``tp`` must divide by the KV heads (vLLM then replicates each
     KV head). Needs concrete (not traced) architecture values.
     """
-    if int(tp) != tp or tp < 1:
-        raise ValueError(f"tp must be a positive integer, got {tp!r}")
-    tp = int(tp)
+    tp = positive_degree("tp", tp)
     heads = int(np.asarray(arch.n_heads))
     kv = int(np.asarray(arch.n_kv_heads))
     if heads % tp:
@@ -61,8 +74,7 @@ def check_tp(arch: Architecture, tp: int | float) -> None:
 def check_ep(arch: Architecture, tp: int | float, ep: int | float) -> None:
     """Raise ``ValueError`` unless ``ep`` is 1 or a multiple of ``tp`` that divides
     the routed experts (needs concrete architecture values)."""
-    if int(ep) != ep or ep < 1:
-        raise ValueError(f"ep must be a positive integer, got {ep!r}")
+    ep = positive_degree("ep", ep)
     if ep == 1:
         return
     experts = int(np.asarray(arch.n_experts))

@@ -156,7 +156,7 @@ def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array,
 
 
 def check_stats(stats: BatchStats) -> BatchStats:
-    """Raise on negative or NaN statistics.
+    """Raise on negative, NaN or infinite statistics.
 
     Concrete arrays are checked here, before any tracing: a one-line ``ValueError``
     naming the field, the first bad index and its value. Traced arrays (under
@@ -168,10 +168,10 @@ def check_stats(stats: BatchStats) -> BatchStats:
         x = getattr(stats, name)
         what = f"BatchStats.{name} must be finite and >= 0 (tokens/requests)"
         if isinstance(x, jax.core.Tracer):
-            checked[name] = eqx.error_if(x, ~(x >= 0), what)
+            checked[name] = eqx.error_if(x, ~((x >= 0) & jnp.isfinite(x)), what)
             continue
         values = np.asarray(x)
-        bad = ~(values >= 0)
+        bad = ~((values >= 0) & np.isfinite(values))
         if bad.any():
             where = np.unravel_index(int(np.flatnonzero(bad)[0]), values.shape)
             at = f" at index {tuple(int(i) for i in where)}" if values.ndim else ""

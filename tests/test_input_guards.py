@@ -1,0 +1,117 @@
+"""Values that once passed silently and gave NaN, infinite or negative step times, or
+were dropped: each is now a one-line error naming the field."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import diffmodel as dm
+import diffmodel.kernels as dk
+from diffmodel._app._cli import main as cli_main
+from diffmodel.kernels._curves_io import curves_to_json
+
+DEP = dm.deployment("llama-2-70b", "h100-sxm", 4)
+
+
+def _stats(**change):
+    base = dict(
+        prefill_tokens=[0.0, 512.0],
+        decode_tokens=[32.0, 4.0],
+        num_prefill=[0.0, 1.0],
+        num_decode=[32.0, 4.0],
+        kv_tokens=[32_000.0, 4_000.0],
+    )
+    base.update(change)
+    return dm.from_aggregates(**{k: np.asarray(v) for k, v in base.items()})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("gemm_flops", -0.5, r"Factors.gemm_flops must be in \(0, 1\].*got -0.5"),
+        ("gemm_flops", 0.0, r"Factors.gemm_flops must be in \(0, 1\]"),
+        ("mem_bw", 1.2, r"Factors.mem_bw must be in \(0, 1\].*got 1.2"),
+        ("attn_bw", np.nan, r"Factors.attn_bw must be in \(0, 1\].*got nan"),
+        ("step_overhead_us", -1e6, r"Factors.step_overhead_us must be >= 0 and fin"),
+        ("comm_latency_us", np.inf, r"Factors.comm_latency_us must be >= 0 and fin"),
+    ],
+)
+def test_factors_out_of_range_are_refused(name, value, match):
+    values = dm.default_factors().as_dict() | {name: value}
+    with pytest.raises(ValueError, match=match):
+        dm.Factors(**values)
+
+
+def test_traced_factors_are_not_checked():
+    # Inside jit and grad the values are tracers: nothing to check, and a fit's
+    # step may pass through any value.
+    import jax
+
+    def total(eta):
+        f = dm.Factors(**(dm.default_factors().as_dict() | {"gemm_flops": eta}))
+        return dm.step_time(_stats(), DEP, f).total.sum()
+
+    assert np.isfinite(float(jax.jit(total)(0.6)))
+    assert np.isfinite(float(jax.grad(total)(0.6)))
+
+
+def test_infinite_statistics_are_refused_by_step_time_and_predict_steps():
+    bad = _stats(kv_tokens=[np.inf, 4_000.0])
+    with pytest.raises(ValueError, match=r"BatchStats.kv_decode must be finite"):
+        dm.step_time(bad, DEP, dm.default_factors())
+    with pytest.raises(ValueError, match=r"stats.kv_decode must be finite and >= 0"):
+        dm.predict_steps(bad, DEP, np.zeros(2, np.int32))
+
+
+def test_a_step_time_that_overflows_float32_is_an_error():
+    # A KV cache read finite in float32, at a (valid) tiny bandwidth efficiency:
+    # its time is not.
+    huge = _stats(kv_tokens=[32_000.0, 3e38])
+    slow = dm.Factors(**(dm.default_factors().as_dict() | {"attn_bw": 1e-3}))
+    with pytest.raises(ValueError, match=r"step 1 is inf \(not finite\)"):
+        dm.predict_steps(huge, DEP, np.zeros(2, np.int32), slow)
+
+
+def test_kv_gauge_of_no_blocks_is_refused():
+    frame = pd.DataFrame(
+        {
+            "prefill_tokens": [0, 0],
+            "decode_tokens": [4, 4],
+            "num_prefill_reqs": [0, 0],
+            "num_decode_reqs": [4, 4],
+            "kv.usage_gpu_ratio": [0.5, 0.5],
+            "kv.blocks_total_gpu": [1000, 0],
+        }
+    )
+    with pytest.raises(ValueError, match=r"'kv.blocks_total_gpu' must be > 0.*row 1"):
+        dm.predict(frame, model="llama-2-70b", tp=4)
+
+
+def test_deployment_refuses_boolean_degrees():
+    with pytest.raises(ValueError, match="tp must be a positive integer, got True"):
+        dm.deployment("llama-2-7b", "h100-sxm", True)
+    with pytest.raises(ValueError, match="tp must be a positive integer, got nan"):
+        dm.deployment("llama-2-7b", "h100-sxm", float("nan"))
+
+
+def test_curves_with_a_nan_are_refused_by_name(tmp_path):
+    obj = curves_to_json(dk.default_kernel_curves())
+    obj["decode_attention"]["bandwidth"]["raw"]["log_half"] = float("nan")
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match=r"decode_attention.bandwidth.log_half: exp"):
+        dk.load_curves(path)
+
+
+def test_cli_refuses_a_repeated_csv_column(tmp_path, capsys):
+    path = tmp_path / "steps.csv"
+    path.write_text(
+        "prefill_tokens,decode_tokens,num_prefill_reqs,num_decode_reqs,kv_tokens,"
+        "kv_tokens\n0,4,0,4,400,800\n"
+    )
+    argv = ["predict", "--data", str(path), "--model", "llama-2-70b", "--tp", "4"]
+    assert cli_main(argv + ["--out", str(tmp_path / "p.csv")]) == 1
+    assert "duplicated column 'kv_tokens'" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
