@@ -115,3 +115,20 @@ def test_cli_refuses_a_repeated_csv_column(tmp_path, capsys):
     assert cli_main(argv + ["--out", str(tmp_path / "p.csv")]) == 1
     assert "duplicated column 'kv_tokens'" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("cov", "match"),
+    [
+        ([[1.0, 0.5], [0.2, 1.0]], "symmetric"),
+        ([[1.0, 0.0], [0.0, -1.0]], "diagonal"),
+        ([[1.0, 2.0], [2.0, 1.0]], "positive semi-definite"),
+    ],
+)
+def test_covariances_that_are_not(cov, match):
+    from diffmodel._fitting._base import check_covariance
+
+    with pytest.raises(ValueError, match=f"field 'cov_raw': .*{match}"):
+        check_covariance(np.asarray(cov), "cov_raw")
+    ok = np.array([[2.0, 0.5], [0.5, 1.0]])
+    np.testing.assert_array_equal(check_covariance(ok, "cov_raw"), ok)

@@ -120,6 +120,23 @@ def label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 # JSON field readers: each raises ValueError("field 'x': expected ..., got ...").
 
 
+def check_covariance(cov: np.ndarray, key: str) -> np.ndarray:
+    """``cov`` unless it is not a covariance: ``ValueError`` naming field ``key``
+    for an asymmetric matrix or one with a negative variance or eigenvalue (it
+    would give negative or imaginary predictive variances)."""
+    c = np.asarray(cov, np.float64)
+    if c.size == 0:
+        return c
+    scale = max(float(np.max(np.abs(c))), 1e-300)
+    if not np.allclose(c, c.T, rtol=1e-8, atol=1e-10 * scale):
+        raise ValueError(f"field {key!r}: expected a symmetric matrix")
+    if (np.diag(c) < 0).any():
+        raise ValueError(f"field {key!r}: variances (the diagonal) must be >= 0")
+    if np.linalg.eigvalsh(c).min() < -1e-8 * scale:
+        raise ValueError(f"field {key!r}: expected a positive semi-definite matrix")
+    return c
+
+
 def json_array(d: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> Array:
     """Field ``key`` as a finite float array of ``shape``."""
     if key not in d:

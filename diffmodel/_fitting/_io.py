@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .._fitting._base import AbstractFactorSet, json_array, json_float
+from .._fitting._base import (
+    AbstractFactorSet,
+    check_covariance,
+    json_array,
+    json_float,
+)
 from .._fitting._factorsets import FACTOR_SET_CLASSES
 from .._fitting._fit import FitResult
 from .._fitting._intervals import (
@@ -68,7 +73,9 @@ def uncertainty_from_dict(d: Mapping[str, Any], n_params: int) -> IntervalModel:
             "field 'uncertainty' is missing: the file holds a factor set without a "
             "fit's posterior (save the FitResult of a fit run with uncertainty=True)"
         )
-    cov = json_array(block, "cov_raw", (n_params, n_params))
+    cov = check_covariance(
+        json_array(block, "cov_raw", (n_params, n_params)), "cov_raw"
+    )
     noise = tuple(
         json_float(block, k, positive=True)
         for k in ("noise_sd_prefill", "noise_sd_decode_only")
@@ -124,7 +131,44 @@ def factors_from_dict(d: Any) -> AbstractFactorSet:
     if kind not in kinds:
         raise ValueError(f"field 'kind': expected one of {kinds}, got {kind!r}")
     classes = {**FACTOR_SET_CLASSES, "host-device": HostDeviceFactors}
-    return classes[kind].from_dict(d)
+    fs = classes[kind].from_dict(d)
+    if "factors" in d:
+        _check_physical(d["factors"], fs.to_dict().get("factors"), "factors")
+    return fs
+
+
+def _check_physical(given: Any, derived: Any, where: str) -> None:
+    """``ValueError`` where the file's physical values (``factors``, written for
+    people) differ from those its ``raw`` parameters give: the values used are the
+    raw ones, so an edit of the physical block alone would be ignored silently."""
+    if isinstance(derived, Mapping):
+        if not isinstance(given, Mapping) or set(given) != set(derived):
+            raise ValueError(
+                f"field {where!r}: expected the keys {sorted(derived)}, got "
+                f"{sorted(given) if isinstance(given, Mapping) else _short(given)}"
+            )
+        for key in derived:
+            _check_physical(given[key], derived[key], f"{where}.{key}")
+        return
+    if isinstance(derived, list | tuple):
+        if not isinstance(given, list | tuple) or len(given) != len(derived):
+            raise ValueError(f"field {where!r}: expected {len(derived)} values")
+        for i, (g, v) in enumerate(zip(given, derived, strict=True)):
+            _check_physical(g, v, f"{where}[{i}]")
+        return
+    if isinstance(derived, int | float) and not isinstance(derived, bool):
+        ok = isinstance(given, int | float) and not isinstance(given, bool)
+        if not ok or not np.isclose(given, derived, rtol=1e-6, atol=1e-12):
+            raise ValueError(
+                f"field {where!r} is {_short(given)} but the file's 'raw' parameters "
+                f"give {derived:.6g}: the raw values are the fitted ones; edit "
+                "neither by hand (build a diffmodel.Factors instead)"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def save_factors(obj, path: str | pathlib.Path) -> pathlib.Path:

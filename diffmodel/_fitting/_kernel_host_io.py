@@ -18,6 +18,7 @@ import numpy as np
 from .._jsonfile import read_json_file
 from ..kernels._curves_io import curves_from_json, curves_to_json
 from ..kernels._step import HOST_TERMS, HostCosts
+from ._base import check_covariance
 from ._intervals import calibration_from_dict, calibration_to_dict
 from ._kernel_host import KernelHostFit
 
@@ -69,26 +70,40 @@ def host_fit_from_dict(d: Mapping[str, Any]) -> KernelHostFit:
     if not terms or unknown:
         raise ValueError(f"field 'terms': names from {HOST_TERMS}, got {list(terms)}")
     host_us = _field(d, "host_us")
+    if not isinstance(host_us, Mapping) or set(host_us) - set(HOST_TERMS):
+        raise ValueError(f"field 'host_us': costs named from {HOST_TERMS} expected")
     values = {t: float(host_us.get(t, 0.0)) for t in HOST_TERMS}
     if not all(np.isfinite(v) and v >= 0.0 for v in values.values()):
         raise ValueError(f"field 'host_us': finite costs >= 0 expected, got {host_us}")
+    idle = [t for t, v in values.items() if t not in terms and v != 0.0]
+    if idle:
+        raise ValueError(
+            f"field 'host_us': {idle[0]!r} is not among the fitted terms "
+            f"{list(terms)}, so its cost must be 0 (it would be ignored)"
+        )
     cov = np.asarray(_field(d, "cov_raw"), np.float64)
     if cov.shape != (len(terms), len(terms)) or not np.isfinite(cov).all():
         raise ValueError(
             f"field 'cov_raw': a finite {len(terms)}x{len(terms)} matrix expected, "
             f"got shape {cov.shape}"
         )
+    check_covariance(cov, "cov_raw")
     sd = _field(d, "sd_us")
+    noise = tuple(
+        float(_field(d, k)) for k in ("noise_sd_prefill", "noise_sd_decode_only")
+    )
+    if not all(np.isfinite(v) and v > 0.0 for v in noise):
+        raise ValueError(
+            f"fields 'noise_sd_prefill', 'noise_sd_decode_only': finite sds > 0 "
+            f"expected, got {list(noise)}"
+        )
     return KernelHostFit(
         curves=curves_from_json(_field(d, "curves")),
         terms=terms,
         host=HostCosts(**{f"{t}_us": v for t, v in values.items()}),
         sd_us={t: float(_field(sd, t)) for t in terms},
         cov_raw=cov,
-        noise_sd=(
-            float(_field(d, "noise_sd_prefill")),
-            float(_field(d, "noise_sd_decode_only")),
-        ),
+        noise_sd=noise,
         loss=float(_field(d, "loss")),
         n_rows=int(_field(d, "n_rows")),
         trained_on=tuple(str(s) for s in _field(d, "trained_on")),

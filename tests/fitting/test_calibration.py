@@ -3,12 +3,14 @@ KernelHostFit whose intervals cover their level on heavy-tailed residuals where 
 Gaussian interval does not."""
 
 import dataclasses
+import json
 import warnings
 
 import numpy as np
 import pytest
 
 import diffmodel as dm
+import diffmodel.kernels as dk
 from diffmodel._fitting._intervals import CALIBRATION_LEVELS, calibration_from_scores
 from tests.kernels.test_step import CURVES, TRUTH, _frame, _with_target
 
@@ -216,6 +218,20 @@ def test_transfer_calibration_widens_the_intervals_of_unseen_deployments(tmp_pat
     )
     back = dm.load_host_fit(dm.save_host_fit(fit, tmp_path / "t.json"))
     assert back.transfer_calibration == fit.transfer_calibration
+    # A file whose interval parts were edited into nonsense is refused, by field.
+    saved = json.loads((tmp_path / "t.json").read_text())
+    unused = next(t for t in dk.HOST_TERMS if t not in fit.terms)
+    for change, match in (
+        (lambda d: d.update(noise_sd_prefill=-1.0), "finite sds > 0"),
+        (lambda d: d["cov_raw"][0].__setitem__(0, -1.0), "variances .the diagonal."),
+        (lambda d: d["host_us"].update({unused: 5.0}), f"{unused!r} is not among"),
+        (lambda d: d["host_us"].update(bogus=1.0), "costs named from"),
+    ):
+        d = json.loads(json.dumps(saved))
+        change(d)
+        (tmp_path / "bad.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=match):
+            dm.load_host_fit(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="two deployments or more"):
         dm.fit_host_on_kernels(
             train[train["model"] == "llama-2-70b"],

@@ -96,6 +96,9 @@ def test_unknown_kind(tmp_path, kind):
 
 
 def test_missing_and_bad_fields(tmp_path):
+    d = saved("global", tmp_path)
+    d["factors"]["gemm_flops"] = 0.3  # the physical block edited, raw untouched
+    check_one_line(write(tmp_path, d), "factors.gemm_flops", "but the file's 'raw'")
     d = saved("per-model", tmp_path)
     del d["raw"]
     check_one_line(write(tmp_path, d), "raw", "missing")
