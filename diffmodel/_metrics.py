@@ -121,6 +121,14 @@ def metrics_table(
     missing = [c for c in [actual, predicted, *keys] if c not in frame.columns]
     if missing:
         raise ValueError(f"metrics_table: frame is missing columns {missing}")
+    for key in keys:
+        empty = frame[key].isna()
+        if empty.any():
+            raise ValueError(
+                f"metrics_table: column {key!r} has no group at {int(empty.sum())} "
+                f"rows (first: row {int(np.flatnonzero(empty.to_numpy())[0])}); every "
+                "row must name its group (groupby would drop them)"
+            )
     if keys:
         groups = frame.groupby(keys if len(keys) > 1 else keys[0], sort=True)
     else:

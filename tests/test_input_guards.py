@@ -11,6 +11,7 @@ import diffmodel as dm
 import diffmodel.kernels as dk
 from diffmodel._app._cli import main as cli_main
 from diffmodel.kernels._curves_io import curves_to_json
+from helpers import needs_db
 
 DEP = dm.deployment("llama-2-70b", "h100-sxm", 4)
 
@@ -132,3 +133,62 @@ def test_covariances_that_are_not(cov, match):
         check_covariance(np.asarray(cov), "cov_raw")
     ok = np.array([[2.0, 0.5], [0.5, 1.0]])
     np.testing.assert_array_equal(check_covariance(ok, "cov_raw"), ok)
+
+
+@pytest.mark.parametrize("q", [-1.0, 0.0, 0.5, float("nan"), float("inf")])
+def test_step_time_refuses_a_sharpness_below_one(q):
+    with pytest.raises(ValueError, match="sharpness must be a finite number >= 1"):
+        dm.step_time(_stats(), DEP, dm.default_factors(), sharpness=q)
+
+
+def test_metrics_refuse_rows_without_a_group():
+    frame = pd.DataFrame(
+        {"y": [1.0, 2.0, 3.0], "p": [1.1, 2.0, 2.9], "g": ["a", None, "a"]}
+    )
+    with pytest.raises(ValueError, match="column 'g' has no group at 1 rows"):
+        dm.metrics_table(frame, actual="y", predicted="p", by="g")
+
+
+def test_cli_refuses_out_equal_to_data(tmp_path, capsys):
+    path = tmp_path / "steps.csv"
+    path.write_text(
+        "prefill_tokens,decode_tokens,num_prefill_reqs,num_decode_reqs,kv_tokens\n"
+        "0,4,0,4,400\n"
+    )
+    argv = ["predict", "--data", str(path), "--out", str(path)]
+    assert cli_main(argv + ["--model", "llama-2-70b", "--tp", "4"]) == 1
+    assert "is --data; write the predictions elsewhere" in capsys.readouterr().err
+    assert path.read_text().startswith("prefill_tokens,")  # untouched
+
+
+@needs_db
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--system", "nope"], "--system nope: not a GPU system of the kernel data"),
+        (["--system", "h100_sxm", "--out", "x.csv"], "expected a .json file"),
+        (["--system", "h100_sxm", "--rows-per-gpu", "5"], "only pooled curves"),
+        (["--system", "h100_sxm", "--adam-steps", "0"], "expected a positive integ"),
+    ],
+)
+def test_cli_calibrate_checks_its_flags_before_fitting(
+    extra, message, tmp_path, capsys
+):
+    argv = ["calibrate", "--out", str(tmp_path / "c.json"), *extra]
+    assert cli_main(argv) in (1, 2)
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
+    from diffmodel._app import _cli_commands
+
+    def boom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(_cli_commands, "cmd_demo", boom)
+    assert cli_main(["demo"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "diffmodel: error: out of memory: the work asked for does not fit this "
+        "machine (fewer rows or steps)"
+    )

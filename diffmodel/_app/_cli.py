@@ -503,3 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as err:
         print(f"{PROG}: error: {_message(err)}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            f"{PROG}: error: out of memory: the work asked for does not fit this "
+            "machine (fewer rows or steps)",
+            file=sys.stderr,
+        )
+        return 1

@@ -5,6 +5,8 @@ writes its files last; it returns the exit status and raises ``ValueError`` /
 ``OSError`` with a one-line message on bad input.
 """
 
+import pathlib
+
 import jax
 
 from ._cli_io import (
@@ -67,6 +69,10 @@ def cmd_predict(args) -> int:
     from .._predict import predict
 
     output = out_file(args.out, "--out", (".csv", ".parquet", ".pq"))
+    if output.resolve() == pathlib.Path(args.data).resolve():
+        raise ValueError(
+            f"--out {args.out}: is --data; write the predictions elsewhere"
+        )
     plot = plot_file(args.plot)
     if args.host is not None and args.factors is not None:
         raise ValueError("--host and --factors: give one (host costs or factors)")

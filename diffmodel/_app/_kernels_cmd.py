@@ -50,10 +50,20 @@ def _cmd_calibrate(args) -> int:
     from .._model._hardware import canonical_hardware, hardware_system
     from ..kernels._calibrate import FitOptions, calibrate_kernels
     from ..kernels._curves_io import save_curves
-    from ..kernels._database import FAMILY_FILES, load_system_tables
+    from ..kernels._database import FAMILY_FILES, list_systems, load_system_tables
+    from ._cli_io import out_file
 
-    name = canonical_hardware(args.system)
+    out_file(args.out, "--out", (".json",))  # before minutes of fitting
+    try:
+        name = canonical_hardware(args.system)
+    except ValueError:
+        raise ValueError(
+            f"--system {args.system}: not a GPU system of the kernel database; "
+            f"systems: {', '.join(list_systems())}"
+        ) from None
     system = hardware_system(name)
+    if args.rows_per_gpu is not None and not args.pool:
+        raise ValueError("--rows-per-gpu: only pooled curves (--pool) sample rows")
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -106,7 +116,7 @@ def _pooled_curves(args, system: str, say):
         None if args.pool == ["others"] else args.pool,
         backend=args.backend,
         version=args.version,
-        rows_per_gpu=args.rows_per_gpu,
+        rows_per_gpu=1000 if args.rows_per_gpu is None else args.rows_per_gpu,
         options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
         progress=say,
     )
@@ -115,6 +125,7 @@ def _pooled_curves(args, system: str, say):
 def add_parser(subparsers) -> None:
     """Add the ``kernels`` and ``calibrate`` subcommands to ``subparsers``."""
     from .._kernel_families import ALL_FAMILIES
+    from ._cli import COUNT, POSITIVE_INT
 
     families = (*ALL_FAMILIES, "mla", "dsa")
 
@@ -165,11 +176,14 @@ def add_parser(subparsers) -> None:
         "DeepSeek sparse attention modules, where the system's tables have them)",
     )
     p.add_argument(
-        "--adam-steps", type=int, default=800, help="Adam steps per family's fit"
+        "--adam-steps",
+        type=POSITIVE_INT,
+        default=800,
+        help="Adam steps per family's fit",
     )
     p.add_argument(
         "--lbfgs-steps",
-        type=int,
+        type=COUNT,
         default=100,
         help="L-BFGS steps per family's fit, after Adam",
     )
@@ -198,9 +212,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--rows-per-gpu",
-        type=int,
-        default=1000,
-        help="with --pool: at most this many sampled rows per GPU and family",
+        type=POSITIVE_INT,
+        default=None,
+        help="with --pool: at most this many sampled rows per GPU and family "
+        "(default 1000)",
     )
     p.set_defaults(run=_cmd_calibrate)
 

@@ -155,6 +155,18 @@ def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array,
     return flops, bytes_ + act_bytes + quant, expert_flops
 
 
+def check_sharpness(sharpness) -> None:
+    """``ValueError`` unless a concrete ``sharpness`` is a finite number >= 1 (the
+    exponent ``q`` of ``(a^q + b^q)^(1/q)``: 1 adds the two times, larger ``q``
+    tends to their maximum; below 1 the time is more than their sum, at 0 or NaN
+    it is undefined). A traced one is not checked."""
+    if isinstance(sharpness, jax.core.Tracer):
+        return
+    q = np.asarray(sharpness, dtype=float)
+    if not (np.all(np.isfinite(q)) and np.all(q >= 1.0)):
+        raise ValueError(f"sharpness must be a finite number >= 1, got {sharpness!r}")
+
+
 def check_stats(stats: BatchStats) -> BatchStats:
     """Raise on negative, NaN or infinite statistics.
 
@@ -228,6 +240,7 @@ def step_time(
     """
     if check:
         stats = check_stats(stats)
+        check_sharpness(sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
     shape = jnp.shape(parts["linear"])
     return Breakdown(
@@ -251,6 +264,7 @@ def step_total(
     """
     if check:
         stats = check_stats(stats)
+        check_sharpness(sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
     gpu = sum(parts[c] for c in _GPU_COMPONENTS)
     return gpu * gate + parts["overhead"]
