@@ -11,6 +11,7 @@ import diffmodel as dm
 import diffmodel.kernels as dk
 from diffmodel._app._cli import main as cli_main
 from diffmodel.kernels._curves_io import curves_to_json
+
 from helpers import needs_db
 
 DEP = dm.deployment("llama-2-70b", "h100-sxm", 4)
