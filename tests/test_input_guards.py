@@ -12,7 +12,7 @@ import diffmodel.kernels as dk
 from diffmodel._app._cli import main as cli_main
 from diffmodel.kernels._curves_io import curves_to_json
 
-from helpers import needs_db
+from helpers import needs_db, unchecked
 
 DEP = dm.deployment("llama-2-70b", "h100-sxm", 4)
 
@@ -193,3 +193,34 @@ def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
         "diffmodel: error: out of memory: the work asked for does not fit this "
         "machine (fewer rows or steps)"
     )
+
+
+@pytest.mark.parametrize("value", ["a", True, np.array([True, False])])
+def test_from_aggregates_names_an_argument_that_is_not_numbers(value):
+    with pytest.raises(ValueError, match="prefill_tokens must be numbers"), unchecked():
+        dm.from_aggregates(
+            prefill_tokens=value,
+            decode_tokens=1.0,
+            num_prefill=1.0,
+            num_decode=1.0,
+            kv_tokens=1.0,
+        )
+
+
+def test_step_time_names_an_argument_of_the_wrong_type():
+    s, f = _stats(), dm.default_factors()
+    with unchecked():
+        for args, name in (((s, DEP, None), "factors"), ((s, "x", f), "dep")):
+            with pytest.raises(ValueError, match=f"^{name} must be a diffmodel"):
+                dm.step_time(*args)
+        with pytest.raises(ValueError, match="^stats must be a diffmodel.BatchStats"):
+            dm.step_time({}, DEP, f)
+
+
+def test_json_files_refuse_a_repeated_key_and_a_folder(tmp_path):
+    path = tmp_path / "curves.json"
+    path.write_text('{"format_version": 1, "format_version": 2}')
+    with pytest.raises(ValueError, match="key 'format_version' appears twice"):
+        dk.load_curves(path)
+    with pytest.raises(ValueError, match="is a folder, expected a JSON file"):
+        dk.load_curves(tmp_path)

@@ -47,7 +47,8 @@ def read_table(path: str | pathlib.Path, flag: str = "--data") -> pd.DataFrame:
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{flag} {path}: expected a .csv, .parquet or .pq file")
     if not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: file not found")
+        what = "is a folder, expected a file" if path.is_dir() else "file not found"
+        raise FileNotFoundError(f"{flag} {path}: {what}")
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path)
@@ -138,7 +139,9 @@ def load_factor_file(path: str | pathlib.Path | None):
     if path is None:
         return None
     if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"--factors {path}: file not found")
+        folder = pathlib.Path(path).is_dir()
+        what = "is a folder, expected a file" if folder else "file not found"
+        raise FileNotFoundError(f"--factors {path}: {what}")
     try:
         return load_factors(path)
     except (KeyError, TypeError, AttributeError) as err:

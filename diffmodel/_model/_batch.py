@@ -1,7 +1,9 @@
 """Sufficient statistics of a batch: what the roofline needs to know about a step."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 # vLLM's default KV-cache block size, tokens per block (the traces' setting).
@@ -44,8 +46,17 @@ class BatchStats(eqx.Module):
         return self.num_prefill + self.num_decode
 
 
-def _f(x: ArrayLike) -> Array:
-    return jnp.asarray(x, dtype=jnp.result_type(float))
+def _f(x: ArrayLike, name: str) -> Array:
+    """``x`` as a float array; a ``ValueError`` naming argument ``name`` for text,
+    booleans or other values that are not numbers."""
+    if isinstance(x, jax.core.Tracer):
+        return jnp.asarray(x, dtype=jnp.result_type(float))
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(
+            f"{name} must be numbers (tokens or requests), got {a.dtype} values"
+        )
+    return jnp.asarray(a, dtype=jnp.result_type(float))
 
 
 def from_aggregates(
@@ -72,16 +83,16 @@ def from_aggregates(
     ``s = K_pf/Np`` cached ones each, so ``A_pf = Np * n * (s + n/2) = P (K_pf + P/2) /
     Np``. Unequal chunks have more causal work than this (it is convex in ``n``).
     """
-    p, np_ = _f(prefill_tokens), _f(num_prefill)
-    k_pf = _f(prefill_context_tokens)
+    p, np_ = _f(prefill_tokens, "prefill_tokens"), _f(num_prefill, "num_prefill")
+    k_pf = _f(prefill_context_tokens, "prefill_context_tokens")
     safe_np = jnp.where(np_ > 0, np_, 1.0)
     a_pf = jnp.where(np_ > 0, p * (k_pf + 0.5 * p) / safe_np, 0.0)
     return BatchStats(
         prefill_tokens=p,
-        decode_tokens=_f(decode_tokens),
+        decode_tokens=_f(decode_tokens, "decode_tokens"),
         num_prefill=np_,
-        num_decode=_f(num_decode),
-        kv_decode=_f(kv_tokens),
+        num_decode=_f(num_decode, "num_decode"),
+        kv_decode=_f(kv_tokens, "kv_tokens"),
         attn_prefill=a_pf,
         kv_prefill=jnp.broadcast_to(k_pf, jnp.shape(a_pf)),
     )
@@ -124,7 +135,7 @@ def request_terms(
     path reduces them in one pass instead (see ``diffmodel._bulk``). Padding and the
     other kind of request contribute exactly 0.
     """
-    n, s = _f(new_tokens), _f(context_tokens)
+    n, s = _f(new_tokens, "new_tokens"), _f(context_tokens, "context_tokens")
     n, s = jnp.broadcast_arrays(n, s)
     m = jnp.ones(n.shape, bool) if mask is None else jnp.asarray(mask, bool)
     dec = (
@@ -163,4 +174,6 @@ def kv_tokens_from_usage(
     - prefix-cached blocks shared by several requests are counted once, though each
       request's decode attention reads them.
     """
-    return _f(usage_ratio) * _f(blocks_total) * block_size
+    return (
+        _f(usage_ratio, "usage_ratio") * _f(blocks_total, "blocks_total") * block_size
+    )

@@ -155,6 +155,20 @@ def linear_work_split(tokens, a: Architecture, t, ep=1.0) -> tuple[Array, Array,
     return flops, bytes_ + act_bytes + quant, expert_flops
 
 
+def check_types(stats, dep, factors) -> None:
+    """``ValueError`` naming the argument that is not what the step model takes
+    (an ``AttributeError`` deep inside otherwise)."""
+    for name, value, cls in (
+        ("stats", stats, BatchStats),
+        ("dep", dep, Deployment),
+        ("factors", factors, Factors),
+    ):
+        if not isinstance(value, cls):
+            raise ValueError(
+                f"{name} must be a diffmodel.{cls.__name__}, got {type(value).__name__}"
+            )
+
+
 def check_sharpness(sharpness) -> None:
     """``ValueError`` unless a concrete ``sharpness`` is a finite number >= 1 (the
     exponent ``q`` of ``(a^q + b^q)^(1/q)``: 1 adds the two times, larger ``q``
@@ -239,6 +253,7 @@ def step_time(
     ``eqx.filter_jit`` rather than ``jax.jit`` for a readable message).
     """
     if check:
+        check_types(stats, dep, factors)
         stats = check_stats(stats)
         check_sharpness(sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
@@ -263,6 +278,7 @@ def step_total(
     the idle gate together rather than one by one, which saves work in bulk.
     """
     if check:
+        check_types(stats, dep, factors)
         stats = check_stats(stats)
         check_sharpness(sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
