@@ -224,3 +224,15 @@ def test_json_files_refuse_a_repeated_key_and_a_folder(tmp_path):
         dk.load_curves(path)
     with pytest.raises(ValueError, match="is a folder, expected a JSON file"):
         dk.load_curves(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--noise", "inf", "argument --noise: expected a finite number >= 0"),
+        ("--seed", "-1", "argument --seed: expected an integer >= 0"),
+    ],
+)
+def test_cli_demo_flags_name_themselves(flag, value, message, tmp_path, capsys):
+    assert cli_main(["demo", flag, value, "--out-dir", str(tmp_path / "d")]) == 2
+    assert message in capsys.readouterr().err

@@ -63,8 +63,9 @@ class _Formatter(argparse.HelpFormatter):
         return text
 
 
-def _number(kind, *, low: float, strict: bool, what: str):
-    """An argparse type: a ``kind`` (int/float) > ``low`` (``strict``) or >= it."""
+def _number(kind, *, low: float, strict: bool, what: str, finite: bool = False):
+    """An argparse type: a ``kind`` (int/float) > ``low`` (``strict``) or >= it
+    (and not infinite with ``finite``)."""
 
     def parse(text: str):
         try:
@@ -72,6 +73,8 @@ def _number(kind, *, low: float, strict: bool, what: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if value != value or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if finite and value == float("inf"):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -83,6 +86,9 @@ POSITIVE_INT = _number(int, low=0, strict=True, what="a positive integer")
 COUNT = _number(int, low=0, strict=False, what="an integer >= 0")
 POSITIVE = _number(float, low=0.0, strict=True, what="a number > 0")
 NONNEGATIVE = _number(float, low=0.0, strict=False, what="a number >= 0")
+FINITE_NONNEGATIVE = _number(
+    float, low=0.0, strict=False, what="a finite number >= 0", finite=True
+)
 
 
 def _open_unit(what: str):
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir", default="diffmodel-demo", metavar="DIR", help="output folder"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed of the trace")
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed of the trace")
     p.add_argument(
         "--rows-per-deployment",
         type=POSITIVE_INT,
@@ -238,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps (rows) drawn per deployment",
     )
     p.add_argument(
-        "--noise", type=NONNEGATIVE, default=0.05, help="log-sd of the noise"
+        "--noise", type=FINITE_NONNEGATIVE, default=0.05, help="log-sd of the noise"
     )
     _add_optimiser(p, max_iterations=500)
     _renamed(p, out="--out-dir", steps="--rows-per-deployment")

@@ -93,14 +93,17 @@ def load_data(path: str | pathlib.Path) -> pd.DataFrame:
     return frame
 
 
-def check_temporal_columns(frame: pd.DataFrame) -> None:
-    """``--split temporal`` orders each experiment's steps in time: it needs the
-    ``experiment_id`` and ``step.id`` columns."""
+def check_temporal_columns(
+    frame: pd.DataFrame, flag: str = "--split temporal", instead: str = "--split none"
+) -> None:
+    """``flag`` (``--split temporal``, ``--calibrate-tail``) orders each
+    experiment's steps in time: it needs the ``experiment_id`` and ``step.id``
+    columns; the error says what to use ``instead``."""
     missing = [c for c in ("experiment_id", "step.id") if c not in frame.columns]
     if missing:
         raise ValueError(
-            f"--split temporal orders each experiment's steps in time and needs "
-            f"the columns {missing}; use --split none"
+            f"{flag} orders each experiment's steps in time and needs the columns "
+            f"{missing}; {instead}"
         )
 
 

@@ -63,7 +63,11 @@ def cmd_fit_host(args) -> int:
         note(dropped)
     calibrate = frame.iloc[:0]
     if args.calibrate_tail is not None:
-        check_temporal_columns(frame)
+        check_temporal_columns(
+            frame,
+            "--calibrate-tail",
+            "without them, leave it out (the intervals then use the normal quantile)",
+        )
     if args.split == "temporal":
         split = temporal_split(frame)
         train, test = frame[split == "train"], frame[split == "test"]
