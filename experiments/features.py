@@ -20,8 +20,9 @@ import sys
 
 import pandas as pd
 
-# The operator suffix of ``gpus.py``'s ``calibrated_grid`` variant (GEMMs with the
-# GPU's shape grid, ``calibrate_kernels(shape_grids=True)``; held-out shapes only).
+# The operator suffix of ``gpus.py``'s ``calibrated_grid`` variant (GEMMs and
+# attention with the GPU's shape grid, ``calibrate_kernels(shape_grids=True)``;
+# held-out shapes only).
 GRID = " + shape grid"
 
 # (feature, models that need it, source script, operator, goal %)
@@ -54,7 +55,15 @@ FEATURES = [
         "prefill_attention",
         10.0,
     ),
+    (
+        "",
+        "with the GPU's shape grid (opt-in)",
+        "gpus",
+        f"prefill_attention{GRID}",
+        10.0,
+    ),
     ("GQA decode attention", "", "gpus", "decode_attention", 10.0),
+    ("", "with the GPU's shape grid (opt-in)", "gpus", f"decode_attention{GRID}", 10.0),
     ("MLA prefill (module)", "DeepSeek-V3 and R1", "mla_kernels", "context", 10.0),
     ("MLA decode (module)", "", "mla_kernels", "generation", 10.0),
     ("MLA decode BMMs (absorbed)", "", "mla_bmm_kernels", "mla_gen_pre_bf16", 15.0),

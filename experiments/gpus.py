@@ -7,7 +7,8 @@ GPU system of the installed ``aiconfigurator-core`` database (vLLM tables where 
 system has them, else SGLang):
 
 - ``held_out_shapes``: the GPU's own curves fitted on 75% of its shapes (whole
-  shapes), MAPE on the other 25%; for GEMMs also with the GPU's shape grid
+  shapes), MAPE on the other 25%; for GEMMs and attention also with the GPU's
+  shape grid
   (``dk.with_shape_grid``) fitted on the same 75% (variant ``calibrated_grid``);
 - ``leave_one_gpu_out``: curves fitted on every other GPU (partial pooling: shared
   curves plus per-GPU offsets), predicting every (sampled) row of the held-out GPU
@@ -167,7 +168,8 @@ def init_for(family: str, form: str):
 
 def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
     """Per GPU: its own curves on 75% of its shapes, MAPE on the rest; for GEMMs
-    also with the GPU's shape grid fitted on those 75% (``calibrated_grid``)."""
+    and attention also with the GPU's shape grid fitted on those 75%
+    (``calibrated_grid``)."""
     n_g = len(gathered)
     test = np.zeros(len(y), bool)
     for i, (_, _, rows) in enumerate(gathered):
@@ -182,13 +184,17 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
     for i, (system, backend, _) in enumerate(gathered):
         sel = (gpu == i) & test
         variants = [("uncalibrated", unc, 0), ("calibrated", pred[i], _n_params(init))]
-        if family in dk.GEMM_FAMILIES:
+        if family in dk.GRID_FAMILIES:
             # The GPU's shape grid on its training shapes' residuals (the package's
             # calibrate_kernels(shape_grids=True)), timed through the same work.
             work = predict.__self__
             rows = train[i]
+            shapes = dk.shape_groups(gathered[i][2], family)[~test[gpu == i]]
             moved, _ = dk.with_shape_grid(
-                dk.fold(curves, i), jax.tree.map(lambda x, r=rows: x[r], work), y[rows]
+                dk.fold(curves, i),
+                jax.tree.map(lambda x, r=rows: x[r], work),
+                y[rows],
+                shapes,
             )
             grid_k = _n_params(init) + int(moved.shape_grid.values.size)
             variants.append(("calibrated_grid", np.asarray(predict(moved)), grid_k))

@@ -23,7 +23,8 @@ from .._model._physics import (
     tensor_peak as tensor_peak,
 )
 from ._calibrate import (
-    GEMM_FAMILIES as GEMM_FAMILIES,
+    GRID_FAMILIES as GRID_FAMILIES,
+    GRID_SHAPE_KEYS as GRID_SHAPE_KEYS,
     FitOptions as FitOptions,
     calibrate_kernels as calibrate_kernels,
     family_rows as family_rows,
@@ -34,6 +35,7 @@ from ._calibrate import (
     held_out_split as held_out_split,
     init_curves as init_curves,
     kernel_prior_factors as kernel_prior_factors,
+    shape_groups as shape_groups,
     two_stage_minimise as two_stage_minimise,
     with_shape_grid as with_shape_grid,
 )

@@ -203,21 +203,44 @@ def family_work(family: str, rows: pd.DataFrame, hw: Hardware) -> KernelWork:
     return table_work(family_table(family), rows, hw)
 
 
-GEMM_FAMILIES: tuple[str, ...] = ("gemm_bf16", "gemm_fp8", "gemm_nvfp4")
-"""The families whose curves take a :class:`ShapeGrid`."""
+GRID_SHAPE_KEYS: dict[str, tuple[str, ...]] = {
+    "gemm_bf16": ("n", "k"),
+    "gemm_fp8": ("n", "k"),
+    "gemm_nvfp4": ("n", "k"),
+    "prefill_attention": ("num_heads", "num_key_value_heads", "head_dim"),
+    "decode_attention": ("num_heads", "num_key_value_heads", "head_dim"),
+}
+"""The families whose curves take a :class:`ShapeGrid`, and the table columns of
+one layer's shape (a weight shape; a head layout): the grid's cross-validation
+leaves whole shapes out, as a layer the tables never measured would be."""
+
+GRID_FAMILIES: tuple[str, ...] = tuple(GRID_SHAPE_KEYS)
 
 
-def with_shape_grid(curves: RooflineCurves, work, y) -> tuple[RooflineCurves, str]:
+def shape_groups(rows: pd.DataFrame, family: str) -> np.ndarray:
+    """Each row's shape (an integer per distinct :data:`GRID_SHAPE_KEYS` value)."""
+    keys = list(GRID_SHAPE_KEYS[family])
+    return rows.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()
+
+
+def with_shape_grid(
+    curves: RooflineCurves, work, y, groups=None
+) -> tuple[RooflineCurves, str]:
     """``curves`` with a :class:`ShapeGrid` fitted to the residuals
-    ``log(y / predicted)`` of GEMM ``work`` (measured times ``y``, us), and a note
-    for the progress line."""
+    ``log(y / predicted)`` of ``work`` (measured times ``y``, us; work that names
+    its grid sizes: GEMMs, attention), cross-validated over ``groups`` (each row's
+    shape, :func:`shape_groups`; default the GEMMs' ``(n, k)``), and a note for
+    the progress line."""
+    if work.grid_a is None:
+        raise ValueError("with_shape_grid: the work names no grid sizes")
     plain = eqx.tree_at(lambda c: c.shape_grid, curves, None, is_leaf=_is_none)
     pred = np.asarray(work.time_us(plain), np.float64)
     grid, scores = fit_shape_grid(
-        np.asarray(work.out_rows),
-        np.asarray(work.out_cols),
-        np.asarray(work.depth),
+        np.asarray(work.grid_a),
+        np.asarray(work.grid_b),
+        np.asarray(work.grid_c),
         np.log(np.asarray(y, np.float64) / pred),
+        groups=groups,
     )
     moved = eqx.tree_at(lambda c: c.shape_grid, plain, grid, is_leaf=_is_none)
     chosen = (grid.step, grid.smoothing)
@@ -247,14 +270,17 @@ def calibrate_kernels(
 ) -> KernelCurves:
     """Fit every family's curves on all its rows of ``tables``.
 
-    ``shape_grids``: also fit each GEMM family's :class:`ShapeGrid` (the GPU's
-    shape effects: tile and split-K choices) on the residuals of its curves, its
+    ``shape_grids``: also fit the :class:`ShapeGrid` of each family of
+    :data:`GRID_FAMILIES` (the GPU's shape effects: GEMM tile and split-K choices,
+    attention's tiling and splits) on the residuals of its curves, its
     cell size and smoothing chosen by 5-fold cross-validation over weight shapes
-    (:func:`fit_shape_grid`). It brings the curves closer on GEMM shapes the tables
+    (:func:`fit_shape_grid`). It brings the curves closer on the shapes the tables
     hold out (``experiments/gpus.py``, variant ``calibrated_grid``), but it is off
-    by default: on the public H100 traces' training rows (temporal split, host
-    costs refitted) the kernel sum with the grid fitted worse, 3.07% against 2.83%
-    mean MAPE, so what it learns of isolated GEMMs did not carry to the served steps.
+    by default: on the public H100 traces (temporal split, host costs refitted) the
+    kernel sum with the GEMM and attention grids priced the training rows worse
+    (2.90% against 2.83% mean MAPE) and the validation rows after them too (5.51
+    against 4.49%), so what it learns of isolated kernels did not carry to the
+    served steps.
 
     ``portable``: fit curves in portable sizes (:class:`RooflineCurves`), which
     another GPU can start from. A family without rows in ``tables`` (no FP8 GEMMs
@@ -293,8 +319,10 @@ def calibrate_kernels(
         y = rows["latency_us"].to_numpy(float)
         fitted[fam] = fit_roofline_curves(work, y, init, options=options)
         grid_note = ""
-        if shape_grids and fam in GEMM_FAMILIES:
-            fitted[fam], grid_note = with_shape_grid(fitted[fam], work, y)
+        if shape_grids and fam in GRID_FAMILIES:
+            fitted[fam], grid_note = with_shape_grid(
+                fitted[fam], work, y, shape_groups(rows, fam)
+            )
         say(f"calibrated {fam} on {len(rows)} kernels{grid_note}")
     init = default_allreduce_curve(portable=portable)
     try:

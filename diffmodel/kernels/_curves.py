@@ -244,10 +244,10 @@ class RooflineCurves(eqx.Module):
             work's time at peak in us (``f / peak``, ``b / bw``; their ratio is the
             intensity relative to the ridge point), and waves of the SM count
             (``u / SMs``; ``unit_ns`` is then the cost of one wave of blocks).
-        shape_grid: optional (GEMM families) one GPU's log-time corrections over
-            ``(log2 m, log2 n, log2 k)`` (:class:`~diffmodel.kernels.ShapeGrid`,
+        shape_grid: optional (GEMM and attention families) one GPU's log-time
+            corrections over three log sizes (:class:`~diffmodel.kernels.ShapeGrid`,
             fitted on its tables' residuals after the curves), applied to work
-            that names its GEMM shape (``KernelWork.out_rows``, ``out_cols``).
+            that names them (``KernelWork.grid_a``, ``grid_b``, ``grid_c``).
     """
 
     flops: SaturationCurve

@@ -365,7 +365,15 @@ def kernel_step_time(
             pf_kv_bytes,
         )  # fmt: skip
         # One exponential per score element and query head (the softmax).
-        work = _work(f, b, hw.flops_16, hw, chunks * kvh * tiles, exps=qh * pairs)
+        work = _work(
+            f,
+            b,
+            hw.flops_16,
+            hw,
+            chunks * kvh * tiles,
+            exps=qh * pairs,
+            grid=(chunks * qh, p / chunks, group),  # the tables' shape-grid sizes
+        )
         return jnp.where(p > 0, work.time_us(curves.prefill_attention), 0.0)
 
     prefill = (n_layers - n_win) * prefill_us(
@@ -385,7 +393,8 @@ def kernel_step_time(
             walk = jnp.logical_not(mla) & (qh <= kvh)
             depth = jnp.where(walk, kv_tokens / seqs, 0.0)
         units = seqs * jnp.where(mla, 1.0, kvh)
-        work = _work(f, b, hw.flops_16, hw, units, depth=depth)
+        grid = (seqs * qh, kv_tokens / seqs, qh / jnp.where(mla, 1.0, kvh))
+        work = _work(f, b, hw.flops_16, hw, units, depth=depth, grid=grid)
         return jnp.where(n_dec > 0, work.time_us(curves.decode_attention), 0.0)
 
     decode = (n_layers - n_win) * decode_us(stats.kv_decode) + n_win * decode_us(w_dec)

@@ -56,9 +56,10 @@ class KernelWork(eqx.Module):
             element), for curves with an exponential term.
         exp_rate: optional exponentials per second of the GPU's special-function
             units (``Hardware.exp_rate``).
-        out_rows, out_cols: optional ``m`` and ``n`` of a GEMM's ``[m, n]`` output
-            (with ``depth = k``), for curves with a shape grid
-            (``RooflineCurves.shape_grid``).
+        grid_a, grid_b, grid_c: optional sizes a shape grid reads
+            (``RooflineCurves.shape_grid``): a GEMM's ``(m, n, k)``; attention's
+            ``(batch x query heads, tokens per sequence, query heads per KV head)``
+            (new tokens for prefill, cached ones for decode).
     """
 
     flops: Float[Array, "*kernels"]
@@ -75,8 +76,9 @@ class KernelWork(eqx.Module):
     depth: Float[Array, "*kernels"] | None = None
     exps: Float[Array, "*kernels"] | None = None
     exp_rate: Float[Array, "*kernels"] | None = None
-    out_rows: Float[Array, "*kernels"] | None = None
-    out_cols: Float[Array, "*kernels"] | None = None
+    grid_a: Float[Array, "*kernels"] | None = None
+    grid_b: Float[Array, "*kernels"] | None = None
+    grid_c: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -96,9 +98,10 @@ class KernelWork(eqx.Module):
         10.4 / 10.9 / 9.8 -> 9.9 / 9.5 / 9.2% for NVFP4 against adding it to the
         floor). Curves with an exponential term, on work with ``exps``, time
         the compute side as the tensor-core and exponential times overlapped
-        (:class:`RooflineCurves`). Curves with a shape grid multiply a GEMM's time
-        by the grid's correction at its ``(m, n, k)``, never below the time at
-        peak (:class:`~diffmodel.kernels.ShapeGrid`).
+        (:class:`RooflineCurves`). Curves with a shape grid multiply the time by
+        the grid's correction at the work's ``grid_a``, ``grid_b``, ``grid_c``
+        (a GEMM's ``(m, n, k)``), never below the time at peak
+        (:class:`~diffmodel.kernels.ShapeGrid`).
 
         Raises ``ValueError`` for portable or main-loop curves on work without
         ``sms``, and for an exponential term on work without ``exp_rate``."""
@@ -161,11 +164,9 @@ class KernelWork(eqx.Module):
         if serial is not None:  # a third side: one block's serial main loop
             t = smooth_max(t, serial) if q is None else power_max(t, serial, q)
         grid = eff.shape_grid if isinstance(eff, RooflineCurves) else None
-        if grid is None or self.out_rows is None or self.out_cols is None:
+        if grid is None or self.grid_a is None:
             return floor + t
-        if self.depth is None:
-            raise ValueError("curves with a shape grid need the GEMM's depth (k)")
-        moved = (floor + t) * jnp.exp(grid(self.out_rows, self.out_cols, self.depth))
+        moved = (floor + t) * jnp.exp(grid(self.grid_a, self.grid_b, self.grid_c))
         at_peak = jnp.maximum(self.flops / self.peak_flops, self.bytes / self.bandwidth)
         return jnp.maximum(moved, at_peak * 1e6)
 
@@ -257,8 +258,7 @@ def gemm_kernel_work(
         pre=pre,
         rows=rows,
         depth=k,
-        out_rows=m,
-        out_cols=n,
+        grid=(m, n, k),
     )
 
 
@@ -320,7 +320,15 @@ def prefill_attention_work(
         batch * pairs / group, tokens, tokens, heads, kv_heads, head_dim, kv_bytes
     )
     exps = batch * pairs / group * heads  # one per computed score element
-    return _work(f, b, hw.flops_16, hw, batch * kv_heads * tiles, exps=exps)
+    return _work(
+        f,
+        b,
+        hw.flops_16,
+        hw,
+        batch * kv_heads * tiles,
+        exps=exps,
+        grid=(batch * heads, isl, group),
+    )
 
 
 def decode_attention_work(
@@ -351,7 +359,8 @@ def decode_attention_work(
         split = _flags(split_kv, "split_kv", "kernel")
         depth = (1.0 - split) * jnp.asarray(kv_len, float)
     units = jnp.asarray(batch) * kv_heads
-    return _work(f, b, hw.flops_16, hw, units, depth=depth)
+    grid = (jnp.asarray(batch) * heads, kv_len, jnp.asarray(heads) / kv_heads)
+    return _work(f, b, hw.flops_16, hw, units, depth=depth, grid=grid)
 
 
 # vLLM's FlashAttention-2 kernels by ``kernel_source`` (A100's tables name it
@@ -386,8 +395,7 @@ def _work(
     rows=None,
     depth=None,
     exps=None,
-    out_rows=None,
-    out_cols=None,
+    grid=None,
 ) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -411,8 +419,11 @@ def _work(
         depth=opt(depth),
         exps=opt(exps),
         exp_rate=None if exps is None else opt(hw.exp_rate),
-        out_rows=opt(out_rows),
-        out_cols=opt(out_cols),
+        **(
+            {}
+            if grid is None
+            else {f"grid_{x}": opt(v) for x, v in zip("abc", grid, strict=True)}
+        ),
     )
 
 

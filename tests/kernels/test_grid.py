@@ -172,3 +172,73 @@ def test_calibration_fits_a_grid_only_when_asked(tables):
         return np.mean(np.abs(np.log(np.asarray(work.time_us(c)) / y)))
 
     assert err(with_grid.gemm_bf16) < err(plain.gemm_bf16)
+
+
+def test_attention_work_names_its_grid_sizes():
+    from diffmodel.kernels._work import decode_attention_work, prefill_attention_work
+
+    p = prefill_attention_work(2.0, 4096.0, 32.0, 8.0, 128.0, H100)
+    np.testing.assert_allclose([p.grid_a, p.grid_b, p.grid_c], [64.0, 4096.0, 4.0])
+    d = decode_attention_work(16.0, 1000.0, 64.0, 8.0, 128.0, H100)
+    np.testing.assert_allclose([d.grid_a, d.grid_b, d.grid_c], [1024.0, 1000.0, 8.0])
+    # A grid scales the attention time like a GEMM's.
+    plain = p.time_us(_curves_with(None))
+    up = p.time_us(_curves_with(_grid(np.full((1, 1, 1), np.log(1.1)))))
+    np.testing.assert_allclose(up, 1.1 * plain, rtol=1e-6)
+
+
+def test_cross_validation_leaves_whole_shapes_out():
+    # Rows of two head layouts: with groups, each fold leaves a layout out whole.
+    rng = np.random.default_rng(3)
+    n = 400
+    a, b = 2.0 ** rng.integers(0, 10, n), 2.0 ** rng.integers(6, 14, n)
+    c = np.where(np.arange(n) < n // 2, 1.0, 8.0)
+    layout = (c > 1).astype(int)
+    resid = 0.2 * layout + rng.normal(0, 0.01, n)
+    _, by_layout = dk.fit_shape_grid(a, b, c, resid, groups=layout, folds=2)
+    _, by_rows = dk.fit_shape_grid(a, b, c, resid, groups=np.arange(n), folds=2)
+    # Left out whole, a layout's offset cannot be learned from the other one.
+    assert min(by_layout.values()) > 0.05 > min(by_rows.values())
+    with pytest.raises(ValueError, match="groups must give each row's shape"):
+        dk.fit_shape_grid(a, b, c, resid, groups=layout[:10])
+
+
+def test_calibration_fits_attention_grids_by_head_layout(tables):
+    small = {
+        "prefill_attention": tables["prefill_attention"].sample(300, random_state=0)
+    }
+    opts = dk.FitOptions(adam_steps=20, lbfgs_steps=0)
+    curves = dk.calibrate_kernels(
+        small, options=opts, families=("prefill_attention",), shape_grids=True
+    )
+    assert curves.prefill_attention.shape_grid is not None
+    groups = dk.shape_groups(
+        dk.family_rows(small, "prefill_attention"), "prefill_attention"
+    )
+    assert 1 < groups.max() + 1 < 300
+
+
+def test_the_step_model_reads_every_grid_at_the_step_sizes():
+    import diffmodel as dm
+
+    dep = dm.deployment("llama-2-70b", "h100-sxm", 4)
+    stats = dm.from_aggregates(
+        prefill_tokens=np.array([1024.0]),
+        decode_tokens=np.array([32.0]),
+        num_prefill=np.array([2.0]),
+        num_decode=np.array([32.0]),
+        kv_tokens=np.array([64_000.0]),
+    )
+    base = dk.default_kernel_curves()
+    plain = dk.kernel_step_time(stats, dep, base)
+    up = _grid(np.full((1, 1, 1), np.log(1.2)))
+    moved = eqx.tree_at(
+        lambda c: (c.gemm_bf16.shape_grid, c.prefill_attention.shape_grid),
+        base,
+        (up, up),
+        is_leaf=lambda x: x is None,
+    )
+    b = dk.kernel_step_time(stats, dep, moved)
+    np.testing.assert_allclose(b.attention_prefill, 1.2 * plain.attention_prefill)
+    np.testing.assert_allclose(b.attention_decode, plain.attention_decode)
+    assert float(b.linear[0]) > 1.1 * float(plain.linear[0])
