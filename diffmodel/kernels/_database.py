@@ -221,7 +221,16 @@ def load_system_tables(
         table.attrs.update(system=system, backend=backend, version=found.version)
         out[fam] = table
     if not out:
-        raise ValueError(f"system {system!r}, backend {backend!r}: no tables loaded")
+        what = f"system {system!r}, backend {backend!r}"
+        if version is not None:
+            listed = list_kernel_tables(root)
+            mine = listed[(listed.system == system) & (listed.backend == backend)]
+            have = sorted(set(mine.version))
+            raise ValueError(
+                f"{what}: no tables of version {version!r}; versions: "
+                f"{', '.join(have) or 'none'}"
+            )
+        raise ValueError(f"{what}: no tables loaded")
     return out
 
 
