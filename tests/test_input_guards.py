@@ -237,3 +237,13 @@ def test_json_files_refuse_a_repeated_key_and_a_folder(tmp_path):
 def test_cli_demo_flags_name_themselves(flag, value, message, tmp_path, capsys):
     assert cli_main(["demo", flag, value, "--out-dir", str(tmp_path / "d")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_deployment_refuses_unknown_or_ignored_keywords():
+    with pytest.raises(ValueError, match="deployment: unknown keyword 'foo'"):
+        dm.deployment("llama-2-7b", "h100-sxm", 1, foo="x")
+    arch = dm.architecture("llama-2-7b")
+    with pytest.raises(ValueError, match="kv_dtype applies to a catalog model name"):
+        dm.deployment(arch, "h100-sxm", 1, kv_dtype="fp8")
+    fp8 = dm.deployment("llama-2-7b", "h100-sxm", 1, weight_dtype="fp8")
+    assert float(fp8.arch.weight_bytes) == 1.0

@@ -86,13 +86,17 @@ def check_ep(arch: Architecture, tp: int | float, ep: int | float) -> None:
         )
 
 
+# The keyword options of a catalog model (``from_hf_config``'s).
+_ARCH_OPTIONS = ("weight_dtype", "kv_dtype", "text_only")
+
+
 def deployment(
     model: str | Architecture,
     hardware: str | Hardware = DEFAULT_HARDWARE,
     tp: int | float = 1,
     *,
     ep: int | float = 1,
-    **dtype_overrides: str,
+    **dtype_overrides: str | bool,
 ) -> Deployment:
     """Build a validated :class:`Deployment`.
 
@@ -102,8 +106,22 @@ def deployment(
             or a :class:`Hardware`; H100-SXM by default.
         tp: tensor-parallel degree (GPUs the model is split over).
         ep: expert-parallel degree (see :class:`Deployment`).
-        **dtype_overrides: ``weight_dtype``/``kv_dtype`` for a catalog model.
+        **dtype_overrides: ``weight_dtype``, ``kv_dtype``, ``text_only`` for a
+            catalog model (:func:`diffmodel.from_hf_config`); an unknown keyword,
+            or one with an :class:`Architecture`, is an error.
     """
+    unknown = sorted(set(dtype_overrides) - set(_ARCH_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"deployment: unknown keyword {unknown[0]!r}; it takes model, hardware, "
+            f"tp, ep and the model options {', '.join(_ARCH_OPTIONS)}"
+        )
+    if dtype_overrides and isinstance(model, Architecture):
+        raise ValueError(
+            f"deployment: {sorted(dtype_overrides)[0]} applies to a catalog model "
+            "name; this model is already an Architecture (pass the option to "
+            "Architecture.from_hf_config)"
+        )
     arch = (
         model
         if isinstance(model, Architecture)
