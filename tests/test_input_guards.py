@@ -247,3 +247,23 @@ def test_deployment_refuses_unknown_or_ignored_keywords():
         dm.deployment(arch, "h100-sxm", 1, kv_dtype="fp8")
     fp8 = dm.deployment("llama-2-7b", "h100-sxm", 1, weight_dtype="fp8")
     assert float(fp8.arch.weight_bytes) == 1.0
+
+
+def test_a_boolean_target_is_not_a_step_time(tmp_path, capsys):
+    frame = pd.DataFrame(
+        {
+            "prefill_tokens": [0, 0],
+            "decode_tokens": [4, 4],
+            "num_prefill_reqs": [0, 0],
+            "num_decode_reqs": [4, 4],
+            "kv_tokens": [400, 800],
+            "y": [True, False],
+        }
+    )
+    with pytest.raises(ValueError, match="target 'y' must be step times .* booleans"):
+        dm.fit(frame, target="y", model="llama-2-7b", tp=1)
+    path = tmp_path / "steps.csv"
+    frame.to_csv(path, index=False)
+    argv = ["evaluate", "--data", str(path), "--target", "y", "--dropna-target"]
+    assert cli_main(argv + ["--model", "llama-2-7b", "--tp", "1"]) == 1
+    assert "--target y: booleans, not step times (us)" in capsys.readouterr().err

@@ -117,7 +117,12 @@ def defined_target(
         raise ValueError(
             f"--target: no column {target!r}; numeric columns are {numeric}"
         )
-    y = pd.to_numeric(frame[target], errors="coerce").to_numpy(dtype=float)
+    col = frame[target]
+    if pd.api.types.is_bool_dtype(col.dtype) or (
+        col.dtype == object and col.map(lambda v: isinstance(v, bool)).any()
+    ):
+        raise ValueError(f"--target {target}: booleans, not step times (us)")
+    y = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
     bad = ~(np.isfinite(y) & (y > 0))
     n, k = len(frame), int(bad.sum())
     if not k:

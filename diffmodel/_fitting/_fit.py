@@ -141,6 +141,18 @@ class FitResult(eqx.Module):
 
 
 def _check_target(y, name: str) -> np.ndarray:
+    """``y`` (an array or a frame's column) as float64 us, finite and > 0."""
+    kind = y.dtype if isinstance(y, pd.Series) else np.asarray(y).dtype
+    values = y if isinstance(y, pd.Series) else pd.Series(np.asarray(y).ravel())
+    if pd.api.types.is_bool_dtype(kind) or (
+        pd.api.types.is_object_dtype(kind)
+        and values.map(lambda v: isinstance(v, bool | np.bool_)).any()
+    ):
+        raise ValueError(
+            f"target {name!r} must be step times (microseconds), got booleans"
+        )
+    if isinstance(y, pd.Series):
+        y = y.to_numpy(dtype=float, na_value=np.nan)
     y = np.asarray(y, dtype=float)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"target {name!r} must be a non-empty 1-D array")
@@ -351,7 +363,7 @@ def fit(
     check_kind(factors)
     if target not in frame.columns:
         raise ValueError(f"missing target column {target!r}")
-    y = _check_target(frame[target].to_numpy(dtype=float, na_value=np.nan), target)
+    y = _check_target(frame[target], target)
     if transfer_by is not None:
         if not uncertainty:
             raise ValueError("transfer_by needs uncertainty=True (it feeds intervals)")

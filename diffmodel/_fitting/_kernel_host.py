@@ -340,7 +340,7 @@ def target_values(frame: pd.DataFrame, target: str) -> np.ndarray:
     if not isinstance(frame, pd.DataFrame) or target not in frame.columns:
         columns = list(frame.columns) if isinstance(frame, pd.DataFrame) else None
         raise ValueError(f"target {target!r}: no such column; columns are {columns}")
-    return _check_target(frame[target].to_numpy(dtype=float), target)
+    return _check_target(frame[target], target)
 
 
 def _idle(dev: np.ndarray, x: np.ndarray) -> np.ndarray:
