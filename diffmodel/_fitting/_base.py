@@ -14,7 +14,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from .._fitting._kinds import FactorKind
 from .._model._batch import BatchStats
@@ -120,7 +120,7 @@ def label_index(own: Sequence[str], labels: Sequence[str]) -> np.ndarray:
 # JSON field readers: each raises ValueError("field 'x': expected ..., got ...").
 
 
-def check_covariance(cov: np.ndarray, key: str) -> np.ndarray:
+def check_covariance(cov: ArrayLike, key: str) -> np.ndarray:
     """``cov`` unless it is not a covariance: ``ValueError`` naming field ``key``
     for an asymmetric matrix or one with a negative variance or eigenvalue (it
     would give negative or imaginary predictive variances)."""
