@@ -45,5 +45,5 @@ def test_one_hardware_keyword():
     by_name = dm.deployment("llama-2-7b", hardware="a100", tp=1)
     by_spec = dm.deployment("llama-2-7b", hardware=dm.hardware("a100-sxm-80gb"))
     assert float(by_name.hw.hbm_bw) == float(by_spec.hw.hbm_bw) == 2.039e12
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="unknown keyword 'hardware_name'"):
         dm.deployment("llama-2-7b", hardware_name="a100")

@@ -240,7 +240,7 @@ def test_cli_demo_flags_name_themselves(flag, value, message, tmp_path, capsys):
 
 
 def test_deployment_refuses_unknown_or_ignored_keywords():
-    with pytest.raises(ValueError, match="deployment: unknown keyword 'foo'"):
+    with pytest.raises(TypeError, match="deployment: unknown keyword 'foo'"):
         dm.deployment("llama-2-7b", "h100-sxm", 1, foo="x")
     arch = dm.architecture("llama-2-7b")
     with pytest.raises(ValueError, match="kv_dtype applies to a catalog model name"):

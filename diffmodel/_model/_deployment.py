@@ -107,12 +107,13 @@ def deployment(
         tp: tensor-parallel degree (GPUs the model is split over).
         ep: expert-parallel degree (see :class:`Deployment`).
         **dtype_overrides: ``weight_dtype``, ``kv_dtype``, ``text_only`` for a
-            catalog model (:func:`diffmodel.from_hf_config`); an unknown keyword,
-            or one with an :class:`Architecture`, is an error.
+            catalog model (:func:`diffmodel.from_hf_config`); an unknown keyword
+            is a ``TypeError`` naming it, one with an :class:`Architecture` a
+            ``ValueError``.
     """
     unknown = sorted(set(dtype_overrides) - set(_ARCH_OPTIONS))
-    if unknown:
-        raise ValueError(
+    if unknown:  # a TypeError, as for any unexpected keyword, but one that says why
+        raise TypeError(
             f"deployment: unknown keyword {unknown[0]!r}; it takes model, hardware, "
             f"tp, ep and the model options {', '.join(_ARCH_OPTIONS)}"
         )
