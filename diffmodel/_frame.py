@@ -77,11 +77,25 @@ def number_text(value) -> str:
     return f"{v:.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
-def check_unique_columns(frame: pd.DataFrame) -> None:
+def check_unique_columns(columns) -> None:
     """``ValueError`` naming a column that appears twice (which one would count?)."""
-    dup = frame.columns[frame.columns.duplicated()]
-    if len(dup):
+    names = list(columns)
+    dup = [c for i, c in enumerate(names) if c in names[:i]]
+    if dup:
         raise ValueError(f"duplicated column {dup[0]!r}: keep one of them")
+
+
+def holds_booleans(values) -> bool:
+    """Whether a column or array holds ``True``/``False`` (a boolean dtype, or
+    booleans among the objects of a mixed one): they convert to 1 and 0, which
+    are not token counts or step times."""
+    kind = values.dtype if isinstance(values, pd.Series) else np.asarray(values).dtype
+    if pd.api.types.is_bool_dtype(kind):
+        return True
+    if not pd.api.types.is_object_dtype(kind):
+        return False
+    flat = values if isinstance(values, pd.Series) else np.asarray(values).ravel()
+    return any(isinstance(v, bool | np.bool_) for v in flat)
 
 
 def _first_bad(col: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
@@ -222,7 +236,7 @@ def stats_from_frame(
         raise ValueError(f"expected a pandas DataFrame, got {type(frame).__name__}")
     if len(frame) == 0:
         raise ValueError("the table of steps has no rows")
-    check_unique_columns(frame)
+    check_unique_columns(frame.columns)
     counts = {
         name: _required(frame, name)
         for name in ("prefill_tokens", "decode_tokens", "num_prefill_reqs")

@@ -17,6 +17,17 @@ from helpers import needs_db, unchecked
 DEP = dm.deployment("llama-2-70b", "h100-sxm", 4)
 
 
+def _decode_steps(**columns) -> pd.DataFrame:
+    """Two decode-only steps of 4 requests, with ``columns`` beside them."""
+    base = {
+        "prefill_tokens": [0, 0],
+        "decode_tokens": [4, 4],
+        "num_prefill_reqs": [0, 0],
+        "num_decode_reqs": [4, 4],
+    }
+    return pd.DataFrame(base | columns)
+
+
 def _stats(**change):
     base = dict(
         prefill_tokens=[0.0, 512.0],
@@ -77,15 +88,8 @@ def test_a_step_time_that_overflows_float32_is_an_error():
 
 
 def test_kv_gauge_of_no_blocks_is_refused():
-    frame = pd.DataFrame(
-        {
-            "prefill_tokens": [0, 0],
-            "decode_tokens": [4, 4],
-            "num_prefill_reqs": [0, 0],
-            "num_decode_reqs": [4, 4],
-            "kv.usage_gpu_ratio": [0.5, 0.5],
-            "kv.blocks_total_gpu": [1000, 0],
-        }
+    frame = _decode_steps(
+        **{"kv.usage_gpu_ratio": [0.5, 0.5], "kv.blocks_total_gpu": [1000, 0]}
     )
     with pytest.raises(ValueError, match=r"'kv.blocks_total_gpu' must be > 0.*row 1"):
         dm.predict(frame, model="llama-2-70b", tp=4)
@@ -250,16 +254,7 @@ def test_deployment_refuses_unknown_or_ignored_keywords():
 
 
 def test_a_boolean_target_is_not_a_step_time(tmp_path, capsys):
-    frame = pd.DataFrame(
-        {
-            "prefill_tokens": [0, 0],
-            "decode_tokens": [4, 4],
-            "num_prefill_reqs": [0, 0],
-            "num_decode_reqs": [4, 4],
-            "kv_tokens": [400, 800],
-            "y": [True, False],
-        }
-    )
+    frame = _decode_steps(kv_tokens=[400, 800], y=[True, False])
     with pytest.raises(ValueError, match="target 'y' must be step times .* booleans"):
         dm.fit(frame, target="y", model="llama-2-7b", tp=1)
     path = tmp_path / "steps.csv"

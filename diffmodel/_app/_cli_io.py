@@ -47,8 +47,7 @@ def read_table(path: str | pathlib.Path, flag: str = "--data") -> pd.DataFrame:
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{flag} {path}: expected a .csv, .parquet or .pq file")
     if not path.is_file():
-        what = "is a folder, expected a file" if path.is_dir() else "file not found"
-        raise FileNotFoundError(f"{flag} {path}: {what}")
+        raise _not_a_file(flag, path)
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path)
@@ -60,13 +59,22 @@ def read_table(path: str | pathlib.Path, flag: str = "--data") -> pd.DataFrame:
         raise ValueError(f"{flag} {path}: cannot read it ({err})") from None
     if len(frame) == 0:
         raise ValueError(f"{flag} {path}: the table has a header but no rows")
+    from .._frame import check_unique_columns
+
     # pandas renames a repeated CSV column ("kv_tokens.1"), which the model would
-    # then ignore: refuse it, by name.
-    header = _csv_header(path) if suffix == ".csv" else list(frame.columns)
-    dup = sorted({c for c in header if header.count(c) > 1})
-    if dup:
-        raise ValueError(f"{flag} {path}: duplicated column {dup[0]!r}: keep one")
+    # then ignore: check the file's own header.
+    try:
+        check_unique_columns(_csv_header(path) if suffix == ".csv" else frame.columns)
+    except ValueError as err:
+        raise ValueError(f"{flag} {path}: {err}") from None
     return frame
+
+
+def _not_a_file(flag: str, path: str | pathlib.Path) -> FileNotFoundError:
+    """The error for an input path that is not a file: a folder, or nothing."""
+    folder = pathlib.Path(path).is_dir()
+    what = "is a folder, expected a file" if folder else "file not found"
+    return FileNotFoundError(f"{flag} {path}: {what}")
 
 
 def _csv_header(path: pathlib.Path) -> list[str]:
@@ -117,12 +125,11 @@ def defined_target(
         raise ValueError(
             f"--target: no column {target!r}; numeric columns are {numeric}"
         )
-    col = frame[target]
-    if pd.api.types.is_bool_dtype(col.dtype) or (
-        col.dtype == object and col.map(lambda v: isinstance(v, bool)).any()
-    ):
+    from .._frame import holds_booleans
+
+    if holds_booleans(frame[target]):
         raise ValueError(f"--target {target}: booleans, not step times (us)")
-    y = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+    y = pd.to_numeric(frame[target], errors="coerce").to_numpy(dtype=float)
     bad = ~(np.isfinite(y) & (y > 0))
     n, k = len(frame), int(bad.sum())
     if not k:
@@ -147,9 +154,7 @@ def load_factor_file(path: str | pathlib.Path | None):
     if path is None:
         return None
     if not pathlib.Path(path).is_file():
-        folder = pathlib.Path(path).is_dir()
-        what = "is a folder, expected a file" if folder else "file not found"
-        raise FileNotFoundError(f"--factors {path}: {what}")
+        raise _not_a_file("--factors", path)
     try:
         return load_factors(path)
     except (KeyError, TypeError, AttributeError) as err:

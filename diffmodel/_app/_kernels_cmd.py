@@ -111,12 +111,13 @@ def _pooled_curves(args, system: str, say):
     from ..kernels._calibrate import FitOptions
     from ..kernels._pooled_calibrate import curves_from_other_gpus
 
+    rows = {} if args.rows_per_gpu is None else {"rows_per_gpu": args.rows_per_gpu}
     return curves_from_other_gpus(
         system,
         None if args.pool == ["others"] else args.pool,
         backend=args.backend,
         version=args.version,
-        rows_per_gpu=1000 if args.rows_per_gpu is None else args.rows_per_gpu,
+        **rows,
         options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
         progress=say,
     )

@@ -20,7 +20,7 @@ from .._fitting._kinds import FactorKind, check_kind
 from .._fitting._laplace import Laplace, factor_set_laplace, warn_identifiability
 from .._fitting._optimise import Result, minimise
 from .._fitting._transfer import transfer_noise, transfer_values
-from .._frame import groups_from_frame, stats_from_frame
+from .._frame import groups_from_frame, holds_booleans, stats_from_frame
 from .._metrics import log_ratio_loss
 from .._model._factors import Factors
 
@@ -142,12 +142,7 @@ class FitResult(eqx.Module):
 
 def _check_target(y, name: str) -> np.ndarray:
     """``y`` (an array or a frame's column) as float64 us, finite and > 0."""
-    kind = y.dtype if isinstance(y, pd.Series) else np.asarray(y).dtype
-    values = y if isinstance(y, pd.Series) else pd.Series(np.asarray(y).ravel())
-    if pd.api.types.is_bool_dtype(kind) or (
-        pd.api.types.is_object_dtype(kind)
-        and values.map(lambda v: isinstance(v, bool | np.bool_)).any()
-    ):
+    if holds_booleans(y):
         raise ValueError(
             f"target {name!r} must be step times (microseconds), got booleans"
         )

@@ -1,5 +1,6 @@
 """A deployment: a model on a GPU type at a tensor-parallel degree, as array data."""
 
+import inspect
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -9,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._arrays import device_array, on_host
-from .._model._arch import Architecture, architecture
+from .._model._arch import Architecture, architecture, from_hf_config
 from .._model._hardware import (
     DEFAULT_HARDWARE,
     Hardware,
@@ -87,7 +88,11 @@ def check_ep(arch: Architecture, tp: int | float, ep: int | float) -> None:
 
 
 # The keyword options of a catalog model (``from_hf_config``'s).
-_ARCH_OPTIONS = ("weight_dtype", "kv_dtype", "text_only")
+_ARCH_OPTIONS = tuple(
+    name
+    for name, p in inspect.signature(from_hf_config).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
 
 
 def deployment(

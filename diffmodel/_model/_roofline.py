@@ -169,6 +169,15 @@ def check_types(stats, dep, factors) -> None:
             )
 
 
+def check_inputs(stats, dep, factors, sharpness) -> BatchStats:
+    """The checks of ``step_time(check=True)``: argument types, statistics
+    (:func:`check_stats`, whose result it returns) and sharpness."""
+    check_types(stats, dep, factors)
+    checked = check_stats(stats)
+    check_sharpness(sharpness)
+    return checked
+
+
 def check_sharpness(sharpness) -> None:
     """``ValueError`` unless a concrete ``sharpness`` is a finite number >= 1 (the
     exponent ``q`` of ``(a^q + b^q)^(1/q)``: 1 adds the two times, larger ``q``
@@ -253,9 +262,7 @@ def step_time(
     ``eqx.filter_jit`` rather than ``jax.jit`` for a readable message).
     """
     if check:
-        check_types(stats, dep, factors)
-        stats = check_stats(stats)
-        check_sharpness(sharpness)
+        stats = check_inputs(stats, dep, factors, sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
     shape = jnp.shape(parts["linear"])
     return Breakdown(
@@ -278,9 +285,7 @@ def step_total(
     the idle gate together rather than one by one, which saves work in bulk.
     """
     if check:
-        check_types(stats, dep, factors)
-        stats = check_stats(stats)
-        check_sharpness(sharpness)
+        stats = check_inputs(stats, dep, factors, sharpness)
     parts, gate = _parts(stats, dep, factors, sharpness)
     gpu = sum(parts[c] for c in _GPU_COMPONENTS)
     return gpu * gate + parts["overhead"]

@@ -233,7 +233,9 @@ def with_shape_grid(
     the progress line."""
     if work.grid_a is None:
         raise ValueError("with_shape_grid: the work names no grid sizes")
-    plain = eqx.tree_at(lambda c: c.shape_grid, curves, None, is_leaf=_is_none)
+    plain = eqx.tree_at(
+        lambda c: c.shape_grid, curves, None, is_leaf=lambda x: x is None
+    )
     pred = np.asarray(work.time_us(plain), np.float64)
     grid, scores = fit_shape_grid(
         np.asarray(work.grid_a),
@@ -242,7 +244,9 @@ def with_shape_grid(
         np.log(np.asarray(y, np.float64) / pred),
         groups=groups,
     )
-    moved = eqx.tree_at(lambda c: c.shape_grid, plain, grid, is_leaf=_is_none)
+    moved = eqx.tree_at(
+        lambda c: c.shape_grid, plain, grid, is_leaf=lambda x: x is None
+    )
     chosen = (grid.step, grid.smoothing)
     note = (
         f" (shape grid {grid.values.shape}, {grid.step:g} octaves per cell, "
@@ -252,10 +256,6 @@ def with_shape_grid(
         else ""
     )
     return moved, note
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def calibrate_kernels(
