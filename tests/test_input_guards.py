@@ -262,3 +262,30 @@ def test_a_boolean_target_is_not_a_step_time(tmp_path, capsys):
     argv = ["evaluate", "--data", str(path), "--target", "y", "--dropna-target"]
     assert cli_main(argv + ["--model", "llama-2-7b", "--tp", "1"]) == 1
     assert "--target y: booleans, not step times (us)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"prefill_tokens": 512.0}, "prefill_tokens is 512 but num_prefill is 0"),
+        ({"decode_tokens": 8.0}, "decode_tokens is 8 but num_decode is 0"),
+        ({"attn_prefill": 1e5}, "attn_prefill is 100000 but prefill_tokens is 0"),
+        ({"kv_prefill": 70.0}, "kv_prefill is 70 but num_prefill is 0"),
+    ],
+)
+def test_step_time_refuses_statistics_that_contradict_each_other(fields, match):
+    zero = dict.fromkeys(dm.BatchStats.__dataclass_fields__, 0.0)
+    stats = dm.BatchStats(**(zero | fields))
+    with pytest.raises(ValueError, match=f"contradict each other: {match}"):
+        dm.step_time(stats, DEP, dm.default_factors())
+    # Under jit the values are traced (a relaxed scheduler's): not checked.
+    import jax
+
+    total = jax.jit(lambda s: dm.step_time(s, DEP, dm.default_factors()).total)
+    assert np.isfinite(float(total(stats)))
+
+
+def test_contradicting_statistics_name_the_first_bad_step():
+    stats = _stats(decode_tokens=[32.0, 8.0], num_decode=[32.0, 0.0])
+    with pytest.raises(ValueError, match=r"at index \(1,\): decode_tokens is 8"):
+        dm.step_time(stats, DEP, dm.default_factors())

@@ -212,7 +212,47 @@ def check_stats(stats: BatchStats) -> BatchStats:
             at = f" at index {tuple(int(i) for i in where)}" if values.ndim else ""
             raise ValueError(f"{what}; got {float(values[where]):g}{at}")
         checked[name] = x
+    _check_consistent(stats)
     return BatchStats(**checked)
+
+
+_RULES = (
+    ("prefill_tokens", "num_prefill", "prefill tokens need a prefill request"),
+    ("decode_tokens", "num_decode", "decode tokens need a decoding request"),
+    ("attn_prefill", "prefill_tokens", "prefill attention work needs prefill tokens"),
+    ("kv_prefill", "num_prefill", "cached prefill KV needs a prefill request"),
+)
+"""``(a, b, why)``: a step with ``a > 0`` needs ``b > 0``. ``kv_decode`` has no rule:
+a trace's KV gauge (:func:`diffmodel.kv_tokens_from_usage`) counts the cache of every
+running request, so it is above 0 in steps without decodes. Fewer tokens than
+requests is allowed here (a relaxed or finite-differenced step passes through it);
+trace frames refuse it (``diffmodel._frame.check_batch``)."""
+
+
+def _check_consistent(stats: BatchStats) -> None:
+    """Raise where concrete statistics contradict each other (:data:`_RULES`),
+    naming both fields, their values and the first index. Traced statistics (a
+    relaxed scheduler's, under ``jit``) are not checked here."""
+    fields = [getattr(stats, n) for n in BatchStats.__dataclass_fields__]
+    if any(isinstance(x, jax.core.Tracer) for x in fields):
+        return
+    values = dict(
+        zip(
+            BatchStats.__dataclass_fields__,
+            np.broadcast_arrays(*map(np.asarray, fields)),
+            strict=True,
+        )
+    )
+    for a, b, why in _RULES:
+        x, y = values[a], values[b]
+        bad = (x > 0) & ~(y > 0)
+        if bad.any():
+            where = np.unravel_index(int(np.flatnonzero(bad)[0]), bad.shape)
+            at = f" at index {tuple(int(i) for i in where)}" if bad.ndim else ""
+            raise ValueError(
+                f"BatchStats contradict each other{at}: {a} is "
+                f"{float(x[where]):g} but {b} is {float(y[where]):g} ({why})"
+            )
 
 
 def step_time(
