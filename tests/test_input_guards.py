@@ -289,3 +289,35 @@ def test_contradicting_statistics_name_the_first_bad_step():
     stats = _stats(decode_tokens=[32.0, 8.0], num_decode=[32.0, 0.0])
     with pytest.raises(ValueError, match=r"at index \(1,\): decode_tokens is 8"):
         dm.step_time(stats, DEP, dm.default_factors())
+
+
+@pytest.mark.parametrize("value", [1e300, 1e-300])
+def test_a_target_beyond_float32_is_named_not_a_nonfinite_loss(value):
+    frame = _decode_steps(kv_tokens=[400, 800], y=[value, 5_000.0])
+    with pytest.raises(ValueError, match=r"target 'y' must lie within float32's"):
+        dm.fit(frame, target="y", model="llama-2-7b", tp=1)
+
+
+def test_a_fit_stuck_at_its_bounds_says_so_and_claims_no_certainty():
+    # Steps far below the roofline and an Adam step of 1e30 raw units: the first
+    # step saturates the factors, the gradient vanishes there, which is the
+    # bound's doing, not an optimum's.
+    rng = np.random.default_rng(0)
+    n = 64
+    decode = rng.integers(1, 64, n)
+    frame = _decode_steps().iloc[[0] * n].reset_index(drop=True)
+    frame = frame.assign(
+        decode_tokens=decode,
+        num_decode_reqs=decode,
+        kv_tokens=decode * 900,
+        y=10.0 + 0.1 * decode,
+    )
+    res = dm.fit(
+        frame, target="y", model="llama-2-7b", tp=1, solver="adam", learning_rate=1e30
+    )
+    assert res.laplace.at_bound
+    assert res.status.endswith(f"; {len(res.laplace.at_bound)} of 9 factors at a bound")
+    # Saturated: the delta method's sd would be 0 (certainty); it is undefined.
+    sds = dict(zip(res.laplace.names, np.asarray(res.laplace.sd), strict=True))
+    assert np.isnan(sds["global.gemm_flops"]) and np.isnan(sds["global.mem_bw"])
+    assert all(not (sds[b] == 0.0) for b in res.laplace.at_bound)

@@ -214,7 +214,7 @@ def cmd_fit(args) -> int:
         rows = labels[frame.index.get_indexer(scored.index)]
         title = f"{args.kind} fit, {which} rows"
         fig = figure(pred, rows, actual=args.target, title=title)
-    status = "converged" if result.converged else "iteration budget reached"
+    status = result.status
     print(
         f"fitted {args.kind} factors to {args.target} on {len(train)} rows: "
         f"{result.n_steps} {args.solver} iterations in {result.wall_seconds:.1f} s "

@@ -225,7 +225,7 @@ def run_demo(
         callback_every=max(progress_every, 1),
     )
     fitted = {n: float(v) for n, v in result.factors_for(("global",)).as_dict().items()}
-    status = "converged" if result.converged else "iteration budget reached"
+    status = result.status
     echo(
         f"fit: {result.n_steps} iterations, {result.wall_seconds:.1f} s with "
         f"compilation ({status}); loss {result.loss:.5f} vs noise floor sigma^2 = "

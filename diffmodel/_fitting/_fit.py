@@ -76,6 +76,18 @@ class FitResult(eqx.Module):
         return self.result == "successful"
 
     @property
+    def status(self) -> str:
+        """How the fit ended, in words: ``"converged"``, ``"iteration budget
+        reached"``, and with factors at a bound (a vanishing gradient there is the
+        bound's, not an interior optimum's) how many, e.g. ``"converged; 9 of 9
+        factors at a bound"``."""
+        text = "converged" if self.converged else "iteration budget reached"
+        if self.laplace is not None and self.laplace.at_bound:
+            n, total = len(self.laplace.at_bound), len(self.laplace.names)
+            text += f"; {n} of {total} factors at a bound"
+        return text
+
+    @property
     def loss(self) -> float:
         """Final objective value."""
         h = np.asarray(self.loss_history)[: self.n_steps]
@@ -159,6 +171,15 @@ def _check_target(y, name: str) -> np.ndarray:
             f"{int(bad.sum())} of {y.size} rows are not (first at position {first});"
             " select the rows with a defined target first, e.g. "
             "frame.dropna(subset=[target])"
+        )
+    f32 = np.finfo(np.float32)
+    out = (y > f32.max) | (y < f32.tiny)
+    if out.any():
+        first = int(np.flatnonzero(out)[0])
+        raise ValueError(
+            f"target {name!r} must lie within float32's range (about 1.2e-38 to "
+            f"3.4e38 microseconds: the fit works in float32); row {first} has "
+            f"{y[first]:g}"
         )
     return y
 

@@ -46,7 +46,8 @@ class Laplace(eqx.Module):
             ``llama-2-70b|h100-sxm|tp4.step_overhead_us``.
         values: their fitted values, in the factors' units.
         sd: their posterior standard deviations, same units (``inf`` when a
-            direction through them is flat).
+            direction through them is flat; NaN for one at its bound that no longer
+            moves with the raw parameters: the approximation says nothing there).
         cov_raw: posterior covariance of the raw (unconstrained) parameters.
         raw_names: name of each raw parameter (flattened order).
         eigenvalues: of the objective's Hessian in raw space (ascending).
@@ -188,7 +189,7 @@ def summarise(
     evals, evecs = np.linalg.eigh(hess)
     scale = 2.0 * s2 / n_rows
     tiny = max(float(np.max(np.abs(evals))), 1e-300) * 1e-12
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):  # a flat Hessian: all inf
         inv = np.where(evals > tiny, 1.0 / np.maximum(evals, tiny), np.inf)
     var_dir = scale * inv  # posterior variance along each eigen-direction
     finite = np.isfinite(var_dir)
@@ -208,6 +209,11 @@ def summarise(
     at_bound: tuple[str, ...] = ()
     if at_bound_mask is not None:
         at_bound = tuple(n for n, m in zip(names, at_bound_mask, strict=True) if m)
+        # Pinned to its bound so hard that it no longer moves with the raw
+        # parameters (a saturated sigmoid): the delta method's sd of 0 would claim
+        # certainty the data never gave. Undefined instead.
+        stuck = np.asarray(at_bound_mask, bool) & ~(np.abs(jac) > 0.0).any(axis=1)
+        sd = np.where(stuck, np.nan, sd)
     return Laplace(
         names=tuple(names),
         values=jnp.asarray(values),

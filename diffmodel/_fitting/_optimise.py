@@ -378,7 +378,8 @@ def minimise(
         raise ValueError(
             f"minimise: the loss or its gradient is not finite at step "
             f"{int(n) - 1} (loss {float(hist[int(n) - 1])!r}); check the start "
-            "values and the data, or pass throw=False to get the result"
+            "values, the data and the step size (learning_rate), or pass "
+            "throw=False to get the result"
         )
     return OptimResult(
         params=eqx.combine(best, static),
