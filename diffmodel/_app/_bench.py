@@ -437,7 +437,12 @@ def markdown_table(r: dict) -> str:
             r["request_steps_per_s"],
             f"{r['requests_per_s']:.3g} requests/s",
         ),
-        ("diffmodel, loss value + gradient (factors)", r["grad_steps_per_s"], ""),
+        (
+            "plain jax.value_and_grad of the loss over step_time_fast, all rows in "
+            "one array (no chunks; the fitter's bulk path is below)",
+            r["grad_steps_per_s"],
+            "",
+        ),
     ]
     if r.get("aic_steps_per_s"):
         rows.insert(

@@ -151,7 +151,8 @@ class KernelHostFit:
             warnings.warn(
                 f"rows of {unseen} were not fitted (trained on "
                 f"{list(self.trained_on)}): the interval holds the in-sample noise "
-                "only and is too narrow for a transfer",
+                "and the host costs' posterior; nothing measured what a transfer "
+                "adds (fit with transfer=True on two or more deployments)",
                 UnseenGroupWarning,
                 stacklevel=2,
             )
