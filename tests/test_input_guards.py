@@ -321,3 +321,15 @@ def test_a_fit_stuck_at_its_bounds_says_so_and_claims_no_certainty():
     sds = dict(zip(res.laplace.names, np.asarray(res.laplace.sd), strict=True))
     assert np.isnan(sds["global.gemm_flops"]) and np.isnan(sds["global.mem_bw"])
     assert all(not (sds[b] == 0.0) for b in res.laplace.at_bound)
+
+
+def test_a_host_costs_file_given_as_factors_says_where_it_goes(tmp_path, capsys):
+    host = {"format": "diffmodel.kernel-host/1"}
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(host))
+    steps = tmp_path / "steps.csv"
+    _decode_steps(kv_tokens=[400, 800]).to_csv(steps, index=False)
+    argv = ["predict", "--data", str(steps), "--model", "llama-2-7b", "--tp", "1"]
+    argv += ["--out", str(tmp_path / "out.csv"), "--factors", str(path)]
+    assert cli_main(argv) == 1
+    assert "pass it as --host" in capsys.readouterr().err

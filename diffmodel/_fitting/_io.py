@@ -122,9 +122,15 @@ def factors_from_dict(d: Any) -> AbstractFactorSet:
     if not isinstance(d, Mapping):
         raise ValueError(f"expected a JSON object, got a {type(d).__name__}")
     if d.get("format") != FORMAT:
+        hint = ""
+        if d.get("format") == "diffmodel.kernel-host/1":
+            hint = (
+                "; it holds host costs from 'diffmodel fit-host': pass it as --host "
+                "(diffmodel.load_host_fit in Python)"
+            )
         raise ValueError(
             "not a diffmodel factors file (field 'format': expected "
-            f"{FORMAT!r}, got {d.get('format')!r})"
+            f"{FORMAT!r}, got {d.get('format')!r}){hint}"
         )
     kind = d.get("kind")
     kinds = (*FACTOR_KINDS, "host-device")
