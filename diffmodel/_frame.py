@@ -226,9 +226,11 @@ def stats_from_frame(
 ) -> BatchStats:
     """Batch statistics from a frame with canonical or trace column names.
 
-    ``kv_tokens`` (``K_dec``) comes from a ``kv_tokens`` column, else from the KV gauge
-    ``kv.usage_gpu_ratio * kv.blocks_total_gpu * block_size`` (see
-    :func:`diffmodel.kv_tokens_from_usage` for what that proxy approximates).
+    ``kv_tokens`` (``K_dec``) comes from a ``kv_tokens`` column (0 in steps without a
+    decoding request), else from the KV gauge ``kv.usage_gpu_ratio *
+    kv.blocks_total_gpu * block_size`` (see :func:`diffmodel.kv_tokens_from_usage` for
+    what that proxy approximates), taken as 0 in steps without a decoding request
+    (the gauge counts every running request's cache; only decodes read it there).
     ``prefill_context_tokens`` (``K_pf``) is 0 when absent; prefill chunks are taken as
     equal (see :func:`diffmodel.from_aggregates`).
     """
@@ -261,8 +263,19 @@ def stats_from_frame(
             blocks[0], blocks[1], blocks[1] == 0, "> 0 (a KV cache holds some blocks)"
         )
         kv = np.asarray(_kv_from_usage(usage[1], blocks[1], block_size))
+        # The gauge holds every running request's cache; a step without a decoding
+        # request reads none of it in decode attention.
+        kv = np.where(counts["num_decode_reqs"][1] > 0, kv, 0.0)
     else:
         kv = found[1]
+        nd_col, nd = counts["num_decode_reqs"]
+        _first_bad(
+            found[0],
+            kv,
+            (kv > 0) & (nd == 0),
+            f"0 where {nd_col!r} is 0 (decode attention reads the KV of decoding "
+            "requests only)",
+        )
     k_pf = _column(frame, "prefill_context_tokens")
     return _from_aggregates(
         prefill_tokens=counts["prefill_tokens"][1],

@@ -10,6 +10,7 @@ import pytest
 import diffmodel as dm
 import diffmodel.kernels as dk
 from diffmodel._app._cli import main as cli_main
+from diffmodel._frame import stats_from_frame
 from diffmodel.kernels._curves_io import curves_to_json
 
 from helpers import needs_db, unchecked
@@ -333,3 +334,25 @@ def test_a_host_costs_file_given_as_factors_says_where_it_goes(tmp_path, capsys)
     argv += ["--out", str(tmp_path / "out.csv"), "--factors", str(path)]
     assert cli_main(argv) == 1
     assert "pass it as --host" in capsys.readouterr().err
+
+
+def test_kv_read_without_a_decoding_request():
+    # Given as K_dec, it contradicts the counts: refused, naming column and row.
+    frame = pd.DataFrame(
+        {
+            "prefill_tokens": [512, 512],
+            "decode_tokens": [4, 0],
+            "num_prefill_reqs": [1, 1],
+            "num_decode_reqs": [4, 0],
+            "kv_tokens": [4_000, 9_000],
+        }
+    )
+    with pytest.raises(ValueError, match=r"'kv_tokens' must be 0 where .*row 1"):
+        dm.predict(frame, model="llama-2-70b", tp=4)
+    # From the KV gauge (every running request's cache): no decode read there.
+    gauge = frame.drop(columns="kv_tokens").assign(
+        **{"kv.usage_gpu_ratio": [0.2, 0.2], "kv.blocks_total_gpu": [30_000] * 2}
+    )
+    stats = stats_from_frame(gauge)
+    assert np.asarray(stats.kv_decode).tolist()[1] == 0.0
+    assert np.asarray(stats.kv_decode)[0] > 0.0

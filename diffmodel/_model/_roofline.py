@@ -219,12 +219,13 @@ def check_stats(stats: BatchStats) -> BatchStats:
 _RULES = (
     ("prefill_tokens", "num_prefill", "prefill tokens need a prefill request"),
     ("decode_tokens", "num_decode", "decode tokens need a decoding request"),
+    ("kv_decode", "num_decode", "decode attention reads KV of decoding requests"),
     ("attn_prefill", "prefill_tokens", "prefill attention work needs prefill tokens"),
     ("kv_prefill", "num_prefill", "cached prefill KV needs a prefill request"),
 )
-"""``(a, b, why)``: a step with ``a > 0`` needs ``b > 0``. ``kv_decode`` has no rule:
-a trace's KV gauge (:func:`diffmodel.kv_tokens_from_usage`) counts the cache of every
-running request, so it is above 0 in steps without decodes. Fewer tokens than
+"""``(a, b, why)``: a step with ``a > 0`` needs ``b > 0`` (a trace's KV gauge counts
+every running request's cache: ``stats_from_frame`` takes it as 0 in steps without a
+decoding request). Fewer tokens than
 requests is allowed here (a relaxed or finite-differenced step passes through it);
 trace frames refuse it (``diffmodel._frame.check_batch``)."""
 

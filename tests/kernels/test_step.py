@@ -592,8 +592,9 @@ def test_gradient_in_the_token_count_is_finite_and_right(model):
 def test_steps_without_tokens_need_a_term_that_prices_them():
     rows = _frame(n=30)
     idle = rows.head(3).assign(
-        prefill_tokens=0, decode_tokens=0, num_prefill_reqs=0, num_decode_reqs=0
-    )
+        prefill_tokens=0, decode_tokens=0, num_prefill_reqs=0, num_decode_reqs=0,
+        kv_tokens=0.0,
+    )  # fmt: skip
     truth = HostCosts(step_us=50.0, layer_us=22.0)
     both = _with_target(pd.concat([rows, idle], ignore_index=True), truth)
     with pytest.raises(ValueError, match="3 rows run no forward pass"):

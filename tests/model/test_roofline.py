@@ -94,7 +94,7 @@ def test_step_total_equals_step_time_total_with_idle_steps():
         decode_tokens=jnp.array([0.0, 8.0, 64.0, 0.0]),
         num_prefill=jnp.array([0.0, 1.0, 0.0, 1.0]),
         num_decode=jnp.array([0.0, 8.0, 64.0, 0.0]),
-        kv_tokens=jnp.array([0.0, 4000.0, 9000.0, 100.0]),
+        kv_tokens=jnp.array([0.0, 4000.0, 9000.0, 0.0]),
         prefill_context_tokens=jnp.array([0.0, 0.0, 0.0, 70.0]),
     )
     fac = dm.Factors()
