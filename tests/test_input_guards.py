@@ -313,9 +313,15 @@ def test_a_fit_stuck_at_its_bounds_says_so_and_claims_no_certainty():
         kv_tokens=decode * 900,
         y=10.0 + 0.1 * decode,
     )
-    res = dm.fit(
-        frame, target="y", model="llama-2-7b", tp=1, solver="adam", learning_rate=1e30
-    )
+    with pytest.warns(UserWarning, match="is it in microseconds"):
+        res = dm.fit(
+            frame,
+            target="y",
+            model="llama-2-7b",
+            tp=1,
+            solver="adam",
+            learning_rate=1e30,
+        )
     assert res.laplace.at_bound
     assert res.status.endswith(f"; {len(res.laplace.at_bound)} of 9 factors at a bound")
     # Saturated: the delta method's sd would be 0 (certainty); it is undefined.
@@ -356,3 +362,16 @@ def test_kv_read_without_a_decoding_request():
     stats = stats_from_frame(gauge)
     assert np.asarray(stats.kv_decode).tolist()[1] == 0.0
     assert np.asarray(stats.kv_decode)[0] > 0.0
+
+
+def test_a_target_in_milliseconds_is_flagged_before_the_fit_runs_off():
+    frame = _decode_steps(kv_tokens=[400, 800])
+    us = dm.predict(frame, model="llama-2-7b", tp=1)["predicted_us"].to_numpy()
+    with pytest.warns(UserWarning, match=r"target 'y' is 0.001 times .* microseconds"):
+        dm.fit(
+            frame.assign(y=us / 1000.0),
+            target="y",
+            model="llama-2-7b",
+            tp=1,
+            uncertainty=False,
+        )

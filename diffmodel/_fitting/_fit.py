@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from jaxtyping import Array, Float
 from .._arrays import device_array
 from .._fitting._base import AbstractFactorSet, StepData
 from .._fitting._factorsets import init_factor_set
-from .._fitting._kinds import FactorKind, check_kind
+from .._fitting._kinds import ROOFLINE_KINDS, FactorKind, check_kind
 from .._fitting._laplace import Laplace, factor_set_laplace, warn_identifiability
 from .._fitting._optimise import Result, minimise
 from .._fitting._transfer import transfer_noise, transfer_values
@@ -182,6 +183,30 @@ def _check_target(y, name: str) -> np.ndarray:
             f"{y[first]:g}"
         )
     return y
+
+
+UNIT_RATIO = 200.0
+""":func:`fit` warns when the median ratio of target to the priors' prediction lies
+beyond this factor either way: a target in milliseconds (or nanoseconds) reads as
+1000x off. The public host timer ``step_duration_us`` sits at 0.024 of the priors."""
+
+
+def _check_scale(fs: AbstractFactorSet, data: StepData, y: np.ndarray, name: str):
+    """Warn when ``y`` is orders of magnitude away from the start's predictions
+    (units, most likely): the fit would drive every factor to a bound."""
+    pred = np.asarray(fs.predict(data), dtype=float)
+    ok = np.isfinite(pred) & (pred > 0)
+    if not ok.any():
+        return
+    ratio = float(np.median(y[ok] / pred[ok]))
+    if not (1.0 / UNIT_RATIO <= ratio <= UNIT_RATIO):
+        warnings.warn(
+            f"target {name!r} is {ratio:.3g} times the starting factors' prediction "
+            "(median over the rows): is it in microseconds? A fit this far from "
+            "the start drives the factors to their bounds",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _objective(fs: AbstractFactorSet, args) -> Array:
@@ -394,6 +419,8 @@ def fit(
         learn_prior_scale=learn_prior_scale,
         global_prior_scale=global_prior_scale,
     )
+    if factors in ROOFLINE_KINDS:
+        _check_scale(fs, data, y, target)
     w = None
     if weights is not None:
         if weights not in frame.columns:
