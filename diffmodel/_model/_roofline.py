@@ -225,9 +225,9 @@ _RULES = (
 )
 """``(a, b, why)``: a step with ``a > 0`` needs ``b > 0`` (a trace's KV gauge counts
 every running request's cache: ``stats_from_frame`` takes it as 0 in steps without a
-decoding request). Fewer tokens than
-requests is allowed here (a relaxed or finite-differenced step passes through it);
-trace frames refuse it (``diffmodel._frame.check_batch``)."""
+decoding request). Fewer tokens than requests is allowed here (a relaxed or
+finite-differenced step passes through it); trace frames refuse it
+(``diffmodel._frame.check_batch``)."""
 
 
 def _check_consistent(stats: BatchStats) -> None:
