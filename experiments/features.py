@@ -41,13 +41,19 @@ FEATURES = [
     ("NVFP4 GEMMs", "Qwen3-235B-A22B-NVFP4", "gpus", "gemm_nvfp4", 10.0),
     ("", "with the GPU's shape grid (opt-in)", "gpus", f"gemm_nvfp4{GRID}", 10.0),
     (
-        "FP8 activation quantization",
+        "FP8 activation quantization (static kernel)",
         "FP8 models",
+        "quant_comm_kernels",
+        "scale_matrix",
+        15.0,
+    ),
+    (
+        "",
+        "per-token scales (dynamic minus static kernel, a difference)",
         "quant_comm_kernels",
         "compute_scale",
         15.0,
     ),
-    ("", "", "quant_comm_kernels", "scale_matrix", 15.0),
     (
         "GQA prefill attention (full or windowed)",
         "Llama, Qwen3, Mixtral, gpt-oss",

@@ -65,6 +65,27 @@ def test_quantize_rows_by_hand(script):
     assert script.quant_work("scale_matrix", rows, hw)["bytes"][0] == 3 * 8 * 4096
 
 
+def test_quantization_time_by_hand(script):
+    """H200: 132 SMs, 4.8 TB/s, 50 MiB L2. m = 528, k = 4096: 3 m k = 6.49 MB.
+
+    Priors (no walk, every byte from HBM): latency 0 + bytes / (bw mem_bw).
+    Fitted form: 2 waves (ceil(528 / 264)) of 0.5 + 4096 * 0.2 ns = 1.3192 us:
+    2.6384 us; a cache floor of 0.25 with its midpoint at the L2 and slope 1: the
+    HBM share is 0.25 + 0.75 / (1 + l2 / bytes); sharpness 1 adds the two."""
+    hw = dm.hardware("h200")
+    rows = pd.DataFrame([{"m": 528, "k": 4096}])
+    w = script.quant_work("scale_matrix", rows, hw)
+    bytes_, bw, l2 = 3 * 528 * 4096, float(hw.hbm_bw), float(hw.l2_bytes)
+    assert float(hw.sm_count) == 132
+    prior = script.FAMILIES["quantize"].prior
+    t0 = script.predict_us("quantize", prior, w)[0]
+    assert t0 == pytest.approx(bytes_ / bw * 1e6 / prior[0], rel=1e-12)
+    params = [0.8, 1.5, 0.5, 0.2, 1.0, 0.25, 1.0, 1.0]
+    share = 0.25 + 0.75 / (1.0 + l2 / bytes_)
+    want = 1.5 + bytes_ / bw * 1e6 / 0.8 * share + 2 * (0.5 + 4096 * 0.2e-3)
+    assert script.predict_us("quantize", params, w)[0] == pytest.approx(want, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_main_on_a_subset(script, tmp_path):
     pytest.importorskip("aiconfigurator_core")
@@ -80,13 +101,30 @@ def test_main_on_a_subset(script, tmp_path):
 
 
 def test_impossible_quantization_rows_are_counted(script):
-    """H100 (3.35 TB/s, 50 MB L2): compute_scale reads 2 m k bytes. m = k = 8192
-    is 134 MB (over twice the L2), at least 40 us from HBM: a 2.3 us row is
-    impossible, a 50 us row is not; a 1 MB row is cache-sized and not counted."""
+    """H100 (3.35 TB/s, 50 MB L2): scale_matrix reads 2 m k and writes m k bytes.
+    m = k = 8192 is 201 MB (over twice the L2), at least 60 us from HBM: a 2.3 us
+    row is impossible, a 70 us row is not; a 1.5 MB row is cache-sized and not
+    counted."""
     hw = {"h100_sxm": dm.hardware("h100-sxm")}
     rows = pd.DataFrame(
-        {"m": [8192, 8192, 512], "k": [8192, 8192, 1024], "latency_us": [2.3, 50, 0.1]}
+        {"m": [8192, 8192, 512], "k": [8192, 8192, 1024], "latency_us": [2.3, 70, 0.1]}
+    )
+    tables = {("quantize", "scale_matrix", "fp8"): {"h100_sxm": (rows, "0.24.0")}}
+    note = script.impossible_rows_note(tables, hw)
+    assert "scale_matrix h100-sxm 50% of 2" in note
+    assert "compute_scale" not in note
+
+
+def test_compute_scale_is_described_as_a_difference_with_its_pair_floor(script):
+    """compute_scale (dynamic minus static kernel): the large rows below one read of
+    the input (134 MB at 3.35 TB/s: 40 us) are counted, and the pairs (m, m + 1):
+    rows 8192 and 8193 at k = 8192 with 30 and 50 us have mean 40, so APEs 1/3 and
+    1/5: 26.7% on 2 rows."""
+    hw = {"h100_sxm": dm.hardware("h100-sxm")}
+    rows = pd.DataFrame(
+        {"m": [8192, 8193, 512], "k": [8192, 8192, 1024], "latency_us": [30, 50, 0.1]}
     )
     tables = {("quantize", "compute_scale", "fp8"): {"h100_sxm": (rows, "0.24.0")}}
     note = script.impossible_rows_note(tables, hw)
-    assert "compute_scale h100-sxm 50% of 2" in note
+    assert "not one kernel" in note and "faster than their bytes" not in note
+    assert "h100-sxm 50% of 2, pairs 26.7% on 2 rows" in note
