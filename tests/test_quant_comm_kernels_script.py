@@ -44,7 +44,8 @@ def test_prior_gemm_time_is_at_least_the_compute_time(script):
 
 def test_collective_rows_by_hand(script):
     """1 MiB elements of half over 4 GPUs: 3/4 of 2 MiB on the wire per GPU (all-gather,
-    all-to-all), twice that for all-reduce; time = latency + wire / (link_bw eta)."""
+    all-to-all), twice that for all-reduce; time = latency + 3 hops x hop latency +
+    wire / (link_bw eta)."""
     hw = dm.hardware("h200")
     rows = pd.DataFrame([{"num_gpus": 4, "message_size": 2**20}])
     full = 2**20 * 2
@@ -53,8 +54,9 @@ def test_collective_rows_by_hand(script):
         assert w["wire"][0] == pytest.approx(factor * full, rel=1e-12)
     w = script.comm_work("alltoall", "int8", rows, hw)
     assert w["wire"][0] == pytest.approx(0.75 * 2**20, rel=1e-12)
-    t = script.predict_us("comm", [0.5, 10.0], w)[0]
-    assert t == pytest.approx(10.0 + 0.75 * 2**20 / float(hw.link_bw) * 1e6 / 0.5)
+    t = script.predict_us("comm", [0.5, 10.0, 2.0], w)[0]
+    wire_us = 0.75 * 2**20 / float(hw.link_bw) * 1e6 / 0.5
+    assert t == pytest.approx(10.0 + 3 * 2.0 + wire_us)
 
 
 def test_quantize_rows_by_hand(script):
