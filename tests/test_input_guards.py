@@ -364,7 +364,7 @@ def test_kv_read_without_a_decoding_request():
     assert np.asarray(stats.kv_decode)[0] > 0.0
 
 
-def test_a_target_in_milliseconds_is_flagged_before_the_fit_runs_off():
+def test_a_target_in_milliseconds_is_flagged_by_its_starting_loss():
     frame = _decode_steps(kv_tokens=[400, 800])
     us = dm.predict(frame, model="llama-2-7b", tp=1)["predicted_us"].to_numpy()
     with pytest.warns(UserWarning, match=r"target 'y' is 0.001 times .* microseconds"):
