@@ -5,8 +5,10 @@ Data: aiconfigurator-core's ``systems/data/<system>/...`` tables (``latency`` in
 ms), the newest version folder of each system, for every system that has them and that
 maps to a package GPU (the ``SYSTEMS`` mapping of ``experiments/gpus.py``, copied here):
 
-- GEMMs: ``gemm/vllm/<version>/gemm_perf.parquet``, ``gemm_dtype`` ``fp8_block``
-  (rows ``m, n, k``; duplicates averaged). NVFP4 GEMMs are the package's own kernel
+- GEMMs: ``gemm/vllm/<version>/gemm_perf.parquet``, ``gemm_dtype`` ``fp8_block``,
+  the kernel measured on most rows (``dominant_kernel``: DeepGEMM on Hopper and the
+  Blackwell modules, Triton on L40S, CUTLASS on RTX PRO 6000; rows ``m, n, k``;
+  duplicates averaged). NVFP4 GEMMs are the package's own kernel
   family (``gemm_nvfp4``, the one ``kernel_step_time`` uses), validated with the
   other families by ``experiments/gpus.py``.
 - Collectives: ``comm/nccl/<version>/nccl_perf.parquet``, ``op_name`` ``all_gather``,
@@ -181,6 +183,16 @@ def newest(folder: pathlib.Path, filename: str) -> pathlib.Path | None:
     return versions[-1] / filename if versions else None
 
 
+def dominant_kernel(d: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the kernel measured on most rows (``kernel_source``), the rule
+    of the package's ``family_rows``: a table can time several kernels for the same
+    shape (block-FP8 GEMMs on H100: DeepGEMM, FlashInfer and CUTLASS), and the mean
+    of alternatives is no kernel's time."""
+    if d.empty:
+        return d
+    return d[d["kernel_source"] == d["kernel_source"].value_counts().index[0]]
+
+
 def _positive_mean(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     d = d[d["latency"] > 0]
     d = d.groupby(keys, as_index=False)["latency"].mean()
@@ -197,9 +209,12 @@ def load_tables(root: pathlib.Path, systems=None) -> dict[tuple, dict[str, tuple
         base = root / system
         f = newest(base / "gemm" / "vllm", "gemm_perf.parquet")
         if f is not None:
-            d = pd.read_parquet(f, columns=["gemm_dtype", "m", "n", "k", "latency"])
+            cols = ["gemm_dtype", "kernel_source", "m", "n", "k", "latency"]
+            d = pd.read_parquet(f, columns=cols)
             for dtype in GEMM_DTYPES:
-                rows = _positive_mean(d[d["gemm_dtype"] == dtype], ["m", "n", "k"])
+                rows = _positive_mean(
+                    dominant_kernel(d[d["gemm_dtype"] == dtype]), ["m", "n", "k"]
+                )
                 if len(rows):
                     key = ("gemm", f"gemm_{dtype}", dtype)
                     out.setdefault(key, {})[system] = (rows, f.parent.name)
@@ -445,7 +460,7 @@ def main(
     hardware = {s: dm.hardware(SYSTEMS[s]) for s in used}
     table = evaluate(tables, hardware, max_rows)
     table = write_results(table, out, "quant_comm_kernels", t0)
-    note = impossible_rows_note(tables, hardware)
+    note = impossible_rows_note(tables, hardware) + " " + gemm_floor_note(tables)
     summary_md = pathlib.Path(out) / "quant_comm_kernels_summary.md"
     summary_md.write_text(summary_md.read_text() + "\n" + note + "\n")
     print("\n" + note)
@@ -507,6 +522,25 @@ def impossible_rows_note(tables, hardware: dict[str, dm.Hardware]) -> str:
             + "."
         )
     return " ".join(out)
+
+
+def gemm_floor_note(tables) -> str:
+    """A sentence on the fastest row of each GEMM table, us: block-FP8 tables bottom
+    out at tens to hundreds of microseconds, whatever the shape, where a small GEMM
+    kernel takes a few: what the calibrated ``latency_us`` absorbs."""
+    parts = []
+    for (family, op, _dtype), by_system in sorted(tables.items()):
+        if family != "gemm":
+            continue
+        for system, (rows, _version) in sorted(by_system.items()):
+            parts.append(f"{op} {SYSTEMS[system]} {rows['latency_us'].min():.0f} us")
+    if not parts:
+        return ""
+    return (
+        "The fastest row of each GEMM table, whatever its shape (a small GEMM "
+        "kernel takes a few us; these floors are what the calibrated latency_us "
+        "absorbs): " + "; ".join(parts) + "."
+    )
 
 
 def twin_floor(rows: pd.DataFrame) -> str:

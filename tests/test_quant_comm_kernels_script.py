@@ -130,3 +130,30 @@ def test_compute_scale_is_described_as_a_difference_with_its_pair_floor(script):
     note = script.impossible_rows_note(tables, hw)
     assert "not one kernel" in note and "faster than their bytes" not in note
     assert "h100-sxm 50% of 2, pairs 26.7% on 2 rows" in note
+
+
+def test_a_table_of_several_kernels_keeps_the_one_on_most_rows(script):
+    """Block-FP8 GEMM tables time DeepGEMM, FlashInfer and CUTLASS on one shape: the
+    mean of alternatives is no kernel's time, so only the most measured stays."""
+    d = pd.DataFrame(
+        {
+            "kernel_source": ["deepgemm", "deepgemm", "cutlass"],
+            "m": [8, 16, 8],
+            "latency": [0.01, 0.02, 0.05],
+        }
+    )
+    kept = script.dominant_kernel(d)
+    assert kept["kernel_source"].tolist() == ["deepgemm", "deepgemm"]
+    assert script.dominant_kernel(d.iloc[:0]).empty
+
+
+def test_gemm_floor_note_names_each_tables_fastest_row(script):
+    rows = pd.DataFrame({"m": [1, 64], "n": [64, 64], "k": [64, 64]})
+    tables = {
+        ("gemm", "gemm_fp8_block", "fp8_block"): {
+            "h100_sxm": (rows.assign(latency_us=[77.4, 90.0]), "0.24.0")
+        },
+        ("quantize", "scale_matrix", "fp8"): {"h100_sxm": (rows, "0.24.0")},
+    }
+    assert "gemm_fp8_block h100-sxm 77 us." in script.gemm_floor_note(tables)
+    assert script.gemm_floor_note({}) == ""
