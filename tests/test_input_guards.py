@@ -176,6 +176,7 @@ def test_cli_refuses_out_equal_to_data(tmp_path, capsys):
         (["--system", "h100_sxm", "--rows-per-gpu", "5"], "only pooled curves"),
         (["--system", "h100_sxm", "--adam-steps", "0"], "expected a positive integ"),
         (["--system", "h100_sxm", "--version", "9.9"], "no tables of version '9.9'; v"),
+        (["--system", "h100_sxm", "--backend", "nope"], "backends with them: sglang"),
     ],
 )
 def test_cli_calibrate_checks_its_flags_before_fitting(

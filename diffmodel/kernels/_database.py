@@ -222,15 +222,19 @@ def load_system_tables(
         out[fam] = table
     if not out:
         what = f"system {system!r}, backend {backend!r}"
+        listed = list_kernel_tables(root)
+        listed = listed[listed.system == system]
         if version is not None:
-            listed = list_kernel_tables(root)
-            mine = listed[(listed.system == system) & (listed.backend == backend)]
+            mine = listed[listed.backend == backend]
             have = sorted(set(mine.version))
             raise ValueError(
                 f"{what}: no tables of version {version!r}; versions: "
                 f"{', '.join(have) or 'none'}"
             )
-        raise ValueError(f"{what}: no tables loaded")
+        backends = sorted(set(listed[listed.family.isin(families)].backend))
+        raise ValueError(
+            f"{what}: no tables; backends with them: {', '.join(backends) or 'none'}"
+        )
     return out
 
 
