@@ -11,11 +11,22 @@ def _cmd_kernels_list(args) -> int:
 
     listing = list_kernel_tables()
     if args.system:
+        known = sorted(set(listing["system"]))
         listing = listing[listing["system"] == args.system]
         if listing.empty:
-            raise ValueError(f"system {args.system!r} not in the kernel database")
+            raise ValueError(
+                f"--system {args.system!r}: not in the kernel database; systems: "
+                f"{', '.join(known)}"
+            )
     if args.backend:
+        known = sorted(set(listing["backend"]))
         listing = listing[listing["backend"] == args.backend]
+        if listing.empty:
+            where = f" of {args.system}" if args.system else ""
+            raise ValueError(
+                f"--backend {args.backend!r}: no tables{where}; backends: "
+                f"{', '.join(known)}"
+            )
     grouped = (
         listing.groupby(["system", "backend", "family"], sort=True)["version"]
         .apply(lambda v: ",".join(sorted(set(v))))

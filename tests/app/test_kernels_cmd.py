@@ -31,6 +31,25 @@ def test_cli_kernels_list_and_calibrate(tmp_path, capsys):
 
 
 @needs_db
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--system", "nope"], "--system 'nope': not in the kernel database; sys"),
+        (["--backend", "nope"], "--backend 'nope': no tables; backends: sglang"),
+        (
+            ["--system", "b60", "--backend", "sglang"],
+            "no tables of b60; backends: vllm",
+        ),
+    ],
+)
+def test_cli_kernels_list_refuses_a_filter_that_matches_nothing(argv, message, capsys):
+    """An empty listing would read as 'nothing measured'; a typo must say so."""
+    assert cli_main(["kernels", "list", *argv]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and "system " not in captured.out
+
+
+@needs_db
 def test_cli_kernels_list_hardware_names_each_gpus_class(capsys):
     argv = ["kernels", "list", "--system", "l40s", "--backend", "vllm", "--hardware"]
     assert cli_main(argv) == 0
