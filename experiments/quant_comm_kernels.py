@@ -87,7 +87,9 @@ from scipy.optimize import least_squares
 
 import diffmodel as dm
 from diffmodel import FACTOR_SPECS, mape
+from diffmodel._model._physics import power_max  # the package's soft maximum
 from diffmodel.kernels import held_out_split, roofline_us, tensor_peak
+from diffmodel.kernels._calibrate import _dominant as dominant_kernel  # most rows
 
 GEMM_DTYPES = ("fp8_block",)
 COMM_OPS = ("all_gather", "reduce_scatter", "alltoall", "all_reduce")
@@ -181,16 +183,6 @@ def newest(folder: pathlib.Path, filename: str) -> pathlib.Path | None:
         key=lambda p: _version_key(p.name),
     )
     return versions[-1] / filename if versions else None
-
-
-def dominant_kernel(d: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the kernel measured on most rows (``kernel_source``), the rule
-    of the package's ``family_rows``: a table can time several kernels for the same
-    shape (block-FP8 GEMMs on H100: DeepGEMM, FlashInfer and CUTLASS), and the mean
-    of alternatives is no kernel's time."""
-    if d.empty:
-        return d
-    return d[d["kernel_source"] == d["kernel_source"].value_counts().index[0]]
 
 
 def _positive_mean(d: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -308,14 +300,6 @@ def predict_us(family: str, params, w: dict[str, np.ndarray]) -> np.ndarray:
     return w["wire"] / w["bw"] * 1e6 / eta + lat + hop * (w["gpus"] - 1.0)
 
 
-def _power_max(a: np.ndarray, b: np.ndarray, q: float) -> np.ndarray:
-    """``(a^q + b^q)^(1/q)``, computed without overflow (the package's
-    ``power_max``)."""
-    hi, lo = np.maximum(a, b), np.minimum(a, b)
-    ratio = np.divide(lo, hi, out=np.zeros_like(hi), where=hi > 0)
-    return hi * (1.0 + ratio**q) ** (1.0 / q)
-
-
 def quant_us(params, w: dict[str, np.ndarray]) -> np.ndarray:
     """Time of quantization rows, us (``QUANT_PARAMS`` order): ``latency_us`` plus
     the soft maximum (``sharpness``) of the memory time and the walk of the blocks.
@@ -335,7 +319,7 @@ def quant_us(params, w: dict[str, np.ndarray]) -> np.ndarray:
     memory = w["bytes"] / w["bw"] * 1e6 / eta * hbm_share
     waves = np.ceil(w["m"] / (QUANT_BLOCKS_PER_SM * w["sms"]))
     walk = waves * (block_us + w["k"] * elem_ns * 1e-3)
-    return lat + _power_max(memory, walk, q)
+    return lat + np.asarray(power_max(memory, walk, q))
 
 
 def fit_params(family: str, w: dict[str, np.ndarray], y_us: np.ndarray) -> np.ndarray:
