@@ -221,7 +221,7 @@ def _tables(deployments: Deployment, factors: Factors, dtype) -> tuple[Array, ..
     """The per-group tables the step loop reads (see ``_group_tables``), traceable."""
     stats = BatchStats(*(jnp.full(_ALIGN_ELEMS, i, dtype) for i in range(7)))
     group = jnp.zeros(_ALIGN_ELEMS, jnp.int32)
-    _, tables = _evaluate(stats, deployments, group, factors, False)
+    _, tables = _evaluate(stats, deployments, group, factors, False, keep_factors=True)
     return tuple(tables)
 
 
@@ -260,7 +260,9 @@ def _chunk_sum(ftables, otables, kinds, factors, deployments, chunk):
     tables = _merge(ftables, otables, kinds)
     plan = tuple((False, i) for i in range(len(tables)))  # no value-dependent merges
     stats = BatchStats(*cols)
-    pred = _evaluate(stats, deployments, group, factors, False, (tables, plan))[0]
+    pred = _evaluate(
+        stats, deployments, group, factors, False, (tables, plan), keep_factors=True
+    )[0]
     r = jnp.log(pred) - log_target
     return jnp.sum(weight * r * r)
 

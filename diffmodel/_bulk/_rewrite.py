@@ -55,12 +55,22 @@ def _pow(x, y):
 
 
 class _PerGroup:
-    """A value that depends on the deployment group only: one entry per group."""
+    """A value that depends on the deployment group only: one entry per group.
 
-    __slots__ = ("table",)
+    ``kept`` marks a table computed from a differentiated factor (see
+    :func:`_evaluate`'s ``keep_factors``): it is not folded into affine
+    coefficients, so that its gradient is one sum over the steps per place it meets
+    them rather than one per coefficient it would have been spread over.
+    """
 
-    def __init__(self, table):
-        self.table = table
+    __slots__ = ("table", "kept")
+
+    def __init__(self, table, kept: bool = False):
+        self.table, self.kept = table, kept
+
+
+def _kept(*xs) -> bool:
+    return any(isinstance(x, _PerGroup) and x.kept for x in xs)
 
 
 class _Affine:
@@ -121,8 +131,9 @@ class _Evaluator:
     - ``pow`` on per-step values goes through :func:`_pow`.
     """
 
-    def __init__(self, group, n_groups: int, tables=None):
+    def __init__(self, group, n_groups: int, tables=None, differentiated=False):
         self.group, self.n_groups = group, n_groups
+        self.differentiated = differentiated
         self.expanded: dict[int, object] = {}
         # The tables that meet the steps, in order of first use: collected, or (in a
         # second evaluation of the same jaxpr) supplied precomputed, as distinct
@@ -183,7 +194,8 @@ class _Evaluator:
     def combine(self, op, a, b, aval):
         """``op`` of two factors (per group or constant): once, not per step."""
         if isinstance(a, _PerGroup) or isinstance(b, _PerGroup):
-            return _PerGroup(op(self.table(a, aval), self.table(b, aval)))
+            table = op(self.table(a, aval), self.table(b, aval))
+            return _PerGroup(table, _kept(a, b))
         return op(jnp.asarray(a, aval.dtype), jnp.asarray(b, aval.dtype))
 
     def fold(self, name, invals, avals, out):
@@ -210,6 +222,8 @@ class _Evaluator:
         if name == "mul" and factor(x, ax):
             x, y, ax, ay = y, x, ay, ax
         if name in ("mul", "div"):
+            if _kept(y):
+                return None  # see _PerGroup.kept: the product is formed per step
             if not factor(y, ay) or (fx := affine(x, ax)) is None:
                 return None
             op = jnp.multiply if name == "mul" else jnp.divide
@@ -274,6 +288,17 @@ class _Evaluator:
             if name in ("pjit", "jit") and "jaxpr" in eqn.params:
                 sub = eqn.params["jaxpr"]
                 outvals = self.eval(sub.jaxpr, sub.consts, invals, top=False)
+            elif name == "custom_jvp_call" and not (
+                self.differentiated
+                and any(a.shape and not g for g, a in zip(grouped, avals, strict=True))
+            ):
+                # Its function, inlined: what prediction needs (bound as one call,
+                # XLA:CPU fused the step ~2x slower), and what tables alone need (a
+                # smooth maximum of two deployment values, per group). Under a
+                # gradient, with steps in, the call is bound as it is below, keeping
+                # its derivative rule (:func:`diffmodel.smooth_max`'s).
+                sub = eqn.params["call_jaxpr"]
+                outvals = self.eval(sub.jaxpr, sub.consts, invals, top=False)
             elif (
                 name == "broadcast_in_dim"
                 and not avals[0].shape
@@ -291,7 +316,7 @@ class _Evaluator:
                 and all(g or not a.shape for g, a in zip(grouped, avals, strict=True))
             ):
                 tables = [self.table(x, a) for x, a in zip(invals, avals, strict=True)]
-                outvals = [_PerGroup(self.bind(eqn, tables)[0])]
+                outvals = [_PerGroup(self.bind(eqn, tables)[0], _kept(*invals))]
             elif name in ("mul", "div", "add", "sub") and (
                 folded := self.fold(name, invals, avals, eqn.outvars[0].aval)
             ):
@@ -328,8 +353,15 @@ def _total_and_parts(stats, dep, fac, components):
     return total, {c: getattr(b, c).astype(total.dtype) for c in COMPONENTS}
 
 
-def _evaluate(stats, deployments, group, factors, components, tables=None):
-    """Evaluate the step model with :class:`_Evaluator`: (outputs, tables used)."""
+def _evaluate(
+    stats, deployments, group, factors, components, tables=None, keep_factors=False
+):
+    """Evaluate the step model with :class:`_Evaluator`: (outputs, tables used).
+
+    ``keep_factors``: for a gradient with respect to the tables: the factors'
+    tables stay out of the affine coefficients (:class:`_PerGroup`'s ``kept``), and
+    functions with their own derivative rule are kept whole.
+    """
     n_groups = int(jnp.shape(deployments.tp)[0])
     shape = jnp.shape(stats.prefill_tokens)
 
@@ -351,15 +383,15 @@ def _evaluate(stats, deployments, group, factors, components, tables=None):
             jax.tree.map(step_shaped, factors),
         )
 
-    def wrap(x):
-        return x if jnp.ndim(x) == 0 else _PerGroup(jnp.asarray(x))
+    def wrap(x, kept=False):
+        return x if jnp.ndim(x) == 0 else _PerGroup(jnp.asarray(x), kept)
 
     args = [
         *jax.tree.leaves(stats),
         *map(wrap, jax.tree.leaves(deployments)),
-        *map(wrap, jax.tree.leaves(factors)),
+        *(wrap(x, keep_factors) for x in jax.tree.leaves(factors)),
     ]
-    ev = _Evaluator(group, n_groups, tables)
+    ev = _Evaluator(group, n_groups, tables, differentiated=keep_factors)
     out = ev.eval(closed.jaxpr, closed.consts, args)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out), ev.collected
 

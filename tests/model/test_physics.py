@@ -61,6 +61,28 @@ def test_smooth_max_equals_the_power_mean_and_its_gradient():
     assert np.isfinite(big) and big == pytest.approx(1e10 * 2**0.25, rel=1e-6)
 
 
+def test_smooth_max_derivative_rule_matches_the_power_mean_to_second_order():
+    # The written-out derivative (custom_jvp) against autodiff of (a^4 + b^4)^(1/4)
+    # and of the general power mean, first and second order (the Laplace step
+    # differentiates the rule again), at a tie, with one side zero, and with a scalar
+    # broadcast against an array.
+    def plain(a, b, p=4.0):
+        return (a**p + b**p) ** (1.0 / p)
+
+    for a, b in [(3.0, 1.5), (0.7, 2.0), (1.0, 1.0), (2.0, 1e-3)]:
+        for p in (4.0, 2.5):
+            got = jax.hessian(lambda x, p=p: smooth_max(x[0], x[1], p))(
+                jnp.asarray([a, b])
+            )
+            want = jax.hessian(lambda x, p=p: plain(x[0], x[1], p))(jnp.asarray([a, b]))
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    g = jax.grad(lambda a: smooth_max(a, 0.0))(2.0)
+    assert float(g) == 1.0
+    x = jnp.asarray([0.5, 1.0, 4.0])
+    got = jax.grad(lambda c: jnp.sum(smooth_max(x, c)))(1.0)
+    assert float(got) == pytest.approx(float(jnp.sum((1.0 / plain(x, 1.0)) ** 3)))
+
+
 def _round_robin_touched(tokens, n_experts, top_k, ep):
     """Distinct experts of the first of ``ep`` GPUs hit by the benchmarks' balanced
     routing: token t takes experts (t + i s) mod E, s = ceil(E / k), once the
