@@ -258,7 +258,7 @@ def _chunk_sum(ftables, otables, kinds, factors, deployments, chunk):
     """Weighted sum of squared log ratios over one chunk, from the tables."""
     cols, group, log_target, weight = chunk
     tables = _merge(ftables, otables, kinds)
-    plan = tuple((False, i) for i in range(len(tables)))  # no value-dependent merges
+    plan = tuple((False, i, False) for i in range(len(tables)))  # value-independent
     stats = BatchStats(*cols)
     pred = _evaluate(
         stats, deployments, group, factors, False, (tables, plan), keep_factors=True

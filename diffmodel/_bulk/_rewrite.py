@@ -148,21 +148,34 @@ class _Evaluator:
             if key not in self.expanded:
                 out = None
                 for base, coef in value.terms:
-                    term = base if _is_one(coef) else base * self.per_step(coef, aval)
+                    if _is_one(coef):
+                        term = base
+                    else:
+                        scale = self.per_step(coef, aval)
+                        if self.zero(coef):
+                            continue
+                        term = base * scale
                     out = term if out is None else out + term
-                if value.const is not None:
-                    out = out + self.per_step(value.const, aval)
-                self.expanded[key] = (value, out)
+                if value.const is not None and not self.zero_const(value.const, aval):
+                    const = self.per_step(value.const, aval)
+                    if out is None:
+                        out = jnp.broadcast_to(const, aval.shape).astype(aval.dtype)
+                    else:
+                        out = out + const
+                if out is None:  # every term had a zero coefficient
+                    out = jnp.zeros(aval.shape, aval.dtype)
+                self.expanded[key] = (value, out, False)
             return self.expanded[key][1]
         if not isinstance(value, _PerGroup):
             return value
         key = id(value)
         if key not in self.expanded:
+            zero = False
             if self.supplied is None:
                 out = self.spread_table(value.table)
             else:
                 distinct, plan = self.supplied
-                same, j = plan[len(self.collected)]
+                same, j, zero = plan[len(self.collected)]
                 if same:  # one value for all groups: no per-step choice
                     out = distinct[j][0]
                 elif j in self.spread:  # equal to an earlier table: reuse its choice
@@ -170,8 +183,24 @@ class _Evaluator:
                 else:
                     out = self.spread[j] = self.spread_table(distinct[j])
             self.collected.append(value.table)
-            self.expanded[key] = (value, jnp.broadcast_to(out, aval.shape))
+            self.expanded[key] = (value, jnp.broadcast_to(out, aval.shape), zero)
         return self.expanded[key][1]
+
+    def zero(self, value) -> bool:
+        """Whether ``value``, a table already spread by :meth:`per_step`, is 0 for
+        every group (known from the supplied plan). A term it multiplies adds
+        nothing (the inputs are finite), so it is left out, and with it the work
+        that formed the term where nothing else uses it: a sliding window, experts,
+        a sparse index that no deployment of the call has."""
+        if not isinstance(value, _PerGroup):
+            return False
+        return self.expanded[id(value)][2]
+
+    def zero_const(self, value, aval) -> bool:
+        """:meth:`zero` for an affine's constant (spread first, keeping the order in
+        which the tables are met)."""
+        self.per_step(value, aval)
+        return self.zero(value)
 
     def spread_table(self, t):
         """Each step's entry of the ``[groups]`` table ``t``."""
@@ -436,13 +465,15 @@ def _group_tables(deployments, factors, *, components, dtype):
 
 
 def _table_plan(tables) -> tuple[tuple, tuple]:
-    """Distinct tables and, per table, ``(same for all groups, index into them)``.
+    """Distinct tables and, per table, ``(same for all groups, index into them, 0
+    for all groups)``.
 
     With the values in hand (a few numbers per group), tables equal to an earlier one
     share its per-step choice and tables equal across groups (the same hardware,
     shared factors, zeros of a dense model) need none: about half of the ``where``
-    selections of a typical mix go. The plan is static, so it is compiled in; it
-    changes only with the pattern of equal values, not with the values.
+    selections of a typical mix go; terms whose coefficient is 0 in every group go
+    too (:meth:`_Evaluator.zero`). The plan is static, so it is compiled in; it
+    changes only with the pattern of equal values and zeros, not with the values.
     """
     host = [np.asarray(t) for t in tables]
     distinct, plan, seen = [], [], {}
@@ -451,5 +482,5 @@ def _table_plan(tables) -> tuple[tuple, tuple]:
         if key not in seen:
             seen[key] = len(distinct)
             distinct.append(t)
-        plan.append((bool(np.all(h == h[0])), seen[key]))
+        plan.append((bool(np.all(h == h[0])), seen[key], bool(np.all(h == 0))))
     return tuple(distinct), tuple(plan)

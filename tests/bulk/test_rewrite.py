@@ -86,3 +86,39 @@ def test_nested_jit_and_spread_constants_stay_per_group():
     ).lower(jnp.asarray(x))
     logs = [ln for ln in lowered.as_text().splitlines() if "stablehlo.log" in ln]
     assert logs and all("tensor<3xf64>" in ln for ln in logs)  # per group only
+
+
+def test_terms_with_a_zero_coefficient_in_every_group_are_left_out():
+    from diffmodel._bulk._rewrite import _Evaluator, _PerGroup, _table_plan
+
+    # x a + (y / (y + 1)) b + w: b is 0 in every group (a sliding window no model of
+    # the call has), so its term goes, and with it the division that formed it; the
+    # value is unchanged. Without the zero marks in the plan the division stays.
+    def f(x, y, a, b, w):
+        return x * a + (y / (y + 1.0)) * b + w
+
+    rng = np.random.default_rng(8)
+    n, groups = 32, 3
+    x, y = rng.uniform(0, 10, n), rng.uniform(0, 10, n)
+    a, b, w = rng.uniform(1, 2, groups), np.zeros(groups), rng.uniform(1, 2, groups)
+    g = rng.integers(0, groups, n)
+    closed = jax.make_jaxpr(f)(x, y, a[g], b[g], w[g])
+    tables = [_PerGroup(jnp.asarray(t)) for t in (a, b, w)]
+    first = _Evaluator(jnp.asarray(g), groups)
+    first.eval(closed.jaxpr, closed.consts, [jnp.asarray(x), jnp.asarray(y), *tables])
+    distinct, plan = _table_plan(first.collected)
+    assert [p[2] for p in plan] == [False, True, False]
+
+    def run(plan):
+        def fn(x, y):
+            ev = _Evaluator(jnp.asarray(g), groups, (distinct, plan))
+            return ev.eval(closed.jaxpr, closed.consts, [x, y, *tables])[0]
+
+        return jax.jit(fn), (jnp.asarray(x), jnp.asarray(y))
+
+    want = f(x, y, a[g], b[g], w[g])
+    for p, divisions in ((plan, 0), (tuple((s, j, False) for s, j, _ in plan), 1)):
+        fn, args = run(p)
+        np.testing.assert_allclose(fn(*args), want, rtol=1e-12)
+        hlo = fn.lower(*args).compile().as_text()
+        assert hlo.count(" divide(") == divisions
