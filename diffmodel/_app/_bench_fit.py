@@ -144,7 +144,7 @@ def synthetic(n: int, n_deployments: int, seed: int = 0):
     return stats, dm.stack_deployments(deps), group, tuple(labels)
 
 
-def grad_rate(n: int, repeats: int = 5, chunk_size: int = 2**12) -> dict:
+def grad_rate(n: int, repeats: int = 5, chunk_size: int = 2**11) -> dict:
     """Loss + gradient and prediction steps/s on ``n`` synthetic steps of three
     deployments (float32), timed in interleaved rounds."""
     stats, deps, group, labels = synthetic(n, 3)

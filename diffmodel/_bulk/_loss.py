@@ -64,6 +64,10 @@ class BulkData(eqx.Module):
         total_weight: sum of the weights (the loss is a weighted mean).
         mesh: the 1-D device mesh (axis ``"steps"``) the rows are sharded over, or
             ``None`` on one device (static).
+        zero_tables: per table the step loop reads, whether it is 0 in every group
+            without depending on the factors (static): the terms it multiplies are
+            left out of the loop (a sliding window, experts or a sparse index that
+            no deployment has), as in prediction.
     """
 
     cols: tuple[Array, ...]
@@ -74,6 +78,7 @@ class BulkData(eqx.Module):
     total_weight: Array
     n_rows: Array
     mesh: Mesh | None = eqx.field(static=True, default=None)
+    zero_tables: tuple[bool, ...] = eqx.field(static=True, default=())
 
 
 def _n_chunks(n: int, chunk: int) -> int:
@@ -113,7 +118,7 @@ def bulk_data(
     target: ArrayLike,
     weights: ArrayLike | None = None,
     *,
-    chunk_size: int = 2**12,
+    chunk_size: int = 2**11,
     dtype=jnp.float32,
     devices=None,
     by_group: bool | None = None,
@@ -127,7 +132,9 @@ def bulk_data(
         target: measured step time per step, us, finite and ``> 0``.
         weights: optional non-negative weights per step (not all 0).
         chunk_size: steps per chunk of the scan (rounded up to a multiple of 16 times
-            the number of devices).
+            the number of devices). The default keeps a chunk's intermediates in
+            cache: on a 2-core x86 VM, loss and gradient ran at 8.5e7 steps/s with
+            2048, 6.0e7 with 4096, 6.3e7 with 512 (float32, 1e6 rows).
         dtype: ``float32`` (default) or ``float64`` (needs ``jax_enable_x64``).
         devices: devices to shard every chunk's rows over (default all JAX sees).
         by_group: lay rows out by group, every chunk one group's rows (its tables
@@ -197,7 +204,15 @@ def bulk_data(
     arrays = jax.device_put(arrays, rows_sharding)
     if by_group:  # one group per chunk: the same on every device
         arrays["group"] = jax.device_put(chunk_group.astype(np.int32), replicated)
+    # Which tables are 0 in every group whatever the factors (read at the priors).
+    priors = _per_group(Factors(), n_groups, dt)
+    kinds = _depends_on_factors(deps, priors, dt)
+    zero_tables = tuple(
+        not k and bool(np.all(np.asarray(t) == 0))
+        for t, k in zip(_tables(deps, priors, dt), kinds, strict=True)
+    )
     return BulkData(
+        zero_tables=zero_tables,
         cols=arrays["cols"],
         group=arrays["group"],
         log_target=arrays["log_target"],
@@ -254,11 +269,13 @@ def _merge(ftables, otables, kinds) -> tuple:
     return tuple(next(f) if k else next(o) for k in kinds)
 
 
-def _chunk_sum(ftables, otables, kinds, factors, deployments, chunk):
-    """Weighted sum of squared log ratios over one chunk, from the tables."""
+def _chunk_sum(ftables, otables, kinds, factors, deployments, chunk, zeros=()):
+    """Weighted sum of squared log ratios over one chunk, from the tables; terms
+    whose table is marked in ``zeros`` (:attr:`BulkData.zero_tables`) left out."""
     cols, group, log_target, weight = chunk
     tables = _merge(ftables, otables, kinds)
-    plan = tuple((False, i, False) for i in range(len(tables)))  # value-independent
+    zeros = zeros if len(zeros) == len(tables) else (False,) * len(tables)
+    plan = tuple((False, i, z) for i, z in enumerate(zeros))  # no merges by value
     stats = BatchStats(*cols)
     pred = _evaluate(
         stats, deployments, group, factors, False, (tables, plan), keep_factors=True
@@ -309,7 +326,8 @@ def _sum_sq(ftables, otables, kinds, factors, data: BulkData):
         f, o, fac, deps = rep
 
         def step(acc, chunk):
-            return acc + _chunk_sum(f, o, kinds, fac, deps, chunk), None
+            value = _chunk_sum(f, o, kinds, fac, deps, chunk, data.zero_tables)
+            return acc + value, None
 
         return jax.lax.scan(step, jnp.zeros((), data.log_target.dtype), chunks)[0]
 
@@ -323,7 +341,7 @@ def _sum_sq_fwd(ftables, otables, kinds, factors, data):
         f, o, fac, deps = rep
 
         def step(acc, chunk):
-            value, g = grad_fn(f, o, kinds, fac, deps, chunk)
+            value, g = grad_fn(f, o, kinds, fac, deps, chunk, data.zero_tables)
             return (acc[0] + value, jax.tree.map(jnp.add, acc[1], g)), None
 
         zero = (jnp.zeros((), data.log_target.dtype), jax.tree.map(jnp.zeros_like, f))
@@ -416,7 +434,7 @@ def fit_steps(
     learning_rate: float = 0.05,
     gtol: float | None = None,
     rtol: float | None = None,
-    chunk_size: int = 2**12,
+    chunk_size: int = 2**11,
     dtype=jnp.float32,
     devices=None,
     throw: bool = True,

@@ -145,6 +145,10 @@ def test_the_gradient_is_summed_over_the_steps_once_per_factor():
     factors = _physical(fs, data)
     kinds = _depends_on_factors(data.deployments, factors, data.log_target.dtype)
     assert 0 < sum(kinds) <= len(jax.tree.leaves(factors))
+    # No deployment here has a sliding window: its terms are marked and left out
+    # (only tables that do not depend on the factors are ever marked).
+    assert len(data.zero_tables) == len(kinds) and any(data.zero_tables)
+    assert not any(z and k for z, k in zip(data.zero_tables, kinds, strict=True))
 
 
 @pytest.mark.slow
