@@ -150,7 +150,7 @@ def family_inputs(family, gathered):
 def init_for(family: str, form: str):
     portable = form.startswith("portable")
     if family == "allreduce":
-        return dk.default_allreduce_curve(portable=portable)
+        return dk.default_allreduce_curve(portable=portable, hop=True)
     base = dk.init_curves(family)
     return dk.default_roofline_curves(
         occupancy=base.occupancy is not None,

@@ -324,7 +324,7 @@ def calibrate_kernels(
                 fitted[fam], work, y, shape_groups(rows, fam)
             )
         say(f"calibrated {fam} on {len(rows)} kernels{grid_note}")
-    init = default_allreduce_curve(portable=portable)
+    init = default_allreduce_curve(portable=portable, hop=True)
     try:
         ar = family_rows(tables, "allreduce") if "allreduce" in wanted else None
     except ValueError as err:
@@ -375,7 +375,8 @@ def kernel_prior_factors(
     - ``attn_bw``: decode attention of ``decode_tokens`` sequences of
       ``decode_context`` tokens, KV bytes / (HBM bw x time);
     - ``comm_bw``, ``comm_latency_us``: the all-reduce curve's efficiency at the
-      prefill activation size (``prefill_tokens d`` 16-bit values) and its latency.
+      prefill activation size (``prefill_tokens d`` 16-bit values) and its latency
+      over ``tp`` GPUs (with a hop term, ``tp - 1`` hops).
 
     Host overheads (per step, layer, request) cannot be seen in kernel timings and
     keep their priors of :data:`~diffmodel.FACTOR_SPECS`.
@@ -410,7 +411,7 @@ def kernel_prior_factors(
         * 1e6,
         attn_bw=dec.bytes / (hw.hbm_bw * dec.time_us(curves.decode_attention)) * 1e6,
         comm_bw=ar.bandwidth(prefill_tokens * d * a.act_bytes),
-        comm_latency_us=ar.latency_us,
+        comm_latency_us=ar.latency_at(tp),
         **{
             n: FACTOR_SPECS[n][0]
             for n in ("step_overhead_us", "layer_overhead_us", "request_overhead_us")

@@ -420,7 +420,8 @@ class RooflineCurves(eqx.Module):
 class AllReduceCurve(eqx.Module):
     """All-reduce: a fixed latency plus a ring transfer at a size-dependent efficiency.
 
-    ``t = latency_us + 2 (n-1)/n bytes / (link_bw eta(x)) (n / 2)^gamma``, ``x`` the
+    ``t = latency_us + (n-1) hop_us + 2 (n-1)/n bytes / (link_bw eta(x)) (n /
+    2)^gamma``, ``x`` the
     message bytes, or (``portable``) its time on the link at full bandwidth, us
     (``bytes / link_bw``). ``gamma`` is how the transfer scales with the GPU count
     beyond the ring's ``2 (n-1)/n``: 0 where every GPU has its own links, about 1
@@ -433,12 +434,24 @@ class AllReduceCurve(eqx.Module):
         bandwidth: efficiency of the link bandwidth vs message size.
         gpu_exponent: optional ``gamma`` (dimensionless).
         portable: static; whether the curve takes link time (us) instead of bytes.
+        log_hop_us: optional log of the latency each further GPU adds, us (a ring's
+            ``n - 1`` steps; 0 without it).
     """
 
     raw_latency: Float[Array, ""]
     bandwidth: SaturationCurve
     gpu_exponent: Float[Array, ""] | None = None
     portable: bool = eqx.field(static=True, default=False)
+    log_hop_us: Float[Array, ""] | None = None
+
+    @property
+    def hop_us(self) -> Array:
+        """Latency each further GPU adds, us (0 without a hop term)."""
+        return _exp_or_zero(self.log_hop_us)
+
+    def latency_at(self, n_gpus: ArrayLike) -> Array:
+        """Fixed latency of one all-reduce over ``n_gpus`` GPUs, us."""
+        return self.latency_us + (jnp.asarray(n_gpus) - 1.0) * self.hop_us
 
     @property
     def latency_us(self) -> Array:
@@ -450,6 +463,9 @@ class AllReduceCurve(eqx.Module):
         phys = {"latency_us": float(self.latency_us)}
         if self.gpu_exponent is not None:
             raw["gpu_exponent"] = phys["gpu_exponent"] = float(self.gpu_exponent)
+        if self.log_hop_us is not None:
+            raw["log_hop_us"] = float(self.log_hop_us)
+            phys["hop_us"] = float(self.hop_us)
         return {
             "raw": raw,
             "physical": phys,
@@ -472,6 +488,9 @@ class AllReduceCurve(eqx.Module):
             if "gpu_exponent" in raw
             else None,
             portable=bool(obj.get("portable", False)),
+            log_hop_us=jnp.asarray(float(raw["log_hop_us"]), jnp.result_type(float))
+            if "log_hop_us" in raw
+            else None,
         )
 
 
@@ -695,11 +714,12 @@ def default_roofline_curves(
 
 
 def default_allreduce_curve(
-    *, portable: bool = False, gpu_exponent: bool = True
+    *, portable: bool = False, gpu_exponent: bool = True, hop: bool = False
 ) -> AllReduceCurve:
     """Starting all-reduce curve: 8 us latency, 0.7 of the link at large messages,
-    half of it at 1 MB (``portable``: at 2 us on the link), and (``gpu_exponent``)
-    the ring's scaling with the GPU count (``gamma = 0``)."""
+    half of it at 1 MB (``portable``: at 2 us on the link), (``gpu_exponent``)
+    the ring's scaling with the GPU count (``gamma = 0``), and (``hop``) 1 us of
+    latency per further GPU."""
     return AllReduceCurve(
         raw_latency=jnp.asarray(_softplus_inv(8.0), jnp.result_type(float)),
         bandwidth=SaturationCurve.from_physical(
@@ -710,6 +730,7 @@ def default_allreduce_curve(
         ),
         gpu_exponent=jnp.zeros((), jnp.result_type(float)) if gpu_exponent else None,
         portable=portable,
+        log_hop_us=jnp.zeros((), jnp.result_type(float)) if hop else None,
     )
 
 

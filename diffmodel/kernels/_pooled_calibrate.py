@@ -131,7 +131,7 @@ def _init(family: str):
         # The ring alone: how a transfer scales with the GPU count belongs to the
         # interconnect (a PCIe host fabric, NVLink, NVSwitch), and one exponent
         # shared by GPUs on different fabrics describes none of them.
-        return default_allreduce_curve(portable=True, gpu_exponent=False)
+        return default_allreduce_curve(portable=True, gpu_exponent=False, hop=True)
     return init_curves(family, portable=True)
 
 

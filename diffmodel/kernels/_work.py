@@ -469,11 +469,12 @@ def allreduce_kernel_us(
 
     ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us);
     a portable curve takes the message's time on the link, ``bytes / link_bw`` (us);
-    one with a GPU exponent scales the transfer by ``(n_gpus / 2)^gamma``.
+    one with a GPU exponent scales the transfer by ``(n_gpus / 2)^gamma``; one with
+    a hop term adds ``(n_gpus - 1) hop_us`` to its latency.
     """
     if isinstance(eff, AllReduceCurve):
         x = jnp.asarray(bytes_) / hw.link_bw * 1e6 if eff.portable else bytes_
-        eta, latency = eff.bandwidth(x), eff.latency_us
+        eta, latency = eff.bandwidth(x), eff.latency_at(n_gpus)
         if eff.gpu_exponent is not None:  # as an efficiency: allreduce_us is a ring
             eta = eta * jnp.exp(-eff.gpu_exponent * jnp.log(jnp.asarray(n_gpus) / 2.0))
     else:

@@ -42,10 +42,11 @@ def test_portable_json_round_trip_is_exact(tmp_path):
     curves = type(curves)(
         **{f: getattr(curves, f) for f in dk.KERNEL_FAMILIES if f != "gemm_bf16"},
         gemm_bf16=dk.default_roofline_curves(portable=True, cache=True),
-        allreduce=curves.allreduce,
+        allreduce=dk.default_allreduce_curve(portable=True, hop=True),
         hardware="b200",
     )
     back = curves_from_json(curves_to_json(curves))
+    assert back.allreduce.log_hop_us is not None
     assert back.gemm_bf16.portable and back.gemm_bf16.cache is not None
     assert back.allreduce.portable
     for a, b in zip(jax.tree.leaves(curves), jax.tree.leaves(back), strict=True):

@@ -76,6 +76,28 @@ def test_allreduce_prediction_by_hand():
     assert float(allreduce_kernel_us(1e6, 1, (0.5, 7.0), H100)) == 0.0
 
 
+def test_allreduce_hop_latency_by_hand():
+    """A curve with a hop term: 8 us fixed plus 2.5 us per further GPU, so 8 + 3 x 2.5
+    = 15.5 us of latency on 4 GPUs, added to the ring transfer; the step model's
+    comm_latency_us at TP 4 is the same 15.5 us."""
+    c = eqx.tree_at(
+        lambda c: c.log_hop_us,
+        dk.default_allreduce_curve(hop=True),
+        jnp.log(2.5),
+        is_leaf=lambda x: x is None,
+    )
+    c = eqx.tree_at(lambda c: c.raw_latency, c, jnp.log(jnp.expm1(8.0)))
+    plain = eqx.tree_at(lambda c: c.log_hop_us, c, None, is_leaf=lambda x: x is None)
+    for n in (2.0, 4.0, 8.0):
+        got = allreduce_kernel_us(1e6, n, c, H100)
+        want = allreduce_kernel_us(1e6, n, plain, H100) + (n - 1) * 2.5
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(c.latency_at(4), 15.5, rtol=1e-6)
+    curves = eqx.tree_at(lambda k: k.allreduce, dk.default_kernel_curves(), c)
+    factors = dk.kernel_prior_factors(curves, model="llama-2-70b", tp=4)
+    np.testing.assert_allclose(factors.comm_latency_us, 15.5, rtol=1e-6)
+
+
 def test_scheduled_blocks_cost_time():
     c = eqx.tree_at(
         lambda c: c.log_unit_ns,
