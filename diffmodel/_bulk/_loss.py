@@ -320,6 +320,13 @@ def _over_rows(fn, data: BulkData, replicated):
     )(replicated, chunks)
 
 
+# Chunks per iteration of the loop over chunks. Two halve the loop's per-iteration
+# cost. On a 2-core x86 VM (float32, alternating fresh processes), loss and gradient
+# ran at 9.3-9.9e7 steps/s on 1e6 rows, against 7.9-8.1e7 with one, and at 1.13e8
+# against 8.5-9.0e7 on 1e7 rows. Four were no faster than two.
+_UNROLL = 2
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sum_sq(ftables, otables, kinds, factors, data: BulkData):
     def run(rep, chunks):
@@ -329,7 +336,8 @@ def _sum_sq(ftables, otables, kinds, factors, data: BulkData):
             value = _chunk_sum(f, o, kinds, fac, deps, chunk, data.zero_tables)
             return acc + value, None
 
-        return jax.lax.scan(step, jnp.zeros((), data.log_target.dtype), chunks)[0]
+        zero = jnp.zeros((), data.log_target.dtype)
+        return jax.lax.scan(step, zero, chunks, unroll=_UNROLL)[0]
 
     return _over_rows(run, data, (ftables, otables, factors, data.deployments))
 
@@ -345,7 +353,7 @@ def _sum_sq_fwd(ftables, otables, kinds, factors, data):
             return (acc[0] + value, jax.tree.map(jnp.add, acc[1], g)), None
 
         zero = (jnp.zeros((), data.log_target.dtype), jax.tree.map(jnp.zeros_like, f))
-        return jax.lax.scan(step, zero, chunks)[0]
+        return jax.lax.scan(step, zero, chunks, unroll=_UNROLL)[0]
 
     total, grad = _over_rows(run, data, (ftables, otables, factors, data.deployments))
     return total, grad
