@@ -321,11 +321,11 @@ class _Evaluator:
                 self.differentiated
                 and any(a.shape and not g for g, a in zip(grouped, avals, strict=True))
             ):
-                # Its function, inlined: what prediction needs (bound as one call,
-                # XLA:CPU fused the step ~2x slower), and what tables alone need (a
-                # smooth maximum of two deployment values, per group). Under a
-                # gradient, with steps in, the call is bound as it is below, keeping
-                # its derivative rule (:func:`diffmodel.smooth_max`'s).
+                # Its function, inlined: prediction then runs the evaluator's
+                # rewrites inside it too, and tables alone (a smooth maximum of two
+                # deployment values) stay per group. Under a gradient, with steps in,
+                # the call is bound as it is below, keeping its derivative rule
+                # (:func:`diffmodel.smooth_max`'s).
                 sub = eqn.params["call_jaxpr"]
                 outvals = self.eval(sub.jaxpr, sub.consts, invals, top=False)
             elif (
