@@ -3,7 +3,6 @@
 from collections.abc import Callable, Mapping
 
 import equinox as eqx
-import jax
 import numpy as np
 import pandas as pd
 
@@ -216,11 +215,6 @@ def _required(frame: pd.DataFrame, name: str) -> tuple[str, np.ndarray]:
     return found
 
 
-# Compiled once each (a fresh process loads one executable, not one per operation).
-_from_aggregates = jax.jit(from_aggregates)
-_kv_from_usage = jax.jit(kv_tokens_from_usage, static_argnums=2)
-
-
 def stats_from_frame(
     frame: pd.DataFrame, *, block_size: int = VLLM_BLOCK_SIZE
 ) -> BatchStats:
@@ -262,7 +256,7 @@ def stats_from_frame(
         _first_bad(
             blocks[0], blocks[1], blocks[1] == 0, "> 0 (a KV cache holds some blocks)"
         )
-        kv = np.asarray(_kv_from_usage(usage[1], blocks[1], block_size))
+        kv = np.asarray(kv_tokens_from_usage(usage[1], blocks[1], block_size))
         # The gauge holds every running request's cache; a step without a decoding
         # request reads none of it in decode attention.
         kv = np.where(counts["num_decode_reqs"][1] > 0, kv, 0.0)
@@ -277,7 +271,7 @@ def stats_from_frame(
             "requests only)",
         )
     k_pf = _column(frame, "prefill_context_tokens")
-    return _from_aggregates(
+    return from_aggregates(
         prefill_tokens=counts["prefill_tokens"][1],
         decode_tokens=counts["decode_tokens"][1],
         num_prefill=counts["num_prefill_reqs"][1],

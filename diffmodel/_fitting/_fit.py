@@ -8,7 +8,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
@@ -222,9 +221,10 @@ def _valid_loss(fs: AbstractFactorSet, args) -> Array:
     return log_ratio_loss(fs.predict_prepared(prepared), y)
 
 
-@eqx.filter_jit
-def _prepare(fs: AbstractFactorSet, data: StepData):
-    return fs.prepare(data)
+def _prepare(fs: AbstractFactorSet, args):
+    """The data's part of ``args`` in the set's prepared form (inside the loop)."""
+    data, *rest = args
+    return (fs.prepare(data), *rest)
 
 
 def fit_arrays(
@@ -286,11 +286,12 @@ def fit_arrays(
     valid_fn = valid_args = None
     if valid is not None:
         vy = device_array(_check_target(valid[1], "valid target"))
-        valid_fn, valid_args = _valid_loss, (_prepare(factor_set, valid[0]), vy)
+        valid_fn, valid_args = _valid_loss, (valid[0], vy)
     res = minimise(
         _objective,
         factor_set,
-        (_prepare(factor_set, data), y, w, jnp.asarray(float(n))),
+        (data, y, w, device_array(float(n), float)),
+        prepare=_prepare,
         solver=solver,
         learning_rate=learning_rate,
         max_steps=max_steps,

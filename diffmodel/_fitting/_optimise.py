@@ -126,10 +126,15 @@ def _no_callback(step, loss):
     pass
 
 
+def _no_prepare(params, args):
+    return args
+
+
 def _loop_body(
     fn,
     valid_fn,
     callback,
+    prepare,
     opt,
     max_steps: int,
     callback_every: int,
@@ -139,9 +144,15 @@ def _loop_body(
     valid_args,
     tol,
 ):
-    """The optimisation loop; ``fn``, ``opt``, ``static`` and the integers are
-    static (part of the compile key), everything else is traced."""
+    """The optimisation loop; the functions, ``opt``, ``static`` and the integers
+    are static (part of the compile key), everything else is traced."""
     gtol, rtol, patience = tol
+    has_valid = valid_fn is not _no_valid
+    if prepare is not _no_prepare:  # once, before the first step; not differentiated
+        start = eqx.combine(dyn0, static)
+        args = prepare(start, args)
+        if has_valid:
+            valid_args = prepare(start, valid_args)
     state0 = opt.init(dyn0)
     linesearch = _has_linesearch(state0)
 
@@ -171,7 +182,6 @@ def _loop_body(
         last_ok=dyn0,
         code=jnp.asarray(-1),
     )
-    has_valid = valid_fn is not _no_valid
 
     def cond(c):
         return (c["i"] < max_steps) & (c["code"] < 0)
@@ -242,18 +252,18 @@ _loop = eqx.filter_jit(_loop_body)
 def _run_loop(call: tuple, solver, learning_rate: float):
     """``_loop(*call)``: through the compiled loop kept on disk where its key is
     complete (see :mod:`diffmodel._fitting._aot`), else jitted."""
-    fn, valid_fn, callback, opt, max_steps, every = call[:6]
-    tree = call[6:]
+    fn, valid_fn, callback, prepare, opt, max_steps, every = call[:7]
+    tree = call[7:]
     if isinstance(solver, str) and callback is _no_callback:
         key = loop_key(
-            (fn, valid_fn),
+            (fn, valid_fn, prepare),
             ("minimise", solver, float(learning_rate), max_steps, every),
             tree,
         )
         if key is not None:
             outdef = jax.tree.structure((tree[0], 0, 0, 0, 0))
             flat = compiled_call(
-                functools.partial(_loop_body, *call[:6]), *key, outdef.num_leaves
+                functools.partial(_loop_body, *call[:7]), *key, outdef.num_leaves
             )
             if flat is not None:
                 return jax.tree.unflatten(outdef, flat)
@@ -304,6 +314,7 @@ def minimise(
     rtol: float = 1e-12,
     valid_fn: Callable[[Any, Any], Array] | None = None,
     valid_args: Any = None,
+    prepare: Callable[[Any, Any], Any] | None = None,
     patience: int = 100,
     callback: Callable[[int, float], None] | None = None,
     callback_every: int = 100,
@@ -331,6 +342,12 @@ def minimise(
         valid_fn, valid_args: optional validation loss ``valid_fn(params,
             valid_args)``; the best parameters on it are kept and the loop stops
             (successfully) after ``patience`` steps without improvement.
+        prepare: optional ``prepare(params, args)`` giving the data in the form
+            ``fn`` takes (features that do not depend on the optimised values, such
+            as a factor set's ``prepare``): run once, on the start, inside the
+            compiled call and before the first step, on ``args`` and on
+            ``valid_args``; not differentiated. Compiled with the loop, so a
+            process that loads a kept loop traces neither.
         callback: called on the host as ``callback(step, loss)`` every
             ``callback_every`` steps (progress reporting).
         throw: raise ``ValueError`` when the loss or gradient becomes non-finite
@@ -359,6 +376,7 @@ def minimise(
         fn,
         _no_valid if valid_fn is None else valid_fn,
         _no_callback if callback is None else callback,
+        _no_prepare if prepare is None else prepare,
         opt,
         int(max_steps),
         int(callback_every),

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from .._arrays import device_array, on_host
+
 # vLLM's default KV-cache block size, tokens per block (the traces' setting).
 VLLM_BLOCK_SIZE = 16
 
@@ -46,9 +48,10 @@ class BatchStats(eqx.Module):
         return self.num_prefill + self.num_decode
 
 
-def _f(x: ArrayLike, name: str) -> Array:
-    """``x`` as a float array; a ``ValueError`` naming argument ``name`` for text,
-    booleans or other values that are not numbers."""
+def _f(x: ArrayLike, name: str, xp=jnp) -> Array | np.ndarray:
+    """``x`` as a float array of ``xp`` (``jnp``, or ``np`` for host values); a
+    ``ValueError`` naming argument ``name`` for text, booleans or other values that
+    are not numbers."""
     if isinstance(x, jax.core.Tracer):
         return jnp.asarray(x, dtype=jnp.result_type(float))
     a = np.asarray(x)
@@ -56,7 +59,18 @@ def _f(x: ArrayLike, name: str) -> Array:
         raise ValueError(
             f"{name} must be numbers (tokens or requests), got {a.dtype} values"
         )
-    return jnp.asarray(a, dtype=jnp.result_type(float))
+    return xp.asarray(a, dtype=jnp.result_type(float))
+
+
+def _namespace(*xs):
+    """NumPy where every value is known now (the result is then moved to the device
+    once, with nothing compiled: a fresh process pays no trace per operation), else
+    ``jax.numpy``."""
+    return np if on_host(*xs) else jnp
+
+
+def _on_device(x):
+    return device_array(x) if isinstance(x, np.ndarray | np.generic) else x
 
 
 def from_aggregates(
@@ -83,18 +97,30 @@ def from_aggregates(
     ``s = K_pf/Np`` cached ones each, so ``A_pf = Np * n * (s + n/2) = P (K_pf + P/2) /
     Np``. Unequal chunks have more causal work than this (it is convex in ``n``).
     """
-    p, np_ = _f(prefill_tokens, "prefill_tokens"), _f(num_prefill, "num_prefill")
-    k_pf = _f(prefill_context_tokens, "prefill_context_tokens")
-    safe_np = jnp.where(np_ > 0, np_, 1.0)
-    a_pf = jnp.where(np_ > 0, p * (k_pf + 0.5 * p) / safe_np, 0.0)
-    return BatchStats(
-        prefill_tokens=p,
-        decode_tokens=_f(decode_tokens, "decode_tokens"),
-        num_prefill=np_,
-        num_decode=_f(num_decode, "num_decode"),
-        kv_decode=_f(kv_tokens, "kv_tokens"),
-        attn_prefill=a_pf,
-        kv_prefill=jnp.broadcast_to(k_pf, jnp.shape(a_pf)),
+    xp = _namespace(
+        prefill_tokens,
+        decode_tokens,
+        num_prefill,
+        num_decode,
+        kv_tokens,
+        prefill_context_tokens,
+    )
+    p = _f(prefill_tokens, "prefill_tokens", xp)
+    np_ = _f(num_prefill, "num_prefill", xp)
+    k_pf = _f(prefill_context_tokens, "prefill_context_tokens", xp)
+    safe_np = xp.where(np_ > 0, np_, xp.asarray(1.0, np_.dtype))
+    a_pf = xp.where(np_ > 0, p * (k_pf + 0.5 * p) / safe_np, xp.zeros_like(p))
+    return jax.tree.map(
+        _on_device,
+        BatchStats(
+            prefill_tokens=p,
+            decode_tokens=_f(decode_tokens, "decode_tokens", xp),
+            num_prefill=np_,
+            num_decode=_f(num_decode, "num_decode", xp),
+            kv_decode=_f(kv_tokens, "kv_tokens", xp),
+            attn_prefill=a_pf,
+            kv_prefill=xp.broadcast_to(k_pf, xp.shape(a_pf)),
+        ),
     )
 
 
@@ -174,6 +200,6 @@ def kv_tokens_from_usage(
     - prefix-cached blocks shared by several requests are counted once, though each
       request's decode attention reads them.
     """
-    return (
-        _f(usage_ratio, "usage_ratio") * _f(blocks_total, "blocks_total") * block_size
-    )
+    xp = _namespace(usage_ratio, blocks_total)
+    kv = _f(usage_ratio, "usage_ratio", xp) * _f(blocks_total, "blocks_total", xp)
+    return _on_device(kv * block_size)

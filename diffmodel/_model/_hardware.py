@@ -9,8 +9,9 @@ which the YAMLs lack, are written below with their public source.
 import dataclasses
 
 import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from .._arrays import device_array
 
 
 class Hardware(eqx.Module):
@@ -54,14 +55,14 @@ class Hardware(eqx.Module):
         clock_ghz=None,
         l2_bytes=None,
     ):
-        self.flops_16 = jnp.asarray(flops_16, float)
-        self.flops_8 = jnp.asarray(flops_16 if flops_8 is None else flops_8, float)
-        self.flops_4 = self.flops_8 if flops_4 is None else jnp.asarray(flops_4, float)
-        self.hbm_bw = jnp.asarray(hbm_bw, float)
-        self.link_bw = jnp.asarray(link_bw, float)
-        self.sm_count = None if sm_count is None else jnp.asarray(sm_count, float)
-        self.clock_ghz = None if clock_ghz is None else jnp.asarray(clock_ghz, float)
-        self.l2_bytes = None if l2_bytes is None else jnp.asarray(l2_bytes, float)
+        self.flops_16 = device_array(flops_16, float)
+        self.flops_8 = device_array(flops_16 if flops_8 is None else flops_8, float)
+        self.flops_4 = self.flops_8 if flops_4 is None else device_array(flops_4, float)
+        self.hbm_bw = device_array(hbm_bw, float)
+        self.link_bw = device_array(link_bw, float)
+        self.sm_count = None if sm_count is None else device_array(sm_count, float)
+        self.clock_ghz = None if clock_ghz is None else device_array(clock_ghz, float)
+        self.l2_bytes = None if l2_bytes is None else device_array(l2_bytes, float)
 
     @property
     def exp_rate(self) -> Array | None:

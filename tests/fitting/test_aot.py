@@ -205,3 +205,41 @@ json.dump({"compile_s": res.compile_seconds, "loss": loss}, sys.stdout)
     third = run()
     assert not list(loops.glob("*.xla"))
     assert run()["loss"] == third["loss"] == first["loss"]
+
+
+@pytest.mark.slow
+def test_a_second_process_fits_a_frame_without_tracing_anything(tmp_path):
+    """From a frame (the KV gauge's columns, the study's model) to fitted factors,
+    a second process traces and lowers nothing: the batch statistics and hardware
+    are built on the host, and the set's prepared features are computed inside
+    the kept loop."""
+    import json
+
+    code = r"""
+import json, sys
+import jax
+jax.config.update("jax_enable_x64", True)
+import numpy as np
+import diffmodel as dm
+from tests.helpers import host_frame
+traced = []
+def listen(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+        traced.append(kw.get("fun_name"))
+jax.monitoring.register_event_duration_secs_listener(listen)
+frame = host_frame(150).drop(columns="kv_tokens")
+rng = np.random.default_rng(0)
+frame["kv.blocks_total_gpu"] = 4000
+frame["kv.usage_gpu_ratio"] = rng.uniform(0.05, 0.9, len(frame))
+y = 3000 + 20.0 * frame["decode_tokens"] + 0.5 * frame["prefill_tokens"]
+frame["t_us"] = y * np.exp(rng.normal(0, 0.02, len(frame)))
+res = dm.fit(frame, target="t_us", factors="study-9", max_steps=40,
+             uncertainty=False)
+json.dump({"traced": traced, "loss": res.loss}, sys.stdout)
+"""
+    env = {"DIFFMODEL_COMPILATION_CACHE": str(tmp_path / "cache")}
+    first = json.loads(run_python(code, env, timeout=600))
+    second = json.loads(run_python(code, env, timeout=600))
+    assert first["traced"]
+    assert second["traced"] == []
+    assert second["loss"] == first["loss"]

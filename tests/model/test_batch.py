@@ -117,3 +117,34 @@ def test_zero_prefill_requests_gives_zero_attention_work():
         prefill_tokens=0, decode_tokens=3, num_prefill=0, num_decode=3, kv_tokens=30
     )
     assert float(s.attn_prefill) == 0.0
+
+
+def test_aggregates_on_host_equal_the_traced_path_and_land_on_the_device():
+    """Host values are computed by NumPy (nothing compiled); under ``jit`` the same
+    formula runs in ``jax.numpy``: both give the same statistics and the KV proxy."""
+    rng = np.random.default_rng(3)
+    n_pf = rng.integers(0, 3, 50).astype(float)
+    kw = dict(
+        prefill_tokens=n_pf * rng.integers(1, 900, 50),
+        decode_tokens=np.arange(50.0),
+        num_prefill=n_pf,
+        num_decode=np.arange(50.0),
+        kv_tokens=dm.kv_tokens_from_usage(rng.uniform(0, 1, 50), 700),
+        prefill_context_tokens=n_pf * 40.0,
+    )
+    host = dm.from_aggregates(**kw)
+    traced = jax.jit(lambda k: dm.from_aggregates(**k))(kw)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(traced), strict=True):
+        assert isinstance(a, jax.Array) and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    usage = rng.uniform(0, 1, 7)
+    np.testing.assert_allclose(
+        dm.kv_tokens_from_usage(usage, 64),
+        jax.jit(dm.kv_tokens_from_usage)(usage, 64),
+        rtol=1e-6,
+    )
+    scalar = dm.from_aggregates(
+        prefill_tokens=8, decode_tokens=1, num_prefill=2, num_decode=1, kv_tokens=5.0
+    )
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(scalar))
+    assert float(scalar.attn_prefill) == 8 * 4 / 2
