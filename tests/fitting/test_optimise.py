@@ -125,6 +125,34 @@ def test_validation_early_stopping_is_successful_and_keeps_the_best():
     assert float(res.params[0]) == pytest.approx(0.5, abs=0.02)
 
 
+def test_prepare_runs_once_on_the_start_for_both_losses():
+    """``prepare`` turns raw data into ``fn``'s form inside the compiled call: the
+    fit equals one on prepared data, the validation data are prepared too, and the
+    optimised values carry no gradient through it."""
+
+    def prepare(p, args):  # the rows' mean as the target; p only at the start
+        rows, scale = args
+        return rows.mean(0) + 0.0 * p, scale
+
+    rows = jnp.stack([ARGS[0] - 1.0, ARGS[0] + 1.0])
+    res = dm.minimise(
+        quadratic,
+        jnp.zeros(3),
+        (rows, ARGS[1]),
+        solver="lbfgs",
+        max_steps=100,
+        prepare=prepare,
+        valid_fn=quadratic,
+        valid_args=(rows, ARGS[1]),
+    )
+    ref = dm.minimise(quadratic, jnp.zeros(3), ARGS, solver="lbfgs", max_steps=100)
+    np.testing.assert_allclose(res.params, ref.params, atol=1e-6)
+    # The validation loss saw the prepared rows (the raw ones do not broadcast
+    # against the parameters): the same data, so the same history.
+    n = int(res.n_steps)
+    np.testing.assert_allclose(res.valid_history[:n], res.loss_history[:n])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
