@@ -45,18 +45,24 @@ def test_prior_gemm_time_is_at_least_the_compute_time(script):
 def test_collective_rows_by_hand(script):
     """1 MiB elements of half over 4 GPUs: 3/4 of 2 MiB on the wire per GPU (all-gather,
     all-to-all), twice that for all-reduce; time = latency + 3 hops x hop latency +
-    wire / (link_bw eta)."""
+    wire / (link_bw eta), eta the saturating link efficiency at the buffer's time on
+    the link; the priors' pair: a fixed efficiency and latency."""
     hw = dm.hardware("h200")
     rows = pd.DataFrame([{"num_gpus": 4, "message_size": 2**20}])
     full = 2**20 * 2
+    link_us = full / float(hw.link_bw) * 1e6
+    eta_max, lat, hop, slope, log_half = 0.5, 10.0, 2.0, 0.6, np.log(3.0)
+    eta = eta_max / (1.0 + np.exp(-slope * (np.log(link_us) - log_half)))
     for op, factor in [("all_gather", 0.75), ("alltoall", 0.75), ("all_reduce", 1.5)]:
         w = script.comm_work(op, "half", rows, hw)
-        assert w["wire"][0] == pytest.approx(factor * full, rel=1e-12)
+        assert w["bytes"][0] == full
+        t = script.predict_us("comm", [eta_max, lat, hop, slope, log_half], w)[0]
+        assert t == pytest.approx(lat + 3 * hop + factor * link_us / eta, rel=1e-9)
+        t0 = script.predict_us("comm", script.FAMILIES["comm"].prior, w)[0]
+        eta0, lat0 = script.FAMILIES["comm"].prior
+        assert t0 == pytest.approx(lat0 + factor * link_us / eta0, rel=1e-9)
     w = script.comm_work("alltoall", "int8", rows, hw)
-    assert w["wire"][0] == pytest.approx(0.75 * 2**20, rel=1e-12)
-    t = script.predict_us("comm", [0.5, 10.0, 2.0], w)[0]
-    wire_us = 0.75 * 2**20 / float(hw.link_bw) * 1e6 / 0.5
-    assert t == pytest.approx(10.0 + 3 * 2.0 + wire_us)
+    assert w["bytes"][0] == 2**20
 
 
 def test_quantize_rows_by_hand(script):

@@ -126,8 +126,10 @@ from ._tables import (
     vidur_work as vidur_work,
 )
 from ._work import (
+    COLLECTIVES as COLLECTIVES,
     KernelWork as KernelWork,
     allreduce_kernel_us as allreduce_kernel_us,
+    collective_kernel_us as collective_kernel_us,
     decode_attention_us as decode_attention_us,
     gemm_us as gemm_us,
     prefill_attention_us as prefill_attention_us,

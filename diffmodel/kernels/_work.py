@@ -15,6 +15,7 @@ from jaxtyping import Array, ArrayLike, Float
 from .._arrays import on_host
 from .._model._hardware import Hardware
 from .._model._physics import (
+    all_to_all_us,
     allreduce_us,
     attention_work,
     gemm_act_quant_bytes,
@@ -459,6 +460,53 @@ def decode_attention_us(
     return work.time_us(eff)
 
 
+_RING = {
+    "all_reduce": allreduce_us,
+    "all_gather": all_to_all_us,
+    "reduce_scatter": all_to_all_us,
+    "alltoall": all_to_all_us,
+}
+COLLECTIVES: tuple[str, ...] = tuple(_RING)
+"""NCCL collectives :func:`collective_kernel_us` times. Each GPU's link carries
+``2 (n-1)/n`` of the buffer in an all-reduce (a reduce-scatter, then an all-gather:
+``allreduce_us``), ``(n-1)/n`` in the others (an all-gather and a reduce-scatter
+move every other GPU's share once; an all-to-all sends the share bound for the other
+GPUs: ``all_to_all_us``)."""
+
+
+def collective_kernel_us(
+    op: str,
+    bytes_: ArrayLike,
+    n_gpus: ArrayLike,
+    eff: AllReduceCurve | tuple[ArrayLike, ArrayLike],
+    link_bw: ArrayLike,
+) -> Array:
+    """Predicted time of one collective ``op`` (:data:`COLLECTIVES`) of a
+    ``bytes_``-byte buffer over ``n_gpus`` GPUs with ``link_bw`` bytes/s per
+    direction, us; 0 on one GPU.
+
+    ``latency + (n-1) hop_us + s (n-1)/n bytes / (link_bw eta(x)) (n/2)^gamma``, ``s``
+    2 for an all-reduce and 1 for the others,
+    with an :class:`AllReduceCurve` (``x`` the buffer's bytes, or for a portable
+    curve its time on the link at full bandwidth, ``bytes / link_bw`` in us; the
+    GPU exponent and hop term where the curve has them), or with ``eff`` a pair
+    (link efficiency, latency in us): a fixed efficiency, no hop term. The
+    saturating efficiency covers NCCL's choice of protocol by size: small buffers
+    go at a fraction of the link (the low-latency protocols), large ones near it.
+    """
+    if op not in _RING:
+        raise ValueError(f"op must be one of {list(COLLECTIVES)}, got {op!r}")
+    n = jnp.asarray(n_gpus)
+    if isinstance(eff, AllReduceCurve):
+        x = jnp.asarray(bytes_) / link_bw * 1e6 if eff.portable else bytes_
+        eta, latency = eff.bandwidth(x), eff.latency_at(n)
+        if eff.gpu_exponent is not None:
+            eta = eta * jnp.exp(-eff.gpu_exponent * jnp.log(n / 2.0))
+    else:
+        eta, latency = eff
+    return _RING[op](bytes_, n, link_bw, eta, latency)
+
+
 def allreduce_kernel_us(
     bytes_: ArrayLike,
     n_gpus: ArrayLike,
@@ -470,13 +518,7 @@ def allreduce_kernel_us(
     ``eff`` is an :class:`AllReduceCurve` or a pair (link efficiency, latency in us);
     a portable curve takes the message's time on the link, ``bytes / link_bw`` (us);
     one with a GPU exponent scales the transfer by ``(n_gpus / 2)^gamma``; one with
-    a hop term adds ``(n_gpus - 1) hop_us`` to its latency.
+    a hop term adds ``(n_gpus - 1) hop_us`` to its latency
+    (:func:`collective_kernel_us` with ``op="all_reduce"``).
     """
-    if isinstance(eff, AllReduceCurve):
-        x = jnp.asarray(bytes_) / hw.link_bw * 1e6 if eff.portable else bytes_
-        eta, latency = eff.bandwidth(x), eff.latency_at(n_gpus)
-        if eff.gpu_exponent is not None:  # as an efficiency: allreduce_us is a ring
-            eta = eta * jnp.exp(-eff.gpu_exponent * jnp.log(jnp.asarray(n_gpus) / 2.0))
-    else:
-        eta, latency = eff
-    return allreduce_us(bytes_, n_gpus, hw.link_bw, eta, latency)
+    return collective_kernel_us("all_reduce", bytes_, n_gpus, eff, hw.link_bw)
