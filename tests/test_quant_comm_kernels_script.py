@@ -56,13 +56,22 @@ def test_collective_rows_by_hand(script):
     for op, factor in [("all_gather", 0.75), ("alltoall", 0.75), ("all_reduce", 1.5)]:
         w = script.comm_work(op, "half", rows, hw)
         assert w["bytes"][0] == full
-        t = script.predict_us("comm", [eta_max, lat, hop, slope, log_half], w)[0]
+        params = [eta_max, lat, hop, slope, log_half, 1.0]
+        t = script.predict_us("comm", params, w)[0]
         assert t == pytest.approx(lat + 3 * hop + factor * link_us / eta, rel=1e-9)
         t0 = script.predict_us("comm", script.FAMILIES["comm"].prior, w)[0]
         eta0, lat0 = script.FAMILIES["comm"].prior
         assert t0 == pytest.approx(lat0 + factor * link_us / eta0, rel=1e-9)
     w = script.comm_work("alltoall", "int8", rows, hw)
     assert w["bytes"][0] == 2**20
+    # A PCIe card: the GPU exponent divides the efficiency by (n/2)^gamma.
+    l40s = dm.hardware("l40s")
+    w = script.comm_work("alltoall", "half", rows, l40s)
+    assert w["shared_fabric"][0] == 1.0
+    link_us = full / float(l40s.link_bw) * 1e6
+    eta = eta_max / (1.0 + np.exp(-slope * (np.log(link_us) - log_half)))
+    t = script.predict_us("comm", [eta_max, lat, hop, slope, log_half, 1.0], w)[0]
+    assert t == pytest.approx(lat + 3 * hop + 0.75 * link_us / eta * 2.0, rel=1e-9)
 
 
 def test_quantize_rows_by_hand(script):

@@ -480,6 +480,8 @@ def collective_kernel_us(
     n_gpus: ArrayLike,
     eff: AllReduceCurve | tuple[ArrayLike, ArrayLike],
     link_bw: ArrayLike,
+    *,
+    shared_fabric: ArrayLike = 1.0,
 ) -> Array:
     """Predicted time of one collective ``op`` (:data:`COLLECTIVES`) of a
     ``bytes_``-byte buffer over ``n_gpus`` GPUs with ``link_bw`` bytes/s per
@@ -493,6 +495,11 @@ def collective_kernel_us(
     (link efficiency, latency in us): a fixed efficiency, no hop term. The
     saturating efficiency covers NCCL's choice of protocol by size: small buffers
     go at a fraction of the link (the low-latency protocols), large ones near it.
+
+    ``shared_fabric`` (per row, 0 to 1) scales the GPU exponent: 1 (default) where
+    it applies, e.g. PCIe cards whose traffic all crosses their host
+    (:func:`diffmodel.gpu_class` ``"pcie"``), 0 where every GPU has its own links
+    and the ring's ``(n-1)/n`` is the whole story.
     """
     if op not in _RING:
         raise ValueError(f"op must be one of {list(COLLECTIVES)}, got {op!r}")
@@ -501,7 +508,8 @@ def collective_kernel_us(
         x = jnp.asarray(bytes_) / link_bw * 1e6 if eff.portable else bytes_
         eta, latency = eff.bandwidth(x), eff.latency_at(n)
         if eff.gpu_exponent is not None:
-            eta = eta * jnp.exp(-eff.gpu_exponent * jnp.log(n / 2.0))
+            gamma = eff.gpu_exponent * jnp.asarray(shared_fabric)
+            eta = eta * jnp.exp(-gamma * jnp.log(n / 2.0))
     else:
         eta, latency = eff
     return _RING[op](bytes_, n, link_bw, eta, latency)

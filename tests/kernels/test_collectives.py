@@ -56,3 +56,26 @@ def test_jit_and_gradient_in_the_bytes():
 def test_an_unknown_collective_is_named():
     with pytest.raises(ValueError, match="op must be one of.*'broadcast'"):
         dk.collective_kernel_us("broadcast", 1e6, 2.0, CURVE, H200.link_bw)
+
+
+def test_the_gpu_exponent_applies_where_the_fabric_is_shared():
+    """``(n/2)^gamma`` on the transfer of the rows with ``shared_fabric`` 1, none on
+    those with 0 (own links: the ring alone)."""
+    import equinox as eqx
+
+    curve = eqx.tree_at(
+        lambda c: c.gpu_exponent,
+        dk.default_allreduce_curve(portable=True),
+        jnp.asarray(1.0),
+    )
+    b, n = 64e6, 8.0
+    ring = dk.collective_kernel_us("all_gather", b, n, curve, H200.link_bw)
+    flat = eqx.tree_at(lambda c: c.gpu_exponent, curve, jnp.asarray(0.0))
+    own = dk.collective_kernel_us("all_gather", b, n, flat, H200.link_bw)
+    got = dk.collective_kernel_us(
+        "all_gather", np.full(2, b), n, curve, H200.link_bw, shared_fabric=np.eye(2)[0]
+    )
+    lat = float(curve.latency_us)
+    assert float(got[0]) == pytest.approx(float(ring), rel=1e-10)
+    assert float(got[1]) == pytest.approx(float(own), rel=1e-10)
+    assert float(ring) - lat == pytest.approx((float(own) - lat) * n / 2, rel=1e-10)
