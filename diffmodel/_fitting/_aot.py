@@ -50,6 +50,9 @@ from .._paths import compilation_cache_dir, xla_flags
 MAX_FILES = 64
 """Most compiled loops kept on disk (each ~0.4 MB)."""
 
+_FRESH_OPTIONS = {"xla_embed_ir_in_executable": False}
+"""An XLA option at its default value: the same code under another cache key."""
+
 _SUFFIX = ".xla"
 _MEMORY: collections.OrderedDict[str, Callable] = collections.OrderedDict()
 _MEMORY_SIZE = 16
@@ -202,8 +205,14 @@ def _compile(body, treedef, others, leaves, folder, key):
     compiled = lowered.compile()
     # An executable JAX's persistent cache handed back serializes without some of
     # its functions (jaxlib 0.10, XLA:CPU: "Function ... not found" when a later
-    # process runs it): only a fresh compile is kept.
-    fresh = _CACHE_HITS.count() == hits
+    # process runs it): only a fresh compile is kept. A hit here means the cache
+    # holds this very program under another key of ours (a new diffmodel whose
+    # loop compiles to the same code): compile it once more under a cache key of
+    # its own, so that it is kept and later processes trace nothing.
+    after = _CACHE_HITS.count()
+    if after != hits:
+        compiled = lowered.compile(compiler_options=_FRESH_OPTIONS)
+    fresh = _CACHE_HITS.count() == after
     if fresh and "custom_call" not in lowered.as_text():
         _save(folder, key, compiled)
     return compiled

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float
 
+from .._arrays import device_array
 from .._fitting._base import (
     AbstractFactorSet,
     StepData,
@@ -437,19 +438,19 @@ def init_factor_set(
     dtype = jnp.result_type(float)
     if kind == "global":
         return GlobalFactors(
-            raw=jnp.zeros(n, dtype),
+            raw=device_array(np.zeros(n), dtype),
             prior=p,
             global_prior_scale=global_prior_scale,
             noise_scale=float(noise_scale),
         )
     if kind == "per-model":
         return PerGroupFactors(
-            raw=jnp.zeros((g, n), dtype), prior=p, labels=tuple(labels)
+            raw=device_array(np.zeros((g, n)), dtype), prior=p, labels=tuple(labels)
         )
     return HierarchicalFactors(
-        global_raw=jnp.zeros(n, dtype),
-        offsets=jnp.zeros((g, n), dtype),
-        log_prior_scale=jnp.log(jnp.asarray(prior_scale, dtype)),
+        global_raw=device_array(np.zeros(n), dtype),
+        offsets=device_array(np.zeros((g, n)), dtype),
+        log_prior_scale=device_array(np.log(prior_scale), dtype),
         prior=p,
         noise_scale=float(noise_scale),
         learn_prior_scale=bool(learn_prior_scale),

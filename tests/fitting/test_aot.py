@@ -100,6 +100,41 @@ def test_an_executable_from_the_compilation_cache_is_not_kept(folder, monkeypatc
     assert not list(folder.glob("*.xla"))
 
 
+class _FirstHits:
+    """The hit counter of a compile that JAX's cache answers the first time only
+    (the same program under another key of ours)."""
+
+    def __init__(self):
+        self.seq = iter([0, 1, 1])
+
+    def count(self):
+        return next(self.seq)
+
+
+def test_a_loop_the_cache_answered_is_compiled_under_its_own_key_and_kept(
+    folder, monkeypatch
+):
+    """A cache hit (the same program compiled by an earlier diffmodel) is compiled
+    once more under a key of its own, with an option at its default, and kept."""
+    reference = _fit()
+    for path in folder.glob("*.xla"):
+        path.unlink()
+    monkeypatch.setattr(_aot, "_MEMORY", type(_aot._MEMORY)())
+    monkeypatch.setattr(_aot, "_CACHE_HITS", _FirstHits())
+    options = []
+    real = jax.stages.Lowered.compile
+
+    def compile_(self, compiler_options=None, **kw):
+        options.append(compiler_options)
+        return real(self, compiler_options=compiler_options, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_)
+    res = _fit()
+    assert options == [None, _aot._FRESH_OPTIONS]
+    assert len(list(folder.glob("*.xla"))) == 1
+    np.testing.assert_array_equal(res.loss_history, reference.loss_history)
+
+
 def test_a_kept_loop_that_does_not_run_is_dropped(folder, monkeypatch):
     reference = _fit()
     (path,) = folder.glob("*.xla")
@@ -198,13 +233,19 @@ json.dump({"compile_s": res.compile_seconds, "loss": loss}, sys.stdout)
     assert first["compile_s"] > 0.05
     assert second["compile_s"] == 0.0
     assert second["loss"] == first["loss"]
-    # Without the kept loop, a process compiles from JAX's persistent cache and
-    # keeps nothing (such an executable would not run in a later process).
+    # Without the kept loop, JAX's persistent cache answers the compile with an
+    # executable that would not run in a later process: the loop is compiled once
+    # more under another key and kept; when that key is answered too, nothing is.
     for path in loops.glob("*.xla"):
         path.unlink()
     third = run()
+    assert third["compile_s"] > 0.05 and len(list(loops.glob("*.xla"))) == 1
+    assert run()["compile_s"] == 0.0
+    for path in loops.glob("*.xla"):
+        path.unlink()
+    fifth = run()
     assert not list(loops.glob("*.xla"))
-    assert run()["loss"] == third["loss"] == first["loss"]
+    assert fifth["loss"] == third["loss"] == first["loss"]
 
 
 @pytest.mark.slow
