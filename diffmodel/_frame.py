@@ -11,7 +11,7 @@ from ._model._batch import (
     VLLM_BLOCK_SIZE,
     BatchStats,
     from_aggregates,
-    kv_tokens_from_usage,
+    kv_product,
 )
 from ._model._deployment import (
     Deployment,
@@ -256,7 +256,7 @@ def stats_from_frame(
         _first_bad(
             blocks[0], blocks[1], blocks[1] == 0, "> 0 (a KV cache holds some blocks)"
         )
-        kv = np.asarray(kv_tokens_from_usage(usage[1], blocks[1], block_size))
+        kv = kv_product(usage[1], blocks[1], block_size)  # stays on the host
         # The gauge holds every running request's cache; a step without a decoding
         # request reads none of it in decode attention.
         kv = np.where(counts["num_decode_reqs"][1] > 0, kv, 0.0)

@@ -343,14 +343,15 @@ def comm_us(params, w: dict[str, np.ndarray]) -> np.ndarray:
     """Time of collective rows, us: ``params`` the priors' pair (link efficiency,
     latency in us) or the fitted ``COMM_PARAMS`` (:func:`comm_curve`)."""
     eff = tuple(params) if len(params) == 2 else comm_curve(params)
-    ops = ("alltoall", "all_reduce")  # alltoall: the (n-1)/n ring of the others
-    t = [
-        collective_kernel_us(
-            op, w["bytes"], w["gpus"], eff, w["bw"], shared_fabric=w["shared_fabric"]
-        )
-        for op in ops
-    ]
-    return np.where(w["all_reduce"] > 0, np.asarray(t[1]), np.asarray(t[0]))
+    ar = w["all_reduce"] > 0
+    if ar.any() != ar.all():
+        raise ValueError("comm_us: rows of an all-reduce and of another collective")
+    # alltoall stands for the (n-1)/n ring of the others.
+    op = "all_reduce" if ar.any() else "alltoall"
+    t = collective_kernel_us(
+        op, w["bytes"], w["gpus"], eff, w["bw"], shared_fabric=w["shared_fabric"]
+    )
+    return np.asarray(t)
 
 
 def quant_work(op: str, rows: pd.DataFrame, hw: dm.Hardware) -> dict[str, np.ndarray]:

@@ -200,6 +200,12 @@ def kv_tokens_from_usage(
     - prefix-cached blocks shared by several requests are counted once, though each
       request's decode attention reads them.
     """
+    return _on_device(kv_product(usage_ratio, blocks_total, block_size))
+
+
+def kv_product(usage_ratio, blocks_total, block_size: int = VLLM_BLOCK_SIZE):
+    """:func:`kv_tokens_from_usage` left where it was computed: a NumPy array for
+    host values (for callers that go on working on the host), else traced."""
     xp = _namespace(usage_ratio, blocks_total)
     kv = _f(usage_ratio, "usage_ratio", xp) * _f(blocks_total, "blocks_total", xp)
-    return _on_device(kv * block_size)
+    return kv * block_size
