@@ -32,7 +32,7 @@ FEATURES = [
     ("FP8 GEMMs, per-tensor", "Llama-3.1-70B FP8", "gpus", "gemm_fp8", 10.0),
     ("", "with the GPU's shape grid (opt-in)", "gpus", f"gemm_fp8{GRID}", 10.0),
     (
-        "FP8 GEMMs, 128-blocks",
+        "FP8 GEMMs, 128-blocks (tables with a host floor per call)",
         "DeepSeek-V3, Qwen3 FP8",
         "quant_comm_kernels",
         "gemm_fp8_block",
