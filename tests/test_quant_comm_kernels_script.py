@@ -42,6 +42,71 @@ def test_prior_gemm_time_is_at_least_the_compute_time(script):
     assert np.isfinite(t)
 
 
+def test_block_gemm_host_floor_overlaps_the_roofline(script):
+    """``overlap`` 1 is the roofline plus the floor, a large one their maximum, and
+    the prior (latency 0) the plain roofline."""
+    hw = dm.hardware("h100-sxm")
+    rows = pd.DataFrame([{"m": 1, "n": 64, "k": 64}, {"m": 8192, "n": 8192, "k": 8192}])
+    w = script.gemm_work("fp8_block", rows, hw)
+    roof = np.asarray(
+        dm.kernels.roofline_us(w["flops"], w["bytes"], w["peak"], w["bw"], 0.7, 0.8)
+    )
+
+    def at(overlap):
+        return script.predict_us("gemm_block", [0.7, 0.8, 80.0, overlap], w)
+
+    np.testing.assert_allclose(at(1.0), roof + 80.0, rtol=1e-9)
+    np.testing.assert_allclose(at(30.0), np.maximum(roof, 80.0), rtol=0.03)
+    assert np.all(at(2.0) < roof + 80.0) and np.all(at(2.0) > np.maximum(roof, 80.0))
+    prior = script.FAMILIES["gemm_block"].prior
+    np.testing.assert_allclose(
+        script.predict_us("gemm_block", prior, w),
+        dm.kernels.roofline_us(w["flops"], w["bytes"], w["peak"], w["bw"], *prior[:2]),
+        rtol=1e-9,
+    )
+
+
+def test_block_gemm_note_compares_with_the_per_tensor_kernel(script, tmp_path):
+    """Shapes long enough at the FP8 peak are compared with the per-tensor table's
+    row of the same shape; the pair floor is over rows m, m + 1."""
+    hw = dm.hardware("h100-sxm")
+    big = {"n": 16384, "k": 16384}
+    block = pd.DataFrame(
+        [
+            {"m": 4096, **big, "latency_us": 900.0},
+            {"m": 4097, **big, "latency_us": 1100.0},
+        ]
+    )
+    folder = tmp_path / "h100_sxm" / "gemm" / "vllm" / "0.24.0"
+    folder.mkdir(parents=True)
+    pd.DataFrame(
+        [
+            {
+                "gemm_dtype": "fp8",
+                "kernel_source": "cutlass",
+                "m": 4096,
+                **big,
+                "latency": 1.0,
+            },
+            {
+                "gemm_dtype": "fp8",
+                "kernel_source": "cutlass",
+                "m": 4097,
+                **big,
+                "latency": 1.0,
+            },
+        ]
+    ).to_parquet(folder / "gemm_perf.parquet")
+    tables = {
+        ("gemm_block", "gemm_fp8_block", "fp8_block"): {"h100_sxm": (block, "0.24.0")}
+    }
+    note = script.block_gemm_note(tmp_path, tables, {"h100_sxm": hw})
+    # |900 - 1000| / 900 and |1100 - 1000| / 1100: 11.1 and 9.1%
+    assert "h100-sxm pairs 10.1% on 2 rows" in note
+    assert "block / per-tensor 1.00 (0.92-1.08, 2 shapes)" in note
+    assert script.block_gemm_note(tmp_path, {}, {}) == ""
+
+
 def test_collective_rows_by_hand(script):
     """1 MiB elements of half over 4 GPUs: 3/4 of 2 MiB on the wire per GPU (all-gather,
     all-to-all), twice that for all-reduce; time = latency + 3 hops x hop latency +
@@ -165,7 +230,7 @@ def test_a_table_of_several_kernels_keeps_the_one_on_most_rows(script):
 def test_gemm_floor_note_names_each_tables_fastest_row(script):
     rows = pd.DataFrame({"m": [1, 64], "n": [64, 64], "k": [64, 64]})
     tables = {
-        ("gemm", "gemm_fp8_block", "fp8_block"): {
+        ("gemm_block", "gemm_fp8_block", "fp8_block"): {
             "h100_sxm": (rows.assign(latency_us=[77.4, 90.0]), "0.24.0")
         },
         ("quantize", "scale_matrix", "fp8"): {"h100_sxm": (rows, "0.24.0")},
