@@ -263,6 +263,20 @@ def inner_peers(names: list[str]) -> list[np.ndarray]:
     return out
 
 
+def choose_form(summary: dict, per_peer: dict, select: str) -> str:
+    """The form with the lowest inner ``summary`` error (ties: the first); under
+    ``select="one_se"`` the constant roofline instead when the chosen form's gain
+    over it, per inner peer (``per_peer``: MAPE per inner held-out GPU), is at most
+    its standard error (always with a single peer)."""
+    form = min(summary, key=summary.get)
+    if select == "one_se" and form != "constant":
+        gain = np.asarray(per_peer["constant"]) - np.asarray(per_peer[form])
+        se = gain.std(ddof=1) / np.sqrt(gain.size) if gain.size > 1 else np.inf
+        if gain.mean() <= se:
+            form = "constant"
+    return form
+
+
 def leave_one_gpu_out(
     family, gathered, predict, unc, y, gpu, options, inner_options, select="mean"
 ):
@@ -270,7 +284,11 @@ def leave_one_gpu_out(
     offsets of those that run its kernel (:func:`held_out_offsets`); the form chosen
     by an inner leave-one-GPU-out over those others, by the same rule: the lowest
     mean MAPE over the inner held-out GPUs of its class (:func:`inner_peers`;
-    ``select="mean"``) or the lowest worst one (``"worst"``)."""
+    ``select="mean"``), the lowest worst one (``"worst"``), or the lowest mean
+    unless the constant roofline is within one standard error of it (``"one_se"``,
+    the one-standard-error rule with the constant as the simplest model: the
+    standard error of the per-peer differences, the constant when there is a single
+    peer)."""
     n_g = len(gathered)
     kernels = kernel_of(gathered)
     names = [SYSTEMS[system] for system, _, _ in gathered]
@@ -288,6 +306,7 @@ def leave_one_gpu_out(
         )
 
     inner_err = {}
+    peer_err = {}
     outer_pred = {}
     for form in FORMS:
         init = init_for(family, form)
@@ -305,6 +324,7 @@ def leave_one_gpu_out(
         for f, (g, h) in enumerate(pairs):
             err[g, h] = mape(y[gpu == h], pred[f][gpu == h])
         inner_err[form] = np.array([summary(err[g, peers[g]]) for g in range(n_g)])
+        peer_err[form] = err
         curves, off = dk.fit_folds(
             predict, y, outer_train, gpu, init, n_gpus=n_g, options=options
         )
@@ -319,10 +339,15 @@ def leave_one_gpu_out(
         [summary(unc_by_gpu[peers[g]]) for g in range(n_g)]
     )
     outer_pred["constant"] = (np.stack([unc] * n_g), 0)
+    peer_err["constant"] = np.broadcast_to(unc_by_gpu, (n_g, n_g))
     candidates = (*FORMS, "constant")
     out = []
     for g, (system, backend, _) in enumerate(gathered):
-        form = min(candidates, key=lambda f, g=g: inner_err[f][g])
+        form = choose_form(
+            {f: inner_err[f][g] for f in candidates},
+            {f: peer_err[f][g, peers[g]] for f in candidates},
+            select,
+        )
         pred, k = outer_pred[form]
         sel = gpu == g
         inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
@@ -389,8 +414,8 @@ def main(
     """Run both protocols on every family, write ``gpus.csv``, print the table.
     ``select``: how the inner leave-one-GPU-out picks the form (mean or worst
     MAPE over the inner held-out GPUs)."""
-    if select not in ("mean", "worst"):
-        raise ValueError(f"select must be 'mean' or 'worst', got {select!r}")
+    if select not in ("mean", "worst", "one_se"):
+        raise ValueError(f"select must be 'mean', 'worst' or 'one_se', got {select!r}")
     jax.config.update("jax_enable_x64", True)
     options = (
         dk.FitOptions(adam_steps=400, lbfgs_steps=60) if options is None else options
@@ -439,9 +464,10 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--select",
-        choices=("mean", "worst"),
+        choices=("mean", "worst", "one_se"),
         default="mean",
-        help="inner leave-one-GPU-out picks the form by mean or by worst MAPE",
+        help="inner leave-one-GPU-out picks the form by mean or by worst MAPE, or "
+        "by mean unless the constant roofline is within one standard error",
     )
     args = parser.parse_args()
     main(

@@ -88,3 +88,23 @@ def test_table_shows_the_shape_grid_where_measured(gpus):
     text = gpus.table_text(table)
     assert "| gemm_bf16 | held_out_shapes | h100-sxm | 40.0 | 9.0 | 7.0 | 60 |" in text
     assert "| gemm_bf16 | leave_one_gpu_out | h100-sxm | 35.0 | 13.0 |  | 60 |" in text
+
+
+def test_choose_form_by_mean_or_one_standard_error(gpus):
+    summary = {"portable": 20.0, "absolute": 24.0, "constant": 22.0}
+    # Gains over the constant per peer: 4 and 0 (mean 2, se 2): within one se.
+    noisy = {"portable": [18.0, 22.0], "absolute": [24.0, 24.0], "constant": [22, 22]}
+    assert gpus.choose_form(summary, noisy, "mean") == "portable"
+    assert gpus.choose_form(summary, noisy, "one_se") == "constant"
+    # 3, 1 and 2: mean 2, se 0.58, a gain beyond it.
+    steady = {
+        "portable": [19.0, 21.0, 20.0],
+        "absolute": [24.0, 24.0, 24.0],
+        "constant": [22.0, 22.0, 22.0],
+    }
+    assert gpus.choose_form(summary, steady, "one_se") == "portable"
+    single = {f: v[:1] for f, v in steady.items()}  # one peer: no error bar
+    assert gpus.choose_form(summary, single, "one_se") == "constant"
+    assert gpus.choose_form({"constant": 5.0, "portable": 6.0}, {}, "one_se") == (
+        "constant"
+    )

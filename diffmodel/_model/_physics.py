@@ -253,6 +253,7 @@ def moe_work(
     weight_bytes: ArrayLike = 2.0,
     act_bytes: ArrayLike = 2.0,
     routing: str = "uniform",
+    up_projections: ArrayLike = 2.0,
 ) -> tuple[Array, Array]:
     """FLOPs and bytes of a fused gated-MLP MoE layer (per GPU: pass ``F_e / t``).
 
@@ -260,12 +261,16 @@ def moe_work(
     expert); weight bytes count the distinct experts touched (:func:`touched_experts`
     under ``routing``, ``"uniform"`` by default); activations are read once per
     (token, expert) pair and the gated intermediate written and read back.
+    ``up_projections``: the expert's projections before its activation, 2 for a
+    gated MLP (gate and up: ``3 H F_e`` weights), 1 for a plain one (Nemotron-H's
+    squared ReLU: ``2 H F_e``).
     """
     t = jnp.asarray(tokens)
-    per_expert = 3.0 * hidden * expert_ffn
+    matrices = jnp.asarray(up_projections) + 1.0
+    per_expert = matrices * hidden * expert_ffn
     touched = touched_experts(t, n_experts, top_k, routing)
     flops = 2.0 * routed_slots(t, top_k, touched, routing) * per_expert
-    acts = t * top_k * (2.0 * hidden + 3.0 * expert_ffn) + t * hidden
+    acts = t * top_k * (2.0 * hidden + matrices * expert_ffn) + t * hidden
     return flops, touched * per_expert * weight_bytes + acts * act_bytes
 
 

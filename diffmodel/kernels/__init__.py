@@ -95,7 +95,10 @@ from ._mla import (
 )
 from ._moe import (
     ExpertLoads as ExpertLoads,
+    moe_kernel_work as moe_kernel_work,
+    moe_up_projections as moe_up_projections,
     moe_us as moe_us,
+    plain_moe_shapes as plain_moe_shapes,
     power_law_loads as power_law_loads,
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted

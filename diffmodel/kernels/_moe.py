@@ -100,6 +100,70 @@ def vllm_tuned_moe(table: pd.DataFrame, *, strict: bool = True) -> np.ndarray:
     return tuned.to_numpy(float) if hasattr(tuned, "to_numpy") else tuned
 
 
+# Nemotron-H's experts: one up projection, then a squared ReLU (``mlp_hidden_act``).
+PLAIN_MLP_ACTIVATIONS = ("relu2",)
+
+
+@functools.cache
+def plain_moe_shapes() -> frozenset:
+    """``(hidden, inter, topk, experts)`` of the MoE models whose experts are a plain
+    MLP (:data:`PLAIN_MLP_ACTIVATIONS`), from the model configs an installed
+    ``aiconfigurator-core`` ships (empty without it). ``hidden`` is the config's
+    ``hidden_size`` and, where it has one, its ``moe_latent_size`` (the experts of a
+    latent MoE, Nemotron-3 Super and Ultra, work in that width; the database's
+    tables time both)."""
+    from .._model._catalog import installed_configs, read_config_file
+
+    shapes = set()
+    for path in installed_configs().values():
+        c = read_config_file(path)
+        c = c.get("text_config", c)
+        if c.get("mlp_hidden_act") not in PLAIN_MLP_ACTIVATIONS:
+            continue
+        experts = c.get("n_routed_experts") or c.get("num_experts")
+        inter, topk = c.get("moe_intermediate_size"), c.get("num_experts_per_tok")
+        if not (experts and inter and topk):
+            continue
+        for hidden in (c.get("hidden_size"), c.get("moe_latent_size")):
+            if hidden:
+                shapes.add((int(hidden), int(inter), int(topk), int(experts)))
+    return frozenset(shapes)
+
+
+# aiconfigurator's older vLLM collector (``kernel_source`` ``vllm_fused_moe``, the
+# vLLM 0.14.0 tables of A100 and H100) timed every shape with vLLM's default gated
+# activation: fitted on all rows, its Nemotron rows fit as gated (H100: 13.6%
+# in-sample MAPE against 17.9% as plain MLPs; A100 likewise), the newer tables' as
+# plain.
+GATED_COLLECTORS = ("vllm_fused_moe",)
+
+
+def moe_up_projections(table: pd.DataFrame) -> np.ndarray:
+    """Per MoE row, the experts' projections before their activation: the row's
+    ``up_projections`` column where the table has one (1 or 2), else 1 for the
+    shapes of :func:`plain_moe_shapes` and 2 (gate and up) for every other, and 2
+    for rows of :data:`GATED_COLLECTORS`. ``ValueError`` naming the column for any
+    other value."""
+    if "up_projections" in table:
+        up = table["up_projections"].to_numpy(float)
+        if not np.isin(up, (1.0, 2.0)).all():
+            raise ValueError(
+                "column 'up_projections' must be 1 (plain MLP) or 2 (gated MLP); "
+                f"got {sorted(set(up[~np.isin(up, (1.0, 2.0))].tolist()))[:5]}"
+            )
+        return up
+    plain = plain_moe_shapes()
+    keys = zip(
+        *(table[c].to_numpy(int) for c in ("hidden_size", "inter_size", "topk")),
+        table["num_experts"].to_numpy(int),
+        strict=True,
+    )
+    up = np.array([1.0 if k in plain else 2.0 for k in keys])
+    if "kernel_source" in table:
+        up[table["kernel_source"].isin(GATED_COLLECTORS).to_numpy()] = 2.0
+    return up
+
+
 class ExpertLoads(eqx.Module):
     """What a skewed routing gives the GPU measured (arrays, one per kernel).
 
@@ -168,6 +232,7 @@ def moe_kernel_work(
     loads: "ExpertLoads | None" = None,
     local_only: ArrayLike = 0.0,
     compute_bytes: ArrayLike | None = None,
+    up_projections: ArrayLike = 2.0,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -211,18 +276,25 @@ def moe_kernel_work(
     GEMM's epilogue: their activations are the local slots' without the unfused
     intermediate, and their blocks ``(T k/ep / 64 + E/ep) ceil(2 F/tp / 128)``. 0
     is vLLM's Triton kernel.
+
+    ``up_projections`` (per kernel): the experts' projections before their
+    activation, 2 for a gated MLP (gate and up, the default), 1 for a plain one
+    (Nemotron-H's squared ReLU; :func:`moe_up_projections`): weights, FLOPs, the
+    intermediate and the gate+up GEMM's tiles count ``up_projections F/tp`` columns
+    where a gated MLP counts ``2 F/tp``.
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
     top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
     e_local, k_local = n_experts / ep, top_k / ep
     f_local = jnp.asarray(inter) / tp
+    up = jnp.asarray(up_projections, float)
     work = (tokens, hidden, f_local, e_local, k_local)
-    f, b = moe_work(*work, weight_bytes, act_bytes, routing)
-    _, acts_local = moe_work(*work, 0.0, act_bytes, routing)
+    f, b = moe_work(*work, weight_bytes, act_bytes, routing, up)
+    _, acts_local = moe_work(*work, 0.0, act_bytes, routing, up)
     _, acts_all = moe_work(
-        tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing
+        tokens, hidden, f_local, n_experts, top_k, 0.0, act_bytes, routing, up
     )
-    unfused = tokens * top_k * 3.0 * f_local * act_bytes
+    unfused = tokens * top_k * (up + 1.0) * f_local * act_bytes
     # The pass over every routed slot outside the grouped GEMMs (the sum of each
     # token's k outputs; FlashInfer's expand and finalize): a kernel of its own,
     # serial with them, so timed on its own (``KernelWork.pre_bytes``).
@@ -244,14 +316,14 @@ def moe_kernel_work(
         token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
         w_routing = touched_experts(tokens, e_local, k_local, routing)
         slots = routed_slots(tokens, k_local, w_routing, routing)
-        per_w = 3.0 * jnp.asarray(hidden) * f_local * weight_bytes
+        per_w = (up + 1.0) * jnp.asarray(hidden) * f_local * weight_bytes
         b = b + (touched - w_routing) * per_w
     f = f * token_tiles * bm / jnp.where(slots > 0, slots, 1.0)
-    units = token_tiles * jnp.ceil(2.0 * f_local / bn)
+    units = token_tiles * jnp.ceil(up * f_local / bn)
     grid_slots = jnp.where(local > 0, tokens * k_local, tokens * top_k)
     grid_experts = jnp.where(local > 0, e_local, n_experts)
     blocks = (grid_slots / MOE_TILE_M + grid_experts) * jnp.ceil(
-        2.0 * f_local / MOE_TILE_N
+        up * f_local / MOE_TILE_N
     )
     width = weight_bytes if compute_bytes is None else compute_bytes
     return _work(f, b, _peak(hw, width), hw, units, blocks, tuned, pre=slot_pass)

@@ -40,6 +40,7 @@ from ..kernels._moe import (
     ExpertLoads,
     moe_kernel_work,
     moe_local_only,
+    moe_up_projections,
     power_law_loads,
     vllm_tuned_moe,
 )
@@ -390,6 +391,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         tuned=jnp.asarray(vllm_tuned_moe(table, strict=False)),
         loads=loads,
         local_only=jnp.asarray(moe_local_only(table)),
+        up_projections=jnp.asarray(moe_up_projections(table)),
     )
 
 

@@ -1,6 +1,7 @@
 """MoE kernels: predictions and work by hand, vLLM's tuned configs, power-law
 routing."""
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +12,9 @@ from diffmodel._model._physics import moe_work
 from diffmodel.kernels._moe import (
     moe_kernel_work,
     moe_local_only,
+    moe_up_projections,
     moe_us,
+    plain_moe_shapes,
     power_law_loads,
     vllm_tuned_moe,
 )
@@ -58,6 +61,58 @@ def test_moe_balanced_work_by_hand():
     assert float(w.units) == 8 * 16 * (2 * fm / 64) and float(w.tuned) == 1.0
     with pytest.raises(ValueError, match="routing"):
         moe_kernel_work(1.0, h, f, 8.0, 256.0, H100, routing="zipf")
+
+
+def test_plain_mlp_experts_by_hand():
+    """Nemotron-H's experts: one up projection and a squared ReLU, so two matrices
+    of weights and FLOPs, an ``F`` intermediate and gate+up tiles over ``F``
+    columns, where a gated MLP has three, ``2 F`` and ``2 F``."""
+    h, f = 2688.0, 1856.0
+    w = moe_kernel_work(
+        1.0, h, f, 6.0, 128.0, H100, ep=128.0, routing="balanced", up_projections=1.0
+    )
+    # One slot in one 16-row tile, one expert's two matrices.
+    np.testing.assert_allclose(w.flops, 2 * 16 * 2 * h * f, rtol=1e-12)
+    acts = 6 * (2 * h + 2 * f) + h + 6 * 2 * f  # the unfused intermediate: 2 F
+    np.testing.assert_allclose(w.bytes, 2 * h * f * 2 + acts * 2, rtol=1e-12)
+    assert float(w.units) == 1 * np.ceil(f / 32)
+    np.testing.assert_allclose(w.blocks, (6 / 64 + 128) * np.ceil(f / 128))
+    f3, b3 = moe_work(64.0, h, f, 128.0, 6.0, 2.0, 2.0, "balanced", 2.0)
+    f2, b2 = moe_work(64.0, h, f, 128.0, 6.0, 2.0, 2.0, "balanced", 1.0)
+    np.testing.assert_allclose(f2 / f3, 2.0 / 3.0, rtol=1e-12)
+    assert float(b2) < float(b3)
+
+    def nbytes(up):
+        return moe_kernel_work(
+            64.0, h, f, 6.0, 128.0, H100, routing="balanced", up_projections=up
+        ).bytes
+
+    np.testing.assert_allclose(jax.jit(nbytes)(1.0), nbytes(1.0), rtol=1e-6)
+
+
+def test_moe_up_projections_from_a_column_or_the_shape():
+    rows = pd.DataFrame(
+        {"hidden_size": [2688, 4096], "inter_size": [1856, 14336], "topk": [6, 2]}
+    ).assign(num_experts=[128, 8])
+    np.testing.assert_array_equal(
+        moe_up_projections(rows.assign(up_projections=[1, 2])), [1.0, 2.0]
+    )
+    with pytest.raises(ValueError, match="up_projections"):
+        moe_up_projections(rows.assign(up_projections=[1, 3]))
+    if plain_moe_shapes():  # read from aiconfigurator-core's model configs
+        # Nemotron-3 Nano (relu2) is plain; Mixtral gated.
+        np.testing.assert_array_equal(moe_up_projections(rows), [1.0, 2.0])
+        # The older collector timed every shape gated.
+        old = rows.assign(kernel_source="vllm_fused_moe")
+        np.testing.assert_array_equal(moe_up_projections(old), [2.0, 2.0])
+
+
+@needs_db
+def test_plain_moe_shapes_are_nemotron_h():
+    shapes = plain_moe_shapes()
+    assert (2688, 1856, 6, 128) in shapes  # Nemotron-3 Nano
+    assert (1024, 2688, 22, 512) in shapes  # Super, in its latent width
+    assert (4096, 1536, 8, 128) not in shapes  # Qwen3-235B: SwiGLU
 
 
 def test_vllm_tuned_moe_lookup():
