@@ -23,6 +23,9 @@ MOE_TILE_N = 128.0
 # ``BLOCK_SIZE_M x BLOCK_SIZE_N`` = 16 x 32 while the tokens are at most the experts
 # on the GPU, 64 x 64 above.
 MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
+# FlashInfer's MXFP4 MoE (gpt-oss on datacenter Blackwell): vLLM pads each GPU's
+# expert width and the hidden size to multiples of 256 (``_tables.mxfp4_padded``).
+MXFP4_PAD = 256.0
 
 
 @functools.cache

@@ -75,7 +75,7 @@ from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._dsa import dsa_module_work, dsa_parts_us
 from ._mla import mla_module_work, mla_parts_us
-from ._moe import moe_kernel_work
+from ._moe import MXFP4_PAD, moe_kernel_work
 from ._work import (
     _work,
     allreduce_kernel_us,
@@ -209,6 +209,23 @@ def runs_fa2_decode(gpu: str) -> bool:
         return False
 
 
+# GPUs whose vLLM times MXFP4 experts (gpt-oss) on FlashInfer's TRT-LLM MoE, which
+# holds them padded to widths of 256 (``dk._tables.mxfp4_padded``; the
+# ``kernel_source`` of aiconfigurator-core 0.12.0's ``w4a16_mxfp4`` vLLM MoE tables:
+# ``..._flashinfer_trtllm_mxfp4...`` on datacenter Blackwell; Hopper runs OpenAI's
+# Triton kernel, L40S and RTX PRO 6000 Marlin).
+MXFP4_FLASHINFER_GPUS: frozenset[str] = frozenset({"b200", "b300", "gb200", "gb300"})
+
+
+def runs_flashinfer_mxfp4(gpu: str) -> bool:
+    """Whether vLLM runs MXFP4 experts on FlashInfer's padded kernel on ``gpu`` (a
+    catalog name or alias; unknown names: ``False``)."""
+    try:
+        return canonical_hardware(gpu) in MXFP4_FLASHINFER_GPUS
+    except ValueError:
+        return False
+
+
 def kernel_step_time(
     stats: BatchStats,
     dep: Deployment,
@@ -311,14 +328,21 @@ def kernel_step_time(
     mxfp4 = _mxfp4_experts(a.expert_weight_bytes, a.expert_compute_bytes)
     fp8_experts = jnp.asarray(a.expert_compute_bytes) == 1.0
     fp4_experts = jnp.asarray(a.expert_compute_bytes) == 0.5
+    ffn_e = jnp.where(has_experts, a.expert_ffn, 1.0)
+    tp_e = jnp.where(whole, 1.0, t)
+    d_e = d
+    if runs_flashinfer_mxfp4(curves.hardware):  # the widths its kernel holds
+        pad = MXFP4_PAD
+        ffn_e = jnp.where(mxfp4, jnp.ceil(ffn_e / tp_e / pad) * pad * tp_e, ffn_e)
+        d_e = jnp.where(mxfp4, jnp.ceil(d / pad) * pad, d)
     work = moe_kernel_work(
         m,
-        d,
-        jnp.where(has_experts, a.expert_ffn, 1.0),
+        d_e,
+        ffn_e,
         jnp.where(has_experts, a.top_k, 1.0),
         jnp.where(has_experts, a.n_experts, 1.0),
         hw,
-        tp=jnp.where(whole, 1.0, t),
+        tp=tp_e,
         ep=dep.ep,
         weight_bytes=a.expert_weight_bytes,
         compute_bytes=a.expert_compute_bytes,

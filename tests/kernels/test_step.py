@@ -20,6 +20,7 @@ from diffmodel.kernels._step import (
     _gemm_us,
     host_features,
     kernel_step_time,
+    runs_flashinfer_mxfp4 as dk_runs,
 )
 from diffmodel.kernels._work import (
     _work,
@@ -643,3 +644,30 @@ def test_fa2_gpus_walk_multi_head_caches_in_one_block():
     gqa = float(kernel_step_time(stats, a100, curves).attention_decode)
     gqa_h100 = float(kernel_step_time(stats, a100, as_h100).attention_decode)
     assert gqa == pytest.approx(gqa_h100, rel=1e-12)
+
+
+def test_flashinfer_mxfp4_experts_are_timed_at_their_padded_widths():
+    """gpt-oss at TP 8 on B200: vLLM's FlashInfer MXFP4 MoE holds each GPU's expert
+    width 2880 / 8 = 360 as 512 and the hidden size 2880 as 3072; the same curves
+    labelled for a GPU running another kernel (H100's Triton) time the widths as
+    they are. 16-bit experts are not padded."""
+    dep = dm.deployment("openai/gpt-oss-120b", "b200", 8)
+    curves = default_kernel_curves("b200", portable=True)
+    other = dataclasses.replace(curves, hardware="h100-sxm")
+    stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
+    a, hw = dep.arch, dep.hw
+    kw = dict(tp=8.0, ep=1.0, weight_bytes=0.53125, compute_bytes=2.0, local_only=1.0)
+    padded = moe_us(64.0, 3072.0, 512.0 * 8, a.top_k, a.n_experts,
+                    curves.moe_w4a16, hw, **kw)  # fmt: skip
+    plain = moe_us(64.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts,
+                   curves.moe_w4a16, hw, **kw)  # fmt: skip
+    got = float(kernel_step_time(stats, dep, curves).linear)
+    base = float(kernel_step_time(stats, dep, other).linear)
+    want = float(a.moe_layers) * float(padded - plain)
+    assert got - base == pytest.approx(want, rel=1e-5)
+    assert got > base
+    wide = _with_arch(dep, expert_weight_bytes=2.0)
+    assert float(kernel_step_time(stats, wide, curves).linear) == pytest.approx(
+        float(kernel_step_time(stats, wide, other).linear), rel=1e-12
+    )
+    assert dk_runs("gb300") and not dk_runs("h100-sxm") and not dk_runs("nope")

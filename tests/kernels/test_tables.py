@@ -110,3 +110,25 @@ def test_table_work_quantizes_only_per_tensor_fp8_and_nvfp4_rows():
     np.testing.assert_array_equal(np.asarray(w.peak_flops), np.asarray(peaks))
     bf = table_work("gemm", t.iloc[:1], H100)
     assert bf.pre_bytes is None
+
+
+def test_flashinfer_mxfp4_rows_are_padded_to_256():
+    from diffmodel.kernels._tables import mxfp4_padded
+
+    rows = pd.DataFrame(
+        {
+            "moe_dtype": ["w4a16_mxfp4", "w4a16_mxfp4", "bfloat16"],
+            "kernel_source": [
+                "vllm_gptossmxfp4moe_flashinfer_trtllm_mxfp4_bf16",
+                "vllm_gptossmxfp4moe_triton_oaitritonmxfp4experts",
+                "vllm_unquantizedfusedmoe_flashinfer_trtllm",
+            ],
+            "hidden_size": [2880, 2880, 2880],
+            "inter_size": [2880, 2880, 2880],
+            "moe_tp_size": [32, 32, 32],
+        }
+    )
+    hidden, inter = mxfp4_padded(rows)
+    # 2880 / 32 = 90 per GPU -> 256; 2880 -> 3072. Triton and 16-bit rows as they are.
+    np.testing.assert_array_equal(hidden, [3072, 2880, 2880])
+    np.testing.assert_array_equal(inter, [256 * 32, 2880, 2880])
