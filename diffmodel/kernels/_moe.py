@@ -24,7 +24,8 @@ MOE_TILE_N = 128.0
 # on the GPU, 64 x 64 above.
 MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
 # FlashInfer's MXFP4 MoE (gpt-oss on datacenter Blackwell): vLLM pads each GPU's
-# expert width and the hidden size to multiples of 256 (``_tables.mxfp4_padded``).
+# expert width and the hidden size to multiples of 256 (``Mxfp4MoEMethod.
+# create_weights``; ``moe_kernel_work``'s ``width_align``).
 MXFP4_PAD = 256.0
 
 
@@ -156,11 +157,8 @@ def moe_up_projections(table: pd.DataFrame) -> np.ndarray:
             )
         return up
     plain = plain_moe_shapes()
-    keys = zip(
-        *(table[c].to_numpy(int) for c in ("hidden_size", "inter_size", "topk")),
-        table["num_experts"].to_numpy(int),
-        strict=True,
-    )
+    shape = ("hidden_size", "inter_size", "topk", "num_experts")
+    keys = zip(*(table[c].to_numpy(int) for c in shape), strict=True)
     up = np.array([1.0 if k in plain else 2.0 for k in keys])
     if "kernel_source" in table:
         up[table["kernel_source"].isin(GATED_COLLECTORS).to_numpy()] = 2.0
@@ -236,6 +234,7 @@ def moe_kernel_work(
     local_only: ArrayLike = 0.0,
     compute_bytes: ArrayLike | None = None,
     up_projections: ArrayLike = 2.0,
+    width_align: ArrayLike = 0.0,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -285,11 +284,17 @@ def moe_kernel_work(
     (Nemotron-H's squared ReLU; :func:`moe_up_projections`): weights, FLOPs, the
     intermediate and the gate+up GEMM's tiles count ``up_projections F/tp`` columns
     where a gated MLP counts ``2 F/tp``.
+
+    ``width_align`` (per kernel, 0: none): the multiple the kernel pads this GPU's
+    expert width ``F/tp`` and the hidden size ``H`` to, computed over the padding
+    (:data:`MXFP4_PAD` for FlashInfer's MXFP4 MoE: gpt-oss's 2880 -> 3072, its
+    width at TP 32, 90 -> 256).
     """
     ep, tokens = jnp.asarray(ep), jnp.asarray(tokens)
     top_k, n_experts = jnp.asarray(top_k), jnp.asarray(n_experts)
     e_local, k_local = n_experts / ep, top_k / ep
-    f_local = jnp.asarray(inter) / tp
+    f_local = _round_up(jnp.asarray(inter) / tp, width_align)
+    hidden = _round_up(jnp.asarray(hidden, float), width_align)
     up = jnp.asarray(up_projections, float)
     work = (tokens, hidden, f_local, e_local, k_local)
     f, b = moe_work(*work, weight_bytes, act_bytes, routing, up)
@@ -330,6 +335,13 @@ def moe_kernel_work(
     )
     width = weight_bytes if compute_bytes is None else compute_bytes
     return _work(f, b, _peak(hw, width), hw, units, blocks, tuned, pre=slot_pass)
+
+
+def _round_up(x: Array, align: ArrayLike) -> Array:
+    """``x`` up to a multiple of ``align`` where ``align > 0``, else ``x``."""
+    align = jnp.asarray(align, float)
+    safe = jnp.where(align > 0, align, 1.0)
+    return jnp.where(align > 0, jnp.ceil(x / safe) * safe, x)
 
 
 def moe_us(

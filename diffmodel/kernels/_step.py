@@ -198,19 +198,25 @@ def check_supported(dep: Deployment, curves: KernelCurves | None = None) -> None
 FA2_DECODE_GPUS: frozenset[str] = frozenset({"a100-sxm-80gb", "l40s", "rtx-pro-6000"})
 
 
+def _among(gpu: str, gpus: frozenset[str]) -> bool:
+    """Whether ``gpu`` (a catalog name or alias) is one of ``gpus``; unknown names:
+    ``False``."""
+    try:
+        return canonical_hardware(gpu) in gpus
+    except ValueError:
+        return False
+
+
 def runs_fa2_decode(gpu: str) -> bool:
     """Whether vLLM decodes with FlashAttention-2 on ``gpu`` (a catalog name or
     alias; unknown names: ``False``), which walks each sequence's whole cache in
     one block for multi-head attention
     (:func:`~diffmodel.kernels._work.fa2_splits_kv`)."""
-    try:
-        return canonical_hardware(gpu) in FA2_DECODE_GPUS
-    except ValueError:
-        return False
+    return _among(gpu, FA2_DECODE_GPUS)
 
 
 # GPUs whose vLLM times MXFP4 experts (gpt-oss) on FlashInfer's TRT-LLM MoE, which
-# holds them padded to widths of 256 (``dk._tables.mxfp4_padded``; the
+# holds them padded to widths of 256 (``_tables.mxfp4_alignment``; the
 # ``kernel_source`` of aiconfigurator-core 0.12.0's ``w4a16_mxfp4`` vLLM MoE tables:
 # ``..._flashinfer_trtllm_mxfp4...`` on datacenter Blackwell; Hopper runs OpenAI's
 # Triton kernel, L40S and RTX PRO 6000 Marlin).
@@ -220,10 +226,7 @@ MXFP4_FLASHINFER_GPUS: frozenset[str] = frozenset({"b200", "b300", "gb200", "gb3
 def runs_flashinfer_mxfp4(gpu: str) -> bool:
     """Whether vLLM runs MXFP4 experts on FlashInfer's padded kernel on ``gpu`` (a
     catalog name or alias; unknown names: ``False``)."""
-    try:
-        return canonical_hardware(gpu) in MXFP4_FLASHINFER_GPUS
-    except ValueError:
-        return False
+    return _among(gpu, MXFP4_FLASHINFER_GPUS)
 
 
 def kernel_step_time(
@@ -328,25 +331,20 @@ def kernel_step_time(
     mxfp4 = _mxfp4_experts(a.expert_weight_bytes, a.expert_compute_bytes)
     fp8_experts = jnp.asarray(a.expert_compute_bytes) == 1.0
     fp4_experts = jnp.asarray(a.expert_compute_bytes) == 0.5
-    ffn_e = jnp.where(has_experts, a.expert_ffn, 1.0)
-    tp_e = jnp.where(whole, 1.0, t)
-    d_e = d
-    if runs_flashinfer_mxfp4(curves.hardware):  # the widths its kernel holds
-        pad = MXFP4_PAD
-        ffn_e = jnp.where(mxfp4, jnp.ceil(ffn_e / tp_e / pad) * pad * tp_e, ffn_e)
-        d_e = jnp.where(mxfp4, jnp.ceil(d / pad) * pad, d)
+    padded = runs_flashinfer_mxfp4(curves.hardware)  # the widths its kernel holds
     work = moe_kernel_work(
         m,
-        d_e,
-        ffn_e,
+        d,
+        jnp.where(has_experts, a.expert_ffn, 1.0),
         jnp.where(has_experts, a.top_k, 1.0),
         jnp.where(has_experts, a.n_experts, 1.0),
         hw,
-        tp=tp_e,
+        tp=jnp.where(whole, 1.0, t),
         ep=dep.ep,
         weight_bytes=a.expert_weight_bytes,
         compute_bytes=a.expert_compute_bytes,
         local_only=jnp.where(mxfp4 | fp8_experts | fp4_experts, 1.0, 0.0),
+        width_align=jnp.where(mxfp4 & padded, MXFP4_PAD, 0.0),
     )
     experts = jnp.where(
         mxfp4,

@@ -346,29 +346,21 @@ def routing_alpha(distribution: pd.Series) -> np.ndarray:
     return alpha
 
 
-def mxfp4_padded(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """``(hidden_size, inter_size)`` of each MoE row as its kernel holds them: for
-    FlashInfer's MXFP4 kernels (``moe_dtype`` ``w4a16_mxfp4``; Blackwell's TRT-LLM
-    MoE) vLLM pads each GPU's share of the expert width ``inter_size /
-    moe_tp_size`` and the hidden size to multiples of 256 (``Mxfp4MoEMethod.
-    create_weights``: gpt-oss's 2880 -> 3072, its width at TP 32, 90 -> 256). Other
-    rows as they are: vLLM pads the width to 64 for the other MXFP4 kernels too
+def mxfp4_alignment(table: pd.DataFrame) -> np.ndarray:
+    """Per MoE row, the multiple its kernel pads the expert width and hidden size to
+    (``moe_kernel_work``'s ``width_align``): :data:`MXFP4_PAD` for FlashInfer's MXFP4
+    kernels (``moe_dtype`` ``w4a16_mxfp4``; Blackwell's TRT-LLM MoE), 0 (none) for
+    every other row. vLLM pads the width to 64 for its other MXFP4 kernels too
     (Triton, Marlin), but with that padding their held-out shapes went the wrong way
     (``experiments/gpus.py``, L40S 24.8 -> 29.3%, RTX PRO 6000 19.6 -> 21.2%): at
     small widths those kernels already run faster than the curves say."""
-    hidden = table["hidden_size"].to_numpy(float)
-    inter = table["inter_size"].to_numpy(float)
     if "moe_dtype" not in table:
-        return hidden, inter
-    mx = (table["moe_dtype"] == "w4a16_mxfp4").to_numpy()
+        return np.zeros(len(table))
     src = table.get("kernel_source", pd.Series("", index=table.index))
-    fi = mx & src.astype(str).str.contains("flashinfer").to_numpy()
-    tp = table["moe_tp_size"].to_numpy(float)
-    padded = np.ceil(inter / tp / MXFP4_PAD) * MXFP4_PAD * tp
-    return (
-        np.where(fi, np.ceil(hidden / MXFP4_PAD) * MXFP4_PAD, hidden),
-        np.where(fi, padded, inter),
-    )
+    fi = (table["moe_dtype"] == "w4a16_mxfp4").to_numpy() & src.astype(
+        str
+    ).str.contains("flashinfer").to_numpy()
+    return np.where(fi, MXFP4_PAD, 0.0)
 
 
 def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
@@ -404,11 +396,8 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
                 skewed, pl.tiles_large, t_b * np.ceil(per / bm_l - 1e-9)
             ),
         )
-    hidden, inter = mxfp4_padded(table)
     return moe_kernel_work(
-        jnp.asarray(col("num_tokens")),
-        jnp.asarray(hidden),
-        jnp.asarray(inter),
+        *(jnp.asarray(col(c)) for c in ("num_tokens", "hidden_size", "inter_size")),
         jnp.asarray(col("topk")),
         jnp.asarray(col("num_experts")),
         hw,
@@ -421,6 +410,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         loads=loads,
         local_only=jnp.asarray(moe_local_only(table)),
         up_projections=jnp.asarray(moe_up_projections(table)),
+        width_align=jnp.asarray(mxfp4_alignment(table)),
     )
 
 

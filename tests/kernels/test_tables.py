@@ -113,7 +113,8 @@ def test_table_work_quantizes_only_per_tensor_fp8_and_nvfp4_rows():
 
 
 def test_flashinfer_mxfp4_rows_are_padded_to_256():
-    from diffmodel.kernels._tables import mxfp4_padded
+    from diffmodel.kernels._moe import moe_kernel_work
+    from diffmodel.kernels._tables import mxfp4_alignment
 
     rows = pd.DataFrame(
         {
@@ -128,7 +129,16 @@ def test_flashinfer_mxfp4_rows_are_padded_to_256():
             "moe_tp_size": [32, 32, 32],
         }
     )
-    hidden, inter = mxfp4_padded(rows)
+    np.testing.assert_array_equal(mxfp4_alignment(rows), [256.0, 0.0, 0.0])
     # 2880 / 32 = 90 per GPU -> 256; 2880 -> 3072. Triton and 16-bit rows as they are.
-    np.testing.assert_array_equal(hidden, [3072, 2880, 2880])
-    np.testing.assert_array_equal(inter, [256 * 32, 2880, 2880])
+    hidden, inter = np.array([3072, 2880, 2880]), np.array([256 * 32, 2880, 2880])
+    kw = dict(tp=32.0, routing="balanced")
+    padded = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 128.0, B200, **kw,
+                             width_align=256.0)  # fmt: skip
+    by_hand = moe_kernel_work(64.0, hidden[0], inter[0], 4.0, 128.0, B200, **kw)
+    np.testing.assert_allclose(padded.bytes, by_hand.bytes, rtol=1e-12)
+    np.testing.assert_allclose(padded.flops, by_hand.flops, rtol=1e-12)
+    plain = moe_kernel_work(64.0, hidden[1], inter[1], 4.0, 128.0, B200, **kw)
+    unpadded = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 128.0, B200, **kw,
+                               width_align=0.0)  # fmt: skip
+    np.testing.assert_allclose(unpadded.bytes, plain.bytes, rtol=1e-12)
