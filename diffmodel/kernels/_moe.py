@@ -27,6 +27,52 @@ MOE_DEFAULT_TILES = ((16.0, 32.0), (64.0, 64.0))
 # expert width and the hidden size to multiples of 256 (``Mxfp4MoEMethod.
 # create_weights``; ``moe_kernel_work``'s ``width_align``).
 MXFP4_PAD = 256.0
+# Token-tile rules of the MoE kernels whose tile rows follow the batch (``tile_rule``
+# of :func:`moe_kernel_work`, per kernel): 0 vLLM's Triton fused MoE (its default
+# tiles, :data:`MOE_DEFAULT_TILES`), 1 OpenAI's Triton ``matmul_ogs`` (gpt-oss's
+# MXFP4 experts on Hopper), 2 Marlin (MXFP4 on L40S, RTX PRO 6000); see
+# :func:`moe_block_m`.
+TILE_DEFAULT, TILE_OAI_TRITON, TILE_MARLIN = 0.0, 1.0, 2.0
+_MARLIN_BLOCK_M = (8.0, 16.0, 32.0, 48.0, 64.0)
+
+
+def moe_block_m(rule: ArrayLike, tokens, top_k, n_experts, ep=1.0) -> Array:
+    """Rows of a token tile of an MoE kernel (``BLOCK_M``), per kernel; 0 where
+    ``rule`` is :data:`TILE_DEFAULT` (the caller's default tiles).
+
+    - OpenAI's Triton ``matmul_ogs`` (:data:`TILE_OAI_TRITON`; ``triton_kernels``'
+      ``opt_flags``): the routed slots per expert over all ``E`` experts, ``T k //
+      E``, to the next power of 2, within [16, 128]. The H200 tables step where it
+      does (``E`` 32, ``k`` 4: 191 us flat from 8 to 128 tokens, 233 from 160, 283
+      from 320, 400 from 768).
+    - Marlin (:data:`TILE_MARLIN`; vLLM's ``fused_marlin_moe``): the first of 8, 16,
+      32, 48, 64 with ``T k / (E / ep) / BM < 0.9``, else 64.
+    """
+    rule = jnp.asarray(rule, float)
+    per = jnp.asarray(tokens, float) * jnp.asarray(top_k, float)
+    oai = jnp.maximum(jnp.floor(per / jnp.asarray(n_experts, float)), 1.0)
+    oai = jnp.clip(2.0 ** jnp.ceil(jnp.log2(oai) - 1e-9), 16.0, 128.0)
+    local = per / (jnp.asarray(n_experts, float) / jnp.asarray(ep, float))
+    marlin = jnp.full(jnp.shape(local), _MARLIN_BLOCK_M[-1])
+    for bm in _MARLIN_BLOCK_M[::-1]:
+        marlin = jnp.where(local / bm < 0.9, bm, marlin)
+    return jnp.where(
+        rule == TILE_OAI_TRITON, oai, jnp.where(rule == TILE_MARLIN, marlin, 0.0)
+    )
+
+
+def moe_tile_rule(table: pd.DataFrame) -> np.ndarray:
+    """Per row of an aiconfigurator MoE table, its kernel's token-tile rule from
+    ``kernel_source`` (:data:`TILE_OAI_TRITON` for ``oaitriton``,
+    :data:`TILE_MARLIN` for ``marlin``, else :data:`TILE_DEFAULT`)."""
+    if "kernel_source" not in table.columns:
+        return np.zeros(len(table))
+    src = table["kernel_source"].astype(str).str.lower()
+    return np.where(
+        src.str.contains("oaitriton").to_numpy(bool),
+        TILE_OAI_TRITON,
+        np.where(src.str.contains("marlin").to_numpy(bool), TILE_MARLIN, TILE_DEFAULT),
+    )
 
 
 @functools.cache
@@ -178,9 +224,10 @@ class ExpertLoads(eqx.Module):
     touched: Float[Array, "*n"]
     tiles_small: Float[Array, "*n"]
     tiles_large: Float[Array, "*n"]
+    tiles_own: Float[Array, "*n"] | None = None
 
 
-def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
+def power_law_loads(tokens, n_experts, top_k, ep, alpha, block_m=None) -> ExpertLoads:
     """Expected per-expert slots of aiconfigurator's power-law routing, on the GPU it
     measures (NumPy, per row; table inputs, not traced).
 
@@ -192,15 +239,24 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
     ``(j - 1/2) / E`` quantiles (their expected order statistics, about), and the
     measured GPU holds every ``ep``-th of the sorted loads starting with the
     largest (a stratified ``E / ep`` of them).
+
+    ``block_m`` (per row, optional): a kernel's own tile rows
+    (:func:`moe_block_m`; 0: none), for ``tiles_own``.
     """
     t, e, k, ep, a = (
         np.broadcast_to(np.asarray(x, float), np.shape(tokens))
         for x in (tokens, n_experts, top_k, ep, alpha)
     )
-    out = np.zeros((3, t.size))
+    own = np.broadcast_to(
+        np.asarray(0.0 if block_m is None else block_m, float), np.shape(tokens)
+    )
+    out = np.zeros((4, t.size))
     (bm_s, _), (bm_l, _) = MOE_DEFAULT_TILES
-    for i, (ti, ei, ki, pi, ai) in enumerate(
-        zip(t.ravel(), e.ravel(), k.ravel(), ep.ravel(), a.ravel(), strict=True)
+    for i, (ti, ei, ki, pi, ai, oi) in enumerate(
+        zip(
+            *(x.ravel() for x in (t, e, k, ep, a, own)),
+            strict=True,
+        )
     ):
         lo, hi = (1.0, 0.8 * ti) if ti * ki > ei else (0.01, 2.0)
         hi = max(hi, lo * (1.0 + 1e-9))
@@ -212,7 +268,12 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha) -> ExpertLoads:
         delta = int(round(ti * ki - n.sum()))
         n[: abs(delta)] += np.sign(delta)
         n = np.sort(n)[::-1][:: int(pi)]
-        out[:, i] = ((n >= 1).sum(), np.ceil(n / bm_s).sum(), np.ceil(n / bm_l).sum())
+        out[:, i] = (
+            (n >= 1).sum(),
+            np.ceil(n / bm_s).sum(),
+            np.ceil(n / bm_l).sum(),
+            np.ceil(n / oi).sum() if oi > 0 else 0.0,
+        )
     return ExpertLoads(*(jnp.asarray(o.reshape(t.shape)) for o in out))
 
 
@@ -235,6 +296,7 @@ def moe_kernel_work(
     compute_bytes: ArrayLike | None = None,
     up_projections: ArrayLike = 2.0,
     width_align: ArrayLike = 0.0,
+    tile_rule: ArrayLike = TILE_DEFAULT,
 ) -> KernelWork:
     """Fused MoE on one GPU holding ``E/ep`` experts of ``inter/tp``.
 
@@ -312,6 +374,8 @@ def moe_kernel_work(
     small = tokens <= e_local
     (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
     bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
+    own_bm = moe_block_m(tile_rule, tokens, top_k, n_experts, ep)
+    bm = jnp.where(own_bm > 0, own_bm, bm)
     if loads is None:
         touched = touched_experts(tokens, e_local, k_local, routing)
         slots = routed_slots(tokens, k_local, touched, routing)
@@ -322,6 +386,8 @@ def moe_kernel_work(
         # The weights of the experts the skewed routing touches, not routing's.
         touched = jnp.asarray(loads.touched)
         token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
+        if loads.tiles_own is not None:
+            token_tiles = jnp.where(own_bm > 0, loads.tiles_own, token_tiles)
         w_routing = touched_experts(tokens, e_local, k_local, routing)
         slots = routed_slots(tokens, k_local, w_routing, routing)
         per_w = (up + 1.0) * jnp.asarray(hidden) * f_local * weight_bytes

@@ -75,7 +75,13 @@ from .._model._roofline import Breakdown, check_stats
 from ._curves import KernelCurves
 from ._dsa import dsa_module_work, dsa_parts_us
 from ._mla import mla_module_work, mla_parts_us
-from ._moe import MXFP4_PAD, moe_kernel_work
+from ._moe import (
+    MXFP4_PAD,
+    TILE_DEFAULT,
+    TILE_MARLIN,
+    TILE_OAI_TRITON,
+    moe_kernel_work,
+)
 from ._work import (
     _work,
     allreduce_kernel_us,
@@ -229,6 +235,26 @@ def runs_flashinfer_mxfp4(gpu: str) -> bool:
     return _among(gpu, MXFP4_FLASHINFER_GPUS)
 
 
+# GPUs whose vLLM times MXFP4 experts on OpenAI's Triton kernel (Hopper) or on
+# Marlin (L40S, RTX PRO 6000): aiconfigurator-core 0.12.0's ``w4a16_mxfp4`` vLLM
+# MoE tables' ``kernel_source``. Each sizes its token tiles by its own rule
+# (``_moe.moe_block_m``).
+MXFP4_OAI_TRITON_GPUS: frozenset[str] = frozenset({"h100-sxm", "h200"})
+MXFP4_MARLIN_GPUS: frozenset[str] = frozenset({"l40s", "rtx-pro-6000"})
+
+
+def mxfp4_tile_rule(gpu: str) -> float:
+    """The token-tile rule (``moe_kernel_work``'s ``tile_rule``) of the kernel vLLM
+    runs MXFP4 experts on, on ``gpu`` (a catalog name or alias): OpenAI's Triton
+    kernel's, Marlin's, or vLLM's default tiles for every other GPU (FlashInfer's
+    and unknown ones)."""
+    if _among(gpu, MXFP4_OAI_TRITON_GPUS):
+        return TILE_OAI_TRITON
+    if _among(gpu, MXFP4_MARLIN_GPUS):
+        return TILE_MARLIN
+    return TILE_DEFAULT
+
+
 def kernel_step_time(
     stats: BatchStats,
     dep: Deployment,
@@ -345,6 +371,7 @@ def kernel_step_time(
         compute_bytes=a.expert_compute_bytes,
         local_only=jnp.where(mxfp4 | fp8_experts | fp4_experts, 1.0, 0.0),
         width_align=jnp.where(mxfp4 & padded, MXFP4_PAD, 0.0),
+        tile_rule=jnp.where(mxfp4, mxfp4_tile_rule(curves.hardware), TILE_DEFAULT),
     )
     experts = jnp.where(
         mxfp4,

@@ -39,8 +39,10 @@ from ..kernels._moe import (
     MOE_DEFAULT_TILES,
     MXFP4_PAD,
     ExpertLoads,
+    moe_block_m,
     moe_kernel_work,
     moe_local_only,
+    moe_tile_rule,
     moe_up_projections,
     power_law_loads,
     vllm_tuned_moe,
@@ -371,6 +373,12 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
     compute = _compute_bytes(table["moe_dtype"], weight)
     alpha = routing_alpha(table["distribution"])
     skewed = ~np.isnan(alpha)
+    rule = moe_tile_rule(table)
+    own = np.asarray(
+        moe_block_m(
+            rule, col("num_tokens"), col("topk"), col("num_experts"), col("moe_ep_size")
+        )
+    )
     loads = None
     if skewed.any():
         pl = power_law_loads(
@@ -379,6 +387,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
             col("topk"),
             col("moe_ep_size"),
             np.where(skewed, alpha, 1.2),
+            block_m=own,
         )
         # Balanced rows: round-robin's own counts through the same fields.
         e_loc = col("num_experts") / col("moe_ep_size")
@@ -394,6 +403,11 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
             ),
             tiles_large=jnp.where(
                 skewed, pl.tiles_large, t_b * np.ceil(per / bm_l - 1e-9)
+            ),
+            tiles_own=jnp.where(
+                skewed,
+                pl.tiles_own,
+                t_b * np.ceil(per / np.where(own > 0, own, 1.0) - 1e-9),
             ),
         )
     return moe_kernel_work(
@@ -411,6 +425,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
         local_only=jnp.asarray(moe_local_only(table)),
         up_projections=jnp.asarray(moe_up_projections(table)),
         width_align=jnp.asarray(mxfp4_alignment(table)),
+        tile_rule=jnp.asarray(rule),
     )
 
 

@@ -20,6 +20,7 @@ from diffmodel.kernels._step import (
     _gemm_us,
     host_features,
     kernel_step_time,
+    mxfp4_tile_rule,
     runs_flashinfer_mxfp4 as dk_runs,
 )
 from diffmodel.kernels._work import (
@@ -649,11 +650,11 @@ def test_fa2_gpus_walk_multi_head_caches_in_one_block():
 def test_flashinfer_mxfp4_experts_are_timed_at_their_padded_widths():
     """gpt-oss at TP 8 on B200: vLLM's FlashInfer MXFP4 MoE holds each GPU's expert
     width 2880 / 8 = 360 as 512 and the hidden size 2880 as 3072; the same curves
-    labelled for a GPU running another kernel (H100's Triton) time the widths as
-    they are. 16-bit experts are not padded."""
+    labelled for a GPU running another kernel (A100: vLLM's default tiles, no
+    padding) time the widths as they are. 16-bit experts are not padded."""
     dep = dm.deployment("openai/gpt-oss-120b", "b200", 8)
     curves = default_kernel_curves("b200", portable=True)
-    other = dataclasses.replace(curves, hardware="h100-sxm")
+    other = dataclasses.replace(curves, hardware="a100-sxm-80gb")
     stats = one_step(decode_tokens=64, num_decode=64, kv_decode=64 * 2000)
     a, hw = dep.arch, dep.hw
     kw = dict(tp=8.0, ep=1.0, weight_bytes=0.53125, compute_bytes=2.0, local_only=1.0)
@@ -683,3 +684,40 @@ def test_flashinfer_mxfp4_experts_are_timed_at_their_padded_widths():
     grads = jax.tree.leaves(jax.grad(total)(curves).moe_w4a16)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in grads)
     assert sum(float(np.abs(np.asarray(x)).sum()) for x in grads) > 0.0
+
+
+def test_mxfp4_experts_take_their_kernels_token_tiles():
+    """gpt-oss-120b at TP 4 on H100: vLLM runs its MXFP4 experts on OpenAI's Triton
+    kernel, whose token tiles follow the slots per expert (64 tokens x 4 / 128
+    experts = 2 -> 16 rows), not vLLM's default tiles (64 rows above 128 tokens...
+    here 16 x 32 as 64 <= 128 experts): the step differs from the same curves
+    labelled for A100 (default tiles) by the MoE layers' difference of the two
+    works, and under jit gives the eager time."""
+    from diffmodel.kernels._moe import TILE_DEFAULT, TILE_MARLIN, TILE_OAI_TRITON
+
+    assert mxfp4_tile_rule("h200") == TILE_OAI_TRITON
+    assert mxfp4_tile_rule("H100") == TILE_OAI_TRITON
+    assert mxfp4_tile_rule("l40s") == TILE_MARLIN
+    assert mxfp4_tile_rule("b200") == TILE_DEFAULT
+    assert mxfp4_tile_rule("nope") == TILE_DEFAULT
+    dep = dm.deployment("openai/gpt-oss-120b", "h100-sxm", 4)
+    curves = default_kernel_curves("h100-sxm", portable=True)
+    other = dataclasses.replace(curves, hardware="a100-sxm-80gb")
+    stats = one_step(prefill_tokens=1000, num_prefill=1)
+    a, hw = dep.arch, dep.hw
+    kw = dict(tp=4.0, ep=1.0, weight_bytes=0.53125, compute_bytes=2.0, local_only=1.0)
+    args = (1000.0, a.hidden, a.expert_ffn, a.top_k, a.n_experts, curves.moe_w4a16, hw)
+    own = moe_us(*args, **kw, tile_rule=TILE_OAI_TRITON)
+    default = moe_us(*args, **kw)
+    assert float(own) != pytest.approx(float(default), rel=1e-3)
+    got = float(kernel_step_time(stats, dep, curves).linear)
+    base = float(kernel_step_time(stats, dep, other).linear)
+    assert got - base == pytest.approx(float(a.moe_layers) * float(own - default),
+                                       rel=1e-5)  # fmt: skip
+
+    def total(c):
+        return kernel_step_time(stats, dep, c, check=False).total
+
+    assert float(jax.jit(total)(curves)) == pytest.approx(
+        float(total(curves)), rel=1e-6
+    )

@@ -142,3 +142,51 @@ def test_flashinfer_mxfp4_rows_are_padded_to_256():
     unpadded = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 128.0, B200, **kw,
                                width_align=0.0)  # fmt: skip
     np.testing.assert_allclose(unpadded.bytes, plain.bytes, rtol=1e-12)
+
+
+def test_moe_token_tiles_follow_each_kernels_rule():
+    """OpenAI's Triton MoE: ``T k // E`` to the next power of 2 in [16, 128] (the
+    H200 tables' steps, E 32, k 4: 128 tokens -> 16 rows, 160 -> 32, 320 -> 64,
+    768 -> 128, 1536 -> 128); Marlin: the first of 8..64 with ``T k / E_local /
+    BM < 0.9``; vLLM's default: none (0, the caller's default tiles)."""
+    from diffmodel.kernels._moe import (
+        TILE_MARLIN,
+        TILE_OAI_TRITON,
+        moe_block_m,
+        moe_kernel_work,
+        moe_tile_rule,
+        power_law_loads,
+    )
+
+    t = np.array([1.0, 128.0, 160.0, 320.0, 768.0, 1536.0])
+    np.testing.assert_array_equal(
+        moe_block_m(TILE_OAI_TRITON, t, 4.0, 32.0), [16, 16, 32, 64, 128, 128]
+    )
+    # Marlin, E 32 on one GPU: slots per expert 0.125, 16, 20, 40, 96, 192.
+    np.testing.assert_array_equal(
+        moe_block_m(TILE_MARLIN, t, 4.0, 32.0), [8, 32, 32, 48, 64, 64]
+    )
+    # With 4-way EP Marlin sees 8 local experts: 4x the slots per expert.
+    np.testing.assert_array_equal(moe_block_m(TILE_MARLIN, 128.0, 4.0, 32.0, 4.0), 64)
+    np.testing.assert_array_equal(moe_block_m(0.0, t, 4.0, 32.0), np.zeros(6))
+    rows = pd.DataFrame(
+        {
+            "kernel_source": [
+                "vllm_gptossmxfp4moe_triton_oaitritonmxfp4expertsmonolithic",
+                "vllm_gptossmxfp4moe_marlin_marlinexperts",
+                "vllm_fused_moe",
+            ]
+        }
+    )
+    np.testing.assert_array_equal(moe_tile_rule(rows), [1.0, 2.0, 0.0])
+    # 64 balanced tokens, k 4 over 32 experts: 8 slots each. Default tiles (64 >
+    # 32 experts: 64 rows) compute 64 rows per expert, OpenAI's kernel 16.
+    kw = dict(routing="balanced")
+    own = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 32.0, H100, **kw,
+                          tile_rule=TILE_OAI_TRITON)  # fmt: skip
+    default = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 32.0, H100, **kw)
+    np.testing.assert_allclose(own.flops / default.flops, 16.0 / 64.0, rtol=1e-12)
+    np.testing.assert_allclose(own.bytes, default.bytes, rtol=1e-12)
+    # Skewed loads: tiles at the kernel's own rows (16 here: the default small ones).
+    pl = power_law_loads(np.array([8.0, 64.0]), 32.0, 4.0, 1.0, 1.2, block_m=16.0)
+    np.testing.assert_array_equal(pl.tiles_own, pl.tiles_small)
