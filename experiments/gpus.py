@@ -161,6 +161,7 @@ def init_for(family: str, form: str):
         exp=base.raw_exp_eta is not None,
         overlap=base.log_overlap is not None,
         kloop=base.log_kloop_ns is not None and base.log_row_ns is None,
+        ep_latency=base.log_ep_latency_us is not None,
         portable=portable,
         cache=form == "portable_l2",
     )

@@ -238,6 +238,14 @@ class RooflineCurves(eqx.Module):
             (dimensionless; without it ``q = 4``, :data:`SHARPNESS`): how well the
             kernel overlaps its loads with its math near the ridge point (``q = 1``:
             one after the other, ``q -> inf``: fully hidden).
+        log_ep_latency_us: optional log of the fixed cost a kernel adds when its
+            experts are split over GPUs (expert parallelism, ``KernelWork.
+            expert_parallel``), us: vLLM's expert-parallel MoE maps the global
+            expert ids to this GPU's and masks the other GPUs' slots, whatever the
+            batch. Every GPU's tables show it at one token: H100 (OpenAI's Triton
+            MXFP4 kernel) 67-69 us at EP 4-128 against 38-43 at TP 4-32, B200
+            (FlashInfer) 23-25 against 20-21, L40S 38-39 against 28-30, RTX PRO
+            6000 50 against 29-30.
         portable: static; ``False``: the curves take FLOPs, bytes and thread blocks
             (absolute sizes, meaningful on one GPU). ``True``: they take sizes that
             mean the same on every GPU (:meth:`KernelWork.time_us` converts): the
@@ -263,6 +271,7 @@ class RooflineCurves(eqx.Module):
     raw_exp_eta: Float[Array, ""] | None = None
     log_exp_overlap: Float[Array, ""] | None = None
     log_overlap: Float[Array, ""] | None = None
+    log_ep_latency_us: Float[Array, ""] | None = None
     portable: bool = eqx.field(static=True, default=False)
     shape_grid: ShapeGrid | None = None
 
@@ -282,6 +291,11 @@ class RooflineCurves(eqx.Module):
     def kloop_ns(self) -> Array:
         """Time per K element of a wave of output tiles' main loop, ns (>= 0)."""
         return _exp_or_zero(self.log_kloop_ns)
+
+    @property
+    def ep_latency_us(self) -> Array:
+        """Fixed cost of an expert-parallel call, us (>= 0; 0 without the term)."""
+        return _exp_or_zero(self.log_ep_latency_us)
 
     @property
     def exp_eta(self) -> Array | None:
@@ -353,6 +367,9 @@ class RooflineCurves(eqx.Module):
         if self.log_kloop_ns is not None:
             raw["log_kloop_ns"] = float(self.log_kloop_ns)
             phys["kloop_ns"] = float(self.kloop_ns)
+        if self.log_ep_latency_us is not None:
+            raw["log_ep_latency_us"] = float(self.log_ep_latency_us)
+            phys["ep_latency_us"] = float(self.ep_latency_us)
         if self.raw_exp_eta is not None:
             raw["raw_exp_eta"] = float(self.raw_exp_eta)
             phys["exp_eta"] = float(self.exp_eta)
@@ -408,6 +425,7 @@ class RooflineCurves(eqx.Module):
             raw_exp_eta=opt("raw_exp_eta"),
             log_exp_overlap=opt("log_exp_overlap"),
             log_overlap=opt("log_overlap"),
+            log_ep_latency_us=opt("log_ep_latency_us"),
             portable=bool(obj.get("portable", False)),
             shape_grid=(
                 ShapeGrid.from_json(obj["shape_grid"])
@@ -538,6 +556,16 @@ SERIAL_K_FAMILIES: tuple[str, ...] = ("gemm_fp8", "gemm_nvfp4")
 # term priced at about a fifth of that on long caches).
 KLOOP_FAMILIES: tuple[str, ...] = ("decode_attention",)
 
+# Families whose kernels pay a fixed cost of their own under expert parallelism
+# (``ep_latency_us``), chosen on held-out shapes of every GPU's vLLM tables
+# (experiments/gpus.py, 75/25, seeds 0 / 1 / 2; mean MAPE over the GPUs): MXFP4
+# experts 15.8 / 16.1 / 14.7 -> 13.5 / 13.8 / 13.6%, FP8 ones 14.1 / 14.9 / 13.5 ->
+# 14.1 / 14.2 / 13.4%. One kernel floor for both had priced tensor-parallel calls
+# too slow and expert-parallel ones too fast at small batches. Not for 16-bit
+# experts (14.8 / 14.1 / 14.4 -> 14.8 / 14.0 / 15.3%) nor NVFP4 ones (14.8 / 14.8
+# / 13.2 -> 14.8 / 14.9 / 13.1%), where the term did not help.
+EP_LATENCY_FAMILIES: tuple[str, ...] = ("moe_fp8", "moe_w4a16")
+
 # Families whose sharpness of the compute/memory maximum is fitted
 # (``RooflineCurves.log_overlap``) instead of fixed at 4. Chosen on held-out shapes
 # of every GPU's vLLM tables (75/25, seeds 0-2, the GPU table's protocol): the mean
@@ -658,6 +686,7 @@ def default_roofline_curves(
     exp: bool = False,
     overlap: bool = False,
     kloop: bool = False,
+    ep_latency: bool = False,
 ) -> RooflineCurves:
     """Starting curves: large kernels near 0.8 of peak, half of it at 1 GFLOP / 4 MB;
     optionally half the GPU busy at 64 work units, a 2 us kernel floor and 1 ns per
@@ -672,7 +701,8 @@ def default_roofline_curves(
     ``exp``: an exponential term at 0.7 of the special-function units' rate,
     overlapped with ``p = 2``; ``overlap``: a fitted sharpness of the compute/memory
     maximum, starting at the fixed one (``q = 4``); ``kloop``: the main-loop time
-    alone (0.3 ns per K element, no per-row cost), as ``serial_k`` has it."""
+    alone (0.3 ns per K element, no per-row cost), as ``serial_k`` has it;
+    ``ep_latency``: a fixed cost of expert-parallel calls, starting at 5 us."""
     if cache and not portable:
         raise ValueError("cache=True needs portable=True (bytes relative to L2)")
     f = jnp.result_type(float)
@@ -709,6 +739,7 @@ def default_roofline_curves(
         raw_exp_eta=jnp.asarray(_logit(0.7), f) if exp else None,
         log_exp_overlap=jnp.zeros((), f) if exp else None,
         log_overlap=jnp.asarray(math.log(SHARPNESS - 1.0), f) if overlap else None,
+        log_ep_latency_us=jnp.asarray(math.log(5.0), f) if ep_latency else None,
         portable=portable,
     )
 
@@ -738,7 +769,8 @@ def init_curves(family: str, *, portable: bool = False) -> RooflineCurves:
     """Starting curves of a family: a kernel floor where one is physical, a
     tuned-configuration gain where the kernels have tuned tile configurations, and
     a prologue curve where the operator quantizes its activation first, and
-    main-loop and per-row times where its GEMM does not split K, an
+    main-loop and per-row times where its GEMM does not split K, a fixed cost of
+    expert-parallel calls where held-out shapes chose one, an
     exponential term where its kernel computes a softmax over many pairs, and a
     fitted sharpness of the compute/memory maximum where held-out shapes chose one
     (:data:`OVERLAP_FAMILIES`)."""
@@ -750,6 +782,7 @@ def init_curves(family: str, *, portable: bool = False) -> RooflineCurves:
         exp=family in EXP_FAMILIES,
         overlap=family in OVERLAP_FAMILIES,
         kloop=family in KLOOP_FAMILIES,
+        ep_latency=family in EP_LATENCY_FAMILIES,
         portable=portable,
     )
 

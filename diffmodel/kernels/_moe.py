@@ -400,7 +400,17 @@ def moe_kernel_work(
         up * f_local / MOE_TILE_N
     )
     width = weight_bytes if compute_bytes is None else compute_bytes
-    return _work(f, b, _peak(hw, width), hw, units, blocks, tuned, pre=slot_pass)
+    return _work(
+        f,
+        b,
+        _peak(hw, width),
+        hw,
+        units,
+        blocks,
+        tuned,
+        pre=slot_pass,
+        expert_parallel=jnp.where(ep > 1.0, 1.0, 0.0),
+    )
 
 
 def _round_up(x: Array, align: ArrayLike) -> Array:

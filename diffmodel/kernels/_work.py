@@ -61,6 +61,9 @@ class KernelWork(eqx.Module):
             (``RooflineCurves.shape_grid``): a GEMM's ``(m, n, k)``; attention's
             ``(batch x query heads, tokens per sequence, query heads per KV head)``
             (new tokens for prefill, cached ones for decode).
+        expert_parallel: optional 1 where the kernel's experts are split over GPUs
+            (fused MoE at ``ep > 1``), else 0, for curves with an expert-parallel
+            cost (``RooflineCurves.ep_latency_us``).
     """
 
     flops: Float[Array, "*kernels"]
@@ -80,6 +83,7 @@ class KernelWork(eqx.Module):
     grid_a: Float[Array, "*kernels"] | None = None
     grid_b: Float[Array, "*kernels"] | None = None
     grid_c: Float[Array, "*kernels"] | None = None
+    expert_parallel: Float[Array, "*kernels"] | None = None
 
     def time_us(self, eff: Efficiency) -> Float[Array, "*kernels"]:
         """Time, us: ``roofline_us`` with constant ``(eta_flops, eta_bw)``, or with
@@ -89,7 +93,8 @@ class KernelWork(eqx.Module):
         ``prologue`` efficiency at ``pre_bytes`` (their ``bandwidth`` curve without
         one), or the constant ``eta_bw``. Portable curves see the work as its time
         at peak (us) and blocks as waves of ``sms`` (:class:`RooflineCurves`).
-        Curves with a per-row cost add ``rows row_ns``. With a main-loop cost,
+        Curves with a per-row cost add ``rows row_ns``, those with an
+        expert-parallel cost ``expert_parallel ep_latency_us``. With a main-loop cost,
         ``ceil(units / sms) depth kloop_ns`` (one serial main loop per wave of
         blocks: a GEMM's output tiles without split-K, a decode block walking its
         sequence's whole KV) is a third side of the maximum: a latency-bound walk
@@ -135,6 +140,8 @@ class KernelWork(eqx.Module):
             floor = eff.latency_us + blocks * eff.unit_ns * 1e-3
             if eff.log_row_ns is not None and self.rows is not None:
                 floor = floor + self.rows * eff.row_ns * 1e-3
+            if eff.log_ep_latency_us is not None and self.expert_parallel is not None:
+                floor = floor + self.expert_parallel * eff.ep_latency_us
             if eff.log_kloop_ns is not None and self.depth is not None:
                 if self.sms is None:
                     raise ValueError(
@@ -397,6 +404,7 @@ def _work(
     depth=None,
     exps=None,
     grid=None,
+    expert_parallel=None,
 ) -> KernelWork:
     core = jnp.broadcast_arrays(
         *(jnp.asarray(x, float) for x in (f, b, peak, hw.hbm_bw, units))
@@ -420,6 +428,7 @@ def _work(
         depth=opt(depth),
         exps=opt(exps),
         exp_rate=None if exps is None else opt(hw.exp_rate),
+        expert_parallel=opt(expert_parallel),
         **(
             {}
             if grid is None

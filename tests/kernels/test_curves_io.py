@@ -1,5 +1,7 @@
 """Curves files: exact JSON round trips, absolute and portable."""
 
+import math
+
 import equinox as eqx
 import jax
 import pytest
@@ -32,6 +34,10 @@ def test_json_round_trip_is_exact(tmp_path):
     assert "prologue" not in obj["gemm_bf16"]
     assert {"row_ns", "kloop_ns"} <= set(obj["gemm_fp8"]["physical"])
     assert "kloop_ns" not in obj["gemm_bf16"].get("physical", {})
+    assert obj["moe_w4a16"]["physical"]["ep_latency_us"] == pytest.approx(
+        5.0 * math.exp(0.1234567890123)
+    )
+    assert "ep_latency_us" not in obj["moe"].get("physical", {})
     del obj["moe"]
     with pytest.raises(ValueError, match="missing key 'moe'"):
         curves_from_json(obj)
@@ -138,3 +144,15 @@ def test_files_from_before_the_serial_k_terms_load_without_them():
     back = curves_from_json(obj)
     assert back.gemm_fp8.log_row_ns is None and back.gemm_fp8.log_kloop_ns is None
     assert float(back.gemm_fp8.row_ns) == 0.0 and float(back.gemm_fp8.kloop_ns) == 0.0
+
+
+def test_curves_saved_before_the_expert_parallel_cost_load_without_it():
+    """A curves file written before ``log_ep_latency_us`` existed loads with no
+    expert-parallel cost (0 us), and one with it round-trips it exactly."""
+    obj = curves_to_json(default_kernel_curves())
+    kept = float(obj["moe_fp8"]["raw"]["log_ep_latency_us"])
+    assert float(curves_from_json(obj).moe_fp8.log_ep_latency_us) == kept
+    del obj["moe_fp8"]["raw"]["log_ep_latency_us"]
+    back = curves_from_json(obj)
+    assert back.moe_fp8.log_ep_latency_us is None
+    assert float(back.moe_fp8.ep_latency_us) == 0.0

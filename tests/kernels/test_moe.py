@@ -1,6 +1,7 @@
 """MoE kernels: predictions and work by hand, vLLM's tuned configs, power-law
 routing."""
 
+import equinox as eqx
 import jax
 import numpy as np
 import pandas as pd
@@ -246,3 +247,38 @@ def test_power_law_rows_have_more_work_than_balanced():
     # times are longer.
     assert np.median(np.asarray(w_p.flops / w_b.flops)) > 1.0
     assert np.median(both["latency_us_p"] / both["latency_us_b"]) > 1.0
+
+
+def test_expert_parallel_calls_pay_the_curves_fixed_cost_once():
+    """At EP > 1 the work is marked expert-parallel and the curves' ``ep_latency_us``
+    adds to its time exactly once, whatever the batch; at EP 1 nothing; curves
+    without the term (16-bit MoE) ignore the mark. The gradient in its log is the
+    cost itself (d t / d log c = c), finite-difference checked."""
+    curves = dk.init_curves("moe_w4a16", portable=True)
+    assert float(curves.ep_latency_us) == pytest.approx(5.0)
+    plain = dk.init_curves("moe", portable=True)
+    assert plain.log_ep_latency_us is None
+    kw = dict(weight_bytes=0.53125, compute_bytes=2.0, local_only=1.0)
+    tokens = np.array([1.0, 64.0, 4096.0])
+    for ep, marked in ((4.0, 1.0), (1.0, 0.0)):
+        work = moe_kernel_work(tokens, 2880.0, 2880.0, 4.0, 128.0, H100, ep=ep, **kw)
+        np.testing.assert_array_equal(work.expert_parallel, marked)
+        unmarked = eqx.tree_at(lambda w: w.expert_parallel, work, None,
+                               is_leaf=lambda x: x is None)  # fmt: skip
+        np.testing.assert_allclose(
+            work.time_us(curves) - unmarked.time_us(curves), 5.0 * marked, rtol=1e-9
+        )
+        np.testing.assert_allclose(
+            work.time_us(plain), unmarked.time_us(plain), rtol=1e-12
+        )
+    work = moe_kernel_work(64.0, 2880.0, 2880.0, 4.0, 128.0, H100, ep=8.0, **kw)
+
+    def t(log_c):
+        return work.time_us(eqx.tree_at(lambda c: c.log_ep_latency_us, curves, log_c))
+
+    x = curves.log_ep_latency_us
+    grad = float(jax.grad(t)(x))
+    h = 1e-4
+    fd = (float(t(x + h)) - float(t(x - h))) / (2 * h)
+    assert grad == pytest.approx(5.0, rel=1e-6)
+    assert grad == pytest.approx(fd, rel=1e-4)
