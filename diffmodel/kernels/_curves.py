@@ -177,7 +177,7 @@ class Occupancy(eqx.Module):
 
 
 class RooflineCurves(eqx.Module):
-    """Efficiency curves and launch floor of one operator family (8-14 params).
+    """Efficiency curves and launch floor of one operator family (8-15 params).
 
     ``t = latency_us + s unit_ns / 1000 + smooth_max(f / (peak eta_f o),
     b / (bw eta_b o))`` with ``eta_f = flops(f)``, ``eta_b = bandwidth(b)``,
@@ -192,6 +192,7 @@ class RooflineCurves(eqx.Module):
     = e / (exp_rate eta_exp o)`` on the special-function units (``e``
     exponentials, :attr:`KernelWork.exps`), ``p >= 1`` how well the kernel
     overlaps the two (``p = 1``: one after the other; ``p -> inf``: fully hidden).
+    Expert-parallel MoE calls add ``ep_latency_us`` where the curves have it.
 
     Attributes:
         flops: compute efficiency (fraction of peak FLOP/s) vs the operator's FLOPs.
