@@ -37,9 +37,11 @@ _MARLIN_BLOCK_M = (8.0, 16.0, 32.0, 48.0, 64.0)
 
 
 def moe_block_m(rule: ArrayLike, tokens, top_k, n_experts, ep=1.0) -> Array:
-    """Rows of a token tile of an MoE kernel (``BLOCK_M``), per kernel; 0 where
-    ``rule`` is :data:`TILE_DEFAULT` (the caller's default tiles).
+    """Rows of a token tile of an MoE kernel (``BLOCK_M``), per kernel, by its rule:
 
+    - vLLM's Triton fused MoE (:data:`TILE_DEFAULT`): its default tiles
+      (:data:`MOE_DEFAULT_TILES`), 16 rows while the tokens are at most the
+      ``E / ep`` experts on the GPU, 64 above.
     - OpenAI's Triton ``matmul_ogs`` (:data:`TILE_OAI_TRITON`; ``triton_kernels``'
       ``opt_flags``): the routed slots per expert over all ``E`` experts, ``T k //
       E``, to the next power of 2, within [16, 128]. The H200 tables step where it
@@ -48,16 +50,18 @@ def moe_block_m(rule: ArrayLike, tokens, top_k, n_experts, ep=1.0) -> Array:
     - Marlin (:data:`TILE_MARLIN`; vLLM's ``fused_marlin_moe``): the first of 8, 16,
       32, 48, 64 with ``T k / (E / ep) / BM < 0.9``, else 64.
     """
-    rule = jnp.asarray(rule, float)
-    per = jnp.asarray(tokens, float) * jnp.asarray(top_k, float)
+    rule, tokens = jnp.asarray(rule, float), jnp.asarray(tokens, float)
+    e_local = jnp.asarray(n_experts, float) / jnp.asarray(ep, float)
+    (bm_s, _), (bm_l, _) = MOE_DEFAULT_TILES
+    default = jnp.where(tokens <= e_local, bm_s, bm_l)
+    per = tokens * jnp.asarray(top_k, float)
     oai = jnp.maximum(jnp.floor(per / jnp.asarray(n_experts, float)), 1.0)
     oai = jnp.clip(2.0 ** jnp.ceil(jnp.log2(oai) - 1e-9), 16.0, 128.0)
-    local = per / (jnp.asarray(n_experts, float) / jnp.asarray(ep, float))
-    marlin = jnp.full(jnp.shape(local), _MARLIN_BLOCK_M[-1])
+    marlin = jnp.full(jnp.shape(per), _MARLIN_BLOCK_M[-1])
     for bm in _MARLIN_BLOCK_M[::-1]:
-        marlin = jnp.where(local / bm < 0.9, bm, marlin)
+        marlin = jnp.where(per / e_local / bm < 0.9, bm, marlin)
     return jnp.where(
-        rule == TILE_OAI_TRITON, oai, jnp.where(rule == TILE_MARLIN, marlin, 0.0)
+        rule == TILE_OAI_TRITON, oai, jnp.where(rule == TILE_MARLIN, marlin, default)
     )
 
 
@@ -219,6 +223,8 @@ class ExpertLoads(eqx.Module):
         tiles_small, tiles_large: token tiles ``sum_j ceil(n_j / BM)`` over the local
             experts' slots ``n_j`` at the small and large default ``BM``
             (:data:`MOE_DEFAULT_TILES`).
+        tiles_own: optional token tiles at the measured kernel's own rows
+            (:func:`moe_block_m`); where given, they are the ones counted.
     """
 
     touched: Float[Array, "*n"]
@@ -240,8 +246,8 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha, block_m=None) -> Expert
     measured GPU holds every ``ep``-th of the sorted loads starting with the
     largest (a stratified ``E / ep`` of them).
 
-    ``block_m`` (per row, optional): a kernel's own tile rows
-    (:func:`moe_block_m`; 0: none), for ``tiles_own``.
+    ``block_m`` (per row, optional): the measured kernel's tile rows
+    (:func:`moe_block_m`), for ``tiles_own``.
     """
     t, e, k, ep, a = (
         np.broadcast_to(np.asarray(x, float), np.shape(tokens))
@@ -272,7 +278,7 @@ def power_law_loads(tokens, n_experts, top_k, ep, alpha, block_m=None) -> Expert
             (n >= 1).sum(),
             np.ceil(n / bm_s).sum(),
             np.ceil(n / bm_l).sum(),
-            np.ceil(n / oi).sum() if oi > 0 else 0.0,
+            np.ceil(n / oi).sum() if block_m is not None else 0.0,
         )
     return ExpertLoads(*(jnp.asarray(o.reshape(t.shape)) for o in out))
 
@@ -372,10 +378,9 @@ def moe_kernel_work(
     local = jnp.asarray(local_only, float)
     b = b + (1.0 - local) * (acts_all - acts_local + unfused)
     small = tokens <= e_local
-    (bm_s, bn_s), (bm_l, bn_l) = MOE_DEFAULT_TILES
-    bm, bn = jnp.where(small, bm_s, bm_l), jnp.where(small, bn_s, bn_l)
-    own_bm = moe_block_m(tile_rule, tokens, top_k, n_experts, ep)
-    bm = jnp.where(own_bm > 0, own_bm, bm)
+    (_, bn_s), (_, bn_l) = MOE_DEFAULT_TILES
+    bn = jnp.where(small, bn_s, bn_l)
+    bm = moe_block_m(tile_rule, tokens, top_k, n_experts, ep)
     if loads is None:
         touched = touched_experts(tokens, e_local, k_local, routing)
         slots = routed_slots(tokens, k_local, touched, routing)
@@ -385,9 +390,10 @@ def moe_kernel_work(
     else:
         # The weights of the experts the skewed routing touches, not routing's.
         touched = jnp.asarray(loads.touched)
-        token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
-        if loads.tiles_own is not None:
-            token_tiles = jnp.where(own_bm > 0, loads.tiles_own, token_tiles)
+        if loads.tiles_own is not None:  # counted at the kernel's own rows
+            token_tiles = jnp.asarray(loads.tiles_own)
+        else:
+            token_tiles = jnp.where(small, loads.tiles_small, loads.tiles_large)
         w_routing = touched_experts(tokens, e_local, k_local, routing)
         slots = routed_slots(tokens, k_local, w_routing, routing)
         per_w = (up + 1.0) * jnp.asarray(hidden) * f_local * weight_bytes

@@ -404,11 +404,7 @@ def _moe_table_work(table: pd.DataFrame, hw: Hardware) -> KernelWork:
             tiles_large=jnp.where(
                 skewed, pl.tiles_large, t_b * np.ceil(per / bm_l - 1e-9)
             ),
-            tiles_own=jnp.where(
-                skewed,
-                pl.tiles_own,
-                t_b * np.ceil(per / np.where(own > 0, own, 1.0) - 1e-9),
-            ),
+            tiles_own=jnp.where(skewed, pl.tiles_own, t_b * np.ceil(per / own - 1e-9)),
         )
     return moe_kernel_work(
         *(jnp.asarray(col(c)) for c in ("num_tokens", "hidden_size", "inter_size")),

@@ -148,7 +148,7 @@ def test_moe_token_tiles_follow_each_kernels_rule():
     """OpenAI's Triton MoE: ``T k // E`` to the next power of 2 in [16, 128] (the
     H200 tables' steps, E 32, k 4: 128 tokens -> 16 rows, 160 -> 32, 320 -> 64,
     768 -> 128, 1536 -> 128); Marlin: the first of 8..64 with ``T k / E_local /
-    BM < 0.9``; vLLM's default: none (0, the caller's default tiles)."""
+    BM < 0.9``; vLLM's default: 16 rows up to the local experts, 64 above."""
     from diffmodel.kernels._moe import (
         TILE_MARLIN,
         TILE_OAI_TRITON,
@@ -168,7 +168,10 @@ def test_moe_token_tiles_follow_each_kernels_rule():
     )
     # With 4-way EP Marlin sees 8 local experts: 4x the slots per expert.
     np.testing.assert_array_equal(moe_block_m(TILE_MARLIN, 128.0, 4.0, 32.0, 4.0), 64)
-    np.testing.assert_array_equal(moe_block_m(0.0, t, 4.0, 32.0), np.zeros(6))
+    # vLLM's default: 16 rows while the tokens are at most the 32 experts, 64 above.
+    np.testing.assert_array_equal(
+        moe_block_m(0.0, t, 4.0, 32.0), [16, 64, 64, 64, 64, 64]
+    )
     rows = pd.DataFrame(
         {
             "kernel_source": [
