@@ -687,12 +687,12 @@ def test_flashinfer_mxfp4_experts_are_timed_at_their_padded_widths():
 
 
 def test_mxfp4_experts_take_their_kernels_token_tiles():
-    """gpt-oss-120b at TP 4 on H100: vLLM runs its MXFP4 experts on OpenAI's Triton
-    kernel, whose token tiles follow the slots per expert (64 tokens x 4 / 128
-    experts = 2 -> 16 rows), not vLLM's default tiles (64 rows above 128 tokens...
-    here 16 x 32 as 64 <= 128 experts): the step differs from the same curves
-    labelled for A100 (default tiles) by the MoE layers' difference of the two
-    works, and under jit gives the eager time."""
+    """gpt-oss-120b at TP 4 on H100, a 1000-token prefill: vLLM runs its MXFP4
+    experts on OpenAI's Triton kernel, whose token tiles follow the slots per expert
+    (1000 x 4 // 128 = 31 -> 32 rows), not vLLM's default tiles (64 rows above 128
+    tokens): the step differs from the same curves labelled for A100 (default
+    tiles) by the MoE layers' difference of the two works, and under jit gives the
+    eager time."""
     from diffmodel.kernels._moe import TILE_DEFAULT, TILE_MARLIN, TILE_OAI_TRITON
 
     assert mxfp4_tile_rule("h200") == TILE_OAI_TRITON
