@@ -36,6 +36,12 @@ from ._intervals import Calibration, regime_noise_sd
 UNPINNED_SD = 1.0
 """Posterior sd (raw units: log-odds for efficiencies, ~log for overheads) above which
 a direction counts as not determined by the data."""
+FLAT_LOAD = 1e-3
+"""A quantity moves along a flat direction of the Hessian when that direction's share
+of its raw gradient (the cosine between them) is above this. The eigenvectors of a
+float32 Hessian carry ~1e-5 of every parameter by rounding alone; a quantity they
+touch only that way keeps its finite sd (before, every quantity of a fit with one
+collinear pair read ``inf``)."""
 
 
 class Laplace(eqx.Module):
@@ -196,11 +202,13 @@ def summarise(
     cov = (evecs[:, finite] * var_dir[finite]) @ evecs[:, finite].T
     jac = np.asarray(jacobian, dtype=np.float64)
     var_phys = np.einsum("qi,ij,qj->q", jac, cov, jac)
-    # A flat direction makes every quantity that moves along it unbounded.
-    flat_load = np.abs(jac @ evecs[:, ~finite]) if (~finite).any() else None
+    # A flat direction makes every quantity that moves along it unbounded: those
+    # whose raw gradient has a share above FLAT_LOAD along it (not rounding's).
     sd = np.sqrt(np.maximum(var_phys, 0.0))
-    if flat_load is not None:
-        sd = np.where((flat_load > 1e-12).any(axis=1), np.inf, sd)
+    if (~finite).any():
+        norm = np.maximum(np.linalg.norm(jac, axis=1), 1e-300)
+        share = np.abs(jac @ evecs[:, ~finite]) / norm[:, None]
+        sd = np.where((share > FLAT_LOAD).any(axis=1), np.inf, sd)
     unpinned = tuple(
         _describe(evecs[:, k], raw_names, float(np.sqrt(var_dir[k])))
         for k in range(len(evals))

@@ -80,6 +80,33 @@ def test_collinear_columns_are_reported_as_a_trade_off():
     assert np.isfinite(sd[0]) and np.isinf(sd[1]) and np.isinf(sd[2])
 
 
+def test_a_collinear_pair_leaves_the_other_factors_finite_in_float32():
+    # The flat direction is (0, 3, -1, 0) / sqrt(10) exactly; a float32 Hessian's
+    # eigenvector carries rounding on every parameter, which must not make a and d
+    # unbounded.
+    rng = np.random.default_rng(5)
+    n = 400
+    z = rng.normal(size=n)
+    w = z + 0.5 * rng.normal(size=n)
+    x = np.column_stack([np.ones(n), z, 3.0 * z, w]).astype(np.float32)
+    y = (1.0 + 2.0 * z - 0.7 * w + 0.1 * rng.normal(size=n)).astype(np.float32)
+    objective, b = _ols_problem(x, y)
+    lap = laplace(
+        objective,
+        b.astype(jnp.float32),
+        n,
+        raw_names=("a", "b", "c", "d"),
+        physical=lambda r: (("a", "b", "c", "d"), r),
+    )
+    sd = np.asarray(lap.sd)
+    assert np.isinf(sd[1]) and np.isinf(sd[2])
+    # a and d: their OLS sd with b + 3 c as one column.
+    x3 = x[:, [0, 1, 3]].astype(np.float64)
+    s2 = float(objective(b))
+    expected = np.sqrt(np.diag(s2 * np.linalg.inv(x3.T @ x3)))
+    np.testing.assert_allclose(sd[[0, 3]], expected[[0, 2]], rtol=1e-2)
+
+
 def test_a_weak_prior_turns_infinite_into_large_and_named():
     rng = np.random.default_rng(3)
     n = 50
