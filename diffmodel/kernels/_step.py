@@ -409,8 +409,14 @@ def kernel_step_time(
     pf_kv_bytes = jnp.where(mla, a.act_bytes, a.kv_bytes)
 
     def prefill_us(pairs, kv_tokens):
+        # A step with no prefill runs no kernel (0 below). It times one token there
+        # instead of none, so that the branch the `where` drops stays finite: an
+        # infinite one gives NaN second derivatives (the joint fit's Laplace).
+        on = p > 0
+        ps, tl = jnp.where(on, p, 1.0), jnp.where(on, tiles, 1.0)
+        pairs, kv_tokens = jnp.where(on, pairs, 1.0), jnp.where(on, kv_tokens, 1.0)
         f, b = attention_work_dims(
-            pairs, kv_tokens, p, qh, dims.prefill_qk, dims.prefill_v, pf_width,
+            pairs, kv_tokens, ps, qh, dims.prefill_qk, dims.prefill_v, pf_width,
             pf_kv_bytes,
         )  # fmt: skip
         # One exponential per score element and query head (the softmax).
@@ -419,11 +425,11 @@ def kernel_step_time(
             b,
             hw.flops_16,
             hw,
-            chunks * kvh * tiles,
+            chunks * kvh * tl,
             exps=qh * pairs,
-            grid=(chunks * qh, p / chunks, group),  # the tables' shape-grid sizes
+            grid=(chunks * qh, ps / chunks, group),  # the tables' shape-grid sizes
         )
-        return jnp.where(p > 0, work.time_us(curves.prefill_attention), 0.0)
+        return jnp.where(on, work.time_us(curves.prefill_attention), 0.0)
 
     prefill = (n_layers - n_win) * prefill_us(
         stats.attn_prefill, stats.kv_prefill + p
@@ -433,6 +439,7 @@ def kernel_step_time(
     fa2_decode = runs_fa2_decode(curves.hardware)
 
     def decode_us(kv_tokens):
+        kv_tokens = jnp.where(n_dec > 0, kv_tokens, 1.0)  # finite where unused
         f, b = attention_work_dims(
             kv_tokens, kv_tokens, seqs, qh, dims.decode_qk, dims.decode_v,
             dims.kv_width, a.kv_bytes,

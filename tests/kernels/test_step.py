@@ -34,6 +34,7 @@ from tests.helpers import (
     assert_grad_matches_fd,
     host_frame,
     one_step,
+    run_python,
     stats_and_deployments,
     with_host_target,
 )
@@ -119,6 +120,47 @@ def test_jit_vmap_and_gradient():
         )
     )(20.0)
     assert float(g) == pytest.approx(80.0)
+
+
+_HESSIAN_CODE = """
+import dataclasses
+import equinox as eqx, jax, jax.flatten_util, jax.numpy as jnp, numpy as np
+import diffmodel as dm
+from diffmodel.kernels import default_kernel_curves
+from diffmodel.kernels._step import kernel_step_time
+from helpers import one_step
+C = default_kernel_curves()
+dep = dm.deployment("llama-2-70b", "h100-sxm", 4)
+fams = (C.gemm_bf16, C.prefill_attention, C.decode_attention)
+flat, unravel = jax.flatten_util.ravel_pytree(eqx.filter(fams, eqx.is_inexact_array))
+rest = eqx.filter(fams, eqx.is_inexact_array, inverse=True)
+steps = {
+    "decode only": one_step(decode_tokens=32, num_decode=32, kv_decode=32e3),
+    "prefill only": one_step(
+        prefill_tokens=512, num_prefill=1, attn_prefill=512**2 / 2
+    ),
+}
+for name, stats in steps.items():
+    def log_t(p):
+        g, pf, dec = eqx.combine(unravel(p), rest)
+        c = dataclasses.replace(
+            C, gemm_bf16=g, prefill_attention=pf, decode_attention=dec
+        )
+        return jnp.log(kernel_step_time(stats, dep, c, check=False).total)
+    h = np.asarray(jax.hessian(log_t)(flat))
+    print(name, int(np.isnan(h).sum()), float(np.abs(h).max()))
+"""
+
+
+def test_second_derivatives_in_the_curves_are_finite_without_prefill_or_decode():
+    # A step with no prefill (or no decode) runs no such kernel; the branch its
+    # `where` drops must stay finite, or the Hessian in the curves (the joint fit's
+    # Laplace) is NaN everywhere though the gradient is not. In a fresh process:
+    # float32, the package's default (the suite runs in float64, where it is not).
+    for line in run_python(_HESSIAN_CODE).strip().splitlines():
+        name, nans, biggest = line.rsplit(" ", 2)
+        assert int(nans) == 0, name
+        assert float(biggest) > 0.0, name
 
 
 def _with_arch(dep, **fields):
