@@ -26,6 +26,7 @@ from ._fitting._host_terms import (
 )
 from ._fitting._intervals import Calibration as Calibration
 from ._fitting._io import load_factors as load_factors, save_factors as save_factors
+from ._fitting._joint import JointFit as JointFit, fit_joint as fit_joint
 from ._fitting._kernel_host import (
     KernelHostFit as KernelHostFit,
     fit_host_on_kernels as fit_host_on_kernels,
@@ -101,6 +102,7 @@ __all__ = [
     "HostDeviceFactors",
     "IdentifiabilityWarning",
     "HOST_FORMS",
+    "JointFit",
     "HostTermsChoice",
     "KernelHostFit",
     "OptimResult",
@@ -116,6 +118,7 @@ __all__ = [
     "fit",
     "fit_host_device",
     "fit_host_on_kernels",
+    "fit_joint",
     "fit_steps",
     "from_aggregates",
     "from_requests",
