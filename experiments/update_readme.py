@@ -26,6 +26,14 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/host_terms.py", "--out", "{r}/host_terms"],
         "host_terms/host_terms.md",
     ),
+    "identifiability": (
+        ["experiments/identifiability.py", "--out", "{r}/identifiability"],
+        "identifiability/identifiability.md",
+    ),
+    "joint": (
+        ["experiments/joint.py", "--out", "{r}/joint"],
+        "joint/joint.md",
+    ),
     "other_gpu_curves": (
         ["experiments/other_gpu_curves.py", "--out", "{r}/other_gpu_curves"],
         "other_gpu_curves/other_gpu_curves.md",
