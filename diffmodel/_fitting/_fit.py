@@ -15,9 +15,15 @@ from jaxtyping import Array, Float
 
 from .._arrays import device_array
 from .._fitting._base import AbstractFactorSet, StepData
+from .._fitting._empirical_bayes import choose_prior_scale
 from .._fitting._factorsets import init_factor_set
 from .._fitting._kinds import ROOFLINE_KINDS, FactorKind, check_kind
-from .._fitting._laplace import Laplace, factor_set_laplace, warn_identifiability
+from .._fitting._laplace import (
+    IdentifiabilityWarning,
+    Laplace,
+    factor_set_laplace,
+    warn_identifiability,
+)
 from .._fitting._optimise import Result, minimise
 from .._fitting._transfer import transfer_noise, transfer_values
 from .._frame import groups_from_frame, holds_booleans, stats_from_frame
@@ -41,6 +47,10 @@ class FitResult(eqx.Module):
         laplace: the posterior at the optimum (:class:`Laplace`: per-factor sds in
             physical units, covariance, unpinned directions, factors at a bound), or
             None when the fit was run with ``uncertainty=False``.
+        prior_scale_evidence: with ``fit(..., prior_scale="auto")``, each
+            between-group scale compared and its log marginal likelihood
+            (``(tau, log_evidence)``, nats up to a constant; the fit took the
+            highest), else None.
     """
 
     factor_set: AbstractFactorSet
@@ -52,6 +62,9 @@ class FitResult(eqx.Module):
     compile_seconds: float = eqx.field(static=True, default=0.0)
     target: str = eqx.field(static=True, default="")
     laplace: Laplace | None = None
+    prior_scale_evidence: tuple[tuple[float, float], ...] | None = eqx.field(
+        static=True, default=None
+    )
 
     @classmethod
     def from_optimiser(
@@ -353,7 +366,7 @@ def fit(
     valid: pd.DataFrame | None = None,
     weights: str | None = None,
     prior: Factors | None = None,
-    prior_scale: float = 0.1,
+    prior_scale: float | str = 0.1,
     noise_scale: float = 0.1,
     learn_prior_scale: bool = False,
     global_prior_scale: float | None = None,
@@ -381,7 +394,12 @@ def fit(
         prior: physical factors the fit starts from and (hierarchical) shrinks to the
             neighbourhood of, e.g. kernel-calibrated ones.
         prior_scale, noise_scale, learn_prior_scale: hierarchical prior settings
-            (see :class:`diffmodel.HierarchicalFactors`).
+            (see :class:`diffmodel.HierarchicalFactors`). ``prior_scale="auto"``:
+            the between-group scale by empirical Bayes, the highest Laplace
+            marginal likelihood over scales from 0.01 to 1 (a fit each; see
+            :mod:`diffmodel._fitting._empirical_bayes`), with ``noise_scale`` the
+            noise sd of a first fit; the comparison is in
+            :attr:`FitResult.prior_scale_evidence`.
         global_prior_scale: sd of a Gaussian prior keeping the global factors near
             ``prior`` (global and hierarchical; see :class:`diffmodel.GlobalFactors`).
         solver, max_steps, learning_rate: optimiser settings: ``"lbfgs"``,
@@ -412,6 +430,21 @@ def fit(
         if not uncertainty:
             raise ValueError("transfer_by needs uncertainty=True (it feeds intervals)")
         transfer_values(frame, transfer_by)  # a bad column fails before any fit
+    evidence = None
+    if isinstance(prior_scale, str):
+        choice = _auto_prior_scale(
+            frame, prior_scale, factors, learn_prior_scale,
+            dict(
+                target=target, factors=factors, model=model, hardware=hardware,
+                tp=tp, weights=weights, prior=prior,
+                global_prior_scale=global_prior_scale, solver=solver,
+                max_steps=max_steps, learning_rate=learning_rate, throw=throw,
+            ),
+        )  # fmt: skip
+        prior_scale, noise_scale = choice.prior_scale, choice.noise_sd
+        evidence = tuple(
+            (float(t), float(v)) for t, v in choice.table["log_evidence"].items()
+        )
     data, labels = step_data(frame, model=model, hardware=hardware, tp=tp)
     fs = init_factor_set(
         factors,
@@ -452,6 +485,8 @@ def fit(
     )
     if factors in ROOFLINE_KINDS:
         _check_scale(result, fs, data, y, target)
+    if evidence is not None:
+        result = dataclasses.replace(result, prior_scale_evidence=evidence)
     if result.laplace is None:
         return result
     lap = dataclasses.replace(result.laplace, trained_on=tuple(labels))
@@ -478,3 +513,28 @@ def fit(
             ),
         )
     return eqx.tree_at(lambda r: r.laplace, result, lap)
+
+
+def _auto_prior_scale(frame, how, factors, learn_prior_scale, settings):
+    """The empirical-Bayes choice of ``prior_scale="auto"`` (see :func:`fit`)."""
+    if how != "auto":
+        raise ValueError(f"prior_scale must be a number > 0 or 'auto', got {how!r}")
+    if factors != "hierarchical":
+        raise ValueError(
+            "prior_scale='auto' chooses the between-group scale of "
+            f"factors='hierarchical'; factors is {factors!r}"
+        )
+    if learn_prior_scale:
+        raise ValueError(
+            "prior_scale='auto' and learn_prior_scale=True both set the "
+            "between-group scale: choose one"
+        )
+    first = fit(frame, uncertainty=False, **settings)
+    with warnings.catch_warnings():
+        # Each grid fit would repeat the final fit's identifiability warnings.
+        warnings.simplefilter("ignore", IdentifiabilityWarning)
+        return choose_prior_scale(
+            lambda tau, s: fit(frame, prior_scale=tau, noise_scale=s, **settings),
+            n_rows=len(frame),
+            noise_sd=float(np.sqrt(first.loss)),
+        )
