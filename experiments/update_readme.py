@@ -34,6 +34,10 @@ SECTIONS: dict[str, tuple[list[str], str]] = {
         ["experiments/joint.py", "--out", "{r}/joint"],
         "joint/joint.md",
     ),
+    "prior_scale": (
+        ["experiments/prior_scale.py", "--out", "{r}/prior_scale"],
+        "prior_scale/prior_scale.md",
+    ),
     "other_gpu_curves": (
         ["experiments/other_gpu_curves.py", "--out", "{r}/other_gpu_curves"],
         "other_gpu_curves/other_gpu_curves.md",
