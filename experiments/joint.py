@@ -23,6 +23,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from identifiability import markdown  # a sibling script: the same pipe table
 
 import diffmodel as dm
 from diffmodel import data as dmd, kernels as dmk
@@ -123,7 +124,7 @@ def _pm(value: float, sd: float) -> str:
 
 
 def _markdown(scores: pd.DataFrame, hosts: pd.DataFrame, sources: pd.DataFrame) -> str:
-    wide = scores.pivot_table(
+    wide = scores.pivotmarkdown(
         index=["protocol", "experiment"],
         columns="method",
         values=["mape", "coverage90", "width90"],
@@ -163,22 +164,15 @@ def _markdown(scores: pd.DataFrame, hosts: pd.DataFrame, sources: pd.DataFrame) 
         "Host costs (posterior mean ± sd, us): the joint sd includes what the "
         "kernel rows leave open in the curves.",
         "",
-        _table(hosts),
+        markdown(hosts),
         "",
         "Each source's fitted log-ratio noise sd, and `shift`: the mean log change of "
         "the training steps' device time when only that family's curve moves from "
         "its kernel-only fit to the joint one.",
         "",
-        _table(sources),
+        markdown(sources),
     ]
     return "\n".join(lines) + "\n"
-
-
-def _table(frame: pd.DataFrame) -> str:
-    head = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * frame.shape[1]
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.to_numpy()]
-    return "\n".join([head, rule, *body])
 
 
 if __name__ == "__main__":

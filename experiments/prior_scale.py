@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from identifiability import markdown  # a sibling script: the same pipe table
 
 import diffmodel as dm
 from diffmodel import data as dmd
@@ -90,24 +91,17 @@ def main(data: pathlib.Path | None, out: pathlib.Path) -> str:
             "experiment at the default between-group scale (0.1) and at the "
             "empirical-Bayes one:",
             "",
-            _table(pd.DataFrame(scores)),
+            markdown(pd.DataFrame(scores)),
             "",
             "Log evidence of each scale (nats, relative to the fold's best):",
             "",
-            _table(pd.DataFrame(evidence)),
+            markdown(pd.DataFrame(evidence)),
         ]
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "prior_scale.md").write_text(md + "\n")
     print(md)
     return md
-
-
-def _table(frame: pd.DataFrame) -> str:
-    head = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "---|" * frame.shape[1]
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.to_numpy()]
-    return "\n".join([head, rule, *body])
 
 
 if __name__ == "__main__":

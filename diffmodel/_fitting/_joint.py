@@ -34,7 +34,7 @@ from .._arrays import device_array
 from .._model._hardware import hardware
 from ..kernels._calibrate import family_rows, family_work
 from ..kernels._curves import KERNEL_FAMILIES, KernelCurves
-from ..kernels._step import HOST_TERMS, HostCosts, device_us, host_features
+from ..kernels._step import HOST_TERMS, device_us, host_features
 from ..kernels._work import allreduce_kernel_us
 from ._intervals import REGIMES, regime_noise_sd
 from ._kernel_host import (
@@ -43,6 +43,7 @@ from ._kernel_host import (
     _checked_data,
     _unpinned,
     fit_host_on_kernels,
+    host_costs,
     target_values,
 )
 from ._laplace import IdentifiabilityWarning
@@ -313,12 +314,7 @@ def fit_joint(
     host_fit = dataclasses.replace(
         two,
         curves=joint_curves,
-        host=HostCosts(
-            **{
-                f"{t}_us": float(theta[terms.index(t)]) if t in terms else 0.0
-                for t in HOST_TERMS
-            }
-        ),
+        host=host_costs(terms, theta),
         sd_us=sd,
         cov_raw=cov,
         noise_sd=tuple(noise[r] for r in REGIMES),

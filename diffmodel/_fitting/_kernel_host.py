@@ -452,12 +452,7 @@ def fit_host_on_kernels(
     fit = KernelHostFit(
         curves=curves,
         terms=terms,
-        host=HostCosts(
-            **{
-                f"{t}_us": float(theta[terms.index(t)]) if t in terms else 0.0
-                for t in HOST_TERMS
-            }
-        ),
+        host=host_costs(terms, theta),
         sd_us=sd,
         cov_raw=cov,
         noise_sd=noise,
@@ -481,6 +476,16 @@ def fit_host_on_kernels(
                 stacklevel=2,
             )
     return fit
+
+
+def host_costs(terms: Sequence[str], theta: np.ndarray) -> HostCosts:
+    """:class:`HostCosts` with ``theta`` (us) for ``terms``, 0 for the others."""
+    return HostCosts(
+        **{
+            f"{t}_us": float(theta[terms.index(t)]) if t in terms else 0.0
+            for t in HOST_TERMS
+        }
+    )
 
 
 def _unpinned(hessian: np.ndarray, terms: tuple[str, ...]) -> tuple[str, ...]:
