@@ -45,6 +45,11 @@ def cmd_fit_host(args) -> int:
         out_file,
     )
 
+    if args.joint is not None and args.transfer:
+        raise ValueError(
+            "--joint with --transfer: the joint fit has no leave-one-deployment-out "
+            "refits (each would refit the curves); use one or the other"
+        )
     if args.calibrate_tail is not None and args.split == "temporal":
         raise ValueError(
             "--calibrate-tail goes with --split none: --split temporal calibrates "
@@ -98,14 +103,17 @@ def cmd_fit_host(args) -> int:
         if len(terms) > 1:
             raise ValueError("--terms: 'auto' stands alone (it chooses the terms)")
         terms = _auto_terms(train, args, curves)
-    result = fit_host_on_kernels(
-        train,
-        target=args.target,
-        curves=curves,
-        terms=terms,
-        max_steps=args.max_iterations,
-        transfer=args.transfer,
-    )
+    if args.joint is None:
+        result = fit_host_on_kernels(
+            train,
+            target=args.target,
+            curves=curves,
+            terms=terms,
+            max_steps=args.max_iterations,
+            transfer=args.transfer,
+        )
+    else:
+        result = _joint_fit(train, args, curves, terms)
     status = "converged" if result.converged else "iteration budget reached"
     print(
         f"fitted host costs {' + '.join(result.terms)} to {args.target} on "
@@ -145,6 +153,57 @@ def cmd_fit_host(args) -> int:
         inside = (band["predicted_lo_us"] <= y) & (y <= band["predicted_hi_us"])
         print(f"90% interval: covers {100 * inside.mean():.1f}% of the test rows")
     return 0
+
+
+def _joint_tables(source: str, curves):
+    """``--joint SOURCE``: the kernel tables of the curves' GPU, from the installed
+    database (``database``) or a data folder holding ``kernels/h100_sxm``."""
+    import pathlib
+
+    from .._model._hardware import hardware_system
+    from ..kernels._database import load_system_tables
+    from ..kernels._tables import load_kernel_tables
+
+    families = ("gemm", "prefill_attention", "decode_attention", "allreduce")
+    if source == "database":
+        return load_system_tables(hardware_system(curves.hardware), families=families)
+    folder = pathlib.Path(source)
+    if not (folder / "kernels" / "h100_sxm").is_dir():
+        raise ValueError(
+            f"--joint {source}: expected 'database' (the installed "
+            "aiconfigurator-core tables of the curves' GPU) or a data folder "
+            "holding kernels/h100_sxm (e.g. ../shared/data)"
+        )
+    if curves.hardware != "h100-sxm":
+        raise ValueError(
+            f"--joint {source}: the folder holds H100 tables, but --curves are "
+            f"{curves.hardware!r}'s; use --joint database"
+        )
+    return load_kernel_tables(folder)
+
+
+def _joint_fit(train, args, curves, terms):
+    """``--joint``: curves and host costs in one objective
+    (:func:`diffmodel.fit_joint`); its sources printed; the host fit returned."""
+    from .._fitting._joint import fit_joint
+    from ._cli_io import note
+
+    tables = _joint_tables(args.joint, curves)
+    note(
+        "fitting the curves and the host costs jointly on "
+        f"{sum(len(t) for t in tables.values())} kernel rows and {len(train)} steps"
+    )
+    joint = fit_joint(
+        train,
+        target=args.target,
+        curves=curves,
+        tables=tables,
+        terms=terms,
+        max_steps=args.max_iterations,
+    )
+    print("joint fit: each source's noise sd (log), and how far the steps moved")
+    print(joint.sources.to_string(float_format=lambda v: f"{v:.4g}"))
+    return joint.host_fit
 
 
 def _auto_terms(train, args, curves) -> tuple[str, ...]:
@@ -244,6 +303,18 @@ def add_parser(subparsers, common) -> None:
         help="also refit without each deployment in turn and calibrate the "
         "intervals of deployments the fit never saw on those refits' misses "
         "(needs rows of two deployments or more)",
+    )
+    p.add_argument(
+        "--joint",
+        metavar="SOURCE",
+        default=None,
+        help="fit the curves of the steps' kernels (16-bit GEMMs, prefill and "
+        "decode attention, all-reduce) together with the host costs, in one "
+        "objective over the kernel tables and the steps, each with its own noise "
+        "(diffmodel.fit_joint; minutes); the saved fit holds the refitted curves. "
+        "SOURCE: 'database' (the installed aiconfigurator-core tables of the "
+        "curves' GPU, vLLM, newest version) or a data folder holding "
+        "kernels/h100_sxm (e.g. ../shared/data)",
     )
     p.add_argument(
         "--max-iterations",

@@ -119,6 +119,12 @@ FIT_BAD = {
         "--calibrate-tail goes with --split none",
         1,
     ),
+    "joint from nowhere": (["--joint", "nowhere"], "expected 'database'", 1),
+    "joint and transfer": (
+        ["--joint", "database", "--transfer"],
+        "--joint with --transfer",
+        1,
+    ),
 }
 
 
@@ -198,3 +204,17 @@ def test_fit_host_transfer_needs_two_deployments(folder):
     argv = ["fit-host", "--data", "one.csv", "--target", "iteration_time_us"]
     argv += ["--curves", "h100.json", "--out", "host.json", "--transfer"]
     fails(folder, argv, "two deployments or more")
+
+
+@pytest.mark.slow
+def test_fit_host_joint_refits_the_curves_on_the_kernel_tables(
+    folder, data_dir, capsys
+):
+    assert _fit(folder, "--joint", data_dir, "--max-iterations", "100") == 0
+    out = capsys.readouterr().out
+    assert "joint fit: each source's noise sd" in out
+    for source in ("gemm_bf16", "prefill_attention", "allreduce", "trace"):
+        assert source in out
+    fit = dm.load_host_fit(folder / "host.json")
+    assert fit.curves != CURVES  # the refitted curves travel with the fit
+    assert float(fit.host.layer_us) > 0.0
