@@ -89,6 +89,17 @@ NONNEGATIVE = _number(float, low=0.0, strict=False, what="a number >= 0")
 FINITE_NONNEGATIVE = _number(
     float, low=0.0, strict=False, what="a finite number >= 0", finite=True
 )
+_FINITE_POSITIVE = _number(
+    float, low=0.0, strict=True, what="a finite number > 0 or 'auto'", finite=True
+)
+
+
+def PRIOR_SCALE(text: str):  # noqa: N802 (an argparse type, named like the others)
+    """``--prior-scale``: a finite number > 0, or ``auto`` (empirical Bayes)."""
+    return "auto" if text == "auto" else _FINITE_POSITIVE(text)
+
+
+PRIOR_SCALE.__name__ = "a finite number > 0 or 'auto'"
 
 
 def _open_unit(what: str):
@@ -336,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
         "early and calibrate the predictive intervals on the next 20 %%, score on "
         "the last 20 %% (needs experiment_id and step.id columns); 'none': fit and "
         "score on every row",
+    )
+    p.add_argument(
+        "--prior-scale",
+        type=PRIOR_SCALE,
+        default=0.1,
+        metavar="SD",
+        help="--kind hierarchical: the sd of each deployment's log-offsets around "
+        "the global factors; 'auto': chosen by empirical Bayes (a fit at each of "
+        "0.01 ... 1, the highest Laplace marginal likelihood; the comparison is "
+        "printed)",
     )
     p.add_argument(
         "--transfer-by",

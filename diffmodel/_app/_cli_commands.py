@@ -199,8 +199,19 @@ def cmd_fit(args) -> int:
         callback=progress if args.progress_every > 0 else None,
         callback_every=max(args.progress_every, 1),
         transfer_by=args.transfer_by,
+        prior_scale=args.prior_scale,
         **flags,
     )
+    if result.prior_scale_evidence is not None:
+        best = max(result.prior_scale_evidence, key=lambda tv: tv[1])
+        print(
+            f"between-group scale by empirical Bayes: {best[0]:g} (log evidence, "
+            "nats relative to the best: "
+            + ", ".join(
+                f"{t:g} {v - best[1]:+.1f}" for t, v in result.prior_scale_evidence
+            )
+            + ")"
+        )
     if valid is not None and result.laplace is not None:
         from ._host_cmd import with_deployment
 

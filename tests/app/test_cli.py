@@ -599,3 +599,29 @@ def test_predict_pp_flag_prices_pipeline_stages(tmp_path, capsys):
     frame.assign(pp=2).to_csv(path, index=False)
     assert main([*argv, "--host", str(tmp_path / "h.json")]) == 1
     assert "priced by the roofline: not with --host" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_prior_scale_auto_prints_the_evidence(trace, tmp_path):
+    fit = ["fit", "--data", trace, "--target", "step_time_us", "--kind"]
+    fit += ["hierarchical", "--prior-scale", "auto", "--out", "h.json"]
+    code, out, _ = run_cli(*fit, "--max-iterations", "20", cwd=tmp_path)
+    assert code == 0
+    line = next(x for x in out.splitlines() if "empirical Bayes" in x)
+    assert "0.01" in line and "+0.0" in line
+
+
+def test_fit_prior_scale_bad_values(trace, tmp_path):
+    base = ["fit", "--data", trace, "--target", "step_time_us", "--out", "f.json"]
+    fails(
+        tmp_path,
+        [*base, "--prior-scale", "0"],
+        "--prior-scale: expected a finite number > 0 or 'auto', got '0'",
+        rc=2,
+    )
+    fails(
+        tmp_path,
+        [*base, "--prior-scale", "auto"],
+        "prior_scale='auto' chooses the between-group scale of "
+        "factors='hierarchical'; factors is 'global'",
+    )
