@@ -275,8 +275,11 @@ class HierarchicalFactors(AbstractFactorSet):
     global level (see :class:`GlobalFactors`). A group with few rows stays near the
     global values, one with
     many rows moves to its own. With ``learn_prior_scale`` the scale is fitted too
-    (its ``log`` is a parameter, with the Gaussian normaliser in the objective). A group
-    never seen in training predicts with the global values.
+    (its ``log`` is a parameter, with the Gaussian normaliser in the objective): a
+    joint maximum a posteriori, which favours small scales (shrunk offsets allow a
+    smaller scale, which shrinks them further); ``fit(..., prior_scale="auto")``
+    chooses the scale by marginal likelihood instead. A group never seen in training
+    predicts with the global values.
     """
 
     global_raw: Float[Array, " n"]
