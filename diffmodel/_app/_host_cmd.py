@@ -200,6 +200,7 @@ def _joint_fit(train, args, curves, terms):
         tables=tables,
         terms=terms,
         max_steps=args.max_iterations,
+        progress=note,
     )
     print("joint fit: each source's noise sd (log), and how far the steps moved")
     print(joint.sources.to_string(float_format=lambda v: f"{v:.4g}"))

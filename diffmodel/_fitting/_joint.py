@@ -20,8 +20,9 @@ sd then includes what the device side leaves undetermined.
 """
 
 import dataclasses
+import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import equinox as eqx
 import jax
@@ -208,6 +209,7 @@ def fit_joint(
     families: Sequence[str] = JOINT_FAMILIES,
     terms: Sequence[str] = ("layer", "layer_request"),
     max_steps: int = 500,
+    progress: Callable[[str], None] | None = None,
 ) -> JointFit:
     """Fit ``families``' curves and the host costs in one objective over the kernel
     rows of ``tables`` and the steps of ``frame`` (see the module doc).
@@ -227,6 +229,9 @@ def fit_joint(
             rows in ``tables``).
         terms: the host costs fitted (as :func:`fit_host_on_kernels`).
         max_steps: L-BFGS steps at most (the start is the two-stage fit).
+        progress: optional callable receiving one line per stage (the kernel-only
+            curves, the host costs over them, the joint fit, its posterior), with
+            the seconds each took: the whole runs for minutes on a CPU.
 
     Returns:
         A :class:`JointFit`: ``host_fit`` predicts and saves like a two-stage fit;
@@ -257,6 +262,7 @@ def fit_joint(
     data, _ = _checked_data(frame, curves)
     hw = hardware(curves.hardware)
     kernels = _kernel_sources(tables, families, hw)
+    say = _Progress(progress)
     # Stage one, the kernel rows alone (the same per-source objective): a start that
     # is the two-stage answer even where ``curves`` were not fitted on ``tables``.
     n_k = device_array(np.array([len(kernels[f][1]) for f in kernels], np.float64))
@@ -266,6 +272,10 @@ def fit_joint(
         max_steps=max_steps, rtol=RTOL,
     )  # fmt: skip
     curves = _with(curves, res.params)
+    say(
+        f"curves of {', '.join(kernels)} on {int(sum(n_k))} kernel rows alone: "
+        f"{_ended(res)}"
+    )
     with warnings.catch_warnings():
         # The two-stage start's warnings would repeat the joint fit's own.
         warnings.simplefilter("ignore", IdentifiabilityWarning)
@@ -273,6 +283,7 @@ def fit_joint(
             frame, target=target, curves=curves, terms=terms, max_steps=500
         )
     terms = two.terms
+    say(f"host costs {' + '.join(terms)} over them on {len(y)} steps")
     dep = data.deployments.take(data.group)
     cols = [HOST_TERMS.index(t) for t in terms]
     x = jnp.asarray(host_features(data.stats, dep))[:, cols]
@@ -286,6 +297,7 @@ def fit_joint(
         _objective, start, args, solver="lbfgs", max_steps=max_steps, rtol=RTOL
     )
     free, raw = res.params
+    say(f"curves and host costs jointly: {_ended(res)}")
     joint_curves = _with(curves, free)
     mse0 = np.asarray(_source_mse(start, args[:-1]), np.float64)
     mse = _source_mse(res.params, args[:-1])
@@ -295,6 +307,7 @@ def fit_joint(
         flat, unravel, args, jax.lax.stop_gradient(mse)
     )
     precision = np.array(hess, np.float64)  # a writable copy
+    say(f"posterior (Laplace) over {flat.size} parameters")
     n_host = len(terms)
     precision[-n_host:, -n_host:] += np.eye(n_host) / PRIOR_LOG_SD**2
     cov = np.linalg.pinv(precision, hermitian=True)[-n_host:, -n_host:]
@@ -344,6 +357,26 @@ def fit_joint(
         objective=float(_objective(res.params, args)),
         converged=res.result == "successful",
     )
+
+
+class _Progress:
+    """``progress`` lines prefixed ``joint:``, each with the seconds since the last."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress = progress
+        self.tick = time.perf_counter()
+
+    def __call__(self, line: str) -> None:
+        now = time.perf_counter()
+        if self.progress is not None:
+            self.progress(f"joint: {line} ({now - self.tick:.0f} s)")
+        self.tick = now
+
+
+def _ended(res) -> str:
+    """How an L-BFGS run ended, in words."""
+    how = "converged" if res.result == "successful" else "iteration budget reached"
+    return f"{int(res.n_steps)} L-BFGS steps, {how}"
 
 
 def _trace_shift(stats, dep, before: KernelCurves, after: KernelCurves, kernels):

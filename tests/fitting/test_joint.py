@@ -104,14 +104,19 @@ def test_joint_fit_recovers_device_and_host_from_a_wrong_start(synthetic_tables)
 
 def test_joint_fit_predicts_and_saves_like_a_two_stage_fit(synthetic_tables, tmp_path):
     frame = with_host_target(host_frame(200), TRUTH_HOST, TRUTH_CURVES, TRACE_NOISE)
+    lines = []
     joint = dm.fit_joint(
         frame,
         target="iteration_time_us",
         curves=TRUTH_CURVES,
         tables=synthetic_tables,
         families=("gemm_bf16",),
+        progress=lines.append,
     )
     assert list(joint.sources.index) == ["gemm_bf16", "trace"]
+    assert len(lines) == 4 and all(x.startswith("joint: ") for x in lines)
+    assert "gemm_bf16 on 3000 kernel rows alone" in lines[0]
+    assert "L-BFGS steps" in lines[2] and lines[3].endswith(" s)")
     path = tmp_path / "host.json"
     dm.save_host_fit(joint.host_fit, path)
     again = dm.load_host_fit(path)
