@@ -20,16 +20,28 @@ import argparse
 import pathlib
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from identifiability import markdown  # a sibling script: the same pipe table
+from intervals import folds  # a sibling script: the benchmark's folds
 
 import diffmodel as dm
 from diffmodel import data as dmd, kernels as dmk
-from diffmodel._app._reproduce import _folds
 
 TARGET = "iteration_time_us"
+
+
+class Fold(NamedTuple):
+    """One cut of the benchmark (:func:`intervals.folds`)."""
+
+    name: str
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+
+
 LEVEL = 0.9
 
 
@@ -64,53 +76,50 @@ def main(data: pathlib.Path | None, out: pathlib.Path) -> str:
     curves = dmk.calibrate_kernels(tables)
     print(f"joint: H100 curves calibrated in {time.perf_counter() - tick:.0f} s")
     scores, hosts, sources = [], [], []
-    for protocol in ("temporal", "lomo", "lowo"):
-        for fold in _folds(frame, protocol):
-            tick = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
-                joint = dm.fit_joint(
-                    fold.train, target=TARGET, curves=curves, tables=tables
-                )
-            seconds = time.perf_counter() - tick
-            held = "-" if protocol == "temporal" else fold.name
-            print(
-                f"joint: {protocol} {held}: {seconds:.0f} s, "
-                f"converged {joint.converged}"
+    for protocol, name, *parts in folds(frame):
+        fold = Fold(name, *parts)
+        tick = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
+            joint = dm.fit_joint(
+                fold.train, target=TARGET, curves=curves, tables=tables
             )
-            for method, fit in (
-                ("two stages", joint.two_stage),
-                ("joint", joint.host_fit),
-            ):
-                for row in _score(fit, fold):
-                    scores.append({"protocol": protocol, "method": method, **row})
-            t = joint.table()
-            for term in t.index:
-                hosts.append(
-                    {
-                        "protocol": protocol,
-                        "held out": held,
-                        "term": term,
-                        "two stages, us": _pm(
-                            t.loc[term, "two_stage_us"], t.loc[term, "two_stage_sd_us"]
-                        ),
-                        "joint, us": _pm(t.loc[term, "value_us"], t.loc[term, "sd_us"]),
-                    }
-                )
-            src = joint.sources
-            sources.append(
+        seconds = time.perf_counter() - tick
+        held = "-" if protocol == "temporal" else fold.name
+        print(f"joint: {protocol} {held}: {seconds:.0f} s, converged {joint.converged}")
+        for method, fit in (
+            ("two stages", joint.two_stage),
+            ("joint", joint.host_fit),
+        ):
+            for row in _score(fit, fold):
+                scores.append({"protocol": protocol, "method": method, **row})
+        t = joint.table()
+        for term in t.index:
+            hosts.append(
                 {
                     "protocol": protocol,
                     "held out": held,
-                    **{f"{s} sd": f"{src.loc[s, 'noise_sd']:.4f}" for s in src.index},
-                    **{
-                        f"{s} shift": f"{src.loc[s, 'trace_shift']:+.4f}"
-                        for s in src.index
-                        if s != "trace"
-                    },
-                    "fit, s": f"{seconds:.0f}",
+                    "term": term,
+                    "two stages, us": _pm(
+                        t.loc[term, "two_stage_us"], t.loc[term, "two_stage_sd_us"]
+                    ),
+                    "joint, us": _pm(t.loc[term, "value_us"], t.loc[term, "sd_us"]),
                 }
             )
+        src = joint.sources
+        sources.append(
+            {
+                "protocol": protocol,
+                "held out": held,
+                **{f"{s} sd": f"{src.loc[s, 'noise_sd']:.4f}" for s in src.index},
+                **{
+                    f"{s} shift": f"{src.loc[s, 'trace_shift']:+.4f}"
+                    for s in src.index
+                    if s != "trace"
+                },
+                "fit, s": f"{seconds:.0f}",
+            }
+        )
     md = _markdown(pd.DataFrame(scores), pd.DataFrame(hosts), pd.DataFrame(sources))
     out.mkdir(parents=True, exist_ok=True)
     (out / "joint.md").write_text(md)

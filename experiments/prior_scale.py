@@ -15,16 +15,26 @@ import argparse
 import pathlib
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from identifiability import markdown  # a sibling script: the same pipe table
+from intervals import folds  # a sibling script: the benchmark's folds
 
 import diffmodel as dm
 from diffmodel import data as dmd
-from diffmodel._app._reproduce import _folds
 
 TARGET = "iteration_time_us"
+
+
+class Fold(NamedTuple):
+    """One cut of the benchmark (:func:`intervals.folds`)."""
+
+    name: str
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
 
 
 def _mape(res, fold) -> dict[str, float]:
@@ -41,50 +51,50 @@ def main(data: pathlib.Path | None, out: pathlib.Path) -> str:
     frame = dmd.add_targets(dmd.load_steps(data / "stepml" / "steps.parquet"))
     frame = frame[frame[TARGET].notna()]
     scores, evidence = [], []
-    for protocol in ("temporal", "lomo", "lowo"):
-        for fold in _folds(frame, protocol):
-            valid = fold.valid if len(fold.valid) else None
-            held = "-" if protocol == "temporal" else fold.name
-            tick = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
-                warnings.simplefilter("ignore", dm.UnseenGroupWarning)
-                fixed = dm.fit(
-                    fold.train, target=TARGET, factors="hierarchical", valid=valid
-                )
-                auto = dm.fit(
-                    fold.train,
-                    target=TARGET,
-                    factors="hierarchical",
-                    valid=valid,
-                    prior_scale="auto",
-                )
-                a, b = _mape(fixed, fold), _mape(auto, fold)
-            seconds = time.perf_counter() - tick
-            taus, values = zip(*auto.prior_scale_evidence, strict=True)
-            chosen = taus[int(np.argmax(values))]
-            print(f"prior_scale: {protocol} {held}: {seconds:.0f} s, chose {chosen:g}")
-            for exp in a:
-                scores.append(
-                    {
-                        "protocol": protocol,
-                        "test experiment": exp,
-                        "MAPE, 0.1": f"{a[exp]:.2f}",
-                        "MAPE, auto": f"{b[exp]:.2f}",
-                        "auto's scale": f"{chosen:g}",
-                    }
-                )
-            top = max(values)
-            evidence.append(
+    for protocol, name, *parts in folds(frame):
+        fold = Fold(name, *parts)
+        valid = fold.valid if len(fold.valid) else None
+        held = "-" if protocol == "temporal" else fold.name
+        tick = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dm.IdentifiabilityWarning)
+            warnings.simplefilter("ignore", dm.UnseenGroupWarning)
+            fixed = dm.fit(
+                fold.train, target=TARGET, factors="hierarchical", valid=valid
+            )
+            auto = dm.fit(
+                fold.train,
+                target=TARGET,
+                factors="hierarchical",
+                valid=valid,
+                prior_scale="auto",
+            )
+            a, b = _mape(fixed, fold), _mape(auto, fold)
+        seconds = time.perf_counter() - tick
+        taus, values = zip(*auto.prior_scale_evidence, strict=True)
+        chosen = taus[int(np.argmax(values))]
+        print(f"prior_scale: {protocol} {held}: {seconds:.0f} s, chose {chosen:g}")
+        for exp in a:
+            scores.append(
                 {
                     "protocol": protocol,
-                    "held out": held,
-                    **{
-                        f"{t:g}": f"{v - top:+.1f}"
-                        for t, v in zip(taus, values, strict=True)
-                    },
+                    "test experiment": exp,
+                    "MAPE, 0.1": f"{a[exp]:.2f}",
+                    "MAPE, auto": f"{b[exp]:.2f}",
+                    "auto's scale": f"{chosen:g}",
                 }
             )
+        top = max(values)
+        evidence.append(
+            {
+                "protocol": protocol,
+                "held out": held,
+                **{
+                    f"{t:g}": f"{v - top:+.1f}"
+                    for t, v in zip(taus, values, strict=True)
+                },
+            }
+        )
     md = "\n".join(
         [
             "Iteration time, hierarchical roofline factors, MAPE % per test "
