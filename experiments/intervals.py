@@ -26,6 +26,7 @@ import argparse
 import pathlib
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -39,17 +40,28 @@ KINDS = ("global", "hierarchical")
 FOLD_COLUMN = {"lomo": "model", "lowo": "workload"}
 
 
-def folds(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, ...]]:
+class Fold(NamedTuple):
+    """One cut of the benchmark: its protocol, the held-out value (``all`` for
+    ``temporal``) and its rows."""
+
+    protocol: str
+    name: str
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+
+
+def folds(frame: pd.DataFrame) -> list[Fold]:
     """``(protocol, held_out, train, valid, test)`` as in ``diffmodel reproduce``."""
     out = []
     split = dmd.temporal_split(frame)
-    out.append(("temporal", "all", *(frame[split == s] for s in dmd.SPLIT_LABELS)))
+    out.append(Fold("temporal", "all", *(frame[split == s] for s in dmd.SPLIT_LABELS)))
     for protocol, column in FOLD_COLUMN.items():
         for held, train_mask, test_mask in dmd.leave_one_out(frame, column):
             pool = frame[train_mask]
             cut = dmd.temporal_split(pool, fractions=(0.8, 0.2, 0.0))
             out.append(
-                (
+                Fold(
                     protocol,
                     held,
                     pool[cut == "train"],

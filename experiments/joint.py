@@ -20,7 +20,6 @@ import argparse
 import pathlib
 import time
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,15 +30,6 @@ import diffmodel as dm
 from diffmodel import data as dmd, kernels as dmk
 
 TARGET = "iteration_time_us"
-
-
-class Fold(NamedTuple):
-    """One cut of the benchmark (:func:`intervals.folds`)."""
-
-    name: str
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
 
 
 LEVEL = 0.9
@@ -76,8 +66,8 @@ def main(data: pathlib.Path | None, out: pathlib.Path) -> str:
     curves = dmk.calibrate_kernels(tables)
     print(f"joint: H100 curves calibrated in {time.perf_counter() - tick:.0f} s")
     scores, hosts, sources = [], [], []
-    for protocol, name, *parts in folds(frame):
-        fold = Fold(name, *parts)
+    for fold in folds(frame):
+        protocol = fold.protocol
         tick = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", dm.IdentifiabilityWarning)

@@ -15,7 +15,6 @@ import argparse
 import pathlib
 import time
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -26,15 +25,6 @@ import diffmodel as dm
 from diffmodel import data as dmd
 
 TARGET = "iteration_time_us"
-
-
-class Fold(NamedTuple):
-    """One cut of the benchmark (:func:`intervals.folds`)."""
-
-    name: str
-    train: pd.DataFrame
-    valid: pd.DataFrame
-    test: pd.DataFrame
 
 
 def _mape(res, fold) -> dict[str, float]:
@@ -51,8 +41,8 @@ def main(data: pathlib.Path | None, out: pathlib.Path) -> str:
     frame = dmd.add_targets(dmd.load_steps(data / "stepml" / "steps.parquet"))
     frame = frame[frame[TARGET].notna()]
     scores, evidence = [], []
-    for protocol, name, *parts in folds(frame):
-        fold = Fold(name, *parts)
+    for fold in folds(frame):
+        protocol = fold.protocol
         valid = fold.valid if len(fold.valid) else None
         held = "-" if protocol == "temporal" else fold.name
         tick = time.perf_counter()
