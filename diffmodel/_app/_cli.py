@@ -351,12 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prior-scale",
         type=PRIOR_SCALE,
-        default=0.1,
+        default=None,
         metavar="SD",
-        help="--kind hierarchical: the sd of each deployment's log-offsets around "
-        "the global factors; 'auto': chosen by empirical Bayes (a fit at each of "
-        "0.01 ... 1, the highest Laplace marginal likelihood; the comparison is "
-        "printed)",
+        help="--kind hierarchical only: the sd of each deployment's log-offsets "
+        "around the global factors (default: 0.1); 'auto': chosen by empirical "
+        "Bayes (a fit at each of 0.01 ... 1, the highest Laplace marginal "
+        "likelihood; the comparison is printed)",
     )
     p.add_argument(
         "--transfer-by",

@@ -160,6 +160,11 @@ def cmd_fit(args) -> int:
     plot = plot_file(args.plot)
     if args.learning_rate is not None and args.solver != "adam":
         raise ValueError("--learning-rate is the step size of --solver adam only")
+    if args.prior_scale is not None and args.kind != "hierarchical":
+        raise ValueError(
+            f"--prior-scale is the spread of --kind hierarchical's per-deployment "
+            f"offsets; --kind {args.kind} has none"
+        )
     frame = load_data(args.data)
     if args.split == "temporal":
         check_temporal_columns(frame)
@@ -199,7 +204,7 @@ def cmd_fit(args) -> int:
         callback=progress if args.progress_every > 0 else None,
         callback_every=max(args.progress_every, 1),
         transfer_by=args.transfer_by,
-        prior_scale=args.prior_scale,
+        prior_scale=0.1 if args.prior_scale is None else args.prior_scale,
         **flags,
     )
     if result.prior_scale_evidence is not None:

@@ -619,9 +619,10 @@ def test_fit_prior_scale_bad_values(trace, tmp_path):
         "--prior-scale: expected a finite number > 0 or 'auto', got '0'",
         rc=2,
     )
-    fails(
-        tmp_path,
-        [*base, "--prior-scale", "auto"],
-        "prior_scale='auto' chooses the between-group scale of "
-        "factors='hierarchical'; factors is 'global'",
-    )
+    for scale in ("auto", "0.3"):
+        fails(
+            tmp_path,
+            [*base, "--prior-scale", scale],
+            "--prior-scale is the spread of --kind hierarchical's per-deployment "
+            "offsets; --kind global has none",
+        )
