@@ -160,11 +160,13 @@ def _joint_tables(source: str, curves):
     database (``database``) or a data folder holding ``kernels/h100_sxm``."""
     import pathlib
 
+    from .._fitting._joint import JOINT_FAMILIES
     from .._model._hardware import hardware_system
+    from ..kernels._calibrate import family_table
     from ..kernels._database import load_system_tables
     from ..kernels._tables import load_kernel_tables
 
-    families = ("gemm", "prefill_attention", "decode_attention", "allreduce")
+    families = tuple(dict.fromkeys(family_table(f) for f in JOINT_FAMILIES))
     if source == "database":
         return load_system_tables(hardware_system(curves.hardware), families=families)
     folder = pathlib.Path(source)

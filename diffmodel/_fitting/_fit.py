@@ -430,17 +430,15 @@ def fit(
         if not uncertainty:
             raise ValueError("transfer_by needs uncertainty=True (it feeds intervals)")
         transfer_values(frame, transfer_by)  # a bad column fails before any fit
+    # What a refit of these rows repeats (the scale search, the transfer refits).
+    settings = dict(
+        target=target, factors=factors, model=model, hardware=hardware, tp=tp,
+        weights=weights, prior=prior, global_prior_scale=global_prior_scale,
+        solver=solver, max_steps=max_steps, learning_rate=learning_rate, throw=throw,
+    )  # fmt: skip
     evidence = None
     if isinstance(prior_scale, str):
-        choice = _auto_prior_scale(
-            frame, prior_scale, factors, learn_prior_scale,
-            dict(
-                target=target, factors=factors, model=model, hardware=hardware,
-                tp=tp, weights=weights, prior=prior,
-                global_prior_scale=global_prior_scale, solver=solver,
-                max_steps=max_steps, learning_rate=learning_rate, throw=throw,
-            ),
-        )  # fmt: skip
+        choice = _auto_prior_scale(frame, prior_scale, learn_prior_scale, settings)
         prior_scale, noise_scale = choice.prior_scale, choice.noise_sd
         evidence = tuple(
             (float(t), float(v)) for t, v in choice.table["log_evidence"].items()
@@ -491,13 +489,11 @@ def fit(
         return result
     lap = dataclasses.replace(result.laplace, trained_on=tuple(labels))
     if transfer_by is not None:
-        settings = dict(
-            target=target, factors=factors, model=model, hardware=hardware, tp=tp,
-            weights=weights, prior=prior, prior_scale=prior_scale,
-            noise_scale=noise_scale, learn_prior_scale=learn_prior_scale,
-            global_prior_scale=global_prior_scale, solver=solver,
-            max_steps=max_steps, learning_rate=learning_rate, throw=throw,
-        )  # fmt: skip
+        settings.update(
+            prior_scale=prior_scale,
+            noise_scale=noise_scale,
+            learn_prior_scale=learn_prior_scale,
+        )
         lap = dataclasses.replace(
             lap,
             transfer_by=transfer_by,
@@ -515,8 +511,9 @@ def fit(
     return eqx.tree_at(lambda r: r.laplace, result, lap)
 
 
-def _auto_prior_scale(frame, how, factors, learn_prior_scale, settings):
+def _auto_prior_scale(frame, how, learn_prior_scale, settings):
     """The empirical-Bayes choice of ``prior_scale="auto"`` (see :func:`fit`)."""
+    factors = settings["factors"]
     if how != "auto":
         raise ValueError(f"prior_scale must be a number > 0 or 'auto', got {how!r}")
     if factors != "hierarchical":

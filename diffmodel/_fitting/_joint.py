@@ -32,6 +32,7 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 
 from .._arrays import device_array
+from .._metrics import log_ratio_loss
 from .._model._hardware import hardware
 from ..kernels._calibrate import family_rows, family_work
 from ..kernels._curves import KERNEL_FAMILIES, KernelCurves
@@ -127,17 +128,25 @@ def _family_times(curves: KernelCurves, fam: str, work, hw):
     return work.time_us(getattr(curves, fam))
 
 
+def _spec(curve):
+    """Which leaves of one family's curve the joint fit moves: its arrays, not its
+    shape grid's (one GPU's residual table, kept as it is)."""
+    spec = jax.tree.map(eqx.is_inexact_array, curve)
+    if getattr(curve, "shape_grid", None) is None:
+        return spec
+    return eqx.tree_at(
+        lambda z: z.shape_grid,
+        spec,
+        replace_fn=lambda g: jax.tree.map(lambda _: False, g),
+    )
+
+
 def _free(curves: KernelCurves, families: Iterable[str]):
-    """The arrays of ``families``' curves that the joint fit moves (a dict), the
-    rest of ``curves`` untouched (shape grids stay what they are)."""
+    """The arrays of ``families``' curves that the joint fit moves (a dict)."""
     out = {}
     for fam in families:
         c = getattr(curves, fam)
-        if fam != "allreduce" and c.shape_grid is not None:
-            c = eqx.tree_at(
-                lambda z: z.shape_grid, c, None, is_leaf=lambda x: x is None
-            )
-        out[fam] = eqx.filter(c, eqx.is_inexact_array)
+        out[fam] = eqx.partition(c, _spec(c))[0]
     return out
 
 
@@ -145,18 +154,19 @@ def _with(curves: KernelCurves, free) -> KernelCurves:
     """``curves`` with the arrays of ``free`` (from :func:`_free`) put back."""
     for fam, arrays in free.items():
         old = getattr(curves, fam)
-        grid = None if fam == "allreduce" else old.shape_grid
-        if grid is not None:
-            old = eqx.tree_at(
-                lambda z: z.shape_grid, old, None, is_leaf=lambda x: x is None
-            )
-        new = eqx.combine(arrays, eqx.filter(old, eqx.is_inexact_array, inverse=True))
-        if grid is not None:
-            new = eqx.tree_at(
-                lambda z: z.shape_grid, new, grid, is_leaf=lambda x: x is None
-            )
+        new = eqx.combine(arrays, eqx.partition(old, _spec(old))[1])
         curves = eqx.tree_at(lambda z, f=fam: getattr(z, f), curves, new)
     return curves
+
+
+def _kernel_mse(curves: KernelCurves, kernels, hw):
+    """Mean squared log ratio of each family's kernel rows."""
+    return jnp.stack(
+        [
+            log_ratio_loss(_family_times(curves, f, w, hw), y)
+            for f, (w, y) in kernels.items()
+        ]
+    )
 
 
 def _source_mse(params, args):
@@ -164,32 +174,25 @@ def _source_mse(params, args):
     free, raw = params
     curves, kernels, stats, dep, x, log_y, hw = args
     c = _with(curves, free)
-    out = [
-        jnp.mean((jnp.log(_family_times(c, f, w, hw)) - jnp.log(y)) ** 2)
-        for f, (w, y) in kernels.items()
-    ]
     pred = device_us(stats, dep, c, check=False) + x @ jnp.exp(raw)
-    out.append(jnp.mean((jnp.log(pred) - log_y) ** 2))
-    return jnp.stack(out)
+    trace = jnp.mean((jnp.log(pred) - log_y) ** 2)
+    return jnp.append(_kernel_mse(c, kernels, hw), trace)
+
+
+def _profiled_nll(mse, n):
+    """``J / N`` from each source's mean squared log ratio and rows."""
+    return jnp.sum(n * jnp.log(mse)) / (2 * jnp.sum(n))
 
 
 def _kernel_objective(free, args):
     """The kernel sources' part of ``J / N`` (stage one: no trace)."""
     curves, kernels, hw, n = args
-    c = _with(curves, free)
-    mse = jnp.stack(
-        [
-            jnp.mean((jnp.log(_family_times(c, f, w, hw)) - jnp.log(y)) ** 2)
-            for f, (w, y) in kernels.items()
-        ]
-    )
-    return jnp.sum(n * jnp.log(mse)) / (2 * jnp.sum(n))
+    return _profiled_nll(_kernel_mse(_with(curves, free), kernels, hw), n)
 
 
 def _objective(params, args):
     """``J / N``: the profiled Gaussian negative log-likelihood per row."""
-    n = args[-1]
-    return jnp.sum(n * jnp.log(_source_mse(params, args[:-1]))) / (2 * jnp.sum(n))
+    return _profiled_nll(_source_mse(params, args[:-1]), args[-1])
 
 
 def _fixed_noise_nll(flat_params, unravel, args, mse_at_optimum):
@@ -287,9 +290,7 @@ def fit_joint(
     dep = data.deployments.take(data.group)
     cols = [HOST_TERMS.index(t) for t in terms]
     x = jnp.asarray(host_features(data.stats, dep))[:, cols]
-    n = device_array(
-        np.array([len(kernels[f][1]) for f in kernels] + [len(y)], np.float64)
-    )
+    n = jnp.append(n_k, len(y))
     args = (curves, kernels, data.stats, dep, x, device_array(np.log(y)), hw, n)
     raw0 = device_array(np.log([float(two.host.as_dict()[t]) for t in terms]))
     start = (_free(curves, kernels), raw0)
@@ -303,9 +304,9 @@ def fit_joint(
     mse = _source_mse(res.params, args[:-1])
 
     flat, unravel = ravel_pytree(res.params)
-    hess = jax.hessian(_fixed_noise_nll)(
-        flat, unravel, args, jax.lax.stop_gradient(mse)
-    )
+    # Eager: compiling the Hessian through the step model takes a minute or more,
+    # its eager evaluation seconds (measured on the public traces' folds).
+    hess = jax.hessian(_fixed_noise_nll)(flat, unravel, args, mse)
     precision = np.array(hess, np.float64)  # a writable copy
     say(f"posterior (Laplace) over {flat.size} parameters")
     n_host = len(terms)
@@ -331,7 +332,7 @@ def fit_joint(
         sd_us=sd,
         cov_raw=cov,
         noise_sd=tuple(noise[r] for r in REGIMES),
-        loss=float(np.mean((np.log(pred) - np.log(y)) ** 2)),
+        loss=float(mse[-1]),
         converged=res.result == "successful",
         unpinned=unpinned,
         calibration=None,
