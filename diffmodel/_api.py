@@ -76,6 +76,7 @@ from ._model._hardware import (
     gpu_class as gpu_class,
     hardware as hardware,
     known_hardware as known_hardware,
+    sibling_gpus as sibling_gpus,
 )
 from ._model._roofline import (
     COMPONENTS as COMPONENTS,
@@ -123,6 +124,7 @@ __all__ = [
     "from_aggregates",
     "from_requests",
     "gpu_class",
+    "sibling_gpus",
     "hardware",
     "kernel_device_us",
     "kernels",

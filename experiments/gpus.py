@@ -36,11 +36,12 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import kernel_xgboost  # a sibling script: the black box on the same rows
 import numpy as np
 import pandas as pd
 
 import diffmodel.kernels as dk
-from diffmodel import FACTOR_SPECS, gpu_class, hardware, mape
+from diffmodel import FACTOR_SPECS, gpu_class, hardware, mape, sibling_gpus
 
 FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
@@ -108,7 +109,8 @@ def concat_works(works):
 
 
 def family_inputs(family, gathered):
-    """``(predict(curves), predict_uncalibrated(), y, gpu index)`` over all rows."""
+    """``(predict(curves), predict_uncalibrated(), y, gpu index, black-box
+    features)`` over all rows (features: :mod:`kernel_xgboost`)."""
     parts, ys, gpus = [], [], []
     for i, (system, _, rows) in enumerate(gathered):
         hw = hardware(SYSTEMS[system])
@@ -135,6 +137,7 @@ def family_inputs(family, gathered):
             return dk.allreduce_kernel_us(b, n, c, hw)
 
         unc = dk.allreduce_kernel_us(b, n, const, hw)
+        x = kernel_xgboost.allreduce_features(b, n, hw)
     else:
         kind = "attn" if "attention" in family else None
         const = (
@@ -144,7 +147,8 @@ def family_inputs(family, gathered):
         )
         predict = data.time_us
         unc = data.time_us(const)
-    return predict, np.asarray(unc), np.concatenate(ys), np.concatenate(gpus)
+        x = kernel_xgboost.work_features(data)
+    return predict, np.asarray(unc), np.concatenate(ys), np.concatenate(gpus), x
 
 
 def init_for(family: str, form: str):
@@ -167,10 +171,11 @@ def init_for(family: str, form: str):
     )
 
 
-def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
+def held_out_shapes(family, gathered, predict, unc, y, gpu, x, options, seed):
     """Per GPU: its own curves on 75% of its shapes, MAPE on the rest; for GEMMs
     and attention also with the GPU's shape grid fitted on those 75%
-    (``calibrated_grid``)."""
+    (``calibrated_grid``); and the black box (``xgboost``, features ``x``) fitted
+    on the same 75%."""
     n_g = len(gathered)
     test = np.zeros(len(y), bool)
     for i, (_, _, rows) in enumerate(gathered):
@@ -181,10 +186,17 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
         predict, y, train, gpu, init, n_gpus=n_g, offsets=False, options=options
     )
     pred = np.asarray(jax.vmap(predict)(curves))  # [folds, n]
+    shape = np.zeros(len(y), int)
+    for i, (_, _, rows) in enumerate(gathered):
+        keys = SHAPE_KEYS[family]
+        shape[gpu == i] = rows.groupby(keys, sort=False).ngroup().to_numpy()
     out = []
     for i, (system, backend, _) in enumerate(gathered):
         sel = (gpu == i) & test
         variants = [("uncalibrated", unc, 0), ("calibrated", pred[i], _n_params(init))]
+        variants.append(
+            ("xgboost", *kernel_xgboost.fit_predict(x, y, train[i], shape, seed))
+        )
         if family in dk.GRID_FAMILIES:
             # The GPU's shape grid on its training shapes' residuals (the package's
             # calibrate_kernels(shape_grids=True)), timed through the same work.
@@ -209,9 +221,9 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, options, seed):
                     mape=mape(y[sel], p[sel]),
                     n_rows=int(sel.sum()),
                     n_params=k,
-                    form="portable_l2"
-                    if k and family != "allreduce"
-                    else ("portable" if k else ""),
+                    form=""
+                    if variant in ("uncalibrated", "xgboost")
+                    else ("portable" if family == "allreduce" else "portable_l2"),
                     backend=backend,
                 )
             )
@@ -264,6 +276,21 @@ def inner_peers(names: list[str]) -> list[np.ndarray]:
     return out
 
 
+def siblings_of(held: int, excluded: set, names: list[str], kernels) -> list[int]:
+    """The GPUs (indices; not ``held``, not in ``excluded``) that are siblings of
+    the held-out GPU (:func:`diffmodel.sibling_gpus`: within ``SIBLING_RATIO`` on
+    every published spec) and run its kernel."""
+    sib = set(sibling_gpus(names[held], names))
+    return [
+        j
+        for j in range(len(names))
+        if j != held
+        and j not in excluded
+        and names[j] in sib
+        and kernels[j] == kernels[held]
+    ]
+
+
 def choose_form(summary: dict, per_peer: dict, select: str) -> str:
     """The form with the lowest inner ``summary`` error (ties: the first); under
     ``select="one_se"`` the constant roofline instead when the chosen form's gain
@@ -279,7 +306,7 @@ def choose_form(summary: dict, per_peer: dict, select: str) -> str:
 
 
 def leave_one_gpu_out(
-    family, gathered, predict, unc, y, gpu, options, inner_options, select="mean"
+    family, gathered, predict, unc, y, gpu, x, options, inner_options, select="mean"
 ):
     """Per held-out GPU: partial pooling on the others, the held-out GPU taking the
     offsets of those that run its kernel (:func:`held_out_offsets`); the form chosen
@@ -289,7 +316,16 @@ def leave_one_gpu_out(
     unless the constant roofline is within one standard error of it (``"one_se"``,
     the one-standard-error rule with the constant as the simplest model: the
     standard error of the per-peer differences, the constant when there is a single
-    peer)."""
+    peer).
+
+    Where the held-out GPU has siblings among the others (:func:`siblings_of`:
+    within ``SIBLING_RATIO`` on every published spec, running its kernel), curves
+    pooled over the siblings alone (portable, with the L2 cache; the held-out GPU
+    takes their mean offsets) predict it instead, if the same rule did better on
+    the inner held-out GPUs of its class that have siblings than the chosen form
+    did on those GPUs (form ``siblings:<gpus>``). Beside it, the black box
+    (``xgboost``, features ``x``: the work and the GPUs' specs) fitted on the
+    other GPUs' rows."""
     n_g = len(gathered)
     kernels = kernel_of(gathered)
     names = [SYSTEMS[system] for system, _, _ in gathered]
@@ -342,6 +378,33 @@ def leave_one_gpu_out(
     outer_pred["constant"] = (np.stack([unc] * n_g), 0)
     peer_err["constant"] = np.broadcast_to(unc_by_gpu, (n_g, n_g))
     candidates = (*FORMS, "constant")
+    # Curves pooled over each set of siblings the outer and inner folds need.
+    sets: dict[frozenset, int] = {}
+    for g in range(n_g):
+        for h, excluded in ((g, {g}), *((h, {g, h}) for h in peers[g])):
+            if sibs := siblings_of(h, excluded, names, kernels):
+                sets.setdefault(frozenset(sibs), len(sets))
+    if sets:
+        sib_init = init_for(family, "portable_l2")
+        sib_curves, sib_off = dk.fit_folds(
+            predict,
+            y,
+            np.stack([np.isin(gpu, sorted(s)) for s in sets]),
+            gpu,
+            sib_init,
+            n_gpus=n_g,
+            options=options,
+        )
+
+    def by_siblings(held: int, sibs: list[int]) -> np.ndarray:
+        """Predictions (us) of every row by the curves pooled over ``sibs``, the
+        held-out GPU taking their offsets (:func:`held_out_offsets`)."""
+        f = sets[frozenset(sibs)]
+        others = set(range(n_g)) - set(sibs)
+        o = held_out_offsets(sib_off[f], held, others, kernels, classes)
+        curves = dk.fold(sib_curves, f)
+        return np.asarray(predict(dk.shifted(curves, jnp.asarray(o)[g_rows])))
+
     out = []
     for g, (system, backend, _) in enumerate(gathered):
         form = choose_form(
@@ -353,11 +416,37 @@ def leave_one_gpu_out(
         sel = gpu == g
         inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
         _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
+        sibs = siblings_of(g, {g}, names, kernels)
+        if sibs:
+            checked = [
+                (h, s)
+                for h in peers[g]
+                if (s := siblings_of(h, {g, h}, names, kernels))
+            ]
+            by_sib = [
+                mape(y[gpu == h], by_siblings(h, s)[gpu == h]) for h, s in checked
+            ]
+            by_form = [peer_err[form][g, h] for h, _ in checked]
+            if checked and np.mean(by_sib) < np.mean(by_form):
+                form = "siblings:" + "+".join(names[j] for j in sibs)
+                pred = np.stack([by_siblings(g, sibs)] * n_g)
+                k = _n_params(sib_init)
+            _log(
+                f"  {family} held out {system}: siblings {[names[j] for j in sibs]}; "
+                f"inner GPUs with one: siblings "
+                f"{np.mean(by_sib) if checked else np.nan:.1f}% vs "
+                f"{np.mean(by_form) if checked else np.nan:.1f}% -> {form}"
+            )
         outer = ", ".join(
             f"{f} {mape(y[sel], outer_pred[f][0][g][sel]):.1f}%" for f in candidates
         )
         _log(f"  {family} held out {system}: (not used) held-out GPU {outer}")
-        for variant, p, kk in (("uncalibrated", unc, 0), ("calibrated", pred[g], k)):
+        box, box_k = kernel_xgboost.fit_predict(x, y, gpu != g, gpu, g)
+        for variant, p, kk in (
+            ("uncalibrated", unc, 0),
+            ("calibrated", pred[g], k),
+            ("xgboost", box, box_k),
+        ):
             out.append(
                 dict(
                     family=family,
@@ -375,8 +464,9 @@ def leave_one_gpu_out(
 
 
 def table_text(table: pd.DataFrame) -> str:
-    """One line per (family, protocol, GPU): uncalibrated and calibrated MAPE, and
-    with the GPU's shape grid where measured (GEMMs, held-out shapes)."""
+    """One line per (family, protocol, GPU): uncalibrated and calibrated MAPE,
+    with the GPU's shape grid where measured (GEMMs, held-out shapes), and the
+    black box (XGBoost) where measured."""
     wide = table.pivot_table(
         index=["family", "protocol", "held_out"],
         columns="variant",
@@ -388,16 +478,20 @@ def table_text(table: pd.DataFrame) -> str:
     )
     lines = [
         "| family | protocol | held out | uncalibrated % | calibrated % | "
-        "+ shape grid % | rows | params | form |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "+ shape grid % | XGBoost % | rows | params | form |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r, name):
+        v = r.get(name, np.nan)
+        return "" if pd.isna(v) else f"{v:.1f}"
+
     for key, r in wide.iterrows():
         c = cal.loc[key]
-        grid = r.get("calibrated_grid", np.nan)
-        grid = "" if pd.isna(grid) else f"{grid:.1f}"
         lines.append(
             f"| {' | '.join(key)} | {r['uncalibrated']:.1f} | {r['calibrated']:.1f} "
-            f"| {grid} | {c['n_rows']} | {c['n_params']} | {c['form']} |"
+            f"| {cell(r, 'calibrated_grid')} | {cell(r, 'xgboost')} "
+            f"| {c['n_rows']} | {c['n_params']} | {c['form']} |"
         )
     return "\n".join(lines)
 
@@ -435,12 +529,12 @@ def main(
         if len(gathered) < 2:
             _log(f"{family}: fewer than 2 GPUs have rows; skipped")
             continue
-        predict, unc, y, gpu = family_inputs(family, gathered)
+        predict, unc, y, gpu, x = family_inputs(family, gathered)
         results += held_out_shapes(
-            family, gathered, predict, unc, y, gpu, options, seed
+            family, gathered, predict, unc, y, gpu, x, options, seed
         )
         results += leave_one_gpu_out(
-            family, gathered, predict, unc, y, gpu, options, inner_options, select
+            family, gathered, predict, unc, y, gpu, x, options, inner_options, select
         )
         _log(
             f"{family}: {len(gathered)} GPUs, {len(y)} rows, "

@@ -83,11 +83,17 @@ def test_table_shows_the_shape_grid_where_measured(gpus):
             dict(base, protocol="held_out_shapes", variant="calibrated_grid", mape=7.0),
             dict(base, protocol="leave_one_gpu_out", variant="uncalibrated", mape=35.0),
             dict(base, protocol="leave_one_gpu_out", variant="calibrated", mape=13.0),
+            dict(base, protocol="leave_one_gpu_out", variant="xgboost", mape=21.0),
         ]
     ).assign(form="portable_l2")
     text = gpus.table_text(table)
-    assert "| gemm_bf16 | held_out_shapes | h100-sxm | 40.0 | 9.0 | 7.0 | 60 |" in text
-    assert "| gemm_bf16 | leave_one_gpu_out | h100-sxm | 35.0 | 13.0 |  | 60 |" in text
+    assert (
+        "| gemm_bf16 | held_out_shapes | h100-sxm | 40.0 | 9.0 | 7.0 |  | 60 |" in text
+    )
+    assert (
+        "| gemm_bf16 | leave_one_gpu_out | h100-sxm | 35.0 | 13.0 |  | 21.0 | 60 |"
+        in text
+    )
 
 
 def test_choose_form_by_mean_or_one_standard_error(gpus):
@@ -108,3 +114,39 @@ def test_choose_form_by_mean_or_one_standard_error(gpus):
     assert gpus.choose_form({"constant": 5.0, "portable": 6.0}, {}, "one_se") == (
         "constant"
     )
+
+
+def test_siblings_of_need_the_same_kernel(gpus):
+    names = ["h100-sxm", "h200", "a100-sxm-80gb"]
+    fa3 = ("NVIDIA", "vllm_flash_attn_fa3")
+    assert gpus.siblings_of(0, {0}, names, [fa3, fa3, fa3]) == [1]
+    assert gpus.siblings_of(0, {0, 1}, names, [fa3, fa3, fa3]) == []
+    other = ("NVIDIA", "flashinfer")
+    assert gpus.siblings_of(0, {0}, names, [fa3, other, fa3]) == []
+
+
+def test_black_box_features_and_fit():
+    xgb = load_experiment("kernel_xgboost")
+    from diffmodel import hardware
+    from diffmodel.kernels._work import gemm_kernel_work
+
+    m = np.array([1.0, 64.0, 4096.0, 8192.0])
+    work = gemm_kernel_work(m, 4096.0, 4096.0, hardware("h100-sxm"))
+    x = xgb.work_features(work)
+    assert x.shape[0] == 4 and np.isfinite(x).all()
+    # log FLOPs first: 2 m' n k with m' = ceil(m / 32) 32.
+    np.testing.assert_allclose(
+        x[:, 0], np.log(2 * np.array([32, 64, 4096, 8192.0]) * 4096**2)
+    )
+    rng = np.random.default_rng(0)
+    z = rng.uniform(0, 5, size=(400, 2))
+    y = np.exp(1.0 + 0.8 * z[:, 0] - 0.3 * z[:, 1])
+    groups = np.arange(400) // 10
+    train = groups < 30
+    p, nodes = xgb.fit_predict(z, y, train, groups)
+    err = np.mean(np.abs(p[~train] - y[~train]) / y[~train])
+    assert err < 0.1 and nodes > 0
+    with pytest.raises(ValueError, match="at least two training groups"):
+        xgb.fit_predict(z, y, groups == 0, groups)
+    with pytest.raises(ValueError, match="must be positive"):
+        xgb.fit_predict(z, -y, train, groups)

@@ -9,6 +9,7 @@ which the YAMLs lack, are written below with their public source.
 import dataclasses
 
 import equinox as eqx
+import numpy as np
 from jaxtyping import Array, Float
 
 from .._arrays import device_array
@@ -241,6 +242,47 @@ def gpu_class(gpu: "str | Hardware") -> str:
     kernels are measured. ``gpu``: a catalog name or alias, or a :class:`Hardware`."""
     hw = gpu if isinstance(gpu, Hardware) else hardware(gpu)
     return "pcie" if float(hw.link_bw) < PCIE_LINK_BW else "nvlink"
+
+
+# Another GPU within this factor on every published spec (:func:`sibling_gpus`) is
+# a sibling. In the kernel database's GPUs, H100 / H200 (1.43: the HBM) and the four
+# Blackwell modules B200 / B300 / GB200 / GB300 (1.08-1.11) are siblings; every
+# other GPU's nearest is 2.07x away or more (L40S / RTX PRO 6000), so any factor
+# from 1.45 to 2 draws the same pairs.
+SIBLING_RATIO = 1.5
+
+
+def _spec_vector(name: str) -> np.ndarray:
+    h = hardware(name)
+    fields = (h.flops_16, h.hbm_bw, h.link_bw, h.sm_count, h.clock_ghz, h.l2_bytes)
+    if any(f is None for f in fields):
+        raise ValueError(
+            f"{name}: sibling_gpus needs its SM count, clock and L2 size (a catalog "
+            "GPU with a spec entry)"
+        )
+    return np.log([float(f) for f in fields])
+
+
+def sibling_gpus(gpu: str, candidates, ratio: float = SIBLING_RATIO) -> tuple[str, ...]:
+    """The GPUs of ``candidates`` (catalog names or aliases; ``gpu`` itself left out)
+    within ``ratio`` of ``gpu`` on every published spec: 16-bit tensor peak, HBM
+    and link bandwidth (bytes/s), SM count, boost clock (GHz) and L2 size (bytes).
+    Siblings share an architecture and a memory system, so a kernel's curves on
+    one time it on the other (``experiments/gpus.py``: leave one GPU out). Known
+    before the GPU is measured. Raises ``ValueError`` for an unknown GPU or a
+    ``ratio`` below 1."""
+    if not ratio >= 1.0:
+        raise ValueError(f"ratio must be at least 1, got {ratio}")
+    name = canonical_hardware(gpu)
+    mine = _spec_vector(name)
+    out = []
+    for c in candidates:
+        other = canonical_hardware(c)
+        if other == name or other in out:
+            continue
+        if np.abs(_spec_vector(other) - mine).max() <= np.log(ratio):
+            out.append(other)
+    return tuple(out)
 
 
 def hardware(name: str) -> Hardware:

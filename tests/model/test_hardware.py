@@ -82,3 +82,27 @@ def test_hardware_catalog_and_custom():
     assert float(dep.hw.flops_8) == 1e15
     with pytest.raises(ValueError, match="unknown hardware 'tpu'.*h100-sxm"):
         dm.hardware("tpu")
+
+
+def test_sibling_gpus_by_every_published_spec():
+    pool = ["h100-sxm", "H200", "h200", "a100-sxm-80gb", "l40s"]
+    # H200 differs from H100 by its HBM alone: 4.8 / 3.35 = 1.43 TB/s.
+    assert dm.sibling_gpus("H100", pool) == ("h200",)
+    assert dm.sibling_gpus("h100-sxm", pool, ratio=1.4) == ()
+    assert dm.sibling_gpus("h200", pool) == ("h100-sxm",)
+    # L40S is within 1.16x of A100's 16-bit peak but 2.4x off its bandwidth.
+    assert dm.sibling_gpus("a100-sxm-80gb", pool) == ()
+    assert dm.sibling_gpus("l40s", pool, ratio=2.0) == ()
+    with pytest.raises(ValueError, match="ratio must be at least 1"):
+        dm.sibling_gpus("h100-sxm", pool, ratio=0.5)
+    with pytest.raises(ValueError, match="unknown hardware 'z100'"):
+        dm.sibling_gpus("h100-sxm", ["z100"])
+
+
+@needs_db
+def test_sibling_gpus_of_the_database():
+    pool = ["a100-sxm-80gb", "h100-sxm", "h200", "b200", "b300", "gb200", "gb300"]
+    pool += ["l40s", "rtx-pro-6000", "b60"]
+    assert dm.sibling_gpus("b200", pool) == ("b300", "gb200", "gb300")
+    for lone in ("a100-sxm-80gb", "l40s", "rtx-pro-6000", "b60"):
+        assert dm.sibling_gpus(lone, pool) == ()
