@@ -15,6 +15,9 @@ Then the curves of every GPU of H100's vendor but H100 at once
 H100 with the mean offsets of the pooled GPUs that run H100's kernels (read from the
 kernel names of H100's tables, never their times), and as the shared curves alone;
 and the same pooled over every GPU of the database but H100, other vendors' included.
+Beside them, what ``curves_from_other_gpus`` gives H100 from the same pool of its
+vendor's GPUs: the curves of its siblings (``diffmodel.sibling_gpus``: H200) for each
+family whose kernel they run, the pooled ones elsewhere.
 
     python experiments/other_gpu_curves.py [--data DIR] [--out DIR] [--systems ...]
 
@@ -40,6 +43,7 @@ from diffmodel.kernels._curves_io import save_curves
 from diffmodel.kernels._database import list_systems, load_system_tables
 from diffmodel.kernels._pooled_calibrate import (
     calibrate_kernels_pooled,
+    curves_from_other_gpus,
     kernels_vendor,
     table_kernels,
 )
@@ -97,6 +101,14 @@ def _sources(systems, pooled: bool, out: pathlib.Path | None):
                 f"{label} but H100 ({len(pool)}, pooled), shared curves only",
                 n_rows,
                 fit.for_gpu(TRACES_GPU),
+            )
+            # What the package gives H100 from the same pool: its siblings' curves
+            # (H200's) where they run its kernels, the pooled ones elsewhere.
+            yield (
+                f"{label} but H100 ({len(pool)}), siblings first "
+                "(curves_from_other_gpus)",
+                n_rows,
+                curves_from_other_gpus("h100_sxm", list(pool), progress=_log),
             )
 
 

@@ -24,6 +24,7 @@ from .._model._hardware import (
     gpu_class,
     hardware,
     hardware_system,
+    sibling_gpus,
 )
 from ._calibrate import FitOptions, family_rows, family_work
 from ._curves import KernelCurves, default_allreduce_curve, init_curves
@@ -240,6 +241,7 @@ def curves_from_other_gpus(
     backend: str = "vllm",
     version: str | None = None,
     rows_per_gpu: int = 1000,
+    siblings: bool = True,
     options: FitOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> KernelCurves:
@@ -254,9 +256,16 @@ def curves_from_other_gpus(
     pooled GPUs that run its kernel. Systems without ``backend`` tables are skipped
     and said through ``progress``. The MLA and DSA module curves
     (``KernelCurves.mla``, ``.dsa``) are fitted on the pooled systems that have
-    those module tables (:func:`fit_module_curves_pooled`). Raises ``ValueError``
-    naming unknown systems
-    or an empty pool.
+    those module tables (:func:`fit_module_curves_pooled`).
+
+    ``siblings``: where the pool holds siblings of ``system``
+    (:func:`~diffmodel.sibling_gpus`: within 1.5x on every published spec, e.g. H200
+    for H100, the other Blackwell modules for B200), each family whose kernel a
+    sibling runs (or any family, where ``system`` has no tables to name its
+    kernels) takes curves pooled over the siblings alone instead: in
+    ``experiments/gpus.py``'s leave one GPU out, the inner folds chose them over
+    curves pooled over every GPU for every GPU with siblings. Raises
+    ``ValueError`` naming unknown systems or an empty pool.
     """
     from ._database import KERNEL_TABLES, list_systems, load_system_tables
 
@@ -307,6 +316,25 @@ def curves_from_other_gpus(
     for fam in FAMILIES:
         _, source = pooled.family_offset(name, fam, own.get(fam))
         say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
+    curves = pooled.for_gpu(name, own)
+    sibs = sibling_gpus(name, tables) if siblings else ()
+    if sibs:
+        say(f"siblings of {name} in the pool: {list(sibs)}")
+        close = calibrate_kernels_pooled(
+            {s: tables[hardware_system(s)] for s in sibs},
+            rows_per_gpu=rows_per_gpu,
+            options=options,
+            progress=say,
+        )
+        by_siblings = close.for_gpu(name, own)
+        moved = {}
+        for fam in FAMILIES:
+            _, source = close.family_offset(name, fam, own.get(fam))
+            has = any(fam in close.offsets.get(s, {}) for s in sibs)
+            if source or (has and own.get(fam) is None):
+                moved[fam] = getattr(by_siblings, fam)
+                say(f"{fam}: curves pooled over the siblings {list(source or sibs)}")
+        curves = dataclasses.replace(curves, **moved)
     modules = {
         kind.name: fit_module_curves_pooled(
             kind,
@@ -318,4 +346,4 @@ def curves_from_other_gpus(
         )
         for kind in (MLA, DSA)
     }
-    return dataclasses.replace(pooled.for_gpu(name, own), **modules)
+    return dataclasses.replace(curves, **modules)

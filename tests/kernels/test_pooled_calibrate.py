@@ -9,6 +9,8 @@ import diffmodel as dm
 import diffmodel.kernels as dk
 from diffmodel._model._hardware import hardware
 
+from helpers import needs_db
+
 
 def _pooled(shared=None) -> dk.PooledCurves:
     a, b = ("NVIDIA", "fa3"), ("NVIDIA", "trtllm")
@@ -122,3 +124,30 @@ def test_pooled_curves_beat_the_uncalibrated_roofline_on_a_pooled_gpu(tables):
         work.time_us(dk.default_kernel_curves(portable=True).gemm_bf16)
     )
     assert dm.mape(y, fitted) < 0.7 * dm.mape(y, default)
+
+
+@pytest.mark.slow
+@needs_db
+def test_curves_from_other_gpus_take_the_siblings_curves():
+    """H200 is H100's sibling (its HBM alone differs), A100 is not: H100's families
+    whose kernel H200 runs take curves pooled over H200 alone, and say so."""
+    said = []
+    curves = dk.curves_from_other_gpus(
+        "h100_sxm",
+        pool=["h200_sxm", "a100_sxm"],
+        rows_per_gpu=40,
+        options=dk.FitOptions(adam_steps=60, lbfgs_steps=5),
+        progress=said.append,
+    )
+    assert "siblings of h100-sxm in the pool: ['h200']" in said
+    assert "gemm_bf16: curves pooled over the siblings ['h200']" in said
+    assert curves.hardware == "h100-sxm"
+    said_off = []
+    dk.curves_from_other_gpus(
+        "h100_sxm",
+        pool=["a100_sxm"],
+        rows_per_gpu=40,
+        options=dk.FitOptions(adam_steps=60, lbfgs_steps=5),
+        progress=said_off.append,
+    )
+    assert not any("sibling" in m for m in said_off)
