@@ -319,7 +319,8 @@ def leave_one_gpu_out(
     peer).
 
     Where the held-out GPU has siblings among the others (:func:`siblings_of`:
-    within ``SIBLING_RATIO`` on every published spec, running its kernel), curves
+    within ``SIBLING_RATIO`` on every published spec, running its kernel; kernel
+    families only, ``dk.SIBLING_FAMILIES``), curves
     pooled over the siblings alone (portable, with the L2 cache; the held-out GPU
     takes their mean offsets) predict it instead, if the same rule did better on
     the inner held-out GPUs of its class that have siblings than the chosen form
@@ -382,7 +383,8 @@ def leave_one_gpu_out(
     sets: dict[frozenset, int] = {}
     for g in range(n_g):
         for h, excluded in ((g, {g}), *((h, {g, h}) for h in peers[g])):
-            if sibs := siblings_of(h, excluded, names, kernels):
+            sibs = siblings_of(h, excluded, names, kernels)
+            if sibs and family in dk.SIBLING_FAMILIES:
                 sets.setdefault(frozenset(sibs), len(sets))
     if sets:
         sib_init = init_for(family, "portable_l2")
@@ -417,7 +419,7 @@ def leave_one_gpu_out(
         inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
         _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
         sibs = siblings_of(g, {g}, names, kernels)
-        if sibs:
+        if sibs and family in dk.SIBLING_FAMILIES:
             checked = [
                 (h, s)
                 for h in peers[g]

@@ -103,6 +103,7 @@ from ._moe import (
 )
 from ._pooled import fit_folds as fit_folds, fold as fold, shifted as shifted
 from ._pooled_calibrate import (
+    SIBLING_FAMILIES as SIBLING_FAMILIES,
     PooledCurves as PooledCurves,
     calibrate_kernels_pooled as calibrate_kernels_pooled,
     curves_from_other_gpus as curves_from_other_gpus,

@@ -35,6 +35,16 @@ from ._work import allreduce_kernel_us
 
 Kernel = tuple[str, str] | None
 
+# The families a GPU's siblings time for it (:func:`curves_from_other_gpus`): its
+# kernels, not its collectives. An all-reduce runs on the node's fabric (an 8-GPU
+# NVSwitch board, a 72-GPU NVLink rack), which the chip's specs that make
+# siblings do not describe: B200 and GB200 are siblings on those and run
+# all-reduce on different fabrics. (Left out after the all-reduce lines of
+# ``experiments/gpus.py``'s leave one GPU out came out worse with siblings than the
+# constant roofline on B200, B300 and GB300: 27.2 / 29.0 / 31.1 against 19.1 /
+# 20.0 / 30.6%.)
+SIBLING_FAMILIES = tuple(f for f in FAMILIES if f != "allreduce")
+
 
 def kernel_key(rows: pd.DataFrame) -> Kernel:
     """The kernel a table's rows time: ``(vendor, kernel_source)``, the vendor being
@@ -260,7 +270,8 @@ def curves_from_other_gpus(
 
     ``siblings``: where the pool holds siblings of ``system``
     (:func:`~diffmodel.sibling_gpus`: within 1.5x on every published spec, e.g. H200
-    for H100, the other Blackwell modules for B200), each family whose kernel a
+    for H100, the other Blackwell modules for B200), each kernel family
+    (:data:`SIBLING_FAMILIES`: not the all-reduce) whose kernel a
     sibling runs (or any family, where ``system`` has no tables to name its
     kernels) takes curves pooled over the siblings alone instead: in
     ``experiments/gpus.py``'s leave one GPU out, the inner folds chose them over
@@ -328,7 +339,7 @@ def curves_from_other_gpus(
         )
         by_siblings = close.for_gpu(name, own)
         moved = {}
-        for fam in FAMILIES:
+        for fam in SIBLING_FAMILIES:
             _, source = close.family_offset(name, fam, own.get(fam))
             has = any(fam in close.offsets.get(s, {}) for s in sibs)
             if source or (has and own.get(fam) is None):
