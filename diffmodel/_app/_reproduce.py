@@ -55,7 +55,8 @@ protocols, per experiment.
   gets the host costs of the other model and its own kernel shapes.
 - ``diffmodel-kernel-sum-other-gpus`` / ``diffmodel-kernel-sum-host-other-gpus``:
   the same two with curves H100 gets from every other NVIDIA GPU of the installed
-  kernel database (:func:`diffmodel.kernels.curves_from_other_gpus`: no H100 kernel
+  kernel database (:func:`diffmodel.kernels.curves_from_other_gpus`: its sibling
+  H200's curves for the kernels H200 runs, the pool's elsewhere; no H100 kernel
   time is read), the step model on a GPU its curves never measured; NaN with a note
   without the database.
 - ``diffmodel-global`` / ``-per-model`` / ``-hierarchical``: ``fit`` with those factor
@@ -385,8 +386,9 @@ def _kernel_curves(data: pathlib.Path, out: pathlib.Path, say):
 
 
 def _other_gpu_curves(out: pathlib.Path, say):
-    """H100 curves pooled over every other NVIDIA GPU's vLLM tables of the installed
-    database (~1 minute, saved with the results), or read from
+    """H100 curves from every other NVIDIA GPU's vLLM tables of the installed
+    database (its sibling H200's where H200 runs its kernels, pooled over all of
+    them elsewhere; ~2 minutes, saved with the results), or read from
     ``out/kernel_curves_other_gpus.json`` that a previous run left; without the
     database, the note the methods' rows carry instead."""
     from ..kernels._database import database_available
