@@ -174,6 +174,7 @@ def test_cli_refuses_out_equal_to_data(tmp_path, capsys):
         (["--system", "nope"], "--system nope: not a GPU system of the kernel data"),
         (["--system", "h100_sxm", "--out", "x.csv"], "expected a .json file"),
         (["--system", "h100_sxm", "--rows-per-gpu", "5"], "only pooled curves"),
+        (["--system", "h100_sxm", "--no-siblings"], "--no-siblings: only pooled"),
         (["--system", "h100_sxm", "--adam-steps", "0"], "expected a positive integ"),
         (["--system", "h100_sxm", "--version", "9.9"], "no tables of version '9.9'; v"),
         (["--system", "h100_sxm", "--backend", "nope"], "backends with them: sglang"),

@@ -75,6 +75,8 @@ def _cmd_calibrate(args) -> int:
     system = hardware_system(name)
     if args.rows_per_gpu is not None and not args.pool:
         raise ValueError("--rows-per-gpu: only pooled curves (--pool) sample rows")
+    if args.no_siblings and not args.pool:
+        raise ValueError("--no-siblings: only pooled curves (--pool) take siblings'")
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -129,6 +131,7 @@ def _pooled_curves(args, system: str, say):
         backend=args.backend,
         version=args.version,
         **rows,
+        siblings=not args.no_siblings,
         options=FitOptions(adam_steps=args.adam_steps, lbfgs_steps=args.lbfgs_steps),
         progress=say,
     )
@@ -220,7 +223,16 @@ def add_parser(subparsers) -> None:
         "system but --system whose tables time the same vendor's kernels) and "
         "write the curves --system gets from them: its own offsets if pooled, "
         "else those of the pooled GPUs that run its kernels "
-        "(read from its tables' kernel names, never their times)",
+        "(read from its tables' kernel names, never their times); for an unpooled "
+        "system with siblings in the pool (within 1.5x on every published spec, "
+        "e.g. H200 for H100), curves pooled over the siblings for the kernels they "
+        "run",
+    )
+    p.add_argument(
+        "--no-siblings",
+        action="store_true",
+        help="with --pool: the whole pool's curves for every family, never the "
+        "siblings' alone",
     )
     p.add_argument(
         "--rows-per-gpu",
