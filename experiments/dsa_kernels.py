@@ -19,7 +19,8 @@ KV-cache and GEMM type with 16-bit attention math, both models.
 Protocols, per (op, system, dtype): uncalibrated (the priors, fixed cost 10 us);
 calibrated on 75% of the whole shapes ((num_heads, isl) for context, (num_heads,
 batch_size) for generation; seed 0) with MAPE on the other 25%; and leave-one-GPU-out
-(``dm.kernels.fit_module_curves_pooled`` on the other systems, up to 1,000 rows a GPU
+(``dm.kernels.fit_module_curves_pooled`` on the other systems, its siblings alone
+where it has any, ``gpus.training_systems``; up to 1,000 rows a GPU
 and op, every row of the held-out one), what ``diffmodel calibrate --pool`` gives a
 GPU without DSA tables; and other model (on each GPU, curves fitted on one
 model's rows, every row of the other model): what the curves give a new DSA model
@@ -44,6 +45,7 @@ from diffmodel.kernels import held_out_split
 from diffmodel.kernels._dsa import DSA, DSA_FAMILIES
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpus import training_systems  # noqa: E402
 from mla_kernels import write_results  # noqa: E402
 
 OPS = ("context", "generation")
@@ -144,7 +146,7 @@ def evaluate(tables: dict, hardware: dict) -> pd.DataFrame:
                 )
     if len(tables) > 1:
         for system in tables:
-            others = {s: t for s, t in tables.items() if s != system}
+            others = {s: tables[s] for s in training_systems(system, tables)}
             curves = dk.fit_module_curves_pooled(
                 DSA, others, {s: hardware[s] for s in others}
             )

@@ -42,6 +42,7 @@ import pandas as pd
 
 import diffmodel.kernels as dk
 from diffmodel import FACTOR_SPECS, gpu_class, hardware, mape, sibling_gpus
+from diffmodel._model._hardware import canonical_hardware as dm_canonical
 
 FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
@@ -289,6 +290,21 @@ def siblings_of(held: int, excluded: set, names: list[str], kernels) -> list[int
         and names[j] in sib
         and kernels[j] == kernels[held]
     ]
+
+
+def training_systems(system: str, systems, siblings: bool = True) -> list[str]:
+    """The database systems a held-out ``system`` is fitted on when one GPU is left
+    out of an operator's tables (``systems``: those with rows): its siblings among
+    them (:func:`diffmodel.sibling_gpus`) where any, else every other. The rule the
+    kernel families' inner folds chose (:func:`leave_one_gpu_out`), for the module
+    and quantization tables of the sibling scripts; ``siblings=False`` (collectives,
+    which run on the node's fabric) every other."""
+    others = [s for s in systems if s != system]
+    if not siblings:
+        return others
+    name = {s: SYSTEMS.get(s, s) for s in (system, *others)}
+    close = set(sibling_gpus(name[system], [name[s] for s in others]))
+    return [s for s in others if dm_canonical(name[s]) in close] or others
 
 
 def choose_form(summary: dict, per_peer: dict, select: str) -> str:

@@ -48,7 +48,8 @@ on 75% of the whole shapes (``held_out_split`` seed 0 on ``(num_heads, num_token
 with the efficiencies in [0.01, 1] and ``latency_us >= 0`` fitted by
 ``scipy.optimize.least_squares`` on log ratios, MAPE on the other 25%; and
 leave-one-GPU-out (one set fitted on the other systems' tables of the same op and
-dtype, whatever their backend, tested on the held-out one). Ops are named
+dtype, whatever their backend, tested on the held-out one; the held-out GPU's
+siblings alone where it has any, ``gpus.training_systems``). Ops are named
 ``<op_name>_<bf16|fp8>`` so that the per-op summary keeps the dtypes apart.
 
     python experiments/mla_bmm_kernels.py [--out DIR] [--systems S ...]
@@ -62,7 +63,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import pandas as pd
-from gpus import SYSTEMS  # a sibling script: aiconfigurator system -> package GPU
+from gpus import (  # a sibling script: system -> package GPU, whom a GPU learns from
+    SYSTEMS,
+    training_systems,
+)
 from mla_kernels import _cat, _log, _take, aic_data_dir, markdown, write_results
 from quant_comm_kernels import (  # a sibling script: its loaders, family and lines
     BLOCK,
@@ -262,7 +266,7 @@ def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.Data
         if len(data) < 2:
             continue
         for system, (rows, w, backend) in data.items():
-            others = [s for s in data if s != system]
+            others = training_systems(system, data)
             w_tr = _cat([data[s][1] for s in others])
             y_tr = np.concatenate(
                 [data[s][0]["latency_us"].to_numpy(float) for s in others]

@@ -36,7 +36,8 @@ uncalibrated (the priors of ``FACTOR_SPECS``); calibrated on 75% of the whole sh
 ((num_heads, isl) for context, (num_heads, batch_size) for generation; seed 0) with
 ``gemm_flops, mem_bw, attn_flops, attn_bw`` in [0.01, 1] and ``latency_us >= 0`` fitted
 by ``scipy.optimize.least_squares`` on log ratios, MAPE on the other 25%; and
-leave-one-GPU-out (one set fitted on the other systems, tested on the held-out one).
+leave-one-GPU-out (one set fitted on the other systems, tested on the held-out one;
+the held-out GPU's siblings alone where it has any, ``gpus.training_systems``).
 Both MAPE columns of a line are on the same test rows.
 
 The kernel sum (``dm.kernels.kernel_step_time``, one MLA layer): on each GPU's own
@@ -61,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from gpus import training_systems  # a sibling script: whom a held-out GPU learns from
 from scipy.optimize import least_squares
 
 import diffmodel as dm
@@ -270,7 +272,8 @@ def module_curves_other_gpus(
     lines = []
     for system in tables:
         others = {
-            s: {f"mla_{op}": rows[s][op] for op in OPS} for s in tables if s != system
+            s: {f"mla_{op}": rows[s][op] for op in OPS}
+            for s in training_systems(system, tables)
         }
         mla = dk.fit_mla_curves_pooled(
             others, {s: hardware[s] for s in others}, per_gpu=per_gpu
@@ -436,7 +439,7 @@ def evaluate(
             if len(data) < 2:
                 continue
             for system, (rows, w) in data.items():
-                others = [s for s in data if s != system]
+                others = training_systems(system, data)
                 w_tr = _cat([data[s][1] for s in others])
                 y_tr = np.concatenate(
                     [data[s][0]["latency_us"].to_numpy(float) for s in others]

@@ -70,7 +70,9 @@ message_size)`` for collectives, ``k`` for quantization) with the efficiencies i
 [0.01, 1] and ``latency_us >= 0`` fitted by ``scipy.optimize.least_squares`` on log
 ratios (quantization: the bounds of ``FAMILIES``, three starts), MAPE on the
 other 25%; and leave-one-GPU-out where at least two systems have the
-table (one set fitted on the other systems, tested on the held-out one). GEMM ops are
+table (one set fitted on the other systems, tested on the held-out one; for the
+quantization and GEMM ops the held-out GPU's siblings alone where it has any,
+``gpus.training_systems``, never for the collectives). GEMM ops are
 named ``gemm_<dtype>`` so that the per-op summary keeps the two dtypes apart. Both MAPE
 columns of a line are on the same test rows. Each (system, op, dtype) table is
 subsampled to ``--max-rows`` rows (default 2000, seed 0).
@@ -88,7 +90,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from gpus import SYSTEMS  # a sibling script: aiconfigurator system -> package GPU
+from gpus import (  # a sibling script: system -> package GPU, whom a GPU learns from
+    SYSTEMS,
+    training_systems,
+)
 from mla_kernels import (  # a sibling script: its loaders and tables
     _cat,
     _log,
@@ -515,7 +520,7 @@ def evaluate(tables, hardware: dict[str, dm.Hardware], max_rows=None) -> pd.Data
         if len(data) < 2:
             continue
         for system, (rows, w) in data.items():
-            others = [s for s in data if s != system]
+            others = training_systems(system, data, siblings=family != "comm")
             w_tr = _cat([data[s][1] for s in others])
             y_tr = np.concatenate(
                 [data[s][0]["latency_us"].to_numpy(float) for s in others]

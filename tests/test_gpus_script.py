@@ -150,3 +150,15 @@ def test_black_box_features_and_fit():
         xgb.fit_predict(z, y, groups == 0, groups)
     with pytest.raises(ValueError, match="must be positive"):
         xgb.fit_predict(z, -y, train, groups)
+
+
+def test_training_systems_are_the_siblings_where_any(gpus):
+    systems = ["h100_sxm", "h200_sxm", "a100_sxm", "l40s"]
+    assert gpus.training_systems("h100_sxm", systems) == ["h200_sxm"]
+    assert gpus.training_systems("a100_sxm", systems) == [
+        "h100_sxm",
+        "h200_sxm",
+        "l40s",
+    ]
+    every = ["h200_sxm", "a100_sxm", "l40s"]
+    assert gpus.training_systems("h100_sxm", systems, siblings=False) == every
