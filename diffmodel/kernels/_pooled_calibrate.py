@@ -273,7 +273,8 @@ def curves_from_other_gpus(
     for H100, the other Blackwell modules for B200), each kernel family
     (:data:`SIBLING_FAMILIES`: not the all-reduce) whose kernel a
     sibling runs (or any family, where ``system`` has no tables to name its
-    kernels) takes curves pooled over the siblings alone instead: in
+    kernels) takes curves pooled over the siblings alone instead, and so do the MLA
+    and DSA modules where a sibling has their tables: in
     ``experiments/gpus.py``'s leave one GPU out, the inner folds chose them over
     curves pooled over every GPU for every GPU with siblings. Raises
     ``ValueError`` naming unknown systems or an empty pool.
@@ -346,15 +347,23 @@ def curves_from_other_gpus(
                 moved[fam] = getattr(by_siblings, fam)
                 say(f"{fam}: curves pooled over the siblings {list(source or sibs)}")
         curves = dataclasses.replace(curves, **moved)
-    modules = {
-        kind.name: fit_module_curves_pooled(
+    close_tables = {hardware_system(g): tables[hardware_system(g)] for g in sibs}
+
+    def module_curves(kind, pool):
+        return fit_module_curves_pooled(
             kind,
-            tables,
-            {s: hardware(s) for s in tables},
+            pool,
+            {s: hardware(s) for s in pool},
             per_gpu=rows_per_gpu,
             options=options,
             progress=say,
         )
-        for kind in (MLA, DSA)
-    }
+
+    modules = {}
+    for kind in (MLA, DSA):
+        # The siblings' modules where any sibling has them, as for the kernels.
+        fitted = module_curves(kind, close_tables) if close_tables else None
+        if fitted is not None:
+            say(f"{kind.name}: module curves pooled over the siblings {list(sibs)}")
+        modules[kind.name] = module_curves(kind, tables) if fitted is None else fitted
     return dataclasses.replace(curves, **modules)

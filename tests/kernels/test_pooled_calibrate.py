@@ -141,6 +141,7 @@ def test_curves_from_other_gpus_take_the_siblings_curves():
     )
     assert "siblings of h100-sxm in the pool: ['h200']" in said
     assert "gemm_bf16: curves pooled over the siblings ['h200']" in said
+    assert "mla: module curves pooled over the siblings ['h200']" in said
     assert curves.hardware == "h100-sxm"
     said_off = []
     dk.curves_from_other_gpus(
