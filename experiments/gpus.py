@@ -42,7 +42,6 @@ import pandas as pd
 
 import diffmodel.kernels as dk
 from diffmodel import FACTOR_SPECS, gpu_class, hardware, mape, sibling_gpus
-from diffmodel._model._hardware import canonical_hardware as dm_canonical
 
 FAMILIES = dk.ALL_FAMILIES
 SHAPE_KEYS = {
@@ -302,9 +301,9 @@ def training_systems(system: str, systems, siblings: bool = True) -> list[str]:
     others = [s for s in systems if s != system]
     if not siblings:
         return others
-    name = {s: SYSTEMS.get(s, s) for s in (system, *others)}
-    close = set(sibling_gpus(name[system], [name[s] for s in others]))
-    return [s for s in others if dm_canonical(name[s]) in close] or others
+    held = SYSTEMS.get(system, system)
+    close = [s for s in others if sibling_gpus(held, [SYSTEMS.get(s, s)])]
+    return close or others
 
 
 def choose_form(summary: dict, per_peer: dict, select: str) -> str:
