@@ -361,7 +361,12 @@ def curves_from_other_gpus(
 
     modules = {}
     for kind in (MLA, DSA):
-        # The siblings' modules where any sibling has them, as for the kernels.
+        # The siblings' modules where any sibling has them, as for the kernels. On
+        # the MLA tables (experiments/mla_kernels.py, one GPU left out) that was
+        # mixed: the kernel sum on module curves from siblings 17.4 / 16.6% median
+        # (context / generation) against 17.2 / 15.1% from every other GPU; the
+        # per-table module fits 17.5 / 17.7% against 19.6 / 16.7%, and DSA prefill
+        # 27.3% against 31.0%.
         fitted = module_curves(kind, close_tables) if close_tables else None
         if fitted is not None:
             say(f"{kind.name}: module curves pooled over the siblings {list(sibs)}")
