@@ -74,10 +74,21 @@ def test_cli_calibrate_pooled_for_a_gpu_from_others(tmp_path, capsys):
     assert "decode_attention: offsets of ['h200']" in err
     curves = dk.load_curves(path)
     assert curves.hardware == "h100-sxm" and curves.decode_attention.portable
-    # MLA module curves from the pooled GPUs that have MLA tables (H200, not A100).
-    assert "mla: a100_sxm has no MLA module tables" in err
+    # H200 is H100's sibling: its curves for the kernels it runs, and its MLA
+    # modules.
+    assert "gemm_bf16: curves pooled over the siblings ['h200']" in err
+    assert "mla: module curves pooled over the siblings ['h200']" in err
     assert "calibrated mla context on 20 modules of h200_sxm" in err
     assert curves.mla is not None
+    # Without siblings: MLA module curves from the pooled GPUs that have MLA tables
+    # (H200, not A100).
+    assert (
+        cli_main(base + ["--pool", "a100_sxm", "h200_sxm", "--no-siblings"] + tiny) == 0
+    )
+    err = capsys.readouterr().err
+    assert "sibling" not in err
+    assert "mla: a100_sxm has no MLA module tables" in err
+    assert "calibrated mla context on 20 modules of h200_sxm" in err
     assert cli_main(base + ["--pool", "nope"]) == 1
     assert "pool: ['nope'] not in the kernel database" in capsys.readouterr().err
     assert cli_main(base + ["--pool", "a100_sxm", "--absolute"]) == 1
