@@ -177,19 +177,18 @@ def held_out_shapes(family, gathered, predict, unc, y, gpu, x, options, seed):
     (``calibrated_grid``); and the black box (``xgboost``, features ``x``) fitted
     on the same 75%."""
     n_g = len(gathered)
+    keys = SHAPE_KEYS[family]
     test = np.zeros(len(y), bool)
+    shape = np.zeros(len(y), int)  # each row's shape, for the black box's inner split
     for i, (_, _, rows) in enumerate(gathered):
-        test[gpu == i] = dk.held_out_split(rows, SHAPE_KEYS[family], seed=seed)
+        test[gpu == i] = dk.held_out_split(rows, keys, seed=seed)
+        shape[gpu == i] = rows.groupby(keys, sort=False).ngroup().to_numpy()
     train = np.stack([(gpu == i) & ~test for i in range(n_g)])
     init = init_for(family, "portable_l2")
     curves, _ = dk.fit_folds(
         predict, y, train, gpu, init, n_gpus=n_g, offsets=False, options=options
     )
     pred = np.asarray(jax.vmap(predict)(curves))  # [folds, n]
-    shape = np.zeros(len(y), int)
-    for i, (_, _, rows) in enumerate(gathered):
-        keys = SHAPE_KEYS[family]
-        shape[gpu == i] = rows.groupby(keys, sort=False).ngroup().to_numpy()
     out = []
     for i, (system, backend, _) in enumerate(gathered):
         sel = (gpu == i) & test
@@ -395,11 +394,11 @@ def leave_one_gpu_out(
     peer_err["constant"] = np.broadcast_to(unc_by_gpu, (n_g, n_g))
     candidates = (*FORMS, "constant")
     # Curves pooled over each set of siblings the outer and inner folds need.
+    by_kin = family in dk.SIBLING_FAMILIES
     sets: dict[frozenset, int] = {}
-    for g in range(n_g):
+    for g in range(n_g if by_kin else 0):
         for h, excluded in ((g, {g}), *((h, {g, h}) for h in peers[g])):
-            sibs = siblings_of(h, excluded, names, kernels)
-            if sibs and family in dk.SIBLING_FAMILIES:
+            if sibs := siblings_of(h, excluded, names, kernels):
                 sets.setdefault(frozenset(sibs), len(sets))
     if sets:
         sib_init = init_for(family, "portable_l2")
@@ -433,8 +432,8 @@ def leave_one_gpu_out(
         sel = gpu == g
         inner = ", ".join(f"{f} {inner_err[f][g]:.1f}%" for f in candidates)
         _log(f"  {family} held out {system}: inner CV {inner} -> {form}")
-        sibs = siblings_of(g, {g}, names, kernels)
-        if sibs and family in dk.SIBLING_FAMILIES:
+        sibs = siblings_of(g, {g}, names, kernels) if by_kin else []
+        if sibs:
             checked = [
                 (h, s)
                 for h in peers[g]

@@ -7,11 +7,13 @@ curves, as features:
 
 - the work's sizes, log: FLOPs, HBM bytes, parallel work units (thread blocks),
   and where the family has them the scheduled blocks, serial main-loop depth,
-  quantization-pass bytes, activation rows, exponentials, and expert parallelism;
+  quantization-pass bytes, activation rows, exponentials, the expert-parallel and
+  tuned-configuration marks;
 - the same work in portable units, log: time at the compute peak and at HBM
   bandwidth (us), waves of the SM count, bytes over the L2 size;
 - the GPU's published specs, log: compute peak of the kernel's dtype, HBM
-  bandwidth, SM count, L2 size, and ``sms x clock`` (SM cycles per second).
+  bandwidth, SM count, L2 size, and for attention the exponential rate
+  (``sms x clock`` times the exponentials per SM and clock).
 
 All-reduce rows have their message bytes, GPU count, link and HBM bandwidth.
 

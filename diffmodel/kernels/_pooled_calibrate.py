@@ -330,10 +330,11 @@ def curves_from_other_gpus(
         say(f"{fam}: offsets of {list(source) or 'none (the shared curves)'}")
     curves = pooled.for_gpu(name, own)
     sibs = sibling_gpus(name, tables) if siblings else ()
+    close_tables = {hardware_system(g): tables[hardware_system(g)] for g in sibs}
     if sibs:
         say(f"siblings of {name} in the pool: {list(sibs)}")
         close = calibrate_kernels_pooled(
-            {s: tables[hardware_system(s)] for s in sibs},
+            close_tables,
             rows_per_gpu=rows_per_gpu,
             options=options,
             progress=say,
@@ -347,7 +348,6 @@ def curves_from_other_gpus(
                 moved[fam] = getattr(by_siblings, fam)
                 say(f"{fam}: curves pooled over the siblings {list(source or sibs)}")
         curves = dataclasses.replace(curves, **moved)
-    close_tables = {hardware_system(g): tables[hardware_system(g)] for g in sibs}
 
     def module_curves(kind, pool):
         return fit_module_curves_pooled(
